@@ -1,0 +1,1 @@
+"""maskc.codegen: kernel specs, jinja2 templates and ahead-of-time builds (not built yet; see README)."""

@@ -1,0 +1,374 @@
+"""Exact set operations on slices, and the canonical form of a mask.
+
+Geometry
+--------
+In row ``i`` of a slice the allowed keys form one interval ``[a(i), b(i))`` whose two ends are
+*lines* ``c + s*i`` with slope ``s`` in {0, 1}::
+
+    FULL        a = ks                  b = ke
+    CAUSAL      a = ks                  b = ke + (i - (qe - 1))
+    INV_CAUSAL  a = ks + (i - qs)       b = ke
+    BI_CAUSAL   a = ks + (i - qs)       b = ke + (i - (qe - 1))
+
+so ``kind = 2 * slope(a) + slope(b)``. A *band* is ``(r0, r1, ac, as, bc, bs)``: rows ``[r0, r1)``
+with ``a(i) = ac + as*i`` and ``b(i) = bc + bs*i``. Any union, intersection, difference or
+complement of bands is again a finite list of bands: between rows where two lines cross, the
+order of all ends is fixed, so one evaluation per row range decides the whole range (`sweep`).
+
+Canonical form
+--------------
+Scan rows top to bottom; row ``i``'s allowed set is a sorted list of maximal intervals. A band
+grows while the next row has as many intervals and every end moves by the same step (0 or 1) it
+took between the band's first two rows. Each interval of a band is one slice, its kind given by
+the two steps; a one-row band is FULL. This form depends only on the set of allowed pairs, so two
+masks are equal exactly when their canonical slice arrays are (`Canon`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# band array columns
+R0, R1, AC, AS, BC, BS = range(6)
+
+
+def slices_to_bands(arr: np.ndarray) -> np.ndarray:
+    """(n, 5) int64 [qs, qe, ks, ke, kind] -> (n, 6) int64 bands (no trimming)."""
+    arr = np.asarray(arr, dtype=np.int64).reshape(-1, 5)
+    qs, qe, ks, ke, kind = arr.T
+    a_s = kind >> 1
+    b_s = kind & 1
+    bands = np.empty((arr.shape[0], 6), dtype=np.int64)
+    bands[:, R0] = qs
+    bands[:, R1] = qe
+    bands[:, AC] = ks - a_s * qs
+    bands[:, AS] = a_s
+    bands[:, BC] = ke - b_s * (qe - 1)
+    bands[:, BS] = b_s
+    return bands
+
+
+def bands_to_slices(bands: np.ndarray) -> np.ndarray:
+    """(n, 6) canonical bands -> (n, 5) int64 [qs, qe, ks, ke, kind]."""
+    bands = np.asarray(bands, dtype=np.int64).reshape(-1, 6)
+    r0, r1, ac, a_s, bc, b_s = bands.T
+    out = np.empty((bands.shape[0], 5), dtype=np.int64)
+    out[:, 0] = r0
+    out[:, 1] = r1
+    out[:, 2] = ac + a_s * r0
+    out[:, 3] = bc + b_s * (r1 - 1)
+    out[:, 4] = 2 * a_s + b_s
+    return out
+
+
+def trim_bands(bands: np.ndarray, sq: int, sk: int) -> np.ndarray:
+    """Clip bands to rows [0, sq) and drop rows where the interval is empty.
+
+    Assumes keys already lie in [0, sk) (validated slices); used by the fast path only.
+    """
+    r0, r1, ac, a_s, bc, b_s = (bands[:, c].copy() for c in range(6))
+    r0 = np.maximum(r0, 0)
+    r1 = np.minimum(r1, sq)
+    # width w(i) = (bc - ac) + (bs - as) * i must be > 0
+    dw = b_s - a_s
+    w0 = bc - ac
+    # dw == +1: w > 0  <=>  i > -w0      -> first row -w0 + 1
+    # dw == -1: w > 0  <=>  i <  w0      -> last row  w0 - 1
+    # dw ==  0: w > 0  <=>  w0 > 0
+    r0 = np.where(dw == 1, np.maximum(r0, -w0 + 1), r0)
+    r1 = np.where(dw == -1, np.minimum(r1, w0), r1)
+    keep = (r1 > r0) & ~((dw == 0) & (w0 <= 0))
+    out = np.stack([r0, r1, ac, a_s, bc, b_s], axis=1)[keep]
+    return out
+
+
+class Canon:
+    """Builds the canonical band list from row-ordered bands of maximal intervals.
+
+    `push(r0, r1, ends)` takes rows [r0, r1) whose row sets are the intervals given by ``ends``
+    (a tuple of lines ``(c, s)``, two per interval, sorted, disjoint and non-touching on every
+    row of the range). Pushes must come in increasing row order.
+    """
+
+    __slots__ = ("rows", "cur")
+
+    def __init__(self):
+        self.rows: list[tuple[int, int, int, int, int, int]] = []
+        self.cur = None  # (r0, r1, ends)
+
+    def _emit(self, r0, r1, ends):
+        rows = self.rows
+        if r1 - r0 == 1:
+            for t in range(0, len(ends), 2):
+                ac, a_s = ends[t]
+                bc, b_s = ends[t + 1]
+                rows.append((r0, r1, ac + a_s * r0, 0, bc + b_s * r0, 0))
+        else:
+            for t in range(0, len(ends), 2):
+                ac, a_s = ends[t]
+                bc, b_s = ends[t + 1]
+                rows.append((r0, r1, ac, a_s, bc, b_s))
+
+    def flush(self):
+        if self.cur is not None:
+            self._emit(*self.cur)
+            self.cur = None
+
+    def push(self, r0: int, r1: int, ends: tuple) -> None:
+        if r1 <= r0:
+            return
+        cur = self.cur
+        if cur is None or cur[1] != r0 or len(cur[2]) != len(ends) or not ends:
+            self.flush()
+            if ends:
+                self.cur = (r0, r1, ends)
+            return
+        c0, _, F = cur
+        if r0 - c0 == 1:
+            # one-row band: its steps are fixed by the incoming first row
+            prev = r0 - 1
+            G = []
+            for (fc, fs), (gc, gs) in zip(F, ends):
+                v = fc + fs * prev
+                step = gc + gs * r0 - v
+                if step != 0 and step != 1:
+                    self.flush()
+                    self.cur = (r0, r1, ends)
+                    return
+                G.append((v - step * prev, step))
+            F = tuple(G)
+        else:
+            for (fc, fs), (gc, gs) in zip(F, ends):
+                if fc + fs * r0 != gc + gs * r0:
+                    self.flush()
+                    self.cur = (r0, r1, ends)
+                    return
+        if r1 - r0 == 1 or F == ends:
+            self.cur = (c0, r1, F)
+        else:
+            # the lines agree on row r0 only: that row ends the current band
+            self._emit(c0, r0 + 1, F)
+            self.cur = (r0 + 1, r1, ends)
+
+    def result(self) -> np.ndarray:
+        self.flush()
+        if not self.rows:
+            return np.zeros((0, 6), dtype=np.int64)
+        return np.array(self.rows, dtype=np.int64)
+
+
+def push_canonical_bands(canon: Canon, bands: np.ndarray, row_shift: int = 0, col_shift: int = 0):
+    """Push the bands of a canonical mask (slices of one band are adjacent) into `canon`."""
+    if bands.shape[0] == 0:
+        return
+    b = bands.tolist()
+    n = len(b)
+    t = 0
+    while t < n:
+        r0, r1 = b[t][0], b[t][1]
+        ends = []
+        u = t
+        while u < n and b[u][0] == r0 and b[u][1] == r1:
+            _, _, ac, a_s, bc, b_s = b[u]
+            ends.append((ac - a_s * row_shift + col_shift, a_s))
+            ends.append((bc - b_s * row_shift + col_shift, b_s))
+            u += 1
+        canon.push(r0 + row_shift, r1 + row_shift, tuple(ends))
+        t = u
+    return canon
+
+
+def canonical_from_disjoint(bands: np.ndarray, sq: int, sk: int) -> np.ndarray | None:
+    """Fast path: bands that never share a row (after trimming) need no sweep.
+
+    Returns None when some row is covered by more than one band.
+    """
+    bands = trim_bands(bands, sq, sk)
+    if bands.shape[0] == 0:
+        return bands
+    order = np.lexsort((bands[:, R1], bands[:, R0]))
+    bands = bands[order]
+    if np.any(bands[1:, R0] < bands[:-1, R1]):
+        return None
+    # a junction can merge only where the next band starts on the row after the previous ends
+    touch = bands[1:, R0] == bands[:-1, R1]
+    if not touch.any() and not np.any(bands[:, R1] - bands[:, R0] == 1):
+        return bands
+    canon = Canon()
+    for r0, r1, ac, a_s, bc, b_s in bands.tolist():
+        canon.push(r0, r1, ((ac, a_s), (bc, b_s)))
+    return canon.result()
+
+
+def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np.ndarray:
+    """Canonical bands of ``{(i, j) in [0,sq) x [0,sk) : table[membership bits of (i, j)]}``.
+
+    ``operands[t]`` is an (n_t, 6) band array (any bands: overlapping, empty rows, out of
+    bounds); bit t of the membership is set when (i, j) lies in one of operand t's bands.
+    ``table`` has ``2**len(operands)`` entries.
+    """
+    items = []  # (r0, r1, bit, ac, as, bc, bs)
+    for t, bands in enumerate(operands):
+        bit = 1 << t
+        for r0, r1, ac, a_s, bc, b_s in np.asarray(bands, dtype=np.int64).reshape(-1, 6).tolist():
+            r0 = max(r0, 0)
+            r1 = min(r1, sq)
+            if r1 > r0:
+                items.append((r0, r1, bit, ac, a_s, bc, b_s))
+    canon = Canon()
+    if sq <= 0 or sk <= 0:
+        return canon.result()
+    items.sort()
+    bounds = sorted({0, sq, *(it[0] for it in items), *(it[1] for it in items)})
+    empty_row = ((0, 0), (sk, 0)) if table[0] else ()
+    active: list = []
+    nxt = 0
+    n_items = len(items)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if active:
+            active = [it for it in active if it[1] > s]
+        while nxt < n_items and items[nxt][0] == s:
+            active.append(items[nxt])
+            nxt += 1
+        if not active:
+            canon.push(s, e, empty_row)
+            continue
+        _sweep_segment(canon, active, table, s, e, sk)
+    return canon.result()
+
+
+def _sweep_segment(canon: Canon, active: list, table: list, s: int, e: int, sk: int) -> None:
+    consts = {0, sk}
+    diags = set()
+    for it in active:
+        (diags if it[4] else consts).add(it[3])
+        (diags if it[6] else consts).add(it[5])
+    cuts = [s]
+    if diags:
+        inner = set()
+        for c in consts:
+            for d in diags:
+                t = c - d
+                if s < t < e:
+                    inner.add(t)
+                if s < t + 1 < e:
+                    inner.add(t + 1)
+        cuts.extend(sorted(inner))
+    cuts.append(e)
+    for u, v in zip(cuts[:-1], cuts[1:]):
+        r = u
+        line_at = {0: (0, 0), sk: (sk, 0)}
+        ivals = []
+        pts = {0, sk}
+        for _, _, bit, ac, a_s, bc, b_s in active:
+            a = ac + a_s * r
+            b = bc + b_s * r
+            line_at.setdefault(a, (ac, a_s))
+            line_at.setdefault(b, (bc, b_s))
+            if a < 0:
+                a = 0
+            if b > sk:
+                b = sk
+            if a < b:
+                ivals.append((a, b, bit))
+                pts.add(a)
+                pts.add(b)
+        pts = sorted(pts)
+        ends = []
+        open_at = None
+        for x, y in zip(pts[:-1], pts[1:]):
+            if x < 0 or y > sk:
+                continue
+            bits = 0
+            for a, b, bit in ivals:
+                if a <= x < b:
+                    bits |= bit
+            if table[bits]:
+                if open_at is None:
+                    open_at = x
+            elif open_at is not None:
+                ends.append(line_at[open_at])
+                ends.append(line_at[x])
+                open_at = None
+        if open_at is not None:
+            ends.append(line_at[open_at])
+            ends.append(line_at[pts[-1]])
+        canon.push(u, v, tuple(ends))
+
+
+def row_counts(bands: np.ndarray, sq: int) -> np.ndarray:
+    """Allowed keys per row, int64 [sq], from canonical (tight, disjoint) bands in O(sq + n)."""
+    const = np.zeros(sq + 1, dtype=np.int64)
+    slope = np.zeros(sq + 1, dtype=np.int64)
+    if bands.shape[0]:
+        r0, r1, ac, a_s, bc, b_s = bands.T
+        np.add.at(const, r0, bc - ac)
+        np.add.at(const, r1, -(bc - ac))
+        np.add.at(slope, r0, b_s - a_s)
+        np.add.at(slope, r1, -(b_s - a_s))
+    return np.cumsum(const)[:sq] + np.cumsum(slope)[:sq] * np.arange(sq, dtype=np.int64)
+
+
+def prefix_area(bands: np.ndarray, R: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Allowed pairs with i < R and j < C, summed over tight bands; R, C broadcast together.
+
+    Exact integer arithmetic: within a band row i counts max(0, min(b(i), C) - a(i)), a
+    piecewise-linear function with at most one kink per end, summed in closed form.
+    """
+    R = np.asarray(R, dtype=np.int64)
+    C = np.asarray(C, dtype=np.int64)
+    shape = np.broadcast(R, C).shape
+    total = np.zeros(shape, dtype=np.int64)
+    if bands.shape[0] == 0:
+        return total
+    r0, r1, ac, a_s, bc, b_s = (bands[:, c].reshape((-1,) + (1,) * len(shape)) for c in range(6))
+    R = R[None]
+    C = C[None]
+    big = np.int64(1) << 62
+    lo = r0
+    hi = np.minimum(r1, R)
+    # rows i < p have b(i) <= C, so the count is the band width w(i) = (bc - ac) + (bs - as) i
+    p = np.where(b_s == 1, C - bc + 1, np.where(bc <= C, big, -big))
+    h1 = np.minimum(hi, p)
+    total_1 = _linear_sum(lo, h1, bc - ac, b_s - a_s)
+    # rows i >= p: count C - a(i) while positive
+    q2 = np.where(a_s == 1, C - ac, np.where(C - ac > 0, big, -big))
+    l2 = np.maximum(lo, p)
+    h2 = np.minimum(hi, q2)
+    total_2 = _linear_sum(l2, h2, C - ac, -a_s)
+    return (total_1 + total_2).sum(axis=0)
+
+
+def _linear_sum(n0, n1, alpha, beta):
+    """sum_{i=n0}^{n1-1} (alpha + beta*i), 0 where n1 <= n0 (broadcasting)."""
+    n0, n1 = np.broadcast_arrays(n0, n1)
+    valid = n1 > n0
+    n0 = np.where(valid, n0, 0)
+    n1 = np.where(valid, n1, 0)
+    count = n1 - n0
+    s = count * alpha + beta * ((n1 * (n1 - 1) - n0 * (n0 - 1)) // 2)
+    return np.where(valid, s, 0)
+
+
+def contains(bands: np.ndarray, i, j) -> np.ndarray:
+    """Vectorised membership test of pairs (i, j) (broadcast) in bands."""
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    out = np.zeros(np.broadcast(i, j).shape, dtype=bool)
+    for r0, r1, ac, a_s, bc, b_s in bands.tolist():
+        out |= (i >= r0) & (i < r1) & (j >= ac + a_s * i) & (j < bc + b_s * i)
+    return out
+
+
+__all__ = [
+    "Canon",
+    "bands_to_slices",
+    "canonical_from_disjoint",
+    "contains",
+    "prefix_area",
+    "push_canonical_bands",
+    "row_counts",
+    "slices_to_bands",
+    "sweep",
+    "trim_bands",
+]

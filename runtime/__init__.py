@@ -1,0 +1,1 @@
+"""maskc.runtime: executing plans with torch (not built yet; see README)."""
