@@ -190,14 +190,39 @@ def canonical_from_disjoint(bands: np.ndarray, sq: int, sk: int) -> np.ndarray |
     bands = bands[order]
     if np.any(bands[1:, R0] < bands[:-1, R1]):
         return None
-    # a junction can merge only where the next band starts on the row after the previous ends
-    touch = bands[1:, R0] == bands[:-1, R1]
-    if not touch.any() and not np.any(bands[:, R1] - bands[:, R0] == 1):
+    if not _any_mergeable(bands):
+        one = bands[:, R1] - bands[:, R0] == 1
+        if one.any():  # one-row bands are FULL in canonical form
+            bands = bands.copy()
+            bands[one, AC] += bands[one, AS] * bands[one, R0]
+            bands[one, BC] += bands[one, BS] * bands[one, R0]
+            bands[one, AS] = 0
+            bands[one, BS] = 0
         return bands
     canon = Canon()
     for r0, r1, ac, a_s, bc, b_s in bands.tolist():
         canon.push(r0, r1, ((ac, a_s), (bc, b_s)))
     return canon.result()
+
+
+def _any_mergeable(bands: np.ndarray) -> bool:
+    """Whether some band's first row could continue the row-adjacent band before it."""
+    prev, nxt = bands[:-1], bands[1:]
+    r = nxt[:, R0]
+    touch = r == prev[:, R1]
+    if not touch.any():
+        return False
+    # values of the previous band's ends on its last row, and of the next band's on its first
+    pa = prev[:, AC] + prev[:, AS] * (r - 1)
+    pb = prev[:, BC] + prev[:, BS] * (r - 1)
+    na = nxt[:, AC] + nxt[:, AS] * r
+    nb = nxt[:, BC] + nxt[:, BS] * r
+    da, db = na - pa, nb - pb
+    one_row = prev[:, R1] - prev[:, R0] == 1
+    # one-row previous band: any steps in {0, 1}; longer band: the steps must be its slopes
+    ok_one = one_row & (da >= 0) & (da <= 1) & (db >= 0) & (db <= 1)
+    ok_long = ~one_row & (da == prev[:, AS]) & (db == prev[:, BS])
+    return bool((touch & (ok_one | ok_long)).any())
 
 
 def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np.ndarray:
