@@ -1,0 +1,104 @@
+"""Lowering: the work lists compute every allowed pair exactly once, forward and backward."""
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import maskc
+from maskc import MaskError
+from maskc.tiling import TilePlan, lower
+
+from conftest import masks
+
+blocks = st.sampled_from([1, 2, 4, 8, 16])
+
+
+def bwd_coverage(p: TilePlan, dense: np.ndarray) -> np.ndarray:
+    """Coverage of the per-key-tile lists, predicates evaluated in column form."""
+    sq, sk = dense.shape
+    bq, bk = p.block_q, p.block_k
+    cov = np.zeros((sq, sk), dtype=np.int64)
+    bw = p.bwd
+    for kt in range(p.n_k_tiles):
+        cols = slice(kt * bk, min((kt + 1) * bk, sk))
+        for a, b in bw.full_runs[bw.full_ptr[kt] : bw.full_ptr[kt + 1]]:
+            assert dense[a * bq : min(b * bq, sq), cols].all(), "a FULL run holds a masked pair"
+            cov[a * bq : min(b * bq, sq), cols] += 1
+        for pp in range(bw.part_ptr[kt], bw.part_ptr[kt + 1]):
+            qt = int(bw.part_tiles[pp])
+            rows = slice(qt * bq, min((qt + 1) * bq, sq))
+            i = np.arange(rows.start, rows.stop)[:, None]
+            j = np.arange(cols.start, cols.stop)[None, :]
+            hit = np.zeros((i.shape[0], j.shape[1]), bool)
+            for s in bw.preds[bw.pred_ptr[pp] : bw.pred_ptr[pp + 1]]:
+                r0, r1, ac, a_s, bc, b_s = p.bands_t[s].tolist()
+                hit |= (j >= r0) & (j < r1) & (i >= ac + a_s * j) & (i < bc + b_s * j)
+            assert hit.any(), "an empty partial tile"
+            cov[rows, cols] += hit
+    return cov
+
+
+@given(masks(max_side=40, max_slices=6), blocks, blocks)
+def test_every_pair_exactly_once(md, bq, bk):
+    m, dense = md
+    p = lower(m, bq, bk)
+    assert np.array_equal(p.coverage(), dense.astype(int))
+    assert np.array_equal(bwd_coverage(p, dense), dense.astype(int))
+    fw = p.fwd
+    for qt in range(p.n_q_tiles):
+        rows = slice(qt * bq, min((qt + 1) * bq, m.sq))
+        for a, b in fw.full_runs[fw.full_ptr[qt] : fw.full_ptr[qt + 1]]:
+            assert dense[rows, a * bk : b * bk].all()
+        # partial tiles are not full (else they would sit in a run)
+        for kt in fw.part_tiles[fw.part_ptr[qt] : fw.part_ptr[qt + 1]]:
+            tile = dense[rows, kt * bk : min((kt + 1) * bk, m.sk)]
+            assert tile.any()
+            assert not (tile.all() and (kt + 1) * bk <= m.sk)
+    # LPT: heaviest query tiles first, a permutation
+    assert sorted(fw.order.tolist()) == list(range(p.n_q_tiles))
+    cost = fw.cost()
+    assert np.all(np.diff(cost[fw.order]) <= 0)
+
+
+@given(masks(max_side=20), blocks, blocks)
+def test_json_round_trip(md, bq, bk):
+    m, _ = md
+    p = lower(m, bq, bk)
+    back = TilePlan.from_json(p.to_json())
+    assert back.to_json() == p.to_json() and back.digest() == p.digest()
+
+
+def test_aligned_block_causal_has_no_partial_tiles():
+    p = lower(maskc.magi_video([4, 4], 256), 128, 128)
+    assert p.fwd.n_partial_tiles == 0 and p.bwd.n_partial_tiles == 0
+    assert p.partial_kinds == frozenset()
+    # per query tile: exactly one FULL run, from its video's first key tile to its chunk's end
+    assert p.fwd.work(3) == [("full", 0, 4)]
+    assert p.fwd.work(8) == [("full", 8, 10)]
+
+
+def test_causal_lists():
+    p = lower(maskc.causal(512), 128, 128)
+    assert p.fwd.work(0) == [("partial", 0, (0,))]
+    assert p.fwd.work(3) == [("full", 0, 3), ("partial", 3, (0,))]
+    assert p.fwd.n_full_tiles == 6 and p.fwd.n_partial_tiles == 4
+    assert p.fwd.order.tolist() == [3, 2, 1, 0]
+    assert "4x4 tiles: 6 full in 3 runs, 4 partial" in repr(p)
+    assert p.ascii().splitlines()[:4] == ["+...", "#+..", "##+.", "###+"]
+
+
+def test_full_tiles_never_cross_the_key_end():
+    # sk not a multiple of block_k: the last key tile is partial even under FULL
+    p = lower(maskc.full(8, 10), 4, 4)
+    assert p.fwd.work(0) == [("full", 0, 2), ("partial", 2, (0,))]
+
+
+@pytest.mark.parametrize("bq, msg", [(3, "block_q must be a power of two"), (0, "block_q must be a power of two")])
+def test_bad_blocks(bq, msg):
+    with pytest.raises(MaskError, match=msg):
+        lower(maskc.causal(8), bq, 4)
+
+
+def test_lower_needs_a_mask():
+    with pytest.raises(MaskError, match="expected a Mask, got list"):
+        lower([1, 2], 4, 4)
