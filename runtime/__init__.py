@@ -1,1 +1,10 @@
-"""maskc.runtime: executing plans with torch (not built yet; see README)."""
+"""maskc.runtime: executing mask plans with torch.
+
+`attention` runs the generated FFA kernels (forward and backward); `reference_attention` is the
+dense float64 definition they are checked against.
+"""
+
+from .attention import attention, plan_for
+from .reference import reference_attention
+
+__all__ = ["attention", "plan_for", "reference_attention"]

@@ -1,0 +1,231 @@
+"""`attention`: FFA forward and backward over a mask's tile plan, as a torch.autograd.Function."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from maskc.codegen.spec import KernelSpec, partial_class
+from maskc.errors import MaskError
+from maskc.kinds import Kind
+from maskc.mask import Mask
+from maskc.tiling import TileLists, TilePlan, lower
+
+from .kernels import get_kernel
+from .validate import check_inputs
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(direction: str, head_dim: int, device_type: str) -> KernelConfig:
+    """Tile sizes per direction and head dim (the interpreter uses small tiles: it is for tests)."""
+    if device_type != "cuda":
+        return KernelConfig(16, 16, 4, 1)
+    if direction == "fwd":
+        return {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 3), 256: KernelConfig(64, 64, 8, 2)}[head_dim]
+    if direction == "bwd_dkdv":
+        return {64: KernelConfig(32, 128, 4, 3), 128: KernelConfig(32, 128, 8, 2), 256: KernelConfig(32, 64, 8, 1)}[head_dim]
+    return {64: KernelConfig(128, 32, 4, 3), 128: KernelConfig(128, 32, 8, 2), 256: KernelConfig(64, 32, 8, 1)}[head_dim]
+
+
+# ---- plan cache: (mask, block_q, block_k) -> TilePlan; (plan, device) -> device arrays ----------
+
+_LOCK = threading.Lock()
+_PLANS: dict[tuple, TilePlan] = {}
+_DEVICE_LISTS: dict[tuple, tuple] = {}
+_MAX_CACHED = 256
+
+
+def plan_for(mask: Mask, block_q: int, block_k: int) -> TilePlan:
+    """The cached tile plan of `mask` (a repeated call is one dictionary lookup)."""
+    key = (mask, block_q, block_k)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = lower(mask, block_q, block_k)
+        with _LOCK:
+            if len(_PLANS) >= _MAX_CACHED:
+                _PLANS.clear()
+                _DEVICE_LISTS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+def _device_lists(plan: TilePlan, which: str, device) -> tuple:
+    key = (id(plan), which, str(device))
+    hit = _DEVICE_LISTS.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    tl: TileLists = getattr(plan, which)
+    bands = plan.bands if which == "fwd" else plan.bands_t
+    arrays = [bands.reshape(-1), tl.full_ptr, tl.full_runs.reshape(-1), tl.part_ptr, tl.part_tiles, tl.pred_ptr, tl.preds, tl.order]
+    tensors = tuple(torch.from_numpy(a.astype("int32", copy=True)).to(device) for a in arrays)
+    with _LOCK:
+        _DEVICE_LISTS[key] = (plan, tensors)
+    return tensors
+
+
+def _list_kinds(plan: TilePlan, which: str) -> set:
+    tl = getattr(plan, which)
+    bands = plan.bands if which == "fwd" else plan.bands_t
+    if not tl.preds.size:
+        return set()
+    ids = set(tl.preds.tolist())
+    return {Kind(int(2 * bands[s, 3] + bands[s, 5])) for s in ids}
+
+
+def _spec(direction: str, plan: TilePlan, which: str, q, group: int, softcap: float, cfg: KernelConfig) -> KernelSpec:
+    return KernelSpec(
+        direction=direction,
+        head_dim=q.shape[-1],
+        dtype=_DTYPE_NAMES[q.dtype],
+        block_q=cfg.block_q,
+        block_k=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        partial=partial_class(_list_kinds(plan, which)),
+        gqa_group=group,
+        softcap=bool(softcap),
+    )
+
+
+def _check_interpreter(device) -> None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise MaskError(
+            "attention on CPU tensors runs the Triton kernels through the interpreter: set "
+            "TRITON_INTERPRET=1 before importing triton, or use maskc.runtime.reference_attention"
+        )
+
+
+def _launch(direction, plan, which, q, group, softcap, cfg, tensors, scalars, grid0, grid1):
+    spec = _spec(direction, plan, which, q, group, softcap, cfg)
+    kernel = get_kernel(spec)
+    lists = _device_lists(plan, which, q.device)
+    kernel[(grid0, grid1)](
+        *tensors, *lists, *scalars,
+        HEAD_DIM=spec.head_dim, BLOCK_M=spec.block_q, BLOCK_N=spec.block_k, GROUP=group,
+        num_warps=spec.num_warps, num_stages=spec.num_stages,
+    )
+    return spec
+
+
+def _resolve(mask_or_plan, direction: str, d: int, device) -> tuple[Mask | None, TilePlan, KernelConfig]:
+    cfg = default_config(direction, d, device.type)
+    if isinstance(mask_or_plan, TilePlan):
+        p = mask_or_plan
+        return None, p, KernelConfig(p.block_q, p.block_k, cfg.num_warps, cfg.num_stages)
+    return mask_or_plan, plan_for(mask_or_plan, cfg.block_q, cfg.block_k), cfg
+
+
+def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float):
+    sq, hq, d = q.shape
+    sk, hkv, _ = k.shape
+    _, plan, cfg = _resolve(mask_or_plan, "fwd", d, q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty((hq, sq), dtype=torch.float32, device=q.device)
+    if sq == 0 or hq == 0:
+        return out, lse
+    log2e = 1.4426950408889634
+    _launch(
+        "fwd", plan, "fwd", q, hq // hkv, softcap, cfg,
+        (q, k, v, out, lse),
+        (sq, sk, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+         out.stride(0), out.stride(1), scale, scale * log2e, softcap),
+        plan.n_q_tiles, hq,
+    )
+    return out, lse
+
+
+def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, softcap: float):
+    sq, hq, d = q.shape
+    sk, hkv, _ = k.shape
+    group = hq // hkv
+    log2e = 1.4426950408889634
+    dout = dout.contiguous()
+    # delta_i = sum_d dO * O - dlse_i : the lse gradient folds into the same correction term
+    delta = (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+    if dlse is not None:
+        delta = delta - torch.nan_to_num(dlse.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if sq == 0 or sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    common = (sq, sk, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+              dout.stride(0), dout.stride(1))
+    _, plan_kv, cfg_kv = _resolve(mask_or_plan, "bwd_dkdv", d, q.device)
+    _launch(
+        "bwd_dkdv", plan_kv, "bwd", q, group, softcap, cfg_kv,
+        (q, k, v, dout, lse, delta, dk, dv),
+        (*common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * log2e, softcap),
+        plan_kv.n_k_tiles, hkv,
+    )
+    _, plan_q, cfg_q = _resolve(mask_or_plan, "bwd_dq", d, q.device)
+    _launch(
+        "bwd_dq", plan_q, "fwd", q, group, softcap, cfg_q,
+        (q, k, v, dout, lse, delta, dq),
+        (*common, dq.stride(0), dq.stride(1), scale, scale * log2e, softcap),
+        plan_q.n_q_tiles, hq,
+    )
+    return dq, dk, dv
+
+
+class FFAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask_or_plan, scale, softcap):
+        out, lse = ffa_forward(q, k, v, mask_or_plan, scale, softcap)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask_or_plan = mask_or_plan
+        ctx.scale = scale
+        ctx.softcap = softcap
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = ffa_backward(q, k, v, out, lse, dout, dlse, ctx.mask_or_plan, ctx.scale, ctx.softcap)
+        return dq, dk, dv, None, None, None
+
+
+def _contiguous_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: float = 0.0, return_lse: bool = False):
+    """Flexible flash attention over a `Mask` (or a `TilePlan`) in the packed varlen layout.
+
+    q ``[sq, hq, d]``, k and v ``[sk, hkv, d]`` with ``hq % hkv == 0`` (GQA/MQA); head dims 64,
+    128, 256; bfloat16 / float16 on the GPU, float32 on the CPU through the Triton interpreter
+    (``TRITON_INTERPRET=1``). Returns ``out [sq, hq, d]`` (and ``lse [hq, sq]``, float32, natural
+    log). A row with no allowed key gives out 0 and lse -inf. Differentiable in q, k, v (and
+    through lse).
+    """
+    if isinstance(mask_or_plan, TilePlan):
+        shape_src = Mask([], sq=mask_or_plan.sq, sk=mask_or_plan.sk)
+    elif isinstance(mask_or_plan, Mask):
+        shape_src = mask_or_plan
+    else:
+        raise MaskError(
+            f"attention: mask_or_plan must be a maskc.Mask or a TilePlan, got {type(mask_or_plan).__name__}"
+        )
+    sq, hq, d, sk, hkv = check_inputs(q, k, v, shape_src)
+    _check_interpreter(q.device)
+    if softcap < 0:
+        raise MaskError(f"attention: softcap must be >= 0 (0 disables it), got {softcap}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+    out, lse = FFAFunction.apply(q, k, v, mask_or_plan, scale, float(softcap))
+    return (out, lse) if return_lse else out
