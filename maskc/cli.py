@@ -1,0 +1,449 @@
+"""The ``maskc`` command line.
+
+Subcommands live in a registry (`COMMANDS`): each is a `Command` with its help text, a function
+that adds its arguments and a function that runs it. Commands that take a mask add the shared
+``MASK`` argument with `add_mask_argument` and read it with `mask_from_args` (built on
+`load_mask`, which accepts an expression, a ``.py`` file or a mask ``.json``).
+
+Errors a user can cause (a bad mask, a bad expression, a missing file) print one line
+``maskc: error: ...`` to stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import difflib
+import os
+import runpy
+import sys
+import textwrap
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import maskc
+
+from .errors import MaskError
+from .kinds import Kind
+from .kinds import slice_area
+from .mask import Mask
+from .picture import ascii_picture
+
+PROG = "maskc"
+
+DEFAULT_MASK = "magi_video([4, 6], 1024)"
+DEFAULT_MASK_NOTE = (
+    "MAGI-1's packed training mask: two videos of 4 and 6 chunks of 1024 tokens, "
+    "each chunk sees its own video's chunks up to itself (block-causal)"
+)
+
+SAFE_BUILTINS = {
+    name: getattr(builtins, name)
+    for name in (
+        "abs", "all", "any", "bool", "dict", "divmod", "enumerate", "float", "int", "len",
+        "list", "max", "min", "pow", "range", "reversed", "round", "sorted", "sum", "tuple", "zip",
+    )
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``maskc: error: <message>``, exit status 2."""
+
+
+# ---- loading masks ---------------------------------------------------------------------------
+
+
+def mask_namespace() -> dict:
+    """Names a MASK expression may use: ``maskc.__all__`` and the Kind members."""
+    ns = {name: getattr(maskc, name) for name in maskc.__all__}
+    ns.update({k.name: k for k in Kind})
+    return ns
+
+
+def _looks_like_path(text: str) -> bool:
+    t = text.strip()
+    if t.lower().endswith((".py", ".json")):
+        return True
+    return ("/" in t or os.sep in t) and not any(c in t for c in "()[]|&~")
+
+
+def load_mask(text: str | None) -> Mask:
+    """A `Mask` from a MASK argument; raises `CLIError` or `MaskError` with a one-line reason.
+
+    ``text`` is (a) a path to a mask ``.json`` (`Mask.to_json` output), (b) a path to a ``.py``
+    file that defines a variable ``mask``, or (c) a Python expression over maskc's public names
+    (``maskc.__all__``, the kinds FULL, CAUSAL, INV_CAUSAL, BI_CAUSAL and a few safe builtins
+    such as range, list, min, max, sum, len). ``None`` or empty means `DEFAULT_MASK`.
+
+    An expression runs with restricted builtins, but this is not a sandbox: MASK (like a
+    ``.py`` file) is trusted code from the person running the command.
+    """
+    if text is None or not text.strip():
+        text = DEFAULT_MASK
+    if os.path.isfile(text):
+        return _load_file(text)
+    if _looks_like_path(text):
+        raise CLIError(f"MASK file not found: {text}")
+    return _eval_expression(text)
+
+
+def _load_file(path: str) -> Mask:
+    low = path.lower()
+    if low.endswith(".py"):
+        return _run_python_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read MASK file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if low.endswith(".json") or data.lstrip().startswith("{"):
+        try:
+            return Mask.from_json(data)
+        except MaskError as e:
+            raise MaskError(f"{path}: {e}") from None
+    raise CLIError(
+        f"MASK file {path} is neither a .py file defining `mask` nor a mask .json"
+    )
+
+
+def _run_python_file(path: str) -> Mask:
+    try:
+        ns = runpy.run_path(path, run_name="__maskc__")
+    except SyntaxError as e:
+        raise CLIError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except MaskError as e:
+        raise MaskError(f"{path}{_where(e, path)}: {e}") from None
+    except SystemExit as e:
+        raise CLIError(f"{path} called exit({e.code!r}) instead of defining `mask`") from None
+    except Exception as e:  # user code: report where and what, no traceback
+        raise CLIError(f"{path}{_where(e, path)}: {type(e).__name__}: {e}") from None
+    if "mask" not in ns:
+        raise CLIError(f"{path} defines no variable `mask`; assign the Mask to show to `mask`")
+    mask = ns["mask"]
+    if not isinstance(mask, Mask):
+        raise CLIError(f"{path}: `mask` is {_a(type(mask).__name__)}, not a maskc.Mask")
+    return mask
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+def _where(exc: BaseException, path: str) -> str:
+    """``:LINE`` of the innermost frame of ``exc`` inside ``path``, or ''."""
+    target = os.path.abspath(path)
+    line = None
+    for fr in traceback.extract_tb(exc.__traceback__):
+        if os.path.abspath(fr.filename) == target:
+            line = fr.lineno
+    return f":{line}" if line else ""
+
+
+def _eval_expression(text: str) -> Mask:
+    src = text.strip()
+    shown = src if len(src) <= 60 else src[:57] + "..."
+    try:
+        code = compile(src, "<MASK>", "eval")
+    except SyntaxError as e:
+        col = f" at column {e.offset}" if e.offset else ""
+        raise CLIError(
+            f"MASK {shown!r} is neither a file nor a valid Python expression: {e.msg}{col}"
+        ) from None
+    ns = mask_namespace()
+    try:
+        value = eval(code, {"__builtins__": SAFE_BUILTINS}, ns)  # noqa: S307 (trusted user input)
+    except MaskError:
+        raise
+    except NameError as e:
+        name = getattr(e, "name", None)
+        hint = ""
+        if name:
+            close = difflib.get_close_matches(name, list(ns) + list(SAFE_BUILTINS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CLIError(
+            f"MASK {shown!r}: {e}{hint} (available: {', '.join(sorted(maskc.__all__))})"
+        ) from None
+    except Exception as e:
+        raise CLIError(f"MASK {shown!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(value, Mask):
+        raise CLIError(f"MASK {shown!r} evaluated to {_a(type(value).__name__)}, not a maskc.Mask")
+    return value
+
+
+# ---- the registry --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``maskc`` subcommand."""
+
+    name: str
+    help: str  # one line, listed by ``maskc --help``
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    epilog: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(cmd: Command) -> Command:
+    """Add a subcommand to `COMMANDS` (name clashes are a programming error)."""
+    if cmd.name in COMMANDS:
+        raise ValueError(f"maskc subcommand {cmd.name!r} registered twice")
+    COMMANDS[cmd.name] = cmd
+    return cmd
+
+
+MASK_FORMS = f"""\
+MASK is one of:
+  an expression   a Python expression over maskc's names, e.g.
+                    "causal(4096) | sliding_window(4096, 256)"
+                    "magi_video([8, 8], 1024, window=4)"
+                    "varlen([1000, 3000, 96], CAUSAL)"
+                    "Mask([((0, 64), (0, 128), CAUSAL)], sq=128, sk=128)"
+{{names}}
+  a .py file      run as a script; it must define a variable `mask`, e.g.
+                    my_mask.py:  import maskc; mask = maskc.prefix_lm(2048, 512)
+  a .json file    a saved mask (Mask.to_json, or `maskc show ... --json out.json`)
+  (omitted)       {DEFAULT_MASK}:
+{{default}}
+"""
+MASK_FORMS = MASK_FORMS.replace("{names}", textwrap.fill(
+    "names: " + ", ".join(sorted(maskc.__all__)) + "; builtins: " + ", ".join(sorted(SAFE_BUILTINS)),
+    width=92, initial_indent=" " * 18, subsequent_indent=" " * 18,
+)).replace("{default}", textwrap.fill(
+    DEFAULT_MASK_NOTE, width=92, initial_indent=" " * 18, subsequent_indent=" " * 18
+))
+
+KINDS_TEXT = """\
+Kinds (a slice (q=[qs,qe), k=[ks,ke), kind) allows query i, key j when ...) and picture letters:
+  F  FULL        0  always
+  C  CAUSAL      1  j - ks <= (i - qs) + (Lk - Lq)   bottom-right aligned
+  I  INV_CAUSAL  2  j - ks >= i - qs                 top-left aligned
+  B  BI_CAUSAL   3  both: a band
+  .  empty cell; upper-case letter: the whole cell is allowed, lower case: part of it
+"""
+
+
+def add_mask_argument(parser: argparse.ArgumentParser) -> None:
+    """The shared optional positional ``MASK`` (see `load_mask`)."""
+    parser.add_argument(
+        "mask",
+        nargs="?",
+        default=None,
+        metavar="MASK",
+        help=f"an expression, a .py file defining `mask`, or a mask .json (default: {DEFAULT_MASK})",
+    )
+
+
+def mask_from_args(args: argparse.Namespace) -> tuple[Mask, str]:
+    """``(mask, how it was given)`` from the shared MASK argument."""
+    text = args.mask
+    if text is None or not text.strip():
+        return load_mask(DEFAULT_MASK), f"{DEFAULT_MASK}  (the default: MAGI-1's packed training mask)"
+    return load_mask(text), text
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _nonneg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
+# ---- maskc show --------------------------------------------------------------------------------
+
+
+def _show_arguments(p: argparse.ArgumentParser) -> None:
+    add_mask_argument(p)
+    p.add_argument("--width", type=_positive, default=64, metavar="W",
+                   help="most picture columns (default: %(default)s)")
+    p.add_argument("--height", type=_positive, default=32, metavar="H",
+                   help="most picture rows (default: %(default)s)")
+    p.add_argument("--slices", type=_nonneg, nargs="?", const=20, default=None, metavar="N",
+                   help="also list the first N canonical slices (N defaults to 20)")
+    p.add_argument("--png", metavar="OUT.png",
+                   help="also draw the mask exactly with matplotlib into this PNG")
+    p.add_argument("--json", metavar="OUT.json", help="also save the mask as JSON")
+
+
+def format_slices(mask: Mask, n: int) -> str:
+    """A table of the first ``n`` canonical slices."""
+    total = len(mask)
+    shown = mask.array[:n]
+    head = f"slices: first {len(shown)} of {total} (canonical order)" if n < total else f"slices: all {total}"
+    if not len(shown):
+        return head
+    pos_w = max(len(str(int(shown[:, :4].max()))), 2)
+    idx_w = max(len(str(len(shown) - 1)), 1)
+    rows = [head, f"{'#':>{idx_w}}  {'q range':^{2 * pos_w + 4}}  {'k range':^{2 * pos_w + 4}}  {'kind':<10}  area"]
+    for t, (qs, qe, ks, ke, kind) in enumerate(shown.tolist()):
+        area = slice_area(qe - qs, ke - ks, kind)
+        rows.append(
+            f"{t:>{idx_w}}  [{qs:>{pos_w}}, {qe:>{pos_w}})  [{ks:>{pos_w}}, {ke:>{pos_w}})  "
+            f"{Kind(kind).name:<10}  {area:,}"
+        )
+    if n < total:
+        rows.append(f"... {total - len(shown)} more")
+    return "\n".join(rows)
+
+
+def _show_run(args: argparse.Namespace) -> int:
+    mask, source = mask_from_args(args)
+    out = sys.stdout
+    print(f"mask: {source}", file=out)
+    print(ascii_picture(mask, width=args.width, height=args.height, legend=True), file=out)
+    if args.slices is not None:
+        print(format_slices(mask, args.slices), file=out)
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(mask.to_json())
+                f.write("\n")
+        except OSError as e:
+            raise CLIError(f"cannot write {args.json}: {e.strerror or e}") from None
+        print(f"wrote mask JSON ({len(mask)} slice{'' if len(mask) == 1 else 's'}) to {args.json}", file=out)
+    if args.png:
+        try:
+            import matplotlib
+        except ImportError:
+            raise CLIError("--png needs matplotlib (pip install matplotlib)") from None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        title = source if len(source) <= 90 else source[:87] + "..."
+        try:
+            from .picture import plot
+
+            fig = plot(mask, args.png, title=title)
+        except OSError as e:
+            raise CLIError(f"cannot write {args.png}: {e.strerror or e}") from None
+        plt.close(fig)
+        print(f"wrote picture to {args.png}", file=out)
+    return 0
+
+
+register(
+    Command(
+        name="show",
+        help="draw a mask as text (and optionally PNG / JSON) with its summary",
+        description=textwrap.fill(
+            "Draw MASK as a compact text picture (queries down, keys across; each character is "
+            "one cell, chosen from its exact allowed area) followed by a legend and a summary "
+            "(shape, slices per kind, exact area, density). Works on slices, never on an S x S "
+            "matrix: a 4M-token mask draws in milliseconds.", width=92,
+        ) + "\n\n" + MASK_FORMS + "\n" + KINDS_TEXT,
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              maskc show                                              # MAGI-1's packed training mask
+              maskc show "causal(4096) | sliding_window(4096, 256)"
+              maskc show "magi_video([32] * 16, 8192)" --png video.png    # 4,194,304 tokens
+              maskc show my_mask.py --slices 20 --json mask.json
+              maskc show mask.json --width 100 --height 40
+            """
+        ),
+        add_arguments=_show_arguments,
+        run=_show_run,
+    )
+)
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=textwrap.fill(
+            "maskc: a compiler for attention masks. Declare a mask (builders, exact algebra, "
+            "slices); maskc normalises it to canonical slices of four kinds "
+            "(FULL, CAUSAL, INV_CAUSAL, BI_CAUSAL) and compiles it. "
+            "Run `maskc COMMAND --help` for a command's options.", width=92,
+        ),
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              maskc show                                         # MAGI-1's packed training mask
+              maskc show "causal(4096) | sliding_window(4096, 256)"
+              maskc show "magi_video([8, 8], 1024, window=4)" --png video.png
+              maskc show --help                                  # MASK forms and kinds
+            """
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {maskc.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(
+            cmd.name,
+            aliases=list(cmd.aliases),
+            help=cmd.help,
+            description=cmd.description,
+            epilog=cmd.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.add_arguments(p)
+        p.set_defaults(_command=cmd)
+    return parser
+
+
+def error_exit(message: str, code: int = 2):
+    """Print ``maskc: error: message`` to stderr and exit (status 2 by default)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``maskc``; returns 0 on success, raises SystemExit(2) on a user error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd = getattr(args, "_command", None)
+    if cmd is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(cmd.run(args) or 0)
+    except (CLIError, MaskError) as e:
+        error_exit(str(e))
+    except BrokenPipeError:  # e.g. `maskc show | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+__all__ = [
+    "COMMANDS",
+    "CLIError",
+    "Command",
+    "DEFAULT_MASK",
+    "add_mask_argument",
+    "build_parser",
+    "load_mask",
+    "main",
+    "mask_from_args",
+    "mask_namespace",
+    "register",
+]
