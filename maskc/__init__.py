@@ -16,6 +16,7 @@ from .builders import (
     varlen,
 )
 from .errors import MaskError
+from .interop import from_mask_mod
 from .kinds import Kind, Slice
 from .mask import Mask, combine, concat, union
 
@@ -36,6 +37,7 @@ __all__ = [
     "causal",
     "combine",
     "concat",
+    "from_mask_mod",
     "full",
     "global_tokens",
     "magi_video",

@@ -377,6 +377,12 @@ class Mask:
         bands = nz.sweep([self._bands], _SELF, sq, sk)
         return Mask._from_bands(bands, sq, sk)
 
+    def to_mask_mod(self):
+        """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx)`` computing membership arithmetically."""
+        from .interop import to_mask_mod
+
+        return to_mask_mod(self)
+
     # ---- pictures ----------------------------------------------------------------------------
 
     def ascii(self, width: int = 64, height: int = 32, legend: bool = True) -> str:

@@ -1,0 +1,214 @@
+"""FFA kernel speed on one GPU: maskc vs FlexAttention vs cuDNN / flash SDPA, same run, same inputs.
+
+    python benchmarks/bench_kernels.py [--seqlens 8192 32768] [--heads 16] [--head-dim 128]
+                                       [--masks full causal ...] [--out DIR]
+
+bf16, packed layout ``[s, h, d]`` for maskc and ``[1, h, s, d]`` for the peers (layout copies are
+made once, outside the timed region). TFLOP/s count the exact allowed area: forward
+``4 * area * d * h``, forward+backward 3.5x that (the backward does five products to the forward's
+two). FlexAttention is compiled once per mask with its block mask built once (its mask_mods are
+written the idiomatic way, with document / chunk id lookups); SDPA runs only where the mask is
+dense (full, causal). Medians of `triton.testing.do_bench`. Also records host-side plan time.
+
+Writes ``kernels-<device>-<date>.json``: a header row with versions, then rows
+``{"mask", "seqlen", "impl", "direction", "tflops", "ms"}``, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import maskc
+from maskc.runtime import attention
+from maskc.runtime.attention import plan_for, default_config
+
+MASKS = ["full", "causal", "swa1024", "varlen_causal", "varlen_full", "block_causal", "varlen_block_causal", "magi_video"]
+
+
+def doc_lengths(s: int, seed: int = 0) -> list[int]:
+    """Deterministic packed document lengths, 512..4096 tokens (not tile aligned)."""
+    rng = np.random.default_rng(seed)
+    out, left = [], s
+    while left > 0:
+        n = int(min(left, rng.integers(512, 4097)))
+        out.append(n)
+        left -= n
+    return out
+
+
+def build(name: str, s: int):
+    """(maskc mask, flex mask_mod or None for no mask, sdpa is_causal or None when not dense)."""
+    lengths = doc_lengths(s)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).cuda()
+    start = torch.tensor(np.cumsum([0] + lengths[:-1])).cuda()[doc]
+    if name == "full":
+        return maskc.full(s), None, False
+    if name == "causal":
+        return maskc.causal(s), (lambda b, h, q, k: q >= k), True
+    if name == "swa1024":
+        return maskc.sliding_window(s, 1024), (lambda b, h, q, k: (q >= k) & (q - k < 1024)), None
+    if name == "varlen_causal":
+        return maskc.varlen(lengths, maskc.CAUSAL), (lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k)), None
+    if name == "varlen_full":
+        return maskc.varlen(lengths, maskc.FULL), (lambda b, h, q, k: doc[q] == doc[k]), None
+    if name == "block_causal":
+        return maskc.block_causal(s, 1024), (lambda b, h, q, k: q // 1024 >= k // 1024), None
+    if name == "varlen_block_causal":
+        m = maskc.concat(*[maskc.block_causal(n, 1024) for n in lengths])
+        return m, (lambda b, h, q, k: (doc[q] == doc[k]) & ((q - start[q]) // 1024 >= (k - start[k]) // 1024)), None
+    if name == "magi_video":
+        # videos of chunks of 1536 tokens (6 latent frames x 16 x 16 patches), window of 4 chunks
+        chunk = 1536
+        n_chunks = s // chunk
+        videos = [n_chunks // 3, n_chunks // 3, n_chunks - 2 * (n_chunks // 3)]
+        m = maskc.magi_video(videos, chunk, window=4).with_shape(s, s)
+        vid = torch.repeat_interleave(torch.arange(3), torch.tensor(videos) * chunk).cuda()
+        vid = torch.cat([vid, torch.full((s - vid.numel(),), -1, device="cuda")])
+        vstart = torch.tensor(np.cumsum([0] + [v * chunk for v in videos[:-1]]) .tolist() + [0]).cuda()
+        vs = vstart[vid.clamp_min(0)]
+        cq = lambda q: (q - vs[q]) // chunk
+        return m, (lambda b, h, q, k: (vid[q] == vid[k]) & (vid[q] >= 0) & (cq(q) >= cq(k)) & (cq(q) - cq(k) < 4)), None
+    raise SystemExit(f"unknown mask {name!r}; choose from {MASKS}")
+
+
+def bench(fn, warmup=25, rep=100):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--masks", nargs="+", default=MASKS, choices=MASKS)
+    ap.add_argument("--impls", nargs="+", default=["maskc", "flex", "cudnn", "flash"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA GPU")
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    dev = torch.cuda.get_device_name()
+    header = {
+        "header": True,
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "date": dt.date.today().isoformat(),
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "dtype": "bf16",
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+    }
+    rows = []
+    h, d = args.heads, args.head_dim
+    for s in args.seqlens:
+        for name in args.masks:
+            mask, mask_mod, causal = build(name, s)
+            area = mask.area
+            fl_fwd = 4.0 * area * d * h
+            torch.manual_seed(0)
+            q = torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            do = torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16)
+
+            def record(impl, direction, ms):
+                fl = fl_fwd * (1.0 if direction == "fwd" else 3.5)
+                rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": direction,
+                             "tflops": round(fl / ms / 1e9, 1), "ms": round(ms, 4)})
+
+            # host-side planning: a new mask (lowering for the three kernels), then a cached call
+            t0 = time.perf_counter()
+            for direction in ("fwd", "bwd_dkdv", "bwd_dq"):
+                cfg = default_config(direction, d, "cuda")
+                maskc.tiling.lower(mask, cfg.block_q, cfg.block_k)
+            plan_ms = (time.perf_counter() - t0) * 1e3
+            rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
+            if "maskc" in args.impls:
+                fwd = lambda: attention(q, k, v, mask)
+                out = fwd()
+                record("maskc", "fwd", bench(fwd))
+                def fb():
+                    o = attention(q, k, v, mask)
+                    o.backward(do)
+                record("maskc", "fwd_bwd", bench(fb))
+                cfg = default_config("fwd", d, "cuda")
+                t0 = time.perf_counter()
+                for _ in range(100):
+                    plan_for(mask, cfg.block_q, cfg.block_k)
+                rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "cached_lookup_us",
+                             "ms": round((time.perf_counter() - t0) * 1e4, 3)})
+            qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
+            dot = do.transpose(0, 1).unsqueeze(0).contiguous()
+            if "flex" in args.impls:
+                bm = None if mask_mod is None else create_block_mask(mask_mod, 1, 1, s, s, device="cuda", BLOCK_SIZE=128)
+                ff = lambda: flex(qt, kt, vt, block_mask=bm)
+                ff()
+                record("flex", "fwd", bench(ff))
+                def ffb():
+                    flex(qt, kt, vt, block_mask=bm).backward(dot)
+                ffb()
+                record("flex", "fwd_bwd", bench(ffb))
+            if causal is not None:
+                for impl, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                    if impl not in args.impls:
+                        continue
+                    try:
+                        with sdpa_kernel(backend):
+                            sf = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                            sf()
+                            record(impl, "fwd", bench(sf))
+                            def sfb():
+                                torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).backward(dot)
+                            sfb()
+                            record(impl, "fwd_bwd", bench(sfb))
+                    except RuntimeError as e:  # backend not available for these inputs
+                        print(f"{impl}: unavailable ({str(e).splitlines()[0]})", file=sys.stderr)
+            del q, k, v, qt, kt, vt
+            torch.cuda.empty_cache()
+            print(f"done {name} {s}", file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = dev.replace(" ", "_").replace("/", "_")
+    path = out / f"kernels-{tag}-{header['date']}.json"
+    path.write_text(json.dumps([header] + rows, indent=1))
+    print_table(rows)
+    print(f"wrote {path}")
+
+
+def print_table(rows):
+    by = {}
+    for r in rows:
+        if "tflops" in r:
+            by[(r["mask"], r["seqlen"], r["impl"], r["direction"])] = r["tflops"]
+    plan = {(r["mask"], r["seqlen"]): r["ms"] for r in rows if r["direction"] == "plan_host_ms"}
+    print(f"{'mask':<22}{'S':>7} | {'maskc f/fb':>13} | {'flex f/fb':>13} | {'x flex f/fb':>12} | {'cudnn f/fb':>13} | {'flash f/fb':>13} | plan ms")
+    for (m, s) in dict.fromkeys((r["mask"], r["seqlen"]) for r in rows):
+        def pair(impl):
+            f, b = by.get((m, s, impl, "fwd")), by.get((m, s, impl, "fwd_bwd"))
+            return "-" if f is None else f"{f:.0f}/{b:.0f}"
+        mf, mb = by.get((m, s, "maskc", "fwd")), by.get((m, s, "maskc", "fwd_bwd"))
+        ff, fb = by.get((m, s, "flex", "fwd")), by.get((m, s, "flex", "fwd_bwd"))
+        ratio = f"{mf / ff:.2f}/{mb / fb:.2f}" if mf and ff else "-"
+        print(f"{m:<22}{s:>7} | {pair('maskc'):>13} | {pair('flex'):>13} | {ratio:>12} | {pair('cudnn'):>13} | {pair('flash'):>13} | {plan.get((m, s), 0):.2f}")
+
+
+if __name__ == "__main__":
+    main()
