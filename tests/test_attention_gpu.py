@@ -81,3 +81,25 @@ def test_gpu_suite(name, make, d, dtype):
         assert not torch.isnan(t).any()
     print(name, d, dtype, {k_: f"{v_:.1e}" for k_, v_ in errs.items()})
     assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_error_comparable_to_sdpa(d):
+    """Our bf16 errors against float64 stay within 2x of PyTorch SDPA's on the same causal inputs."""
+    s, h = 3000, 4
+    mask = maskc.causal(s)
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q, k, v = (torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
+    go = torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    ref = reference_attention(q, k, v, mask)
+    rgrads = torch.autograd.grad(ref, (q, k, v), go.double())
+    out = attention(q, k, v, mask)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    sd = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)[0].transpose(0, 1)
+    sgrads = torch.autograd.grad(sd, (q, k, v), go)
+    ours = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, rgrads)]
+    theirs = [rel(sd, ref)] + [rel(a, b) for a, b in zip(sgrads, rgrads)]
+    print("maskc", [f"{e:.1e}" for e in ours], "sdpa", [f"{e:.1e}" for e in theirs])
+    for a, b in zip(ours, theirs):
+        assert a <= 2 * b + 1e-4
