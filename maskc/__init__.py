@@ -17,6 +17,7 @@ from .builders import (
 )
 from .errors import MaskError
 from .interop import from_mask_mod
+from .predicate import from_predicate
 from .kinds import Kind, Slice
 from .mask import Mask, combine, concat, union
 
@@ -38,6 +39,7 @@ __all__ = [
     "combine",
     "concat",
     "from_mask_mod",
+    "from_predicate",
     "full",
     "global_tokens",
     "magi_video",
