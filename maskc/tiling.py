@@ -392,3 +392,62 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128) -> TilePlan:
         bwd=bwd,
         partial_kinds=frozenset(kinds),
     )
+
+
+KERNEL_LISTS = ("bands", "full_ptr", "full_runs", "few_ptr", "few", "many_ptr", "many_tiles", "many_pred_ptr", "many_preds", "order")
+INLINE_PREDS = 2  # predicates stored inline with a partial tile (the common case: 1 or 2)
+
+
+def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
+    """The flat int32 arrays one kernel reads, in `KERNEL_LISTS` order.
+
+    Partial tiles touched by at most `INLINE_PREDS` slices (nearly all of them) go to ``few``:
+    one row per tile ``[tile, r0, r1, ac, as, bc, bs, r0', r1', ...]`` with the slices' band
+    parameters inline (an unused slot holds an empty band), so the kernel's loop over them has no
+    inner loop and Triton can software-pipeline it. The rest go to ``many`` with a CSR list of
+    slice ids into ``bands``. ``which`` is ``"fwd"`` (row bands; forward and dQ) or ``"bwd"``
+    (column bands; dK/dV).
+    """
+    tl: TileLists = getattr(plan, which)
+    bands = np.asarray(plan.bands if which == "fwd" else plan.bands_t, dtype=np.int64)
+    n_out = tl.n_outer
+    cnt = np.diff(tl.pred_ptr).astype(np.int64)
+    owner = np.repeat(np.arange(n_out), np.diff(tl.part_ptr))
+    few = cnt <= INLINE_PREDS
+    few_idx = np.nonzero(few)[0]
+    many_idx = np.nonzero(~few)[0]
+    # few: inline parameters, empty band (all zeros: no row satisfies 0 <= r < 0) in unused slots
+    ext = np.vstack([bands, np.zeros((1, 6), np.int64)])
+    empty = bands.shape[0]
+    table = [tl.part_tiles[few_idx].astype(np.int64)[:, None]]
+    for slot in range(INLINE_PREDS):
+        has = cnt[few_idx] > slot
+        ids = np.where(has, tl.preds[np.minimum(tl.pred_ptr[few_idx] + slot, max(tl.preds.size - 1, 0))] if tl.preds.size else empty, empty)
+        table.append(ext[ids])
+    few_tab = np.hstack(table) if few_idx.size else np.zeros((0, 1 + 6 * INLINE_PREDS), np.int64)
+    few_ptr = np.r_[0, np.cumsum(np.bincount(owner[few_idx], minlength=n_out))]
+    # many: CSR of slice ids
+    m_cnt = cnt[many_idx]
+    many_ptr = np.r_[0, np.cumsum(np.bincount(owner[many_idx], minlength=n_out))]
+    many_pred_ptr = np.r_[0, np.cumsum(m_cnt)]
+    rep = np.repeat(np.arange(many_idx.size), m_cnt)
+    within = np.arange(rep.size) - (many_pred_ptr[:-1][rep] if rep.size else 0)
+    many_preds = tl.preds[tl.pred_ptr[many_idx][rep] + within] if rep.size else np.zeros(0, np.int64)
+    out = {
+        "bands": bands.reshape(-1),
+        "full_ptr": tl.full_ptr,
+        "full_runs": tl.full_runs.reshape(-1),
+        "few_ptr": few_ptr,
+        "few": few_tab.reshape(-1),
+        "many_ptr": many_ptr,
+        "many_tiles": tl.part_tiles[many_idx],
+        "many_pred_ptr": many_pred_ptr,
+        "many_preds": many_preds,
+        "order": tl.order,
+    }
+    for key, a in out.items():
+        a = np.asarray(a)
+        if a.size and (a.max() > np.iinfo(np.int32).max or a.min() < np.iinfo(np.int32).min):
+            raise MaskError(f"kernel lists: {key} exceeds int32 (sequence too long for one kernel launch)")
+        out[key] = np.ascontiguousarray(a, dtype=np.int32)
+    return out

@@ -5,39 +5,20 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import dataclass
 
 import torch
 
+from maskc.codegen.configs import KernelConfig, default_config
 from maskc.codegen.spec import KernelSpec, partial_class
 from maskc.errors import MaskError
 from maskc.kinds import Kind
 from maskc.mask import Mask
-from maskc.tiling import TileLists, TilePlan, lower
+from maskc.tiling import KERNEL_LISTS, TilePlan, kernel_lists, lower
 
 from .kernels import get_kernel
 from .validate import check_inputs
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    block_q: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-def default_config(direction: str, head_dim: int, device_type: str) -> KernelConfig:
-    """Tile sizes per direction and head dim (the interpreter uses small tiles: it is for tests)."""
-    if device_type != "cuda":
-        return KernelConfig(16, 16, 4, 1)
-    if direction == "fwd":
-        return {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 3), 256: KernelConfig(64, 64, 8, 2)}[head_dim]
-    if direction == "bwd_dkdv":
-        return {64: KernelConfig(32, 128, 4, 3), 128: KernelConfig(32, 128, 8, 2), 256: KernelConfig(32, 64, 8, 1)}[head_dim]
-    return {64: KernelConfig(128, 32, 4, 3), 128: KernelConfig(128, 32, 8, 2), 256: KernelConfig(64, 32, 8, 1)}[head_dim]
 
 
 # ---- plan cache: (mask, block_q, block_k) -> TilePlan; (plan, device) -> device arrays ----------
@@ -67,10 +48,8 @@ def _device_lists(plan: TilePlan, which: str, device) -> tuple:
     hit = _DEVICE_LISTS.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
-    tl: TileLists = getattr(plan, which)
-    bands = plan.bands if which == "fwd" else plan.bands_t
-    arrays = [bands.reshape(-1), tl.full_ptr, tl.full_runs.reshape(-1), tl.part_ptr, tl.part_tiles, tl.pred_ptr, tl.preds, tl.order]
-    tensors = tuple(torch.from_numpy(a.astype("int32", copy=True)).to(device) for a in arrays)
+    arrays = kernel_lists(plan, which)
+    tensors = tuple(torch.tensor(arrays[name], dtype=torch.int32, device=device) for name in KERNEL_LISTS)
     with _LOCK:
         _DEVICE_LISTS[key] = (plan, tensors)
     return tensors

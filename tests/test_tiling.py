@@ -102,3 +102,32 @@ def test_bad_blocks(bq, msg):
 def test_lower_needs_a_mask():
     with pytest.raises(MaskError, match="expected a Mask, got list"):
         lower([1, 2], 4, 4)
+
+
+@given(masks(max_side=40, max_slices=6), blocks, blocks)
+def test_kernel_lists_partition_partial_tiles(md, bq, bk):
+    from maskc.tiling import INLINE_PREDS, KERNEL_LISTS, kernel_lists
+
+    m, _ = md
+    p = lower(m, bq, bk)
+    for which in ("fwd", "bwd"):
+        tl = getattr(p, which)
+        bands = p.bands if which == "fwd" else p.bands_t
+        kl = kernel_lists(p, which)
+        assert list(kl) == list(KERNEL_LISTS) and all(a.dtype == np.int32 for a in kl.values())
+        few = kl["few"].reshape(-1, 1 + 6 * INLINE_PREDS)
+        # per outer tile: the same partial tiles, each with the same set of slices
+        for t in range(tl.n_outer):
+            want = {}
+            for q in range(tl.part_ptr[t], tl.part_ptr[t + 1]):
+                ids = tl.preds[tl.pred_ptr[q] : tl.pred_ptr[q + 1]]
+                want[int(tl.part_tiles[q])] = sorted(tuple(bands[s].tolist()) for s in ids)
+            got = {}
+            for row in few[kl["few_ptr"][t] : kl["few_ptr"][t + 1]]:
+                params = [tuple(row[1 + 6 * i : 7 + 6 * i].tolist()) for i in range(INLINE_PREDS)]
+                got[int(row[0])] = sorted(x for x in params if x != (0,) * 6)
+            for q in range(kl["many_ptr"][t], kl["many_ptr"][t + 1]):
+                ids = kl["many_preds"][kl["many_pred_ptr"][q] : kl["many_pred_ptr"][q + 1]]
+                assert len(ids) > INLINE_PREDS
+                got[int(kl["many_tiles"][q])] = sorted(tuple(bands[s].tolist()) for s in ids)
+            assert got == want
