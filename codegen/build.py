@@ -24,6 +24,12 @@ launch: every pointer 16-byte aligned, every stride a multiple of 16 (true for t
 ``lengths_divisible_by_16=False``, not). A launch with another specialization (a length of 1 or
 a length that is not a multiple of 16 where the build assumed one, a misaligned view) misses the
 cache and is JIT-compiled as usual, from the same source: correct, just not ahead of time.
+Seen on an H200 with Triton 3.6: attention over a built causal mask compiled no kernel (Triton
+only added its small launcher stubs to the cache). The cubins are for ``sm_90a`` (Triton's PTX
+target on sm_90): H100/H200 only.
+
+In a process that runs Triton's interpreter (``TRITON_INTERPRET=1``, as the CPU tests do),
+``@triton.jit`` cannot give compilable functions, so `build` compiles in a child process.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from pathlib import Path
 from maskc.errors import MaskError
 from maskc.kinds import Kind
 from maskc.mask import Mask
-from maskc.tiling import TilePlan, lower
+from maskc.tiling import KERNEL_LISTS, TilePlan, lower
 
 from .configs import default_config
 from .render import render
@@ -60,7 +66,7 @@ _LISTS = {"fwd": "fwd", "bwd_dq": "fwd", "bwd_dkdv": "bwd"}
 _CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "GROUP")
 _TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _FP32_TENSORS = {"LSE", "DELTA"}
-_WORK_LISTS = {"bands", "full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order"}
+_WORK_LISTS = set(KERNEL_LISTS)  # the tile plan's int32 arrays (maskc.tiling.kernel_lists)
 _FLOATS = {"sm_scale", "qk_scale", "softcap"}
 _LENGTHS = {"sq", "sk"}
 
@@ -199,29 +205,45 @@ def _arg_type(name: str, dtype: str) -> str:
 def _compile_args(fn, spec: KernelSpec, backend, lengths_divisible_by_16: bool):
     """(signature, constexprs, attrs, names specialized as divisible by 16), as Triton's JIT forms them.
 
-    Like the JIT (Triton >= 3.3), the signature lists every parameter (constexprs as "constexpr"),
-    constexprs and attrs are keyed by parameter path ``(index,)``, and attrs hold an entry for
-    every pointer, integer and constexpr argument (``[]`` when nothing is known about it).
+    The specialization of a typical launch is written in the JIT's own form, one ``(type,
+    attribute)`` pair per parameter (``("*bf16", "D")``, ``("i32", "")``, ``("fp32", None)``,
+    ``("constexpr", value)``), and handed to ``JITFunction._pack_args``, so signature, constexprs
+    and attrs come out exactly as the JIT of this Triton builds them (their layout differs between
+    versions: Triton 3.9 gives constexprs an empty attrs entry, 3.6 does not). Without that
+    method, the 3.9 layout is built here.
     """
     values = {"HEAD_DIM": spec.head_dim, "BLOCK_M": spec.block_q, "BLOCK_N": spec.block_k, "GROUP": spec.gqa_group}
-    signature, constexprs, attrs, divisible = {}, {}, {}, []
-    for i, name in enumerate(fn.arg_names):
+    specialization, divisible = [], []
+    for name in fn.arg_names:
         ty = _arg_type(name, spec.dtype)
-        signature[name] = ty
-        if ty == "fp32":  # floats are never specialized: no attrs entry
-            continue
-        if ty == "constexpr":  # the JIT gives constexprs an empty attrs entry too
-            constexprs[(i,)] = values[name]
-            div = False
+        if ty == "constexpr":
+            specialization.append(("constexpr", values[name]))
+        elif ty == "fp32":  # floats are never specialized
+            specialization.append(("fp32", None))
         else:
             div = ty.startswith("*") or name.startswith("stride_") or lengths_divisible_by_16
-        attrs[(i,)] = backend.parse_attr("D" if div else "") if hasattr(backend, "parse_attr") else (
-            [["tt.divisibility", 16]] if div else [])
-        if div:
-            divisible.append(name)
-    missing = set(_CONSTEXPRS) - set(signature)
+            specialization.append((ty, "D" if div else ""))
+            if div:
+                divisible.append(name)
+    missing = set(_CONSTEXPRS) - set(fn.arg_names)
     if missing:
         raise BuildError(f"{spec.name}: kernel lacks constexpr parameter(s) {sorted(missing)}")
+    if hasattr(fn, "_pack_args"):
+        bound = {name: (sp[1] if sp[0] == "constexpr" else None) for name, sp in zip(fn.arg_names, specialization)}
+        kwargs = {**values, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        try:
+            _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, None)
+            return signature, constexprs, attrs, divisible
+        except (TypeError, ValueError, KeyError, AttributeError):
+            pass  # another private layout: fall back to the explicit one
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, (ty, attr)) in enumerate(zip(fn.arg_names, specialization)):
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = attr
+            attrs[(i,)] = []
+        elif attr is not None:
+            attrs[(i,)] = [["tt.divisibility", 16]] if attr == "D" else []
     return signature, constexprs, attrs, divisible
 
 

@@ -366,6 +366,107 @@ register(
 )
 
 
+# ---- maskc build -------------------------------------------------------------------------------
+
+
+def _build_arguments(p: argparse.ArgumentParser) -> None:
+    from maskc.codegen.spec import DTYPES, HEAD_DIMS
+
+    p.add_argument(
+        "mask", nargs="?", default=None, metavar="MASK_OR_PLAN",
+        help="a MASK as for `maskc show` (expression, .py file, mask .json), or a tile plan .json "
+             f"(default: {DEFAULT_MASK})",
+    )
+    p.add_argument("-o", "--out", default="build", metavar="DIR",
+                   help="build folder; merged into when it holds a build (default: %(default)s, "
+                        "the folder the runtime looks in)")
+    p.add_argument("--head-dim", dest="head_dims", type=int, choices=HEAD_DIMS, nargs="+", action="extend",
+                   metavar="D", help="head dim(s) to build: 64, 128, 256 (default: 128)")
+    p.add_argument("--dtype", dest="dtypes", choices=DTYPES, nargs="+", action="extend", metavar="T",
+                   help=f"element type(s): {', '.join(DTYPES)} (default: bf16)")
+    p.add_argument("--gqa-group", dest="gqa_groups", type=_positive, nargs="+", action="extend", metavar="G",
+                   help="query heads per kv head (1: MHA; default: 1)")
+    p.add_argument("--softcap", action="store_true", help="build the softcap variants (attention(..., softcap>0))")
+    p.add_argument("--arch", type=_positive, default=90, metavar="SM",
+                   help="CUDA compute capability to compile for (default: %(default)s, H100)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
+
+
+def _build_run(args: argparse.Namespace) -> int:
+    from maskc.codegen.build import build, is_plan_json, load_plan, specs_for_mask
+
+    text = args.mask
+    if text and os.path.isfile(text) and text.lower().endswith(".json") and is_plan_json(text):
+        target = load_plan(text)
+        source = f"{text}  (tile plan, {target.block_q}x{target.block_k} tiles for every direction)"
+    else:
+        target, source = mask_from_args(args)
+    specs = specs_for_mask(
+        target,
+        head_dims=tuple(args.head_dims or (128,)),
+        dtypes=tuple(args.dtypes or ("bf16",)),
+        gqa_groups=tuple(args.gqa_groups or (1,)),
+        softcap=args.softcap,
+    )
+    aligned = target.sq % 16 == 0 and target.sk % 16 == 0
+    out = sys.stdout
+    print(f"mask: {source}", file=out)
+    print(f"building {len(specs)} kernel{'' if len(specs) == 1 else 's'} for sm_{args.arch} into {args.out}", file=out)
+    out.flush()
+    manifest = build(specs, args.out, arch=args.arch, progress=not args.no_progress,
+                     lengths_divisible_by_16=aligned)
+    entries = {(e["name"], e["specialization"]["lengths_divisible_by_16"]): e for e in manifest["kernels"]}
+    width = max(len(s.name) for s in specs)
+    total = 0.0
+    for spec in specs:
+        e = entries[(spec.name, aligned)]
+        total += e["compile_seconds"]
+        regs = f"  regs {e['n_regs']}" if "n_regs" in e else ""
+        warn = "  (exceeds sm_90's 227 KiB: cannot launch)" if e.get("fits_shared") is False else ""
+        print(f"  {spec.name:<{width}}  {e['compile_seconds']:6.2f} s  shared {e['shared']:>7,} B{regs}{warn}", file=out)
+    print(f"compiled in {total:.1f} s", file=out)
+    if not aligned:
+        print(f"note: sq={target.sq}, sk={target.sk} are not both multiples of 16: built for lengths of any "
+              f"alignment", file=out)
+    path = os.path.join(args.out, "manifest.json")
+    print(f"manifest: {path}  ({len(manifest['kernels'])} kernel{'' if len(manifest['kernels']) == 1 else 's'}, "
+          f"Triton {manifest['triton']}, {manifest['arch']})", file=out)
+    return 0
+
+
+register(
+    Command(
+        name="build",
+        help="compile the kernels a mask needs ahead of time (sm_90 cubins, no GPU needed)",
+        description=textwrap.fill(
+            "Compile ahead of time the FFA kernels that attention over MASK needs on an H100: one "
+            "per direction (forward, dK/dV, dQ) and per head dim, dtype and GQA group asked for. "
+            "The mask is data, not code: it only decides the predicate class of its partial tiles "
+            "(none / rect / diag), so masks of the same class share kernels. Each kernel is rendered to DIR/src/NAME.py and compiled by "
+            "Triton for the CUDA target (no GPU needed) to DIR/NAME.cubin and DIR/NAME.ptx; "
+            "DIR/manifest.json lists them (a second build into DIR adds to it). The runtime uses "
+            "DIR/triton-cache when $MASKC_BUILD=DIR (or ./build exists) and its Triton version "
+            "matches the build's; otherwise it JIT-compiles the same sources.", width=92,
+        ) + "\n\n" + MASK_FORMS + (
+            '  a plan .json    a TilePlan (TilePlan.to_json(), "format": "maskc.tileplan"): its tile\n'
+            "                  sizes serve all three directions, as in attention(q, k, v, plan)\n"
+        ),
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              maskc build "causal(4096)" -o build/ --head-dim 128
+              maskc build "magi_video([8, 8], 1024)" --head-dim 64 128 --dtype bf16 fp16
+              maskc build my_mask.py --gqa-group 4 --softcap -o build/
+              maskc build plan.json -o build/          # a saved TilePlan
+              MASKC_BUILD=build/ python train.py      # the runtime picks the build up
+            """
+        ),
+        add_arguments=_build_arguments,
+        run=_build_run,
+    )
+)
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 
