@@ -29,7 +29,8 @@ import torch
 
 import maskc
 from maskc.runtime import attention
-from maskc.runtime.attention import plan_for, default_config
+from maskc.codegen.configs import choose_config
+from maskc.runtime.attention import _resolve
 
 MASKS = ["full", "causal", "swa1024", "varlen_causal", "varlen_full", "block_causal", "varlen_block_causal", "magi_video"]
 
@@ -134,11 +135,10 @@ def main(argv=None):
                 rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": direction,
                              "tflops": round(fl / ms / 1e9, 1), "ms": round(ms, 4)})
 
-            # host-side planning: a new mask (lowering for the three kernels), then a cached call
+            # host-side planning of a new mask: every candidate lowering for the three kernels
             t0 = time.perf_counter()
             for direction in ("fwd", "bwd_dkdv", "bwd_dq"):
-                cfg = default_config(direction, d, "cuda")
-                maskc.tiling.lower(mask, cfg.block_q, cfg.block_k)
+                choose_config(mask, direction, d, "cuda", maskc.tiling.lower)
             plan_ms = (time.perf_counter() - t0) * 1e3
             rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
             if "maskc" in args.impls:
@@ -149,10 +149,9 @@ def main(argv=None):
                     o = attention(q, k, v, mask)
                     o.backward(do)
                 record("maskc", "fwd_bwd", bench(fb))
-                cfg = default_config("fwd", d, "cuda")
                 t0 = time.perf_counter()
                 for _ in range(100):
-                    plan_for(mask, cfg.block_q, cfg.block_k)
+                    _resolve(mask, "fwd", d, q.device)
                 rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "cached_lookup_us",
                              "ms": round((time.perf_counter() - t0) * 1e4, 3)})
             qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))

@@ -53,7 +53,7 @@ from maskc.kinds import Kind
 from maskc.mask import Mask
 from maskc.tiling import KERNEL_LISTS, TilePlan, lower
 
-from .configs import default_config
+from .configs import choose_config, default_config
 from .render import render
 from .spec import DIRECTIONS, DTYPES, HEAD_DIMS, KernelSpec, partial_class
 
@@ -126,9 +126,9 @@ def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), gqa_groups=(1,),
             cfg = default_config(direction, d, "cuda")
             if isinstance(mask, TilePlan):
                 plan, bq, bk = mask, mask.block_q, mask.block_k
-            else:
+            else:  # the runtime's choice among the tuned candidates
+                cfg, plan = choose_config(mask, direction, d, "cuda", lower)
                 bq, bk = cfg.block_q, cfg.block_k
-                plan = lower(mask, bq, bk)
             partial = partial_class(_list_kinds(plan, _LISTS[direction]))
             for dtype in dtypes:
                 for g in gqa_groups:

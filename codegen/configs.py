@@ -1,7 +1,14 @@
-"""Default kernel configurations (tile sizes, warps, stages) per direction and head dim.
+"""Kernel configurations (tile sizes, warps, stages) and the per-mask choice between them.
 
 Pure Python (no torch): shared by the runtime (`maskc.runtime.attention`) and the ahead-of-time
 build (`maskc.codegen.build`), so a build forms exactly the specs the runtime will ask for.
+
+Each (direction, head dim) has one or more candidate configs, each with the cost of one FULL
+and one PARTIAL tile per head, fitted from `benchmarks/tune_kernels.py` on an H200 (16k tokens,
+bf16; `docs/kernel-notes.md`). For a mask the planner lowers it with every candidate and keeps
+the one with the smallest predicted time ``full_cost * full_tiles + partial_cost * partial_tiles``:
+large tiles for dense masks, small tiles where a mask is cut into many pieces (packed documents),
+where large partial tiles waste most of their work. Tuned ahead of time, never at a user's call.
 """
 
 from __future__ import annotations
@@ -17,12 +24,51 @@ class KernelConfig:
     num_stages: int
 
 
-def default_config(direction: str, head_dim: int, device_type: str) -> KernelConfig:
-    """Tile sizes per direction and head dim (the interpreter uses small tiles: it is for tests)."""
+@dataclass(frozen=True)
+class Candidate:
+    config: KernelConfig
+    full_cost: float  # microseconds per FULL tile and head (fitted)
+    partial_cost: float  # microseconds per PARTIAL tile and head (fitted)
+
+
+_INTERPRETER = KernelConfig(16, 16, 4, 1)
+
+# fitted on an H200 (benchmarks/results/tune-*.json, 2026-11-25); head dims 64 and 256 not swept yet
+CANDIDATES: dict[tuple[str, int], list[Candidate]] = {
+    ("fwd", 128): [Candidate(KernelConfig(128, 128, 8, 3), 0.269, 0.97), Candidate(KernelConfig(64, 64, 4, 3), 0.070, 0.27)],
+    ("bwd_dkdv", 128): [Candidate(KernelConfig(64, 128, 8, 3), 0.238, 0.83), Candidate(KernelConfig(32, 64, 4, 3), 0.061, 0.41)],
+    ("bwd_dq", 128): [Candidate(KernelConfig(128, 64, 8, 3), 0.148, 0.75), Candidate(KernelConfig(64, 64, 4, 3), 0.097, 0.39)],
+    ("fwd", 64): [Candidate(KernelConfig(128, 64, 4, 3), 1.0, 4.0)],
+    ("bwd_dkdv", 64): [Candidate(KernelConfig(64, 128, 8, 3), 1.0, 4.0)],
+    ("bwd_dq", 64): [Candidate(KernelConfig(128, 64, 8, 3), 1.0, 4.0)],
+    ("fwd", 256): [Candidate(KernelConfig(64, 64, 8, 2), 1.0, 4.0)],
+    ("bwd_dkdv", 256): [Candidate(KernelConfig(32, 64, 8, 1), 1.0, 4.0)],
+    ("bwd_dq", 256): [Candidate(KernelConfig(64, 32, 8, 1), 1.0, 4.0)],
+}
+
+# which work lists a direction walks: per query tile ("fwd") or per key tile ("bwd")
+LISTS = {"fwd": "fwd", "bwd_dq": "fwd", "bwd_dkdv": "bwd"}
+
+
+def candidates(direction: str, head_dim: int, device_type: str) -> list[Candidate]:
     if device_type != "cuda":
-        return KernelConfig(16, 16, 4, 1)
-    if direction == "fwd":
-        return {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 3), 256: KernelConfig(64, 64, 8, 2)}[head_dim]
-    if direction == "bwd_dkdv":
-        return {64: KernelConfig(32, 128, 4, 3), 128: KernelConfig(32, 128, 8, 2), 256: KernelConfig(32, 64, 8, 1)}[head_dim]
-    return {64: KernelConfig(128, 32, 4, 3), 128: KernelConfig(128, 32, 8, 2), 256: KernelConfig(64, 32, 8, 1)}[head_dim]
+        return [Candidate(_INTERPRETER, 1.0, 1.0)]
+    return CANDIDATES[(direction, head_dim)]
+
+
+def default_config(direction: str, head_dim: int, device_type: str) -> KernelConfig:
+    """The first candidate: the config for dense masks (the interpreter uses small tiles)."""
+    return candidates(direction, head_dim, device_type)[0].config
+
+
+def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_fn):
+    """``(config, plan)`` with the smallest predicted time for `mask` (``lower_fn(mask, bq, bk)``)."""
+    best = None
+    for cand in candidates(direction, head_dim, device_type):
+        cfg = cand.config
+        plan = lower_fn(mask, cfg.block_q, cfg.block_k)
+        lists = getattr(plan, LISTS[direction])
+        est = cand.full_cost * lists.n_full_tiles + cand.partial_cost * lists.n_partial_tiles
+        if best is None or est < best[0]:
+            best = (est, cfg, plan)
+    return best[1], best[2]

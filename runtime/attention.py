@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from maskc.codegen.configs import KernelConfig, default_config
+from maskc.codegen.configs import KernelConfig, choose_config, default_config
 from maskc.codegen.spec import KernelSpec, partial_class
 from maskc.errors import MaskError
 from maskc.kinds import Kind
@@ -99,12 +99,25 @@ def _launch(direction, plan, which, q, group, softcap, cfg, tensors, scalars, gr
     return spec
 
 
+_CHOICES: dict[tuple, tuple] = {}
+
+
 def _resolve(mask_or_plan, direction: str, d: int, device) -> tuple[Mask | None, TilePlan, KernelConfig]:
-    cfg = default_config(direction, d, device.type)
+    """The plan and config one kernel runs with: a given TilePlan's tiles, or the cheapest candidate."""
     if isinstance(mask_or_plan, TilePlan):
+        cfg = default_config(direction, d, device.type)
         p = mask_or_plan
         return None, p, KernelConfig(p.block_q, p.block_k, cfg.num_warps, cfg.num_stages)
-    return mask_or_plan, plan_for(mask_or_plan, cfg.block_q, cfg.block_k), cfg
+    key = (mask_or_plan, direction, d, device.type)
+    hit = _CHOICES.get(key)
+    if hit is None:
+        hit = choose_config(mask_or_plan, direction, d, device.type, plan_for)
+        with _LOCK:
+            if len(_CHOICES) >= 4 * _MAX_CACHED:
+                _CHOICES.clear()
+            _CHOICES[key] = hit
+    cfg, plan = hit
+    return mask_or_plan, plan, cfg
 
 
 def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float):

@@ -147,9 +147,9 @@ def test_cli_build_tile_plan(build_copy, tmp_path, capsys):
     assert main(["build", str(path), "-o", str(out), "--head-dim", "64", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "tile plan, 128x64" in text
-    assert "ffa_bwd_dq_d64_bf16_m128n64_w4s3_diag_g1" in text
+    assert "ffa_bwd_dq_d64_bf16_m128n64_w8s3_diag_g1" in text
     names = {e["name"] for e in json.loads((out / "manifest.json").read_text())["kernels"]}
-    assert "ffa_bwd_dkdv_d64_bf16_m128n64_w4s3_diag_g1" in names
+    assert "ffa_bwd_dkdv_d64_bf16_m128n64_w8s3_diag_g1" in names
 
 
 @pytest.mark.parametrize("argv, message", [
