@@ -102,6 +102,11 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # one compiled graph per (mask_mod, shape): lift dynamo's recompile limit, or flex falls back
+    # to eager math attention (and runs out of memory at 32k)
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 1024)
     flex = torch.compile(flex_attention, dynamic=False)
     dev = torch.cuda.get_device_name()
     header = {
@@ -157,14 +162,18 @@ def main(argv=None):
             qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
             dot = do.transpose(0, 1).unsqueeze(0).contiguous()
             if "flex" in args.impls:
-                bm = None if mask_mod is None else create_block_mask(mask_mod, 1, 1, s, s, device="cuda", BLOCK_SIZE=128)
-                ff = lambda: flex(qt, kt, vt, block_mask=bm)
-                ff()
-                record("flex", "fwd", bench(ff))
-                def ffb():
-                    flex(qt, kt, vt, block_mask=bm).backward(dot)
-                ffb()
-                record("flex", "fwd_bwd", bench(ffb))
+                try:
+                    bm = None if mask_mod is None else create_block_mask(mask_mod, 1, 1, s, s, device="cuda", BLOCK_SIZE=128)
+                    ff = lambda: flex(qt, kt, vt, block_mask=bm)
+                    ff()
+                    record("flex", "fwd", bench(ff))
+                    def ffb():
+                        flex(qt, kt, vt, block_mask=bm).backward(dot)
+                    ffb()
+                    record("flex", "fwd_bwd", bench(ffb))
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    print(f"flex failed on {name} {s}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
+                    torch.cuda.empty_cache()
             if causal is not None:
                 for impl, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     if impl not in args.impls:
