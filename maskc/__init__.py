@@ -18,6 +18,7 @@ from .builders import (
 from .errors import MaskError
 from .interop import from_mask_mod
 from .predicate import from_predicate
+from .tiling import TilePlan, lower
 from .kinds import Kind, Slice
 from .mask import Mask, combine, concat, union
 
@@ -34,6 +35,7 @@ __all__ = [
     "Mask",
     "MaskError",
     "Slice",
+    "TilePlan",
     "block_causal",
     "causal",
     "combine",
@@ -42,6 +44,7 @@ __all__ = [
     "from_predicate",
     "full",
     "global_tokens",
+    "lower",
     "magi_video",
     "prefix_lm",
     "shared_prefix",

@@ -87,10 +87,20 @@ def _check_interpreter(device) -> None:
         )
 
 
+_LAUNCH: dict[tuple, tuple] = {}
+
+
 def _launch(direction, plan, which, q, group, softcap, cfg, tensors, scalars, grid0, grid1):
-    spec = _spec(direction, plan, which, q, group, softcap, cfg)
-    kernel = get_kernel(spec)
-    lists = _device_lists(plan, which, q.device)
+    key = (id(plan), direction, q.dtype, q.shape[-1], group, bool(softcap), cfg, str(q.device))
+    hit = _LAUNCH.get(key)
+    if hit is None or hit[0] is not plan:
+        spec = _spec(direction, plan, which, q, group, softcap, cfg)
+        hit = (plan, spec, get_kernel(spec), _device_lists(plan, which, q.device))
+        with _LOCK:
+            if len(_LAUNCH) >= 4 * _MAX_CACHED:
+                _LAUNCH.clear()
+            _LAUNCH[key] = hit
+    _, spec, kernel, lists = hit
     kernel[(grid0, grid1)](
         *tensors, *lists, *scalars,
         HEAD_DIM=spec.head_dim, BLOCK_M=spec.block_q, BLOCK_N=spec.block_k, GROUP=group,
@@ -176,6 +186,7 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
 class FFAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_or_plan, scale, softcap):
+        ctx.set_materialize_grads(False)  # an unused lse output gets no zero-filled gradient
         out, lse = ffa_forward(q, k, v, mask_or_plan, scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask_or_plan = mask_or_plan

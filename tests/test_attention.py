@@ -150,3 +150,20 @@ def test_non_contiguous_inputs_are_handled():
     out = attention(q, k, v, m)
     ref = reference_attention(q, k, v, m)
     assert rel(out, ref) < TOL
+
+
+def test_a_repeated_call_does_no_planning(monkeypatch):
+    import maskc.runtime.attention as rt
+
+    m = maskc.varlen([7, 20])
+    q = torch.randn(27, 2, 64)
+    first = attention(q, q, q, m)
+
+    def no_lowering(*a, **k):
+        raise AssertionError("a repeated call lowered the mask again")
+
+    monkeypatch.setattr(rt, "lower", no_lowering)
+    monkeypatch.setattr(rt, "_spec", no_lowering)
+    monkeypatch.setattr(rt, "kernel_lists", no_lowering)
+    again = attention(q, q, q, maskc.varlen([7, 20]))  # an equal mask, a new object
+    assert torch.equal(first, again)
