@@ -30,7 +30,7 @@ import torch
 import maskc
 from maskc.runtime import attention
 from maskc.codegen.configs import choose_config
-from maskc.runtime.attention import _resolve
+from maskc.runtime.ffa import _resolve
 
 MASKS = ["full", "causal", "swa1024", "varlen_causal", "varlen_full", "block_causal", "varlen_block_causal", "magi_video"]
 

@@ -23,7 +23,7 @@ import torch
 import maskc
 import importlib
 
-rt = importlib.import_module("maskc.runtime.attention")  # the module (the package exports the function)
+rt = importlib.import_module("maskc.runtime.ffa")
 
 CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3)],

@@ -61,7 +61,7 @@ FORMAT = "maskc.build"
 VERSION = 1
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB, opt-in)
 
-# which tile lists a direction walks (as in maskc.runtime.attention._launch)
+# which tile lists a direction walks (as in maskc.runtime.ffa._launch)
 _LISTS = {"fwd": "fwd", "bwd_dq": "fwd", "bwd_dkdv": "bwd"}
 _CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "GROUP")
 _TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
@@ -79,7 +79,7 @@ class BuildError(MaskError):
 
 
 def _list_kinds(plan: TilePlan, which: str) -> set:
-    """Kinds of the slices in the partial tiles of one list (as `runtime.attention._list_kinds`)."""
+    """Kinds of the slices in the partial tiles of one list (as `runtime.ffa._list_kinds`)."""
     tl = getattr(plan, which)
     bands = plan.bands if which == "fwd" else plan.bands_t
     if not tl.preds.size:

@@ -1,6 +1,6 @@
 """Kernel configurations (tile sizes, warps, stages) and the per-mask choice between them.
 
-Pure Python (no torch): shared by the runtime (`maskc.runtime.attention`) and the ahead-of-time
+Pure Python (no torch): shared by the runtime (`maskc.runtime.ffa`) and the ahead-of-time
 build (`maskc.codegen.build`), so a build forms exactly the specs the runtime will ask for.
 
 Each (direction, head dim) has one or more candidate configs, each with the cost of one FULL

@@ -4,7 +4,7 @@
 dense float64 definition they are checked against.
 """
 
-from .attention import attention, plan_for
+from .ffa import attention, plan_for
 from .reference import reference_attention
 
 __all__ = ["attention", "plan_for", "reference_attention"]

@@ -155,7 +155,7 @@ def test_non_contiguous_inputs_are_handled():
 def test_a_repeated_call_does_no_planning(monkeypatch):
     import importlib
 
-    rt = importlib.import_module("maskc.runtime.attention")
+    rt = importlib.import_module("maskc.runtime.ffa")
 
     m = maskc.varlen([7, 20])
     q = torch.randn(27, 2, 64)

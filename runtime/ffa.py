@@ -1,4 +1,4 @@
-"""`attention`: FFA forward and backward over a mask's tile plan, as a torch.autograd.Function."""
+"""`attention` (module maskc.runtime.ffa): FFA forward and backward over a mask's tile plan, as a torch.autograd.Function."""
 
 from __future__ import annotations
 
