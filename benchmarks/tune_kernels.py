@@ -60,8 +60,9 @@ def time_direction(direction, cfg, mask, q, k, v, out, lse, do):
             if direction == "bwd_dkdv":
                 dk, dv = torch.empty_like(k), torch.empty_like(v)
                 _, plan, c = rt._resolve(mask, "bwd_dkdv", d, q.device)
-                fn = lambda: rt._launch("bwd_dkdv", plan, "bwd", q, hq // hkv, 0.0, c, (q, k, v, do, lse, delta, dk, dv),
-                                        (*common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * log2e, 0.0), plan.n_k_tiles, hkv)
+                fn = lambda: rt._launch("bwd_dkdv", plan, "bwd", q, hq // hkv, 0.0, c, (q, k, v, do, lse, delta, dk, dv, delta),
+                                        (*common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), hq * d, d,
+                                         scale, scale * log2e, 0.0), plan.n_k_tiles, hkv)
             else:
                 dq = torch.empty_like(q)
                 _, plan, c = rt._resolve(mask, "bwd_dq", d, q.device)

@@ -64,7 +64,8 @@ def _list_kinds(plan: TilePlan, which: str) -> set:
     return {Kind(int(2 * bands[s, 3] + bands[s, 5])) for s in ids}
 
 
-def _spec(direction: str, plan: TilePlan, which: str, q, group: int, softcap: float, cfg: KernelConfig) -> KernelSpec:
+def _spec(direction: str, plan: TilePlan, which: str, q, group: int, softcap: float, cfg: KernelConfig,
+          deterministic: bool = True) -> KernelSpec:
     return KernelSpec(
         direction=direction,
         head_dim=q.shape[-1],
@@ -76,6 +77,7 @@ def _spec(direction: str, plan: TilePlan, which: str, q, group: int, softcap: fl
         partial=partial_class(_list_kinds(plan, which)),
         gqa_group=group,
         softcap=bool(softcap),
+        deterministic=deterministic,
     )
 
 
@@ -90,11 +92,11 @@ def _check_interpreter(device) -> None:
 _LAUNCH: dict[tuple, tuple] = {}
 
 
-def _launch(direction, plan, which, q, group, softcap, cfg, tensors, scalars, grid0, grid1):
-    key = (id(plan), direction, q.dtype, q.shape[-1], group, bool(softcap), cfg, str(q.device))
+def _launch(direction, plan, which, q, group, softcap, cfg, tensors, scalars, grid0, grid1, deterministic=True):
+    key = (id(plan), direction, q.dtype, q.shape[-1], group, bool(softcap), cfg, str(q.device), deterministic)
     hit = _LAUNCH.get(key)
     if hit is None or hit[0] is not plan:
-        spec = _spec(direction, plan, which, q, group, softcap, cfg)
+        spec = _spec(direction, plan, which, q, group, softcap, cfg, deterministic)
         hit = (plan, spec, get_kernel(spec), _device_lists(plan, which, q.device))
         with _LOCK:
             if len(_LAUNCH) >= 4 * _MAX_CACHED:
@@ -149,7 +151,8 @@ def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float):
     return out, lse
 
 
-def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, softcap: float):
+def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, softcap: float,
+                 deterministic: bool = True):
     sq, hq, d = q.shape
     sk, hkv, _ = k.shape
     group = hq // hkv
@@ -167,12 +170,18 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
     common = (sq, sk, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               dout.stride(0), dout.stride(1))
     _, plan_kv, cfg_kv = _resolve(mask_or_plan, "bwd_dkdv", d, q.device)
+    # non-deterministic: the dK/dV kernel also adds dQ with fp32 atomics and no dQ kernel runs
+    # (deterministic: an unused fp32 placeholder, so the pointer type matches the AOT build's)
+    dq_acc = delta if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     _launch(
         "bwd_dkdv", plan_kv, "bwd", q, group, softcap, cfg_kv,
-        (q, k, v, dout, lse, delta, dk, dv),
-        (*common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * log2e, softcap),
-        plan_kv.n_k_tiles, hkv,
+        (q, k, v, dout, lse, delta, dk, dv, dq_acc),
+        (*common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), hq * d, d,  # DQ_ACC is a contiguous fp32 [sq, hq, d]
+         scale, scale * log2e, softcap),
+        plan_kv.n_k_tiles, hkv, deterministic,
     )
+    if not deterministic:
+        return (dq_acc * scale).to(q.dtype), dk, dv
     _, plan_q, cfg_q = _resolve(mask_or_plan, "bwd_dq", d, q.device)
     _launch(
         "bwd_dq", plan_q, "fwd", q, group, softcap, cfg_q,
@@ -185,13 +194,14 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
 
 class FFAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask_or_plan, scale, softcap):
+    def forward(ctx, q, k, v, mask_or_plan, scale, softcap, deterministic):
         ctx.set_materialize_grads(False)  # an unused lse output gets no zero-filled gradient
         out, lse = ffa_forward(q, k, v, mask_or_plan, scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask_or_plan = mask_or_plan
         ctx.scale = scale
         ctx.softcap = softcap
+        ctx.deterministic = deterministic
         return out, lse
 
     @staticmethod
@@ -199,22 +209,26 @@ class FFAFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = ffa_backward(q, k, v, out, lse, dout, dlse, ctx.mask_or_plan, ctx.scale, ctx.softcap)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = ffa_backward(q, k, v, out, lse, dout, dlse, ctx.mask_or_plan, ctx.scale, ctx.softcap,
+                                  ctx.deterministic)
+        return dq, dk, dv, None, None, None, None
 
 
 def _contiguous_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: float = 0.0, return_lse: bool = False):
+def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: float = 0.0, return_lse: bool = False,
+              deterministic: bool = True):
     """Flexible flash attention over a `Mask` (or a `TilePlan`) in the packed varlen layout.
 
     q ``[sq, hq, d]``, k and v ``[sk, hkv, d]`` with ``hq % hkv == 0`` (GQA/MQA); head dims 64,
     128, 256; bfloat16 / float16 on the GPU, float32 on the CPU through the Triton interpreter
     (``TRITON_INTERPRET=1``). Returns ``out [sq, hq, d]`` (and ``lse [hq, sq]``, float32, natural
     log). A row with no allowed key gives out 0 and lse -inf. Differentiable in q, k, v (and
-    through lse).
+    through lse). ``deterministic=False`` fuses dQ into the dK/dV kernel with fp32 atomics
+    (less recomputation, run-to-run rounding differences in dQ); the default backward has no
+    atomics and is bitwise reproducible.
     """
     if isinstance(mask_or_plan, TilePlan):
         shape_src = Mask([], sq=mask_or_plan.sq, sk=mask_or_plan.sk)
@@ -230,5 +244,5 @@ def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: flo
         raise MaskError(f"attention: softcap must be >= 0 (0 disables it), got {softcap}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
-    out, lse = FFAFunction.apply(q, k, v, mask_or_plan, scale, float(softcap))
+    out, lse = FFAFunction.apply(q, k, v, mask_or_plan, scale, float(softcap), bool(deterministic))
     return (out, lse) if return_lse else out

@@ -208,7 +208,7 @@ JIT_KEY_CHECK = textwrap.dedent(
         for n in fn.arg_names:
             if n in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "GROUP"): break
             if n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"): args.append(torch.empty(64, dtype=dt))
-            elif n in ("LSE", "DELTA"): args.append(torch.empty(64, dtype=torch.float32))
+            elif n in ("LSE", "DELTA", "DQ_ACC"): args.append(torch.empty(64, dtype=torch.float32))
             elif n in ("sq", "sk"): args.append(4096)
             elif n.startswith("stride_"): args.append(h * d if n.endswith("s") else d)
             elif n in ("sm_scale", "qk_scale", "softcap"): args.append(0.0 if n == "softcap" else 0.125)
