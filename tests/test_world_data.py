@@ -1,0 +1,349 @@
+"""The synthetic world of the world model: determinism, physics, captions, tracking, prompts, vocabulary."""
+
+import time
+
+import numpy as np
+import pytest
+
+from maskc.world_model import data as D
+from maskc.world_model import vocab as V
+
+CFG = D.WorldConfig()
+F = CFG.chunk_frames
+SEEDS = range(24)
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [D.generate(s, 5) for s in SEEDS]
+
+
+def _same_clip(a, b):
+    assert np.array_equal(a.frames, b.frames)
+    assert a.captions == b.captions
+    assert a.tracks.keys() == b.tracks.keys()
+    for k in a.tracks:
+        assert np.array_equal(a.tracks[k], b.tracks[k]), k
+    assert (a.gravity, a.background) == (b.gravity, b.background)
+
+
+# ------------------------------------------------------------------------------ determinism
+
+
+def test_same_seed_same_clip_different_seeds_differ():
+    _same_clip(D.generate(123, 3), D.generate(123, 3))
+    a, b = D.generate(1, 3), D.generate(2, 3)
+    assert not np.array_equal(a.frames, b.frames)
+    assert not np.array_equal(a.tracks["x"][:, 0], b.tracks["x"][:, 0])
+
+
+def test_shapes_and_dtypes(clips):
+    for c in clips:
+        t, n = 5 * F, c.n_objects
+        assert c.frames.shape == (t, 64, 64, 3) and c.frames.dtype == np.uint8
+        assert c.n_chunks == 5 and len(c.captions) == 5 and all(isinstance(s, str) for s in c.captions)
+        assert CFG.min_objects <= n <= CFG.max_objects
+        for k in ("x", "y", "vx", "vy", "size", "visible_frac"):
+            assert c.tracks[k].shape == (t, n) and c.tracks[k].dtype == np.float32, k
+        assert c.tracks["visible"].shape == (t, n) and c.tracks["visible"].dtype == bool
+        assert c.tracks["bounce"].shape == (t, n) and c.tracks["bounce"].dtype == np.int8
+        assert c.tracks["colour"].shape == (n,) and c.tracks["shape"].shape == (n,)
+        assert len(set(c.tracks["colour"])) == n  # one colour per object
+        assert c.tracks["subject"].shape == (5,) and c.tracks["control"].shape == (5, n)
+        assert c.chunk(4).shape == (F, 64, 64, 3)
+        assert c.background in D.BACKGROUNDS
+    # both worlds and all backgrounds occur in a few seeds
+    assert {c.gravity for c in clips} == {True, False}
+    assert len({c.background for c in clips}) >= 3
+
+
+def test_bad_inputs():
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="seed"):
+            D.generate(bad, 2)
+    for bad in (0, -2, 2.0):
+        with pytest.raises(ValueError, match="n_chunks"):
+            D.generate(0, bad)
+    with pytest.raises(ValueError, match="max_objects"):
+        D.WorldConfig(max_objects=9)
+    with pytest.raises(ValueError, match="colour"):
+        D.WorldConfig(colours=("red", "purple"))
+
+
+def test_generation_speed():
+    D.generate(0, 1)
+    best = min(_timed(lambda s=s: D.generate(s, 16)) for s in range(3))
+    assert best < 0.5, f"a 16-chunk clip took {best:.3f} s"
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------------- physics
+
+
+def test_tracks_obey_the_physics(clips):
+    """Velocities are the position differences; gravity changes vy by g per frame; hits are at walls."""
+    for c in clips:
+        tr, g = c.tracks, (CFG.gravity if c.gravity else 0.0)
+        x, y, vx, vy, hit = (tr[k].astype(np.float64) for k in ("x", "y", "vx", "vy", "bounce"))
+        for i in range(c.n_objects):
+            xmin, xmax, ymin, ymax = tr["bounds"][i]
+            assert np.all((x[:, i] >= xmin - 1e-3) & (x[:, i] <= xmax + 1e-3))
+            assert np.all((y[:, i] >= ymin - 1e-3) & (y[:, i] <= ymax + 1e-3))
+            for t in range(c.n_frames - 1):
+                resting = g > 0 and vy[t, i] == 0 and abs(y[t, i] - ymax) < 1e-3
+                same_chunk = (t + 1) % F != 0
+                if hit[t, i] == 0:
+                    assert abs(x[t + 1, i] - x[t, i] - vx[t, i]) < 1e-3
+                    dy = vy[t, i] + (0 if resting else g / 2)
+                    assert abs(y[t + 1, i] - y[t, i] - dy) < 1e-3
+                    if same_chunk:
+                        assert abs(vx[t + 1, i] - vx[t, i]) < 1e-5
+                        assert abs(vy[t + 1, i] - vy[t, i] - (0 if resting else g)) < 1e-4
+                    continue
+                code = hit[t, i]
+                reach = np.hypot(vx[t, i], vy[t, i]) + g + 1e-3
+                if code in (D.LEFT_WALL, D.RIGHT_WALL):
+                    wall, pos = (xmin, x) if code == D.LEFT_WALL else (xmax, x)
+                    assert (vx[t, i] < 0) == (code == D.LEFT_WALL)
+                    if same_chunk:
+                        assert vx[t + 1, i] == -vx[t, i]
+                else:
+                    wall, pos = (ymin, y) if code == D.CEILING else (ymax, y)
+                    assert (vy[t, i] < 0) == (code == D.CEILING)
+                assert min(abs(pos[t, i] - wall), abs(pos[t + 1, i] - wall)) <= reach
+
+
+def test_captions_match_the_tracks(clips):
+    """Recompute each chunk's motion from the tracks (positions and hit events) and check its caption."""
+    seen = set()
+    for c in clips:
+        assert D.captions_from_tracks(c.tracks, c.config) == c.captions
+        tr = c.tracks
+        for k, cap in enumerate(c.captions):
+            s = int(tr["subject"][k])
+            parsed = V.parse_caption(cap)
+            assert parsed.text == cap
+            assert (parsed.colour, parsed.shape) == (tr["colour"][s], tr["shape"][s])
+            sl = slice(k * F, (k + 1) * F)
+            x, y = tr["x"][sl, s].astype(np.float64), tr["y"][sl, s].astype(np.float64)
+            vx, vy = tr["vx"][sl, s].astype(np.float64), tr["vy"][sl, s].astype(np.float64)
+            hits = tr["bounce"][sl, s]
+            m = parsed.motion
+            seen.add(m)
+            if m.startswith("bounces off the "):
+                first = int(hits[np.flatnonzero(hits)[0]])
+                assert V.WALLS[first - 1] == m[len("bounces off the "):]
+                continue
+            assert not hits.any(), cap
+            dx, dy = x[-1] - x[0], y[-1] - y[0]
+            if m == "stays still":
+                assert np.hypot(vx, vy).mean() < CFG.still_thresh and np.hypot(dx, dy) < 0.2 * F
+            elif m in ("moves left", "moves right"):
+                assert (dx < 0) == (m == "moves left") and abs(dx) > 0.2 * F
+                assert abs(vx.mean()) >= abs(vy.mean())
+            elif m in ("moves up", "moves down"):
+                assert (dy < 0) == (m == "moves up") and abs(dy) > 0.1 * F
+                assert abs(vy.mean()) > abs(vx.mean())
+                assert not c.gravity or np.all(vy == 0)  # no vertical free motion under gravity
+            elif m == "falls":
+                assert c.gravity and dy > 0.2 * F and np.all(np.diff(vy) > 0)
+            elif m == "rises":
+                assert c.gravity and dy < -0.2 * F and np.all(np.diff(vy) > 0)
+            elif m == "rises and falls":
+                assert c.gravity and 0 < int(np.argmin(y)) < F - 1  # the apex is inside the chunk
+            else:
+                raise AssertionError(f"unexpected motion {m!r}")
+    assert len(seen) >= 8, seen
+
+
+def test_caption_for_chunk_decision_list():
+    c = CFG
+    n = F
+    z = np.zeros(n)
+    cap = lambda vx, vy, hit=None: D.motion_for_chunk(vx, vy, z.astype(np.int8) if hit is None else hit, c)
+    assert cap(z - 1, z + 0.3) == "moves left"
+    assert cap(z + 1, z - 0.3) == "moves right"
+    assert cap(z + 0.2, z - 0.9) == "moves up"
+    assert cap(z, z + 0.6) == "moves down"
+    assert cap(z + 0.05, z) == "stays still"
+    grav = np.arange(n) * c.gravity
+    assert cap(z, 0.2 + grav) == "falls"
+    assert cap(z, -1.5 + grav) == "rises"
+    assert cap(z, -grav.mean() + grav) == "rises and falls"
+    assert cap(z + 1.0, -grav.mean() + grav) == "moves right"
+    hit = np.zeros(n, np.int8)
+    hit[[5, 9]] = [D.FLOOR, D.LEFT_WALL]
+    assert cap(z - 1, z, hit) == "bounces off the floor"
+    assert D.caption_for_chunk("red", "circle", z - 1, z, None, c) == "the red circle moves left"
+    with pytest.raises(ValueError, match="colour"):
+        D.caption_for_chunk("purple", "circle", z, z)
+
+
+def test_inferred_bounces_mostly_agree(clips):
+    """Without hit events (e.g. tracks measured from video) the caption mostly agrees with the truth."""
+    agree = total = 0
+    for c in clips:
+        tr = c.tracks
+        for k, cap in enumerate(c.captions):
+            s, sl = int(tr["subject"][k]), slice(k * F, (k + 1) * F)
+            m = D.motion_for_chunk(tr["vx"][sl, s], tr["vy"][sl, s], None, c.config)
+            agree += cap.endswith(m)
+            total += 1
+    assert agree >= 0.85 * total, (agree, total)
+
+
+# --------------------------------------------------------------------------------- rendering
+
+
+def _track_by_colour(frames, colour, tol=30):
+    m = np.all(np.abs(frames.astype(np.int16) - np.array(D.PALETTE[colour], np.int16)) <= tol, axis=-1)
+    cols = m.sum(axis=1, dtype=np.float64)  # [T, W]
+    rows = m.sum(axis=2, dtype=np.float64)  # [T, H]
+    cnt = cols.sum(axis=1)
+    cx = cols @ (np.arange(frames.shape[2]) + 0.5) / np.maximum(cnt, 1)
+    cy = rows @ (np.arange(frames.shape[1]) + 0.5) / np.maximum(cnt, 1)
+    return cx, cy, cnt
+
+
+def test_objects_tracked_by_colour_are_at_the_ground_truth(clips):
+    worst = 0.0
+    for c in clips:
+        tr = c.tracks
+        for i in range(c.n_objects):
+            cx, cy, cnt = _track_by_colour(c.frames, str(tr["colour"][i]))
+            vis = tr["visible"][:, i]
+            assert np.all(cnt[vis] > 0)
+            err = np.hypot(cx - tr["x"][:, i], cy - tr["y"][:, i])[vis]
+            worst = max(worst, float(err.max(initial=0)))
+        # the background never looks like an object: every pixel is an object colour or far from all
+        dark = c.frames.max(axis=-1) <= CFG.background_max
+        objects = np.zeros(dark.shape, bool)
+        for col in set(tr["colour"]):
+            objects |= np.all(c.frames == np.array(D.PALETTE[col], np.uint8), axis=-1)
+        assert np.all(dark | objects)
+    assert worst <= 1.5, worst
+
+
+def test_palette_is_well_separated():
+    cols = np.array(list(D.PALETTE.values()), float)
+    d = np.linalg.norm(cols[:, None] - cols[None], axis=-1)
+    assert d[~np.eye(len(cols), dtype=bool)].min() > 150
+    # the farthest a background pixel (all channels <= background_max) can get to a colour's region
+    assert min(np.linalg.norm(np.maximum(c - CFG.background_max, 0)) for c in cols) >= 120
+
+
+# ----------------------------------------------------------------------------------- prompts
+
+PROMPT_CASES = [
+    ["the red circle moves left", "the red circle bounces off the left wall", "the red circle moves right",
+     "the red circle stays still", "the red circle moves down", "the red circle moves up"],
+    ["the blue square falls", "the blue square bounces off the floor", "the blue square rises",
+     "the blue square rises and falls", "the blue square moves right"],
+    ["the green triangle moves up", "the white square moves right", "the green triangle bounces off the ceiling",
+     "the white square bounces off the right wall", "the magenta circle stays still"],
+    ["the yellow triangle moves right"] * 4 + ["the yellow triangle bounces off the right wall"],
+]
+
+
+@pytest.mark.parametrize("case", range(len(PROMPT_CASES)))
+def test_generate_from_prompts_follows_the_prompts(case):
+    prompts = PROMPT_CASES[case]
+    clip = D.generate_from_prompts(prompts, seed=case)
+    assert clip.captions == prompts
+    assert clip.n_frames == len(prompts) * F
+    assert D.captions_from_tracks(clip.tracks, clip.config) == prompts
+    subjects = {p.split()[1] + " " + p.split()[2] for p in prompts}
+    assert subjects <= set(clip.object_names)
+    assert clip.gravity == any(V.parse_caption(p).motion in V.GRAVITY_MOTIONS for p in prompts)
+    again = D.generate_from_prompts(prompts, seed=case)
+    _same_clip(clip, again)
+
+
+def test_generate_from_prompts_normalises_and_schedules():
+    sched = D.prompt_schedule([("The red circle moves left.", 2), ("the red circle  stays still", 1)])
+    assert sched == ["the red circle moves left"] * 2 + ["the red circle stays still"]
+    clip = D.generate_from_prompts(["The Red Circle moves LEFT."], seed=3, n_objects=1)
+    assert clip.captions == ["the red circle moves left"] and clip.n_objects == 1
+
+
+@pytest.mark.parametrize(
+    "prompts, match",
+    [
+        (["the red circel moves left"], r"unknown word 'circel'.*closest known words: circle.*vocabulary"),
+        (["the red circle jumps"], r"unknown word 'jumps'"),
+        (["the red circle moves"], "grammar"),
+        (["red the circle moves left"], "grammar"),
+        (["the red circle falls", "the red circle moves up"], "gravity"),
+        (["the red circle moves left", "the red square moves left"], "distinct colours"),
+        ([f"the {c} circle stays still" for c in V.COLOURS[:4]], "max_objects"),
+        (["the red circle moves left"] * 12, "could not script"),
+        ([], "at least one"),
+        ("the red circle moves left", "list"),
+    ],
+)
+def test_generate_from_prompts_errors(prompts, match):
+    with pytest.raises(ValueError, match=match):
+        D.generate_from_prompts(prompts, seed=0)
+
+
+# ---------------------------------------------------------------------------------- vocabulary
+
+
+def test_vocabulary_round_trip():
+    assert (V.PAD_ID, V.BOS_ID, V.EOS_ID) == (0, 1, 2)
+    assert V.VOCAB[:3] == V.SPECIALS and len(set(V.VOCAB)) == V.VOCAB_SIZE
+    for colour in V.COLOURS:
+        for shape in V.SHAPES:
+            for motion in V.MOTIONS:
+                text = V.format_caption(colour, shape, motion)
+                ids = V.encode(text)
+                assert ids[0] == V.BOS_ID and ids[-1] == V.EOS_ID and len(ids) <= V.MAX_CAPTION_TOKENS
+                assert V.decode(ids) == text
+                assert V.parse_caption(text) == V.Caption(colour, shape, motion)
+    assert V.encode("the red circle falls", bos=False, eos=False) == [V.WORD_TO_ID[w] for w in
+                                                                       ("the", "red", "circle", "falls")]
+    batch = V.encode_batch(["the red circle falls", "the blue square bounces off the left wall"])
+    assert batch.shape == (2, V.MAX_CAPTION_TOKENS) and batch.dtype == np.int64
+    assert batch[0, 6:].tolist() == [V.PAD_ID] * (V.MAX_CAPTION_TOKENS - 6)
+    assert V.decode(batch[1]) == "the blue square bounces off the left wall"
+
+
+def test_unknown_words_are_reported():
+    with pytest.raises(ValueError, match=r"unknown word 'sqaure'.*closest known words: square"):
+        V.encode("the red sqaure falls")
+    with pytest.raises(ValueError, match=r"unknown word 'purple'"):
+        V.encode("the purple circle falls")
+    with pytest.raises(ValueError, match=r"unknown word '<pad>'|unknown word 'pad'"):
+        V.encode("<pad>")
+    with pytest.raises(ValueError, match="out of range"):
+        V.decode([V.VOCAB_SIZE])
+    with pytest.raises(ValueError, match="length"):
+        V.encode_batch(["the red circle bounces off the left wall"], length=4)
+
+
+# --------------------------------------------------------------------------------------- stream
+
+
+def test_stream_is_reproducible_and_resumable():
+    it = D.stream(seed=7, n_chunks=2, batch=3)
+    b0, b1 = next(it), next(it)
+    assert b0.frames.shape == (3, 2 * F, 64, 64, 3) and b0.frames.dtype == np.uint8
+    assert b0.tokens.shape == (3, 2, V.MAX_CAPTION_TOKENS) and len(b0.captions) == 3
+    assert (b0.index, b1.index) == (0, 1)
+    assert not np.array_equal(b0.frames, b1.frames)
+    assert len(set(b0.seeds) | set(b1.seeds)) == 6
+    again = next(D.stream(seed=7, n_chunks=2, batch=3))
+    resumed = next(D.stream(seed=7, n_chunks=2, batch=3, start=1))
+    for x, y in ((b0, again), (b1, resumed)):
+        assert np.array_equal(x.frames, y.frames) and x.captions == y.captions and x.seeds == y.seeds
+        assert np.array_equal(x.tokens, y.tokens)
+    other = next(D.stream(seed=8, n_chunks=2, batch=3))
+    assert not np.array_equal(other.frames, b0.frames)
+    assert [b.index for b in D.stream(0, 1, 1, start=2, stop=4)] == [2, 3]
+    clip = D.generate(b1.seeds[2], 2)
+    assert np.array_equal(clip.frames, b1.frames[2])
