@@ -21,6 +21,7 @@ from .predicate import from_predicate
 from .tiling import TilePlan, lower
 from .kinds import Kind, Slice
 from .mask import Mask, combine, concat, union
+from .plan import Plan, compile  # noqa: A004 - maskc.compile plans context parallelism
 
 FULL, CAUSAL, INV_CAUSAL, BI_CAUSAL = Kind.FULL, Kind.CAUSAL, Kind.INV_CAUSAL, Kind.BI_CAUSAL
 
@@ -34,11 +35,13 @@ __all__ = [
     "Kind",
     "Mask",
     "MaskError",
+    "Plan",
     "Slice",
     "TilePlan",
     "block_causal",
     "causal",
     "combine",
+    "compile",
     "concat",
     "from_mask_mod",
     "from_predicate",

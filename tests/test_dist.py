@@ -1,0 +1,270 @@
+"""Distributed runtime on the CPU: gloo processes at world sizes 2, 3 and 4, Triton interpreter, float32.
+
+Random and structured masks (<= 96 tokens, 16 x 16 tiles) go through dispatch -> dist_attention
+-> undispatch on every rank; forward (out, lse) and backward (dq, dk, dv, with a gradient through
+lse as well) must equal the single-process float64 `reference_attention` (rel err < 1e-5).
+Also: dispatch/undispatch is a bijection, the schedule moves exactly the keys each rank needs
+(brute force from the dense mask), uneven lengths and ranks holding no tokens work, and ranks
+holding different plans fail with a clear error instead of hanging.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import maskc
+from maskc import Kind, MaskError
+from maskc.cost import Workload
+from maskc.plan import compile
+
+TOL = 1e-5
+BLOCK = 16  # the interpreter's tiles; chunks are multiples of it
+SPAWN_TIMEOUT = 240
+
+
+# ---- process helpers ---------------------------------------------------------------------------
+
+
+def _spawn(fn, world: int, *args, timeout: float = SPAWN_TIMEOUT):
+    """Run ``fn(rank, world, init_file, *args)`` in `world` processes; fail (not hang) on timeout."""
+    init = tempfile.mktemp(prefix="maskc-dist-")
+    ctx = mp.start_processes(fn, args=(world, init, *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                pytest.fail(f"distributed test did not finish in {timeout:.0f} s (hang?)")
+    finally:
+        if os.path.exists(init):
+            os.remove(init)
+
+
+def _init(rank, world, init):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    return dist
+
+
+def _rel(x, ref):
+    ref = ref.double()
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+# ---- cases -------------------------------------------------------------------------------------
+
+
+def _random_mask(rng, s):
+    slices = []
+    for _ in range(int(rng.integers(1, 6))):
+        qs = int(rng.integers(0, s))
+        qe = int(rng.integers(qs + 1, s + 1))
+        ks = int(rng.integers(0, s))
+        ke = int(rng.integers(ks + 1, s + 1))
+        slices.append(((qs, qe), (ks, ke), Kind(int(rng.integers(0, 4)))))
+    return maskc.Mask(slices, sq=s)
+
+
+def _cases(world: int, seed: int, n_random: int):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_random):
+        s = int(rng.integers(17, 97))
+        out.append(dict(mask=_random_mask(rng, s).to_json(), chunk=BLOCK * int(rng.integers(1, 3)),
+                        stages=int(rng.integers(1, 4))))
+    return out
+
+
+STRUCTURED = {
+    2: [
+        dict(mask=maskc.causal(96).to_json(), chunk=16, stages=2),
+        dict(mask=maskc.varlen([30, 41, 25]).to_json(), chunk=16, stages=1, softcap=5.0),
+    ],
+    3: [
+        dict(mask=maskc.sliding_window(75, 20).to_json(), chunk=16, stages=2),  # uneven: 75 = 4 x 16 + 11
+        dict(mask=maskc.magi_video([3, 2], 16).to_json(), chunk=16, stages=3),
+    ],
+    4: [
+        dict(mask=maskc.causal(20).to_json(), chunk=16, stages=2),  # two ranks hold no tokens
+        dict(mask=maskc.block_causal(90, 24).to_json(), chunk=16, stages=2),
+    ],
+}
+
+
+def _run_cases(rank, world, init, cases, out_dir):
+    dist = _init(rank, world, init)
+    from maskc.runtime import reference_attention
+    from maskc.runtime.dist import dispatch, dist_attention, undispatch
+
+    report = []
+    for i, case in enumerate(cases):
+        mask = maskc.Mask.from_json(case["mask"])
+        plan = compile(mask, cp_size=world, block=BLOCK, chunk=case["chunk"], stages=case["stages"])
+        softcap = case.get("softcap", 0.0)
+        s = mask.sq
+        g = torch.Generator().manual_seed(1000 + i)
+        q = torch.randn(s, 2, 64, generator=g)
+        k = torch.randn(s, 1, 64, generator=g)
+        v = torch.randn(s, 1, 64, generator=g)
+        go = torch.randn(s, 2, 64, generator=g)
+        gl = torch.randn(2, s, generator=g)
+        pos = torch.as_tensor(np.array(plan.positions(rank)))
+
+        # bijection
+        assert torch.equal(undispatch(dispatch(q, plan), plan), q)
+
+        ql, kl, vl = (dispatch(t, plan).clone().requires_grad_() for t in (q, k, v))
+        out, lse = dist_attention(ql, kl, vl, plan, softcap=softcap, return_lse=True)
+        fin_l = torch.isfinite(lse)
+        loss = (out * go[pos]).sum() + (torch.where(fin_l, lse, 0.0) * gl[:, pos]).sum()
+        loss.backward()
+
+        qr, kr, vr = (t.clone().double().requires_grad_() for t in (q, k, v))
+        ro, rl = reference_attention(qr, kr, vr, mask, softcap=softcap, return_lse=True)
+        fin = torch.isfinite(rl)
+        ((ro * go.double()).sum() + (torch.where(fin, rl, 0.0) * gl.double()).sum()).backward()
+
+        full = undispatch(out.detach(), plan)
+        assert not torch.isnan(full).any() and not torch.isnan(lse).any()
+        assert torch.equal(fin_l, fin[:, pos]), "lse is -inf exactly on rows with no allowed key"
+        errs = {"out": _rel(full, ro)}
+        if fin[:, pos].any():
+            errs["lse"] = _rel(lse[fin_l], rl[:, pos][fin_l])
+        for name, got, ref in (("dq", ql.grad, qr.grad[pos]), ("dk", kl.grad, kr.grad[pos]), ("dv", vl.grad, vr.grad[pos])):
+            if ref.numel() and ref.norm() > 0:
+                errs[name] = _rel(got, ref)
+            else:
+                assert not got.any(), f"{name} must be 0 where the reference is"
+        report.append({"case": i, "tokens": int(pos.numel()), "errs": errs})
+        bad = {k_: e for k_, e in errs.items() if not e < TOL}
+        assert not bad, f"rank {rank} case {i} ({mask!r}): errors {bad}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+
+def _schedule_matches_dense(case, world):
+    """The schedule moves exactly the keys each rank's queries attend (brute force)."""
+    mask = maskc.Mask.from_json(case["mask"])
+    plan = compile(mask, cp_size=world, block=BLOCK, chunk=case["chunk"], stages=case["stages"])
+    dense = mask.to_dense()
+    owner = plan.dispatch.owner_of(np.arange(mask.sq))
+    perm = np.concatenate([plan.positions(r) for r in range(world)])
+    assert np.array_equal(np.sort(perm), np.arange(mask.sq))
+    for r in range(world):
+        need = dense[plan.positions(r)].any(0) & (owner != r)
+        got = np.zeros(mask.sq, dtype=int)
+        for src, a, b in plan.schedule.needed(r):
+            assert np.all(owner[a:b] == src)
+            got[a:b] += 1
+        assert got.max(initial=0) <= 1 and np.array_equal(got.astype(bool), need)
+        assert plan.recv_tokens[r] == need.sum()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_dist_attention_matches_reference(world, tmp_path):
+    cases = STRUCTURED[world] + _cases(world, seed=world, n_random={2: 5, 3: 4, 4: 3}[world])
+    for case in cases:
+        _schedule_matches_dense(case, world)
+    _spawn(_run_cases, world, cases, str(tmp_path))
+    reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
+    assert all(len(rep) == len(cases) for rep in reports)
+    # every token is some rank's
+    for i, case in enumerate(cases):
+        s = maskc.Mask.from_json(case["mask"]).sq
+        assert sum(rep[i]["tokens"] for rep in reports) == s
+
+
+def _mismatch(rank, world, init, out_dir):
+    dist = _init(rank, world, init)
+    from maskc.runtime.dist import dispatch, dist_attention
+
+    msgs = {}
+    # 1. different plans on different ranks: a clear error on every rank, no hang
+    mask = maskc.causal(64) if rank == 0 else maskc.full(64)
+    plan = compile(mask, cp_size=world, block=BLOCK, chunk=16)
+    x = torch.randn(64, 1, 64)
+    try:
+        dist_attention(dispatch(x, plan), dispatch(x, plan), dispatch(x, plan), plan)
+        msgs["plans"] = "no error"
+    except MaskError as e:
+        msgs["plans"] = str(e)
+    # 2. a plan for another world size
+    try:
+        dist_attention(x, x, x, compile(maskc.causal(64), cp_size=world + 1, block=BLOCK))
+        msgs["world"] = "no error"
+    except MaskError as e:
+        msgs["world"] = str(e)
+    # 3. a GroupReduce plan is refused by the runtime
+    m = maskc.Mask([((63, 64), (0, 64), "full"), ((0, 64), (0, 64), "causal")], sq=64)
+    gr = compile(m, cp_size=world, block=BLOCK, chunk=16, group_reduce=True,
+                 workload=Workload(hq=1, hkv=1, head_dim=64))
+    try:
+        xl = dispatch(x, gr)
+        dist_attention(xl, xl, xl, gr)
+        msgs["group_reduce"] = "no error" if gr.executable else "ran a non-executable plan"
+    except MaskError as e:
+        msgs["group_reduce"] = str(e)
+    # 4. the process group still works afterwards (nothing is left half-way)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    msgs["after"] = float(t.item())
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(msgs, f)
+    dist.destroy_process_group()
+
+
+def test_plan_mismatch_raises_instead_of_hanging(tmp_path):
+    _spawn(_mismatch, 2, str(tmp_path), timeout=120)
+    for r in range(2):
+        msgs = json.load(open(tmp_path / f"rank{r}.json"))
+        assert "ranks hold different plans" in msgs["plans"] and "rank 0:" in msgs["plans"]
+        assert "the process group has 2 ranks but the plan is for cp_size=3" in msgs["world"]
+        assert "GroupReduce" in msgs["group_reduce"] or msgs["group_reduce"] == "no error"
+        assert msgs["after"] == 2.0
+
+
+def test_single_process_plan_without_distributed():
+    """cp_size=1 needs no process group: dispatch/undispatch are identities, the result is exact."""
+    from maskc.runtime import reference_attention
+    from maskc.runtime.dist import dispatch, dist_attention, undispatch
+
+    mask = maskc.varlen([20, 28])
+    plan = compile(mask, cp_size=1, block=BLOCK)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(48, 2 if i == 0 else 1, 64, generator=g) for i in range(3))
+    out = undispatch(dist_attention(dispatch(q, plan), dispatch(k, plan), dispatch(v, plan), plan), plan)
+    assert _rel(out, reference_attention(q, k, v, mask)) < TOL
+
+
+def test_layout_and_errors_without_group():
+    from maskc.runtime.dist import dispatch, dist_attention, rank_layout
+
+    plan = compile(maskc.causal(64), cp_size=2, block=BLOCK, chunk=16)
+    lay = rank_layout(plan, 1)
+    assert lay.n_local == len(plan.positions(1))
+    assert [m.shape for m in lay.masks][0] == (lay.n_local, lay.n_local)
+    assert sum(map(sum, lay.recv_splits)) == plan.recv_tokens[1]
+    assert sum(map(sum, lay.send_splits)) == plan.send_tokens[1]
+    with pytest.raises(MaskError, match="torch.distributed is not initialised"):
+        dispatch(torch.zeros(64, 1), plan)
+    with pytest.raises(MaskError, match="plan must be a maskc.Plan"):
+        dist_attention(torch.zeros(1), torch.zeros(1), torch.zeros(1), "plan")
+    one = compile(maskc.causal(64), cp_size=1, block=BLOCK)
+    with pytest.raises(MaskError, match="has 10 tokens but rank 0 holds 64"):
+        dist_attention(torch.zeros(10, 1, 64), torch.zeros(10, 1, 64), torch.zeros(10, 1, 64), one)
+    with pytest.raises(MaskError, match="x has 10 rows but the plan is for 64 tokens"):
+        dispatch(torch.zeros(10, 1), one)
