@@ -1,0 +1,364 @@
+"""The world model's networks: configs, autoencoder, caption encoder, masks, diffusion transformer."""
+
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import maskc
+from maskc.runtime import attention, reference_attention
+from maskc.world_model import data as D
+from maskc.world_model import dit as DIT
+from maskc.world_model import masks as M
+from maskc.world_model.configs import CONFIGS, SMALL, TINY, ModelConfig, get_config
+from maskc.world_model.dit import (
+    WorldModel, attend, flow_matching_loss, noisy_latents, param_counts, patchify, positions, unpatchify,
+)
+from maskc.world_model.text import TextEncoder, pack_text, tokenize
+from maskc.world_model.vae import VideoVAE, vae_loss
+
+CAPTIONS = [
+    "the red circle moves left", "the blue square falls", "the red circle stays still",
+    "the green triangle bounces off the left wall", "the yellow square moves up",
+]
+LF = TINY.latent_frames  # 6
+T = TINY.tokens_per_chunk  # 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small tensors: one thread avoids oversubscription on shared CI machines
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomized(model, std=0.3, seed=0):
+    """Re-draw the zero-initialised parameters (gates, output layer) so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return randomized(WorldModel(TINY)).eval()
+
+
+def inputs(model, n_chunks, seed=0, captions=None):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n_chunks * LF, TINY.latent_size, TINY.latent_size, TINY.latent_channels, generator=g)
+    t = torch.rand(n_chunks, generator=g)
+    caps = captions or [CAPTIONS[i % len(CAPTIONS)] for i in range(n_chunks)]
+    text, lens = model.encode_captions(caps)
+    return lat, t, text, lens
+
+
+def chunk_rows(v, c):
+    return v[c * LF:(c + 1) * LF]
+
+
+# ------------------------------------------------------------------------------- configs
+
+
+def test_configs_roundtrip_and_geometry():
+    for cfg in CONFIGS.values():
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        assert (cfg.latent_frames, cfg.latent_size) == (6, 8)
+        assert cfg.kv_heads < cfg.heads  # GQA
+    assert get_config("small") is SMALL
+    assert SMALL.head_dim == 64 and SMALL.tokens_per_chunk == 96
+    with pytest.raises(ValueError, match="unknown keys"):
+        ModelConfig.from_dict({**TINY.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="unknown model config"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="GQA"):
+        ModelConfig(heads=3, kv_heads=2)
+
+
+def test_param_counts():
+    tiny, small = param_counts(WorldModel(TINY)), param_counts(WorldModel(SMALL))
+    assert 100_000 <= tiny["total"] <= 500_000, tiny
+    assert small["total"] * 4 <= 16_000_000, small  # fp32 weights fit 16 MB (bf16: half of that)
+    assert small["dit"] > small["vae"] > small["text"]
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+
+def test_vae_shapes_and_range():
+    torch.manual_seed(0)
+    vae = VideoVAE(TINY).eval()
+    frames = torch.from_numpy(D.generate(1, 2).frames)[None].repeat(2, 1, 1, 1, 1)  # uint8 [2, 48, 64, 64, 3]
+    with torch.no_grad():
+        z = vae.encode(frames)
+        assert z.shape == (2, 12, 8, 8, TINY.latent_channels)
+        assert torch.allclose(vae.encode(frames.float() / 255), z)
+        x = vae.decode(z)
+    assert x.shape == (2, 48, 64, 64, 3) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    with pytest.raises(ValueError, match="multiple of chunk_frames"):
+        vae.encode(frames[:, :30])
+    with pytest.raises(ValueError, match="latents must be"):
+        vae.decode(z[:, :5])
+
+
+def test_vae_chunks_are_independent():
+    torch.manual_seed(0)
+    vae = VideoVAE(TINY).eval()
+    frames = torch.from_numpy(D.generate(2, 3).frames)[None]
+    other = frames.clone()
+    other[:, 24:48] = 255 - other[:, 24:48]  # change chunk 1 only
+    with torch.no_grad():
+        z, z2 = vae.encode(frames), vae.encode(other)
+        assert torch.equal(z[:, :6], z2[:, :6]) and torch.equal(z[:, 12:], z2[:, 12:])
+        assert not torch.allclose(z[:, 6:12], z2[:, 6:12])
+        x, x2 = vae.decode(z), vae.decode(z2)
+    assert torch.equal(x[:, :24], x2[:, :24]) and torch.equal(x[:, 48:], x2[:, 48:])
+
+
+def test_vae_loss_and_latent_stats():
+    torch.manual_seed(0)
+    vae = VideoVAE(TINY)
+    frames = torch.from_numpy(D.generate(3, 1).frames)[None]
+    out = vae_loss(vae, frames, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["kl"] >= 0
+    vae.set_latent_stats(frames)
+    with torch.no_grad():
+        z = vae.encode(frames).reshape(-1, TINY.latent_channels)
+    assert torch.allclose(z.mean(0), torch.zeros(TINY.latent_channels), atol=1e-4)
+    assert torch.allclose(z.std(0), torch.ones(TINY.latent_channels), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- text encoder
+
+
+def test_text_encoder_and_packing():
+    enc = TextEncoder(TINY)
+    tokens = tokenize(CAPTIONS[:3])
+    feats, valid = enc(tokens)
+    assert feats.shape == (3, TINY.max_caption_tokens, TINY.text_dim)
+    assert valid.sum(1).tolist() == [7, 6, 7]  # BOS + words + EOS
+    packed, lens = pack_text(feats, valid)
+    assert packed.shape == (20, TINY.text_dim) and lens == [7, 6, 7]
+    assert torch.equal(packed[7:13], feats[1, :6])
+    assert torch.isfinite(enc(torch.zeros(1, 4, dtype=torch.long))[0]).all()  # an all-PAD caption: no NaN
+    with pytest.raises(ValueError, match="unknown word 'purple'.*closest"):
+        tokenize(["the purple circle moves left"])
+    with pytest.raises(ValueError, match="token ids"):
+        enc(torch.full((1, 3), 999))
+
+
+# ------------------------------------------------------------------------------------ masks
+
+
+def dense_self(video_chunks, t, window=None):
+    vid = np.repeat(np.arange(len(video_chunks)), np.array(video_chunks) * t)
+    chunk = np.concatenate([np.arange(n).repeat(t) for n in video_chunks])
+    i, j = np.meshgrid(np.arange(len(vid)), np.arange(len(vid)), indexing="ij")
+    ok = (vid[i] == vid[j]) & (chunk[j] <= chunk[i])
+    return ok & (chunk[i] - chunk[j] < window) if window else ok
+
+
+def test_self_attention_mask_is_packed_block_causal():
+    for vc, t, w in [((2, 3), 4, None), ((3, 1, 4), 3, 2), ((5,), 2, 1), ((1,), 5, None)]:
+        assert np.array_equal(M.self_attention_mask(vc, t, w).to_dense(), dense_self(vc, t, w))
+
+
+def test_cross_attention_mask_is_per_chunk():
+    vc, t, lens = (2, 3), 4, [3, 0, 5, 2, 4]
+    start = np.concatenate([[0], np.cumsum(lens)])
+    d = np.zeros((sum(vc) * t, sum(lens)), dtype=bool)
+    for i in range(d.shape[0]):
+        for j in range(d.shape[1]):
+            c = i // t
+            d[i, j] = start[c] <= j < start[c + 1]
+    assert np.array_equal(M.cross_attention_mask(vc, t, lens).to_dense(), d)
+    with pytest.raises(maskc.MaskError, match="one caption per chunk"):
+        M.cross_attention_mask(vc, t, lens[:4])
+
+
+def test_chunk_window_mask():
+    for nc, nn_, t, w in [(0, 2, 3, None), (3, 2, 2, None), (3, 1, 4, 2), (2, 3, 2, 2), (5, 4, 1, 3)]:
+        m = M.chunk_window_mask(nc, nn_, t, w)
+        d = np.zeros((nn_ * t, (nc + nn_) * t), dtype=bool)
+        for i in range(d.shape[0]):
+            for j in range(d.shape[1]):
+                qc, kc = nc + i // t, j // t
+                d[i, j] = kc <= qc and (w is None or qc - kc < w)
+        assert np.array_equal(m.to_dense(), d)
+        assert np.array_equal(d, M.self_attention_mask([nc + nn_], t, w).to_dense()[nc * t:])
+
+
+# --------------------------------------------------------------------- diffusion transformer
+
+
+def test_patchify_roundtrip_and_positions():
+    z = torch.randn(12, 8, 8, TINY.latent_channels)
+    x = patchify(z, TINY)
+    assert x.shape == (2 * T, TINY.patch_dim)
+    assert torch.equal(unpatchify(x, 12, TINY), z)
+    assert torch.equal(x[T + 5].view(2, 2, -1)[1, 0], z[6, 3, 2])  # chunk 1, frame 0, patch (1, 1), sub-pixel (1, 0)
+    pos = positions((2, 1), (0, 7), TINY)
+    assert pos.shape == (3 * T, 3)
+    assert pos[:2 * T, 0].tolist() == np.arange(12).repeat(16).tolist()
+    assert pos[2 * T:, 0].tolist() == (42 + np.arange(6)).repeat(16).tolist()  # absolute: chunk 7
+    assert pos[:16, 1:].tolist() == [[y, x] for y in range(4) for x in range(4)]
+
+
+def test_dit_packed_shapes_and_packing_is_exact(tiny):
+    lat, t, text, lens = inputs(tiny, 5)
+    with torch.no_grad():
+        v = tiny.dit(lat, t, text, lens, video_chunks=(2, 3))
+        assert v.shape == lat.shape
+        # a packed sample equals the sample run alone
+        a = tiny.dit(lat[:12], t[:2], text[:sum(lens[:2])], lens[:2])
+        b = tiny.dit(lat[12:], t[2:], text[sum(lens[:2]):], lens[2:])
+    assert torch.allclose(v, torch.cat([a, b]), atol=1e-5)
+    with pytest.raises(ValueError, match="sum to the 5 chunks"):
+        tiny.dit(lat, t, text, lens, video_chunks=(2, 2))
+    with pytest.raises(ValueError, match="latents must be"):
+        tiny.dit(lat[:10], t, text, lens)
+
+
+def test_caption_changes_only_its_chunk(tiny):
+    """Changing chunk 3's caption (sample 2 = chunks 2..4) changes only chunk 3's cross-attention
+    output, and, through the block-causal mask, only chunks 3 and 4 of the final output."""
+    lat, t, text, lens = inputs(tiny, 5)
+    caps = [CAPTIONS[i] for i in range(5)]
+    caps2 = list(caps)
+    caps2[3] = "the white circle moves right"
+    seen = []
+    hook = tiny.dit.blocks[0].cross_attn.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        v = tiny.dit(lat, t, *tiny.encode_captions(caps), video_chunks=(2, 3))
+        v2 = tiny.dit(lat, t, *tiny.encode_captions(caps2), video_chunks=(2, 3))
+    hook.remove()
+    ca, ca2 = (s.view(5, T, -1) for s in seen)
+    changed = (ca - ca2).abs().amax((1, 2))
+    assert changed[3] > 1e-3 and changed[[0, 1, 2, 4]].max() < 1e-6
+    changed = (v - v2).abs().view(5, -1).amax(1)
+    assert changed[3] > 1e-3 and changed[4] > 1e-3 and changed[:3].max() < 1e-6
+
+
+def test_timestep_is_per_chunk_and_causal(tiny):
+    lat, t, text, lens = inputs(tiny, 5)
+    t2 = t.clone()
+    t2[3] = 1 - t[3]
+    with torch.no_grad():
+        d = (tiny.dit(lat, t, text, lens, (2, 3)) - tiny.dit(lat, t2, text, lens, (2, 3))).abs().view(5, -1).amax(1)
+    assert d[3] > 1e-3 and d[:3].max() < 1e-6  # chunk 3 changes, earlier chunks and sample 0 do not
+
+
+def test_rope_is_relative_in_time(tiny):
+    """RoPE scores depend on position differences: shifting a whole clip in absolute time keeps its
+    outputs (up to rounding), while the t positions themselves are absolute (next test)."""
+    lat, t, text, lens = inputs(tiny, 3)
+    with torch.no_grad():
+        v0 = tiny.dit(lat, t, text, lens, chunk_offsets=(0,))
+        v5 = tiny.dit(lat, t, text, lens, chunk_offsets=(5,))
+    assert torch.allclose(v0, v5, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_streaming_with_kv_cache_equals_full_sequence(tiny, window):
+    """Chunks 2..3 run alone over the cached (k, v) of earlier chunks, at their absolute chunk
+    offset, equal the full 4-chunk run under the matching mask; a wrong offset does not."""
+    lat, t, text, lens = inputs(tiny, 4)
+    with torch.no_grad():
+        v, kv = tiny.dit(lat, t, text, lens, window=window, return_kv=True)
+        first = 0 if window is None else 2 - window + 1  # oldest chunk chunk 2 may see
+        past = [(k[first * T:2 * T], vv[first * T:2 * T]) for k, vv in kv]
+        new_text, new_lens = text[sum(lens[:2]):], lens[2:]
+        args = (lat[12:], t[2:], new_text, new_lens)
+        v_new = tiny.dit(*args, chunk_offsets=(2,), window=window, past_kv=past)
+        v_bad = tiny.dit(*args, chunk_offsets=(0,), window=window, past_kv=past)
+    assert torch.allclose(v_new, v[12:], atol=1e-5)
+    assert not torch.allclose(v_bad, v[12:], atol=1e-3)
+    with pytest.raises(ValueError, match="chunk_offsets"):
+        tiny.dit(*args, past_kv=past)
+
+
+def test_attend_cpu_uses_the_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(8, 4, 16, generator=g), torch.randn(6, 2, 16, generator=g), torch.randn(6, 2, 16, generator=g)
+    mask = maskc.causal(8, 6)
+    out = attend(q, k, v, mask)
+    assert out.dtype == torch.float32 and out.shape == (8, 4, 16)
+    assert torch.allclose(out, reference_attention(q, k, v, mask).float())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+def test_dit_through_the_ffa_kernels_matches_the_reference(monkeypatch):
+    """Head dim 64 (the kernels' size): the model's masks and layouts run through
+    `maskc.runtime.attention` (Triton interpreter, fp32) and give the reference path's output."""
+    cfg = replace(TINY, dim=128, heads=2, kv_heads=1, depth=1, rope_split=(32, 16, 16))
+    torch.manual_seed(0)
+    model = randomized(WorldModel(cfg)).eval()
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(3 * LF, 8, 8, cfg.latent_channels, generator=g)
+    t = torch.rand(3, generator=g)
+    with torch.no_grad():
+        text, lens = model.encode_captions(CAPTIONS[:3])
+        ref = model.dit(lat, t, text, lens, video_chunks=(2, 1))
+        calls = []
+        monkeypatch.setattr(DIT, "attend", lambda q, k, v, mask: calls.append(mask) or attention(q, k, v, mask))
+        out = model.dit(lat, t, text, lens, video_chunks=(2, 1))
+    assert len(calls) == 2  # self- and cross-attention of the one block
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- flow matching
+
+
+def test_flow_matching_loss_covers_noisy_chunks_only(tiny):
+    lat, _, text, lens = inputs(tiny, 3)
+    noise = torch.randn_like(lat)
+    t = torch.tensor([1.0, 0.4, 0.7])
+    with torch.no_grad():
+        loss = flow_matching_loss(tiny.dit, lat, t, noise, text, lens)
+        tf = t.repeat_interleave(LF)
+        v = tiny.dit(noisy_latents(lat, noise, tf), t, text, lens)
+        want = (v - (lat - noise))[LF:].pow(2).mean()
+    assert torch.allclose(loss, want, atol=1e-6)
+    # per-frame t (image-to-video: a clean first latent frame) is excluded from the loss too
+    tf = tf.clone()
+    tf[LF] = 1.0
+    with torch.no_grad():
+        v = tiny.dit(noisy_latents(lat, noise, tf), tf, text, lens)
+        want = (v - (lat - noise))[LF + 1:].pow(2).mean()
+        assert torch.allclose(flow_matching_loss(tiny.dit, lat, tf, noise, text, lens), want, atol=1e-6)
+
+
+def test_a_few_steps_of_tiny_lower_the_loss():
+    torch.manual_seed(0)
+    model = WorldModel(TINY)
+    batch = D.make_batch(0, 0, n_chunks=2, batch=2)
+    with torch.no_grad():
+        z = model.vae.encode(torch.from_numpy(batch.frames))
+        z = (z - z.mean()) / z.std()
+    latents = torch.cat([z[0], z[1, :LF]])  # packed: a 2-chunk and a 1-chunk sample
+    tokens = torch.cat([torch.from_numpy(batch.tokens[0]), torch.from_numpy(batch.tokens[1, :1])])
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.tensor([0.3, 0.6, 0.5])
+    params = list(model.dit.parameters()) + list(model.text.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(15):
+        text, lens = pack_text(*model.text(tokens))
+        loss = flow_matching_loss(model.dit, latents, t, noise, text, lens, video_chunks=(2, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses

@@ -1,0 +1,58 @@
+"""The maskc masks of the world model.
+
+Video tokens are packed time-major: sample after sample, chunk after chunk, ``chunk_tokens``
+tokens per chunk. Caption tokens are packed the same way: one caption per chunk, in chunk order.
+
+- `self_attention_mask`: MAGI-1's packed block-causal mask (chunk c of a sample sees its own
+  sample's chunks up to c; with ``window`` only the last ``window`` of them).
+- `cross_attention_mask`: chunk c's tokens see caption c's tokens only (block diagonal, rectangular).
+- `chunk_window_mask`: generation with a KV cache: queries are the new chunks, keys are the cached
+  chunks then the new ones; new chunk i sees every cached chunk and new chunks 0..i (within
+  ``window`` chunks if given). It equals the new chunks' rows of ``self_attention_mask``.
+"""
+
+from __future__ import annotations
+
+import maskc
+from maskc import FULL, Mask, MaskError
+
+
+def _count(value, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
+        raise MaskError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def self_attention_mask(video_chunks, chunk_tokens: int, window: int | None = None) -> Mask:
+    """Packed block-causal (``window=None``, training) or sliding chunk window (inference) mask."""
+    return maskc.magi_video(video_chunks, chunk_tokens, window)
+
+
+def cross_attention_mask(video_chunks, chunk_tokens: int, caption_lengths) -> Mask:
+    """[sum(video_chunks) * chunk_tokens, sum(caption_lengths)]: chunk c sees caption c only."""
+    counts = [_count(n, f"cross_attention_mask: video_chunks[{i}]", 1) for i, n in enumerate(video_chunks)]
+    t = _count(chunk_tokens, "cross_attention_mask: chunk_tokens", 1)
+    lens = [_count(n, f"cross_attention_mask: caption_lengths[{i}]", 0) for i, n in enumerate(caption_lengths)]
+    if len(lens) != sum(counts):
+        raise MaskError(f"cross_attention_mask: {len(lens)} caption lengths for {sum(counts)} chunks; "
+                        "give one caption per chunk")
+    slices, start = [], 0
+    for c, n in enumerate(lens):
+        if n:
+            slices.append(((c * t, (c + 1) * t), (start, start + n), FULL))
+        start += n
+    return Mask(slices, sq=len(lens) * t, sk=start)
+
+
+def chunk_window_mask(n_cached_chunks: int, n_new_chunks: int, chunk_tokens: int, window: int | None = None) -> Mask:
+    """[n_new * T, (n_cached + n_new) * T]: block-causal rows of the new chunks over cache + new."""
+    nc = _count(n_cached_chunks, "chunk_window_mask: n_cached_chunks", 0)
+    nn_ = _count(n_new_chunks, "chunk_window_mask: n_new_chunks", 1)
+    t = _count(chunk_tokens, "chunk_window_mask: chunk_tokens", 1)
+    w = None if window is None else _count(window, "chunk_window_mask: window", 1)
+    slices = []
+    for i in range(nn_):
+        c = nc + i  # the chunk's index among all keys
+        first = 0 if w is None else max(0, c - w + 1)
+        slices.append(((i * t, (i + 1) * t), (first * t, (c + 1) * t), FULL))
+    return Mask(slices, sq=nn_ * t, sk=(nc + nn_) * t)

@@ -1,0 +1,79 @@
+"""A tiny caption encoder trained from scratch: token embedding + learned positions + a few
+pre-norm transformer layers over `vocab` token ids (bidirectional within a caption).
+
+``TextEncoder(tokens [B, L]) -> (features [B, L, D], valid [B, L] bool)``; `pack_text` turns that
+into the packed caption tokens the diffusion transformer cross-attends to (one caption per chunk).
+Unknown words never reach the model: `tokenize` goes through `vocab.encode`, which raises a
+ValueError naming the word and its closest known words.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import vocab
+from .configs import ModelConfig
+
+
+def tokenize(captions: Sequence[str], length: int | None = None) -> torch.Tensor:
+    """int64 [len(captions), length] token ids (BOS + words + EOS, PAD-padded); unknown words raise."""
+    if isinstance(captions, str):
+        raise TypeError("tokenize takes a list of captions, not one string")
+    return torch.from_numpy(vocab.encode_batch(list(captions), length))
+
+
+class TextBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x, keep):  # x [B, L, D]; keep [B, 1, 1, L] bool: keys a query may see
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.text_dim)
+        self.pos = nn.Embedding(cfg.max_caption_tokens, cfg.text_dim)
+        self.blocks = nn.ModuleList(TextBlock(cfg.text_dim, cfg.text_heads, cfg.text_mlp_ratio)
+                                    for _ in range(cfg.text_layers))
+        self.norm = nn.LayerNorm(cfg.text_dim)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, L, text_dim] and the valid-token mask [B, L] (False at PAD)."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [B, L], got {tokens.dtype} {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.max_caption_tokens:
+            raise ValueError(f"captions of {tokens.shape[1]} tokens exceed max_caption_tokens={self.cfg.max_caption_tokens}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        valid = tokens != vocab.PAD_ID
+        # an all-PAD caption (an empty prompt) lets its rows see every position instead of none (no NaN)
+        keep = (valid | ~valid.any(-1, keepdim=True))[:, None, None, :]
+        x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.norm(x), valid
+
+
+def pack_text(features: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Packed caption tokens [sum(lengths), D] (caption after caption, PAD dropped) and the lengths."""
+    return features[valid], valid.sum(1).tolist()

@@ -1,0 +1,182 @@
+"""A small video autoencoder: one chunk of 24 x 64x64 RGB frames <-> 6 x 8x8 x C latent frames.
+
+Conv3d ResNet, 4x down in time and 8x down in space. Every chunk is encoded and decoded on its
+own (chunks are folded into the batch, GroupNorm statistics are per chunk), so a chunk's latent
+depends only on that chunk's frames and a chunk's frames only on its latent -- what streaming
+generation needs (decode a chunk as soon as it is final).
+
+Regulariser: a KL autoencoder (diagonal Gaussian posterior, small KL weight), chosen over a plain
+autoencoder because the KL term keeps the latent scale fixed and its posterior noise makes the
+decoder tolerate the small errors a diffusion model leaves in its latents. ``encode`` returns the
+posterior mean normalised by the buffers ``latent_mean`` / ``latent_std`` (set them with
+`set_latent_stats` after training, so the diffusion model sees roughly unit-variance latents);
+``decode`` undoes that normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import ModelConfig
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, c // 2) or 1, c)
+
+
+class ResBlock3d(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv3d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv3d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+def _time_strides(cfg: ModelConfig) -> list[int]:
+    """Time stride of each downsampling stage: the 2x steps go to the deepest stages."""
+    n = len(cfg.vae_channels) - 1
+    k = {1: 0, 2: 1, 4: 2}[cfg.time_down]
+    return [1] * (n - k) + [2] * k
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch = cfg.vae_channels
+        self.stem = nn.Conv3d(3, ch[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for c_in, c_out, st in zip(ch[:-1], ch[1:], _time_strides(cfg)):
+            self.blocks.append(ResBlock3d(c_in, c_in))
+            self.blocks.append(nn.Conv3d(c_in, c_out, 3, stride=(st, 2, 2), padding=1))
+        self.mid = ResBlock3d(ch[-1], ch[-1])
+        self.norm_out = _norm(ch[-1])
+        self.head = nn.Conv3d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean, log-variance
+
+    def forward(self, x):  # [N, 3, T, H, W] in [-1, 1] -> [N, 2C, T/4, H/8, W/8]
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(F.silu(self.norm_out(self.mid(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch = cfg.vae_channels[::-1]
+        self.stem = nn.Conv3d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid = ResBlock3d(ch[0], ch[0])
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        self.strides = _time_strides(cfg)[::-1]
+        for c_in, c_out in zip(ch[:-1], ch[1:]):
+            self.ups.append(nn.Conv3d(c_in, c_out, 3, padding=1))
+            self.blocks.append(ResBlock3d(c_out, c_out))
+        self.norm_out = _norm(ch[-1])
+        self.head = nn.Conv3d(ch[-1], 3, 3, padding=1)
+
+    def forward(self, z):  # [N, C, t, h, w] -> [N, 3, T, H, W] in about [-1, 1]
+        x = self.mid(self.stem(z))
+        for up, block, st in zip(self.ups, self.blocks, self.strides):
+            x = F.interpolate(x, scale_factor=(st, 2, 2), mode="nearest")
+            x = block(up(x))
+        return self.head(F.silu(self.norm_out(x)))
+
+
+def _as_unit_float(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] frames -> float [0, 1]."""
+    if frames.dtype == torch.uint8:
+        return frames.float() / 255.0
+    if not frames.is_floating_point():
+        raise TypeError(f"frames must be uint8 or float in [0, 1], got {frames.dtype}")
+    return frames
+
+
+class VideoVAE(nn.Module):
+    """``encode(frames [B, T, H, W, 3]) -> latents [B, T/4, H/8, W/8, C]``; ``decode`` back to [0, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
+
+    # ---- chunk folding: [B, T, H, W, 3] <-> [B * n_chunks, 3, chunk_frames, H, W]
+    def _chunks(self, frames: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if frames.dim() != 5 or frames.shape[-1] != 3 or frames.shape[2:4] != (cfg.frame_size, cfg.frame_size):
+            raise ValueError(f"frames must be [B, T, {cfg.frame_size}, {cfg.frame_size}, 3], got {tuple(frames.shape)}")
+        b, t = frames.shape[:2]
+        if t == 0 or t % cfg.chunk_frames:
+            raise ValueError(f"the number of frames {t} must be a positive multiple of chunk_frames={cfg.chunk_frames}")
+        x = frames.reshape(b * (t // cfg.chunk_frames), cfg.chunk_frames, *frames.shape[2:])
+        return x.permute(0, 4, 1, 2, 3)
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        cfg = self.cfg
+        want = (cfg.latent_size, cfg.latent_size, cfg.latent_channels)
+        if z.dim() != 5 or tuple(z.shape[2:]) != want or z.shape[1] == 0 or z.shape[1] % cfg.latent_frames:
+            raise ValueError(f"latents must be [B, k * {cfg.latent_frames}, {want[0]}, {want[1]}, {want[2]}] "
+                             f"with k >= 1, got {tuple(z.shape)}")
+
+    def encode_moments(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, unnormalised, [B, T/4, h, w, C] each."""
+        b = frames.shape[0]
+        x = self._chunks(_as_unit_float(frames).to(self.latent_mean.dtype)) * 2 - 1
+        h = self.encoder(x).permute(0, 2, 3, 4, 1)  # [B*K, t, h, w, 2C]
+        h = h.reshape(b, -1, *h.shape[2:])
+        mean, logvar = h.chunk(2, dim=-1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, frames: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Normalised latents [B, T/4, h, w, C] (posterior mean, or a sample with ``sample=True``)."""
+        mean, logvar = self.encode_moments(frames)
+        z = mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + noise * torch.exp(0.5 * logvar)
+        return (z - self.latent_mean) / self.latent_std
+
+    def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unclamped reconstruction in [-1, 1] space, [B, T, H, W, 3] (what the training loss sees)."""
+        self._check_latents(latents)
+        cfg = self.cfg
+        b = latents.shape[0]
+        z = latents * self.latent_std + self.latent_mean
+        z = z.reshape(-1, cfg.latent_frames, *z.shape[2:]).permute(0, 4, 1, 2, 3)
+        x = self.decoder(z).permute(0, 2, 3, 4, 1)  # [B*K, T, H, W, 3]
+        return x.reshape(b, -1, *x.shape[2:])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Frames float [B, T, H, W, 3] in [0, 1]."""
+        return ((self.decode_raw(latents) + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def set_latent_stats(self, frames: torch.Tensor) -> None:
+        """Per-channel mean / std of the posterior means of ``frames`` (a few clips suffice)."""
+        mean, _ = self.encode_moments(frames)
+        flat = mean.reshape(-1, mean.shape[-1])
+        self.latent_mean.copy_(flat.mean(0))
+        self.latent_std.copy_(flat.std(0).clamp_min(1e-4))
+
+
+def vae_loss(vae: VideoVAE, frames: torch.Tensor, kl_weight: float = 1e-4, generator=None) -> dict:
+    """Reconstruction (MSE in [-1, 1] space) + ``kl_weight`` * KL(posterior || N(0, I)) per latent element."""
+    mean, logvar = vae.encode_moments(frames)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    z = mean + noise * torch.exp(0.5 * logvar)
+    # decode the raw sample: bypass the normalisation buffers
+    z = (z - vae.latent_mean) / vae.latent_std
+    recon = vae.decode_raw(z)
+    target = _as_unit_float(frames).to(recon.dtype) * 2 - 1
+    rec = F.mse_loss(recon, target)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+    return {"loss": rec + kl_weight * kl, "recon": rec, "kl": kl}
