@@ -1,0 +1,297 @@
+"""World-model training (``magi train``): configs, sample packing, checkpoints, resume, CLI (CPU)."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+
+from maskc.world_model import cli, vocab
+from maskc.world_model import train as TR
+from maskc.world_model.checkpoint import (
+    load_checkpoint, load_optimizer_state, optimizer_path, read_optimizer_state, save_checkpoint,
+)
+from maskc.world_model.configs import SMALL, TINY
+from maskc.world_model.dit import WorldModel
+from maskc.world_model.train import TrainConfig, load_train_config, plan_samples, train
+
+LF = TINY.latent_frames
+
+
+def tiny(**kw) -> TrainConfig:
+    return replace(load_train_config("tiny"), **kw)
+
+
+def losses(result):
+    return dict(result.losses["vae"] + result.losses["dit"])
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+def test_bundled_configs_and_roundtrip():
+    assert {"tiny", "small"} <= set(TR.config_names())
+    t, s = load_train_config("tiny"), load_train_config("small")
+    assert t.model_config() == TINY and s.model_config() == SMALL
+    assert (t.batch, t.n_chunks, t.steps_vae, t.steps_dit, t.amp) == (2, 2, 20, 30, "auto")
+    for c in (t, s):
+        assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    custom = TrainConfig(model=replace(TINY, depth=1).to_dict())
+    assert custom.model_config().depth == 1
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.from_dict({"modle": "tiny"})
+    with pytest.raises(ValueError, match="unknown model config"):
+        TrainConfig(model="huge")
+    with pytest.raises(ValueError, match="steps_dit"):
+        TrainConfig(steps_dit=-1)
+    with pytest.raises(ValueError, match="caption_dropout"):
+        TrainConfig(caption_dropout=1.5)
+    with pytest.raises(ValueError, match="unknown training config 'huge'"):
+        load_train_config("huge")
+
+
+def test_lr_schedule():
+    lrs = [TR.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # cosine decay is monotone
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------ packing
+
+
+def test_plan_samples_covers_clips_with_monotone_noise():
+    tcfg = tiny(n_chunks=6, window=3, p_cut=0.4, p_continuation=0.5, p_i2v=0.5, caption_dropout=0.3)
+    seen = {"cut": 0, "clean": 0, "forced_clean": 0, "i2v": 0, "drop": 0}
+    for seed in range(200):
+        samples = plan_samples(np.random.default_rng(seed), 3, 6, tcfg)
+        for clip in range(3):
+            mine = [s for s in samples if s.clip == clip]
+            assert [s.offset for s in mine] == list(np.cumsum([0] + [s.length for s in mine[:-1]]))
+            assert sum(s.length for s in mine) == 6
+            seen["cut"] += len(mine) > 1
+        for s in samples:
+            t = np.array(s.t)
+            assert len(t) == s.length and np.all(np.diff(t) <= 0)  # earlier chunks cleaner
+            n_clean = int((t == 1).sum())
+            assert np.all(t[:n_clean] == 1) and np.all((0 <= t[n_clean:]) & (t[n_clean:] < 1))
+            assert s.length - n_clean <= tcfg.window and n_clean < s.length
+            assert not (s.i2v and n_clean)
+            seen["clean"] += n_clean > 0
+            seen["forced_clean"] += s.length > tcfg.window
+            seen["i2v"] += s.i2v
+            seen["drop"] += s.drop_caption
+    assert all(v > 10 for v in seen.values()), seen
+
+
+def test_pack_batch_layout():
+    cfg = TINY
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 3 * LF, 8, 8, cfg.latent_channels, generator=g)
+    tokens = np.stack([vocab.encode_batch(["the red circle moves left", "the red circle falls",
+                                           "the red circle rises"])] * 2)
+    samples = [TR.SampleSpec(0, 0, 3, (1.0, 0.8, 0.2), False, False),
+               TR.SampleSpec(1, 0, 1, (0.5,), True, True),
+               TR.SampleSpec(1, 1, 2, (0.7, 0.3), False, False)]
+    p = TR.pack_batch(latents, tokens, samples, cfg, torch.Generator().manual_seed(1))
+    assert p.video_chunks == (3, 1, 2) and p.chunk_offsets == (0, 0, 1) and p.n_chunks == 6
+    assert torch.equal(p.latents[:3 * LF], latents[0]) and torch.equal(p.latents[3 * LF:], latents[1])
+    want_t = [1.0] * LF + [0.8] * LF + [0.2] * LF + [1.0] + [0.5] * (LF - 1) + [0.7] * LF + [0.3] * LF
+    assert p.t_frames.tolist() == pytest.approx(want_t)
+    assert p.tokens.shape == (6, tokens.shape[-1])
+    assert vocab.decode(p.tokens[3].tolist()) == "" and p.tokens[3, :2].tolist() == [vocab.BOS_ID, vocab.EOS_ID]
+    assert torch.equal(p.tokens[4], torch.from_numpy(tokens[1, 1]))
+    assert p.noise.shape == p.latents.shape
+
+
+# --------------------------------------------------------------------------------- training
+
+
+def test_tiny_training_lowers_the_flow_matching_loss(tmp_path):
+    """A short autoencoder phase (5 steps: over a random autoencoder the latents are close to
+    noise and 30 steps barely move the loss), then 30 transformer steps lower the loss."""
+    calls = []
+    result = train(tiny(steps_vae=5, steps_dit=30, sample_every=10), tmp_path, "cpu", progress=False,
+                   sample_fn=lambda model, step, out: calls.append((step, torch.is_grad_enabled())))
+    vae = [loss for _, loss in result.losses["vae"]]
+    dit = [loss for _, loss in result.losses["dit"]]
+    assert len(vae) == 5 and len(dit) == 30 and result.step == 35
+    assert vae[-1] < vae[0]
+    first, last = np.mean(dit[:5]), np.mean(dit[-5:])
+    assert last < 0.85 * first, dit
+    assert calls == [(15, False), (25, False), (35, False)]
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "log.jsonl").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in rows} == {"vae", "dit"}
+    assert all(r["tokens"] == 4 * TINY.tokens_per_chunk for r in rows if r["phase"] == "dit")
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    """Resuming mid-autoencoder, at the phase boundary and mid-transformer gives the same losses
+    and final weights as the uninterrupted run."""
+    tcfg = tiny(steps_vae=2, steps_dit=3, ckpt_every=1, keep_checkpoints=10)
+    full = train(tcfg, tmp_path / "full", "cpu", progress=False)
+    assert [p.name for p in full.checkpoints] == [f"ckpt_{s:07d}.safetensors" for s in (1, 2, 3, 4, 5)]
+    ref = losses(full)
+    for at in (1, 2, 4):
+        ckpt = tmp_path / "full" / f"ckpt_{at:07d}.safetensors"
+        part = train(tcfg, tmp_path / f"resume{at}", "cpu", resume=ckpt, progress=False)
+        got = losses(part)
+        assert sorted(got) == list(range(at, 5)) and all(got[s] == ref[s] for s in got), (at, got, ref)
+        a, b = full.model.state_dict(), part.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), at
+
+
+def test_resume_checks(tmp_path):
+    tcfg = tiny(steps_vae=1, steps_dit=1)
+    train(tcfg, tmp_path, "cpu", progress=False)
+    ckpt = TR.latest_checkpoint(tmp_path)
+    assert ckpt.name == "ckpt_0000002.safetensors" and TR.resolve_resume(tmp_path) == ckpt
+    with pytest.raises(ValueError, match="seed=0 \\(asked 5\\)"):
+        train(replace(tcfg, seed=5), tmp_path / "b", "cpu", resume=ckpt, progress=False)
+    with pytest.raises(ValueError, match="steps_vae cannot change"):
+        train(replace(tcfg, steps_vae=3), tmp_path / "b", "cpu", resume=ckpt, progress=False)
+    with pytest.raises(ValueError, match="past the 1 steps"):
+        train(replace(tcfg, steps_dit=0), tmp_path / "b", "cpu", resume=ckpt, progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TR.resolve_resume(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="no ckpt_"):
+        TR.resolve_resume(tmp_path / "b")
+    # extending the run is allowed (the cosine schedule then follows the new length)
+    more = train(replace(tcfg, steps_dit=2), tmp_path / "c", "cpu", resume=ckpt, progress=False)
+    assert more.step == 3 and [s for s, _ in more.losses["dit"]] == [2]
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_roundtrip_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = WorldModel(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # no zero-initialised tensor left
+        model.vae.latent_mean.normal_()
+    opt = TR.make_optimizer(TR._DiTParams(model), TrainConfig(), 1e-3)
+    text, lens = model.encode_captions(["the red circle moves left"])
+    z = torch.randn(LF, 8, 8, TINY.latent_channels)
+    model.dit(z, torch.tensor([0.5]), text, lens).square().mean().backward()
+    opt.step()
+    tcfg = tiny().to_dict()
+    path = save_checkpoint(tmp_path / "c.safetensors", model, step=7, train_config=tcfg, optimizer=opt,
+                           meta={"phase": "dit", "latent_stats": True})
+    loaded, cfg, meta = load_checkpoint(path)
+    assert cfg == TINY and meta["step"] == 7 and meta["train_config"] == tcfg
+    assert meta["phase"] == "dit" and meta["latent_stats"] is True
+    assert meta["optimizer"] == str(optimizer_path(path)) and optimizer_path(path).name == "c.optim.safetensors"
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        caps = ["the red circle moves left"]
+        assert torch.equal(model.dit(z, torch.tensor([0.3]), *model.encode_captions(caps)),
+                           loaded.dit(z, torch.tensor([0.3]), *loaded.encode_captions(caps)))
+    # optimizer state round-trips too
+    opt2 = TR.make_optimizer(TR._DiTParams(loaded), TrainConfig(), 1e-3)
+    load_optimizer_state(meta["optimizer"], opt2)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"] and s1["state"].keys() == s2["state"].keys()
+    for i in s1["state"]:
+        for k, v in s1["state"][i].items():
+            assert torch.equal(v, s2["state"][i][k])
+    assert read_optimizer_state(meta["optimizer"])[1]["step"] == 7
+    # without an optimizer the (stale) optimizer file goes away; weights-only loads still work
+    save_checkpoint(path, model, step=8)
+    assert not optimizer_path(path).exists()
+    _, _, meta = load_checkpoint(path)
+    assert meta["step"] == 8 and meta["optimizer"] is None and meta["train_config"] is None
+    # a bf16 export halves the file and loads back as float32
+    small = save_checkpoint(tmp_path / "h.safetensors", model, dtype=torch.bfloat16)
+    m16, _, _ = load_checkpoint(small)
+    assert small.stat().st_size < 0.6 * path.stat().st_size
+    assert torch.allclose(m16.dit.embed.weight, model.dit.embed.weight, rtol=1e-2, atol=1e-3)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_checkpoint(junk)
+    import safetensors.torch as st
+
+    other = tmp_path / "other.safetensors"
+    st.save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not a world-model checkpoint"):
+        load_checkpoint(other)
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(tmp_path / "r.safetensors", WorldModel(TINY), meta={"step": 3})
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0 and "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for words in ("phase 1", "phase 2", "flow matching", "examples:", "--resume", "--steps-vae", "small"):
+        assert words in out, words
+
+
+def test_cli_smoke_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--steps-vae", "1", "--steps-dit", "2", "--out", str(out),
+            "--device", "cpu", "--no-progress"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "step 3 of 3" in printed and "weights:" in printed and "resume with" in printed
+    model, cfg, meta = load_checkpoint(out / "model.safetensors")
+    assert cfg == TINY and meta["step"] == 3 and meta["train_config"]["steps_dit"] == 2
+    assert json.loads((out / "train_config.json").read_text())["steps_vae"] == 1
+    # continue the same run for one more transformer step: config comes from the checkpoint
+    assert cli.main(["train", "--resume", str(out), "--steps-dit", "3", "--out", str(out), "--no-progress",
+                     "--device", "cpu"]) == 0
+    assert "step 4 of 4" in capsys.readouterr().out
+    assert load_checkpoint(out / "model.safetensors")[2]["step"] == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "huge"], "unknown training config 'huge'"),
+    (["--config", "tiny", "--steps-vae", "-1"], "--steps-vae: must be >= 0"),
+    (["--config", "tiny", "--steps-dit", "x"], "expected a whole number"),
+    (["--config", "tiny", "--batch", "0"], "--batch: must be >= 1"),
+    (["--resume", "MISSING/ckpt_0000001.safetensors"], "does not exist"),
+    (["--resume", "MISSING_DIR"], "does not exist"),
+    (["--config", "missing.json"], "does not exist"),
+    (["--config", "BADKEY"], "unknown training config keys \\['bogus'\\]"),
+    (["--config", "BADJSON"], "not valid JSON"),
+    ([], "--config is required"),
+])
+def test_cli_bad_inputs(tmp_path, capsys, argv, message):
+    bad_key, bad_json = tmp_path / "badkey.json", tmp_path / "bad.json"
+    bad_key.write_text(json.dumps({"model": "tiny", "bogus": 1}))
+    bad_json.write_text("{model: tiny")
+    argv = [a.replace("MISSING", str(tmp_path / "nowhere")).replace("BADKEY", str(bad_key))
+            .replace("BADJSON", str(bad_json)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *argv, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "magi train: error:" in err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cli_cuda_without_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", "tiny", "--out", str(tmp_path), "--device", "cuda"])
+    assert e.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,200 @@
+"""The ``magi`` command line of the world model (``magi train``; generation and evaluation come later).
+
+Subcommands live in `COMMANDS` (name -> `Command`: help, description, argument builder, runner),
+so later ones (``generate``, ``eval``) register the same way. Errors a user can cause (an unknown
+config, a negative step count, a missing checkpoint, a CUDA device on a machine without one) print
+``magi <command>: error: ...`` after the usage line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from dataclasses import dataclass, replace
+from typing import Callable
+
+PROG = "magi"
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+    epilog: str = ""
+
+
+# ----------------------------------------------------------------------------------- train
+
+TRAIN_DESCRIPTION = """\
+Train the MAGI-1-style world model from scratch on the synthetic world (coloured shapes moving
+with simple physics, one caption per one-second chunk), streamed on the fly: no data set to
+download. Two phases run one after the other; a run is fully determined by its config and seed.
+
+phase 1, the video autoencoder (--steps-vae steps):
+  one random 24-frame chunk of each clip is encoded to 6 x 8 x 8 latents and decoded back;
+  loss = reconstruction MSE + a small KL term. Then the latents are normalised to unit variance
+  (set_latent_stats) and the autoencoder is frozen.
+
+phase 2, the diffusion transformer + caption encoder (--steps-dit steps), flow matching:
+  clips are cut into samples of different lengths and packed into one sequence (MAGI-1's packed
+  block-causal attention mask); within a sample the noise levels are monotone (earlier chunks
+  cleaner); some samples start with clean chunks (continuation) or a clean first frame
+  (image-to-video); 10% drop their captions (classifier-free guidance); each chunk reads only its
+  own caption; the loss covers the noisy chunks only.
+
+Outputs in --out: model.safetensors (weights + configs: the file to ship and to generate from),
+ckpt_<step>.safetensors (+ .optim.safetensors) to resume from, log.jsonl (loss, lr, grad norm,
+seconds per step, tokens), train_config.json. Progress bars show phase, step, loss and tokens/s.
+"""
+
+TRAIN_EPILOG = """\
+configs:
+  tiny    CPU smoke test: 20 + 30 steps at batch 2 x 2 chunks in well under a minute (useless model)
+  small   the shipped model: about 5-10 minutes on one H100/H200 (bf16 autocast on CUDA)
+  PATH    a .json file with TrainConfig fields (see world_model/train_configs/small.json for all of them)
+
+examples:
+  magi train --config tiny --out runs/tiny                      # CPU smoke test
+  magi train --config small --out runs/small --device cuda      # the shipped model
+  magi train --config tiny --steps-vae 0 --steps-dit 10 --out runs/t   # random frozen autoencoder
+  magi train --resume runs/small --out runs/small               # continue from the latest checkpoint
+  magi train --resume runs/small/ckpt_0004000.safetensors --steps-dit 8000 --out runs/small-long
+
+resume continues bit-exactly (on the CPU) from the saved step: weights, optimizer moments and the
+data stream position are restored; only the step counts and bookkeeping (--ckpt-every,
+--data-workers) may change, and changing a step count changes the learning-rate schedule.
+"""
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _pos_int(text: str) -> int:
+    v = _nonneg_int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="tiny|small|PATH.json",
+                   help="training config: a bundled name or a JSON file (required unless --resume)")
+    p.add_argument("--steps-vae", type=_nonneg_int, metavar="N",
+                   help="autoencoder steps (default: the config's; 0 keeps a random frozen autoencoder)")
+    p.add_argument("--steps-dit", type=_nonneg_int, metavar="N",
+                   help="transformer steps (default: the config's)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto = cuda when available, else cpu (default: auto)")
+    p.add_argument("--resume", metavar="CKPT|DIR",
+                   help="continue from a ckpt_<step>.safetensors, or from the latest one in a run directory")
+    p.add_argument("--seed", type=_nonneg_int, metavar="S", help="seed of the model init, data and noise")
+    p.add_argument("--batch", type=_pos_int, metavar="B", help="clips per transformer step")
+    p.add_argument("--ckpt-every", type=_nonneg_int, metavar="N", help="steps between checkpoints (0: phase ends only)")
+    p.add_argument("--data-workers", type=_nonneg_int, metavar="N", help="processes generating batches ahead")
+    p.add_argument("--threads", type=_pos_int, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they also turn off off-terminal)")
+
+
+def _train_config(args, parser):
+    """The TrainConfig to run, and the checkpoint to resume (validated, with clear errors)."""
+    from .checkpoint import read_checkpoint
+    from .train import TrainConfig, check_resume_config, load_train_config, resolve_device, resolve_resume
+
+    try:
+        resume, saved, meta = None, None, None
+        if args.resume is not None:
+            resume = resolve_resume(args.resume)
+            try:
+                _, _, meta = read_checkpoint(resume)
+            except ValueError as e:
+                parser.error(f"resume: {e}")
+            if meta.get("train_config") is None:
+                parser.error(f"resume: {str(resume)!r} holds no training config (a weights-only export?)")
+            saved = TrainConfig.from_dict(meta["train_config"])
+        if args.config is not None:
+            tcfg = load_train_config(args.config)
+        elif saved is not None:
+            tcfg = saved
+        else:
+            parser.error("--config is required (tiny, small or a .json path) unless --resume is given")
+        overrides = {k: v for k, v in {
+            "steps_vae": args.steps_vae, "steps_dit": args.steps_dit, "seed": args.seed, "batch": args.batch,
+            "ckpt_every": args.ckpt_every, "data_workers": args.data_workers}.items() if v is not None}
+        tcfg = replace(tcfg, **overrides)
+        if saved is not None:
+            check_resume_config(tcfg, saved, meta)
+        device = resolve_device(args.device)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return tcfg, resume, device
+
+
+def run_train(args, parser) -> int:
+    import torch
+
+    from .train import train
+
+    tcfg, resume, device = _train_config(args, parser)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = False if args.no_progress else None
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    result = train(tcfg, args.out, device=device, resume=resume, progress=progress,
+                   log=None if progress is None and sys.stderr.isatty() else say)
+    last = {ph: losses[-1][1] for ph, losses in result.losses.items() if losses}
+    print(f"trained {tcfg.model_config().name}: step {result.step} of {tcfg.total_steps} in {result.seconds:.1f} s"
+          + "".join(f"; last {ph} loss {v:.4f}" for ph, v in last.items()))
+    print(f"weights: {result.final}")
+    if result.checkpoints:
+        print(f"resume with: {PROG} train --resume {result.checkpoints[-1]} --out {args.out}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        help="train the world model (autoencoder, then transformer + caption encoder)",
+        description=TRAIN_DESCRIPTION, add_arguments=add_train_arguments, run=run_train, epilog=TRAIN_EPILOG),
+}
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            magi: a MAGI-1-style autoregressive video world model built on maskc masks, trained from
+            scratch on a synthetic world of moving shapes with one caption per one-second chunk."""),
+        epilog=f"run '{PROG} <command> --help' for a command's options and examples")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description, epilog=cmd.epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_arguments(p)
+        p.set_defaults(_command=name, _parser=p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_command", None) is None:
+        parser.print_help()
+        return 2
+    return COMMANDS[args._command].run(args, args._parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

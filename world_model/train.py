@@ -1,0 +1,665 @@
+"""Training of the world model (``magi train``): two phases over batches streamed from the synthetic world.
+
+**Phase 1 -- the video autoencoder** (steps ``0 .. steps_vae``). Each step draws ``vae_batch``
+clips of ``vae_clip_chunks`` chunks (`data.make_batch`), picks one random chunk of each, and
+minimises `vae.vae_loss` (MSE reconstruction in [-1, 1] + a small KL term). Afterwards
+`VideoVAE.set_latent_stats` normalises the latents over ``stats_clips`` held-apart clips and the
+autoencoder is frozen.
+
+**Phase 2 -- the diffusion transformer and the caption encoder** (steps ``steps_vae .. steps_vae +
+steps_dit``), flow matching (t = 0 noise, t = 1 clean) as in MAGI-1. Each step draws ``batch``
+clips of ``n_chunks`` chunks, encodes them with the frozen autoencoder, and packs them into one
+sequence (`plan_samples`, `pack_batch`):
+
+- each clip is cut at every inner chunk boundary with probability ``p_cut``, so the packed
+  samples have different lengths (a piece keeps its absolute chunk offset for the time RoPE) and
+  the packed sequence always holds ``batch * n_chunks`` chunks (constant memory per step);
+- with probability ``p_continuation`` a sample starts with 1 .. L-1 clean chunks (t = 1, the
+  continuation context); chunks further than ``window`` before the sample's end are always clean
+  (at generation time they are finished and sit in the KV cache);
+- the remaining (<= ``window``) chunks get monotone noise levels: ``t`` drawn logit-normal
+  (``t_mean``, ``t_std``) per chunk and sorted so that earlier chunks are cleaner;
+- with probability ``p_i2v`` a sample without clean chunks gets a clean first latent frame
+  (image-to-video; per-frame t);
+- with probability ``caption_dropout`` all captions of a sample become the empty caption
+  `NULL_CAPTION` (BOS EOS): the unconditional branch of classifier-free guidance;
+- the self-attention mask is MAGI-1's packed block-causal ``magi_video`` mask (sliding chunk
+  window ``attn_window`` if set), each chunk cross-attends to its own caption only, and the loss
+  (`dit.flow_matching_loss`) covers the noisy latent frames only.
+
+Both phases use AdamW (no weight decay on biases and norms), linear warmup then cosine decay to
+``min_lr_ratio`` * lr, gradient clipping, and bf16 autocast on CUDA (float32 on the CPU).
+
+**Determinism and resume.** All randomness of step s comes from generators seeded with
+``(seed, phase, s)`` and the data of step s is ``data.make_batch(<phase seed>, s, ...)`` (random
+access), so a run is a pure function of its config on the CPU, and ``resume`` from a checkpoint of
+step s (weights, optimizer moments, step; `checkpoint`) continues bit-exactly as if never stopped.
+
+Outputs in ``out_dir``: ``ckpt_<step>.safetensors`` (+ ``.optim.safetensors``) every
+``ckpt_every`` steps and at each phase end (the last ``keep_checkpoints`` are kept),
+``model.safetensors`` (weights + configs, no optimizer: the file to ship), ``log.jsonl`` (one line
+per logged step), ``train_config.json``. A ``sample_fn(model, step, out_dir)`` hook runs every
+``sample_every`` transformer steps (generation plugs in here later).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import data as D
+from . import vocab
+from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_path, save_checkpoint
+from .configs import CONFIGS, ModelConfig, get_config
+from .dit import WorldModel, flow_matching_loss, param_counts
+from .text import pack_text
+from .vae import vae_loss
+
+CONFIG_DIR = Path(__file__).resolve().parent / "train_configs"
+NULL_CAPTION = ""  # the caption of dropped-out chunks: BOS EOS (what CFG's unconditional branch uses)
+PHASE_VAE, PHASE_DIT, PHASE_STATS = 1, 2, 3
+
+# fields that may change when resuming (they do not change what a step computes, or only extend the run)
+RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints", "log_every",
+                     "sample_every", "data_workers")
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (besides the device). JSON files hold these fields."""
+
+    model: str | dict = "tiny"  # a ModelConfig preset name, or a ModelConfig dict
+    seed: int = 0
+    # phase 1: autoencoder
+    steps_vae: int = 20
+    vae_batch: int = 2  # chunks per step (one random chunk from each of vae_batch clips)
+    vae_clip_chunks: int = 2
+    lr_vae: float = 2e-3
+    warmup_vae: int = 5
+    kl_weight: float = 1e-4
+    stats_clips: int = 4  # clips of n_chunks for set_latent_stats
+    # phase 2: transformer + caption encoder
+    steps_dit: int = 30
+    batch: int = 2  # clips per step
+    n_chunks: int = 2  # chunks per clip (the packed sequence holds batch * n_chunks chunks)
+    lr_dit: float = 3e-3
+    warmup_dit: int = 5
+    window: int = 4  # at most this many noisy chunks per sample (MAGI-1: 4)
+    attn_window: int | None = None  # sliding chunk window of self-attention (None: block-causal)
+    p_cut: float = 0.3
+    p_continuation: float = 0.3
+    p_i2v: float = 0.2
+    caption_dropout: float = 0.1
+    t_mean: float = 0.0  # logit-normal noise levels
+    t_std: float = 1.0
+    # optimisation (both phases)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    amp: str = "auto"  # auto (bf16 on CUDA, float32 on CPU) | bf16 | fp32
+    # bookkeeping
+    ckpt_every: int = 0  # steps between checkpoints (0: only at phase ends)
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # transformer steps between sample_fn calls (0: only at the end)
+    data_workers: int = 0  # processes generating batches ahead (0: in the training process)
+    comment: str = ""
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"TrainConfig: {msg}")
+
+        def whole(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                bad(f"{name}={v!r} must be an integer >= {lo}")
+
+        if isinstance(self.model, str):
+            if self.model not in CONFIGS:
+                bad(f"unknown model config {self.model!r}; known: {', '.join(CONFIGS)} (or a ModelConfig dict)")
+        elif isinstance(self.model, dict):
+            ModelConfig.from_dict(self.model)  # raises on bad keys / geometry
+        else:
+            bad(f"model must be a preset name or a ModelConfig dict, got {type(self.model).__name__}")
+        for name in ("seed", "steps_vae", "steps_dit", "ckpt_every", "warmup_vae", "warmup_dit",
+                     "log_every", "sample_every", "data_workers"):
+            whole(name, 0)
+        for name in ("vae_batch", "vae_clip_chunks", "stats_clips", "batch", "n_chunks", "window", "keep_checkpoints"):
+            whole(name, 1)
+        if self.attn_window is not None:
+            whole("attn_window", 1)
+        for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(f"{name}={getattr(self, name)} must be in [0, 1]")
+        for name in ("lr_vae", "lr_dit", "t_std"):
+            if not getattr(self, name) > 0:
+                bad(f"{name}={getattr(self, name)} must be > 0")
+        if self.weight_decay < 0 or self.kl_weight < 0 or self.grad_clip < 0:
+            bad("weight_decay, kl_weight and grad_clip must be >= 0 (grad_clip 0 disables clipping)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad(f"betas={self.betas} must be two numbers in [0, 1)")
+        if self.amp not in ("auto", "bf16", "fp32"):
+            bad(f"amp={self.amp!r} must be auto, bf16 or fp32")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_vae + self.steps_dit
+
+    def model_config(self) -> ModelConfig:
+        return get_config(self.model) if isinstance(self.model, str) else ModelConfig.from_dict(self.model)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a training config must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def config_names() -> list[str]:
+    """Names of the bundled training configs (``train_configs/<name>.json``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_train_config(spec: str) -> TrainConfig:
+    """A bundled config by name (``tiny``, ``small``) or a ``.json`` file path."""
+    path = Path(spec)
+    if spec in config_names():
+        path = CONFIG_DIR / f"{spec}.json"
+    elif not (spec.endswith(".json") or path.is_file()):
+        raise ValueError(f"unknown training config {spec!r}; bundled: {', '.join(config_names())}, "
+                         "or give a path to a .json file")
+    if not path.is_file():
+        raise ValueError(f"training config file {spec!r} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"training config {spec!r} is not valid JSON: {e}") from None
+    return TrainConfig.from_dict(d)
+
+
+# -------------------------------------------------------------------------------- randomness
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed from ``(seed, *keys)`` (independent streams per phase and step)."""
+    ss = np.random.SeedSequence([int(seed), *[int(k) for k in keys]])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def data_seed(tcfg: TrainConfig, phase: int) -> int:
+    """The `data.make_batch` seed of a phase (autoencoder, transformer, latent statistics)."""
+    return derive_seed(tcfg.seed, 0, phase)
+
+
+def lr_at(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> float:
+    """Learning rate of step ``step`` of a phase of ``steps``: linear warmup, then cosine to ``min_ratio * base``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    b = D.make_batch(seed, index, n_chunks, batch)
+    return b.frames, b.tokens
+
+
+class BatchSource:
+    """Batches ``start, start + 1, ...`` of ``make_batch(seed, ., n_chunks, batch)`` as (frames, tokens).
+
+    With ``workers > 0`` a process pool generates the next batches while the model trains (the
+    order, and so every result, is the same as without workers)."""
+
+    def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0):
+        self.args = (seed, n_chunks, batch)
+        self.next = start
+        self.pool = None
+        self.ahead: deque = deque()
+        if workers > 0:
+            import multiprocessing as mp
+
+            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            self.depth = 2 * workers
+
+    def _submit(self):
+        seed, n, b = self.args
+        self.ahead.append(self.pool.submit(_batch_arrays, seed, self.next + len(self.ahead), n, b))
+
+    def get(self) -> tuple[np.ndarray, np.ndarray]:
+        seed, n, b = self.args
+        if self.pool is None:
+            out = _batch_arrays(seed, self.next, n, b)
+        else:
+            while len(self.ahead) < self.depth:
+                self._submit()
+            out = self.ahead.popleft().result()
+        self.next += 1
+        return out
+
+    def close(self):
+        if self.pool is not None:
+            for f in self.ahead:
+                f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+# ------------------------------------------------------------------------ packing (phase 2)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One packed sample: chunks ``[offset, offset + length)`` of clip ``clip``."""
+
+    clip: int
+    offset: int
+    length: int
+    t: tuple[float, ...]  # flow time per chunk (1.0 = clean context)
+    i2v: bool  # the first latent frame is clean
+    drop_caption: bool
+
+
+def plan_samples(rng: np.random.Generator, n_clips: int, n_chunks: int, tcfg: TrainConfig) -> list[SampleSpec]:
+    """Cut clips into samples and draw their noise levels, clean prefixes, i2v and caption dropout."""
+    pieces = []
+    for c in range(n_clips):
+        start = 0
+        for k in range(1, n_chunks + 1):
+            if k == n_chunks or rng.random() < tcfg.p_cut:
+                pieces.append((c, start, k - start))
+                start = k
+    out = []
+    for c, off, length in pieces:
+        n_clean = int(rng.integers(1, length)) if length > 1 and rng.random() < tcfg.p_continuation else 0
+        n_clean = max(n_clean, length - tcfg.window)
+        m = length - n_clean
+        t = 1.0 / (1.0 + np.exp(-rng.normal(tcfg.t_mean, tcfg.t_std, size=m)))
+        t = np.clip(np.sort(t)[::-1], 0.0, 0.999)  # earlier chunks cleaner
+        i2v = bool(n_clean == 0 and rng.random() < tcfg.p_i2v)
+        drop = bool(rng.random() < tcfg.caption_dropout)
+        out.append(SampleSpec(c, off, length, (1.0,) * n_clean + tuple(float(x) for x in t), i2v, drop))
+    return out
+
+
+@dataclass
+class Packed:
+    """One packed training sequence (what `flow_matching_loss` takes)."""
+
+    latents: torch.Tensor  # clean latent frames [F, h, w, C]
+    t_frames: torch.Tensor  # flow time per latent frame [F]
+    noise: torch.Tensor  # [F, h, w, C]
+    tokens: torch.Tensor  # caption tokens per chunk [n_chunks, L]
+    video_chunks: tuple[int, ...]
+    chunk_offsets: tuple[int, ...]
+    samples: list[SampleSpec]
+
+    @property
+    def n_chunks(self) -> int:
+        return sum(self.video_chunks)
+
+
+_NULL_TOKENS = None
+
+
+def null_tokens() -> np.ndarray:
+    global _NULL_TOKENS
+    if _NULL_TOKENS is None:
+        _NULL_TOKENS = vocab.encode_batch([NULL_CAPTION])[0]
+    return _NULL_TOKENS
+
+
+def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSpec], cfg: ModelConfig,
+               generator: torch.Generator) -> Packed:
+    """Pack clip latents [B, K * latent_frames, h, w, C] and tokens [B, K, L] by ``samples``."""
+    lf = cfg.latent_frames
+    lat, tf, toks = [], [], []
+    for s in samples:
+        lat.append(latents[s.clip, s.offset * lf:(s.offset + s.length) * lf])
+        t = torch.tensor(s.t, dtype=torch.float32).repeat_interleave(lf)
+        if s.i2v:
+            t[:cfg.patch_t] = 1.0
+        tf.append(t)
+        tk = tokens[s.clip, s.offset:s.offset + s.length]
+        toks.append(np.broadcast_to(null_tokens(), tk.shape) if s.drop_caption else tk)
+    lat = torch.cat(lat)
+    noise = torch.randn(lat.shape, generator=generator, dtype=torch.float32).to(lat.device, lat.dtype)
+    return Packed(lat, torch.cat(tf).to(lat.device), noise, torch.from_numpy(np.concatenate(toks)).to(lat.device),
+                  tuple(s.length for s in samples), tuple(s.offset for s in samples), samples)
+
+
+def dit_loss(model: WorldModel, packed: Packed, attn_window: int | None = None) -> torch.Tensor:
+    """Flow-matching loss of a packed sequence (caption encoder included, so both get gradients)."""
+    text, lens = pack_text(*model.text(packed.tokens))
+    return flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
+                              video_chunks=packed.video_chunks, chunk_offsets=packed.chunk_offsets,
+                              window=attn_window)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def make_optimizer(module: torch.nn.Module, tcfg: TrainConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices/embeddings only (not on biases and norm weights)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=tuple(tcfg.betas))
+
+
+class _DiTParams(torch.nn.Module):
+    """The trainable part of phase 2 (caption encoder + transformer) as one module, in a fixed order."""
+
+    def __init__(self, model: WorldModel):
+        super().__init__()
+        self.text, self.dit = model.text, model.dit
+
+
+@dataclass
+class TrainResult:
+    model: WorldModel
+    step: int
+    losses: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: {"vae": [], "dit": []})
+    checkpoints: list[Path] = field(default_factory=list)
+    final: Path | None = None
+    seconds: float = 0.0
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu)")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {str(device)!r}: only cpu and cuda are supported")
+    return dev
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``ckpt_<step>.safetensors`` with the highest step in ``directory`` (None if there is none)."""
+    found = []
+    for p in Path(directory).glob("ckpt_*.safetensors"):
+        stem = p.name[len("ckpt_"):-len(".safetensors")]
+        if stem.isdigit():
+            found.append((int(stem), p))
+    return max(found)[1] if found else None
+
+
+def resolve_resume(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the latest checkpoint in a run directory; clear errors otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise FileNotFoundError(f"resume: no ckpt_<step>.safetensors in directory {str(p)!r}")
+        return latest
+    if not p.is_file():
+        raise FileNotFoundError(f"resume: checkpoint {str(p)!r} does not exist")
+    return p
+
+
+def check_resume_config(tcfg: TrainConfig, saved: TrainConfig, meta: dict) -> None:
+    """Raise ValueError if ``tcfg`` cannot continue a run saved with ``saved`` at ``meta['step']``."""
+    a, b = tcfg.to_dict(), saved.to_dict()
+    diff = [k for k in a if k not in RESUMABLE_CHANGES and k != "comment" and a[k] != b[k]]
+    if diff:
+        raise ValueError("resume: the checkpoint was trained with different settings: "
+                         + ", ".join(f"{k}={b[k]!r} (asked {a[k]!r})" for k in diff)
+                         + f"; only {', '.join(RESUMABLE_CHANGES)} may change")
+    step = meta["step"]
+    if meta.get("latent_stats") and tcfg.steps_vae != saved.steps_vae:
+        raise ValueError(f"resume: the autoencoder phase of this checkpoint is finished ({saved.steps_vae} steps); "
+                         f"steps_vae cannot change to {tcfg.steps_vae}")
+    if not meta.get("latent_stats") and step > tcfg.steps_vae:
+        raise ValueError(f"resume: the checkpoint is at autoencoder step {step}, past the {tcfg.steps_vae} "
+                         "autoencoder steps asked")
+    if step > tcfg.total_steps:
+        raise ValueError(f"resume: the checkpoint is at step {step}, past the {tcfg.total_steps} steps asked "
+                         f"(steps_vae {tcfg.steps_vae} + steps_dit {tcfg.steps_dit})")
+
+
+def _autocast(device: torch.device, tcfg: TrainConfig):
+    use = tcfg.amp == "bf16" or (tcfg.amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def _progress(total, initial, desc, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                disable=not enabled, leave=True)
+
+
+def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.device | None = "cpu",
+          resume: str | os.PathLike | None = None, progress: bool | None = None,
+          sample_fn: Callable[[WorldModel, int, Path], None] | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or continue, with ``resume``) both training phases; see the module docstring.
+
+    ``progress``: tqdm bars (None: only on a terminal); ``sample_fn(model, step, out_dir)``: called
+    every ``sample_every`` transformer steps and at the end, under ``torch.no_grad``; ``log``: where
+    one-line messages go (default: tqdm.write when progress is on, else nowhere).
+    """
+    t_start = time.perf_counter()
+    device = resolve_device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+    if log is None:
+        from tqdm.auto import tqdm
+
+        log = tqdm.write if progress else (lambda msg: None)
+
+    step, latent_stats, opt_file = 0, False, None
+    if resume is not None:
+        path = resolve_resume(resume)
+        model, cfg, meta = load_checkpoint(path, device)
+        if meta.get("train_config") is None:
+            raise ValueError(f"resume: {str(path)!r} holds no training config (a weights-only export?)")
+        check_resume_config(tcfg, TrainConfig.from_dict(meta["train_config"]), meta)
+        if cfg != tcfg.model_config():
+            raise ValueError(f"resume: the checkpoint's model config {cfg.name!r} differs from the asked one")
+        step, latent_stats, opt_file = meta["step"], bool(meta.get("latent_stats")), meta["optimizer"]
+        if opt_file is None and step not in (tcfg.steps_vae, 0) and step < tcfg.total_steps:
+            log(f"warning: {path.name} holds no optimizer state; AdamW restarts from zero moments "
+                "(the run continues, but not bit-exactly)")
+        log(f"resuming {path} at step {step} ({'transformer' if latent_stats else 'autoencoder'} phase)")
+    else:
+        cfg = tcfg.model_config()
+        with torch.random.fork_rng(devices=[]):  # seeded init on the CPU, the caller's RNG untouched
+            torch.manual_seed(tcfg.seed)
+            model = WorldModel(cfg)
+        model = model.to(device)
+    (out / "train_config.json").write_text(json.dumps(tcfg.to_dict(), indent=2) + "\n")
+    counts = param_counts(model)
+    log(f"model {cfg.name}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" parameters; device {device}")
+
+    result = TrainResult(model=model, step=step)
+    benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed conv shapes in both phases
+    log_file = open(out / "log.jsonl", "a")
+    saved: deque[Path] = deque(sorted(out.glob("ckpt_*.safetensors"))[-tcfg.keep_checkpoints:]) if resume else deque()
+
+    def save(phase: str, optimizer):
+        p = out / f"ckpt_{step:07d}.safetensors"
+        save_checkpoint(p, model, step=step, train_config=tcfg.to_dict(), optimizer=optimizer,
+                        meta={"phase": phase, "latent_stats": latent_stats})
+        result.checkpoints.append(p)
+        if p not in saved:
+            saved.append(p)
+        while len(saved) > tcfg.keep_checkpoints:
+            old = saved.popleft()
+            for f in (old, optimizer_path(old)):
+                if f.exists() and f != p:
+                    f.unlink()
+        return p
+
+    def record(phase, s, loss, lr, gnorm, dt, extra):
+        result.losses[phase].append((s, loss))
+        if tcfg.log_every and (s % tcfg.log_every == 0 or s == tcfg.total_steps - 1):
+            log_file.write(json.dumps({"phase": phase, "step": s, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                                       "step_s": dt, **extra}) + "\n")
+            log_file.flush()
+
+    try:
+        # ---------------------------------------------------------------- phase 1: autoencoder
+        if step < tcfg.steps_vae:
+            model.vae.requires_grad_(True).train()
+            opt = make_optimizer(model.vae, tcfg, tcfg.lr_vae)
+            if opt_file is not None:
+                load_optimizer_state(opt_file, opt)
+            src = BatchSource(data_seed(tcfg, PHASE_VAE), tcfg.vae_clip_chunks, tcfg.vae_batch, step, tcfg.data_workers)
+            bar = _progress(tcfg.steps_vae, step, "autoencoder", progress)
+            try:
+                while step < tcfg.steps_vae:
+                    t0 = time.perf_counter()
+                    frames, _ = src.get()
+                    rng = np.random.default_rng([tcfg.seed, PHASE_VAE, step])
+                    pick = rng.integers(0, tcfg.vae_clip_chunks, size=tcfg.vae_batch)
+                    f = cfg.chunk_frames
+                    x = torch.from_numpy(np.stack([frames[i, k * f:(k + 1) * f] for i, k in enumerate(pick)])).to(device)
+                    gen = torch.Generator(device=device).manual_seed(derive_seed(tcfg.seed, PHASE_VAE, step))
+                    lr = lr_at(step, tcfg.steps_vae, tcfg.lr_vae, tcfg.warmup_vae, tcfg.min_lr_ratio)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    with _autocast(device, tcfg):
+                        parts = vae_loss(model.vae, x, tcfg.kl_weight, generator=gen)
+                    opt.zero_grad(set_to_none=True)
+                    parts["loss"].backward()
+                    gnorm = _clip(model.vae.parameters(), tcfg.grad_clip)
+                    opt.step()
+                    loss, recon, kl = (float(parts[k].detach()) for k in ("loss", "recon", "kl"))
+                    dt = time.perf_counter() - t0
+                    record("vae", step, loss, lr, gnorm, dt, {"recon": recon, "kl": kl})
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", recon=f"{recon:.4f}",
+                                    chunks_s=f"{tcfg.vae_batch / dt:.1f}", refresh=False)
+                    if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.steps_vae:
+                        save("vae", opt)
+            finally:
+                bar.close()
+                src.close()
+            del opt
+            opt_file = None
+
+        # ------------------------------------------------------ latent statistics and freezing
+        model.vae.requires_grad_(False).eval()
+        if not latent_stats:
+            b = D.make_batch(data_seed(tcfg, PHASE_STATS), 0, tcfg.n_chunks, tcfg.stats_clips)
+            model.vae.set_latent_stats(torch.from_numpy(b.frames).to(device))
+            latent_stats = True
+            log(f"latent stats: mean {model.vae.latent_mean.abs().mean():.3f} (abs), "
+                f"std {model.vae.latent_std.mean():.3f} over {tcfg.stats_clips} clips; autoencoder frozen")
+            save("dit", None)
+
+        # ------------------------------------------- phase 2: transformer + caption encoder
+        if step < tcfg.total_steps:
+            trainable = _DiTParams(model)
+            trainable.requires_grad_(True).train()
+            opt = make_optimizer(trainable, tcfg, tcfg.lr_dit)
+            if opt_file is not None:
+                load_optimizer_state(opt_file, opt)
+            first = step - tcfg.steps_vae
+            src = BatchSource(data_seed(tcfg, PHASE_DIT), tcfg.n_chunks, tcfg.batch, first, tcfg.data_workers)
+            bar = _progress(tcfg.steps_dit, first, "transformer", progress)
+            try:
+                while step < tcfg.total_steps:
+                    t0 = time.perf_counter()
+                    k = step - tcfg.steps_vae
+                    frames, tokens = src.get()
+                    with torch.no_grad():
+                        latents = model.vae.encode(torch.from_numpy(frames).to(device))
+                    rng = np.random.default_rng([tcfg.seed, PHASE_DIT, step])
+                    samples = plan_samples(rng, tcfg.batch, tcfg.n_chunks, tcfg)
+                    gen = torch.Generator().manual_seed(derive_seed(tcfg.seed, PHASE_DIT, step))
+                    packed = pack_batch(latents, tokens, samples, cfg, gen)
+                    lr = lr_at(k, tcfg.steps_dit, tcfg.lr_dit, tcfg.warmup_dit, tcfg.min_lr_ratio)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    with _autocast(device, tcfg):
+                        loss_t = dit_loss(model, packed, tcfg.attn_window)
+                    opt.zero_grad(set_to_none=True)
+                    loss_t.backward()
+                    gnorm = _clip(trainable.parameters(), tcfg.grad_clip)
+                    opt.step()
+                    loss = float(loss_t.detach())
+                    dt = time.perf_counter() - t0
+                    n_tok = packed.n_chunks * cfg.tokens_per_chunk
+                    record("dit", step, loss, lr, gnorm, dt, {"tokens": n_tok, "samples": len(samples)})
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{n_tok / dt:,.0f}", refresh=False)
+                    if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.total_steps:
+                        save("dit", opt)
+                    if sample_fn is not None and tcfg.sample_every and (k + 1) % tcfg.sample_every == 0 \
+                            and step < tcfg.total_steps:
+                        _run_sample(sample_fn, model, step, out, trainable)
+            finally:
+                bar.close()
+                src.close()
+            save("dit", opt)
+        if sample_fn is not None:
+            _run_sample(sample_fn, model, step, out, None)
+        result.final = save_checkpoint(out / "model.safetensors", model, step=step, train_config=tcfg.to_dict(),
+                                       meta={"phase": "done" if step >= tcfg.total_steps else "dit",
+                                             "latent_stats": latent_stats})
+    finally:
+        log_file.close()
+        torch.backends.cudnn.benchmark = benchmark
+    result.step = step
+    result.seconds = time.perf_counter() - t_start
+    log(f"done: step {step}, {result.seconds:.1f} s; weights in {result.final}")
+    return result
+
+
+def _clip(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+
+
+def _run_sample(sample_fn, model, step, out, trainable):
+    model.eval()
+    try:
+        with torch.no_grad():
+            sample_fn(model, step, out)
+    finally:
+        if trainable is not None:
+            trainable.train()
