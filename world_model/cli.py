@@ -12,6 +12,7 @@ import argparse
 import sys
 import textwrap
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 PROG = "magi"
@@ -161,10 +162,148 @@ def run_train(args, parser) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------- generate
+
+GENERATE_DESCRIPTION = """\
+Generate a video chunk by chunk (one chunk = 24 frames of 64x64 = one second) with the trained
+world model, MAGI-1 style: --window chunks are denoised at once with staggered noise levels (each
+takes --steps Euler steps on the flow-matching ODE), a sliding chunk window of attention, and a
+bounded KV cache of finished chunks, so memory does not grow with the video length. Each chunk is
+decoded and appended to --out as soon as it is final.
+
+conditioning:
+  --prompt TEXT      one per chunk, in order (repeat the option); the last prompt repeats
+  --prompts FILE     JSON list of {"chunks": n, "prompt": "..."}: chunk-wise prompts
+  --image IMG        image-to-video: a 64x64 RGB image becomes the clean first latent frame
+  --video PREFIX     continue a video (.gif, a folder of .png frames, or .mp4 with imageio-ffmpeg);
+                     its last whole chunks are the context and are written before the new ones
+
+output: .mp4 through imageio + imageio-ffmpeg when installed, else a .gif (Pillow) beside it;
+a path without .mp4/.gif is a folder of PNG frames. The format written is printed.
+"""
+
+GENERATE_EPILOG = """\
+examples:
+  magi generate --prompt "the red circle moves right" --chunks 8 --out out.mp4
+  magi generate --prompt "the red circle moves right" --prompt "the red circle moves left" --chunks 4 --out turn.gif
+  magi generate --prompts prompts.json --out story.gif --seed 3
+  magi generate --image first.png --prompt "the blue square falls" --chunks 2 --out i2v.gif
+  magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
+
+prompts.json: [{"chunks": 2, "prompt": "the red circle moves right"}, {"chunks": 2, "prompt": "the red circle moves left"}]
+captions use the grammar: the COLOUR SHAPE MOTION (e.g. "the yellow square bounces off the floor").
+"""
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    from .generate import DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_STEPS, DEFAULT_WINDOW
+
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="caption of the next chunk (repeatable; the last one repeats)")
+    p.add_argument("--prompts", metavar="FILE.json", help='chunk-wise prompts: [{"chunks": n, "prompt": "..."}, ...]')
+    p.add_argument("--chunks", type=_nonneg_int, metavar="N",
+                   help="chunks to generate (default: the number of prompts; 1 second each)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output .mp4, .gif, or a folder for PNG frames")
+    p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="noise seed (default: 0)")
+    p.add_argument("--steps", type=_pos_int, default=DEFAULT_STEPS, metavar="N",
+                   help=f"Euler steps per chunk (default: {DEFAULT_STEPS})")
+    p.add_argument("--window", type=_pos_int, default=DEFAULT_WINDOW, metavar="N",
+                   help=f"chunks denoised at once, staggered (default: {DEFAULT_WINDOW}, as MAGI-1)")
+    p.add_argument("--attn-window", type=_pos_int, metavar="N",
+                   help="sliding chunk window of attention (default: the checkpoint's training setting)")
+    p.add_argument("--cfg-text", type=_nonneg_float, default=DEFAULT_CFG_TEXT, metavar="W",
+                   help=f"guidance on the text (0 disables; default: {DEFAULT_CFG_TEXT})")
+    p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
+                   help=f"guidance on the previous chunks (0 disables; default: {DEFAULT_CFG_PREV})")
+    p.add_argument("--image", metavar="IMG", help="image-to-video: a 64x64 RGB image (PNG, ...)")
+    p.add_argument("--video", metavar="PREFIX", help="continue this video (.gif, PNG folder, or .mp4)")
+    p.add_argument("--weights", metavar="PATH", help="checkpoint (default: the shipped small model)")
+    p.add_argument("--threads", type=_pos_int, default=1, metavar="N",
+                   help="CPU threads for torch (default: 1, fastest for these small tensors)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_generate(args, parser) -> int:
+    import torch
+
+    from . import generate as G
+
+    if args.prompt and args.prompts:
+        parser.error("give --prompt or --prompts, not both")
+    try:
+        if args.prompts:
+            prompts = G.load_prompt_file(args.prompts)
+        elif args.prompt:
+            prompts = list(args.prompt)
+        else:
+            parser.error("give at least one --prompt (or --prompts FILE)")
+        n_chunks = len(prompts) if args.chunks is None else args.chunks
+        if n_chunks < 1:
+            parser.error("--chunks must be >= 1 (zero chunks is an empty video)")
+        prompts = G.expand_prompts(prompts, n_chunks)
+        image = video = None
+        if args.image is not None:
+            image = G.read_image(args.image)
+            if image.shape != (64, 64, 3):
+                parser.error(f"image {args.image!r} is {image.shape[1]}x{image.shape[0]}; it must be 64x64 RGB")
+        if args.video is not None:
+            video = G.read_video(args.video)
+        if args.weights is not None and not Path(args.weights).is_file():
+            parser.error(f"weights {args.weights!r} do not exist")
+        torch.set_num_threads(args.threads)
+        model, meta = G.load_model(args.weights)
+        stream = G.generate_chunks(model, prompts, n_chunks=n_chunks, steps=args.steps, window=args.window,
+                                   attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
+                                   image=image, video=video, seed=args.seed, meta=meta)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    writer = G.VideoWriter(args.out)
+    if getattr(writer, "fallback", False):
+        print("note: imageio + imageio-ffmpeg are not installed: writing a GIF instead of an mp4", file=sys.stderr)
+    import time
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_chunks, desc="generate", unit="chunk", disable=True if args.no_progress else None)
+    first = True
+    try:
+        for chunk in stream:
+            if first and stream.prefix_frames is not None:
+                writer.append(stream.prefix_frames)
+            first = False
+            writer.append(chunk)
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+    dt = time.perf_counter() - t0
+    what = {"mp4": "mp4 video", "gif": "GIF", "png": "PNG frames (a folder)"}[writer.format]
+    print(f"generated {n_chunks} chunk(s) ({n_chunks * model.cfg.chunk_frames} frames) in {dt:.1f} s "
+          f"({stream.model_calls} transformer calls, KV cache at most {stream.peak_cache_chunks} chunk(s))")
+    print(f"wrote {what}: {writer.path} ({writer.frames_written} frames at {writer.fps} fps)")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train the world model (autoencoder, then transformer + caption encoder)",
         description=TRAIN_DESCRIPTION, add_arguments=add_train_arguments, run=run_train, epilog=TRAIN_EPILOG),
+    "generate": Command(
+        help="generate a video chunk by chunk (streamed to mp4/GIF/PNG frames)",
+        description=GENERATE_DESCRIPTION, add_arguments=add_generate_arguments, run=run_generate,
+        epilog=GENERATE_EPILOG),
 }
 
 

@@ -1,0 +1,260 @@
+"""World-model generation (``magi generate``): streaming pipeline, ring-buffer KV cache, conditioning, CLI (CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+
+from maskc.world_model import cli
+from maskc.world_model import generate as G
+from maskc.world_model.configs import TINY
+from maskc.world_model.dit import WorldModel
+
+P = "the red circle moves right"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomized(model, std=0.3, seed=0):
+    """Re-draw the zero-initialised parameters (gates, output layer) so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return randomized(WorldModel(TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def small():
+    model, meta = G.load_model()
+    return model, meta
+
+
+class CountingDiT:
+    """Wraps model.dit.forward to count calls (restored on exit)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __enter__(self):
+        self.orig = self.model.dit.forward
+
+        def fwd(*a, **k):
+            self.calls += 1
+            return self.orig(*a, **k)
+
+        self.model.dit.forward = fwd
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.dit.forward
+
+
+# ---------------------------------------------------------------------------------- pipeline
+
+
+def test_yields_chunks_one_by_one(tiny):
+    with CountingDiT(tiny) as c:
+        s = G.generate_chunks(tiny, [P], n_chunks=6, steps=4, window=2, attn_window=3, cfg_text=1.0, seed=0)
+        assert c.calls == 0  # nothing runs before the first chunk is asked for
+        first = next(s)
+        calls_first = c.calls
+        assert first.shape == (24, 64, 64, 3) and first.dtype == np.uint8
+        rest = list(s)
+    assert len(rest) == 5
+    assert 0 < calls_first < c.calls / 3  # later chunks were not computed yet
+    assert s.model_calls == c.calls
+    assert s.in_flight_peak == 2  # staggered pipeline: window chunks in flight
+
+
+def test_kv_cache_bounded_by_window(tiny):
+    sizes = []
+    orig = G.RingKVCache.push
+
+    def push(self, kv):
+        orig(self, kv)
+        sizes.append((len(self), self.nbytes()))
+
+    G.RingKVCache.push = push
+    try:
+        s = G.generate_chunks(tiny, [P], n_chunks=10, steps=2, window=2, attn_window=3, cfg_text=0.0, seed=0)
+        n = sum(1 for _ in s)
+    finally:
+        G.RingKVCache.push = orig
+    assert n == 10 and len(sizes) == 10
+    assert max(k for k, _ in sizes) == 2 == s.peak_cache_chunks  # attn_window - 1 clean chunks, never more
+    assert len({b for _, b in sizes}) == 1  # storage allocated once: constant memory
+
+
+def test_ring_buffer_order_and_wrap():
+    cache = G.RingKVCache(depth=2, capacity=3, tokens_per_chunk=2)
+    assert cache.kv() is None
+    for i in range(5):
+        kv = [(torch.full((2, 1, 4), float(i + 10 * layer)), torch.full((2, 1, 4), -float(i))) for layer in range(2)]
+        cache.push(kv)
+    k, v = cache.kv()[1]
+    assert len(cache) == 3 and k.shape == (6, 1, 4)
+    assert k[::2, 0, 0].tolist() == [12.0, 13.0, 14.0]  # oldest first after wrapping
+    assert v[::2, 0, 0].tolist() == [-2.0, -3.0, -4.0]
+
+
+def test_cached_window_matches_full_forward(tiny):
+    """New chunks over the ring buffer == the same rows of a full forward over cache + new chunks."""
+    cfg, lf, w = TINY, TINY.latent_frames, 3
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(5 * lf, cfg.latent_size, cfg.latent_size, cfg.latent_channels, generator=g)
+    caps = [P, "the blue square falls", P, "the green triangle moves up", P]
+    text, lens = tiny.encode_captions(caps)
+    t = torch.tensor([1.0, 1.0, 1.0, 0.7, 0.3])
+    cache = G.RingKVCache(cfg.depth, w - 1, cfg.tokens_per_chunk)
+    with torch.no_grad():
+        for c in range(3):  # clean chunks one at a time, as the generator does
+            tx, tl = tiny.encode_captions([caps[c]])
+            _, kv = tiny.dit(lat[c * lf:(c + 1) * lf], torch.ones(lf), tx, tl, chunk_offsets=(c,), window=w,
+                             past_kv=cache.kv(), return_kv=True)
+            cache.push(kv)
+        tx, tl = tiny.encode_captions(caps[3:])
+        v_cached = tiny.dit(lat[3 * lf:], t[3:], tx, tl, chunk_offsets=(3,), window=w, past_kv=cache.kv())
+        v_full = tiny.dit(lat, t, text, lens, window=w)
+    assert len(cache) == 2
+    torch.testing.assert_close(v_cached, v_full[3 * lf:], atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_determinism(tiny):
+    run = lambda seed: np.stack(list(G.generate_chunks(tiny, [P], n_chunks=3, steps=3, window=2, seed=seed)))  # noqa: E731
+    a, b, c = run(5), run(5), run(6)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_chunkwise_prompts_reach_their_chunks(tiny):
+    base = [P] * 6
+    other = base[:3] + ["the blue square falls"] * 3
+    kw = dict(n_chunks=6, steps=4, window=2, attn_window=3, cfg_text=1.0, cfg_prev=0.5, seed=3)
+    a = np.stack(list(G.generate_chunks(tiny, base, **kw)))
+    b = np.stack(list(G.generate_chunks(tiny, other, **kw)))
+    assert np.array_equal(a[:3], b[:3])  # earlier chunks never see later captions
+    assert all(not np.array_equal(a[k], b[k]) for k in range(3, 6))
+
+
+def test_prompt_expansion_and_file(tmp_path):
+    assert G.expand_prompts([P, "the blue square falls"], 4) == [P, "the blue square falls", "the blue square falls",
+                                                              "the blue square falls"]
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps([{"chunks": 2, "prompt": P}, {"chunks": 1, "prompt": "the red circle moves left"}]))
+    assert G.load_prompt_file(f) == [P, P, "the red circle moves left"]
+    with pytest.raises(ValueError, match="closest known words: circle"):
+        G.expand_prompts(["the red circel moves right"], 2)
+    with pytest.raises(ValueError, match="number of chunks"):
+        G.expand_prompts([P], 0)
+    f.write_text('[{"chunks": 0, "prompt": "x"}]')
+    with pytest.raises(ValueError, match="chunks must be an integer >= 1"):
+        G.load_prompt_file(f)
+
+
+def test_api_input_errors(tiny):
+    with pytest.raises(ValueError, match=r"image must be uint8 \[64, 64, 3\]"):
+        G.generate_chunks(tiny, [P], image=np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="at least one chunk"):
+        G.generate_chunks(tiny, [P], video=np.zeros((10, 64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="cfg_text"):
+        G.generate_chunks(tiny, [P], cfg_text=-1)
+
+
+def test_continuation_uses_prefix(tiny):
+    prefix = np.random.default_rng(0).integers(0, 255, (50, 64, 64, 3), dtype=np.uint8)  # 2 whole chunks
+    s = G.generate_chunks(tiny, [P], n_chunks=2, steps=2, window=2, attn_window=3, video=prefix, seed=0)
+    out = list(s)
+    assert len(out) == 2 and s.prefix_frames.shape == (48, 64, 64, 3)
+    assert s.cache.pushes == 4  # 2 prefix chunks + 2 generated, each encoded once as clean
+    plain = list(G.generate_chunks(tiny, [P], n_chunks=2, steps=2, window=2, attn_window=3, seed=0))
+    assert not np.array_equal(out[0], plain[0])
+
+
+# ------------------------------------------------------------------------ the shipped model
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+def test_image_to_video_keeps_first_frame(small):
+    model, meta = small
+    from maskc.world_model import data as D
+
+    img = D.generate(7, 1).frames[0]
+    s = G.generate_chunks(model, ["the red circle moves right"], n_chunks=1, steps=6, image=img, seed=0, meta=meta)
+    chunk = next(s)
+    assert psnr(chunk[0], img) > 20
+
+
+def test_small_model_defaults(small):
+    model, meta = small
+    s = G.generate_chunks(model, [P], n_chunks=2, steps=4, seed=0, meta=meta)
+    assert s.attn_window == 4  # block-causal training over 4-chunk clips -> a window of 4 chunks
+    out = list(s)
+    assert len(out) == 2 and s.peak_cache_chunks <= 3
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_smoke(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    rc = cli.main(["generate", "--prompt", P, "--prompt", "the red circle moves left", "--chunks", "2",
+                   "--steps", "2", "--out", str(out), "--seed", "1", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "generated 2 chunk(s)" in text and "wrote" in text
+    if G._has_imageio_ffmpeg():
+        assert out.is_file()
+    else:
+        from PIL import Image
+
+        gif = tmp_path / "out.gif"
+        assert "GIF" in text and gif.is_file()
+        with Image.open(gif) as im:
+            assert im.n_frames == 48
+    # PNG frames into a folder, and continuation of the GIF just written
+    frames = tmp_path / "frames"
+    if not G._has_imageio_ffmpeg():
+        assert cli.main(["generate", "--prompt", P, "--chunks", "1", "--steps", "2", "--video", str(tmp_path / "out.gif"),
+                         "--out", str(frames), "--no-progress"]) == 0
+        assert len(list(frames.glob("*.png"))) == 48 + 24  # prefix + one new chunk
+        assert "PNG frames" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--prompt", "the red circel moves right"], "unknown word 'circel'"),
+    (["--prompt", P, "--chunks", "0"], "--chunks must be >= 1"),
+    (["--prompt", P, "--image", "/nonexistent/img.png"], "does not exist"),
+    (["--prompt", P, "--image", "SMALLIMG"], "must be 64x64 RGB"),
+    ([], "give at least one --prompt"),
+])
+def test_cli_errors(tmp_path, capsys, argv, msg):
+    from PIL import Image
+
+    argv = [str(tmp_path / "s.png") if a == "SMALLIMG" else a for a in argv]
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "s.png")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--out", str(tmp_path / "o.gif"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("magi generate: error:") and msg in err[-1]

@@ -1,0 +1,491 @@
+"""Streaming generation of the world model (``magi generate``), MAGI-1 style, CPU-first.
+
+**Pipeline.** Chunks are denoised ``window`` at a time with staggered noise levels: every chunk
+takes ``steps`` Euler steps on the flow-matching ODE (t = 0 noise -> t = 1 clean, the model
+predicts the velocity ``clean - noise``), and chunk k enters the pipeline ``stride = ceil(steps /
+window)`` ticks after chunk k-1. One *tick* is one transformer call (per guidance branch) over all
+chunks in flight, each at its own t (earlier chunks cleaner, as in training). When the oldest chunk
+reaches t = 1 it is final: it is run once more as clean context (t = 1) to get its self-attention
+K/V, which go into a bounded ring buffer (`RingKVCache`, at most ``attn_window - 1`` clean chunks,
+never more than the attention window), and it is decoded by the autoencoder and yielded. Memory
+therefore does not grow with video length.
+
+**Attention.** A sliding chunk window (``attn_window`` chunks, `masks.chunk_window_mask`): chunk c
+sees chunks c - attn_window + 1 .. c (clean ones from the cache, noisier ones in flight). Default:
+the training config's ``attn_window``, or -- for a model trained block-causally -- the longest
+context it saw in training (``n_chunks`` of its train config).
+
+**Guidance** (classifier-free, scales >= 0, 0 disables and skips that branch)::
+
+    v = v_c + cfg_text * (v_c - v_null_text) + cfg_prev * (v_c - v_no_prev)
+
+``v_null_text``: every chunk's caption replaced by `train.NULL_CAPTION`; ``v_no_prev``: the clean
+chunks in the KV cache dropped (the chunks in flight still see each other).
+
+**Conditioning.** One prompt per chunk (the last repeats); ``image`` (uint8 [64, 64, 3]) becomes
+the clean first latent frame of chunk 0 (image-to-video, per-frame t as in training); ``video``
+(uint8 [T, 64, 64, 3]) is a prefix to continue: its last whole chunks are encoded and put into the
+cache, and generation continues after them.
+
+`generate_chunks` returns a `ChunkStream`: an iterator of decoded chunks (uint8 [24, 64, 64, 3]),
+each computed only when asked for, with counters (``model_calls``, ``peak_cache_chunks``) for tests
+and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import vocab
+from .train import NULL_CAPTION
+
+DEFAULT_STEPS = 20
+DEFAULT_WINDOW = 4
+DEFAULT_CFG_TEXT = 2.0
+DEFAULT_CFG_PREV = 0.0
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small.safetensors"
+
+
+# ----------------------------------------------------------------------------------- KV cache
+
+
+class RingKVCache:
+    """Per-layer self-attention K/V of the last ``capacity`` clean chunks, in preallocated storage.
+
+    ``push`` overwrites the oldest chunk once full; ``kv()`` returns the chunks oldest first (what
+    `masks.chunk_window_mask` expects). Storage is allocated once: its size never depends on the
+    video length."""
+
+    def __init__(self, depth: int, capacity: int, tokens_per_chunk: int):
+        self.depth, self.capacity, self.tpc = depth, int(capacity), tokens_per_chunk
+        self._k: list[torch.Tensor] | None = None
+        self._v: list[torch.Tensor] | None = None
+        self.size = 0  # chunks held
+        self._next = 0  # slot the next push writes
+        self.peak = 0
+        self.pushes = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def push(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pushes += 1
+        if self.capacity == 0:
+            return
+        if len(kv) != self.depth:
+            raise ValueError(f"expected K/V of {self.depth} layers, got {len(kv)}")
+        if self._k is None:
+            k0 = kv[0][0]
+            shape = (self.capacity, self.tpc, *k0.shape[1:])
+            self._k = [torch.empty(shape, dtype=k0.dtype, device=k0.device) for _ in range(self.depth)]
+            self._v = [torch.empty(shape, dtype=k0.dtype, device=k0.device) for _ in range(self.depth)]
+        for layer, (k, v) in enumerate(kv):
+            if k.shape[0] != self.tpc:
+                raise ValueError(f"push one chunk ({self.tpc} tokens) at a time, got {k.shape[0]}")
+            self._k[layer][self._next] = k.detach()
+            self._v[layer][self._next] = v.detach()
+        self._next = (self._next + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        self.peak = max(self.peak, self.size)
+
+    def _order(self) -> list[int]:
+        start = (self._next - self.size) % self.capacity
+        return [(start + i) % self.capacity for i in range(self.size)]
+
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-layer (k, v) [size * tokens_per_chunk, kv_heads, head_dim], oldest chunk first; None if empty."""
+        if self.size == 0:
+            return None
+        idx = torch.tensor(self._order(), device=self._k[0].device)
+        return [(k.index_select(0, idx).flatten(0, 1), v.index_select(0, idx).flatten(0, 1))
+                for k, v in zip(self._k, self._v)]
+
+    def nbytes(self) -> int:
+        if self._k is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._k + self._v)
+
+
+# ------------------------------------------------------------------------------- conditioning
+
+
+def expand_prompts(prompts: Sequence[str] | str, n_chunks: int) -> list[str]:
+    """One prompt per chunk: the list as given, the last one repeated up to ``n_chunks``.
+
+    Validates every prompt against the vocabulary (unknown words raise ValueError with suggestions)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    n_chunks = _count(n_chunks, "the number of chunks")
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    for p in prompts:
+        vocab.encode(p)  # raises on unknown words
+    if len(prompts) > n_chunks:
+        raise ValueError(f"{len(prompts)} prompts for {n_chunks} chunks; give at most one prompt per chunk")
+    return prompts + [prompts[-1]] * (n_chunks - len(prompts))
+
+
+def load_prompt_file(path: str | os.PathLike) -> list[str]:
+    """Per-chunk prompts from a JSON file: a list of ``{"chunks": n, "prompt": "..."}`` (or of strings)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"prompt file {str(p)!r} does not exist")
+    try:
+        spec = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompt file {str(p)!r} is not valid JSON: {e}") from None
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"prompt file {str(p)!r} must hold a non-empty JSON list of "
+                         '{"chunks": n, "prompt": "..."} entries')
+    out = []
+    for i, e in enumerate(spec):
+        if isinstance(e, str):
+            e = {"chunks": 1, "prompt": e}
+        if not isinstance(e, dict) or set(e) - {"chunks", "prompt"} or "prompt" not in e:
+            raise ValueError(f"prompt file {str(p)!r}: entry {i} must be {{\"chunks\": n, \"prompt\": \"...\"}}, got {e!r}")
+        n = e.get("chunks", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"prompt file {str(p)!r}: entry {i}: chunks must be an integer >= 1, got {n!r}")
+        if not isinstance(e["prompt"], str):
+            raise ValueError(f"prompt file {str(p)!r}: entry {i}: prompt must be a string")
+        out += [e["prompt"]] * n
+    return out
+
+
+def _count(v, what: str, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not hasattr(v, "__index__") or int(v) < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _check_frames(a, what: str, cfg, video: bool) -> torch.Tensor:
+    a = np.asarray(a)
+    want = "[T, {0}, {0}, 3]" if video else "[{0}, {0}, 3]"
+    want = want.format(cfg.frame_size)
+    nd = 4 if video else 3
+    if a.dtype != np.uint8 or a.ndim != nd or a.shape[-3:] != (cfg.frame_size, cfg.frame_size, 3):
+        raise ValueError(f"{what} must be uint8 {want} (RGB, {cfg.frame_size}x{cfg.frame_size}), "
+                         f"got {a.dtype} {list(a.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def default_attn_window(meta: dict | None, window: int) -> int:
+    tc = (meta or {}).get("train_config") or {}
+    if tc.get("attn_window"):
+        return int(tc["attn_window"])
+    return int(tc.get("n_chunks") or window)
+
+
+# --------------------------------------------------------------------------------- the stream
+
+
+def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Flow times t_0 = 0 < ... < t_steps = 1; ``shift > 1`` spends more steps near the noise end."""
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    return (u / (u + shift * (1 - u))).float()
+
+
+class ChunkStream:
+    """Iterator of decoded chunks (uint8 numpy [chunk_frames, H, W, 3]); see `generate_chunks`."""
+
+    def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
+                 shift, meta):
+        cfg = model.cfg
+        self.model, self.cfg = model, cfg
+        self.n_chunks = len(prompts)
+        self.prompts = prompts
+        self.steps = _count(steps, "steps")
+        self.window = _count(window, "window (chunks in flight)")
+        if attn_window is None:
+            attn_window = default_attn_window(meta, self.window)
+        self.attn_window = _count(attn_window, "attn_window")
+        for name, s in (("cfg_text", cfg_text), ("cfg_prev", cfg_prev)):
+            if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
+                raise ValueError(f"{name} must be a number >= 0 (0 disables it), got {s!r}")
+        self.cfg_text, self.cfg_prev = float(cfg_text), float(cfg_prev)
+        if image is not None and video is not None:
+            raise ValueError("give either an image (image-to-video) or a video prefix (continuation), not both")
+        self.image = None if image is None else _check_frames(image, "image", cfg, video=False)
+        self.video = None if video is None else _check_frames(video, "video", cfg, video=True)
+        if self.video is not None and self.video.shape[0] < cfg.chunk_frames:
+            raise ValueError(f"the video prefix has {self.video.shape[0]} frames; continuation needs at least "
+                             f"one chunk of {cfg.chunk_frames}")
+        self.seed = int(seed)
+        self.shift = float(shift)
+        self.stride = max(1, math.ceil(self.steps / self.window))
+        self.cache = RingKVCache(cfg.depth, self.attn_window - 1, cfg.tokens_per_chunk)
+        self.model_calls = 0  # transformer calls (all branches, clean passes included)
+        self.ticks = 0
+        self.prefix_frames: np.ndarray | None = None  # the prefix frames continued (whole chunks)
+        self.in_flight_peak = 0
+        self._it = self._run()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._it)
+
+    @property
+    def peak_cache_chunks(self) -> int:
+        return self.cache.peak
+
+    # ---- helpers
+    def _device(self):
+        return next(self.model.dit.parameters()).device
+
+    def _dtype(self):
+        return next(self.model.dit.parameters()).dtype
+
+    def _dit(self, latents, t_frames, text, lens, offset, past_kv, return_kv=False):
+        self.model_calls += 1
+        return self.model.dit(latents, t_frames, text, lens, chunk_offsets=(offset,), window=self.attn_window,
+                              past_kv=past_kv, return_kv=return_kv)
+
+    def _text(self, prompts):
+        key = tuple(prompts)
+        if key not in self._text_cache:
+            if len(self._text_cache) > 64:
+                self._text_cache.clear()
+            self._text_cache[key] = self.model.encode_captions(list(prompts))
+        return self._text_cache[key]
+
+    def _add_clean(self, latents_chunk, index, prompt):
+        """Run one final chunk as clean context and push its K/V into the ring buffer."""
+        if self.cache.capacity == 0:
+            self.cache.push([])
+            return
+        text, lens = self._text([prompt])
+        t = torch.ones(self.cfg.latent_frames)
+        _, kv = self._dit(latents_chunk, t, text, lens, index, self.cache.kv(), return_kv=True)
+        self.cache.push(kv)
+
+    def _decode(self, latents_chunk) -> np.ndarray:
+        frames = self.model.vae.decode(latents_chunk[None])[0]
+        return (frames * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+    # ---- the pipeline
+    @torch.no_grad()
+    def _run(self) -> Iterator[np.ndarray]:
+        cfg, model = self.cfg, self.model
+        dev, dt = self._device(), self._dtype()
+        lf, pt = cfg.latent_frames, cfg.patch_t
+        shape = (lf, cfg.latent_size, cfg.latent_size, cfg.latent_channels)
+        self._text_cache = {}
+        gen = torch.Generator().manual_seed(self.seed)
+        grid = time_grid(self.steps, self.shift)
+
+        base = 0  # absolute index of the first generated chunk
+        if self.video is not None:
+            n_pre = self.video.shape[0] // cfg.chunk_frames
+            frames = self.video[self.video.shape[0] - n_pre * cfg.chunk_frames:]
+            self.prefix_frames = frames.numpy()
+            keep = min(n_pre, self.cache.capacity)
+            for i in range(n_pre - keep, n_pre):
+                clip = frames[i * cfg.chunk_frames:(i + 1) * cfg.chunk_frames].to(dev)
+                z = model.vae.encode(clip[None])[0].to(dt)  # uint8 in: the autoencoder scales it to [0, 1]
+                self._add_clean(z, i, self.prompts[0])
+            base = n_pre
+
+        image_latent = None
+        if self.image is not None:
+            still = self.image[None, None].expand(1, cfg.chunk_frames, *self.image.shape).to(dev)
+            image_latent = model.vae.encode(still)[0, :pt].to(dt)
+
+        n = self.n_chunks
+        x: dict[int, torch.Tensor] = {}  # latents of the chunks in flight
+        null_prompt = NULL_CAPTION
+        next_out = 0
+        tick = 0
+        while next_out < n:
+            first = next_out
+            last = min(n, tick // self.stride + 1)  # chunks [first, last) have started
+            for k in range(first, last):
+                if k not in x:
+                    z = torch.randn(shape, generator=gen).to(dev, dt)
+                    if k == 0 and image_latent is not None:
+                        z[:pt] = image_latent
+                    x[k] = z
+            active = list(range(first, last))
+            self.in_flight_peak = max(self.in_flight_peak, len(active))
+            local = [tick - k * self.stride for k in active]
+            t_cur = torch.stack([grid[s].repeat(lf) for s in local])  # [A, lf]
+            t_nxt = torch.stack([grid[s + 1].repeat(lf) for s in local])
+            if image_latent is not None and active[0] == 0:
+                t_cur[0, :pt] = 1.0
+                t_nxt[0, :pt] = 1.0
+            lat = torch.cat([x[k] for k in active])
+            tf = t_cur.reshape(-1)
+            prompts = self.prompts[first:last]
+            text, lens = self._text(prompts)
+            past = self.cache.kv()
+            off = base + first
+            v = self._dit(lat, tf, text, lens, off, past)
+            guided = v
+            if self.cfg_text > 0:
+                nt, nl = self._text([null_prompt] * len(active))
+                v_nt = self._dit(lat, tf, nt, nl, off, past)
+                guided = guided + self.cfg_text * (v - v_nt)
+            if self.cfg_prev > 0 and past is not None:
+                v_np = self._dit(lat, tf, text, lens, off, None)
+                guided = guided + self.cfg_prev * (v - v_np)
+            dtf = (t_nxt - t_cur).reshape(-1, 1, 1, 1).to(dev, dt)
+            lat = lat + dtf * guided
+            for j, k in enumerate(active):
+                x[k] = lat[j * lf:(j + 1) * lf]
+            tick += 1
+            self.ticks = tick
+            if local[0] + 1 == self.steps:  # the oldest chunk is final
+                done = x.pop(first)
+                self._add_clean(done, base + first, self.prompts[first])
+                next_out += 1
+                yield self._decode(done)
+
+
+def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: int | None = None,
+                    steps: int = DEFAULT_STEPS, window: int = DEFAULT_WINDOW, attn_window: int | None = None,
+                    cfg_text: float = DEFAULT_CFG_TEXT, cfg_prev: float = DEFAULT_CFG_PREV, image=None, video=None,
+                    seed: int = 0, shift: float = 1.0, meta: dict | None = None) -> ChunkStream:
+    """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
+
+    ``model``: a `WorldModel` (e.g. from `checkpoint.load_checkpoint`, whose ``meta`` gives the
+    default ``attn_window``); ``prompts_per_chunk``: one prompt per chunk (a string, or a list whose
+    last entry repeats up to ``n_chunks``; default ``n_chunks`` = the list's length). ``steps``: Euler
+    steps per chunk; ``window``: chunks in flight; ``attn_window``: sliding chunk window of
+    attention (default: from ``meta``'s train config); ``cfg_text`` / ``cfg_prev``: guidance scales
+    (0 disables); ``image`` uint8 [64, 64, 3]: image-to-video; ``video`` uint8 [T, 64, 64, 3]: a
+    prefix to continue; ``seed``: the noise. Nothing is computed until the first chunk is asked for.
+    """
+    if isinstance(prompts_per_chunk, str):
+        prompts_per_chunk = [prompts_per_chunk]
+    if n_chunks is None:
+        n_chunks = len(prompts_per_chunk)
+    prompts = expand_prompts(prompts_per_chunk, n_chunks)
+    if meta is None:
+        meta = getattr(model, "meta", None)
+    return ChunkStream(model, prompts, steps=steps, window=window, attn_window=attn_window, cfg_text=cfg_text,
+                       cfg_prev=cfg_prev, image=image, video=video, seed=seed, shift=shift, meta=meta)
+
+
+def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):
+    """``(model, meta)`` from a checkpoint (default: the shipped small model), in eval mode."""
+    from .checkpoint import load_checkpoint
+
+    path = DEFAULT_WEIGHTS if weights is None else Path(weights)
+    model, _, meta = load_checkpoint(path, device=device)
+    model.eval()
+    model.meta = meta
+    return model, meta
+
+
+# ------------------------------------------------------------------------------------- media I/O
+
+
+def _has_imageio_ffmpeg() -> bool:
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of an image file (Pillow)."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"image file {str(p)!r} does not exist")
+    try:
+        with Image.open(p) as im:
+            mode = im.mode
+            if mode not in ("RGB", "RGBA", "P", "L"):
+                raise ValueError(f"image {str(p)!r} has mode {mode}; give an RGB image")
+            a = np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"cannot read image {str(p)!r}: {e}") from None
+    return a
+
+
+def read_video(path: str | os.PathLike) -> np.ndarray:
+    """uint8 [T, H, W, 3] frames of a GIF (Pillow), an mp4 (imageio-ffmpeg), or a folder of PNG frames."""
+    p = Path(path)
+    if p.is_dir():
+        from PIL import Image
+
+        files = sorted(p.glob("*.png"))
+        if not files:
+            raise ValueError(f"video folder {str(p)!r} holds no .png frames")
+        return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    if not p.is_file():
+        raise ValueError(f"video file {str(p)!r} does not exist")
+    if p.suffix.lower() == ".gif":
+        from PIL import Image, ImageSequence
+
+        with Image.open(p) as im:
+            return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+    if not _has_imageio_ffmpeg():
+        raise ValueError(f"reading {p.suffix or 'this'} video needs imageio + imageio-ffmpeg (not installed); "
+                         "give a .gif or a folder of .png frames")
+    import imageio
+
+    return np.stack([np.asarray(f)[..., :3] for f in imageio.get_reader(str(p))])
+
+
+class VideoWriter:
+    """Appends chunks to ``out`` as they come: mp4 (imageio-ffmpeg), else GIF (Pillow), else PNG frames.
+
+    ``.mp4`` without imageio-ffmpeg falls back to a ``.gif`` beside it; a path without a video
+    suffix is a folder of PNG frames. The GIF is rewritten after every chunk, so it is always a
+    complete, playable file of the chunks so far. ``format`` and ``path`` say what is written."""
+
+    def __init__(self, out: str | os.PathLike, fps: int = 24):
+        out = Path(out)
+        self.fps, self.frames_written = fps, 0
+        suffix = out.suffix.lower()
+        if suffix == ".mp4" and _has_imageio_ffmpeg():
+            import imageio
+
+            self.format, self.path = "mp4", out
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._w = imageio.get_writer(str(out), fps=fps, macro_block_size=1)
+        elif suffix in (".mp4", ".gif"):
+            self.format, self.path = "gif", out.with_suffix(".gif")
+            self.fallback = suffix == ".mp4"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._gif_frames = []
+        else:
+            self.format, self.path = "png", out
+            out.mkdir(parents=True, exist_ok=True)
+
+    def append(self, frames: np.ndarray) -> None:
+        if self.format == "mp4":
+            for f in frames:
+                self._w.append_data(f)
+        elif self.format == "gif":
+            from PIL import Image
+
+            self._gif_frames += [Image.fromarray(f) for f in frames]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            self._gif_frames[0].save(tmp, format="GIF", save_all=True, append_images=self._gif_frames[1:],
+                                     duration=round(1000 / self.fps), loop=0)
+            os.replace(tmp, self.path)
+        else:
+            from PIL import Image
+
+            for i, f in enumerate(frames):
+                Image.fromarray(f).save(self.path / f"frame_{self.frames_written + i:05d}.png")
+        self.frames_written += len(frames)
+
+    def close(self) -> None:
+        if self.format == "mp4":
+            self._w.close()
