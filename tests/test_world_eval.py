@@ -1,0 +1,143 @@
+"""World-model evaluation metrics (``magi eval``) on simulator clips with known ground truth (CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from maskc.world_model import data
+from maskc.world_model import evaluate as E
+
+F = data.WorldConfig().chunk_frames
+
+
+def test_tracking_recovers_simulator_positions():
+    for seed in range(6):
+        clip = data.generate(seed, 2)
+        colours = [str(c) for c in clip.tracks["colour"]]
+        tr = E.track_by_colour(clip.frames, colours)
+        for i, c in enumerate(colours):
+            full = clip.tracks["visible_frac"][:, i] >= 0.999
+            assert tr[c]["visible"][full].all()
+            err = np.hypot(tr[c]["x"] - clip.tracks["x"][:, i], tr[c]["y"] - clip.tracks["y"][:, i])[full]
+            assert err.max() < 2.0, (seed, c, err.max())
+        absent = [c for c in data.PALETTE if c not in colours]
+        tr2 = E.track_by_colour(clip.frames, absent)
+        assert not any(tr2[c]["visible"].any() for c in absent)
+
+
+def test_tracking_is_robust_to_blur():
+    clip = data.generate(3, 1)
+    f = clip.frames.astype(np.float32)
+    blurred = (f + np.roll(f, 1, 1) + np.roll(f, -1, 1) + np.roll(f, 1, 2) + np.roll(f, -1, 2)) / 5
+    blurred = blurred.round().astype(np.uint8)
+    c = str(clip.tracks["colour"][0])
+    full = clip.tracks["visible_frac"][:, 0] >= 0.999
+    tr = E.track_by_colour(blurred, [c])[c]
+    err = np.hypot(tr["x"] - clip.tracks["x"][:, 0], tr["y"] - clip.tracks["y"][:, 0])[full]
+    assert err.max() < 2.0
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown colour"):
+        E.track_by_colour(np.zeros((1, 64, 64, 3), np.uint8), ["purple"])
+    with pytest.raises(ValueError, match="prompts"):
+        E.prompt_following(np.zeros((24, 64, 64, 3), np.uint8), ["the red circle moves left"] * 2)
+
+
+def test_motion_rule_on_ideal_tracks():
+    t = np.arange(25, dtype=float)
+    assert E.motion_from_track(20 + 0.8 * t, 30 + 0.1 * t) == "moves right"
+    assert E.motion_from_track(30 + 0.0 * t, 40 - 0.7 * t) == "moves up"
+    assert E.motion_from_track(30 + 0.0 * t, 30 + 0.0 * t) == "stays still"
+    x = np.concatenate([50 + 0.8 * t[:10], 58 - 0.8 * (t[10:] - 10)])  # reverses at the right wall
+    assert E.motion_from_track(x, 30 + 0 * t) == "bounces off the right wall"
+    assert E.motion_from_track(20 + 0.3 * t, 10 + 0.5 * t + 0.025 * t ** 2) == "falls"
+    assert E.motion_from_track(np.full(25, np.nan), t) is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prompt_following_is_perfect_on_the_simulator(seed):
+    prompts = E.direction_change_prompts(seed, 4)
+    assert prompts[0] != prompts[-1]
+    clip = data.generate_from_prompts(prompts, seed, gravity=False)
+    r = E.prompt_following(clip.frames, prompts)
+    assert r["fraction"] == 1.0, r
+
+
+def test_prompt_following_explicit_schedule_and_mismatch():
+    prompts = ["the red circle moves right", "the red circle moves left", "the red circle moves down"]
+    clip = data.generate_from_prompts(prompts, 7, n_objects=1, gravity=False)
+    assert E.prompt_following(clip.frames, prompts)["fraction"] == 1.0
+    wrong = ["the red circle moves left", "the red circle moves right", "the red circle moves down"]
+    r = E.prompt_following(clip.frames, wrong)
+    assert r["matches"] == [False, False, True]
+    frozen = np.repeat(clip.frames[:1], len(clip.frames), axis=0)
+    assert E.prompt_following(frozen, prompts)["measured"] == ["stays still"] * 3
+
+
+def test_continuation_error_ground_truth_vs_copy_last():
+    clip = data.generate(5, 4)
+    gt = E.position_error(clip.frames[2 * F:], clip, 2 * F)
+    assert gt["mean_px"] < 1.0 and gt["missing"] < 0.05
+    copy = np.repeat(clip.frames[2 * F - 1:2 * F], 2 * F, axis=0)
+    base = E.position_error(copy, clip, 2 * F)
+    assert base["mean_px"] > 1.0 > gt["mean_px"]
+
+
+def test_seam_metric_detects_a_cut():
+    a, b = data.generate(1, 2), data.generate(2, 2)
+    smooth = E.seam_score(a.frames)
+    cut = E.seam_score(np.concatenate([a.frames[:F], b.frames[F:]]))
+    assert cut["boundary"] > 2 * smooth["boundary"]
+    assert cut["ratio"] > 2 * smooth["ratio"]
+    assert smooth["ratio"] < 1.5
+
+
+def test_psnr_and_persistence():
+    clip = data.generate_from_prompts(["the blue square moves right"] * 2, 3, n_objects=1, gravity=False)
+    img = clip.frames[0]
+    assert E.psnr(img, img) == float("inf")
+    assert 10 < E.psnr(img, clip.frames[5]) < 60
+    assert E.present_colours(img) == ["blue"]
+    p = E.object_persistence(clip.frames, img)
+    assert p["persistent"] == 1.0 and p["vanished"] == 0 and p["duplicated"] == 0
+    dup = clip.frames.copy()
+    dup[:, 2:8, 2:8] = data.PALETTE["blue"]
+    assert E.object_persistence(dup, img)["duplicated"] == 1.0
+    gone = np.repeat(np.full_like(img, 30)[None], 4, axis=0)
+    assert E.object_persistence(gone, img)["vanished"] == 1.0
+
+
+def test_cli_eval_smoke(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    import torch
+
+    from maskc.world_model import cli
+
+    n = torch.get_num_threads()
+    out = tmp_path / "r.json"
+    try:
+        rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
+                       "--out", str(out)])
+    finally:
+        torch.set_num_threads(n)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "prompt following" in text and "throughput" in text
+    res = json.loads(out.read_text())
+    assert 0 <= res["prompt_following"]["fraction"] <= 1
+    assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 1.0
+    assert [m["chunks"] for m in res["memory"]["runs"]] == [1, 2]
+    assert res["throughput"]["fps"] > 0
+
+
+def test_cli_eval_errors(capsys):
+    from maskc.world_model import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--chunks", "1"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--weights", "/nonexistent.safetensors"])
+    assert "do not exist" in capsys.readouterr().err

@@ -1,0 +1,442 @@
+"""Evaluation of the world model (``magi eval``, ``benchmarks/bench_world.py``) on held-out seeds.
+
+Metric functions are pure (numpy in, numbers out) and are tested on simulator clips whose ground
+truth is known; `evaluate` runs the model and applies them:
+
+- `track_by_colour`: per-frame centroid / pixel count / visibility of each palette colour (pixels
+  within ``tol`` RGB distance of the colour; palette colours are >= 170 apart and >= 120 from any
+  background pixel, so a tolerance of 75 survives blur).
+- `motion_from_track` + `prompt_following`: the caption rule of `data.motion_for_chunk` applied to
+  *measured* motion (wall hits detected as velocity reversals near a wall, velocities from a
+  quadratic fit of the visible positions of the chunk), compared with each chunk's prompt.
+- `psnr`, `count_blobs` / `object_persistence`: image-to-video fidelity.
+- `position_error`: continuation physics against the simulator, with a copy-last-frame baseline.
+- `seam_score`: mean frame difference at chunk boundaries vs inside chunks.
+- `measure_memory`: peak host memory (RSS sampled per chunk, tracemalloc peak) and KV-cache bytes.
+
+Held-out seeds are small integers; training draws its clips from large derived seeds
+(`data.clip_seed`), so they do not overlap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import tracemalloc
+from typing import Sequence
+
+import numpy as np
+
+from . import data, vocab
+from .data import PALETTE, WorldConfig
+
+DEFAULT_TOL = 75.0
+DEFAULT_MIN_PIXELS = 6
+WALL_MARGIN = 14.0  # a velocity reversal counts as a wall hit only this close (px) to the wall
+DIRECTION_PAIRS = (("right", "left"), ("left", "right"), ("up", "down"), ("down", "up"))
+
+
+# ----------------------------------------------------------------------------------- tracking
+
+
+def _colour_masks(frames: np.ndarray, colours: Sequence[str], tol: float) -> dict[str, np.ndarray]:
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {list(frames.shape)}")
+    f = frames.astype(np.float32)
+    out = {}
+    for c in colours:
+        if c not in PALETTE:
+            raise ValueError(f"unknown colour {c!r}; palette: {', '.join(PALETTE)}")
+        d2 = ((f - np.asarray(PALETTE[c], np.float32)) ** 2).sum(-1)
+        out[c] = d2 <= tol * tol
+    return out
+
+
+def track_by_colour(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
+                    min_pixels: int = DEFAULT_MIN_PIXELS) -> dict[str, dict[str, np.ndarray]]:
+    """Per colour: ``x``, ``y`` float [T] (centroid of matching pixel centres, NaN when not visible),
+    ``count`` int [T] (matching pixels), ``visible`` bool [T] (count >= min_pixels)."""
+    masks = _colour_masks(frames, colours, tol)
+    out = {}
+    for c, m in masks.items():
+        T, H, W = m.shape
+        cnt = m.sum((1, 2))
+        xs = (np.arange(W) + 0.5)[None, None, :]
+        ys = (np.arange(H) + 0.5)[None, :, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            x = (m * xs).sum((1, 2)) / cnt
+            y = (m * ys).sum((1, 2)) / cnt
+        vis = cnt >= min_pixels
+        x = np.where(vis, x, np.nan)
+        y = np.where(vis, y, np.nan)
+        out[c] = {"x": x.astype(np.float64), "y": y.astype(np.float64), "count": cnt.astype(np.int64),
+                  "visible": vis}
+    return out
+
+
+def _components(mask: np.ndarray, min_pixels: int) -> int:
+    """Number of 8-connected components of a 2-D bool mask with at least min_pixels pixels."""
+    H, W = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    n = 0
+    for i0, j0 in zip(*np.nonzero(mask)):
+        if seen[i0, j0]:
+            continue
+        stack, size = [(i0, j0)], 0
+        seen[i0, j0] = True
+        while stack:
+            i, j = stack.pop()
+            size += 1
+            for di in (-1, 0, 1):
+                for dj in (-1, 0, 1):
+                    a, b = i + di, j + dj
+                    if 0 <= a < H and 0 <= b < W and mask[a, b] and not seen[a, b]:
+                        seen[a, b] = True
+                        stack.append((a, b))
+        if size >= min_pixels:
+            n += 1
+    return n
+
+
+def count_blobs(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
+                min_pixels: int = DEFAULT_MIN_PIXELS) -> dict[str, np.ndarray]:
+    """Per colour: int [T] number of connected blobs of that colour (>= min_pixels pixels) per frame."""
+    masks = _colour_masks(frames, colours, tol)
+    return {c: np.array([_components(f, min_pixels) for f in m], dtype=np.int64) for c, m in masks.items()}
+
+
+def present_colours(image, tol: float = DEFAULT_TOL, min_pixels: int = DEFAULT_MIN_PIXELS) -> list[str]:
+    """Palette colours with at least min_pixels matching pixels in an image [H, W, 3]."""
+    tr = track_by_colour(np.asarray(image)[None], list(PALETTE), tol, min_pixels)
+    return [c for c in PALETTE if tr[c]["visible"][0]]
+
+
+# ------------------------------------------------------------------------------ caption rule
+
+
+def _first_reversal(p: np.ndarray, lo_wall: float, hi_wall: float, config: WorldConfig, k: int = 3):
+    """(step, code) of the first velocity reversal of a 1-D position track near a wall, or None.
+
+    ``lo_wall``/``hi_wall``: the codes of hitting the low / high side of this axis."""
+    d = np.diff(p)
+    jump = 1.2 * config.move_thresh  # below the data's threshold: slow bounces (0.2 px/frame) still count
+    size = config.size
+    for t in range(1, len(d)):
+        before = d[max(0, t - k):t]
+        after = d[t + 1:t + 1 + k] if t + 1 < len(d) else d[t:]  # the last step: its partial reflection
+        before, after = before[np.isfinite(before)], after[np.isfinite(after)]
+        if len(before) == 0 or len(after) == 0:
+            continue
+        vb, va = float(np.median(before)), float(np.median(after))
+        if vb * va < 0 and abs(va - vb) > jump and min(abs(va), abs(vb)) > 0.12:
+            seg = p[max(0, t - 1):t + 3]
+            if not np.isfinite(seg).any():
+                continue
+            pos = np.nanmax(seg) if vb > 0 else np.nanmin(seg)
+            if vb < 0 and pos <= WALL_MARGIN:
+                return t, lo_wall
+            if vb > 0 and pos >= size - WALL_MARGIN:
+                return t, hi_wall
+    return None
+
+
+def motion_from_track(x, y, config: WorldConfig = WorldConfig()) -> str | None:
+    """The caption rule (`data.motion_for_chunk`) applied to one chunk's tracked centroids.
+
+    ``x``, ``y``: float [F] (NaN where not visible). Wall hits: a reversal of the median step
+    velocity near a wall (the first in time wins); otherwise velocities come from a quadratic
+    least-squares fit of the visible positions (robust to pixel quantisation and blur). None when
+    fewer than a third of the frames are visible."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    n = len(x)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < max(4, n // 3):
+        return None
+    hx = _first_reversal(x, data.LEFT_WALL, data.RIGHT_WALL, config)
+    hy = _first_reversal(y, data.CEILING, data.FLOOR, config)
+    hits = [h for h in (hx, hy) if h is not None]
+    bounce = np.zeros(n, dtype=np.int8)
+    if hits:
+        t, code = min(hits)
+        bounce[t] = code
+        return data.motion_for_chunk(np.ones(n), np.zeros(n), bounce, config)
+    t = np.arange(n, dtype=np.float64)
+    deg = 2 if ok.sum() >= 0.75 * n else 1  # too few frames: an acceleration estimate is noise
+    cx = np.polyfit(t[ok], x[ok], deg)
+    cy = np.polyfit(t[ok], y[ok], deg)
+    if deg == 1:
+        cx, cy = np.r_[0.0, cx], np.r_[0.0, cy]
+    vx = 2 * cx[0] * t + cx[1]
+    vy = 2 * cy[0] * t + cy[1]
+    return data.motion_for_chunk(vx, vy, bounce, config)
+
+
+def prompt_following(frames, prompts: Sequence[str], config: WorldConfig = WorldConfig(),
+                     tol: float = DEFAULT_TOL) -> dict:
+    """Per chunk: track the prompt's subject colour, measure its motion, compare with the prompt.
+
+    Returns ``{"fraction", "matches": [bool], "measured": [str|None], "prompts": [str]}``."""
+    frames = np.asarray(frames)
+    f = config.chunk_frames
+    k_chunks = frames.shape[0] // f
+    if k_chunks < len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but only {k_chunks} whole chunks of frames")
+    parsed = [vocab.parse_caption(p) for p in prompts]
+    tracks = track_by_colour(frames, sorted({p.colour for p in parsed}), tol)
+    measured, matches = [], []
+    for k, p in enumerate(parsed):
+        tr = tracks[p.colour]
+        # partly covered (by a distractor drawn on top) or cut by the frame edge: the centroid is off
+        full = tr["count"] >= 0.85 * np.median(tr["count"][tr["visible"]]) if tr["visible"].any() else tr["visible"]
+        x, y = np.where(full, tr["x"], np.nan), np.where(full, tr["y"], np.nan)
+        sl = slice(k * f, min((k + 1) * f + 1, len(x)))  # + the next chunk's first frame: a hit in the last step
+        m = motion_from_track(x[sl], y[sl], config)
+        measured.append(m)
+        matches.append(m == p.motion)
+    return {"fraction": float(np.mean(matches)) if matches else float("nan"), "matches": matches,
+            "measured": measured, "prompts": [p.text for p in parsed]}
+
+
+def direction_change_prompts(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> list[str]:
+    """A held-out chunk-wise prompt list that changes direction mid-video, realisable by the simulator.
+
+    The subject and the direction pair come from ``seed``; the first half of the chunks goes one
+    way, the rest the other way (checked with `data.generate_from_prompts`)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(32):
+        colour = config.colours[int(rng.integers(len(config.colours)))]
+        shape = config.shapes[int(rng.integers(len(config.shapes)))]
+        a, b = DIRECTION_PAIRS[int(rng.integers(len(DIRECTION_PAIRS)))]
+        h = max(1, n_chunks // 2)
+        prompts = [f"the {colour} {shape} moves {a}"] * h + [f"the {colour} {shape} moves {b}"] * (n_chunks - h)
+        try:
+            data.generate_from_prompts(prompts, seed, config, gravity=False)
+        except ValueError:
+            continue
+        return prompts
+    raise RuntimeError(f"no realisable direction-change schedule for seed {seed}")
+
+
+# --------------------------------------------------------------------------- other metrics
+
+
+def psnr(a, b) -> float:
+    """PSNR (dB) of two uint8 images / videos of the same shape (inf when equal)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int = DEFAULT_MIN_PIXELS) -> dict:
+    """Objects neither vanish nor duplicate: per frame, blob counts per colour of the image vs the image's.
+
+    Returns fractions of frames where every colour's count equals the image's (``persistent``),
+    where some colour has fewer (``vanished``) or more (``duplicated``) blobs."""
+    frames = np.asarray(frames)
+    colours = present_colours(image, tol, min_pixels)
+    ref = count_blobs(np.asarray(image)[None], colours, tol, min_pixels)
+    got = count_blobs(frames, colours, tol, min_pixels)
+    T = frames.shape[0]
+    fewer = np.zeros(T, bool)
+    more = np.zeros(T, bool)
+    for c in colours:
+        fewer |= got[c] < ref[c][0]
+        more |= got[c] > ref[c][0]
+    return {"colours": colours, "persistent": float(np.mean(~fewer & ~more)), "vanished": float(np.mean(fewer)),
+            "duplicated": float(np.mean(more)), "frames": int(T)}
+
+
+def position_error(frames, clip: data.Clip, start_frame: int, tol: float = DEFAULT_TOL) -> dict:
+    """Mean centroid error (px) of each clip object tracked in ``frames`` (which show the clip's frames
+    ``start_frame ...``) against the simulator's tracks, over frames where the object is visible in
+    the ground truth; frames where it is not found in ``frames`` count as ``missing``."""
+    frames = np.asarray(frames)
+    T = frames.shape[0]
+    colours = [str(c) for c in clip.tracks["colour"]]
+    tr = track_by_colour(frames, colours, tol)
+    errs, missing, total = [], 0, 0
+    for i, c in enumerate(colours):
+        gx = clip.tracks["x"][start_frame:start_frame + T, i]
+        gy = clip.tracks["y"][start_frame:start_frame + T, i]
+        gv = clip.tracks["visible"][start_frame:start_frame + T, i]
+        for t in range(min(T, len(gx))):
+            if not gv[t]:
+                continue
+            total += 1
+            if not tr[c]["visible"][t]:
+                missing += 1
+                continue
+            errs.append(math.hypot(tr[c]["x"][t] - gx[t], tr[c]["y"][t] - gy[t]))
+    return {"mean_px": float(np.mean(errs)) if errs else float("nan"),
+            "missing": missing / total if total else 0.0, "n": total}
+
+
+def seam_score(frames, chunk_frames: int = 24) -> dict:
+    """Mean absolute frame difference at chunk boundaries vs inside chunks (and their ratio)."""
+    f = np.asarray(frames, np.float32)
+    d = np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))  # d[t]: frame t -> t+1
+    idx = np.arange(len(d))
+    boundary = (idx + 1) % chunk_frames == 0
+    b = float(d[boundary].mean()) if boundary.any() else float("nan")
+    i = float(d[~boundary].mean()) if (~boundary).any() else float("nan")
+    return {"boundary": b, "inside": i, "ratio": b / i if i > 0 else float("inf")}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak RSS so far
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -------------------------------------------------------------------------------- the runner
+
+
+def _gen(model, meta, prompts, *, seed, steps, image=None, video=None):
+    from .generate import generate_chunks
+
+    stream = generate_chunks(model, prompts, n_chunks=len(prompts), steps=steps, seed=seed, image=image,
+                             video=video, meta=meta)
+    t0 = time.perf_counter()
+    chunks = list(stream)
+    return np.concatenate(chunks), time.perf_counter() - t0, stream
+
+
+def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0) -> dict:
+    """Peak RSS (sampled after each chunk), its growth over the start, tracemalloc peak, KV-cache bytes."""
+    from .generate import generate_chunks
+
+    prompt = "the red circle moves right"
+    stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta)
+    tracemalloc.start()
+    rss0 = peak = _rss_bytes()
+    t0 = time.perf_counter()
+    for _ in stream:
+        peak = max(peak, _rss_bytes())
+    dt = time.perf_counter() - t0
+    _, tm_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"chunks": n_chunks, "peak_rss_mb": peak / 2 ** 20, "rss_growth_mb": (peak - rss0) / 2 ** 20,
+            "tracemalloc_peak_mb": tm_peak / 2 ** 20, "kv_cache_bytes": stream.cache.nbytes(),
+            "peak_cache_chunks": stream.peak_cache_chunks, "seconds": dt,
+            "fps": n_chunks * model.cfg.chunk_frames / dt}
+
+
+def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps: int | None = None,
+             memory_chunks: Sequence[int] = (4, 16), image_chunks: int | None = None, log=None) -> dict:
+    """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc)."""
+    import torch
+
+    from .generate import DEFAULT_STEPS, load_model
+
+    say = log or (lambda msg: None)
+    steps = DEFAULT_STEPS if steps is None else int(steps)
+    if chunks < 2:
+        raise ValueError(f"chunks must be >= 2 (a direction change needs two chunks), got {chunks}")
+    model, meta = load_model(weights)
+    cfg = WorldConfig()
+    image_chunks = chunks if image_chunks is None else int(image_chunks)
+    res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
+                              "steps": steps, "memory_chunks": list(memory_chunks), "image_chunks": image_chunks,
+                              "torch_threads": torch.get_num_threads()}}
+    gen_frames, gen_seconds = 0, 0.0
+
+    # prompt following + seams (text-to-video with chunk-wise prompts)
+    pf, seams = [], []
+    for s in seeds:
+        prompts = direction_change_prompts(s, chunks, cfg)
+        ref = data.generate_from_prompts(prompts, s, cfg, gravity=False)
+        frames, dt, _ = _gen(model, meta, prompts, seed=s, steps=steps)
+        gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
+        r = prompt_following(frames, prompts, cfg)
+        r["seed"], r["simulator_fraction"] = s, prompt_following(ref.frames, prompts, cfg)["fraction"]
+        pf.append(r)
+        seams.append(seam_score(frames, cfg.chunk_frames))
+        say(f"prompt following seed {s}: {r['fraction']:.2f} ({r['measured']})")
+    res["prompt_following"] = {"fraction": float(np.mean([m for r in pf for m in r["matches"]])), "runs": pf}
+    sim_seams = seam_score(data.generate(seeds[0], chunks, cfg).frames, cfg.chunk_frames)
+    res["seams"] = {"boundary": float(np.mean([s["boundary"] for s in seams])),
+                    "inside": float(np.mean([s["inside"] for s in seams])),
+                    "ratio": float(np.mean([s["ratio"] for s in seams])), "simulator_ratio": sim_seams["ratio"]}
+
+    # image-to-video
+    i2v = []
+    for s in seeds:
+        clip = data.generate(s, 1, cfg)
+        image = clip.frames[0]
+        frames, dt, _ = _gen(model, meta, [clip.captions[0]], seed=s, steps=steps, image=image) if image_chunks == 1 \
+            else _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, steps=steps, image=image)
+        gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
+        p = object_persistence(frames, image)
+        i2v.append({"seed": s, "psnr_first_frame": psnr(frames[0], image), **p})
+        say(f"image-to-video seed {s}: PSNR {i2v[-1]['psnr_first_frame']:.1f} dB, persistent {p['persistent']:.2f}")
+    res["image_to_video"] = {"psnr_first_frame": float(np.mean([r["psnr_first_frame"] for r in i2v])),
+                             "persistent": float(np.mean([r["persistent"] for r in i2v])),
+                             "vanished": float(np.mean([r["vanished"] for r in i2v])),
+                             "duplicated": float(np.mean([r["duplicated"] for r in i2v])), "runs": i2v}
+
+    # continuation physics: 2 simulator chunks in, 2 generated chunks out
+    f = cfg.chunk_frames
+    phys = []
+    for s in seeds:
+        clip = data.generate(s, 4, cfg)
+        prefix = clip.frames[:2 * f]
+        frames, dt, _ = _gen(model, meta, clip.captions[2:4], seed=s, steps=steps, video=prefix)
+        gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
+        e = position_error(frames, clip, 2 * f)
+        b = position_error(np.repeat(prefix[-1:], 2 * f, axis=0), clip, 2 * f)
+        phys.append({"seed": s, "model_px": e["mean_px"], "model_missing": e["missing"],
+                     "copy_last_px": b["mean_px"], "copy_last_missing": b["missing"]})
+        say(f"continuation seed {s}: model {e['mean_px']:.2f} px vs copy-last {b['mean_px']:.2f} px")
+    res["continuation"] = {"model_px": float(np.nanmean([r["model_px"] for r in phys])),
+                           "copy_last_px": float(np.nanmean([r["copy_last_px"] for r in phys])),
+                           "model_missing": float(np.mean([r["model_missing"] for r in phys])), "runs": phys}
+
+    # memory
+    mem = [measure_memory(model, meta, n, steps=steps) for n in memory_chunks]
+    for m in mem:
+        gen_frames, gen_seconds = gen_frames + m["chunks"] * f, gen_seconds + m["seconds"]
+        say(f"memory {m['chunks']} chunks: peak RSS {m['peak_rss_mb']:.1f} MB, KV {m['kv_cache_bytes']} B")
+    res["memory"] = {"runs": mem}
+    if len(mem) >= 2:
+        res["memory"]["peak_rss_ratio"] = mem[-1]["peak_rss_mb"] / mem[0]["peak_rss_mb"]
+        res["memory"]["kv_ratio"] = (mem[-1]["kv_cache_bytes"] / mem[0]["kv_cache_bytes"]
+                                     if mem[0]["kv_cache_bytes"] else float("nan"))
+    res["throughput"] = {"frames": gen_frames, "seconds": gen_seconds, "fps": gen_frames / gen_seconds}
+    return res
+
+
+def format_table(res: dict) -> str:
+    """A plain-text table of the headline figures."""
+    rows = [("prompt following (fraction of chunks)", f"{res['prompt_following']['fraction']:.3f}",
+             "target >= 0.90")]
+    i = res["image_to_video"]
+    rows += [("i2v PSNR first frame (dB)", f"{i['psnr_first_frame']:.2f}", ""),
+             ("i2v object persistence (frames)", f"{i['persistent']:.3f}",
+              f"vanished {i['vanished']:.3f}, duplicated {i['duplicated']:.3f}")]
+    c = res["continuation"]
+    rows += [("continuation position error (px)", f"{c['model_px']:.2f}", f"copy-last baseline {c['copy_last_px']:.2f}")]
+    s = res["seams"]
+    rows += [("seam ratio (boundary / inside diff)", f"{s['ratio']:.2f}",
+              f"boundary {s['boundary']:.2f}, inside {s['inside']:.2f}, simulator {s['simulator_ratio']:.2f}")]
+    for m in res["memory"]["runs"]:
+        rows.append((f"memory {m['chunks']} chunks: peak RSS (MB)", f"{m['peak_rss_mb']:.1f}",
+                     f"KV cache {m['kv_cache_bytes'] / 2 ** 20:.2f} MB, tracemalloc {m['tracemalloc_peak_mb']:.1f} MB"))
+    if "peak_rss_ratio" in res["memory"]:
+        rows.append(("memory ratio last/first (RSS, KV)", f"{res['memory']['peak_rss_ratio']:.3f}",
+                     f"KV {res['memory']['kv_ratio']:.3f}"))
+    t = res["throughput"]
+    rows.append(("throughput (frames/s, CPU)", f"{t['fps']:.1f}", f"{t['frames']} frames in {t['seconds']:.1f} s"))
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{w}}  {b:>9}  {c}" for a, b, c in rows)
