@@ -1,7 +1,7 @@
 """The ``magi`` command line of the world model: ``magi train``, ``magi generate``, ``magi eval``.
 
 Subcommands live in `COMMANDS` (name -> `Command`: help, description, argument builder, runner),
-so later ones (``generate``, ``eval``) register the same way. Errors a user can cause (an unknown
+so every subcommand registers the same way. Errors a user can cause (an unknown
 config, a negative step count, a missing checkpoint, a CUDA device on a machine without one) print
 ``magi <command>: error: ...`` after the usage line and exit with status 2, without a traceback.
 """
