@@ -16,28 +16,7 @@ from maskc.world_model.dit import WorldModel
 P = "the red circle moves right"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomized(model, std=0.3, seed=0):
-    """Re-draw the zero-initialised parameters (gates, output layer) so every path carries signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return randomized(WorldModel(TINY)).eval()
+from world_helpers import one_thread, randomized, tiny  # noqa: F401 (pytest fixtures)
 
 
 @pytest.fixture(scope="module")

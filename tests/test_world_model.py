@@ -28,29 +28,7 @@ LF = TINY.latent_frames  # 6
 T = TINY.tokens_per_chunk  # 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors: one thread avoids oversubscription on shared CI machines
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomized(model, std=0.3, seed=0):
-    """Re-draw the zero-initialised parameters (gates, output layer) so every path carries signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return randomized(WorldModel(TINY)).eval()
+from world_helpers import one_thread, randomized, tiny  # noqa: F401 (pytest fixtures)
 
 
 def inputs(model, n_chunks, seed=0, captions=None):
