@@ -248,7 +248,8 @@ def mask_from_args(args: argparse.Namespace) -> tuple[Mask, str]:
     return load_mask(text), text
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shared by the maskc and magi command lines)."""
     try:
         n = int(text)
     except ValueError:
@@ -258,7 +259,8 @@ def _positive(text: str) -> int:
     return n
 
 
-def _nonneg(text: str) -> int:
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
     try:
         n = int(text)
     except ValueError:
@@ -273,11 +275,11 @@ def _nonneg(text: str) -> int:
 
 def _show_arguments(p: argparse.ArgumentParser) -> None:
     add_mask_argument(p)
-    p.add_argument("--width", type=_positive, default=64, metavar="W",
+    p.add_argument("--width", type=positive_int, default=64, metavar="W",
                    help="most picture columns (default: %(default)s)")
-    p.add_argument("--height", type=_positive, default=32, metavar="H",
+    p.add_argument("--height", type=positive_int, default=32, metavar="H",
                    help="most picture rows (default: %(default)s)")
-    p.add_argument("--slices", type=_nonneg, nargs="?", const=20, default=None, metavar="N",
+    p.add_argument("--slices", type=nonneg_int, nargs="?", const=20, default=None, metavar="N",
                    help="also list the first N canonical slices (N defaults to 20)")
     p.add_argument("--png", metavar="OUT.png",
                    help="also draw the mask exactly with matplotlib into this PNG")
@@ -384,10 +386,10 @@ def _build_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="D", help="head dim(s) to build: 64, 128, 256 (default: 128)")
     p.add_argument("--dtype", dest="dtypes", choices=DTYPES, nargs="+", action="extend", metavar="T",
                    help=f"element type(s): {', '.join(DTYPES)} (default: bf16)")
-    p.add_argument("--gqa-group", dest="gqa_groups", type=_positive, nargs="+", action="extend", metavar="G",
+    p.add_argument("--gqa-group", dest="gqa_groups", type=positive_int, nargs="+", action="extend", metavar="G",
                    help="query heads per kv head (1: MHA; default: 1)")
     p.add_argument("--softcap", action="store_true", help="build the softcap variants (attention(..., softcap>0))")
-    p.add_argument("--arch", type=_positive, default=90, metavar="SM",
+    p.add_argument("--arch", type=positive_int, default=90, metavar="SM",
                    help="CUDA compute capability to compile for (default: %(default)s, H100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
 

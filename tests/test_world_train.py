@@ -265,9 +265,9 @@ def test_cli_smoke_and_resume(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--config", "huge"], "unknown training config 'huge'"),
-    (["--config", "tiny", "--steps-vae", "-1"], "--steps-vae: must be >= 0"),
-    (["--config", "tiny", "--steps-dit", "x"], "expected a whole number"),
-    (["--config", "tiny", "--batch", "0"], "--batch: must be >= 1"),
+    (["--config", "tiny", "--steps-vae", "-1"], "--steps-vae: expected an integer >= 0, got -1"),
+    (["--config", "tiny", "--steps-dit", "x"], "expected an integer >= 0, got .x."),
+    (["--config", "tiny", "--batch", "0"], "--batch: expected a positive integer, got 0"),
     (["--resume", "MISSING/ckpt_0000001.safetensors"], "does not exist"),
     (["--resume", "MISSING_DIR"], "does not exist"),
     (["--config", "missing.json"], "does not exist"),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from maskc.cli import nonneg_int, positive_int
+
 PROG = "magi"
 
 
@@ -70,21 +72,8 @@ data stream position are restored; only the step counts and bookkeeping (--ckpt-
 """
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _pos_int(text: str) -> int:
-    v = _nonneg_int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+_nonneg_int = nonneg_int
+_pos_int = positive_int
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
