@@ -49,11 +49,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from maskc.errors import MaskError
-from maskc.kinds import Kind
 from maskc.mask import Mask
 from maskc.tiling import KERNEL_LISTS, TilePlan, lower
 
-from .configs import choose_config, default_config
+from .configs import LISTS, choose_config, default_config
 from .render import render
 from .spec import DIRECTIONS, DTYPES, HEAD_DIMS, KernelSpec, partial_class
 
@@ -61,8 +60,6 @@ FORMAT = "maskc.build"
 VERSION = 1
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB, opt-in)
 
-# which tile lists a direction walks (as in maskc.runtime.ffa._launch)
-_LISTS = {"fwd": "fwd", "bwd_dq": "fwd", "bwd_dkdv": "bwd"}
 _CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "GROUP")
 _TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _FP32_TENSORS = {"LSE", "DELTA", "DQ_ACC"}
@@ -76,15 +73,6 @@ class BuildError(MaskError):
 
 
 # ---- which specs a mask needs --------------------------------------------------------------------
-
-
-def _list_kinds(plan: TilePlan, which: str) -> set:
-    """Kinds of the slices in the partial tiles of one list (as `runtime.ffa._list_kinds`)."""
-    tl = getattr(plan, which)
-    bands = plan.bands if which == "fwd" else plan.bands_t
-    if not tl.preds.size:
-        return set()
-    return {Kind(int(2 * bands[s, 3] + bands[s, 5])) for s in set(tl.preds.tolist())}
 
 
 def _as_tuple(value, name: str) -> tuple:
@@ -129,7 +117,7 @@ def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), gqa_groups=(1,),
             else:  # the runtime's choice among the tuned candidates
                 cfg, plan = choose_config(mask, direction, d, "cuda", lower)
                 bq, bk = cfg.block_q, cfg.block_k
-            partial = partial_class(_list_kinds(plan, _LISTS[direction]))
+            partial = partial_class(plan.list_kinds(LISTS[direction]))
             for dtype in dtypes:
                 for g in gqa_groups:
                     specs.add(KernelSpec(

@@ -194,6 +194,14 @@ def _tile_lists(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b
     return TileLists(tl.full_ptr, tl.full_runs, tl.part_ptr, tl.part_tiles, tl.pred_ptr, tl.preds, _ro(lpt))
 
 
+def _pred_kinds(tl: TileLists, bands: np.ndarray) -> frozenset:
+    """Kinds of the slices that touch partial tiles of `tl` (band slopes give the kind)."""
+    if not tl.preds.size:
+        return frozenset()
+    ids = np.unique(tl.preds)
+    return frozenset(Kind(int(k)) for k in np.unique(2 * bands[ids, 3] + bands[ids, 5]))
+
+
 def transpose_bands(bands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Column bands of row bands: per key column j, rows ``[lo(j), hi(j))`` are lines in j.
 
@@ -269,6 +277,10 @@ class TilePlan:
             if tl.pred_ptr.size > 1:
                 m = max(m, int(np.diff(tl.pred_ptr).max()))
         return m
+
+    def list_kinds(self, which: str) -> frozenset:
+        """Kinds of the slices in the partial tiles of ``which`` ("fwd": row bands, "bwd": column bands)."""
+        return _pred_kinds(getattr(self, which), self.bands if which == "fwd" else self.bands_t)
 
     def __repr__(self) -> str:
         return (
@@ -376,10 +388,7 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128) -> TilePlan:
     cols, _ = transpose_bands(bands)
     bands_t = sweep([cols], [False, True], mask.sk, mask.sq)
     bwd = _tile_lists(bands_t, mask.sk, mask.sq, block_k, block_q)
-    kinds = set()
-    for tl, b in ((fwd, bands), (bwd, bands_t)):
-        if tl.preds.size:
-            kinds |= {Kind(int(2 * b[s, 3] + b[s, 5])) for s in np.unique(tl.preds)}
+    kinds = _pred_kinds(fwd, bands) | _pred_kinds(bwd, bands_t)
     return TilePlan(
         sq=mask.sq,
         sk=mask.sk,

@@ -11,7 +11,6 @@ import torch
 from maskc.codegen.configs import KernelConfig, choose_config, default_config
 from maskc.codegen.spec import KernelSpec, partial_class
 from maskc.errors import MaskError
-from maskc.kinds import Kind
 from maskc.mask import Mask
 from maskc.tiling import KERNEL_LISTS, TilePlan, kernel_lists, lower
 
@@ -55,15 +54,6 @@ def _device_lists(plan: TilePlan, which: str, device) -> tuple:
     return tensors
 
 
-def _list_kinds(plan: TilePlan, which: str) -> set:
-    tl = getattr(plan, which)
-    bands = plan.bands if which == "fwd" else plan.bands_t
-    if not tl.preds.size:
-        return set()
-    ids = set(tl.preds.tolist())
-    return {Kind(int(2 * bands[s, 3] + bands[s, 5])) for s in ids}
-
-
 def _spec(direction: str, plan: TilePlan, which: str, q, group: int, softcap: float, cfg: KernelConfig,
           deterministic: bool = True) -> KernelSpec:
     return KernelSpec(
@@ -74,7 +64,7 @@ def _spec(direction: str, plan: TilePlan, which: str, q, group: int, softcap: fl
         block_k=cfg.block_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        partial=partial_class(_list_kinds(plan, which)),
+        partial=partial_class(plan.list_kinds(which)),
         gqa_group=group,
         softcap=bool(softcap),
         deterministic=deterministic,
