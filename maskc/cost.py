@@ -163,6 +163,37 @@ class Estimate:
         )
 
 
+# ---- calibration -------------------------------------------------------------------------------
+
+
+def calibrate(compute, transfers, *, base: Hardware = Hardware()) -> Hardware:
+    """`Hardware` fitted to measurements.
+
+    ``compute``: ``(flops, seconds)`` pairs of attention-kernel runs (forward + backward, flops
+    counted on the exact allowed area): ``tflops`` is the least-squares rate of ``t = flops / R``.
+    ``transfers``: ``(bytes, seconds)`` pairs of collective steps (the busiest rank's bytes):
+    ``link_gbs`` and ``latency_us`` are the least-squares line ``t = bytes / B + latency`` (latency
+    clamped at 0; a single point, or points of one size, fit through the origin). An empty list
+    keeps ``base``'s value."""
+    tflops, link, lat = base.tflops, base.link_gbs, base.latency_us
+    c = np.asarray(list(compute), dtype=np.float64).reshape(-1, 2)
+    c = c[(c[:, 0] > 0) & (c[:, 1] > 0)]
+    if c.size:
+        f, t = c[:, 0], c[:, 1]
+        tflops = float((f * f).sum() / (f * t).sum()) / 1e12  # 1/R = sum(f t) / sum(f^2)
+    x = np.asarray(list(transfers), dtype=np.float64).reshape(-1, 2)
+    x = x[(x[:, 0] > 0) & (x[:, 1] > 0)]
+    if x.size:
+        b, t = x[:, 0], x[:, 1]
+        slope, icept = 0.0, -1.0
+        if np.unique(b).size > 1:
+            slope, icept = np.polyfit(b, t, 1)
+        if icept < 0 or slope <= 0:  # through the origin
+            slope, icept = float((b * t).sum() / (b * b).sum()), 0.0
+        link, lat = float(1.0 / slope / 1e9), float(icept * 1e6)
+    return Hardware(tflops=tflops, link_gbs=link, latency_us=lat)
+
+
 # ---- a compiled plan ---------------------------------------------------------------------------
 
 
@@ -374,6 +405,7 @@ __all__ = [
     "allgather",
     "baselines",
     "block_areas",
+    "calibrate",
     "ring",
     "simulate",
     "ulysses",

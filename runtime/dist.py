@@ -45,6 +45,9 @@ _LAYOUTS: dict[tuple, "RankLayout"] = {}
 _VERIFIED: set[tuple] = set()
 _COMM_STREAMS: dict = {}
 _MAX_CACHED = 64
+# bytes this process has moved through group_cast / group_reduce since the last reset (what the
+# runtime really sent and received, to check against the planner's prediction)
+_TRAFFIC = {"cast_send": 0, "cast_recv": 0, "reduce_send": 0, "reduce_recv": 0}
 
 
 # ---- group helpers -----------------------------------------------------------------------------
@@ -144,6 +147,22 @@ def rank_layout(plan: Plan, rank: int) -> RankLayout:
 # ---- GroupCast / GroupReduce -------------------------------------------------------------------
 
 
+def _count(kind: str, sent: torch.Tensor, received: torch.Tensor) -> None:
+    _TRAFFIC[kind + "_send"] += sent.numel() * sent.element_size()
+    _TRAFFIC[kind + "_recv"] += received.numel() * received.element_size()
+
+
+def traffic(reset: bool = False) -> dict[str, int]:
+    """Bytes this process sent and received through `group_cast` (forward K/V) and `group_reduce`
+    (backward dK/dV) since the last reset: ``{"cast_send", "cast_recv", "reduce_send", "reduce_recv"}``
+    (rows a rank sends to itself are never packed, so they are not counted)."""
+    out = dict(_TRAFFIC)
+    if reset:
+        for key in _TRAFFIC:
+            _TRAFFIC[key] = 0
+    return out
+
+
 class _Pending:
     """A collective in flight (or already done) and the buffer it fills."""
 
@@ -168,6 +187,7 @@ def group_cast(x: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_split
     send = x.index_select(0, send_rows).contiguous()
     recv = x.new_empty((int(sum(recv_splits)),) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits), group=group, async_op=async_op)
+    _count("cast", send, recv)
     pending = _Pending(recv, work if async_op else None)
     return pending if async_op else pending.buf
 
@@ -198,6 +218,7 @@ def group_reduce(grad: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_
     grad = grad.contiguous()
     back = grad.new_empty((int(sum(send_splits)),) + tuple(grad.shape[1:]))
     work = dist.all_to_all_single(back, grad, list(send_splits), list(recv_splits), group=group, async_op=async_op)
+    _count("reduce", grad, back)
     pending = _Reduced(back, work if async_op else None, send_rows, n_local)
     return pending if async_op else pending.wait()
 
@@ -451,5 +472,6 @@ __all__ = [
     "local_masks",
     "merge_partials",
     "rank_layout",
+    "traffic",
     "undispatch",
 ]

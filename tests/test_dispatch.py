@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import maskc
 from maskc import MaskError
 from maskc.comm import DST, END, P_MODE, SRC, STAGE, START, layout_segments, submask
-from maskc.cost import Hardware, Workload, baselines, block_areas, ring, simulate, ulysses
+from maskc.cost import Hardware, Workload, baselines, block_areas, calibrate, ring, simulate, ulysses
 from maskc.dispatch import band_prefix, chunk_areas, chunk_bounds, cut_bands, tight_bands
 from maskc.plan import Plan, compile
 
@@ -254,6 +254,31 @@ def test_cost_model_sanity():
     assert not u.feasible and "multiple" in u.note
     assert ulysses(m, 8).imbalance == 1.0
     assert "infeasible" in repr(u) and "step" in repr(fast)
+
+
+def test_calibrate_recovers_rates():
+    truth = Hardware(tflops=310.0, link_gbs=180.0, latency_us=25.0)
+    rng = np.random.default_rng(0)
+    flops = rng.uniform(1e13, 1e15, 8)
+    nbytes = rng.uniform(1e7, 1e9, 8)
+    fit = calibrate(zip(flops, truth.seconds(flops)), zip(nbytes, truth.transfer(nbytes) + truth.latency))
+    assert fit.tflops == pytest.approx(310.0, rel=1e-9)
+    assert fit.link_gbs == pytest.approx(180.0, rel=1e-6) and fit.latency_us == pytest.approx(25.0, rel=1e-4)
+    # a calibrated model predicts the plan's compute from the fitted rate
+    plan = compile(maskc.causal(4096), cp_size=2, block=128)
+    wl = Workload()
+    assert simulate(plan, fit, wl).compute_s.sum() == pytest.approx(
+        simulate(plan, Hardware(tflops=310.0), wl).compute_s.sum())
+
+
+def test_calibrate_degenerate_inputs():
+    base = Hardware(tflops=123.0, link_gbs=45.0, latency_us=6.0)
+    assert calibrate([], [], base=base) == base  # nothing measured: the base stays
+    one = calibrate([(2e14, 1.0)], [(1e9, 0.01)], base=base)  # one transfer: a line through the origin
+    assert one.tflops == pytest.approx(200.0) and one.link_gbs == pytest.approx(100.0) and one.latency_us == 0.0
+    # zero or negative samples are ignored, a negative fitted latency falls back to the origin
+    fit = calibrate([(0, 1.0), (1e14, 0.5)], [(1e9, 0.001), (2e9, 0.0015), (0, 3.0)], base=base)
+    assert fit.tflops == pytest.approx(200.0) and fit.latency_us >= 0.0
 
 
 @settings(max_examples=50, deadline=None)

@@ -104,7 +104,7 @@ STRUCTURED = {
 def _run_cases(rank, world, init, cases, out_dir):
     dist = _init(rank, world, init)
     from maskc.runtime import reference_attention
-    from maskc.runtime.dist import dispatch, dist_attention, undispatch
+    from maskc.runtime.dist import dispatch, dist_attention, traffic, undispatch
 
     report = []
     for i, case in enumerate(cases):
@@ -124,10 +124,17 @@ def _run_cases(rank, world, init, cases, out_dir):
         assert torch.equal(undispatch(dispatch(q, plan), plan), q)
 
         ql, kl, vl = (dispatch(t, plan).clone().requires_grad_() for t in (q, k, v))
+        traffic(reset=True)
         out, lse = dist_attention(ql, kl, vl, plan, softcap=softcap, return_lse=True)
         fin_l = torch.isfinite(lse)
         loss = (out * go[pos]).sum() + (torch.where(fin_l, lse, 0.0) * gl[:, pos]).sum()
         loss.backward()
+        # the runtime moved exactly the planned K/V rows forward and their gradients back
+        moved = traffic(reset=True)
+        kv_bytes = Workload(hq=2, hkv=1, head_dim=64, dtype_bytes=4).kv_token_bytes
+        assert moved["cast_recv"] == plan.recv_tokens[rank] * kv_bytes, (moved, plan.recv_tokens)
+        assert moved["cast_send"] == plan.send_tokens[rank] * kv_bytes, (moved, plan.send_tokens)
+        assert moved["reduce_send"] == moved["cast_recv"] and moved["reduce_recv"] == moved["cast_send"]
 
         qr, kr, vr = (t.clone().double().requires_grad_() for t in (q, k, v))
         ro, rl = reference_attention(qr, kr, vr, mask, softcap=softcap, return_lse=True)
