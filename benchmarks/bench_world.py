@@ -6,6 +6,12 @@ Fixed settings: held-out seeds 0 1, 4-chunk videos (prompt following with a mid-
 change, image-to-video), 2+2-chunk continuation, memory at 4, 16 and 64 chunks, one torch thread,
 the generator's default steps. Writes ``world-<host>-<date>.json`` and prints a table
 (the same as ``magi eval --seeds 0 1 --chunks 4 --memory-chunks 4 16 64``; about 3 minutes on a 2-core CPU).
+
+    python benchmarks/bench_world.py --gpu       # on a GPU machine: peak GPU memory and frames/s only
+
+``--gpu`` generates 4, 16 and 64 chunks with the model on the GPU (FFA kernels, bf16) and records
+the allocator's peak for each (the constant-memory target: 64 chunks / 4 chunks <= 1.02) and the
+frames per second; writes ``world-gpu-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
     ap.add_argument("--weights", help="checkpoint (default: the shipped small model)")
+    ap.add_argument("--gpu", action="store_true", help="GPU memory and throughput of generation only")
     args = ap.parse_args(argv)
+    if args.gpu:
+        return gpu_memory(args)
 
     import torch
 
@@ -51,6 +60,37 @@ def main(argv=None) -> int:
     path = out / f"world-{host}-{date}.json"
     path.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {path} ({res['wall_seconds']:.0f} s)")
+    return 0
+
+
+def gpu_memory(args) -> int:
+    import torch
+
+    from maskc.world_model import evaluate as EV
+    from maskc.world_model.generate import DEFAULT_STEPS, load_model
+
+    if not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA device")
+    model, meta = load_model(args.weights, device="cuda")
+    EV.measure_memory(model, meta, 2, steps=DEFAULT_STEPS)  # compile the kernels first
+    rows = []
+    for n in MEMORY_CHUNKS:
+        r = EV.measure_memory(model, meta, n, steps=DEFAULT_STEPS)
+        rows.append(r)
+        print(f"{n:3d} chunks: peak GPU {r['peak_gpu_mb']:.1f} MB, {r['fps']:.1f} frames/s, "
+              f"KV cache {r['kv_cache_bytes'] / 2**20:.2f} MB", flush=True)
+    date = dt.date.today().isoformat()
+    dev = torch.cuda.get_device_name(0)
+    res = {"benchmark": "world-gpu", "device": dev, "torch": torch.__version__, "date": date,
+           "steps": DEFAULT_STEPS, "memory": rows,
+           "peak_ratio_64_4": rows[-1]["peak_gpu_mb"] / rows[0]["peak_gpu_mb"],
+           "command": "python benchmarks/bench_world.py --gpu"}
+    print(f"peak GPU memory ratio {MEMORY_CHUNKS[-1]}/{MEMORY_CHUNKS[0]} chunks: {res['peak_ratio_64_4']:.4f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"world-gpu-{dev.replace(' ', '_')}-{date}.json"
+    path.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {path}")
     return 0
 
 

@@ -438,6 +438,25 @@ _AND = [False, False, False, True]
 _SELF = [False, True]
 
 
+def _check_segments(segments, size: int, what: str) -> np.ndarray:
+    """(m, 3) ``[start, end, local_start]``: inside ``[0, size)``, globally disjoint, and the local
+    ranges tiling ``[0, sum of lengths)`` without gaps or overlaps."""
+    seg = np.asarray(segments, dtype=np.int64).reshape(-1, 3)
+    ln = seg[:, 1] - seg[:, 0]
+    if seg.size and (ln.min() < 0 or seg[:, 0].min() < 0 or seg[:, 1].max() > size):
+        raise MaskError(f"submask: {what} must be [start, end, local_start] rows with 0 <= start <= end <= {size}")
+    nz_ = seg[ln > 0]
+    g = nz_[np.argsort(nz_[:, 0], kind="stable")]
+    if g.shape[0] > 1 and (g[1:, 0] < g[:-1, 1]).any():
+        raise MaskError(f"submask: {what} overlap in global positions; segments must be disjoint")
+    loc = nz_[np.argsort(nz_[:, 2], kind="stable")]
+    want = np.cumsum(loc[:, 1] - loc[:, 0]) - (loc[:, 1] - loc[:, 0])
+    if not np.array_equal(loc[:, 2], want):
+        raise MaskError(f"submask: {what} local starts must tile [0, total length) in order without gaps "
+                        f"or overlaps, got {loc[:, 2].tolist()} for lengths {(loc[:, 1] - loc[:, 0]).tolist()}")
+    return seg
+
+
 def submask(mask: Mask, q_segments, k_segments) -> Mask:
     """The mask restricted to some query rows and key columns, remapped to local indices.
 
@@ -445,8 +464,8 @@ def submask(mask: Mask, q_segments, k_segments) -> Mask:
     rows from ``local_start``; ``k_segments`` the same for keys. Segments must be disjoint; the
     local shape is ``(sum of q lengths, sum of k lengths)``. Exact, on bands (no dense matrix).
     """
-    qs = np.asarray(q_segments, dtype=np.int64).reshape(-1, 3)
-    ks = np.asarray(k_segments, dtype=np.int64).reshape(-1, 3)
+    qs = _check_segments(q_segments, mask.sq, "q_segments")
+    ks = _check_segments(k_segments, mask.sk, "k_segments")
     lq = int((qs[:, 1] - qs[:, 0]).sum())
     lk = int((ks[:, 1] - ks[:, 0]).sum())
     qs = qs[qs[:, 1] > qs[:, 0]]

@@ -94,6 +94,8 @@ def _verify_once(plan: Plan, group, device) -> None:
         return
     check_same_plan(plan, group, device=device)
     with _LOCK:
+        if len(_VERIFIED) >= _MAX_CACHED:
+            _VERIFIED.clear()  # checking again is one small all-gather
         _VERIFIED.add(key)
 
 

@@ -361,3 +361,17 @@ def test_bad_masks_and_json():
         Workload(hq=6, hkv=4)
     with pytest.raises(MaskError, match="link_gbs must be > 0"):
         Hardware(link_gbs=0)
+
+
+@pytest.mark.parametrize("q_seg, words", [
+    ([[0, 4, 0], [2, 6, 4]], "overlap"),
+    ([[0, 4, 10]], "tile"),
+    ([[0, 4, 0], [4, 8, 0]], "tile"),
+    ([[6, 4, 0]], "start <= end"),
+    ([[0, 9, 0]], "end <= 8"),
+])
+def test_submask_rejects_bad_segments(q_seg, words):
+    with pytest.raises(MaskError, match=words):
+        submask(maskc.full(8), q_seg, [[0, 8, 0]])
+    with pytest.raises(MaskError, match=words):
+        submask(maskc.full(8), [[0, 8, 0]], q_seg)

@@ -319,18 +319,34 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0) -> 
 
     prompt = "the red circle moves right"
     stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta)
+    import torch
+
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    if cuda:  # GPU: the allocator's peak over the whole generation, not sampled
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        gpu0 = torch.cuda.memory_allocated(dev)
     tracemalloc.start()
     rss0 = peak = _rss_bytes()
     t0 = time.perf_counter()
     for _ in stream:
         peak = max(peak, _rss_bytes())
+    if cuda:
+        torch.cuda.synchronize(dev)
     dt = time.perf_counter() - t0
     _, tm_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"chunks": n_chunks, "peak_rss_mb": peak / 2 ** 20, "rss_growth_mb": (peak - rss0) / 2 ** 20,
-            "tracemalloc_peak_mb": tm_peak / 2 ** 20, "kv_cache_bytes": stream.cache.nbytes(),
-            "peak_cache_chunks": stream.peak_cache_chunks, "seconds": dt,
-            "fps": n_chunks * model.cfg.chunk_frames / dt}
+    out = {"chunks": n_chunks, "peak_rss_mb": peak / 2 ** 20, "rss_growth_mb": (peak - rss0) / 2 ** 20,
+           "tracemalloc_peak_mb": tm_peak / 2 ** 20, "kv_cache_bytes": stream.cache.nbytes(),
+           "peak_cache_chunks": stream.peak_cache_chunks, "seconds": dt,
+           "fps": n_chunks * model.cfg.chunk_frames / dt}
+    if cuda:
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        out["gpu_growth_mb"] = (torch.cuda.max_memory_allocated(dev) - gpu0) / 2 ** 20
+        out["device"] = torch.cuda.get_device_name(dev)
+    return out
 
 
 def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps: int | None = None,
