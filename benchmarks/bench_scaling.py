@@ -235,7 +235,7 @@ class Job:
     # ---- ring attention with zigzag ---------------------------------------------------------------
 
     def ring(self, mask, cp):
-        from ring_attention import ring_attention, ring_positions
+        from ring_attention import ring_attention, ring_positions, ring_traffic
 
         a, g = self.args, self.groups[cp]
         n = len(ring_positions(mask.sq, cp, self.rank, zigzag=True))
@@ -247,8 +247,10 @@ class Job:
             ring_attention(qq, kk, vv, mask, g, zigzag=True).backward(do)
 
         self.start()
+        ring_traffic(reset=True)
         t = _median_time(step, a.warmup, a.iters, self.sync, self.barrier(cp))
-        return {"time_s": t, "peak_gb": self.peak_gb(), "tokens": n}
+        moved = {key: val // (a.warmup + a.iters) for key, val in ring_traffic(reset=True).items()}
+        return {"time_s": t, "peak_gb": self.peak_gb(), "tokens": n, "moved": moved}
 
 
 def worker(rank, world, args, init_file, out_file):
@@ -384,7 +386,9 @@ def summarise(records, env):
             from ring_attention import ring_bytes
 
             fwd, bwd = ring_bytes(size, cp, args.kv_heads, args.head_dim, wl.dtype_bytes)
-            row.update(recv_bytes_fwd=fwd, recv_bytes_bwd=bwd)
+            row.update(recv_bytes_planned=int(fwd), recv_bytes_bwd_planned=int(bwd),
+                       recv_bytes_measured=[r["moved"]["fwd_recv"] for r in sorted(rs, key=lambda r: r["rank"])],
+                       recv_bytes_bwd_measured=[r["moved"]["bwd_recv"] for r in sorted(rs, key=lambda r: r["rank"])])
         if cp == 1:
             p0, p1 = float(hw0.seconds(area * per_pair)), float(hw1.seconds(area * per_pair))
             row.update(pred_ms_default=round(p0 * 1e3, 2), pred_ms_calibrated=round(p1 * 1e3, 2))

@@ -14,7 +14,9 @@ A block (MAGI-1's choices)::
 ``pre``/``post`` are RMSNorms (sandwich norm) with no timestep-dependent shift or scale: the
 timestep enters only through the tanh-capped output gates. Attention goes through `attend`
 (the maskc FFA kernels on the GPU, the dense reference on the CPU) with maskc masks from
-`world_model.masks`.
+`world_model.masks`. With ``cp`` (`world_model.parallel.CPContext`) the forward runs one
+context-parallel rank's share of the packed sequence: self-attention through maskc's
+`dist_attention`, everything else on the rank's own tokens.
 
 Flow matching: ``x_t = t * x_clean + (1 - t) * noise`` (t = 0 noise, t = 1 clean); the model
 predicts the velocity ``x_clean - noise``; every chunk carries its own t.
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskc import Mask
 from maskc.runtime import attention, reference_attention
 
 from . import masks
@@ -158,7 +161,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, rope, mask, past_kv=None):
-        """Returns the output and this call's (k, v) [S, kv_heads, head_dim] (after norm and RoPE)."""
+        """Returns the output and this call's (k, v) [S, kv_heads, head_dim] (after norm and RoPE).
+
+        mask: a maskc `Mask`, or a context-parallel `CPContext` (x holds the rank's tokens; its
+        ``attend`` runs `dist_attention` over the plan's packed mask)."""
         s = x.shape[0]
         q = apply_rope(self.q_norm(self.q(x).view(s, self.heads, self.hd)), *rope)
         k, v = self.kv(x).view(s, 2, self.kv_heads, self.hd).unbind(1)
@@ -166,7 +172,8 @@ class SelfAttention(nn.Module):
         kv = (k, v)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k]), torch.cat([past_kv[1], v])
-        return self.proj(attend(q, k, v, mask).reshape(s, -1)), kv
+        o = attend(q, k, v, mask) if isinstance(mask, Mask) else mask.attend(q, k, v)
+        return self.proj(o.reshape(s, -1)), kv
 
 
 class CrossAttention(nn.Module):
@@ -236,7 +243,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, latents, t, text, caption_lengths, video_chunks=None, chunk_offsets=None,
-                window=None, past_kv=None, return_kv=False):
+                window=None, past_kv=None, return_kv=False, cp=None):
         """Velocity [F, h, w, C] for packed noisy latent frames ``latents`` [F, h, w, C].
 
         t: flow time per chunk [n_chunks] (or per latent frame [F]); text: packed caption tokens
@@ -246,6 +253,12 @@ class DiT(nn.Module):
         sliding chunk window (None = block-causal). past_kv: per-layer (k, v) of the cached
         chunks that precede the new ones (one sample only); return_kv: also return the per-layer
         (k, v) of this call's tokens, to cache.
+
+        cp: a `world_model.parallel.CPContext` (`make_cp_context` of the same ``video_chunks``
+        and ``window``): context parallelism. ``latents``, ``t`` and ``text`` are still the whole
+        packed batch (the same on every rank), but only the rank's tokens (``cp.plan.positions``)
+        go through the network and the result is their velocity *tokens* [n_local, patch_dim], in
+        local order (not unpatchified). Every rank of the group must make the same call.
         """
         cfg = self.cfg
         video_chunks, chunk_offsets = self._layout(latents, video_chunks, chunk_offsets, past_kv)
@@ -259,14 +272,32 @@ class DiT(nn.Module):
         if cross_mask.sk != text.shape[0]:
             raise ValueError(f"text has {text.shape[0]} tokens but caption_lengths sum to {cross_mask.sk}")
 
-        x = self.embed(patchify(latents, cfg))
-        t_emb = self.t_embed(token_times(frame_times(t, n_chunks, cfg).to(x.device), cfg))
-        rope = rope_angles(positions(video_chunks, chunk_offsets, cfg).to(x.device), cfg)
+        x = patchify(latents, cfg)
+        t_tok = token_times(frame_times(t, n_chunks, cfg).to(x.device), cfg)
+        pos = positions(video_chunks, chunk_offsets, cfg).to(x.device)
+        if cp is not None:
+            if past_kv is not None or return_kv:
+                raise ValueError("cp: context parallelism runs whole packed sequences (training); "
+                                 "past_kv and return_kv are not supported with it")
+            if cp.plan.mask != self_mask:
+                raise ValueError(
+                    f"cp: the context-parallel plan is for another self-attention mask ({cp.plan.mask.sq} tokens) "
+                    f"than this batch's ({self_mask.sq} tokens, video_chunks={video_chunks}, window={window}); "
+                    "build it with make_cp_context(video_chunks, cfg, ..., window=window) of this batch")
+            idx = cp.index(x.device)
+            x, t_tok, pos = x.index_select(0, idx), t_tok.index_select(0, idx), pos.index_select(0, idx)
+            self_mask, cross_mask = cp, cp.rows(cross_mask)
+        x = self.embed(x)
+        t_emb = self.t_embed(t_tok)
+        rope = rope_angles(pos, cfg)
         new_kv = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, t_emb, rope, text, self_mask, cross_mask, None if past_kv is None else past_kv[i])
             new_kv.append(kv)
-        v = unpatchify(self.out(self.norm_out(x)), n_frames, cfg)
+        v = self.out(self.norm_out(x))
+        if cp is not None:
+            return v
+        v = unpatchify(v, n_frames, cfg)
         return (v, new_kv) if return_kv else v
 
     def _layout(self, latents, video_chunks, chunk_offsets, past_kv):
