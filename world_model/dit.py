@@ -82,12 +82,16 @@ def positions(video_chunks: Sequence[int], chunk_offsets: Sequence[int], cfg: Mo
     position whether it is processed with the whole clip or streamed alone."""
     g = torch.arange(cfg.latent_size // cfg.patch_s)
     yy, xx = (a.reshape(-1) for a in torch.meshgrid(g, g, indexing="ij"))
-    rows = []
-    for n, off in zip(video_chunks, chunk_offsets):
-        frames = off * cfg.latent_frames + torch.arange(0, n * cfg.latent_frames, cfg.patch_t)
-        tt = frames.repeat_interleave(len(yy))
-        rows.append(torch.stack([tt, yy.repeat(len(frames)), xx.repeat(len(frames))], 1))
-    return torch.cat(rows)
+    # token-frame groups per sample, then each group's absolute latent frame (vectorised: a
+    # packed 1M-token batch has thousands of samples)
+    per_chunk = cfg.latent_frames // cfg.patch_t
+    n = torch.as_tensor(list(video_chunks), dtype=torch.long) * per_chunk
+    off = torch.as_tensor(list(chunk_offsets), dtype=torch.long) * cfg.latent_frames
+    start = torch.cumsum(n, 0) - n
+    sample = torch.repeat_interleave(torch.arange(n.numel()), n)
+    frames = off[sample] + (torch.arange(int(n.sum())) - start[sample]) * cfg.patch_t
+    tt = frames.repeat_interleave(len(yy))
+    return torch.stack([tt, yy.repeat(frames.numel()), xx.repeat(frames.numel())], 1)
 
 
 def frame_times(t: torch.Tensor, n_chunks: int, cfg: ModelConfig) -> torch.Tensor:

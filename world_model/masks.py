@@ -13,6 +13,8 @@ tokens per chunk. Caption tokens are packed the same way: one caption per chunk,
 
 from __future__ import annotations
 
+import numpy as np
+
 import maskc
 from maskc import FULL, Mask, MaskError
 
@@ -36,12 +38,13 @@ def cross_attention_mask(video_chunks, chunk_tokens: int, caption_lengths) -> Ma
     if len(lens) != sum(counts):
         raise MaskError(f"cross_attention_mask: {len(lens)} caption lengths for {sum(counts)} chunks; "
                         "give one caption per chunk")
-    slices, start = [], 0
-    for c, n in enumerate(lens):
-        if n:
-            slices.append(((c * t, (c + 1) * t), (start, start + n), FULL))
-        start += n
-    return Mask(slices, sq=len(lens) * t, sk=start)
+    # one FULL slice per chunk with a caption, built as an array (a packed 1M-token batch has
+    # thousands of chunks)
+    n = np.asarray(lens, dtype=np.int64)
+    start = np.cumsum(n) - n
+    c = np.nonzero(n)[0]
+    arr = np.stack([c * t, (c + 1) * t, start[c], start[c] + n[c], np.full(c.size, int(FULL))], axis=1)
+    return Mask._from_slice_array(arr, len(lens) * t, int(n.sum()))
 
 
 def chunk_window_mask(n_cached_chunks: int, n_new_chunks: int, chunk_tokens: int, window: int | None = None) -> Mask:
