@@ -204,12 +204,26 @@ class _Reduced(_Pending):
         self.rows = rows
         self.n_local = n_local
 
-    def wait(self) -> torch.Tensor:
+    def _received(self) -> torch.Tensor:
         buf = _Pending.wait(self)
         if buf.is_cuda:  # allocated on the side stream, summed on the current one
             buf.record_stream(torch.cuda.current_stream(buf.device))
+        return buf
+
+    def wait(self) -> torch.Tensor:
+        buf = self._received()
         out = buf.new_zeros((self.n_local,) + tuple(buf.shape[1:]))
-        return out.index_add_(0, self.rows, buf)
+        return out.index_add_(0, self.rows, buf) if self.rows.numel() else out
+
+    def add_into(self, *targets: torch.Tensor) -> None:
+        """Wait, then add part ``i`` of the returned rows (``buf[:, i]``) into ``targets[i]``
+        ``[n_local, ...]`` (any dtype): no zero-filled staging buffer, one ``index_add_`` per target
+        (each under 2^31 elements where the packed ``[n, parts, ...]`` tensor might not be)."""
+        buf = self._received()
+        if not self.rows.numel():
+            return
+        for i, target in enumerate(targets):
+            target.index_add_(0, self.rows, buf[:, i].to(target.dtype))
 
 
 def group_reduce(grad: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_splits, n_local: int, group=None,
@@ -371,9 +385,7 @@ class _DistAttention(torch.autograd.Function):
         for r in reduces:
             if cuda:
                 torch.cuda.current_stream(dout.device).wait_stream(side)
-            summed = r.wait()
-            dk += summed[:, 0]
-            dv += summed[:, 1]
+            r.add_into(dk, dv)
         dq, dk, dv = dq.to(q_leaf.dtype), dk.to(k_leaf.dtype), dv.to(v_leaf.dtype)
         return dq, dk, dv, None, None, None, None, None
 
