@@ -149,6 +149,27 @@ def rank_layout(plan: Plan, rank: int) -> RankLayout:
 # ---- GroupCast / GroupReduce -------------------------------------------------------------------
 
 
+_NO_COMM = threading.local()
+
+
+@contextlib.contextmanager
+def no_communication():
+    """For measuring overlap only: inside, `group_cast` and `group_reduce` skip their transfers
+    (received buffers are left uninitialised, returned gradients are dropped), so every result
+    is wrong, but the call does all its other work. The time of `dist_attention` inside, against
+    the real call, is the communication that was not hidden (see benchmarks/bench_scaling.py)."""
+    before = getattr(_NO_COMM, "on", False)
+    _NO_COMM.on = True
+    try:
+        yield
+    finally:
+        _NO_COMM.on = before
+
+
+def _skip_comm() -> bool:
+    return getattr(_NO_COMM, "on", False)
+
+
 def _count(kind: str, sent: torch.Tensor, received: torch.Tensor) -> None:
     _TRAFFIC[kind + "_send"] += sent.numel() * sent.element_size()
     _TRAFFIC[kind + "_recv"] += received.numel() * received.element_size()
@@ -188,6 +209,8 @@ def group_cast(x: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_split
     received tensor, or a handle with ``.wait() -> tensor`` when ``async_op``."""
     send = x.index_select(0, send_rows).contiguous()
     recv = x.new_empty((int(sum(recv_splits)),) + tuple(x.shape[1:]))
+    if _skip_comm():
+        return _Pending(recv, None) if async_op else recv
     work = dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits), group=group, async_op=async_op)
     _count("cast", send, recv)
     pending = _Pending(recv, work if async_op else None)
@@ -233,8 +256,12 @@ def group_reduce(grad: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_
     With ``async_op`` returns a handle whose ``.wait()`` gives the summed tensor."""
     grad = grad.contiguous()
     back = grad.new_empty((int(sum(send_splits)),) + tuple(grad.shape[1:]))
-    work = dist.all_to_all_single(back, grad, list(send_splits), list(recv_splits), group=group, async_op=async_op)
-    _count("reduce", grad, back)
+    if _skip_comm():
+        send_rows = send_rows[:0]  # nothing arrives: nothing to add
+        work = None
+    else:
+        work = dist.all_to_all_single(back, grad, list(send_splits), list(recv_splits), group=group, async_op=async_op)
+        _count("reduce", grad, back)
     pending = _Reduced(back, work if async_op else None, send_rows, n_local)
     return pending if async_op else pending.wait()
 
@@ -485,6 +512,7 @@ __all__ = [
     "group_reduce",
     "local_masks",
     "merge_partials",
+    "no_communication",
     "rank_layout",
     "traffic",
     "undispatch",

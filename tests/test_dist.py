@@ -155,6 +155,14 @@ def _run_cases(rank, world, init, cases, out_dir):
         report.append({"case": i, "tokens": int(pos.numel()), "errs": errs})
         bad = {k_: e for k_, e in errs.items() if not e < TOL}
         assert not bad, f"rank {rank} case {i} ({mask!r}): errors {bad}"
+    # the overlap-measuring mode: the same work without transfers (nothing moves, shapes hold)
+    from maskc.runtime.dist import no_communication
+
+    traffic(reset=True)
+    with no_communication():
+        o = dist_attention(ql.detach().requires_grad_(), kl.detach().requires_grad_(), vl.detach().requires_grad_(), plan)
+        o.sum().backward()
+    assert o.shape == ql.shape and traffic(reset=True) == dict.fromkeys(moved, 0)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()

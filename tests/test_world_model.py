@@ -340,3 +340,23 @@ def test_a_few_steps_of_tiny_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_cross_attention_mask_rows_equal_submask():
+    from maskc.comm import layout_segments, submask
+
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        vc = rng.integers(1, 4, size=int(rng.integers(1, 4))).tolist()
+        t = int(rng.integers(1, 7))
+        lens = rng.integers(0, 4, size=sum(vc)).tolist()
+        whole = M.cross_attention_mask(vc, t, lens)
+        cuts = np.unique(np.r_[0, rng.integers(0, whole.sq + 1, 4), whole.sq])
+        runs = np.stack([cuts[:-1], cuts[1:]], 1)
+        runs = runs[rng.permutation(len(runs))][: int(rng.integers(1, len(runs) + 1))]  # some ranges, any order
+        got = M.cross_attention_mask(vc, t, lens, row_runs=runs)
+        assert got == submask(whole, layout_segments(runs), [[0, whole.sk, 0]])
+    with pytest.raises(maskc.MaskError, match="row_runs"):
+        M.cross_attention_mask([2], 3, [1, 1], row_runs=[[0, 7]])
+    with pytest.raises(maskc.MaskError, match=r"caption_lengths\[1\]"):
+        M.cross_attention_mask([2], 3, [1, -1])

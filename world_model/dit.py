@@ -272,13 +272,6 @@ class DiT(nn.Module):
             self_mask = masks.self_attention_mask(video_chunks, tpc, window)
         else:
             self_mask = masks.chunk_window_mask(past_kv[0][0].shape[0] // tpc, n_chunks, tpc, window)
-        cross_mask = masks.cross_attention_mask(video_chunks, tpc, caption_lengths)
-        if cross_mask.sk != text.shape[0]:
-            raise ValueError(f"text has {text.shape[0]} tokens but caption_lengths sum to {cross_mask.sk}")
-
-        x = patchify(latents, cfg)
-        t_tok = token_times(frame_times(t, n_chunks, cfg).to(x.device), cfg)
-        pos = positions(video_chunks, chunk_offsets, cfg).to(x.device)
         if cp is not None:
             if past_kv is not None or return_kv:
                 raise ValueError("cp: context parallelism runs whole packed sequences (training); "
@@ -288,9 +281,20 @@ class DiT(nn.Module):
                     f"cp: the context-parallel plan is for another self-attention mask ({cp.plan.mask.sq} tokens) "
                     f"than this batch's ({self_mask.sq} tokens, video_chunks={video_chunks}, window={window}); "
                     "build it with make_cp_context(video_chunks, cfg, ..., window=window) of this batch")
+        # with cp, only the rank's rows of the cross mask (built directly: a 1M-token batch has
+        # thousands of captions)
+        cross_mask = masks.cross_attention_mask(video_chunks, tpc, caption_lengths,
+                                                None if cp is None else cp.plan.dispatch.rank_runs(cp.rank))
+        if cross_mask.sk != text.shape[0]:
+            raise ValueError(f"text has {text.shape[0]} tokens but caption_lengths sum to {cross_mask.sk}")
+
+        x = patchify(latents, cfg)
+        t_tok = token_times(frame_times(t, n_chunks, cfg).to(x.device), cfg)
+        pos = positions(video_chunks, chunk_offsets, cfg).to(x.device)
+        if cp is not None:
             idx = cp.index(x.device)
             x, t_tok, pos = x.index_select(0, idx), t_tok.index_select(0, idx), pos.index_select(0, idx)
-            self_mask, cross_mask = cp, cp.rows(cross_mask)
+            self_mask = cp
         x = self.embed(x)
         t_emb = self.t_embed(t_tok)
         rope = rope_angles(pos, cfg)

@@ -25,16 +25,32 @@ def _count(value, what: str, minimum: int) -> int:
     return int(value)
 
 
+def _counts(values, what: str, minimum: int) -> list[int]:
+    """`_count` of every entry, vectorised for the common case of a plain integer sequence."""
+    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if arr.ndim == 1 and arr.dtype.kind in "iu":
+        bad = np.nonzero(arr < minimum)[0]
+        if bad.size:
+            i = int(bad[0])
+            raise MaskError(f"{what}[{i}] must be an integer >= {minimum}, got {values[i]!r}")
+        return arr.tolist()
+    return [_count(n, f"{what}[{i}]", minimum) for i, n in enumerate(values)]
+
+
 def self_attention_mask(video_chunks, chunk_tokens: int, window: int | None = None) -> Mask:
     """Packed block-causal (``window=None``, training) or sliding chunk window (inference) mask."""
     return maskc.magi_video(video_chunks, chunk_tokens, window)
 
 
-def cross_attention_mask(video_chunks, chunk_tokens: int, caption_lengths) -> Mask:
-    """[sum(video_chunks) * chunk_tokens, sum(caption_lengths)]: chunk c sees caption c only."""
-    counts = [_count(n, f"cross_attention_mask: video_chunks[{i}]", 1) for i, n in enumerate(video_chunks)]
+def cross_attention_mask(video_chunks, chunk_tokens: int, caption_lengths, row_runs=None) -> Mask:
+    """[sum(video_chunks) * chunk_tokens, sum(caption_lengths)]: chunk c sees caption c only.
+
+    ``row_runs``: (k, 2) global ``[start, end)`` token ranges in local order (a context-parallel
+    rank's, `maskc.Plan.dispatch.rank_runs`): the mask of those rows only, ``[sum of lengths,
+    sum(caption_lengths)]``, built directly (equal to `maskc.comm.submask` of the whole mask)."""
+    counts = _counts(video_chunks, "cross_attention_mask: video_chunks", 1)
     t = _count(chunk_tokens, "cross_attention_mask: chunk_tokens", 1)
-    lens = [_count(n, f"cross_attention_mask: caption_lengths[{i}]", 0) for i, n in enumerate(caption_lengths)]
+    lens = _counts(caption_lengths, "cross_attention_mask: caption_lengths", 0)
     if len(lens) != sum(counts):
         raise MaskError(f"cross_attention_mask: {len(lens)} caption lengths for {sum(counts)} chunks; "
                         "give one caption per chunk")
@@ -42,9 +58,27 @@ def cross_attention_mask(video_chunks, chunk_tokens: int, caption_lengths) -> Ma
     # thousands of chunks)
     n = np.asarray(lens, dtype=np.int64)
     start = np.cumsum(n) - n
-    c = np.nonzero(n)[0]
-    arr = np.stack([c * t, (c + 1) * t, start[c], start[c] + n[c], np.full(c.size, int(FULL))], axis=1)
-    return Mask._from_slice_array(arr, len(lens) * t, int(n.sum()))
+    sq, sk = len(lens) * t, int(n.sum())
+    if row_runs is None:
+        c = np.nonzero(n)[0]
+        arr = np.stack([c * t, (c + 1) * t, start[c], start[c] + n[c], np.full(c.size, int(FULL))], axis=1)
+        return Mask._from_slice_array(arr, sq, sk)
+    runs = np.asarray(row_runs, dtype=np.int64).reshape(-1, 2)
+    runs = runs[runs[:, 1] > runs[:, 0]]
+    if runs.size and (runs.min() < 0 or runs.max() > sq):
+        raise MaskError(f"cross_attention_mask: row_runs must lie in [0, {sq}], got {runs.min()}..{runs.max()}")
+    # every (run, chunk) overlap is one FULL slice in local rows
+    ln = runs[:, 1] - runs[:, 0]
+    local0 = np.cumsum(ln) - ln
+    c0, c1 = runs[:, 0] // t, (runs[:, 1] - 1) // t
+    cnt = c1 - c0 + 1
+    run = np.repeat(np.arange(runs.shape[0]), cnt)
+    c = c0[run] + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+    r0 = np.maximum(runs[run, 0], c * t) - runs[run, 0] + local0[run]
+    r1 = np.minimum(runs[run, 1], (c + 1) * t) - runs[run, 0] + local0[run]
+    keep = n[c] > 0
+    arr = np.stack([r0, r1, start[c], start[c] + n[c], np.full(c.size, int(FULL))], axis=1)[keep]
+    return Mask._from_slice_array(arr, int(ln.sum()), sk)
 
 
 def chunk_window_mask(n_cached_chunks: int, n_new_chunks: int, chunk_tokens: int, window: int | None = None) -> Mask:
