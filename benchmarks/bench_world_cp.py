@@ -77,6 +77,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu", action="store_true", help="gloo + Triton interpreter smoke test (tiny sizes)")
     ap.add_argument("--out", default="benchmarks/results", help="directory of the JSON result")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile one more step with torch.profiler on rank 0 and print the ops that "
+                         "take the most CPU and GPU time (where a step's time goes)")
     args = ap.parse_args(argv)
     if args.nproc < 1:
         ap.error("--nproc must be >= 1")
@@ -207,9 +210,8 @@ def worker(rank, args, init_file, out_file):
     t0 = time.perf_counter()
     positions(packed.video_chunks, packed.chunk_offsets, cfg)
     masks.self_attention_mask(packed.video_chunks, cfg.tokens_per_chunk)
-    cross = masks.cross_attention_mask(packed.video_chunks, cfg.tokens_per_chunk, lens)
-    if cp is not None:
-        cp.rows(cross)
+    masks.cross_attention_mask(packed.video_chunks, cfg.tokens_per_chunk, lens,
+                               None if cp is None else cp.plan.dispatch.rank_runs(rank))
     result["host_layout_s"] = time.perf_counter() - t0
 
     losses = []
@@ -243,6 +245,19 @@ def worker(rank, args, init_file, out_file):
         if distributed:
             raise  # the other ranks are stuck in a collective: let spawn stop them all
         result["oom"] = str(e).splitlines()[0]
+    if args.profile and times:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            barrier()
+            step()
+            sync()
+        if rank == 0:
+            table = prof.key_averages()
+            print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+            if device.type == "cuda":
+                print(table.table(sort_by="self_device_time_total", row_limit=15), flush=True)
     if times:
         result["step_s"] = statistics.median(times)
         result["step_all_s"] = times

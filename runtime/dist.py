@@ -146,6 +146,23 @@ def rank_layout(plan: Plan, rank: int) -> RankLayout:
     return layout
 
 
+_DEVICE_ROWS: dict = {}
+
+
+def _device_rows(layout: RankLayout, device) -> list:
+    """The layout's per-stage send rows as int64 tensors on ``device``, made once: a copy from
+    pageable host memory would synchronise the host with the GPU at every call."""
+    key = (id(layout), str(device))
+    hit = _DEVICE_ROWS.get(key)
+    if hit is None or hit[0] is not layout:
+        hit = (layout, [torch.as_tensor(np.array(r), device=device) for r in layout.send_rows])
+        with _LOCK:
+            if len(_DEVICE_ROWS) >= _MAX_CACHED:
+                _DEVICE_ROWS.clear()
+            _DEVICE_ROWS[key] = hit
+    return hit[1]
+
+
 # ---- GroupCast / GroupReduce -------------------------------------------------------------------
 
 
@@ -312,7 +329,7 @@ class _DistAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         nst = plan.stages
         cuda = q.is_cuda
-        rows = [torch.as_tensor(np.array(r), device=q.device) for r in layout.send_rows]
+        rows = _device_rows(layout, q.device)
         # keys and values travel together: [L, 2, hkv, d]
         kv = torch.stack([k.detach(), v.detach()], dim=1) if nst else None
 
