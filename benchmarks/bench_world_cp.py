@@ -249,15 +249,21 @@ def worker(rank, args, init_file, out_file):
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
+        with profile(activities=acts, with_stack=True) as prof:
             barrier()
             step()
             sync()
         if rank == 0:
             table = prof.key_averages()
-            print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+            text = [table.table(sort_by="self_cpu_time_total", row_limit=40),
+                    prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=30)]
             if device.type == "cuda":
-                print(table.table(sort_by="self_device_time_total", row_limit=15), flush=True)
+                text.append(table.table(sort_by="self_device_time_total", row_limit=25))
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            prof_file = Path(args.out) / f"profile-world-cp-{world}x-rank0.txt"
+            prof_file.write_text("\n\n".join(text))
+            print(text[0], flush=True)
+            print(f"profile tables: {prof_file}", flush=True)
     if times:
         result["step_s"] = statistics.median(times)
         result["step_all_s"] = times

@@ -163,6 +163,13 @@ class Estimate:
         )
 
 
+# measured machines (`calibrate` on benchmarks/bench_scaling.py runs; see docs/benchmarks.md)
+PRESETS: dict[str, Hardware] = {
+    # 4 x H200, NVLink, 16 x 128 bf16 forward + backward: 2026-11-26 scaling run
+    "h200-nvlink": Hardware(tflops=427.0, link_gbs=172.0, latency_us=0.0),
+}
+
+
 # ---- calibration -------------------------------------------------------------------------------
 
 
@@ -401,6 +408,7 @@ def baselines(mask, cp: int, hw: Hardware = Hardware(), wl: Workload = Workload(
 __all__ = [
     "Estimate",
     "Hardware",
+    "PRESETS",
     "Workload",
     "allgather",
     "baselines",
