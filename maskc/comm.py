@@ -15,8 +15,8 @@ groups of about equal tokens; stage i+1's transfer overlaps stage i's compute.
 GroupReduce. With ``group_reduce`` on, a pair (dst, src) whose query rows are cheaper to move than
 its key/value ranges (``q_rows * q_row_bytes < kv_tokens * kv_token_bytes``) is marked ``mode=1``:
 dst's rows go to src, src computes them against its own keys and sends the partial output and lse
-back to be merged. The planner and the cost model handle both modes; the runtime executes only the
-key/value-moving form (``mode=0``) and refuses a plan with ``mode=1`` pairs.
+back to be merged (and, backward, the output gradients go to src and dQ comes back). The planner,
+the cost model and the runtime (`maskc.runtime.dist`) handle both modes.
 """
 
 from __future__ import annotations
@@ -211,18 +211,50 @@ class CommSchedule:
         r = r[np.lexsort((r[:, START], r[:, DST], r[:, STAGE], r[:, SRC]))]
         return r, r[:, SRC] * (self.stages + 1) + r[:, STAGE]
 
-    def recv(self, dst: int, stage: int) -> np.ndarray:
-        """(k, 3) ``[src, start, end]`` that `dst` receives in `stage`, in arrival order (by src, start)."""
+    def recv(self, dst: int, stage: int, mode: int | None = None) -> np.ndarray:
+        """(k, 3) ``[src, start, end]`` key ranges of `dst`'s queries in `stage`, in arrival order
+        (by src, start); ``mode=KV`` only those that move (``None``: every pair's)."""
         key = dst * (self.stages + 1) + stage
         a, b = np.searchsorted(self._recv_index, [key, key + 1])
-        return self.ranges[a:b][:, [SRC, START, END]]
+        out = self.ranges[a:b]
+        if mode is not None and out.shape[0]:
+            out = out[self._range_mode[a:b] == mode]
+        return out[:, [SRC, START, END]]
 
-    def send(self, src: int, stage: int) -> np.ndarray:
-        """(k, 3) ``[dst, start, end]`` that `src` sends in `stage`, in packing order (by dst, start)."""
+    def send(self, src: int, stage: int, mode: int | None = None) -> np.ndarray:
+        """(k, 3) ``[dst, start, end]`` key ranges `src` holds for others in `stage`, in packing
+        order (by dst, start); ``mode=KV`` only those that move."""
         r, key = self._by_sender
         want = src * (self.stages + 1) + stage
         a, b = np.searchsorted(key, [want, want + 1])
-        return r[a:b][:, [DST, START, END]]
+        out = r[a:b]
+        if mode is not None and out.shape[0]:
+            out = out[self._sender_mode[a:b] == mode]
+        return out[:, [DST, START, END]]
+
+    @cached_property
+    def _sender_mode(self) -> np.ndarray:
+        r, _ = self._by_sender
+        if not r.shape[0]:
+            return np.zeros(0, dtype=np.int64)
+        modes = {(int(d), int(s)): int(m) for d, s, m in self.pairs[:, [P_DST, P_SRC, P_MODE]].tolist()}
+        return np.array([modes[(int(d), int(s_))] for d, s_ in r[:, [DST, SRC]].tolist()], dtype=np.int64)
+
+    def q_send(self, dst: int, stage: int) -> np.ndarray:
+        """(k, 3) ``[src, start, end]``: `dst`'s query rows that go to `src` in `stage`
+        (GroupReduce pairs), in packing order (by src, start)."""
+        q = self.q_ranges
+        q = q[(q[:, Q_DST] == dst) & (q[:, Q_STAGE] == stage)]
+        q = q[np.lexsort((q[:, Q_START], q[:, Q_SRC]))]
+        return q[:, [Q_SRC, Q_START, Q_END]]
+
+    def q_recv(self, src: int, stage: int) -> np.ndarray:
+        """(k, 3) ``[dst, start, end]``: the query rows `src` receives in `stage` to compute
+        against its own keys, in arrival order (by dst, start)."""
+        q = self.q_ranges
+        q = q[(q[:, Q_SRC] == src) & (q[:, Q_STAGE] == stage)]
+        q = q[np.lexsort((q[:, Q_START], q[:, Q_DST]))]
+        return q[:, [Q_DST, Q_START, Q_END]]
 
     def needed(self, dst: int) -> np.ndarray:
         """(k, 3) ``[src, start, end]``: every remote key range `dst` attends, sorted by position."""

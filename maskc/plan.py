@@ -19,7 +19,6 @@ import numpy as np
 
 from .comm import (
     KV,
-    P_MODE,
     CommSchedule,
     build_schedule,
     check_stages,
@@ -115,12 +114,6 @@ class Plan:
         and any per-token conditioning."""
         return self.dispatch.positions(rank)
 
-    @property
-    def executable(self) -> bool:
-        """Whether the runtime can run it: every pair moves keys/values (no GroupReduce pairs)."""
-        p = self.schedule.pairs
-        return not p.shape[0] or bool((p[:, P_MODE] == KV).all())
-
     # ---- per-rank layout -----------------------------------------------------------------------
 
     def stage_keys(self, rank: int, stage: int) -> np.ndarray:
@@ -131,7 +124,14 @@ class Plan:
             return self.dispatch.rank_runs(rank)
         if not 1 <= stage <= self.stages:
             raise MaskError(f"stage must lie in [0, {self.stages}], got {stage}")
-        return self.schedule.recv(rank, stage)[:, 1:]
+        return self.schedule.recv(rank, stage, KV)[:, 1:]
+
+    def host_mask(self, rank: int, stage: int) -> Mask:
+        """GroupReduce: the mask of the query rows `rank` receives in `stage` (`q_recv` order) x
+        its own keys (local order); empty when it hosts none."""
+        rank = self.dispatch._check_rank(rank)
+        q = self.schedule.q_recv(rank, stage)[:, 1:]
+        return submask(self.mask, layout_segments(q), layout_segments(self.dispatch.rank_runs(rank)))
 
     def local_masks(self, rank: int) -> list[Mask]:
         """Per stage, the mask of `rank`'s queries x the keys it holds in that stage, in local

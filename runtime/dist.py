@@ -18,8 +18,10 @@ finishes with the local stage. On GPUs the packing and the collectives run on a 
 when it needs that stage. Every rank checks at its first call with a plan that all ranks hold the
 same plan (an all-gather of the digest) and raises instead of hanging when they do not.
 
-Only plans whose pairs all move keys/values are executed (``plan.executable``); GroupReduce pairs
-that move queries (``compile(..., group_reduce=True)``) are planned and priced, not run.
+Plans with GroupReduce pairs (``compile(..., group_reduce=True)``: query rows move to the keys
+when that is cheaper) run too: the rows go out with their stage's GroupCast, their key owner
+computes them against its own keys and returns the partial output and lse, merged at the rows;
+backward, their output gradients go out and dQ comes back (dK/dV stay with the owner).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from maskc.comm import KV
 from maskc.dispatch import _ramp
 from maskc.errors import MaskError
 from maskc.mask import Mask
@@ -47,7 +50,8 @@ _COMM_STREAMS: dict = {}
 _MAX_CACHED = 64
 # bytes this process has moved through group_cast / group_reduce since the last reset (what the
 # runtime really sent and received, to check against the planner's prediction)
-_TRAFFIC = {"cast_send": 0, "cast_recv": 0, "reduce_send": 0, "reduce_recv": 0}
+_TRAFFIC = {"cast_send": 0, "cast_recv": 0, "reduce_send": 0, "reduce_recv": 0,
+            "qcast_send": 0, "qcast_recv": 0, "qreduce_send": 0, "qreduce_recv": 0}
 
 
 # ---- group helpers -----------------------------------------------------------------------------
@@ -112,6 +116,12 @@ class RankLayout:
     send_rows: tuple  # per remote stage: int64 local rows to pack, grouped by destination
     send_splits: tuple  # per remote stage: rows per destination rank
     recv_splits: tuple  # per remote stage: rows per source rank
+    # GroupReduce (pairs that move queries to the keys), per remote stage; all empty without them
+    group_reduce: bool = False  # the plan has such pairs (every rank then runs their collectives)
+    q_rows: tuple = ()  # local query rows sent out to be computed elsewhere, grouped by key owner
+    q_send_splits: tuple = ()  # query rows per key-owner rank
+    q_recv_splits: tuple = ()  # query rows received per query-owner rank (computed here)
+    host_masks: tuple = ()  # Mask of the received query rows x this rank's keys
 
 
 def rank_layout(plan: Plan, rank: int) -> RankLayout:
@@ -122,15 +132,29 @@ def rank_layout(plan: Plan, rank: int) -> RankLayout:
         return hit
     sch, d = plan.schedule, plan.dispatch
     cp = plan.cp_size
+    def local_rows(ranges):  # [peer, start, end] global ranges of this rank -> local row indices
+        ln = ranges[:, 2] - ranges[:, 1]
+        if not ranges.shape[0]:
+            return np.zeros(0, np.int64)
+        return (np.repeat(d.local_index(rank, ranges[:, 1]), ln) + _ramp(ln)).astype(np.int64)
+
+    def splits(ranges):  # rows per peer rank
+        return np.bincount(ranges[:, 0], weights=ranges[:, 2] - ranges[:, 1], minlength=cp).astype(np.int64).tolist()
+
     send_rows, send_splits, recv_splits = [], [], []
+    q_rows, q_send, q_recv, host = [], [], [], []
+    group_reduce = sch.n_group_reduce > 0
     for k in range(1, plan.stages + 1):
-        s = sch.send(rank, k)  # [dst, start, end]
-        ln = s[:, 2] - s[:, 1]
-        rows = np.repeat(d.local_index(rank, s[:, 1]), ln) + _ramp(ln) if s.shape[0] else np.zeros(0, np.int64)
-        send_rows.append(rows.astype(np.int64))
-        send_splits.append(np.bincount(s[:, 0], weights=ln, minlength=cp).astype(np.int64).tolist())
-        r = sch.recv(rank, k)  # [src, start, end]
-        recv_splits.append(np.bincount(r[:, 0], weights=r[:, 2] - r[:, 1], minlength=cp).astype(np.int64).tolist())
+        s = sch.send(rank, k, KV)  # [dst, start, end]
+        send_rows.append(local_rows(s))
+        send_splits.append(splits(s))
+        recv_splits.append(splits(sch.recv(rank, k, KV)))  # [src, start, end]
+        if group_reduce:
+            qs = sch.q_send(rank, k)  # my query rows -> the key owner [src, start, end]
+            q_rows.append(local_rows(qs))
+            q_send.append(splits(qs))
+            q_recv.append(splits(sch.q_recv(rank, k)))
+            host.append(plan.host_mask(rank, k))
     layout = RankLayout(
         rank=rank,
         n_local=int(d.rank_tokens[rank]),
@@ -138,6 +162,11 @@ def rank_layout(plan: Plan, rank: int) -> RankLayout:
         send_rows=tuple(send_rows),
         send_splits=tuple(send_splits),
         recv_splits=tuple(recv_splits),
+        group_reduce=group_reduce,
+        q_rows=tuple(q_rows),
+        q_send_splits=tuple(q_send),
+        q_recv_splits=tuple(q_recv),
+        host_masks=tuple(host),
     )
     with _LOCK:
         if len(_LAYOUTS) >= _MAX_CACHED:
@@ -149,13 +178,13 @@ def rank_layout(plan: Plan, rank: int) -> RankLayout:
 _DEVICE_ROWS: dict = {}
 
 
-def _device_rows(layout: RankLayout, device) -> list:
-    """The layout's per-stage send rows as int64 tensors on ``device``, made once: a copy from
-    pageable host memory would synchronise the host with the GPU at every call."""
-    key = (id(layout), str(device))
+def _device_rows(layout: RankLayout, device, which: str = "send_rows") -> list:
+    """The layout's per-stage ``send_rows`` (or ``q_rows``) as int64 tensors on ``device``, made
+    once: a copy from pageable host memory would synchronise the host with the GPU at every call."""
+    key = (id(layout), str(device), which)
     hit = _DEVICE_ROWS.get(key)
     if hit is None or hit[0] is not layout:
-        hit = (layout, [torch.as_tensor(np.array(r), device=device) for r in layout.send_rows])
+        hit = (layout, [torch.as_tensor(np.array(r), device=device) for r in getattr(layout, which)])
         with _LOCK:
             if len(_DEVICE_ROWS) >= _MAX_CACHED:
                 _DEVICE_ROWS.clear()
@@ -193,9 +222,10 @@ def _count(kind: str, sent: torch.Tensor, received: torch.Tensor) -> None:
 
 
 def traffic(reset: bool = False) -> dict[str, int]:
-    """Bytes this process sent and received through `group_cast` (forward K/V) and `group_reduce`
-    (backward dK/dV) since the last reset: ``{"cast_send", "cast_recv", "reduce_send", "reduce_recv"}``
-    (rows a rank sends to itself are never packed, so they are not counted)."""
+    """Bytes this process sent and received since the last reset: ``cast_*`` (forward K/V,
+    `group_cast`), ``reduce_*`` (backward dK/dV, `group_reduce`), and for GroupReduce pairs
+    ``qcast_*`` (forward: query rows out, partial outputs and lse back) and ``qreduce_*``
+    (backward: output gradients out, dQ back). Rows a rank keeps are never packed or counted."""
     out = dict(_TRAFFIC)
     if reset:
         for key in _TRAFFIC:
@@ -204,19 +234,35 @@ def traffic(reset: bool = False) -> dict[str, int]:
 
 
 class _Pending:
-    """A collective in flight (or already done) and the buffer it fills."""
+    """A collective in flight (or already done), the buffer it fills and the one it sends (kept
+    alive until the transfer is waited for)."""
 
-    __slots__ = ("buf", "work")
+    __slots__ = ("buf", "work", "sent")
 
-    def __init__(self, buf, work):
+    def __init__(self, buf, work, sent=None):
         self.buf = buf
         self.work = work
+        self.sent = sent
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
             self.work.wait()
             self.work = None
+        self.sent = None
         return self.buf
+
+
+def exchange(x: torch.Tensor, send_splits, recv_splits, group=None, *, kind: str = "qcast", async_op: bool = False):
+    """All-to-all-v of the rows of ``x`` (``send_splits[r]`` rows to rank r, in rank order);
+    returns the received rows (``recv_splits[r]`` from rank r, concatenated in rank order), or a
+    handle with ``.wait()`` when ``async_op``. ``kind`` names the `traffic` counter."""
+    x = x.contiguous()
+    recv = x.new_empty((int(sum(recv_splits)),) + tuple(x.shape[1:]))
+    if _skip_comm():
+        return _Pending(recv, None) if async_op else recv
+    work = dist.all_to_all_single(recv, x, list(recv_splits), list(send_splits), group=group, async_op=async_op)
+    _count(kind, x, recv)
+    return _Pending(recv, work, x) if async_op else recv
 
 
 def group_cast(x: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_splits, group=None, *, async_op: bool = False):
@@ -230,7 +276,7 @@ def group_cast(x: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_split
         return _Pending(recv, None) if async_op else recv
     work = dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits), group=group, async_op=async_op)
     _count("cast", send, recv)
-    pending = _Pending(recv, work if async_op else None)
+    pending = _Pending(recv, work if async_op else None, send)
     return pending if async_op else pending.buf
 
 
@@ -280,6 +326,7 @@ def group_reduce(grad: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_
         work = dist.all_to_all_single(back, grad, list(send_splits), list(recv_splits), group=group, async_op=async_op)
         _count("reduce", grad, back)
     pending = _Reduced(back, work if async_op else None, send_rows, n_local)
+    pending.sent = grad  # read by the transfer until it is waited for
     return pending if async_op else pending.wait()
 
 
@@ -313,6 +360,56 @@ def _comm_stream(device):
     return s
 
 
+class _Side:
+    """Where collectives run: a side CUDA stream (NCCL's own stream does the transfer), or inline
+    on the CPU. `issue` starts one after the current stream's work; `ready` makes its result
+    usable on the current stream."""
+
+    def __init__(self, device):
+        self.device = device
+        self.stream = _comm_stream(device) if device.type == "cuda" else None
+
+    def issue(self, fn):
+        if self.stream is None:
+            return fn()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            return fn()
+
+    def ready(self, pending) -> torch.Tensor:
+        buf = pending.wait()
+        if self.stream is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_stream(self.stream)
+            buf.record_stream(cur)
+        return buf
+
+    def join(self):
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def _blocks(splits):
+    """(start, stop) row offsets of each peer's block in a buffer laid out by `splits`."""
+    out, at = [], 0
+    for n in splits:
+        out.append((at, at + int(n)))
+        at += int(n)
+    return out
+
+
+def _merge_grads(dout, dlse, out, lse, o_k, l_k):
+    """The merge's chain rule for one partial result ``(o_k [m, h, d], l_k [h, m])`` of rows whose
+    merged output is ``out`` / ``lse`` and output gradients ``dout`` / ``dlse`` (None: 0):
+    ``(dO_k, dlse_k)`` with ``w = exp(l_k - lse)``, ``dO_k = w dO``,
+    ``dlse_k = w (dlse + <dO, o_k - O>)``."""
+    w = _stage_weights(l_k.detach(), lse)  # [h, m]
+    d_o = (w.transpose(0, 1).unsqueeze(-1) * dout.float()).to(o_k.dtype)
+    corr = (dout.float() * (o_k.detach().float() - out)).sum(-1).transpose(0, 1)
+    d_l = w * (corr + (dlse.float() if dlse is not None else 0.0))
+    return d_o, torch.where(torch.isfinite(d_l), d_l, torch.zeros_like(d_l))
+
+
 class _DistAttention(torch.autograd.Function):
     """Forward: stage 0 (local keys) while all remote stages are in flight, then stage by stage,
     merged with lse. Each stage's attention keeps its own small autograd graph (detached leaves),
@@ -320,63 +417,108 @@ class _DistAttention(torch.autograd.Function):
 
         dO_k = w_k dO,   dlse_k = w_k (dlse + <dO, o_k - O>),   w_k = exp(lse_k - lse)
 
-    which is exactly the gradient of the merged softmax (P_k w_k = P). Every rank issues the
-    backward's reductions in stage order (1..stages), whether or not it computed in that stage.
+    which is exactly the gradient of the merged softmax (P_k w_k = P).
+
+    GroupReduce pairs (queries moved to the keys): in stage k the query rows go out with the
+    stage's GroupCast; their key owner (the "host") computes them against its own keys and sends
+    the partial output and lse back, to be merged at those rows. Backward: the rows' (dO_k,
+    dlse_k) go to the host, which adds its dK/dV locally and returns dQ.
+
+    Every rank issues the same collectives in the same order (zero-sized where it has nothing),
+    whether or not it computes in a stage.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, plan, layout, group, scale, softcap):
         ctx.set_materialize_grads(False)
         nst = plan.stages
-        cuda = q.is_cuda
+        side = _Side(q.device)
         rows = _device_rows(layout, q.device)
+        q_rows = _device_rows(layout, q.device, "q_rows") if layout.group_reduce else []
         # keys and values travel together: [L, 2, hkv, d]
         kv = torch.stack([k.detach(), v.detach()], dim=1) if nst else None
 
-        # GroupCast of every remote stage now; stage k's compute waits only for stage k
-        side = _comm_stream(q.device) if cuda else None
-        pending = []
-        if nst:
-            if cuda:
-                side.wait_stream(torch.cuda.current_stream(q.device))
-            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                for kk in range(nst):
-                    pending.append(group_cast(kv, rows[kk], layout.send_splits[kk], layout.recv_splits[kk], group,
-                                              async_op=True))
+        # GroupCast of every remote stage now (keys/values, and queries of GroupReduce pairs);
+        # stage k's compute waits only for stage k
+        pending, q_pending = [], []
+        for kk in range(nst):
+            pending.append(side.issue(lambda kk=kk: group_cast(
+                kv, rows[kk], layout.send_splits[kk], layout.recv_splits[kk], group, async_op=True)))
+            if layout.group_reduce:
+                q_pending.append(side.issue(lambda kk=kk: exchange(
+                    q.detach().index_select(0, q_rows[kk]), layout.q_send_splits[kk], layout.q_recv_splits[kk],
+                    group, kind="qcast", async_op=True)))
 
         q_leaf = q.detach().requires_grad_()
+        k_leaf, v_leaf = k.detach().requires_grad_(), v.detach().requires_grad_()
         inputs = [None] * (nst + 1)
         outputs = [None] * (nst + 1)
         recv_shapes = [None] * (nst + 1)
+        hosted = [None] * (nst + 1)  # GroupReduce: (q rows leaf, o, lse) computed here for others
+        returns = [None] * (nst + 1)  # GroupReduce: partial (out, lse) of my rows, in flight back
         out = lse = None
         for st in range(nst + 1):
             if st == 0:
-                k_leaf, v_leaf = k.detach().requires_grad_(), v.detach().requires_grad_()
                 inputs[0] = (k_leaf, v_leaf)
                 keys, values = k_leaf, v_leaf
+                run = True
             else:
-                buf = pending[st - 1].wait()
-                if cuda:
-                    torch.cuda.current_stream(q.device).wait_stream(side)
-                    buf.record_stream(torch.cuda.current_stream(q.device))
+                buf = side.ready(pending[st - 1])
                 recv_shapes[st] = tuple(buf.shape)
-                if buf.shape[0] == 0:
+                run = buf.shape[0] > 0
+                if run:
+                    kv_leaf = buf.requires_grad_()
+                    inputs[st] = (kv_leaf,)
+            if run:
+                with torch.enable_grad():  # (Function.forward runs under no_grad: slice inside)
+                    if st:
+                        keys, values = kv_leaf[:, 0], kv_leaf[:, 1]
+                    o_k, l_k = attention(q_leaf, keys, values, layout.masks[st], scale=scale, softcap=softcap,
+                                         return_lse=True)
+                outputs[st] = (o_k, l_k)
+                if out is None:
+                    out, lse = o_k.detach().float(), l_k.detach().float()
+                else:
+                    out, lse = merge_partials(out, lse, o_k.detach(), l_k.detach())
+            if st and layout.group_reduce:  # host the rows sent to my keys, return their partials
+                qb = side.ready(q_pending[st - 1])
+                if qb.shape[0]:
+                    qh = qb.requires_grad_()
+                    with torch.enable_grad():
+                        o_h, l_h = attention(qh, k_leaf, v_leaf, layout.host_masks[st - 1], scale=scale,
+                                             softcap=softcap, return_lse=True)
+                    hosted[st] = (qh, o_h, l_h)
+                    o_s, l_s = o_h.detach(), l_h.detach().transpose(0, 1)
+                else:
+                    o_s = q.new_empty((0,) + tuple(q.shape[1:]))
+                    l_s = torch.empty((0, q.shape[1]), dtype=torch.float32, device=q.device)
+                back = (layout.q_recv_splits[st - 1], layout.q_send_splits[st - 1])
+                returns[st] = (side.issue(lambda o_s=o_s, b=back: exchange(o_s, *b, group, async_op=True)),
+                               side.issue(lambda l_s=l_s, b=back: exchange(l_s, *b, group, async_op=True)))
+
+        # merge the partial results of my rows computed by their keys' owners
+        q_parts = [None] * (nst + 1)  # per stage: [(rows, o_b, l_b)] per owner block
+        if any(r is not None for r in returns):
+            out, lse = out.clone(), lse.clone()  # merged in place below; may alias stage 0's (saved) result
+        for st in range(1, nst + 1):
+            if returns[st] is None:
+                continue
+            o_r, l_r = side.ready(returns[st][0]), side.ready(returns[st][1])
+            parts = []
+            for a, b in _blocks(layout.q_send_splits[st - 1]):
+                if b == a:
                     continue
-                kv_leaf = buf.requires_grad_()
-                inputs[st] = (kv_leaf,)
-            with torch.enable_grad():  # (Function.forward runs under no_grad: slice inside)
-                if st:
-                    keys, values = kv_leaf[:, 0], kv_leaf[:, 1]
-                o_k, l_k = attention(q_leaf, keys, values, layout.masks[st], scale=scale, softcap=softcap,
-                                     return_lse=True)
-            outputs[st] = (o_k, l_k)
-            if out is None:
-                out, lse = o_k.detach().float(), l_k.detach().float()
-            else:
-                out, lse = merge_partials(out, lse, o_k.detach(), l_k.detach())
+                r = q_rows[st - 1][a:b]
+                o_b, l_b = o_r[a:b], l_r[a:b].transpose(0, 1)
+                mo, ml = merge_partials(out.index_select(0, r), lse.index_select(1, r), o_b, l_b)
+                out.index_copy_(0, r, mo)
+                lse.index_copy_(1, r, ml)
+                parts.append((r, o_b, l_b))
+            q_parts[st] = parts
         ctx.layout, ctx.group = layout, group
         ctx.q_leaf, ctx.stage_inputs, ctx.stage_outputs = q_leaf, inputs, outputs
-        ctx.rows, ctx.recv_shapes = rows, recv_shapes
+        ctx.kv_leaves, ctx.hosted, ctx.q_parts = (k_leaf, v_leaf), hosted, q_parts
+        ctx.rows, ctx.q_rows, ctx.recv_shapes = rows, q_rows, recv_shapes
         ctx.save_for_backward(out, lse)  # float32 merged output: the backward's correction uses it
         return out.to(q.dtype), lse
 
@@ -389,47 +531,82 @@ class _DistAttention(torch.autograd.Function):
         layout, group = ctx.layout, ctx.group
         if dout is None:
             dout = torch.zeros(out.shape, dtype=ctx.q_leaf.dtype, device=out.device)
-        cuda = dout.is_cuda
-        side = _comm_stream(dout.device) if cuda else None
+        side = _Side(dout.device)
         nst = len(ctx.stage_outputs) - 1
+        q_leaf = ctx.q_leaf
+        k_leaf, v_leaf = ctx.kv_leaves
+        dev = q_leaf.device
+
+        # GroupReduce, first: the output gradients of my rows computed elsewhere go to their hosts
+        q_grads = [None] * (nst + 1)
+        if layout.group_reduce:
+            hq = q_leaf.shape[1]
+            for st in range(1, nst + 1):
+                d_os, d_ls = [], []
+                for r, o_b, l_b in ctx.q_parts[st] or ():
+                    d_o, d_l = _merge_grads(dout.index_select(0, r), None if dlse is None else dlse.index_select(1, r),
+                                            out.index_select(0, r), lse.index_select(1, r), o_b, l_b)
+                    d_os.append(d_o)
+                    d_ls.append(d_l.transpose(0, 1))
+                d_o = torch.cat(d_os) if d_os else dout.new_empty((0,) + tuple(dout.shape[1:]))
+                d_l = torch.cat(d_ls) if d_ls else torch.empty((0, hq), dtype=torch.float32, device=dev)
+                fwd = (layout.q_send_splits[st - 1], layout.q_recv_splits[st - 1])
+                q_grads[st] = (side.issue(lambda d_o=d_o, f=fwd: exchange(d_o, *f, group, kind="qreduce", async_op=True)),
+                               side.issue(lambda d_l=d_l, f=fwd: exchange(d_l, *f, group, kind="qreduce", async_op=True)))
 
         def stage_grads(st):
             o_k, l_k = ctx.stage_outputs[st]
-            w = _stage_weights(l_k.detach(), lse)  # [h, s]
-            d_o = (w.transpose(0, 1).unsqueeze(-1) * dout.float()).to(o_k.dtype)
-            corr = (dout.float() * (o_k.detach().float() - out)).sum(-1).transpose(0, 1)
-            d_l = w * (corr + (dlse.float() if dlse is not None else 0.0))
-            d_l = torch.where(torch.isfinite(d_l), d_l, torch.zeros_like(d_l))
-            ins = (ctx.q_leaf,) + ctx.stage_inputs[st]
+            d_o, d_l = _merge_grads(dout, dlse, out, lse, o_k, l_k)
+            ins = (q_leaf,) + ctx.stage_inputs[st]
             return torch.autograd.grad((o_k, l_k), ins, (d_o, d_l), allow_unused=True)
 
-        q_leaf = ctx.q_leaf
-        dq = torch.zeros(q_leaf.shape, dtype=torch.float32, device=q_leaf.device)  # summed in fp32
+        dq = torch.zeros(q_leaf.shape, dtype=torch.float32, device=dev)  # summed in fp32
         reduces = []
         for st in range(1, nst + 1):  # remote stages first, each reduction overlapping the next stage
             kk = st - 1
             if ctx.stage_outputs[st] is None:
-                g_kv = torch.zeros(ctx.recv_shapes[st], dtype=q_leaf.dtype, device=q_leaf.device)
+                g_kv = torch.zeros(ctx.recv_shapes[st], dtype=q_leaf.dtype, device=dev)
             else:
                 g = stage_grads(st)
                 if g[0] is not None:
                     dq += g[0]
                 g_kv = g[1] if g[1] is not None else torch.zeros_like(ctx.stage_inputs[st][0])
-            if cuda:
-                side.wait_stream(torch.cuda.current_stream(dout.device))
-            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                reduces.append(group_reduce(g_kv, ctx.rows[kk], layout.send_splits[kk], layout.recv_splits[kk],
-                                            layout.n_local, group, async_op=True))
+            reduces.append(side.issue(lambda g_kv=g_kv, kk=kk: group_reduce(
+                g_kv, ctx.rows[kk], layout.send_splits[kk], layout.recv_splits[kk], layout.n_local, group,
+                async_op=True)))
         g = stage_grads(0)
-        k_leaf, v_leaf = ctx.stage_inputs[0]
         if g[0] is not None:
             dq += g[0]
-        dk = g[1].float() if g[1] is not None else torch.zeros(k_leaf.shape, device=k_leaf.device)
-        dv = g[2].float() if g[2] is not None else torch.zeros(v_leaf.shape, device=v_leaf.device)
+        dk = g[1].float() if g[1] is not None else torch.zeros(k_leaf.shape, device=dev)
+        dv = g[2].float() if g[2] is not None else torch.zeros(v_leaf.shape, device=dev)
+
+        # GroupReduce: the rows I host: their dK/dV stay here, their dQ goes back
+        dq_back = []
+        for st in range(1, nst + 1):
+            if q_grads[st] is None:
+                continue
+            d_o, d_l = side.ready(q_grads[st][0]), side.ready(q_grads[st][1])
+            if ctx.hosted[st] is not None:
+                qh, o_h, l_h = ctx.hosted[st]
+                g_q, g_k, g_v = torch.autograd.grad((o_h, l_h), (qh, k_leaf, v_leaf), (d_o, d_l.transpose(0, 1)),
+                                                    allow_unused=True)
+                if g_k is not None:
+                    dk += g_k.float()
+                if g_v is not None:
+                    dv += g_v.float()
+                g_q = g_q if g_q is not None else torch.zeros_like(qh)
+            else:
+                g_q = q_leaf.new_empty((0,) + tuple(q_leaf.shape[1:]))
+            back = (layout.q_recv_splits[st - 1], layout.q_send_splits[st - 1])
+            dq_back.append((st, side.issue(lambda g_q=g_q, b=back: exchange(g_q, *b, group, kind="qreduce",
+                                                                              async_op=True))))
         for r in reduces:
-            if cuda:
-                torch.cuda.current_stream(dout.device).wait_stream(side)
+            side.join()
             r.add_into(dk, dv)
+        for st, pending in dq_back:
+            got = side.ready(pending)
+            if got.shape[0]:
+                dq.index_add_(0, ctx.q_rows[st - 1], got.float())
         dq, dk, dv = dq.to(q_leaf.dtype), dk.to(k_leaf.dtype), dv.to(v_leaf.dtype)
         return dq, dk, dv, None, None, None, None, None
 
@@ -453,11 +630,6 @@ def dist_attention(q, k, v, plan: Plan, group=None, *, scale: float | None = Non
                 f"dist_attention: {name} has {t.shape[0]} tokens but rank {rank} holds {n} under the plan "
                 f"(pass the dispatched shard: dispatch(x, plan, group))"
             )
-    if not plan.executable:
-        raise MaskError(
-            "dist_attention: the plan has GroupReduce pairs (queries moved to the keys); the runtime "
-            "executes only key/value-moving plans: compile with group_reduce=False"
-        )
     if world > 1:
         _verify_once(plan, group, q.device)
     layout = rank_layout(plan, rank)

@@ -3,7 +3,7 @@
     MASKC_GPU_TESTS=1 python -m pytest tests/test_dist_gpu.py
 
 World sizes 2, 3 and 4 (as many as the machine has GPUs for). Random masks of every kind at odd
-lengths plus structured ones go through dispatch -> dist_attention -> undispatch, forward and
+lengths plus structured ones (one with GroupReduce pairs: query rows moved to the keys) go through dispatch -> dist_attention -> undispatch, forward and
 backward (with a gradient through lse). The tolerance rule: the distributed result's error
 against the float64 reference is at most 2x the error of the single-GPU bf16 `attention` on the
 same inputs against the same reference, for out, lse, dq, dk and dv. Each rank also checks that
@@ -44,9 +44,12 @@ def _random_mask(rng, s):
 
 def _cases(world, seed):
     rng = np.random.default_rng(seed)
+    sinks = maskc.varlen([500] * 8) | maskc.Mask([((3990, 4000), (0, 4000), maskc.Kind.FULL)], sq=4000)
     cases = [
         dict(mask=maskc.causal(4000 + world).to_json(), stages=2),
         dict(mask=maskc.magi_video([5, 3], 384).to_json(), stages=1),
+        # documents plus 10 query rows that see every key: GroupReduce pairs (queries move)
+        dict(mask=sinks.to_json(), stages=2, group_reduce=True),
     ]
     for _ in range(3):
         s = int(rng.integers(1500, 4200))
@@ -74,7 +77,9 @@ def _worker(rank, world, init, cases, out_dir):
     for i, case in enumerate(cases):
         mask = maskc.Mask.from_json(case["mask"])
         s = mask.sq
-        plan = compile_plan(mask, cp_size=world, block=BLOCK, stages=case["stages"])
+        plan = compile_plan(mask, cp_size=world, block=BLOCK, stages=case["stages"],
+                            group_reduce=case.get("group_reduce", False), workload=Workload(hq=HQ, hkv=HKV, head_dim=D))
+        assert plan.schedule.n_group_reduce > 0 or not case.get("group_reduce"), "the case must move queries"
         g = torch.Generator().manual_seed(7 + i)
         q, k, v = torch.randn(s, HQ, D, generator=g), torch.randn(s, HKV, D, generator=g), torch.randn(s, HKV, D, generator=g)
         go, gl = torch.randn(s, HQ, D, generator=g), torch.randn(HQ, s, generator=g)
