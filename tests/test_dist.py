@@ -1,6 +1,7 @@
 """Distributed runtime on the CPU: gloo processes at world sizes 2, 3 and 4, Triton interpreter, float32.
 
-Random and structured masks (<= 96 tokens, 16 x 16 tiles) go through dispatch -> dist_attention
+Random masks (drawn with hypothesis) and structured ones (<= 96 tokens, 16 x 16 tiles, some with
+GroupReduce pairs) go through dispatch -> dist_attention
 -> undispatch on every rank; forward (out, lse) and backward (dq, dk, dv, with a gradient through
 lse as well) must equal the single-process float64 `reference_attention` (rel err < 1e-5).
 Also: dispatch/undispatch is a bijection, the schedule moves exactly the keys each rank needs
@@ -15,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import Phase, given, settings, strategies as st
 import torch
 import torch.multiprocessing as mp
 
@@ -65,25 +67,35 @@ def _rel(x, ref):
 # ---- cases -------------------------------------------------------------------------------------
 
 
-def _random_mask(rng, s):
+@st.composite
+def dist_cases(draw):
+    """A random mask (1-5 slices of any kind, 17-96 tokens), a chunk of 1-2 tiles, 1-3 remote
+    stages, and GroupReduce on or off."""
+    s = draw(st.integers(17, 96))
     slices = []
-    for _ in range(int(rng.integers(1, 6))):
-        qs = int(rng.integers(0, s))
-        qe = int(rng.integers(qs + 1, s + 1))
-        ks = int(rng.integers(0, s))
-        ke = int(rng.integers(ks + 1, s + 1))
-        slices.append(((qs, qe), (ks, ke), Kind(int(rng.integers(0, 4)))))
-    return maskc.Mask(slices, sq=s)
+    for _ in range(draw(st.integers(1, 5))):
+        qs = draw(st.integers(0, s - 1))
+        qe = draw(st.integers(qs + 1, s))
+        ks = draw(st.integers(0, s - 1))
+        ke = draw(st.integers(ks + 1, s))
+        slices.append(((qs, qe), (ks, ke), draw(st.sampled_from(list(Kind)))))
+    return dict(mask=maskc.Mask(slices, sq=s).to_json(), chunk=BLOCK * draw(st.integers(1, 2)),
+                stages=draw(st.integers(1, 3)), group_reduce=draw(st.booleans()))
 
 
-def _cases(world: int, seed: int, n_random: int):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_random):
-        s = int(rng.integers(17, 97))
-        out.append(dict(mask=_random_mask(rng, s).to_json(), chunk=BLOCK * int(rng.integers(1, 3)),
-                        stages=int(rng.integers(1, 4))))
-    return out
+def _cases(n: int) -> list[dict]:
+    """`n` hypothesis examples of `dist_cases`, run together in one set of processes (a spawn per
+    example would not fit the time budget), so a failure is not shrunk: the assertion message
+    carries the mask instead."""
+    drawn = []
+
+    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate])
+    @given(dist_cases())
+    def collect(case):
+        drawn.append(case)
+
+    collect()
+    return drawn
 
 
 def _sink_rows(s, rows):
@@ -216,7 +228,7 @@ def _schedule_matches_dense(case, world):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_dist_attention_matches_reference(world, tmp_path):
-    cases = STRUCTURED[world] + GROUP_REDUCE[world] + _cases(world, seed=world, n_random={2: 5, 3: 4, 4: 3}[world])
+    cases = STRUCTURED[world] + GROUP_REDUCE[world] + _cases({2: 5, 3: 4, 4: 3}[world])
     for case in cases:
         _schedule_matches_dense(case, world)
     # the GroupReduce cases really move queries (else they would test nothing new)
