@@ -7,7 +7,9 @@ window) at each length and cp: the plan's imbalance (max / mean rank cost) and t
 each rank receives (forward; total and max per rank), against ring attention (plain and zigzag),
 Ulysses (all-to-all of heads) and a naive contiguous split with all-gathered KV, all priced by
 `maskc.cost` (same workload and hardware), plus the predicted step time (forward + backward) and
-the plan time (one CPU core). A last section times the cost model on 1,024 simulated ranks.
+the plan time (one CPU core). The plan is ``maskc.compile(mask, cp_size=cp, workload=...)``, whose
+default scheme "auto" takes the sequence split or, when it moves fewer bytes, the head-parallel
+plan (method "heads"). A last section times the cost model on 1,024 simulated ranks.
 Writes ``dispatch-<host>-<date>.json`` and prints a table.
 
 Targets (issue 5): imbalance <= 1.02 everywhere; total bytes at most the best baseline on every
@@ -66,18 +68,18 @@ def parse_tokens(text: str) -> int:
     return int(t[:-1] if t[-1] in "KM" else t) * mult
 
 
-def plan_time(mask, cp: int, repeat: int) -> tuple[object, float]:
+def plan_time(mask, cp: int, repeat: int, wl: Workload) -> tuple[object, float]:
     best = float("inf")
     plan = None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        plan = compile_plan(mask, cp_size=cp)
+        plan = compile_plan(mask, cp_size=cp, workload=wl)  # scheme "auto": sequence or head-parallel
         best = min(best, time.perf_counter() - t0)
     return plan, best
 
 
 def row_for(name: str, s: int, cp: int, mask, hw: Hardware, wl: Workload, repeat: int) -> dict:
-    plan, t_plan = plan_time(mask, cp, repeat)
+    plan, t_plan = plan_time(mask, cp, repeat, wl)
     ours = simulate(plan, hw, wl)
     base = baselines(mask, cp, hw, wl)
     feasible = {k: v for k, v in base.items() if v.feasible}
@@ -88,8 +90,10 @@ def row_for(name: str, s: int, cp: int, mask, hw: Hardware, wl: Workload, repeat
         "tokens": s,
         "cp": cp,
         "chunk": plan.chunk,
-        "method": plan.dispatch.method,
-        "imbalance": round(plan.imbalance, 5),
+        "method": plan.dispatch.method if plan.scheme == "sequence" else "heads",
+        "scheme": plan.scheme,
+        # a head-parallel plan's compute is split by heads: its balance is the estimate's
+        "imbalance": round(plan.imbalance if plan.scheme == "sequence" else ours.imbalance, 5),
         "area_imbalance": round(plan.area_imbalance, 5),
         "plan_ms": round(t_plan * 1e3, 2),
         "ranges": int(plan.schedule.ranges.shape[0]),

@@ -214,6 +214,10 @@ def simulate(plan, hw: Hardware = Hardware(), wl: Workload = Workload()) -> Esti
     pairs dO out and dQ back) starts when its compute and the previous reduction are done; the
     local stage runs last, hiding the final reduction.
     """
+    if getattr(plan, "scheme", "sequence") == "heads":  # head-parallel: priced as its all-to-alls
+        est = ulysses(plan.mask, plan.cp_size, hw, wl)
+        return Estimate("maskc-heads", est.cp_size, est.compute_s, est.recv_bytes, est.send_bytes, est.bwd_recv_bytes,
+                        est.exposed_s, est.fwd_s, est.step_s, est.feasible, est.note)
     sch = plan.schedule
     cp, ns = plan.cp_size, sch.stages + 1
     area = sch.stage_area.astype(np.float64)  # (cp, ns)

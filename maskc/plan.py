@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -43,6 +43,12 @@ class Plan:
 
     ``dispatch`` says which rank holds which chunk (queries, keys and values alike), ``schedule``
     which remote key/value ranges each rank receives in which stage.
+
+    ``scheme``: ``"sequence"`` (the default: each rank computes its own queries, receiving the
+    remote keys/values of ``schedule``) or ``"heads"`` (head-parallel, as DeepSpeed-Ulysses: an
+    all-to-all gives each rank every token of ``hq / cp`` query heads and their key/value heads,
+    it runs the whole mask for them, and an all-to-all returns the outputs; ``heads = (hq, hkv)``
+    are the head counts it was planned for). The token layout (``dispatch``) is the same in both.
     """
 
     mask: Mask
@@ -52,10 +58,18 @@ class Plan:
     group_reduce: bool
     dispatch: Dispatch
     schedule: CommSchedule
+    scheme: str = "sequence"
+    heads: tuple = ()
 
     def __post_init__(self):
         d, s = self.dispatch, self.schedule
         problems = []
+        if self.scheme not in SCHEMES:
+            problems.append(f"scheme {self.scheme!r} is not one of {SCHEMES}")
+        elif self.scheme == "heads":
+            why = heads_infeasible(self.heads, self.cp_size)
+            if why:
+                problems.append(f"scheme 'heads': {why}")
         if d.seq_len != self.mask.sq:
             problems.append(f"dispatch covers {d.seq_len} tokens but the mask has {self.mask.sq}")
         if not (d.cp_size == s.cp_size == self.cp_size):
@@ -97,7 +111,10 @@ class Plan:
 
     @property
     def recv_tokens(self) -> list[int]:
-        """Remote key/value tokens each rank receives (one entry per rank)."""
+        """Remote key/value tokens each rank receives (one entry per rank). Head-parallel plans:
+        the remote tokens whose key/value heads of the rank's head group it receives (all of them)."""
+        if self.scheme == "heads":
+            return [self.seq_len - int(n) for n in self.dispatch.rank_tokens]
         return [int(x) for x in self.schedule.recv_tokens]
 
     @property
@@ -149,6 +166,8 @@ class Plan:
             "block": self.block,
             "balance_tol": self.balance_tol,
             "group_reduce": self.group_reduce,
+            # only head-parallel plans carry these (sequence plans keep their earlier JSON and digest)
+            **({"scheme": self.scheme, "heads": list(self.heads)} if self.scheme != "sequence" else {}),
         }
 
     def to_dict(self) -> dict:
@@ -187,6 +206,8 @@ class Plan:
             group_reduce=bool(data["group_reduce"]),
             dispatch=Dispatch.from_dict(data["dispatch"]),
             schedule=CommSchedule.from_dict(data["schedule"]),
+            scheme=str(data.get("scheme", "sequence")),
+            heads=tuple(int(h) for h in data.get("heads", ())),
         )
 
     @cached_property
@@ -212,6 +233,14 @@ class Plan:
         return hash(self.digest())
 
     def __repr__(self) -> str:
+        if self.scheme == "heads":
+            hq, hkv = self.heads
+            return (
+                f"Plan(cp={self.cp_size}, {self.seq_len} tokens, head-parallel: {hq // self.cp_size} of {hq} query "
+                f"heads (and their key/value heads of {hkv}) per rank over the whole mask, "
+                f"all-to-all in and out, mask {len(self.mask)} slice{'s' if len(self.mask) != 1 else ''}, "
+                f"digest={self.digest()[:12]})"
+            )
         rt = self.schedule.recv_tokens
         total = int(rt.sum())
         mx = int(rt.max()) if rt.size else 0
@@ -239,6 +268,7 @@ class Plan:
             "recv_tokens_total": int(self.schedule.recv_tokens.sum()),
             "recv_tokens_max": int(self.schedule.recv_tokens.max()) if self.cp_size else 0,
             "group_reduce_pairs": self.schedule.n_group_reduce,
+            "scheme": self.scheme,
             "digest": self.digest(),
         }
 
@@ -255,6 +285,7 @@ def compile(  # noqa: A001 - exported as maskc.compile
     group_reduce: bool = False,
     workload: Workload | None = None,
     methods=METHODS,
+    scheme: str | None = None,
 ) -> Plan:
     """Plan self-attention over `mask` on `cp_size` context-parallel ranks.
 
@@ -265,8 +296,11 @@ def compile(  # noqa: A001 - exported as maskc.compile
     units added to each chunk's cost (default ``block``). ``balance_tol``: assignments within this of
     perfect balance (or of the best found) count as equally balanced and the one moving fewest
     key/value tokens wins. ``group_reduce``: decide per pair whether moving queries is cheaper in
-    bytes than moving keys/values (sizes from ``workload``); such plans are priced by
-    `maskc.cost.simulate` but not executed by the runtime.
+    bytes than moving keys/values (sizes from ``workload``).
+    ``scheme``: ``"sequence"``, ``"heads"`` (head-parallel, see `Plan`) or ``"auto"``: the one
+    that moves fewer bytes by `maskc.cost` (sequence on a tie). Default: ``"auto"`` when a
+    ``workload`` is given (head-parallel needs the real head counts: ``hq % cp_size == 0`` and
+    ``hkv`` a multiple or a divisor of ``cp_size``), else ``"sequence"``.
     """
     if not isinstance(mask, Mask):
         raise MaskError(f"compile: mask must be a maskc.Mask, got {type(mask).__name__}")
@@ -305,6 +339,14 @@ def compile(  # noqa: A001 - exported as maskc.compile
     if workload is not None and not isinstance(workload, Workload):
         raise MaskError(f"compile: workload must be a maskc.cost.Workload, got {type(workload).__name__}")
     wl = workload or Workload()
+    if scheme is None:
+        scheme = "auto" if workload is not None else "sequence"
+    if scheme not in SCHEMES + ("auto",):
+        raise MaskError(f"compile: scheme must be one of {SCHEMES + ('auto',)}, got {scheme!r}")
+    heads = (wl.hq, wl.hkv)
+    if scheme == "heads" and cp_size > 1 and heads_infeasible(heads, cp_size):
+        raise MaskError(f"compile: scheme='heads' with workload hq={wl.hq}, hkv={wl.hkv}: "
+                        f"{heads_infeasible(heads, cp_size)}")
 
     d = _solve(mask, cp_size, chunk, block, token_cost, balance_tol, methods, refine=auto_chunk)
     sched = build_schedule(
@@ -315,7 +357,32 @@ def compile(  # noqa: A001 - exported as maskc.compile
         kv_token_bytes=wl.kv_token_bytes,
         q_row_bytes=wl.q_row_bytes,
     )
-    return Plan(mask, cp_size, block, balance_tol, bool(group_reduce), d, sched)
+    plan = Plan(mask, cp_size, block, balance_tol, bool(group_reduce), d, sched)
+    if cp_size == 1 or scheme == "sequence" or heads_infeasible(heads, cp_size):
+        return plan
+    if scheme == "auto":
+        from .cost import simulate, ulysses  # (cost imports nothing from plan)
+
+        if ulysses(mask, cp_size, wl=wl).total_bytes >= simulate(plan, wl=wl).total_bytes:
+            return plan
+    return replace(plan, scheme="heads", heads=heads)
+
+
+SCHEMES = ("sequence", "heads")
+
+
+def heads_infeasible(heads, cp_size: int) -> str:
+    """Why a head-parallel plan cannot split ``heads = (hq, hkv)`` over ``cp_size`` ranks ("" if it can)."""
+    if len(heads) != 2:
+        return f"heads must be (hq, hkv), got {heads!r}"
+    hq, hkv = heads
+    if hq < 1 or hkv < 1 or hq % hkv:
+        return f"hq={hq} must be a positive multiple of hkv={hkv}"
+    if hq % cp_size:
+        return f"hq={hq} query heads do not split over cp_size={cp_size} ranks"
+    if hkv % cp_size and cp_size % hkv:
+        return f"hkv={hkv} key/value heads are neither a multiple nor a divisor of cp_size={cp_size}"
+    return ""
 
 
 def _solve(mask, cp_size, chunk, block, token_cost, balance_tol, methods, *, refine: bool) -> Dispatch:

@@ -51,7 +51,8 @@ _MAX_CACHED = 64
 # bytes this process has moved through group_cast / group_reduce since the last reset (what the
 # runtime really sent and received, to check against the planner's prediction)
 _TRAFFIC = {"cast_send": 0, "cast_recv": 0, "reduce_send": 0, "reduce_recv": 0,
-            "qcast_send": 0, "qcast_recv": 0, "qreduce_send": 0, "qreduce_recv": 0}
+            "qcast_send": 0, "qcast_recv": 0, "qreduce_send": 0, "qreduce_recv": 0,
+            "heads_send": 0, "heads_recv": 0}
 
 
 # ---- group helpers -----------------------------------------------------------------------------
@@ -225,7 +226,8 @@ def traffic(reset: bool = False) -> dict[str, int]:
     """Bytes this process sent and received since the last reset: ``cast_*`` (forward K/V,
     `group_cast`), ``reduce_*`` (backward dK/dV, `group_reduce`), and for GroupReduce pairs
     ``qcast_*`` (forward: query rows out, partial outputs and lse back) and ``qreduce_*``
-    (backward: output gradients out, dQ back). Rows a rank keeps are never packed or counted."""
+    (backward: output gradients out, dQ back); head-parallel plans: ``heads_*`` (all their
+    all-to-alls, forward and backward). Rows a rank keeps are never packed or counted."""
     out = dict(_TRAFFIC)
     if reset:
         for key in _TRAFFIC:
@@ -611,6 +613,133 @@ class _DistAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+# ---- head-parallel plans (scheme "heads": all-to-all of heads, as DeepSpeed-Ulysses) --------------
+
+
+@dataclass(frozen=True, eq=False)
+class HeadsLayout:
+    """What one rank sends and receives in a head-parallel plan (cached per plan, rank)."""
+
+    rank: int
+    n_local: int
+    counts: tuple  # tokens per rank
+    rank_major: np.ndarray  # row r of a rank-major buffer (rank 0's tokens, rank 1's, ...) -> global position
+    order: np.ndarray  # global position p -> its row in the rank-major buffer
+    q_heads: tuple  # per rank: (lo, hi) of its query heads
+    kv_heads: tuple  # per rank: (lo, hi) of the key/value heads its query heads use
+
+
+def heads_layout(plan: Plan, rank: int) -> HeadsLayout:
+    key = ("heads", plan.digest(), rank)
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        return hit
+    cp = plan.cp_size
+    hq, hkv = plan.heads
+    per, group = hq // cp, hq // hkv
+    rank_major = np.concatenate([plan.positions(r) for r in range(cp)]).astype(np.int64)
+    layout = HeadsLayout(
+        rank=rank,
+        n_local=int(plan.dispatch.rank_tokens[rank]),
+        counts=tuple(int(n) for n in plan.dispatch.rank_tokens),
+        rank_major=rank_major,
+        order=np.argsort(rank_major, kind="stable"),
+        q_heads=tuple((j * per, (j + 1) * per) for j in range(cp)),
+        kv_heads=tuple((j * per // group, ((j + 1) * per - 1) // group + 1) for j in range(cp)),
+    )
+    with _LOCK:
+        if len(_LAYOUTS) >= _MAX_CACHED:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
+class _HeadsComm:
+    """One rank's side of the head all-to-alls: `gather` (tokens -> heads) and its adjoint `scatter`."""
+
+    def __init__(self, layout: HeadsLayout, group, device):
+        self.layout, self.group = layout, group
+        self.rank_major = _cached_index(layout, "rank_major", device)
+        self.order = _cached_index(layout, "order", device)
+
+    def gather(self, x: torch.Tensor, spans) -> torch.Tensor:
+        """``x [L, h, d]`` (my tokens, all heads) -> ``[S, w, d]``: every token of the heads
+        ``spans[my rank]``, in global order. Rank j gets ``x[:, spans[j]]`` of my tokens."""
+        lay = self.layout
+        send = torch.cat([x[:, lo:hi] for lo, hi in spans]) if x.shape[0] else x.new_empty(
+            (0, spans[0][1] - spans[0][0]) + tuple(x.shape[2:]))
+        got = exchange(send, [lay.n_local] * len(spans), lay.counts, self.group, kind="heads")
+        return got.index_select(0, self.order)
+
+    def scatter(self, y: torch.Tensor, spans, n_heads: int) -> torch.Tensor:
+        """The adjoint of `gather`: ``y [S, w, d]`` (every token, my heads) -> ``[L, n_heads, d]``
+        (my tokens), each rank's block added at its heads (summing copies of shared heads)."""
+        lay = self.layout
+        got = exchange(y.index_select(0, self.rank_major), lay.counts, [lay.n_local] * len(spans), self.group,
+                       kind="heads")
+        out = y.new_zeros((lay.n_local, n_heads) + tuple(y.shape[2:]))
+        for j, (lo, hi) in enumerate(spans):
+            out[:, lo:hi] += got[j * lay.n_local:(j + 1) * lay.n_local]
+        return out
+
+
+class _TokensToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm, spans):
+        ctx.comm, ctx.spans, ctx.n_heads = comm, spans, x.shape[1]
+        return comm.gather(x, spans)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.comm.scatter(g.contiguous(), ctx.spans, ctx.n_heads), None, None
+
+
+class _HeadsToTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, comm, spans, n_heads):
+        ctx.comm, ctx.spans = comm, spans
+        return comm.scatter(y, spans, n_heads)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.comm.gather(g.contiguous(), ctx.spans), None, None, None
+
+
+_INDEX: dict = {}
+
+
+def _cached_index(layout, name: str, device) -> torch.Tensor:
+    key = (id(layout), name, str(device))
+    hit = _INDEX.get(key)
+    if hit is None or hit[0] is not layout:
+        hit = (layout, torch.as_tensor(getattr(layout, name), dtype=torch.long, device=device))
+        with _LOCK:
+            if len(_INDEX) >= 4 * _MAX_CACHED:
+                _INDEX.clear()
+            _INDEX[key] = hit
+    return hit[1]
+
+
+def _heads_attention(q, k, v, plan: Plan, rank: int, group, scale: float, softcap: float):
+    """Head-parallel attention: tokens -> heads all-to-all of q, k, v; the whole mask for my
+    heads; heads -> tokens all-to-all of out and lse. Autograd runs through the all-to-alls."""
+    hq, hkv = plan.heads
+    if q.shape[1] != hq or k.shape[1] != hkv:
+        raise MaskError(
+            f"dist_attention: the plan is head-parallel for hq={hq}, hkv={hkv} heads but q has {q.shape[1]} "
+            f"and k {k.shape[1]}; compile with workload=Workload(hq={q.shape[1]}, hkv={k.shape[1]}, ...)"
+        )
+    layout = heads_layout(plan, rank)
+    comm = _HeadsComm(layout, group, q.device)
+    qh = _TokensToHeads.apply(q, comm, layout.q_heads)
+    kh = _TokensToHeads.apply(k, comm, layout.kv_heads)
+    vh = _TokensToHeads.apply(v, comm, layout.kv_heads)
+    o, lse = attention(qh, kh, vh, plan.mask, scale=scale, softcap=softcap, return_lse=True)
+    out = _HeadsToTokens.apply(o, comm, layout.q_heads, hq)
+    lse = _HeadsToTokens.apply(lse.transpose(0, 1).unsqueeze(-1).contiguous(), comm, layout.q_heads, hq)
+    return out, lse.squeeze(-1).transpose(0, 1)
+
+
 def dist_attention(q, k, v, plan: Plan, group=None, *, scale: float | None = None, softcap: float = 0.0,
                    return_lse: bool = False):
     """Context-parallel attention over ``plan.mask`` (local shards in, local shard out).
@@ -632,8 +761,11 @@ def dist_attention(q, k, v, plan: Plan, group=None, *, scale: float | None = Non
             )
     if world > 1:
         _verify_once(plan, group, q.device)
-    layout = rank_layout(plan, rank)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if plan.scheme == "heads" and world > 1:
+        out, lse = _heads_attention(q, k, v, plan, rank, group, scale, float(softcap))
+        return (out, lse) if return_lse else out
+    layout = rank_layout(plan, rank)
     out, lse = _DistAttention.apply(q, k, v, plan, layout, group, scale, float(softcap))
     return (out, lse) if return_lse else out
 

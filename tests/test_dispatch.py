@@ -375,3 +375,38 @@ def test_submask_rejects_bad_segments(q_seg, words):
         submask(maskc.full(8), q_seg, [[0, 8, 0]])
     with pytest.raises(MaskError, match=words):
         submask(maskc.full(8), [[0, 8, 0]], q_seg)
+
+
+def test_scheme_auto_picks_fewer_bytes():
+    wl = Workload()  # 32 query / 8 key-value heads
+    m = maskc.causal(1 << 16)
+    for cp, want in ((2, "sequence"), (4, "sequence"), (8, "heads"), (16, "heads")):
+        p = compile(m, cp_size=cp, workload=wl)
+        seq = compile(m, cp_size=cp, workload=wl, scheme="sequence")
+        assert p.scheme == want
+        chosen, other = simulate(p, wl=wl).total_bytes, simulate(seq, wl=wl).total_bytes
+        assert chosen <= other and (want == "sequence" or chosen == ulysses(m, cp, wl=wl).total_bytes)
+    # packed documents: the sequence split moves (almost) nothing, so it stays
+    assert compile(maskc.varlen([4096] * 16), cp_size=8, workload=wl).scheme == "sequence"
+    # no workload: the real head counts are unknown, so no head-parallel plan
+    assert compile(m, cp_size=8).scheme == "sequence"
+
+
+def test_heads_plan_round_trip_and_errors():
+    wl = Workload(hq=8, hkv=2)
+    p = compile(maskc.causal(4096), cp_size=4, workload=wl, scheme="heads")
+    assert p.scheme == "heads" and p.heads == (8, 2)
+    q = Plan.from_json(p.to_json())
+    assert q == p and q.scheme == "heads" and q.heads == (8, 2)
+    assert "head-parallel: 2 of 8 query heads" in repr(p) and p.summary()["scheme"] == "heads"
+    assert p.recv_tokens == [4096 - n for n in p.rank_tokens]
+    seq = compile(maskc.causal(4096), cp_size=4, workload=wl, scheme="sequence")
+    assert seq.digest() != p.digest() and "scheme" not in json.loads(seq.to_json())  # sequence JSON unchanged
+    with pytest.raises(MaskError, match="do not split over cp_size=3"):
+        compile(maskc.causal(64), cp_size=3, workload=wl, scheme="heads", block=16)
+    with pytest.raises(MaskError, match="neither a multiple nor a divisor"):
+        compile(maskc.causal(64), cp_size=4, workload=Workload(hq=12, hkv=3), scheme="heads", block=16)
+    with pytest.raises(MaskError, match="scheme must be one of"):
+        compile(maskc.causal(64), cp_size=2, scheme="ring", block=16)
+    # infeasible heads never chosen by "auto"
+    assert compile(maskc.causal(4096), cp_size=3, workload=wl).scheme == "sequence"

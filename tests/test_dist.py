@@ -114,6 +114,14 @@ GROUP_REDUCE = {
              group_reduce=True)],
 }
 
+# head-parallel plans (all-to-all of heads): shared key/value heads (2: 2 q / 1 kv, 4: 4 q / 2 kv)
+# and split ones (3: 3 q / 3 kv)
+HEADS = {
+    2: [dict(mask=maskc.causal(80).to_json(), chunk=16, stages=1, scheme="heads", heads=(2, 1), softcap=3.0)],
+    3: [dict(mask=maskc.varlen([30, 41, 25]).to_json(), chunk=16, stages=1, scheme="heads", heads=(3, 3))],
+    4: [dict(mask=_sink_rows(70, 2).to_json(), chunk=16, stages=1, scheme="heads", heads=(4, 2))],
+}
+
 STRUCTURED = {
     2: [
         dict(mask=maskc.causal(96).to_json(), chunk=16, stages=2),
@@ -142,11 +150,12 @@ def _run_cases(rank, world, init, cases, out_dir):
         softcap = case.get("softcap", 0.0)
         s = mask.sq
         g = torch.Generator().manual_seed(1000 + i)
-        q = torch.randn(s, 2, 64, generator=g)
-        k = torch.randn(s, 1, 64, generator=g)
-        v = torch.randn(s, 1, 64, generator=g)
-        go = torch.randn(s, 2, 64, generator=g)
-        gl = torch.randn(2, s, generator=g)
+        hq, hkv = case.get("heads", (2, 1))
+        q = torch.randn(s, hq, 64, generator=g)
+        k = torch.randn(s, hkv, 64, generator=g)
+        v = torch.randn(s, hkv, 64, generator=g)
+        go = torch.randn(s, hq, 64, generator=g)
+        gl = torch.randn(hq, s, generator=g)
         pos = torch.as_tensor(np.array(plan.positions(rank)))
 
         # bijection
@@ -160,10 +169,17 @@ def _run_cases(rank, world, init, cases, out_dir):
         loss.backward()
         # the runtime moved exactly the planned K/V rows forward and their gradients back
         moved = traffic(reset=True)
-        kv_bytes = Workload(hq=2, hkv=1, head_dim=64, dtype_bytes=4).kv_token_bytes
-        assert moved["cast_recv"] == plan.recv_tokens[rank] * kv_bytes, (moved, plan.recv_tokens)
-        assert moved["cast_send"] == plan.send_tokens[rank] * kv_bytes, (moved, plan.send_tokens)
-        assert moved["reduce_send"] == moved["cast_recv"] and moved["reduce_recv"] == moved["cast_send"]
+        if plan.scheme == "heads":  # q, k, v in and out, lse out; their gradients back
+            per, kvw, n = hq // world, max(hkv // world, 1), pos.numel()
+            fwd = s * (per + 2 * kvw) * 256 + world * n * per * (256 + 4)  # q, k, v in; out, lse back
+            bwd = s * per * (256 + 4) + world * n * (per + 2 * kvw) * 256  # dout, dlse in; dq, dk, dv back
+            assert moved["heads_recv"] == fwd + bwd, (moved, fwd, bwd)
+            assert moved["cast_recv"] == moved["qcast_recv"] == 0
+        else:
+            kv_bytes = Workload(hq=2, hkv=1, head_dim=64, dtype_bytes=4).kv_token_bytes
+            assert moved["cast_recv"] == plan.recv_tokens[rank] * kv_bytes, (moved, plan.recv_tokens)
+            assert moved["cast_send"] == plan.send_tokens[rank] * kv_bytes, (moved, plan.send_tokens)
+            assert moved["reduce_send"] == moved["cast_recv"] and moved["reduce_recv"] == moved["cast_send"]
 
         qr, kr, vr = (t.clone().double().requires_grad_() for t in (q, k, v))
         ro, rl = reference_attention(qr, kr, vr, mask, softcap=softcap, return_lse=True)
@@ -202,8 +218,10 @@ def _run_cases(rank, world, init, cases, out_dir):
 
 def _plan(case, world):
     mask = maskc.Mask.from_json(case["mask"])
+    hq, hkv = case.get("heads", (2, 1))
     return compile(mask, cp_size=world, block=BLOCK, chunk=case["chunk"], stages=case["stages"],
-                   group_reduce=case.get("group_reduce", False), workload=WORKLOAD)
+                   group_reduce=case.get("group_reduce", False), scheme=case.get("scheme", "sequence"),
+                   workload=Workload(hq=hq, hkv=hkv, head_dim=64, dtype_bytes=4))
 
 
 def _schedule_matches_dense(case, world):
@@ -222,17 +240,18 @@ def _schedule_matches_dense(case, world):
             assert np.all(owner[a:b] == src)
             got[a:b] += 1
         assert got.max(initial=0) <= 1 and np.array_equal(got.astype(bool), need)
-        if plan.schedule.n_group_reduce == 0:
+        if plan.schedule.n_group_reduce == 0 and plan.scheme == "sequence":
             assert plan.recv_tokens[r] == need.sum()
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_dist_attention_matches_reference(world, tmp_path):
-    cases = STRUCTURED[world] + GROUP_REDUCE[world] + _cases({2: 5, 3: 4, 4: 3}[world])
+    cases = STRUCTURED[world] + GROUP_REDUCE[world] + HEADS[world] + _cases({2: 5, 3: 4, 4: 3}[world])
     for case in cases:
         _schedule_matches_dense(case, world)
-    # the GroupReduce cases really move queries (else they would test nothing new)
+    # the GroupReduce cases really move queries, the heads cases are head-parallel
     assert all(_plan(c, world).schedule.n_group_reduce > 0 for c in GROUP_REDUCE[world])
+    assert all(_plan(c, world).scheme == "heads" for c in HEADS[world])
     _spawn(_run_cases, world, cases, str(tmp_path))
     reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
     assert all(len(rep) == len(cases) for rep in reports)
