@@ -3,7 +3,8 @@
     MASKC_GPU_TESTS=1 python -m pytest tests/test_dist_gpu.py
 
 World sizes 2, 3 and 4 (as many as the machine has GPUs for). Random masks of every kind at odd
-lengths plus structured ones (one with GroupReduce pairs: query rows moved to the keys) go through dispatch -> dist_attention -> undispatch, forward and
+lengths plus structured ones (one with GroupReduce pairs: query rows moved to the keys; one
+head-parallel plan where 8 query heads split over the ranks) go through dispatch -> dist_attention -> undispatch, forward and
 backward (with a gradient through lse). The tolerance rule: the distributed result's error
 against the float64 reference is at most 2x the error of the single-GPU bf16 `attention` on the
 same inputs against the same reference, for out, lse, dq, dk and dv. Each rank also checks that
@@ -51,6 +52,8 @@ def _cases(world, seed):
         # documents plus 10 query rows that see every key: GroupReduce pairs (queries move)
         dict(mask=sinks.to_json(), stages=2, group_reduce=True),
     ]
+    if HQ % world == 0:  # head-parallel (Ulysses' all-to-all of heads): 8 query heads split, 2 K/V heads
+        cases.append(dict(mask=maskc.causal(3000 + world).to_json(), stages=1, scheme="heads"))
     for _ in range(3):
         s = int(rng.integers(1500, 4200))
         cases.append(dict(mask=_random_mask(rng, s).to_json(), stages=int(rng.integers(1, 4))))
@@ -78,7 +81,8 @@ def _worker(rank, world, init, cases, out_dir):
         mask = maskc.Mask.from_json(case["mask"])
         s = mask.sq
         plan = compile_plan(mask, cp_size=world, block=BLOCK, stages=case["stages"],
-                            group_reduce=case.get("group_reduce", False), workload=Workload(hq=HQ, hkv=HKV, head_dim=D))
+                            group_reduce=case.get("group_reduce", False), workload=Workload(hq=HQ, hkv=HKV, head_dim=D),
+                            scheme=case.get("scheme", "sequence"))
         assert plan.schedule.n_group_reduce > 0 or not case.get("group_reduce"), "the case must move queries"
         g = torch.Generator().manual_seed(7 + i)
         q, k, v = torch.randn(s, HQ, D, generator=g), torch.randn(s, HKV, D, generator=g), torch.randn(s, HKV, D, generator=g)
@@ -106,9 +110,12 @@ def _worker(rank, world, init, cases, out_dir):
         out, lse = dist_attention(ql, kl, vl, plan, return_lse=True)
         loss_of(out, lse, pos).backward()
         moved = traffic(reset=True)
-        kvb = Workload(hq=HQ, hkv=HKV, head_dim=D).kv_token_bytes
-        assert moved["cast_recv"] == plan.recv_tokens[rank] * kvb, (moved, plan.recv_tokens)
-        assert moved["reduce_send"] == moved["cast_recv"] and moved["reduce_recv"] == moved["cast_send"]
+        if plan.scheme == "heads":
+            assert moved["heads_recv"] > 0 and moved["cast_recv"] == 0
+        else:
+            kvb = Workload(hq=HQ, hkv=HKV, head_dim=D).kv_token_bytes
+            assert moved["cast_recv"] == plan.recv_tokens[rank] * kvb, (moved, plan.recv_tokens)
+            assert moved["reduce_send"] == moved["cast_recv"] and moved["reduce_recv"] == moved["cast_send"]
 
         full = {name: undispatch(t.detach(), plan) for name, t in
                 (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad))}
