@@ -268,33 +268,35 @@ class DiT(nn.Module):
         video_chunks, chunk_offsets = self._layout(latents, video_chunks, chunk_offsets, past_kv)
         n_frames, n_chunks = latents.shape[0], sum(video_chunks)
         tpc = cfg.tokens_per_chunk
-        if past_kv is None:
-            self_mask = masks.self_attention_mask(video_chunks, tpc, window)
-        else:
-            self_mask = masks.chunk_window_mask(past_kv[0][0].shape[0] // tpc, n_chunks, tpc, window)
         if cp is not None:
             if past_kv is not None or return_kv:
                 raise ValueError("cp: context parallelism runs whole packed sequences (training); "
                                  "past_kv and return_kv are not supported with it")
-            if cp.plan.mask != self_mask:
+            if not cp.matches(video_chunks, tpc, window):
                 raise ValueError(
                     f"cp: the context-parallel plan is for another self-attention mask ({cp.plan.mask.sq} tokens) "
-                    f"than this batch's ({self_mask.sq} tokens, video_chunks={video_chunks}, window={window}); "
+                    f"than this batch's ({n_chunks * tpc} tokens, video_chunks={video_chunks}, window={window}); "
                     "build it with make_cp_context(video_chunks, cfg, ..., window=window) of this batch")
-        # with cp, only the rank's rows of the cross mask (built directly: a 1M-token batch has
-        # thousands of captions)
-        cross_mask = masks.cross_attention_mask(video_chunks, tpc, caption_lengths,
-                                                None if cp is None else cp.plan.dispatch.rank_runs(cp.rank))
+            # the rank's rows of the cross mask, built once per batch layout (a 1M-token batch has
+            # thousands of captions)
+            self_mask, cross_mask = cp, cp.cross_rows(video_chunks, tpc, caption_lengths)
+        elif past_kv is None:
+            self_mask = masks.self_attention_mask(video_chunks, tpc, window)
+            cross_mask = masks.cross_attention_mask(video_chunks, tpc, caption_lengths)
+        else:
+            self_mask = masks.chunk_window_mask(past_kv[0][0].shape[0] // tpc, n_chunks, tpc, window)
+            cross_mask = masks.cross_attention_mask(video_chunks, tpc, caption_lengths)
         if cross_mask.sk != text.shape[0]:
             raise ValueError(f"text has {text.shape[0]} tokens but caption_lengths sum to {cross_mask.sk}")
 
         x = patchify(latents, cfg)
         t_tok = token_times(frame_times(t, n_chunks, cfg).to(x.device), cfg)
-        pos = positions(video_chunks, chunk_offsets, cfg).to(x.device)
         if cp is not None:
             idx = cp.index(x.device)
-            x, t_tok, pos = x.index_select(0, idx), t_tok.index_select(0, idx), pos.index_select(0, idx)
-            self_mask = cp
+            x, t_tok = x.index_select(0, idx), t_tok.index_select(0, idx)
+            pos = cp.local_positions(video_chunks, chunk_offsets, cfg, x.device)
+        else:
+            pos = positions(video_chunks, chunk_offsets, cfg).to(x.device)
         x = self.embed(x)
         t_emb = self.t_embed(t_tok)
         rope = rope_angles(pos, cfg)

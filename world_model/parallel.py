@@ -52,7 +52,7 @@ from maskc.runtime.dist import dist_attention
 
 from . import masks
 from .configs import ModelConfig
-from .dit import KERNEL_HEAD_DIMS, DiT, frame_times, noisy_latents, patchify, token_times
+from .dit import KERNEL_HEAD_DIMS, DiT, frame_times, noisy_latents, patchify, positions, token_times
 from .text import pack_text
 
 #: a video-chunk-aligned dispatch is kept unless its imbalance is this much worse than maskc's default
@@ -74,6 +74,36 @@ class CPContext:
     plan: Plan
     rank: int
     group: object = None
+    layout_key: tuple = ()  # (video_chunks, tokens per chunk, window) the plan was compiled for
+
+    def matches(self, video_chunks, tokens_per_chunk: int, window) -> bool:
+        """Whether this context's plan is for the packed mask of these arguments (without building
+        it): known when the context came from `make_cp_context`, else compare the masks."""
+        if self.layout_key:
+            return self.layout_key == (tuple(int(n) for n in video_chunks), int(tokens_per_chunk), window)
+        return self.plan.mask == masks.self_attention_mask(video_chunks, tokens_per_chunk, window)
+
+    @cached_property
+    def _memo(self) -> dict:
+        return {}
+
+    def local_positions(self, video_chunks, chunk_offsets, cfg: ModelConfig, device) -> torch.Tensor:
+        """RoPE position ids [n_local, 3] of this rank's tokens (made once per batch layout and device)."""
+        key = ("pos", tuple(chunk_offsets), str(device))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = positions(video_chunks, chunk_offsets, cfg).index_select(
+                0, self.index("cpu")).to(device)
+        return hit
+
+    def cross_rows(self, video_chunks, tokens_per_chunk: int, caption_lengths) -> Mask:
+        """This rank's rows of the cross-attention mask (made once per caption lengths)."""
+        key = ("cross", tuple(int(n) for n in caption_lengths))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = masks.cross_attention_mask(
+                video_chunks, tokens_per_chunk, caption_lengths, self.plan.dispatch.rank_runs(self.rank))
+        return hit
 
     @cached_property
     def positions(self) -> np.ndarray:
@@ -187,7 +217,7 @@ def make_cp_context(video_chunks: Sequence[int], cfg: ModelConfig, cp_size: int,
                 plan = fallback
     else:
         plan = maskc.compile(mask, cp_size=cp_size, block=block, chunk=chunk, stages=stages)
-    return CPContext(plan, int(rank), group)
+    return CPContext(plan, int(rank), group, (tuple(int(n) for n in counts), int(cfg.tokens_per_chunk), window))
 
 
 # ------------------------------------------------------------------------------------- the loss
