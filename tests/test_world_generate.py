@@ -196,6 +196,9 @@ def test_small_model_defaults(small):
 
 
 def test_cli_smoke(tmp_path, capsys):
+    from PIL import Image
+
+    # an mp4 (imageio-ffmpeg; without it a GIF beside the requested path), streamed chunk by chunk
     out = tmp_path / "out.mp4"
     rc = cli.main(["generate", "--prompt", P, "--prompt", "the red circle moves left", "--chunks", "2",
                    "--steps", "2", "--out", str(out), "--seed", "1", "--no-progress"])
@@ -203,21 +206,27 @@ def test_cli_smoke(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "generated 2 chunk(s)" in text and "wrote" in text
     if G._has_imageio_ffmpeg():
-        assert out.is_file()
+        assert "mp4" in text and out.is_file()
+        frames = G.read_video(out)
+        assert frames.shape == (48, 64, 64, 3) and frames.dtype == np.uint8
+        # continuation of the mp4 just written, into a folder of PNG frames
+        folder = tmp_path / "from_mp4"
+        assert cli.main(["generate", "--prompt", P, "--chunks", "1", "--steps", "2", "--video", str(out),
+                         "--out", str(folder), "--no-progress"]) == 0
+        assert len(list(folder.glob("*.png"))) == 48 + 24
     else:
-        from PIL import Image
-
-        gif = tmp_path / "out.gif"
-        assert "GIF" in text and gif.is_file()
-        with Image.open(gif) as im:
-            assert im.n_frames == 48
-    # PNG frames into a folder, and continuation of the GIF just written
+        assert "GIF" in text and (tmp_path / "out.gif").is_file()
+    # a GIF, asked for by name (always available), and continuation of it into PNG frames
+    gif = tmp_path / "clip.gif"
+    assert cli.main(["generate", "--prompt", P, "--chunks", "2", "--steps", "2", "--out", str(gif), "--seed", "1",
+                     "--no-progress"]) == 0
+    with Image.open(gif) as im:
+        assert im.n_frames == 48
     frames = tmp_path / "frames"
-    if not G._has_imageio_ffmpeg():
-        assert cli.main(["generate", "--prompt", P, "--chunks", "1", "--steps", "2", "--video", str(tmp_path / "out.gif"),
-                         "--out", str(frames), "--no-progress"]) == 0
-        assert len(list(frames.glob("*.png"))) == 48 + 24  # prefix + one new chunk
-        assert "PNG frames" in capsys.readouterr().out
+    assert cli.main(["generate", "--prompt", P, "--chunks", "1", "--steps", "2", "--video", str(gif),
+                     "--out", str(frames), "--no-progress"]) == 0
+    assert len(list(frames.glob("*.png"))) == 48 + 24  # prefix + one new chunk
+    assert "PNG frames" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, msg", [
