@@ -61,14 +61,24 @@ def default_config(direction: str, head_dim: int, device_type: str) -> KernelCon
     return candidates(direction, head_dim, device_type)[0].config
 
 
-def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_fn):
-    """``(config, plan)`` with the smallest predicted time for `mask` (``lower_fn(mask, bq, bk)``)."""
+def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_fn, counts_fn=None):
+    """``(config, plan)`` with the smallest predicted time for `mask`: candidates are priced by
+    their tile counts (``counts_fn(mask, bq, bk, which) -> (full, partial)``, default
+    `maskc.tiling.tile_counts`, which builds no lists) and only the winner is lowered
+    (``lower_fn(mask, bq, bk)``)."""
+    from maskc.tiling import tile_counts
+
+    counts_fn = counts_fn or tile_counts
+    cands = candidates(direction, head_dim, device_type)
     best = None
-    for cand in candidates(direction, head_dim, device_type):
+    for cand in cands:
         cfg = cand.config
-        plan = lower_fn(mask, cfg.block_q, cfg.block_k)
-        lists = getattr(plan, LISTS[direction])
-        est = cand.full_cost * lists.n_full_tiles + cand.partial_cost * lists.n_partial_tiles
+        if len(cands) == 1:
+            best = (0.0, cfg)
+            break
+        full, partial = counts_fn(mask, cfg.block_q, cfg.block_k, LISTS[direction])
+        est = cand.full_cost * full + cand.partial_cost * partial
         if best is None or est < best[0]:
-            best = (est, cfg, plan)
-    return best[1], best[2]
+            best = (est, cfg)
+    cfg = best[1]
+    return cfg, lower_fn(mask, cfg.block_q, cfg.block_k)

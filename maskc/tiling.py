@@ -81,7 +81,7 @@ class TileLists:
     def cost(self, partial_weight: float = 1.5) -> np.ndarray:
         """Per outer tile: full tiles + partial_weight * partial tiles (the LPT key)."""
         runs = (self.full_runs[:, 1] - self.full_runs[:, 0]).astype(np.int64)
-        csum = np.r_[0, np.cumsum(runs)]
+        csum = _ptr(runs)
         full = csum[self.full_ptr[1:]] - csum[self.full_ptr[:-1]]
         part = np.diff(self.part_ptr)
         return full + partial_weight * part
@@ -109,16 +109,15 @@ def _ro(a, shape=None) -> np.ndarray:
     return a
 
 
-def _tile_lists(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b_in: int) -> TileLists:
-    """Work lists for disjoint bands ``(r0, r1, ac, as, bc, bs)`` over outer x inner tiles."""
-    n_out = _cdiv(outer_len, b_out)
+def _ptr(counts) -> np.ndarray:
+    """CSR pointer ``[0, c0, c0 + c1, ...]`` of per-item counts (np.r_ is slow on small arrays)."""
+    return np.concatenate((np.zeros(1, np.int64), np.cumsum(counts)))
+
+
+def _classify(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b_in: int) -> dict:
+    """The pieces of ``bands`` (one per band and outer tile) and the elementary intervals of
+    inner tiles per outer tile, each classified full / partial (the first half of `_tile_lists`)."""
     n_in = _cdiv(inner_len, b_in)
-    empty_ptr = np.zeros(n_out + 1, dtype=np.int64)
-    if bands.shape[0] == 0 or n_out == 0:
-        return TileLists(
-            _ro(empty_ptr), _ro(np.zeros((0, 2)), (-1, 2)), _ro(empty_ptr), _ro([]), _ro([0]), _ro([]),
-            _ro(np.arange(n_out)),
-        )
     r0, r1, ac, a_s, bc, b_s = (bands[:, c].astype(np.int64) for c in range(6))
     # ---- pieces: one per (band, outer tile) ----
     t_first = r0 // b_out
@@ -137,36 +136,66 @@ def _tile_lists(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b
     w = t1 - t0
     # ---- events, swept per outer tile ----
     stride = n_in + 1
+    nf = int(has_full.sum())
     pos = np.concatenate([touch0, touch1, full0[has_full], full1[has_full]])
     otile = np.concatenate([ot, ot, ot[has_full], ot[has_full]])
-    d_touch = np.concatenate([np.ones_like(ot), -np.ones_like(ot), np.zeros(2 * has_full.sum(), np.int64)])
+    d_touch = np.concatenate([np.ones_like(ot), -np.ones_like(ot), np.zeros(2 * nf, np.int64)])
     d_full = np.concatenate([np.zeros(2 * ot.shape[0], np.int64), w[has_full], -w[has_full]])
     key = otile * stride + pos
     order = np.argsort(key)  # ties need no order: only the state after the last event counts
     key, otile, pos = key[order], otile[order], pos[order]
     c_touch = np.cumsum(d_touch[order])
     c_full = np.cumsum(d_full[order])
-    last = np.r_[key[1:] != key[:-1], True]  # state after the last event at each position
-    key, otile, pos, c_touch, c_full = key[last], otile[last], pos[last], c_touch[last], c_full[last]
-    nxt = np.r_[pos[1:], 0]
-    same = np.r_[otile[1:] == otile[:-1], False]
+    last = np.ones(key.shape[0], dtype=bool)  # state after the last event at each position
+    last[:-1] = key[1:] != key[:-1]
+    otile, pos, c_touch, c_full = otile[last], pos[last], c_touch[last], c_full[last]
+    nxt = np.zeros_like(pos)
+    nxt[:-1] = pos[1:]
+    same = np.zeros(pos.shape[0], dtype=bool)
+    same[:-1] = otile[1:] == otile[:-1]
     seg = same & (nxt > pos)  # elementary interval [pos, nxt) of outer tile otile
     height = np.minimum((otile + 1) * b_out, outer_len) - otile * b_out
     is_full = seg & (c_full == height)
     is_part = seg & (c_touch > 0) & ~is_full
+    return dict(band=band, ot=ot, touch0=touch0, touch1=touch1, stride=stride, otile=otile, pos=pos, nxt=nxt,
+                is_full=is_full, is_part=is_part)
+
+
+def _tile_counts(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b_in: int) -> tuple[int, int]:
+    """``(full tiles, partial tiles)`` of the lists `_tile_lists` would build, without building them."""
+    if bands.shape[0] == 0 or outer_len == 0:
+        return 0, 0
+    c = _classify(bands, outer_len, inner_len, b_out, b_in)
+    span = c["nxt"] - c["pos"]
+    return int(span[c["is_full"]].sum()), int(span[c["is_part"]].sum())
+
+
+def _tile_lists(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b_in: int) -> TileLists:
+    """Work lists for disjoint bands ``(r0, r1, ac, as, bc, bs)`` over outer x inner tiles."""
+    n_out = _cdiv(outer_len, b_out)
+    empty_ptr = np.zeros(n_out + 1, dtype=np.int64)
+    if bands.shape[0] == 0 or n_out == 0:
+        return TileLists(
+            _ro(empty_ptr), _ro(np.zeros((0, 2)), (-1, 2)), _ro(empty_ptr), _ro([]), _ro([0]), _ro([]),
+            _ro(np.arange(n_out)),
+        )
+    c = _classify(bands, outer_len, inner_len, b_out, b_in)
+    band, ot, touch0, touch1, stride = c["band"], c["ot"], c["touch0"], c["touch1"], c["stride"]
+    otile, pos, nxt, is_full, is_part = c["otile"], c["pos"], c["nxt"], c["is_full"], c["is_part"]
     # ---- full runs: merge contiguous full intervals ----
     f_idx = np.nonzero(is_full)[0]
     f_ot, f_lo, f_hi = otile[f_idx], pos[f_idx], nxt[f_idx]
     if f_idx.size:
-        join = np.r_[False, (f_ot[1:] == f_ot[:-1]) & (f_lo[1:] == f_hi[:-1])]
+        join = np.zeros(f_idx.size, dtype=bool)
+        join[1:] = (f_ot[1:] == f_ot[:-1]) & (f_lo[1:] == f_hi[:-1])
         starts = np.nonzero(~join)[0]
-        ends = np.r_[starts[1:], f_idx.size] - 1
+        ends = np.append(starts[1:], f_idx.size) - 1
         runs = np.stack([f_lo[starts], f_hi[ends]], axis=1)
         run_ot = f_ot[starts]
     else:
         runs = np.zeros((0, 2), np.int64)
         run_ot = np.zeros(0, np.int64)
-    full_ptr = np.r_[0, np.cumsum(np.bincount(run_ot, minlength=n_out))]
+    full_ptr = _ptr(np.bincount(run_ot, minlength=n_out))
     # ---- partial tiles, expanded ----
     p_idx = np.nonzero(is_part)[0]
     p_len = nxt[p_idx] - pos[p_idx]
@@ -175,7 +204,7 @@ def _tile_lists(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b
     p_tile = pos[p_idx][p_rep] + (np.arange(p_rep.size) - p_off[p_rep])
     p_ot = otile[p_idx][p_rep]
     p_key = p_ot * stride + p_tile  # sorted
-    part_ptr = np.r_[0, np.cumsum(np.bincount(p_ot, minlength=n_out))]
+    part_ptr = _ptr(np.bincount(p_ot, minlength=n_out))
     # ---- predicates: pieces whose touched tiles include the partial tile ----
     lo = np.searchsorted(p_key, ot * stride + touch0)
     hi = np.searchsorted(p_key, ot * stride + touch1)
@@ -185,7 +214,7 @@ def _tile_lists(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b
     which = lo[piece] + (np.arange(piece.size) - h_off[piece])
     srt = np.lexsort((band[piece], which))
     which, pred_band = which[srt], band[piece][srt]
-    pred_ptr = np.r_[0, np.cumsum(np.bincount(which, minlength=p_key.size))]
+    pred_ptr = _ptr(np.bincount(which, minlength=p_key.size))
     tl = TileLists(
         _ro(full_ptr), _ro(runs, (-1, 2)), _ro(part_ptr), _ro(p_tile), _ro(pred_ptr), _ro(pred_band),
         _ro(np.zeros(n_out)),
@@ -373,6 +402,34 @@ class TilePlan:
         return "\n".join(lines) + f"\n{self!r}"
 
 
+_COLUMN_BANDS: dict = {}
+
+
+def column_bands(mask: Mask) -> np.ndarray:
+    """The canonical column bands of `mask` (the dK/dV orientation), computed once per mask
+    content (every block size shares them)."""
+    key = mask.digest()
+    hit = _COLUMN_BANDS.get(key)
+    if hit is None:
+        cols, _ = transpose_bands(np.asarray(mask.bands, dtype=np.int64))
+        hit = sweep([cols], [False, True], mask.sk, mask.sq)
+        hit.flags.writeable = False
+        if len(_COLUMN_BANDS) >= 256:
+            _COLUMN_BANDS.clear()
+        _COLUMN_BANDS[key] = hit
+    return hit
+
+
+def tile_counts(mask: Mask, block_q: int, block_k: int, which: str = "fwd") -> tuple[int, int]:
+    """``(full tiles, partial tiles)`` of ``lower(mask, block_q, block_k).<which>`` without building
+    the lists (about half the work): what choosing a tile config needs."""
+    if which == "fwd":
+        return _tile_counts(np.asarray(mask.bands, dtype=np.int64), mask.sq, mask.sk, block_q, block_k)
+    if which == "bwd":
+        return _tile_counts(column_bands(mask), mask.sk, mask.sq, block_k, block_q)
+    raise MaskError(f"tile_counts: which must be 'fwd' or 'bwd', got {which!r}")
+
+
 def lower(mask: Mask, block_q: int = 128, block_k: int = 128) -> TilePlan:
     """Lower a mask to per-tile work lists (see module docstring)."""
     if not isinstance(mask, Mask):
@@ -385,8 +442,7 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128) -> TilePlan:
     bands = np.asarray(mask.bands, dtype=np.int64)
     fwd = _tile_lists(bands, mask.sq, mask.sk, block_q, block_k)
     # the backward walks key tiles: tile the canonical *column* bands of the same set
-    cols, _ = transpose_bands(bands)
-    bands_t = sweep([cols], [False, True], mask.sk, mask.sq)
+    bands_t = column_bands(mask)
     bwd = _tile_lists(bands_t, mask.sk, mask.sq, block_k, block_q)
     kinds = _pred_kinds(fwd, bands) | _pred_kinds(bwd, bands_t)
     return TilePlan(
@@ -434,11 +490,11 @@ def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
         ids = np.where(has, tl.preds[np.minimum(tl.pred_ptr[few_idx] + slot, max(tl.preds.size - 1, 0))] if tl.preds.size else empty, empty)
         table.append(ext[ids])
     few_tab = np.hstack(table) if few_idx.size else np.zeros((0, 1 + 6 * INLINE_PREDS), np.int64)
-    few_ptr = np.r_[0, np.cumsum(np.bincount(owner[few_idx], minlength=n_out))]
+    few_ptr = _ptr(np.bincount(owner[few_idx], minlength=n_out))
     # many: CSR of slice ids
     m_cnt = cnt[many_idx]
-    many_ptr = np.r_[0, np.cumsum(np.bincount(owner[many_idx], minlength=n_out))]
-    many_pred_ptr = np.r_[0, np.cumsum(m_cnt)]
+    many_ptr = _ptr(np.bincount(owner[many_idx], minlength=n_out))
+    many_pred_ptr = _ptr(m_cnt)
     rep = np.repeat(np.arange(many_idx.size), m_cnt)
     within = np.arange(rep.size) - (many_pred_ptr[:-1][rep] if rep.size else 0)
     many_preds = tl.preds[tl.pred_ptr[many_idx][rep] + within] if rep.size else np.zeros(0, np.int64)

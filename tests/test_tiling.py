@@ -131,3 +131,38 @@ def test_kernel_lists_partition_partial_tiles(md, bq, bk):
                 assert len(ids) > INLINE_PREDS
                 got[int(kl["many_tiles"][q])] = sorted(tuple(bands[s].tolist()) for s in ids)
             assert got == want
+
+
+@given(masks(max_side=70), st.sampled_from([1, 2, 4, 8, 16]), st.sampled_from([1, 2, 4, 8, 16]))
+def test_tile_counts_equal_the_lists(md, bq, bk):
+    from maskc.tiling import column_bands, tile_counts
+
+    mask = md[0] if isinstance(md, tuple) else md
+    plan = lower(mask, bq, bk)
+    assert tile_counts(mask, bq, bk, "fwd") == (plan.fwd.n_full_tiles, plan.fwd.n_partial_tiles)
+    assert tile_counts(mask, bq, bk, "bwd") == (plan.bwd.n_full_tiles, plan.bwd.n_partial_tiles)
+    assert np.array_equal(column_bands(mask), plan.bands_t)  # cached per mask content
+    with pytest.raises(MaskError, match="which must be"):
+        tile_counts(mask, bq, bk, "sideways")
+
+
+def test_choose_config_lowers_only_the_winner():
+    from maskc.codegen.configs import CANDIDATES, choose_config
+
+    lowered = []
+
+    def lower_fn(m, bq, bk):
+        lowered.append((bq, bk))
+        return lower(m, bq, bk)
+
+    for mask in (maskc.full(4096), maskc.varlen([100, 333, 250] * 4)):
+        for direction in ("fwd", "bwd_dkdv", "bwd_dq"):
+            lowered.clear()
+            cfg, plan = choose_config(mask, direction, 128, "cuda", lower_fn)
+            assert lowered == [(cfg.block_q, cfg.block_k)] and plan.block_q == cfg.block_q
+            # the same choice as pricing every candidate's real lists
+            which = "fwd" if direction != "bwd_dkdv" else "bwd"
+            costs = [c.full_cost * getattr(lower(mask, c.config.block_q, c.config.block_k), which).n_full_tiles
+                     + c.partial_cost * getattr(lower(mask, c.config.block_q, c.config.block_k), which).n_partial_tiles
+                     for c in CANDIDATES[(direction, 128)]]
+            assert cfg == CANDIDATES[(direction, 128)][int(np.argmin(costs))].config
