@@ -81,4 +81,7 @@ def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_f
         if best is None or est < best[0]:
             best = (est, cfg)
     cfg = best[1]
-    return cfg, lower_fn(mask, cfg.block_q, cfg.block_k)
+    try:  # lower only the orientation this kernel walks, where lower_fn can
+        return cfg, lower_fn(mask, cfg.block_q, cfg.block_k, only=LISTS[direction])
+    except TypeError:
+        return cfg, lower_fn(mask, cfg.block_q, cfg.block_k)

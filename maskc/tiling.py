@@ -430,8 +430,28 @@ def tile_counts(mask: Mask, block_q: int, block_k: int, which: str = "fwd") -> t
     raise MaskError(f"tile_counts: which must be 'fwd' or 'bwd', got {which!r}")
 
 
-def lower(mask: Mask, block_q: int = 128, block_k: int = 128) -> TilePlan:
-    """Lower a mask to per-tile work lists (see module docstring)."""
+class _PartialTilePlan(TilePlan):
+    """A `TilePlan` lowered for one orientation (``lower(..., only=...)``): the other one (and
+    whatever needs both) is lowered the first time it is read, so the result is indistinguishable
+    from a full lowering, only cheaper when one kernel needs one orientation."""
+
+    _LAZY = frozenset(("fwd", "bwd", "bands_t", "partial_kinds"))
+
+    def __getattribute__(self, name):
+        if name in _PartialTilePlan._LAZY:
+            value = object.__getattribute__(self, name)
+            if value is None:
+                full = lower(object.__getattribute__(self, "_source"), self.block_q, self.block_k)
+                for f in _PartialTilePlan._LAZY:
+                    object.__setattr__(self, f, getattr(full, f))
+                value = object.__getattribute__(self, name)
+            return value
+        return object.__getattribute__(self, name)
+
+
+def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None = None) -> TilePlan:
+    """Lower a mask to per-tile work lists (see module docstring). ``only="fwd"`` or ``"bwd"``
+    builds that orientation now and the other one when first read (what a single kernel needs)."""
     if not isinstance(mask, Mask):
         raise MaskError(f"lower(): expected a Mask, got {type(mask).__name__}")
     block_q = as_int(block_q, "block_q")
@@ -439,24 +459,33 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128) -> TilePlan:
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if b < 1 or b & (b - 1):
             raise MaskError(f"lower(): {name} must be a power of two >= 1, got {b}")
+    if only not in (None, "fwd", "bwd"):
+        raise MaskError(f"lower(): only must be None, 'fwd' or 'bwd', got {only!r}")
     bands = np.asarray(mask.bands, dtype=np.int64)
-    fwd = _tile_lists(bands, mask.sq, mask.sk, block_q, block_k)
-    # the backward walks key tiles: tile the canonical *column* bands of the same set
-    bands_t = column_bands(mask)
-    bwd = _tile_lists(bands_t, mask.sk, mask.sq, block_k, block_q)
-    kinds = _pred_kinds(fwd, bands) | _pred_kinds(bwd, bands_t)
-    return TilePlan(
+    fwd = bwd = bands_t = kinds = None
+    if only != "bwd":
+        fwd = _tile_lists(bands, mask.sq, mask.sk, block_q, block_k)
+    if only != "fwd":
+        # the backward walks key tiles: tile the canonical *column* bands of the same set
+        bands_t = _ro(column_bands(mask), (-1, 6))
+        bwd = _tile_lists(bands_t, mask.sk, mask.sq, block_k, block_q)
+    if only is None:
+        kinds = frozenset(_pred_kinds(fwd, bands) | _pred_kinds(bwd, bands_t))
+    plan = (TilePlan if only is None else _PartialTilePlan)(
         sq=mask.sq,
         sk=mask.sk,
         block_q=block_q,
         block_k=block_k,
         mask_digest=mask.digest(),
         bands=_ro(bands, (-1, 6)),
-        bands_t=_ro(bands_t, (-1, 6)),
+        bands_t=bands_t,
         fwd=fwd,
         bwd=bwd,
-        partial_kinds=frozenset(kinds),
+        partial_kinds=kinds,
     )
+    if only is not None:
+        object.__setattr__(plan, "_source", mask)
+    return plan
 
 
 KERNEL_LISTS = ("bands", "full_ptr", "full_runs", "few_ptr", "few", "many_ptr", "many_tiles", "many_pred_ptr", "many_preds", "order")

@@ -28,12 +28,13 @@ _DEVICE_LISTS: dict[tuple, tuple] = {}
 _MAX_CACHED = 256
 
 
-def plan_for(mask: Mask, block_q: int, block_k: int) -> TilePlan:
-    """The cached tile plan of `mask` (a repeated call is one dictionary lookup)."""
+def plan_for(mask: Mask, block_q: int, block_k: int, only: str | None = None) -> TilePlan:
+    """The cached tile plan of `mask` (a repeated call is one dictionary lookup). ``only``: the
+    orientation needed now; the other is lowered when first read."""
     key = (mask, block_q, block_k)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = lower(mask, block_q, block_k)
+        plan = lower(mask, block_q, block_k, only=only)
         with _LOCK:
             if len(_PLANS) >= _MAX_CACHED:
                 _PLANS.clear()

@@ -166,3 +166,15 @@ def test_choose_config_lowers_only_the_winner():
                      + c.partial_cost * getattr(lower(mask, c.config.block_q, c.config.block_k), which).n_partial_tiles
                      for c in CANDIDATES[(direction, 128)]]
             assert cfg == CANDIDATES[(direction, 128)][int(np.argmin(costs))].config
+
+
+@given(masks(max_side=40), blocks, blocks, st.sampled_from(["fwd", "bwd"]))
+def test_one_orientation_lowering_completes_lazily(md, bq, bk, only):
+    m, _ = md
+    part, full = lower(m, bq, bk, only=only), lower(m, bq, bk)
+    assert object.__getattribute__(part, "bwd" if only == "fwd" else "fwd") is None  # not built yet
+    assert part.list_kinds(only) == full.list_kinds(only)
+    assert object.__getattribute__(part, "bwd" if only == "fwd" else "fwd") is None  # still not
+    assert part.to_json() == full.to_json() and part.partial_kinds == full.partial_kinds  # completed on read
+    with pytest.raises(MaskError, match="only must be"):
+        lower(m, bq, bk, only="both")
