@@ -469,6 +469,107 @@ register(
 )
 
 
+# ---- maskc plan --------------------------------------------------------------------------------
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    add_mask_argument(p)
+    p.add_argument("--cp", type=positive_int, default=8, metavar="N",
+                   help="context-parallel ranks (default: %(default)s)")
+    p.add_argument("--heads", type=positive_int, nargs=3, metavar=("HQ", "HKV", "D"),
+                   help="query heads, key/value heads and head dim of the model: prices the plans and lets "
+                        "the planner choose a head-parallel plan when it moves fewer bytes "
+                        "(default: priced as 32 8 128, sequence split only)")
+    p.add_argument("--scheme", choices=("auto", "sequence", "heads"), default=None,
+                   help="force a scheme (default: auto with --heads, else sequence)")
+    p.add_argument("--group-reduce", action="store_true",
+                   help="let query rows move to their keys where that moves fewer bytes (GroupReduce)")
+    p.add_argument("--block", type=positive_int, default=128, metavar="B",
+                   help="tile size the dispatch chunks are multiples of (default: %(default)s)")
+    p.add_argument("--chunk", type=positive_int, default=None, metavar="T",
+                   help="tokens per dispatch chunk (default: the planner's)")
+    p.add_argument("--stages", type=positive_int, default=None, metavar="K",
+                   help="remote stages after the local one (default: min(cp - 1, 4))")
+    p.add_argument("--tflops", type=float, default=None, metavar="T",
+                   help="attention kernel TFLOP/s for the predicted times (default: the cost model's 400)")
+    p.add_argument("--link-gbs", type=float, default=None, metavar="G",
+                   help="per-rank link GB/s for the predicted times (default: the cost model's 100)")
+    p.add_argument("--width", type=positive_int, default=64, metavar="W",
+                   help="characters of the sequence picture (default: %(default)s)")
+    p.add_argument("--json", metavar="OUT.json",
+                   help="also save the plan (maskc.plan.Plan.from_json reads it; every rank must run the same plan)")
+
+
+def _plan_run(args: argparse.Namespace) -> int:
+    import time
+
+    from .cost import Hardware, Workload, baselines, simulate
+    from .plan import compile as compile_plan
+
+    mask, source = mask_from_args(args)
+    if mask.sq != mask.sk:
+        raise CLIError(f"maskc plan: context parallelism plans self-attention; MASK is {mask.sq} x {mask.sk}, "
+                       "not square")
+    hw_kw = {k: v for k, v in (("tflops", args.tflops), ("link_gbs", args.link_gbs)) if v is not None}
+    hw = Hardware(**hw_kw)
+    wl = Workload(hq=args.heads[0], hkv=args.heads[1], head_dim=args.heads[2]) if args.heads else Workload()
+    t0 = time.perf_counter()
+    plan = compile_plan(mask, cp_size=args.cp, block=args.block, chunk=args.chunk, stages=args.stages,
+                        group_reduce=args.group_reduce, workload=wl if args.heads else None, scheme=args.scheme)
+    t_plan = time.perf_counter() - t0
+    out = sys.stdout
+    print(f"mask: {source}", file=out)
+    print(f"{plan!r}  (planned in {t_plan * 1e3:.1f} ms)", file=out)
+    print(plan.ascii(args.width), file=out)
+    est = simulate(plan, hw, wl)
+    rows = [("maskc (" + plan.scheme + ")", est)] + list(baselines(mask, args.cp, hw, wl).items())
+    print(f"\ncost model: {wl.hq} query / {wl.hkv} key-value heads of {wl.head_dim}, {hw.tflops:g} TFLOP/s, "
+          f"{hw.link_gbs:g} GB/s per rank (forward + backward of one attention layer)", file=out)
+    print(f"{'scheme':<18} {'recv GB total':>14} {'max rank GB':>12} {'step ms':>10} {'exposed':>8}", file=out)
+    for name, e in rows:
+        if not e.feasible:
+            print(f"{name:<18} {'-':>14} {'-':>12} {'-':>10} {'-':>8}  ({e.note})", file=out)
+            continue
+        print(f"{name:<18} {e.total_bytes / 1e9:>14.3f} {e.max_rank_bytes / 1e9:>12.3f} {e.step_s * 1e3:>10.2f} "
+              f"{100 * e.exposed_fraction:>7.1f}%", file=out)
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(plan.to_json())
+                f.write("\n")
+        except OSError as e:
+            raise CLIError(f"cannot write {args.json}: {e.strerror or e}") from None
+        print(f"wrote plan JSON to {args.json}", file=out)
+    return 0
+
+
+register(
+    Command(
+        name="plan",
+        help="plan a mask for context parallelism: dispatch, communication, cost vs ring / Ulysses",
+        description=textwrap.fill(
+            "Plan self-attention over MASK on N context-parallel ranks (maskc.compile): which rank holds "
+            "which tokens (balanced by the exact work of each chunk), which key/value ranges each rank "
+            "receives in which stage, and, given the model's heads, whether a head-parallel plan "
+            "(all-to-all of heads) moves fewer bytes. Prints a picture of the dispatch, per-rank tokens, "
+            "work and received tokens, and the cost model's bytes and predicted step time against ring "
+            "attention (plain, zigzag), Ulysses and an all-gather split priced the same way.", width=92,
+        ) + "\n\n" + MASK_FORMS,
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              maskc plan                                        # MAGI-1's packed mask on 8 ranks
+              maskc plan "causal(1 << 20)" --cp 16 --heads 32 8 128
+              maskc plan "varlen([4096] * 64)" --cp 8 --group-reduce --json plan.json
+              maskc plan "magi_video([32] * 4, 8192)" --cp 4 --tflops 427 --link-gbs 172   # 4 x H200 calibration
+            """
+        ),
+        add_arguments=_plan_arguments,
+        run=_plan_run,
+    )
+)
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 
@@ -488,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
               maskc show "causal(4096) | sliding_window(4096, 256)"
               maskc show "magi_video([8, 8], 1024, window=4)" --png video.png
               maskc show --help                                  # MASK forms and kinds
+              maskc plan "causal(1 << 20)" --cp 16 --heads 32 8 128   # context-parallel plan and costs
             """
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -253,6 +253,34 @@ class Plan:
             f"digest={self.digest()[:12]})"
         )
 
+    def ascii(self, width: int = 64) -> str:
+        """A picture: which rank holds which part of the sequence (one character per
+        ``seq_len / width`` tokens: the owner's digit or letter, ``*`` where a cell is shared),
+        then per rank its tokens, share of the work and key/value tokens received."""
+        marks = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        s = self.seq_len
+        width = max(1, min(int(width), s)) if s else 1
+        cells = []
+        bounds = (np.arange(width + 1) * s) // width
+        d = self.dispatch
+        owner = d.chunk_rank
+        cb = d.bounds
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            lo = np.searchsorted(cb, a, side="right") - 1
+            hi = np.searchsorted(cb, max(b - 1, a), side="right") - 1
+            ranks = np.unique(owner[max(lo, 0):hi + 1]) if owner.size else np.zeros(0, int)
+            cells.append("*" if ranks.size != 1 else (marks[int(ranks[0])] if ranks[0] < len(marks) else "#"))
+        # a head-parallel plan splits the work by heads: every rank computes 1/cp of it
+        area = d.rank_area.astype(np.float64) if self.scheme == "sequence" else np.ones(self.cp_size)
+        total = float(area.sum()) or 1.0
+        lines = [f"tokens 0 .. {s} ({s // width if width else s} per character; digit/letter = rank, * = shared)",
+                 "|" + "".join(cells) + "|",
+                 f"{'rank':>5} {'tokens':>12} {'work':>7} {'KV recv':>12}"]
+        recv = self.recv_tokens
+        for r in range(self.cp_size):
+            lines.append(f"{r:>5} {int(d.rank_tokens[r]):>12,} {100 * area[r] / total:>6.1f}% {recv[r]:>12,}")
+        return "\n".join(lines)
+
     def summary(self) -> dict:
         """The plan's headline numbers as a dict (for tables and JSON results)."""
         return {

@@ -323,3 +323,50 @@ def test_python_dash_m(tmp_path):
         env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
     )
     assert proc.returncode == 2 and proc.stderr.startswith("maskc: error:")
+
+
+# ---- maskc plan --------------------------------------------------------------------------------
+
+
+def test_plan_command_default_and_json(tmp_path, capsys):
+    from maskc.plan import Plan
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--cp", "4", "--width", "40", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Plan(cp=4" in text and "(the default: MAGI-1's packed training mask)" in text
+    picture = next(line for line in text.splitlines() if line.startswith("|"))
+    assert len(picture) == 42 and set(picture[1:-1]) <= set("0123*")  # 40 cells of rank ids
+    for name in ("maskc (sequence)", "ring-zigzag", "ulysses", "allgather"):
+        assert name in text
+    plan = Plan.from_json(out.read_text())
+    assert plan.cp_size == 4 and plan.mask == load_mask(DEFAULT_MASK)
+
+
+def test_plan_command_heads_choice(capsys):
+    # dense causal on 16 ranks with the model's heads: the head-parallel plan moves fewer bytes
+    assert main(["plan", "causal(1 << 16)", "--cp", "16", "--heads", "32", "8", "128"]) == 0
+    text = capsys.readouterr().out
+    assert "head-parallel: 2 of 32 query heads" in text and "maskc (heads)" in text
+    assert main(["plan", "causal(1 << 16)", "--cp", "16", "--heads", "32", "8", "128", "--scheme", "sequence"]) == 0
+    assert "maskc (sequence)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "Mask([((0, 4), (0, 8), FULL)], sq=4, sk=8)"], "not square"),
+    (["plan", "causal(64)", "--cp", "3", "--heads", "8", "2", "64", "--scheme", "heads", "--block", "16"],
+     "do not split over cp_size=3"),
+])
+def test_plan_command_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_plan_picture_of_a_head_parallel_plan():
+    from maskc.cost import Workload
+
+    p = maskc.compile(maskc.causal(4096), cp_size=4, workload=Workload(hq=8, hkv=2), scheme="heads")
+    lines = p.ascii(16).splitlines()
+    assert lines[1].startswith("|") and len(lines[1]) == 18
+    assert [ln.split()[2] for ln in lines[3:]] == ["25.0%"] * 4  # work split by heads
