@@ -13,7 +13,9 @@ ordered by ring distance ``(dst - src) mod cp`` and then position, are split int
 groups of about equal tokens; stage i+1's transfer overlaps stage i's compute.
 
 GroupReduce. With ``group_reduce`` on, a pair (dst, src) whose query rows are cheaper to move than
-its key/value ranges (``q_rows * q_row_bytes < kv_tokens * kv_token_bytes``) is marked ``mode=1``:
+its key/value ranges (``q_rows * q_row_bytes < kv_tokens * kv_token_bytes``) is marked ``mode=1``
+(taken by bytes saved while src, who then computes the pair, stays within the most loaded rank's
+work; ``group_reduce="bytes"`` takes every such pair):
 dst's rows go to src, src computes them against its own keys and sends the partial output and lse
 back to be merged (and, backward, the output gradients go to src and dQ comes back). The planner,
 the cost model and the runtime (`maskc.runtime.dist`) handle both modes.
@@ -405,8 +407,11 @@ def build_schedule(
     qg, qs, qe = merge_intervals(pinv[it_r], row_lo, row_hi, dispatch.seq_len)
     p_rows = np.bincount(qg, weights=qe - qs, minlength=ukey.size).astype(np.int64)
     p_mode = np.zeros(ukey.size, dtype=np.int64)
-    if group_reduce:
+    if group_reduce == "bytes":  # every pair whose rows are cheaper to move, whatever the balance
         p_mode = np.where(p_rows * q_row_bytes < p_kv * kv_token_bytes, Q, KV).astype(np.int64)
+    elif group_reduce:
+        p_mode = _balanced_group_reduce(p_dst, p_src, p_kv, p_rows, p_area, dispatch.rank_area,
+                                        kv_token_bytes, q_row_bytes)
 
     # stages: per receiver, by ring distance then position, about equal tokens per stage
     stage = _stage_split(dst, src, start, end, cp, stages)
@@ -430,6 +435,26 @@ def build_schedule(
     remote = np.bincount(dst, weights=area, minlength=cp).astype(np.int64) if dst.size else np.zeros(cp, dtype=np.int64)
     local = dispatch.rank_area - remote
     return CommSchedule(cp, stages, dispatch.seq_len, _ro(ranges), _ro(pairs), _ro(q_ranges), _ro(local))
+
+
+def _balanced_group_reduce(p_dst, p_src, p_kv, p_rows, p_area, rank_area, kv_token_bytes, q_row_bytes):
+    """Pair modes: GroupReduce (`Q`) for pairs whose query rows are cheaper to move than their
+    keys/values, taken greedily by bytes saved while the key owner, who then computes the pair,
+    stays at or under the most loaded rank's work (so the plan's compute balance never gets worse;
+    a pair that would overload its owner keeps moving keys/values)."""
+    saved = p_kv * float(kv_token_bytes) - p_rows * float(q_row_bytes)
+    mode = np.full(p_dst.size, KV, dtype=np.int64)
+    load = np.asarray(rank_area, dtype=np.float64).copy()
+    cap = float(load.max()) if load.size else 0.0
+    for i in np.argsort(-saved, kind="stable"):
+        if saved[i] <= 0:
+            break
+        s, d, a = int(p_src[i]), int(p_dst[i]), float(p_area[i])
+        if load[s] + a <= cap:
+            load[s] += a
+            load[d] -= a
+            mode[i] = Q
+    return mode
 
 
 def _rows_touching(pc: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -55,7 +55,7 @@ class Plan:
     cp_size: int
     block: int
     balance_tol: float
-    group_reduce: bool
+    group_reduce: bool | str  # False, True (balance-aware) or "bytes"
     dispatch: Dispatch
     schedule: CommSchedule
     scheme: str = "sequence"
@@ -203,7 +203,7 @@ class Plan:
             cp_size=int(data["cp_size"]),
             block=int(data["block"]),
             balance_tol=float(data["balance_tol"]),
-            group_reduce=bool(data["group_reduce"]),
+            group_reduce=data["group_reduce"] if data["group_reduce"] == "bytes" else bool(data["group_reduce"]),
             dispatch=Dispatch.from_dict(data["dispatch"]),
             schedule=CommSchedule.from_dict(data["schedule"]),
             scheme=str(data.get("scheme", "sequence")),
@@ -310,7 +310,7 @@ def compile(  # noqa: A001 - exported as maskc.compile
     block: int = 128,
     token_cost: int | None = None,
     balance_tol: float = 0.01,
-    group_reduce: bool = False,
+    group_reduce: bool | str = False,
     workload: Workload | None = None,
     methods=METHODS,
     scheme: str | None = None,
@@ -324,7 +324,9 @@ def compile(  # noqa: A001 - exported as maskc.compile
     units added to each chunk's cost (default ``block``). ``balance_tol``: assignments within this of
     perfect balance (or of the best found) count as equally balanced and the one moving fewest
     key/value tokens wins. ``group_reduce``: decide per pair whether moving queries is cheaper in
-    bytes than moving keys/values (sizes from ``workload``).
+    bytes than moving keys/values (sizes from ``workload``), and move them where the key owner,
+    who then computes the pair, stays within the most loaded rank's work (``"bytes"``: wherever
+    cheaper, even if that unbalances compute).
     ``scheme``: ``"sequence"``, ``"heads"`` (head-parallel, see `Plan`) or ``"auto"``: the one
     that moves fewer bytes by `maskc.cost` (sequence on a tie). Default: ``"auto"`` when a
     ``workload`` is given (head-parallel needs the real head counts: ``hq % cp_size == 0`` and
@@ -381,11 +383,11 @@ def compile(  # noqa: A001 - exported as maskc.compile
         mask,
         d,
         stages=stages,
-        group_reduce=bool(group_reduce),
+        group_reduce=_group_reduce_mode(group_reduce),
         kv_token_bytes=wl.kv_token_bytes,
         q_row_bytes=wl.q_row_bytes,
     )
-    plan = Plan(mask, cp_size, block, balance_tol, bool(group_reduce), d, sched)
+    plan = Plan(mask, cp_size, block, balance_tol, _group_reduce_mode(group_reduce), d, sched)
     if cp_size == 1 or scheme == "sequence" or heads_infeasible(heads, cp_size):
         return plan
     if scheme == "auto":
@@ -397,6 +399,14 @@ def compile(  # noqa: A001 - exported as maskc.compile
 
 
 SCHEMES = ("sequence", "heads")
+
+
+def _group_reduce_mode(value):
+    if value == "bytes":
+        return "bytes"
+    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+        return bool(value)
+    raise MaskError(f"compile: group_reduce must be True, False or 'bytes', got {value!r}")
 
 
 def heads_infeasible(heads, cp_size: int) -> str:

@@ -223,11 +223,20 @@ def test_group_reduce_decision():
     m = maskc.Mask([((s - 1, s), (0, s), "full"), ((0, s), (0, s), "causal")], sq=s)
     wl = Workload(hq=8, hkv=8, head_dim=128)
     kv_only = compile(m, cp_size=4, block=64, workload=wl)
-    gr = compile(m, cp_size=4, block=64, group_reduce=True, workload=wl)
+    gr = compile(m, cp_size=4, block=64, group_reduce="bytes", workload=wl)
     assert kv_only.schedule.n_group_reduce == 0
     p = gr.schedule.pairs
     for dst, src, kv, rows, area, mode in p.tolist():
         assert mode == int(rows * wl.q_row_bytes < kv * wl.kv_token_bytes)
+    # balance-aware (True): only cheaper pairs, and never a more loaded rank than without
+    bal = compile(m, cp_size=4, block=64, group_reduce=True, workload=wl)
+    for dst, src, kv, rows, area, mode in bal.schedule.pairs.tolist():
+        assert not mode or rows * wl.q_row_bytes < kv * wl.kv_token_bytes
+    assert bal.schedule.stage_area.sum(1).max() <= kv_only.schedule.stage_area.sum(1).max()
+    assert simulate(bal, wl=wl).total_bytes <= simulate(kv_only, wl=wl).total_bytes
+    assert Plan.from_json(gr.to_json()).group_reduce == "bytes" and Plan.from_json(bal.to_json()).group_reduce is True
+    with pytest.raises(MaskError, match="group_reduce must be"):
+        compile(m, cp_size=4, block=64, group_reduce="sometimes")
     # the plan stays exact: all work is somewhere, the q ranges cover the pairs' rows
     assert gr.schedule.stage_area.sum() == m.area
     q = gr.schedule.q_ranges

@@ -81,7 +81,7 @@ def dist_cases(draw):
         ke = draw(st.integers(ks + 1, s))
         slices.append(((qs, qe), (ks, ke), draw(st.sampled_from(list(Kind)))))
     return dict(mask=maskc.Mask(slices, sq=s).to_json(), chunk=BLOCK * draw(st.integers(1, 2)),
-                stages=draw(st.integers(1, 3)), group_reduce=draw(st.booleans()))
+                stages=draw(st.integers(1, 3)), group_reduce=draw(st.sampled_from([False, True, "bytes"])))
 
 
 def _cases(n: int) -> list[dict]:
@@ -107,12 +107,12 @@ def _sink_rows(s, rows):
 
 
 GROUP_REDUCE = {
-    2: [dict(mask=_sink_rows(96, 2).to_json(), chunk=16, stages=2, group_reduce=True),
-        dict(mask=maskc.global_tokens(80, 3, 9).to_json(), chunk=16, stages=1, group_reduce=True)],
-    3: [dict(mask=_sink_rows(90, 1).to_json(), chunk=16, stages=2, group_reduce=True, softcap=4.0)],
-    4: [dict(mask=_sink_rows(96, 3).to_json(), chunk=16, stages=3, group_reduce=True),
+    2: [dict(mask=_sink_rows(96, 2).to_json(), chunk=16, stages=2, group_reduce="bytes"),
+        dict(mask=maskc.global_tokens(80, 3, 9).to_json(), chunk=16, stages=1, group_reduce="bytes")],
+    3: [dict(mask=_sink_rows(90, 1).to_json(), chunk=16, stages=2, group_reduce="bytes", softcap=4.0)],
+    4: [dict(mask=_sink_rows(96, 3).to_json(), chunk=16, stages=3, group_reduce="bytes"),
         dict(mask=(maskc.global_tokens(64, 2, 5) | _sink_rows(64, 1)).to_json(), chunk=16, stages=2,
-             group_reduce=True)],
+             group_reduce="bytes")],
 }
 
 # head-parallel plans (all-to-all of heads): shared key/value heads (2: 2 q / 1 kv, 4: 4 q / 2 kv)

@@ -50,7 +50,7 @@ def _cases(world, seed):
         dict(mask=maskc.causal(4000 + world).to_json(), stages=2),
         dict(mask=maskc.magi_video([5, 3], 384).to_json(), stages=1),
         # documents plus 10 query rows that see every key: GroupReduce pairs (queries move)
-        dict(mask=sinks.to_json(), stages=2, group_reduce=True),
+        dict(mask=sinks.to_json(), stages=2, group_reduce="bytes"),
     ]
     if HQ % world == 0:  # head-parallel (Ulysses' all-to-all of heads): 8 query heads split, 2 K/V heads
         cases.append(dict(mask=maskc.causal(3000 + world).to_json(), stages=1, scheme="heads"))
