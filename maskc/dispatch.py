@@ -334,7 +334,6 @@ def improve(cost: np.ndarray, owner: np.ndarray, cp_size: int, *, target: float,
 def _adjacency_gain(owner: np.ndarray, a: np.ndarray, b: np.ndarray, m: int, idx: np.ndarray) -> np.ndarray:
     """For swapping chunk a (rank m) with chunk b (its rank o): neighbours matching the new owner
     minus neighbours matching the old one, over both chunks; shape (a, b)."""
-    n = owner.size
     pad = np.concatenate([[-1], owner, [-1]])
 
     def nb(x, r):  # neighbours of chunks x equal to rank(s) r

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import normalize as nz
 from .errors import MaskError
-from .kinds import Kind, Slice, as_int, slice_area
+from .kinds import Kind, Slice, as_int
 
 _MAX_DENSE = 1 << 32  # elements; larger dense pictures are refused with a clear error
 _JSON_FORMAT = "maskc.mask"
