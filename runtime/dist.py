@@ -176,20 +176,26 @@ def rank_layout(plan: Plan, rank: int) -> RankLayout:
     return layout
 
 
-_DEVICE_ROWS: dict = {}
+_DEVICE_COPIES: dict = {}
 
 
-def _device_rows(layout: RankLayout, device, which: str = "send_rows") -> list:
-    """The layout's per-stage ``send_rows`` (or ``q_rows``) as int64 tensors on ``device``, made
-    once: a copy from pageable host memory would synchronise the host with the GPU at every call."""
-    key = (id(layout), str(device), which)
-    hit = _DEVICE_ROWS.get(key)
+def _on_device(layout, name: str, device):
+    """``layout.<name>`` (an int64 index array, or a tuple of them: one per stage) as long
+    tensors on ``device``, made once per layout and device: a copy from pageable host memory
+    would synchronise the host with the GPU at every call."""
+    key = (id(layout), name, str(device))
+    hit = _DEVICE_COPIES.get(key)
     if hit is None or hit[0] is not layout:
-        hit = (layout, [torch.as_tensor(np.array(r), device=device) for r in getattr(layout, which)])
+        value = getattr(layout, name)
+        if isinstance(value, tuple):
+            copy = [torch.as_tensor(np.asarray(r), dtype=torch.long, device=device) for r in value]
+        else:
+            copy = torch.as_tensor(value, dtype=torch.long, device=device)
+        hit = (layout, copy)
         with _LOCK:
-            if len(_DEVICE_ROWS) >= _MAX_CACHED:
-                _DEVICE_ROWS.clear()
-            _DEVICE_ROWS[key] = hit
+            if len(_DEVICE_COPIES) >= 4 * _MAX_CACHED:
+                _DEVICE_COPIES.clear()
+            _DEVICE_COPIES[key] = hit
     return hit[1]
 
 
@@ -272,14 +278,7 @@ def group_cast(x: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_split
     each) and receives ``sum(recv_splits)`` rows concatenated by source rank. One
     ``all_to_all_single`` with exact split sizes (zero where a pair has nothing). Returns the
     received tensor, or a handle with ``.wait() -> tensor`` when ``async_op``."""
-    send = x.index_select(0, send_rows).contiguous()
-    recv = x.new_empty((int(sum(recv_splits)),) + tuple(x.shape[1:]))
-    if _skip_comm():
-        return _Pending(recv, None) if async_op else recv
-    work = dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits), group=group, async_op=async_op)
-    _count("cast", send, recv)
-    pending = _Pending(recv, work if async_op else None, send)
-    return pending if async_op else pending.buf
+    return exchange(x.index_select(0, send_rows), send_splits, recv_splits, group, kind="cast", async_op=async_op)
 
 
 class _Reduced(_Pending):
@@ -319,16 +318,10 @@ def group_reduce(grad: torch.Tensor, send_rows: torch.Tensor, send_splits, recv_
     """GroupReduce, the reverse of `group_cast`: gradient rows of received data go back to their
     owners, where copies sent to several ranks are summed into ``[n_local, ...]`` at ``send_rows``.
     With ``async_op`` returns a handle whose ``.wait()`` gives the summed tensor."""
-    grad = grad.contiguous()
-    back = grad.new_empty((int(sum(send_splits)),) + tuple(grad.shape[1:]))
-    if _skip_comm():
-        send_rows = send_rows[:0]  # nothing arrives: nothing to add
-        work = None
-    else:
-        work = dist.all_to_all_single(back, grad, list(send_splits), list(recv_splits), group=group, async_op=async_op)
-        _count("reduce", grad, back)
-    pending = _Reduced(back, work if async_op else None, send_rows, n_local)
-    pending.sent = grad  # read by the transfer until it is waited for
+    sent = exchange(grad, recv_splits, send_splits, group, kind="reduce", async_op=True)
+    rows = send_rows[:0] if _skip_comm() else send_rows  # nothing arrived: add nothing
+    pending = _Reduced(sent.buf, sent.work, rows, n_local)
+    pending.sent = sent.sent  # read by the transfer until it is waited for
     return pending if async_op else pending.wait()
 
 
@@ -435,8 +428,8 @@ class _DistAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         nst = plan.stages
         side = _Side(q.device)
-        rows = _device_rows(layout, q.device)
-        q_rows = _device_rows(layout, q.device, "q_rows") if layout.group_reduce else []
+        rows = _on_device(layout, "send_rows", q.device)
+        q_rows = _on_device(layout, "q_rows", q.device) if layout.group_reduce else []
         # keys and values travel together: [L, 2, hkv, d]
         kv = torch.stack([k.detach(), v.detach()], dim=1) if nst else None
 
@@ -659,8 +652,8 @@ class _HeadsComm:
 
     def __init__(self, layout: HeadsLayout, group, device):
         self.layout, self.group = layout, group
-        self.rank_major = _cached_index(layout, "rank_major", device)
-        self.order = _cached_index(layout, "order", device)
+        self.rank_major = _on_device(layout, "rank_major", device)
+        self.order = _on_device(layout, "order", device)
 
     def gather(self, x: torch.Tensor, spans) -> torch.Tensor:
         """``x [L, h, d]`` (my tokens, all heads) -> ``[S, w, d]``: every token of the heads
@@ -703,21 +696,6 @@ class _HeadsToTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return ctx.comm.gather(g.contiguous(), ctx.spans), None, None, None
-
-
-_INDEX: dict = {}
-
-
-def _cached_index(layout, name: str, device) -> torch.Tensor:
-    key = (id(layout), name, str(device))
-    hit = _INDEX.get(key)
-    if hit is None or hit[0] is not layout:
-        hit = (layout, torch.as_tensor(getattr(layout, name), dtype=torch.long, device=device))
-        with _LOCK:
-            if len(_INDEX) >= 4 * _MAX_CACHED:
-                _INDEX.clear()
-            _INDEX[key] = hit
-    return hit[1]
 
 
 def _heads_attention(q, k, v, plan: Plan, rank: int, group, scale: float, softcap: float):
