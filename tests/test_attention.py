@@ -5,9 +5,6 @@ multiples of the 16x16 interpreter tiles), GQA, softcap; forward out and lse, ba
 including the gradient through lse. Tolerance: ||x - ref|| / ||ref|| < 1e-5.
 """
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 

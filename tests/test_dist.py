@@ -11,14 +11,11 @@ holding different plans fail with a clear error instead of hanging.
 
 import json
 import os
-import tempfile
-import time
 
 import numpy as np
 import pytest
 from hypothesis import Phase, given, settings, strategies as st
 import torch
-import torch.multiprocessing as mp
 
 import maskc
 from maskc import Kind, MaskError
@@ -26,43 +23,12 @@ from maskc.cost import Workload
 from maskc.plan import compile
 
 TOL = 1e-5
-BLOCK = 16
-WORKLOAD = Workload(hq=2, hkv=1, head_dim=64, dtype_bytes=4)  # the tests' shapes (GroupReduce decisions)  # the interpreter's tiles; chunks are multiples of it
-SPAWN_TIMEOUT = 240
+BLOCK = 16  # the interpreter's tiles; chunks are multiples of it
+WORKLOAD = Workload(hq=2, hkv=1, head_dim=64, dtype_bytes=4)  # the tests' shapes (GroupReduce decisions)
 
 
-# ---- process helpers ---------------------------------------------------------------------------
-
-
-def _spawn(fn, world: int, *args, timeout: float = SPAWN_TIMEOUT):
-    """Run ``fn(rank, world, init_file, *args)`` in `world` processes; fail (not hang) on timeout."""
-    init = tempfile.mktemp(prefix="maskc-dist-")
-    ctx = mp.start_processes(fn, args=(world, init, *args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                pytest.fail(f"distributed test did not finish in {timeout:.0f} s (hang?)")
-    finally:
-        if os.path.exists(init):
-            os.remove(init)
-
-
-def _init(rank, world, init):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    return dist
-
-
-def _rel(x, ref):
-    from conftest import rel_err  # relative, with a unit-scale floor for near-zero references
-
-    return rel_err(x, ref)
+from conftest import rel_err as _rel  # noqa: E402  (relative, unit-scale floor for near-zero references)
+from processes import init_gloo as _init, spawn as _spawn  # noqa: E402
 
 
 # ---- cases -------------------------------------------------------------------------------------

@@ -13,15 +13,14 @@ the bytes the runtime moved equal what the plan says. Skipped without CUDA (CI h
 
 import json
 import os
-import tempfile
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import maskc
+
+from processes import spawn
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -140,20 +139,7 @@ def test_dist_attention_nccl_bf16(world, tmp_path):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs, found {torch.cuda.device_count()}")
     cases = _cases(world, seed=world)
-    init = tempfile.mktemp(prefix="maskc-dist-gpu-")
-    ctx = mp.start_processes(_worker, args=(world, init, cases, str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 600
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                pytest.fail("distributed GPU test did not finish in 600 s (hang?)")
-    finally:
-        if os.path.exists(init):
-            os.remove(init)
+    spawn(_worker, world, cases, str(tmp_path), timeout=600, what="distributed GPU test")
     report = json.load(open(tmp_path / "rank0.json"))
     print(json.dumps(report, indent=1))
     assert len(report) == len(cases)

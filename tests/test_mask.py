@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 import maskc
-from maskc import Kind, Mask, MaskError, Slice
+from maskc import Kind, Mask, Slice
 from maskc.kinds import slice_area
 
-from conftest import dense_of, dense_slice, mask_pairs, masks, shapes, slice_lists
+from conftest import dense_slice, mask_pairs, masks, shapes
 
 
 def assert_canonical(m: Mask):

@@ -15,14 +15,11 @@ inputs raise clear errors.
 import json
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hypothesis import Phase, given, settings, strategies as st
 
 import maskc
@@ -34,41 +31,10 @@ import ring_attention as ra  # noqa: E402
 
 TOL = 1e-5
 HEAD_DIM = 64
-SPAWN_TIMEOUT = 240
 
 
-# ---- process helpers ---------------------------------------------------------------------------
-
-
-def _spawn(fn, world: int, *args, timeout: float = SPAWN_TIMEOUT):
-    """Run ``fn(rank, world, init_file, *args)`` in `world` processes; fail (not hang) on timeout."""
-    init = tempfile.mktemp(prefix="maskc-ring-")
-    ctx = mp.start_processes(fn, args=(world, init, *args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                pytest.fail(f"ring attention test did not finish in {timeout:.0f} s (hang?)")
-    finally:
-        if os.path.exists(init):
-            os.remove(init)
-
-
-def _init(rank, world, init):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    return dist
-
-
-def _rel(x, ref):
-    from conftest import rel_err  # relative, with a unit-scale floor for near-zero references
-
-    return rel_err(x, ref)
+from conftest import rel_err as _rel  # noqa: E402  (relative, unit-scale floor for near-zero references)
+from processes import init_gloo as _init, spawn  # noqa: E402
 
 
 # ---- cases -------------------------------------------------------------------------------------
@@ -224,7 +190,7 @@ def _run_cases(rank, world, init, cases, out_dir):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ring_attention_matches_reference(world, tmp_path):
     cases = STRUCTURED[world] + _draw_cases(world, N_RANDOM[world])
-    _spawn(_run_cases, world, cases, str(tmp_path))
+    spawn(_run_cases, world, cases, str(tmp_path), what="ring attention test")
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
     for i, case in enumerate(cases):
         s = maskc.Mask.from_json(case["mask"]).sq

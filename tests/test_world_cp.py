@@ -15,16 +15,12 @@ balance better on 16-token chunks, which the default then picks); on 3 ranks the
 across ranks (exactness must not depend on alignment).
 """
 
-import json
 import os
-import tempfile
-import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from maskc.world_model import train as TR
 from maskc.world_model import vocab
@@ -35,11 +31,12 @@ from maskc.world_model.parallel import (
 )
 from maskc.world_model.text import pack_text
 
+from processes import init_gloo, spawn as _spawn
+
 CFG = replace(TINY, name="tiny-cp", frame_size=32, chunk_frames=12, dim=128, heads=2, kv_heads=1,
               rope_split=(32, 16, 16))
 BLOCK = 16  # the interpreter's tiles
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
-SPAWN_TIMEOUT = 240
 CAPTIONS = [
     ("red", "circle", "falls"), ("blue", "square", "moves left"),
     ("green", "triangle", "stays still"), ("white", "circle", "bounces off the floor"),
@@ -111,24 +108,7 @@ def check_grads(got: dict, ref: dict, where: str):
     assert not bad, f"{where}: gradient errors {bad}"
 
 
-# ---- process helpers (as in test_dist) ----------------------------------------------------------
-
-
-def _spawn(fn, world: int, *args, timeout: float = SPAWN_TIMEOUT):
-    """Run ``fn(rank, world, init_file, *args)`` in `world` processes; fail (not hang) on timeout."""
-    init = tempfile.mktemp(prefix="maskc-world-cp-")
-    ctx = mp.start_processes(fn, args=(world, init, *args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                pytest.fail(f"distributed test did not finish in {timeout:.0f} s (hang?)")
-    finally:
-        if os.path.exists(init):
-            os.remove(init)
+# ---- process helpers ---------------------------------------------------------------------------
 
 
 def _catch(fn) -> str:
@@ -140,10 +120,7 @@ def _catch(fn) -> str:
 
 
 def _cp_step(rank, world, init, out_dir, chunk):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    dist = init_gloo(rank, world, init)
     model, packed = build_model(), build_packed()
     trainable = TR._DiTParams(model)
     cp = make_cp_context(packed.video_chunks, CFG, cp_size=world, rank=rank, block=BLOCK, chunk=chunk)
