@@ -64,8 +64,8 @@ def default_config(direction: str, head_dim: int, device_type: str) -> KernelCon
 def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_fn, counts_fn=None):
     """``(config, plan)`` with the smallest predicted time for `mask`: candidates are priced by
     their tile counts (``counts_fn(mask, bq, bk, which) -> (full, partial)``, default
-    `maskc.tiling.tile_counts`, which builds no lists) and only the winner is lowered
-    (``lower_fn(mask, bq, bk)``)."""
+    `maskc.tiling.tile_counts`, which builds no lists) and only the winner is lowered, in the
+    orientation this direction walks (``lower_fn(mask, bq, bk, only=...)``, as `maskc.lower`)."""
     from maskc.tiling import tile_counts
 
     counts_fn = counts_fn or tile_counts
@@ -81,7 +81,4 @@ def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_f
         if best is None or est < best[0]:
             best = (est, cfg)
     cfg = best[1]
-    try:  # lower only the orientation this kernel walks, where lower_fn can
-        return cfg, lower_fn(mask, cfg.block_q, cfg.block_k, only=LISTS[direction])
-    except TypeError:
-        return cfg, lower_fn(mask, cfg.block_q, cfg.block_k)
+    return cfg, lower_fn(mask, cfg.block_q, cfg.block_k, only=LISTS[direction])  # the orientation it walks

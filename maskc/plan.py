@@ -374,9 +374,9 @@ def compile(  # noqa: A001 - exported as maskc.compile
     if scheme not in SCHEMES + ("auto",):
         raise MaskError(f"compile: scheme must be one of {SCHEMES + ('auto',)}, got {scheme!r}")
     heads = (wl.hq, wl.hkv)
-    if scheme == "heads" and cp_size > 1 and heads_infeasible(heads, cp_size):
-        raise MaskError(f"compile: scheme='heads' with workload hq={wl.hq}, hkv={wl.hkv}: "
-                        f"{heads_infeasible(heads, cp_size)}")
+    why_not_heads = heads_infeasible(heads, cp_size)
+    if scheme == "heads" and cp_size > 1 and why_not_heads:
+        raise MaskError(f"compile: scheme='heads' with workload hq={wl.hq}, hkv={wl.hkv}: {why_not_heads}")
 
     d = _solve(mask, cp_size, chunk, block, token_cost, balance_tol, methods, refine=auto_chunk)
     sched = build_schedule(
@@ -388,7 +388,7 @@ def compile(  # noqa: A001 - exported as maskc.compile
         q_row_bytes=wl.q_row_bytes,
     )
     plan = Plan(mask, cp_size, block, balance_tol, _group_reduce_mode(group_reduce), d, sched)
-    if cp_size == 1 or scheme == "sequence" or heads_infeasible(heads, cp_size):
+    if cp_size == 1 or scheme == "sequence" or why_not_heads:
         return plan
     if scheme == "auto":
         from .cost import simulate, ulysses  # (cost imports nothing from plan)

@@ -151,9 +151,9 @@ def test_choose_config_lowers_only_the_winner():
 
     lowered = []
 
-    def lower_fn(m, bq, bk):
+    def lower_fn(m, bq, bk, only=None):
         lowered.append((bq, bk))
-        return lower(m, bq, bk)
+        return lower(m, bq, bk, only=only)
 
     for mask in (maskc.full(4096), maskc.varlen([100, 333, 250] * 4)):
         for direction in ("fwd", "bwd_dkdv", "bwd_dq"):

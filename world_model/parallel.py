@@ -118,17 +118,13 @@ class CPContext:
     def cp_size(self) -> int:
         return self.plan.cp_size
 
-    @cached_property
-    def _indices(self) -> dict:
-        return {}
-
     def index(self, device) -> torch.Tensor:
         """`positions` as an int64 tensor on ``device`` (for ``index_select`` of per-token tensors;
         made once per device)."""
-        device = torch.device(device)
-        hit = self._indices.get(device)
+        key = ("index", str(torch.device(device)))
+        hit = self._memo.get(key)
         if hit is None:
-            hit = self._indices[device] = torch.as_tensor(self.positions, dtype=torch.long, device=device)
+            hit = self._memo[key] = torch.as_tensor(self.positions, dtype=torch.long, device=device)
         return hit
 
     def rows(self, mask: Mask) -> Mask:
