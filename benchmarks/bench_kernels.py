@@ -93,7 +93,10 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--masks", nargs="+", default=MASKS, choices=MASKS)
-    ap.add_argument("--impls", nargs="+", default=["maskc", "flex", "cudnn", "flash"])
+    ap.add_argument("--impls", nargs="+", default=["maskc", "cutlass", "flex", "cudnn", "flash"],
+                    choices=["maskc", "cutlass", "flex", "cudnn", "flash"],
+                    help="maskc: the Triton backend; cutlass: the CUTLASS forward (built into ./build or "
+                         "$MASKC_BUILD, else compiled with nvcc), Triton backward")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -147,15 +150,15 @@ def main(argv=None):
             plan_ms = (time.perf_counter() - t0) * 1e3
             rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
             if "maskc" in args.impls:
-                fwd = lambda: attention(q, k, v, mask)
+                fwd = lambda: attention(q, k, v, mask, backend="triton")
                 out = fwd()
                 record("maskc", "fwd", bench(fwd))
                 def fb():
-                    o = attention(q, k, v, mask)
+                    o = attention(q, k, v, mask, backend="triton")
                     o.backward(do)
                 record("maskc", "fwd_bwd", bench(fb))
                 def fb_nd():
-                    o = attention(q, k, v, mask, deterministic=False)
+                    o = attention(q, k, v, mask, deterministic=False, backend="triton")
                     o.backward(do)
                 record("maskc", "fwd_bwd_nondeterministic", bench(fb_nd))
                 t0 = time.perf_counter()
@@ -163,6 +166,15 @@ def main(argv=None):
                     _resolve(mask, "fwd", d, q.device)
                 rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "cached_lookup_us",
                              "ms": round((time.perf_counter() - t0) * 1e4, 3)})
+            if "cutlass" in args.impls:  # the CUTLASS forward (the backward is Triton's)
+                cf = lambda: attention(q, k, v, mask, backend="cutlass")
+                diff = (cf().float() - attention(q, k, v, mask, backend="triton").float()).abs().max().item()
+                rows.append({"mask": name, "seqlen": s, "impl": "cutlass", "direction": "max_abs_diff_vs_triton",
+                             "ms": diff})
+                record("cutlass", "fwd", bench(cf))
+                def cfb():
+                    attention(q, k, v, mask, backend="cutlass").backward(do)
+                record("cutlass", "fwd_bwd", bench(cfb))
             qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
             dot = do.transpose(0, 1).unsqueeze(0).contiguous()
             if "flex" in args.impls:
@@ -211,17 +223,17 @@ def print_table(rows):
         if "tflops" in r:
             by[(r["mask"], r["seqlen"], r["impl"], r["direction"])] = r["tflops"]
     plan = {(r["mask"], r["seqlen"]): r["ms"] for r in rows if r["direction"] == "plan_host_ms"}
-    print(f"{'mask':<22}{'S':>7} | {'maskc f/fb/fb-nd':>17} | {'flex f/fb':>13} | {'x flex f/fb':>12} | {'cudnn f/fb':>13} | {'flash f/fb':>13} | plan ms")
+    print(f"{'mask':<22}{'S':>7} | {'maskc f/fb/fb-nd':>17} | {'cutlass f/fb':>13} | {'flex f/fb':>13} | {'x flex f/fb':>12} | {'cudnn f/fb':>13} | {'flash f/fb':>13} | plan ms")
     for (m, s) in dict.fromkeys((r["mask"], r["seqlen"]) for r in rows):
         def pair(impl):
             f, b = by.get((m, s, impl, "fwd")), by.get((m, s, impl, "fwd_bwd"))
-            return "-" if f is None else f"{f:.0f}/{b:.0f}"
+            return "-" if f is None else f"{f:.0f}/{b:.0f}" if b is not None else f"{f:.0f}/-"
         mf, mb = by.get((m, s, "maskc", "fwd")), by.get((m, s, "maskc", "fwd_bwd"))
         nd = by.get((m, s, "maskc", "fwd_bwd_nondeterministic"))
         mpair = pair("maskc") + ("" if nd is None else f"/{nd:.0f}")
         ff, fb = by.get((m, s, "flex", "fwd")), by.get((m, s, "flex", "fwd_bwd"))
         ratio = f"{mf / ff:.2f}/{mb / fb:.2f}" if mf and ff else "-"
-        print(f"{m:<22}{s:>7} | {mpair:>17} | {pair('flex'):>13} | {ratio:>12} | {pair('cudnn'):>13} | {pair('flash'):>13} | {plan.get((m, s), 0):.2f}")
+        print(f"{m:<22}{s:>7} | {mpair:>17} | {pair('cutlass'):>13} | {pair('flex'):>13} | {ratio:>12} | {pair('cudnn'):>13} | {pair('flash'):>13} | {plan.get((m, s), 0):.2f}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ DIRECTIONS = ("fwd", "bwd_dkdv", "bwd_dq")
 DTYPES = ("bf16", "fp16", "fp32")
 HEAD_DIMS = (64, 128, 256)
 PARTIALS = ("none", "rect", "diag")
+BACKENDS = ("triton", "cutlass")
 
 
 def partial_class(kinds) -> str:
@@ -46,20 +47,26 @@ class KernelSpec:
     gqa_group: int = 1
     softcap: bool = False
     deterministic: bool = True  # the backward has no atomics: it is always deterministic
+    backend: str = "triton"  # "triton" (maskc.codegen templates) or "cutlass" (maskc.codegen.cutlass)
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
             raise MaskError(f"KernelSpec.direction {self.direction!r} is not one of {DIRECTIONS}")
+        if self.backend not in BACKENDS:
+            raise MaskError(f"KernelSpec.backend {self.backend!r} is not one of {BACKENDS}")
         if self.dtype not in DTYPES:
             raise MaskError(f"KernelSpec.dtype {self.dtype!r} is not one of {DTYPES}")
         if self.head_dim not in HEAD_DIMS:
             raise MaskError(f"KernelSpec.head_dim {self.head_dim} is not one of {HEAD_DIMS}")
         if self.partial not in PARTIALS:
             raise MaskError(f"KernelSpec.partial {self.partial!r} is not one of {PARTIALS}")
-        for name in ("block_q", "block_k", "num_warps"):
+        for name in ("block_q", "block_k") + (("num_warps",) if self.backend == "triton" else ()):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise MaskError(f"KernelSpec.{name} must be a power of two, got {v}")
+        if self.backend == "cutlass" and (self.num_warps < 4 or self.num_warps % 4):
+            raise MaskError(f"KernelSpec.num_warps of a cutlass kernel is whole warpgroups (a multiple of 4), "
+                            f"got {self.num_warps}")
         if self.gqa_group < 1:
             raise MaskError(f"KernelSpec.gqa_group must be >= 1, got {self.gqa_group}")
 
@@ -69,7 +76,7 @@ class KernelSpec:
         return (
             f"ffa_{self.direction}_d{self.head_dim}_{self.dtype}_m{self.block_q}n{self.block_k}"
             f"_w{self.num_warps}s{self.num_stages}_{self.partial}_g{self.gqa_group}"
-            f"{'_cap' if self.softcap else ''}"
+            f"{'_cap' if self.softcap else ''}{'' if self.backend == 'triton' else '_' + self.backend}"
         )
 
     def to_json(self) -> str:

@@ -391,7 +391,39 @@ def _build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--softcap", action="store_true", help="build the softcap variants (attention(..., softcap>0))")
     p.add_argument("--arch", type=positive_int, default=90, metavar="SM",
                    help="CUDA compute capability to compile for (default: %(default)s, H100)")
+    p.add_argument("--backend", choices=("triton", "cutlass"), default="triton",
+                   help="triton: every direction, compiled by Triton (default); cutlass: the Hopper forward "
+                        "(head dims 64/128, bf16/fp16) rendered to CUDA C++ on CuTe and compiled by nvcc for "
+                        "sm_90a into DIR/cutlass/ (needs nvcc and pip install nvidia-cutlass)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
+
+
+def _build_cutlass(args: argparse.Namespace, target, source: str) -> int:
+    from maskc.codegen import cutlass as cg
+
+    if args.softcap or args.gqa_groups or args.arch != 90:
+        raise CLIError("maskc build --backend cutlass: --softcap is not in the CUTLASS backend, the GQA group is a "
+                       "run-time argument (no --gqa-group) and the target is sm_90a (no --arch)")
+    try:
+        specs = cg.specs_for_mask(target, head_dims=tuple(args.head_dims or (128,)),
+                                  dtypes=tuple(args.dtypes or ("bf16",)))
+        out = sys.stdout
+        print(f"mask: {source}", file=out)
+        print(f"building {len(specs)} CUTLASS kernel{'' if len(specs) == 1 else 's'} for {cg.ARCH} into "
+              f"{os.path.join(args.out, 'cutlass')}", file=out)
+        out.flush()
+        manifest = cg.build(specs, args.out, progress=not args.no_progress)
+    except cg.CutlassBuildError as e:
+        raise CLIError(f"maskc build --backend cutlass: {e}") from None
+    entries = {e["name"]: e for e in manifest["kernels"]}
+    width = max(len(s.name) for s in specs)
+    for spec in specs:
+        e = entries[spec.name]
+        print(f"  {spec.name:<{width}}  {e['compile_seconds']:6.1f} s  shared {e['shared']:>7,} B  "
+              f"regs {e.get('n_regs', '?')}  spills {e.get('spill_store_bytes', '?')} B", file=out)
+    print(f"manifest: {cg.manifest_path(args.out)}  (nvcc {manifest['nvcc']}, CUTLASS {manifest['cutlass']}, "
+          f"{manifest['arch']})", file=out)
+    return 0
 
 
 def _build_run(args: argparse.Namespace) -> int:
@@ -403,6 +435,8 @@ def _build_run(args: argparse.Namespace) -> int:
         source = f"{text}  (tile plan, {target.block_q}x{target.block_k} tiles for every direction)"
     else:
         target, source = mask_from_args(args)
+    if args.backend == "cutlass":
+        return _build_cutlass(args, target, source)
     specs = specs_for_mask(
         target,
         head_dims=tuple(args.head_dims or (128,)),
@@ -460,6 +494,7 @@ register(
               maskc build "magi_video([8, 8], 1024)" --head-dim 64 128 --dtype bf16 fp16
               maskc build my_mask.py --gqa-group 4 --softcap -o build/
               maskc build plan.json -o build/          # a saved TilePlan
+              maskc build "causal(32768)" --backend cutlass --dtype bf16 fp16   # Hopper forward, nvcc
               MASKC_BUILD=build/ python train.py      # the runtime picks the build up
             """
         ),

@@ -123,15 +123,69 @@ def _resolve(mask_or_plan, direction: str, d: int, device) -> tuple[Mask | None,
     return mask_or_plan, plan, cfg
 
 
-def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float):
+BACKENDS = ("auto", "triton", "cutlass")
+_CUTLASS: dict[tuple, tuple] = {}
+
+
+def _cutlass_forward(mask_or_plan, q, k, v, softcap: float, backend: str):
+    """(spec, kernel, plan) of the CUTLASS forward for this call, or None for Triton.
+
+    ``auto`` takes CUTLASS on sm_90 when a built kernel exists for the spec; ``cutlass`` insists
+    (compiling with nvcc into the cache when nothing is built, else a MaskError saying why not).
+    """
+    if backend == "triton":
+        return None
+    from . import cutlass as cb
+
+    why = cb.unsupported(q, k, v, softcap)
+    if isinstance(mask_or_plan, TilePlan) and (mask_or_plan.block_q, mask_or_plan.block_k) != (
+            cb.cg.BLOCK_Q, cb.cg.BLOCK_K):
+        why = why or (f"the plan's tiles are {mask_or_plan.block_q}x{mask_or_plan.block_k}; the CUTLASS kernels "
+                      f"run {cb.cg.BLOCK_Q}x{cb.cg.BLOCK_K}")
+    if why:
+        if backend == "cutlass":
+            raise MaskError(f"attention(backend='cutlass'): {why}")
+        return None
+    key = (mask_or_plan if isinstance(mask_or_plan, Mask) else id(mask_or_plan), q.dtype, q.shape[-1],
+           q.shape[1] // k.shape[1], str(q.device), backend)
+    hit = _CUTLASS.get(key)
+    if hit is None or (hit[2] is not None and not isinstance(mask_or_plan, Mask) and hit[2] is not mask_or_plan):
+        plan = (mask_or_plan if isinstance(mask_or_plan, TilePlan)
+                else plan_for(mask_or_plan, cb.cg.BLOCK_Q, cb.cg.BLOCK_K, only="fwd"))
+        spec = KernelSpec(direction="fwd", head_dim=q.shape[-1], dtype=_DTYPE_NAMES[q.dtype],
+                          block_q=cb.cg.BLOCK_Q, block_k=cb.cg.BLOCK_K, num_warps=cb.cg.NUM_WARPS,
+                          num_stages=cb.cg.NUM_STAGES, partial=partial_class(plan.list_kinds("fwd")),
+                          gqa_group=1, backend="cutlass")  # the group is a run-time argument
+        kernel = cb.built_kernel(spec)
+        if kernel is None and backend == "cutlass":
+            kernel = cb.compile_into_cache(spec)
+        hit = (spec, kernel, plan) if kernel is not None else (None, None, None)
+        with _LOCK:
+            if len(_CUTLASS) >= 4 * _MAX_CACHED:
+                _CUTLASS.clear()
+            _CUTLASS[key] = hit
+    return None if hit[0] is None else hit
+
+
+def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float, backend: str = "auto"):
     sq, hq, d = q.shape
     sk, hkv, _ = k.shape
-    _, plan, cfg = _resolve(mask_or_plan, "fwd", d, q.device)
     out = torch.empty_like(q)
     lse = torch.empty((hq, sq), dtype=torch.float32, device=q.device)
+    log2e = 1.4426950408889634
+    chosen = _cutlass_forward(mask_or_plan, q, k, v, softcap, backend)
+    if chosen is not None:
+        if sq == 0 or hq == 0:
+            return out, lse
+        from . import cutlass as cb
+
+        spec, kernel, plan = chosen
+        cb.forward(spec, kernel, q, k, v, out, lse, _device_lists(plan, "fwd", q.device), plan.n_q_tiles,
+                   scale * log2e)
+        return out, lse
+    _, plan, cfg = _resolve(mask_or_plan, "fwd", d, q.device)
     if sq == 0 or hq == 0:
         return out, lse
-    log2e = 1.4426950408889634
     _launch(
         "fwd", plan, "fwd", q, hq // hkv, softcap, cfg,
         (q, k, v, out, lse),
@@ -185,9 +239,9 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
 
 class FFAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask_or_plan, scale, softcap, deterministic):
+    def forward(ctx, q, k, v, mask_or_plan, scale, softcap, deterministic, backend="auto"):
         ctx.set_materialize_grads(False)  # an unused lse output gets no zero-filled gradient
-        out, lse = ffa_forward(q, k, v, mask_or_plan, scale, softcap)
+        out, lse = ffa_forward(q, k, v, mask_or_plan, scale, softcap, backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask_or_plan = mask_or_plan
         ctx.scale = scale
@@ -202,7 +256,7 @@ class FFAFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv = ffa_backward(q, k, v, out, lse, dout, dlse, ctx.mask_or_plan, ctx.scale, ctx.softcap,
                                   ctx.deterministic)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _contiguous_last(t):
@@ -210,7 +264,7 @@ def _contiguous_last(t):
 
 
 def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: float = 0.0, return_lse: bool = False,
-              deterministic: bool = True):
+              deterministic: bool = True, backend: str = "auto"):
     """Flexible flash attention over a `Mask` (or a `TilePlan`) in the packed varlen layout.
 
     q ``[sq, hq, d]``, k and v ``[sk, hkv, d]`` with ``hq % hkv == 0`` (GQA/MQA); head dims 64,
@@ -220,7 +274,15 @@ def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: flo
     through lse). ``deterministic=False`` fuses dQ into the dK/dV kernel with fp32 atomics
     (less recomputation, run-to-run rounding differences in dQ); the default backward has no
     atomics and is bitwise reproducible.
+
+    ``backend`` picks the forward kernel: ``"auto"`` (default) runs the CUTLASS kernel on an
+    H100/H200 when one is built for the spec (``maskc build --backend cutlass``) and Triton
+    otherwise; ``"triton"`` and ``"cutlass"`` force one (``"cutlass"`` compiles with nvcc when
+    nothing is built, and raises a MaskError saying why when it cannot run the call). The
+    backward is Triton's on every backend: out and lse have one contract.
     """
+    if backend not in BACKENDS:
+        raise MaskError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(mask_or_plan, TilePlan):
         shape_src = Mask([], sq=mask_or_plan.sq, sk=mask_or_plan.sk)
     elif isinstance(mask_or_plan, Mask):
@@ -235,5 +297,5 @@ def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: flo
         raise MaskError(f"attention: softcap must be >= 0 (0 disables it), got {softcap}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
-    out, lse = FFAFunction.apply(q, k, v, mask_or_plan, scale, float(softcap), bool(deterministic))
+    out, lse = FFAFunction.apply(q, k, v, mask_or_plan, scale, float(softcap), bool(deterministic), backend)
     return (out, lse) if return_lse else out

@@ -1,0 +1,297 @@
+"""CUTLASS/CuTe backend: Hopper FFA kernels rendered from jinja2 templates, built ahead of time with nvcc.
+
+A spec with ``backend="cutlass"`` renders ``templates/ffa_fwd.cu.j2`` to CUDA C++ on CuTe (TMA
+loads completing on mbarriers, wgmma for both products, a producer warpgroup and two consumer
+warpgroups) with one ``extern "C"`` entry named ``spec.name``. `build` compiles each spec with::
+
+    nvcc -cubin -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -I <CUTLASS include> ...
+
+on any machine with nvcc (no GPU needed) and writes ``OUT/cutlass/manifest.json`` in the format of
+the Triton backend's manifest (``"format": "maskc.build"``), with ``"backend": "cutlass"`` and the
+nvcc and CUTLASS versions. The runtime (`maskc.runtime.cutlass`) loads the cubins through
+cuda-bindings; no C++ extension is built on the user's machine.
+
+What it covers: the forward (out and lse, the Triton backend's contract) for head dims 64 and 128,
+bf16 and fp16, 128 x 128 tiles, any partial class, any GQA group (a run-time argument: the
+spec's ``gqa_group`` is 1), no softcap. Everything else is
+Triton's (`supports` says why a spec is not covered).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jinja2
+
+from ..spec import KernelSpec
+
+FORMAT = "maskc.build"
+VERSION = 1
+ARCH = "sm_90a"
+TEMPLATES = Path(__file__).parent / "templates"
+BLOCK_Q = 128
+BLOCK_K = 128
+NUM_WARPS = 12  # one producer and two consumer warpgroups
+NUM_STAGES = 2  # K/V shared-memory ring depth
+HEAD_DIMS = (64, 128)
+DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
+_PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
+_ELEMENT_BYTES = 2
+
+
+class CutlassBuildError(RuntimeError):
+    """nvcc or the CUTLASS headers are missing, or a kernel does not compile."""
+
+
+def supports(spec: KernelSpec) -> str | None:
+    """None when the CUTLASS backend has a kernel for `spec`'s shape, else the reason it has not."""
+    if spec.direction != "fwd":
+        return f"direction {spec.direction!r}: the CUTLASS backend has the forward only"
+    if spec.dtype not in DTYPES:
+        return f"dtype {spec.dtype!r}: the CUTLASS backend takes {', '.join(DTYPES)}"
+    if spec.head_dim not in HEAD_DIMS:
+        return f"head dim {spec.head_dim}: the CUTLASS backend takes {', '.join(map(str, HEAD_DIMS))}"
+    if spec.softcap:
+        return "softcap: not in the CUTLASS backend"
+    if spec.gqa_group != 1:
+        return "gqa_group: a CUTLASS kernel takes the GQA group at run time, its spec has gqa_group=1"
+    if (spec.block_q, spec.block_k) != (BLOCK_Q, BLOCK_K):
+        return f"tiles {spec.block_q}x{spec.block_k}: the CUTLASS backend runs {BLOCK_Q}x{BLOCK_K}"
+    return None
+
+
+def cutlass_spec(spec: KernelSpec) -> KernelSpec:
+    """The CUTLASS spec for the same work as `spec` (its tiles, warps and stages are the backend's)."""
+    return replace(spec, block_q=BLOCK_Q, block_k=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                   deterministic=True, gqa_group=1, backend="cutlass")
+
+
+def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",)) -> list[KernelSpec]:
+    """The CUTLASS forward specs attention over `mask` (a Mask or a 128 x 128 TilePlan) asks for."""
+    from maskc.mask import Mask
+    from maskc.tiling import TilePlan, lower
+
+    from ..spec import partial_class
+
+    for d in head_dims:
+        if d not in HEAD_DIMS:
+            raise CutlassBuildError(f"head dim {d}: the CUTLASS backend builds {', '.join(map(str, HEAD_DIMS))}")
+    for t in dtypes:
+        if t not in DTYPES:
+            raise CutlassBuildError(f"dtype {t!r}: the CUTLASS backend builds {', '.join(DTYPES)}")
+    if isinstance(mask, TilePlan):
+        if (mask.block_q, mask.block_k) != (BLOCK_Q, BLOCK_K):
+            raise CutlassBuildError(f"the tile plan has {mask.block_q}x{mask.block_k} tiles; the CUTLASS kernels "
+                                    f"run {BLOCK_Q}x{BLOCK_K}")
+        plan = mask
+    elif isinstance(mask, Mask):
+        plan = lower(mask, BLOCK_Q, BLOCK_K, only="fwd")
+    else:
+        raise CutlassBuildError(f"specs_for_mask: expected a Mask or a TilePlan, got {type(mask).__name__}")
+    partial = partial_class(plan.list_kinds("fwd"))
+    return sorted({KernelSpec(direction="fwd", head_dim=d, dtype=t, block_q=BLOCK_Q, block_k=BLOCK_K,
+                              num_warps=NUM_WARPS, num_stages=NUM_STAGES, partial=partial, backend="cutlass")
+                   for d in head_dims for t in dtypes})
+
+
+def shared_bytes(spec: KernelSpec) -> int:
+    """Dynamic shared memory one CTA asks for: Q, the K/V ring, barriers, and 1 KiB to align to 1024."""
+    tile_q = spec.block_q * spec.head_dim * _ELEMENT_BYTES
+    tile_k = spec.block_k * spec.head_dim * _ELEMENT_BYTES
+    barriers = 8 * (1 + 4 * spec.num_stages)
+    storage = tile_q + 2 * spec.num_stages * tile_k + barriers
+    storage = (storage + 1023) // 1024 * 1024  # the struct is 1024-aligned, so its size is too
+    return storage + 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=True)
+
+
+@functools.lru_cache(maxsize=64)
+def render(spec: KernelSpec, overlap: bool = True) -> str:
+    """CUDA C++ source of `spec`'s kernel; its ``extern "C"`` entry is named ``spec.name``.
+
+    ``overlap``: software-pipeline the consumer loop (the next tile's Q K^T and softmax while the
+    current P V runs); False keeps the plain one-tile-at-a-time loop (for comparison).
+    """
+    reason = supports(spec) if spec.backend == "cutlass" else "its backend is not 'cutlass'"
+    if reason:
+        raise CutlassBuildError(f"{spec.name}: no CUTLASS kernel: {reason}")
+    return _env().get_template("ffa_fwd.cu.j2").render(
+        spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial],
+        OVERLAP=overlap)
+
+
+# ---- toolchain ---------------------------------------------------------------------------------
+
+
+def cutlass_include() -> Path:
+    """The CUTLASS/CuTe headers: ``$CUTLASS_INCLUDE``, else those of the ``nvidia-cutlass`` package."""
+    env = os.environ.get("CUTLASS_INCLUDE")
+    if env:
+        path = Path(env)
+        if not (path / "cute" / "tensor.hpp").is_file():
+            raise CutlassBuildError(f"CUTLASS_INCLUDE={env} has no cute/tensor.hpp")
+        return path
+    try:
+        import cutlass_library
+    except ImportError:
+        raise CutlassBuildError(
+            "the CUTLASS headers were not found: pip install nvidia-cutlass (or set CUTLASS_INCLUDE to a "
+            "CUTLASS checkout's include folder)") from None
+    path = Path(cutlass_library.__file__).parent / "source" / "include"
+    if not (path / "cute" / "tensor.hpp").is_file():
+        raise CutlassBuildError(f"nvidia-cutlass is installed but {path} has no cute/tensor.hpp")
+    return path
+
+
+def cutlass_version(include: Path | None = None) -> str:
+    text = ((include or cutlass_include()) / "cutlass" / "version.h").read_text()
+    parts = [re.search(rf"#define CUTLASS_{p}\s+(\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) if m else "?" for m in parts)
+
+
+def nvcc_path() -> str:
+    """nvcc: ``$NVCC``, else on PATH, else under ``$CUDA_HOME``/``/usr/local/cuda``."""
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"),
+                 os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise CutlassBuildError("nvcc was not found (set NVCC or CUDA_HOME, or put nvcc on PATH): the CUTLASS "
+                            "backend is compiled ahead of time with nvcc")
+
+
+@functools.lru_cache(maxsize=4)
+def nvcc_version(nvcc: str | None = None) -> str:
+    out = subprocess.run([nvcc or nvcc_path(), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+), V([\d.]+)", out)
+    return m.group(2) if m else out.strip().splitlines()[-1] if out.strip() else "unknown"
+
+
+def nvcc_command(src: Path, cubin: Path, include: Path, nvcc: str) -> list[str]:
+    return [nvcc, "-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "--use_fast_math",
+            "--expt-relaxed-constexpr", "-DNDEBUG", "-Xptxas=-v", f"-I{include}", "-o", str(cubin), str(src)]
+
+
+def _resources(ptxas_log: str, name: str) -> dict:
+    """Registers, shared memory and spills of `name` from ``ptxas -v``'s report."""
+    usage = {}
+    block = ptxas_log.split(f"Compiling entry function '{name}'", 1)[-1]
+    if m := re.search(r"Used (\d+) registers", block):
+        usage["n_regs"] = int(m.group(1))
+    if m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block):
+        usage["stack_bytes"], usage["spill_store_bytes"], usage["spill_load_bytes"] = map(int, m.groups())
+    return usage
+
+
+def compile_spec(spec: KernelSpec, out_dir, *, overlap: bool = True) -> dict:
+    """Render and compile one CUTLASS spec into ``out_dir``; its manifest entry."""
+    include, nvcc = cutlass_include(), nvcc_path()
+    out = Path(out_dir)
+    (out / "src").mkdir(parents=True, exist_ok=True)
+    src = render(spec, overlap)
+    src_path = out / "src" / f"{spec.name}.cu"
+    if not src_path.exists() or src_path.read_text() != src:
+        src_path.write_text(src)
+    cubin_path = out / f"{spec.name}.cubin"
+    cmd = nvcc_command(src_path, cubin_path, include, nvcc)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        errors = [line for line in proc.stderr.splitlines() if "error" in line][:10]
+        raise CutlassBuildError(f"{spec.name}: nvcc failed (exit {proc.returncode}):\n" + "\n".join(errors or
+                                [proc.stderr[-3000:]]))
+    cubin = cubin_path.read_bytes()
+    entry = {
+        "spec": asdict(spec),
+        "name": spec.name,
+        "key": spec.key(),
+        "source": f"src/{spec.name}.cu",
+        "source_sha256": hashlib.sha256(src.encode()).hexdigest(),
+        "cubin": cubin_path.name,
+        "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
+        "shared": shared_bytes(spec),
+        "threads": 32 * spec.num_warps,
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "overlap": overlap,
+        "compile_seconds": round(seconds, 3),
+        "nvcc_command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
+    }
+    entry.update(_resources(proc.stderr + proc.stdout, spec.name))
+    return entry
+
+
+def manifest_path(out_dir) -> Path:
+    return Path(out_dir) / "cutlass" / "manifest.json"
+
+
+def build(specs, out_dir, *, progress: bool = True, overlap: bool = True, jobs: int | None = None) -> dict:
+    """Compile CUTLASS `specs` into ``out_dir/cutlass`` with `jobs` nvcc processes at a time (default:
+    one per CPU); the manifest (merged with an earlier one there)."""
+    specs = sorted(dict.fromkeys(cutlass_spec(s) if s.backend != "cutlass" else s for s in specs))
+    for s in specs:
+        reason = supports(s)
+        if reason:
+            raise CutlassBuildError(f"{s.name}: {reason}")
+    include, nvcc = cutlass_include(), nvcc_path()
+    versions = {"nvcc": nvcc_version(nvcc), "cutlass": cutlass_version(include), "arch": ARCH}
+    out = Path(out_dir) / "cutlass"
+    out.mkdir(parents=True, exist_ok=True)
+    path = manifest_path(out_dir)
+    kernels = {}
+    if path.exists():
+        old = json.loads(path.read_text())
+        if all(old.get(k) == v for k, v in versions.items()):
+            kernels = {e["name"]: e for e in old.get("kernels", [])}
+    bar = None
+    if progress and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(specs), desc="maskc build (cutlass)", unit="kernel", file=sys.stderr)
+        except ImportError:
+            bar = None
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs) or 1))
+    try:
+        with ThreadPoolExecutor(jobs) as pool:  # nvcc runs in child processes: threads suffice
+            done = pool.map(lambda s: compile_spec(s, out, overlap=overlap), specs)
+            for i, entry in enumerate(done):
+                kernels[entry["name"]] = entry
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{entry['name']} {entry['compile_seconds']:.0f}s")
+                elif progress:
+                    print(f"[{i + 1}/{len(specs)}] {entry['name']}: {entry['compile_seconds']:.1f} s, "
+                          f"{entry.get('n_regs', '?')} registers, {entry.get('spill_store_bytes', '?')} spill bytes",
+                          file=sys.stderr)
+    finally:
+        if bar is not None:
+            bar.close()
+    manifest = {"format": FORMAT, "version": VERSION, "backend": "cutlass", **versions,
+                "kernels": sorted(kernels.values(), key=lambda e: e["name"]),
+                "built": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(path)
+    return manifest
+
+
+__all__ = ["CutlassBuildError", "build", "compile_spec", "cutlass_spec", "render", "specs_for_mask", "supports"]

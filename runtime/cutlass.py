@@ -1,0 +1,191 @@
+"""Running the CUTLASS backend's cubins (built by `maskc build --backend cutlass`) through cuda-bindings.
+
+No C++ extension is built on the user's machine: a cubin is loaded with ``cuModuleLoadData``, its
+tensor maps (TMA descriptors of Q, K and V) are encoded on the host with ``cuTensorMapEncodeTiled``
+and the kernel is launched with ``cuLaunchKernelEx`` on the current torch stream.
+
+Lookup of a spec's cubin: the build named by ``$MASKC_BUILD`` (or ``./build``), file
+``cutlass/manifest.json``; with ``backend="cutlass"`` forced and no built kernel, the spec is
+compiled into ``$MASKC_CACHE/cutlass`` with nvcc when nvcc and the CUTLASS headers are here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from maskc.codegen import cutlass as cg
+from maskc.codegen.spec import KernelSpec
+from maskc.errors import MaskError
+
+
+_LOCK = threading.Lock()
+_MANIFESTS: dict[str, dict] = {}
+_FUNCTIONS: dict[tuple, object] = {}
+_TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        raise MaskError("the CUTLASS backend needs cuda-bindings (pip install cuda-bindings) to load its "
+                        "cubins; backend='triton' needs nothing more") from None
+    return driver
+
+
+def _check(result, what: str):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    driver = _driver()
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise MaskError(f"CUTLASS backend: {what} failed: {name.decode() if isinstance(name, bytes) else name}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+# ---- finding built kernels ----------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MASKC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "maskc")
+    return Path(root)
+
+
+def _load(folder: Path) -> dict:
+    key = str(folder.resolve())
+    man = _MANIFESTS.get(key)
+    if man is None:
+        path = cg.manifest_path(folder)
+        man = {}
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data.get("backend") == "cutlass" and data.get("format") == cg.FORMAT:
+                man = {e["name"]: (folder / "cutlass" / e["cubin"], e) for e in data.get("kernels", [])}
+        _MANIFESTS[key] = man
+    return man
+
+
+def built_kernel(spec: KernelSpec) -> tuple[Path, dict] | None:
+    """(cubin path, manifest entry) of a built kernel for `spec`, or None."""
+    for folder in (os.environ.get("MASKC_BUILD") or "build", _cache_dir()):
+        hit = _load(Path(folder)).get(spec.name)
+        if hit is not None and hit[0].is_file() and hit[1].get("key") == spec.key():
+            return hit
+    return None
+
+
+def compile_into_cache(spec: KernelSpec) -> tuple[Path, dict]:
+    """Build `spec` with nvcc into ``$MASKC_CACHE/cutlass`` (used when backend='cutlass' is forced)."""
+    try:
+        cg.build([spec], _cache_dir(), progress=False)
+    except cg.CutlassBuildError as e:
+        raise MaskError(f"backend='cutlass': no built kernel for {spec.name} and it cannot be compiled here "
+                        f"({e}); build it ahead of time with `maskc build --backend cutlass`") from None
+    _MANIFESTS.pop(str(_cache_dir().resolve()), None)
+    hit = built_kernel(spec)
+    if hit is None:
+        raise MaskError(f"backend='cutlass': {spec.name} was compiled but is not in {cg.manifest_path(_cache_dir())}")
+    return hit
+
+
+# ---- which tensors it can run -------------------------------------------------------------------
+
+
+def unsupported(q, k, v, softcap: float) -> str | None:
+    """None when the CUTLASS forward can run these tensors, else why not."""
+    if q.device.type != "cuda":
+        return "tensors are not on a CUDA device"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "the CUTLASS kernels are built for sm_90a (H100/H200)"
+    if q.dtype not in _TORCH_DTYPES:
+        return f"dtype {q.dtype}: the CUTLASS backend takes bfloat16 and float16"
+    if q.shape[-1] not in cg.HEAD_DIMS:
+        return f"head dim {q.shape[-1]}: the CUTLASS backend takes {cg.HEAD_DIMS}"
+    if softcap:
+        return "softcap is not in the CUTLASS backend"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return f"{name} is not 16-byte aligned with unit stride in the head dim (TMA needs that)"
+    return None
+
+
+# ---- launching ----------------------------------------------------------------------------------
+
+
+def _context(device):
+    """Make torch's primary context of `device` current for the driver API."""
+    driver = _driver()
+    torch.cuda.set_device(device)
+    torch.cuda.init()
+    ctx = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if int(ctx) == 0:
+        dev = _check(driver.cuDeviceGet(device.index or 0), "cuDeviceGet")
+        ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+def _function(spec: KernelSpec, device, cubin: Path, shared: int):
+    key = (spec, device.index)
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        with _LOCK:
+            fn = _FUNCTIONS.get(key)
+            if fn is None:
+                driver = _driver()
+                _context(device)
+                module = _check(driver.cuModuleLoadData(cubin.read_bytes()), f"loading {cubin.name}")
+                fn = _check(driver.cuModuleGetFunction(module, spec.name.encode()), f"finding {spec.name}")
+                _check(driver.cuFuncSetAttribute(
+                    fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
+                    f"raising {spec.name}'s shared memory to {shared} bytes")
+                _FUNCTIONS[key] = (module, fn)
+                fn = _FUNCTIONS[key]
+    return fn[1]
+
+
+def _tensor_map(t, rows: int):
+    """TMA descriptor of a ``[tokens, heads, d]`` tensor: boxes of 64 (128 bytes, swizzled) x `rows` x 1."""
+    driver = _driver()
+    s, h, d = t.shape
+    dtype = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if t.dtype == torch.bfloat16
+             else driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+    size = t.element_size()
+    return _check(driver.cuTensorMapEncodeTiled(
+        dtype, 3, t.data_ptr(),
+        [driver.cuuint64_t(d), driver.cuuint64_t(max(s, 1)), driver.cuuint64_t(h)],
+        [driver.cuuint64_t(t.stride(0) * size), driver.cuuint64_t(t.stride(1) * size)],
+        [driver.cuuint32_t(64), driver.cuuint32_t(rows), driver.cuuint32_t(1)],
+        [driver.cuuint32_t(1)] * 3,
+        driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,  # rows past the end read as 0
+    ), "cuTensorMapEncodeTiled")
+
+
+def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, qk_scale: float):
+    """Launch the CUTLASS forward: out and lse as the Triton forward writes them."""
+    driver = _driver()
+    cubin, entry = kernel
+    fn = _function(spec, q.device, cubin, int(entry["shared"]))
+    sq, hq, _ = q.shape
+    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k)]
+    args = [ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
+            *(ctypes.c_void_p(t.data_ptr()) for t in lists),
+            ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
+            ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(qk_scale)]
+    params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
+                                                          *(ctypes.addressof(a) for a in args))
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = n_q_tiles * hq, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = entry["threads"], 1, 1
+    config.sharedMemBytes = int(entry["shared"])
+    config.hStream = driver.CUstream(torch.cuda.current_stream(q.device).cuda_stream)
+    config.numAttrs = 0
+    _check(driver.cuLaunchKernelEx(config, fn, ctypes.addressof(params), 0), f"launching {spec.name}")

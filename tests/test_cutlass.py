@@ -1,0 +1,140 @@
+"""The CUTLASS backend on a machine without a GPU: specs, rendering, an nvcc build, errors.
+
+One small spec (head dim 64, bf16, no partial tiles) is compiled with nvcc for sm_90a (about 20 s
+on two cores) to prove the templates compile; it is not run here (tests/test_cutlass_gpu.py runs
+the kernels on an H100/H200). The build test needs nvcc and the nvidia-cutlass headers, which
+`.ci/run` installs and checks.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskc
+from maskc.cli import main
+from maskc.codegen import cutlass as cg
+from maskc.codegen.spec import KernelSpec
+from maskc.errors import MaskError
+from maskc.runtime import attention
+
+
+def spec(**kw):
+    base = dict(direction="fwd", head_dim=128, dtype="bf16", block_q=128, block_k=128, num_warps=12,
+                num_stages=2, partial="diag", backend="cutlass")
+    return KernelSpec(**{**base, **kw})
+
+
+def test_spec_backend_field_and_name():
+    s = spec()
+    assert s.name == "ffa_fwd_d128_bf16_m128n128_w12s2_diag_g1_cutlass"
+    assert KernelSpec.from_json(s.to_json()) == s
+    tri = KernelSpec("fwd", 128, "bf16", 128, 64)
+    assert tri.backend == "triton" and not tri.name.endswith("cutlass")
+    assert KernelSpec.from_json({k: v for k, v in json.loads(tri.to_json()).items() if k != "backend"}) == tri
+    with pytest.raises(MaskError, match="backend 'cuda' is not one of"):
+        spec(backend="cuda")
+    with pytest.raises(MaskError, match="whole warpgroups"):
+        spec(num_warps=6)
+    with pytest.raises(MaskError, match="power of two"):
+        KernelSpec("fwd", 128, "bf16", 128, 64, num_warps=12)  # Triton: warps are a power of two
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(direction="bwd_dq"), "forward only"),
+    (dict(dtype="fp32"), "dtype 'fp32'"),
+    (dict(head_dim=256), "head dim 256"),
+    (dict(softcap=True), "softcap"),
+    (dict(block_k=64), "tiles 128x64"),
+    (dict(gqa_group=4), "run time"),
+])
+def test_supports_names_the_reason(kw, why):
+    s = spec(**kw)
+    assert why in cg.supports(s)
+    with pytest.raises(cg.CutlassBuildError, match="no CUTLASS kernel"):
+        cg.render(s)
+
+
+def test_render_removes_unused_branches():
+    src = cg.render(spec(partial="none", head_dim=64, dtype="fp16"))
+    assert 'extern "C" __global__ void __launch_bounds__(384, 1) ffa_fwd_d64_fp16_m128n128_w12s2_none_g1_cutlass(' in src
+    assert "ffa_fwd<cutlass::half_t, 64, 128, 128, 2," in src and "maskc_ffa::kNone>" in src
+    assert "{{" not in src and "{%" not in src
+    assert "cutlass::bfloat16_t, 128" in cg.render(spec())
+
+
+def test_specs_for_mask_partial_classes():
+    assert {s.partial for s in cg.specs_for_mask(maskc.causal(4096))} == {"diag"}
+    assert {s.partial for s in cg.specs_for_mask(maskc.block_causal(4096, 256))} == {"none"}
+    assert {s.partial for s in cg.specs_for_mask(maskc.varlen([1000, 3096], maskc.FULL))} == {"rect"}
+    specs = cg.specs_for_mask(maskc.causal(512), head_dims=(64, 128), dtypes=("bf16", "fp16"))
+    assert len(specs) == 4 and all(cg.supports(s) is None for s in specs)
+    with pytest.raises(cg.CutlassBuildError, match="head dim 256"):
+        cg.specs_for_mask(maskc.causal(512), head_dims=(256,))
+    with pytest.raises(cg.CutlassBuildError, match="dtype 'fp32'"):
+        cg.specs_for_mask(maskc.causal(512), dtypes=("fp32",))
+    with pytest.raises(cg.CutlassBuildError, match="128x64 tiles"):
+        cg.specs_for_mask(maskc.tiling.lower(maskc.causal(512), 128, 64))
+
+
+def test_shared_memory_fits_sm90():
+    for d in cg.HEAD_DIMS:
+        assert cg.shared_bytes(spec(head_dim=d)) + 1024 <= 232448  # + the kernel's static 1 KiB
+
+
+def test_backend_argument_errors_on_cpu():
+    mask = maskc.causal(64)
+    q = torch.randn(64, 2, 64)
+    with pytest.raises(MaskError, match="backend must be one of"):
+        attention(q, q, q, mask, backend="cuda")
+    with pytest.raises(MaskError, match="backend='cutlass'.*not on a CUDA device"):
+        attention(q, q, q, mask, backend="cutlass")
+
+
+def test_cli_rejects_cutlass_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "causal(256)", "--backend", "cutlass", "--softcap"])
+    assert e.value.code == 2
+    assert "softcap is not in the CUTLASS backend" in capsys.readouterr().err
+
+
+def _nvcc_or_skip():
+    try:
+        cg.nvcc_path()
+        cg.cutlass_include()
+    except cg.CutlassBuildError as e:
+        pytest.skip(str(e))
+
+
+def test_build_one_spec_with_nvcc(tmp_path, capsys):
+    _nvcc_or_skip()
+    assert main(["build", "block_causal(1024, 128)", "--backend", "cutlass", "--head-dim", "64",
+                 "-o", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "ffa_fwd_d64_bf16_m128n128_w12s2_none_g1_cutlass" in printed
+    man = json.loads((tmp_path / "cutlass" / "manifest.json").read_text())
+    assert man["format"] == "maskc.build" and man["backend"] == "cutlass" and man["arch"] == "sm_90a"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", man["nvcc"]) and re.fullmatch(r"\d+\.\d+\.\d+", man["cutlass"])
+    (entry,) = man["kernels"]
+    cubin = tmp_path / "cutlass" / entry["cubin"]
+    assert cubin.read_bytes()[:4] == b"\x7fELF"
+    assert entry["spill_store_bytes"] == 0 and entry["n_regs"] > 0 and entry["compile_seconds"] > 0
+    assert KernelSpec(**entry["spec"]).name == entry["name"]
+    # the matrix products are Hopper's warpgroup MMA (HGMMA), when a disassembler is at hand
+    tool = shutil.which("cuobjdump")
+    try:
+        import triton.backends.nvidia as nv
+
+        bundled = Path(nv.__file__).parent / "bin" / "cuobjdump"
+        tool = str(bundled) if bundled.is_file() else tool
+    except ImportError:
+        pass
+    if tool:
+        sass = subprocess.run([tool, "--dump-sass", str(cubin)], capture_output=True, text=True).stdout
+        assert "HGMMA.64x128x16.F32.BF16" in sass or "HGMMA.64x64x16.F32.BF16" in sass
+        assert "UTMALDG" in sass  # TMA loads
+        assert not re.search(r"\b(LDL|STL)\b", sass)  # no local-memory traffic
