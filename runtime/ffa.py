@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from dataclasses import replace
 
 import torch
 
@@ -152,11 +153,17 @@ def _cutlass_forward(mask_or_plan, q, k, v, softcap: float, backend: str):
     if hit is None or (hit[2] is not None and not isinstance(mask_or_plan, Mask) and hit[2] is not mask_or_plan):
         plan = (mask_or_plan if isinstance(mask_or_plan, TilePlan)
                 else plan_for(mask_or_plan, cb.cg.BLOCK_Q, cb.cg.BLOCK_K, only="fwd"))
-        spec = KernelSpec(direction="fwd", head_dim=q.shape[-1], dtype=_DTYPE_NAMES[q.dtype],
-                          block_q=cb.cg.BLOCK_Q, block_k=cb.cg.BLOCK_K, num_warps=cb.cg.NUM_WARPS,
-                          num_stages=cb.cg.NUM_STAGES, partial=partial_class(plan.list_kinds("fwd")),
-                          gqa_group=1, backend="cutlass")  # the group is a run-time argument
-        kernel = cb.built_kernel(spec)
+        spec, kernel = None, None
+        for stages in cb.cg.STAGE_CHOICES:  # the first one built, in order of preference
+            spec = KernelSpec(direction="fwd", head_dim=q.shape[-1], dtype=_DTYPE_NAMES[q.dtype],
+                              block_q=cb.cg.BLOCK_Q, block_k=cb.cg.BLOCK_K, num_warps=cb.cg.NUM_WARPS,
+                              num_stages=stages, partial=partial_class(plan.list_kinds("fwd")),
+                              gqa_group=1, backend="cutlass")  # the group is a run-time argument
+            kernel = cb.built_kernel(spec)
+            if kernel is not None:
+                break
+        if kernel is None:
+            spec = replace(spec, num_stages=cb.cg.NUM_STAGES)
         if kernel is None and backend == "cutlass":
             kernel = cb.compile_into_cache(spec)
         hit = (spec, kernel, plan) if kernel is not None else (None, None, None)

@@ -43,7 +43,8 @@ TEMPLATES = Path(__file__).parent / "templates"
 BLOCK_Q = 128
 BLOCK_K = 128
 NUM_WARPS = 12  # one producer and two consumer warpgroups
-NUM_STAGES = 2  # K/V shared-memory ring depth
+NUM_STAGES = 2  # K/V shared-memory ring depth of the default build
+STAGE_CHOICES = (3, 2)  # the runtime takes the first depth built for a spec
 HEAD_DIMS = (64, 128)
 DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
@@ -122,18 +123,19 @@ def _env() -> jinja2.Environment:
 
 
 @functools.lru_cache(maxsize=64)
-def render(spec: KernelSpec, overlap: bool = True) -> str:
+def render(spec: KernelSpec, overlap: bool = True, pingpong: bool = True) -> str:
     """CUDA C++ source of `spec`'s kernel; its ``extern "C"`` entry is named ``spec.name``.
 
     ``overlap``: software-pipeline the consumer loop (the next tile's Q K^T and softmax while the
     current P V runs); False keeps the plain one-tile-at-a-time loop (for comparison).
+    ``pingpong``: the two consumer warpgroups take turns issuing their products (with ``overlap``).
     """
     reason = supports(spec) if spec.backend == "cutlass" else "its backend is not 'cutlass'"
     if reason:
         raise CutlassBuildError(f"{spec.name}: no CUTLASS kernel: {reason}")
     return _env().get_template("ffa_fwd.cu.j2").render(
         spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial],
-        OVERLAP=overlap)
+        OVERLAP=overlap, PINGPONG=pingpong and overlap)
 
 
 # ---- toolchain ---------------------------------------------------------------------------------
@@ -198,12 +200,12 @@ def _resources(ptxas_log: str, name: str) -> dict:
     return usage
 
 
-def compile_spec(spec: KernelSpec, out_dir, *, overlap: bool = True) -> dict:
+def compile_spec(spec: KernelSpec, out_dir, *, overlap: bool = True, pingpong: bool = True) -> dict:
     """Render and compile one CUTLASS spec into ``out_dir``; its manifest entry."""
     include, nvcc = cutlass_include(), nvcc_path()
     out = Path(out_dir)
     (out / "src").mkdir(parents=True, exist_ok=True)
-    src = render(spec, overlap)
+    src = render(spec, overlap, pingpong)
     src_path = out / "src" / f"{spec.name}.cu"
     if not src_path.exists() or src_path.read_text() != src:
         src_path.write_text(src)
@@ -230,6 +232,7 @@ def compile_spec(spec: KernelSpec, out_dir, *, overlap: bool = True) -> dict:
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
         "overlap": overlap,
+        "pingpong": pingpong and overlap,
         "compile_seconds": round(seconds, 3),
         "nvcc_command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
     }
@@ -241,7 +244,8 @@ def manifest_path(out_dir) -> Path:
     return Path(out_dir) / "cutlass" / "manifest.json"
 
 
-def build(specs, out_dir, *, progress: bool = True, overlap: bool = True, jobs: int | None = None) -> dict:
+def build(specs, out_dir, *, progress: bool = True, overlap: bool = True, pingpong: bool = True,
+          jobs: int | None = None) -> dict:
     """Compile CUTLASS `specs` into ``out_dir/cutlass`` with `jobs` nvcc processes at a time (default:
     one per CPU); the manifest (merged with an earlier one there)."""
     specs = sorted(dict.fromkeys(cutlass_spec(s) if s.backend != "cutlass" else s for s in specs))
@@ -272,7 +276,7 @@ def build(specs, out_dir, *, progress: bool = True, overlap: bool = True, jobs: 
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs) or 1))
     try:
         with ThreadPoolExecutor(jobs) as pool:  # nvcc runs in child processes: threads suffice
-            done = pool.map(lambda s: compile_spec(s, out, overlap=overlap), specs)
+            done = pool.map(lambda s: compile_spec(s, out, overlap=overlap, pingpong=pingpong), specs)
             for i, entry in enumerate(done):
                 kernels[entry["name"]] = entry
                 if bar is not None:
