@@ -169,6 +169,16 @@ def _tensor_map(t, rows: int):
     ), "cuTensorMapEncodeTiled")
 
 
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device) -> int:
+    n = _SMS.get(device.index)
+    if n is None:
+        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
 def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, qk_scale: float):
     """Launch the CUTLASS forward: out and lse as the Triton forward writes them."""
     driver = _driver()
@@ -177,13 +187,13 @@ def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, list
     sq, hq, _ = q.shape
     maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k)]
     args = [ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
-            *(ctypes.c_void_p(t.data_ptr()) for t in lists),
+            *(ctypes.c_void_p(t.data_ptr()) for t in lists), ctypes.c_int(n_q_tiles * hq),
             ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
             ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(qk_scale)]
     params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
                                                           *(ctypes.addressof(a) for a in args))
     config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = n_q_tiles * hq, 1, 1
+    config.gridDimX, config.gridDimY, config.gridDimZ = min(n_q_tiles * hq, _sm_count(q.device)), 1, 1  # persistent
     config.blockDimX, config.blockDimY, config.blockDimZ = entry["threads"], 1, 1
     config.sharedMemBytes = int(entry["shared"])
     config.hStream = driver.CUstream(torch.cuda.current_stream(q.device).cuda_stream)

@@ -110,7 +110,7 @@ def shared_bytes(spec: KernelSpec) -> int:
     """Dynamic shared memory one CTA asks for: Q, the K/V ring, barriers, and 1 KiB to align to 1024."""
     tile_q = spec.block_q * spec.head_dim * _ELEMENT_BYTES
     tile_k = spec.block_k * spec.head_dim * _ELEMENT_BYTES
-    barriers = 8 * (1 + 4 * spec.num_stages)
+    barriers = 8 * (2 + 4 * spec.num_stages)
     storage = tile_q + 2 * spec.num_stages * tile_k + barriers
     storage = (storage + 1023) // 1024 * 1024  # the struct is 1024-aligned, so its size is too
     return storage + 1024
@@ -123,19 +123,13 @@ def _env() -> jinja2.Environment:
 
 
 @functools.lru_cache(maxsize=64)
-def render(spec: KernelSpec, overlap: bool = True, pingpong: bool = True) -> str:
-    """CUDA C++ source of `spec`'s kernel; its ``extern "C"`` entry is named ``spec.name``.
-
-    ``overlap``: software-pipeline the consumer loop (the next tile's Q K^T and softmax while the
-    current P V runs); False keeps the plain one-tile-at-a-time loop (for comparison).
-    ``pingpong``: the two consumer warpgroups take turns issuing their products (with ``overlap``).
-    """
+def render(spec: KernelSpec) -> str:
+    """CUDA C++ source of `spec`'s kernel; its ``extern "C"`` entry is named ``spec.name``."""
     reason = supports(spec) if spec.backend == "cutlass" else "its backend is not 'cutlass'"
     if reason:
         raise CutlassBuildError(f"{spec.name}: no CUTLASS kernel: {reason}")
     return _env().get_template("ffa_fwd.cu.j2").render(
-        spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial],
-        OVERLAP=overlap, PINGPONG=pingpong and overlap)
+        spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial])
 
 
 # ---- toolchain ---------------------------------------------------------------------------------
@@ -200,12 +194,12 @@ def _resources(ptxas_log: str, name: str) -> dict:
     return usage
 
 
-def compile_spec(spec: KernelSpec, out_dir, *, overlap: bool = True, pingpong: bool = True) -> dict:
+def compile_spec(spec: KernelSpec, out_dir) -> dict:
     """Render and compile one CUTLASS spec into ``out_dir``; its manifest entry."""
     include, nvcc = cutlass_include(), nvcc_path()
     out = Path(out_dir)
     (out / "src").mkdir(parents=True, exist_ok=True)
-    src = render(spec, overlap, pingpong)
+    src = render(spec)
     src_path = out / "src" / f"{spec.name}.cu"
     if not src_path.exists() or src_path.read_text() != src:
         src_path.write_text(src)
@@ -231,8 +225,6 @@ def compile_spec(spec: KernelSpec, out_dir, *, overlap: bool = True, pingpong: b
         "threads": 32 * spec.num_warps,
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
-        "overlap": overlap,
-        "pingpong": pingpong and overlap,
         "compile_seconds": round(seconds, 3),
         "nvcc_command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
     }
@@ -244,8 +236,7 @@ def manifest_path(out_dir) -> Path:
     return Path(out_dir) / "cutlass" / "manifest.json"
 
 
-def build(specs, out_dir, *, progress: bool = True, overlap: bool = True, pingpong: bool = True,
-          jobs: int | None = None) -> dict:
+def build(specs, out_dir, *, progress: bool = True, jobs: int | None = None) -> dict:
     """Compile CUTLASS `specs` into ``out_dir/cutlass`` with `jobs` nvcc processes at a time (default:
     one per CPU); the manifest (merged with an earlier one there)."""
     specs = sorted(dict.fromkeys(cutlass_spec(s) if s.backend != "cutlass" else s for s in specs))
@@ -276,7 +267,7 @@ def build(specs, out_dir, *, progress: bool = True, overlap: bool = True, pingpo
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs) or 1))
     try:
         with ThreadPoolExecutor(jobs) as pool:  # nvcc runs in child processes: threads suffice
-            done = pool.map(lambda s: compile_spec(s, out, overlap=overlap, pingpong=pingpong), specs)
+            done = pool.map(lambda s: compile_spec(s, out), specs)
             for i, entry in enumerate(done):
                 kernels[entry["name"]] = entry
                 if bar is not None:
