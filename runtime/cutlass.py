@@ -185,9 +185,11 @@ def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, list
     cubin, entry = kernel
     fn = _function(spec, q.device, cubin, int(entry["shared"]))
     sq, hq, _ = q.shape
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the persistent grid's next free slot
     maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k)]
     args = [ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
             *(ctypes.c_void_p(t.data_ptr()) for t in lists), ctypes.c_int(n_q_tiles * hq),
+            ctypes.c_void_p(counter.data_ptr()),
             ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
             ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(qk_scale)]
     params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),

@@ -110,7 +110,7 @@ def shared_bytes(spec: KernelSpec) -> int:
     """Dynamic shared memory one CTA asks for: Q, the K/V ring, barriers, and 1 KiB to align to 1024."""
     tile_q = spec.block_q * spec.head_dim * _ELEMENT_BYTES
     tile_k = spec.block_k * spec.head_dim * _ELEMENT_BYTES
-    barriers = 8 * (2 + 4 * spec.num_stages)
+    barriers = 8 * (2 + 4 * spec.num_stages) + 8  # + the two published work slots
     storage = tile_q + 2 * spec.num_stages * tile_k + barriers
     storage = (storage + 1023) // 1024 * 1024  # the struct is 1024-aligned, so its size is too
     return storage + 1024
