@@ -283,6 +283,17 @@ def _write(path: Path, data) -> None:
     tmp.replace(path)
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr when stderr is a terminal and tqdm is installed, else None (report by lines)."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="kernel", file=sys.stderr)
+
+
 def compile_spec(spec: KernelSpec, out_dir, *, arch: int = 90, lengths_divisible_by_16: bool = True) -> dict:
     """Render, write and compile one spec into `out_dir`; its manifest entry."""
     try:
@@ -441,14 +452,7 @@ def build(specs, out_dir, *, arch: int = 90, progress: bool = True, lengths_divi
     man_path = out / "manifest.json"
     kernels = {_entry_id(e): e for e in _load_existing(man_path, triton.__version__, arch_name)}
 
-    bar = None
-    if progress and sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(specs), desc="maskc build", unit="kernel", file=sys.stderr)
-        except ImportError:
-            bar = None
+    bar = progress_bar(len(specs), "maskc build") if progress else None
     try:
         for i, entry in enumerate(_compile_all(specs, out, arch, lengths_divisible_by_16)):
             kernels[_entry_id(entry)] = entry

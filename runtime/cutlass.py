@@ -23,6 +23,8 @@ from maskc.codegen import cutlass as cg
 from maskc.codegen.spec import KernelSpec
 from maskc.errors import MaskError
 
+from .kernels import cache_root
+
 
 _LOCK = threading.Lock()
 _MANIFESTS: dict[str, dict] = {}
@@ -51,12 +53,6 @@ def _check(result, what: str):
 # ---- finding built kernels ----------------------------------------------------------------------
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MASKC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "maskc")
-    return Path(root)
-
-
 def _load(folder: Path) -> dict:
     key = str(folder.resolve())
     man = _MANIFESTS.get(key)
@@ -73,7 +69,7 @@ def _load(folder: Path) -> dict:
 
 def built_kernel(spec: KernelSpec) -> tuple[Path, dict] | None:
     """(cubin path, manifest entry) of a built kernel for `spec`, or None."""
-    for folder in (os.environ.get("MASKC_BUILD") or "build", _cache_dir()):
+    for folder in (os.environ.get("MASKC_BUILD") or "build", cache_root()):
         hit = _load(Path(folder)).get(spec.name)
         if hit is not None and hit[0].is_file() and hit[1].get("key") == spec.key():
             return hit
@@ -83,14 +79,14 @@ def built_kernel(spec: KernelSpec) -> tuple[Path, dict] | None:
 def compile_into_cache(spec: KernelSpec) -> tuple[Path, dict]:
     """Build `spec` with nvcc into ``$MASKC_CACHE/cutlass`` (used when backend='cutlass' is forced)."""
     try:
-        cg.build([spec], _cache_dir(), progress=False)
+        cg.build([spec], cache_root(), progress=False)
     except cg.CutlassBuildError as e:
         raise MaskError(f"backend='cutlass': no built kernel for {spec.name} and it cannot be compiled here "
                         f"({e}); build it ahead of time with `maskc build --backend cutlass`") from None
-    _MANIFESTS.pop(str(_cache_dir().resolve()), None)
+    _MANIFESTS.pop(str(cache_root().resolve()), None)
     hit = built_kernel(spec)
     if hit is None:
-        raise MaskError(f"backend='cutlass': {spec.name} was compiled but is not in {cg.manifest_path(_cache_dir())}")
+        raise MaskError(f"backend='cutlass': {spec.name} was compiled but is not in {cg.manifest_path(cache_root())}")
     return hit
 
 

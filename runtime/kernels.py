@@ -23,12 +23,15 @@ _LOCK = threading.Lock()
 _KERNELS: dict[KernelSpec, object] = {}
 
 
+def cache_root() -> Path:
+    """maskc's cache folder: ``$MASKC_CACHE``, else ``$XDG_CACHE_HOME/maskc`` (``~/.cache/maskc``)."""
+    return Path(os.environ.get("MASKC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "maskc"))
+
+
 def source_dir() -> Path:
     """Where rendered sources live (Triton's JIT reads source from files)."""
-    root = os.environ.get("MASKC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "maskc"
-    )
-    path = Path(root) / "src"
+    path = cache_root() / "src"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

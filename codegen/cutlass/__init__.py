@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jinja2
 
+from ..build import _write, progress_bar
 from ..spec import KernelSpec
 
 FORMAT = "maskc.build"
@@ -202,7 +203,7 @@ def compile_spec(spec: KernelSpec, out_dir) -> dict:
     src = render(spec)
     src_path = out / "src" / f"{spec.name}.cu"
     if not src_path.exists() or src_path.read_text() != src:
-        src_path.write_text(src)
+        _write(src_path, src)
     cubin_path = out / f"{spec.name}.cubin"
     cmd = nvcc_command(src_path, cubin_path, include, nvcc)
     t0 = time.perf_counter()
@@ -254,14 +255,7 @@ def build(specs, out_dir, *, progress: bool = True, jobs: int | None = None) -> 
         old = json.loads(path.read_text())
         if all(old.get(k) == v for k, v in versions.items()):
             kernels = {e["name"]: e for e in old.get("kernels", [])}
-    bar = None
-    if progress and sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(specs), desc="maskc build (cutlass)", unit="kernel", file=sys.stderr)
-        except ImportError:
-            bar = None
+    bar = progress_bar(len(specs), "maskc build (cutlass)") if progress else None
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs) or 1))
@@ -283,9 +277,7 @@ def build(specs, out_dir, *, progress: bool = True, jobs: int | None = None) -> 
     manifest = {"format": FORMAT, "version": VERSION, "backend": "cutlass", **versions,
                 "kernels": sorted(kernels.values(), key=lambda e: e["name"]),
                 "built": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(path)
+    _write(path, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
