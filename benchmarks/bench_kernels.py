@@ -95,8 +95,8 @@ def main(argv=None):
     ap.add_argument("--masks", nargs="+", default=MASKS, choices=MASKS)
     ap.add_argument("--impls", nargs="+", default=["maskc", "cutlass", "flex", "cudnn", "flash"],
                     choices=["maskc", "cutlass", "flex", "cudnn", "flash"],
-                    help="maskc: the Triton backend; cutlass: the CUTLASS forward (built into ./build or "
-                         "$MASKC_BUILD, else compiled with nvcc), Triton backward")
+                    help="maskc: the Triton backend; cutlass: the CUTLASS kernels, forward and backward (built "
+                         "into ./build or $MASKC_BUILD, else compiled with nvcc)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -166,7 +166,7 @@ def main(argv=None):
                     _resolve(mask, "fwd", d, q.device)
                 rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "cached_lookup_us",
                              "ms": round((time.perf_counter() - t0) * 1e4, 3)})
-            if "cutlass" in args.impls:  # the CUTLASS forward (the backward is Triton's)
+            if "cutlass" in args.impls:  # the CUTLASS forward and backward
                 cf = lambda: attention(q, k, v, mask, backend="cutlass")
                 diff = (cf().float() - attention(q, k, v, mask, backend="triton").float()).abs().max().item()
                 rows.append({"mask": name, "seqlen": s, "impl": "cutlass", "direction": "max_abs_diff_vs_triton",

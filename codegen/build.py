@@ -84,13 +84,14 @@ def _as_tuple(value, name: str) -> tuple:
     return value
 
 
-def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), gqa_groups=(1,), softcap=False) -> list[KernelSpec]:
+def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), gqa_groups=(1,), softcap=False,
+                   directions=DIRECTIONS) -> list[KernelSpec]:
     """The kernel specs the runtime needs on an H100 (device type "cuda") for `mask`.
 
     `mask` is a `Mask` (lowered per direction with that direction's default tile sizes, as the
     runtime does), a `TilePlan` or a TilePlan JSON path/text (then the plan's tile sizes serve all
     three directions, with the default warps and stages, as the runtime does with a plan). One
-    spec per direction x head dim x dtype x GQA group; sorted, without duplicates.
+    spec per direction (of `directions`) x head dim x dtype x GQA group; sorted, without duplicates.
     """
     head_dims, dtypes, gqa_groups = (_as_tuple(head_dims, "head_dims"), _as_tuple(dtypes, "dtypes"),
                                      _as_tuple(gqa_groups, "gqa_groups"))
@@ -108,8 +109,11 @@ def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), gqa_groups=(1,),
     if not isinstance(mask, (Mask, TilePlan)):
         raise BuildError(f"specs_for_mask: expected a Mask or a TilePlan, got {type(mask).__name__}")
 
+    for direction in directions:
+        if direction not in DIRECTIONS:
+            raise BuildError(f"direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
     specs = set()
-    for direction in DIRECTIONS:
+    for direction in directions:
         for d in head_dims:
             cfg = default_config(direction, d, "cuda")
             if isinstance(mask, TilePlan):

@@ -372,7 +372,7 @@ register(
 
 
 def _build_arguments(p: argparse.ArgumentParser) -> None:
-    from maskc.codegen.spec import DTYPES, HEAD_DIMS
+    from maskc.codegen.spec import DIRECTIONS, DTYPES, HEAD_DIMS
 
     p.add_argument(
         "mask", nargs="?", default=None, metavar="MASK_OR_PLAN",
@@ -388,14 +388,31 @@ def _build_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"element type(s): {', '.join(DTYPES)} (default: bf16)")
     p.add_argument("--gqa-group", dest="gqa_groups", type=positive_int, nargs="+", action="extend", metavar="G",
                    help="query heads per kv head (1: MHA; default: 1)")
+    p.add_argument("--direction", dest="directions", choices=DIRECTIONS, nargs="+", action="extend", metavar="DIR",
+                   help="kernel(s) to build: fwd (forward), bwd_dq, bwd_dkdv (the backward's two kernels; "
+                        "default: all three)")
     p.add_argument("--softcap", action="store_true", help="build the softcap variants (attention(..., softcap>0))")
     p.add_argument("--arch", type=positive_int, default=90, metavar="SM",
                    help="CUDA compute capability to compile for (default: %(default)s, H100)")
     p.add_argument("--backend", choices=("triton", "cutlass"), default="triton",
-                   help="triton: every direction, compiled by Triton (default); cutlass: the Hopper forward "
-                        "(head dims 64/128, bf16/fp16) rendered to CUDA C++ on CuTe and compiled by nvcc for "
-                        "sm_90a into DIR/cutlass/ (needs nvcc and pip install nvidia-cutlass)")
+                   help="triton: compiled by Triton (default); cutlass: the Hopper kernels (head dims 64/128, "
+                        "bf16/fp16) rendered to CUDA C++ on CuTe and compiled by nvcc for sm_90a into "
+                        "OUT/cutlass/ (needs nvcc and pip install nvidia-cutlass)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
+
+
+def _cutlass_directions(target) -> tuple[str, ...]:
+    """Every CUTLASS kernel for a mask; for a tile plan, those that run its tile sizes."""
+    from maskc.codegen import cutlass as cg
+    from maskc.tiling import TilePlan
+
+    if not isinstance(target, TilePlan):
+        return tuple(cg.TILES)
+    fits = tuple(d for d, tiles in cg.TILES.items() if tiles == (target.block_q, target.block_k))
+    if not fits:
+        raise CLIError(f"maskc build --backend cutlass: the tile plan has {target.block_q}x{target.block_k} tiles; "
+                       "the CUTLASS kernels run " + ", ".join(f"{d} {bq}x{bk}" for d, (bq, bk) in cg.TILES.items()))
+    return fits
 
 
 def _build_cutlass(args: argparse.Namespace, target, source: str) -> int:
@@ -406,7 +423,8 @@ def _build_cutlass(args: argparse.Namespace, target, source: str) -> int:
                        "run-time argument (no --gqa-group) and the target is sm_90a (no --arch)")
     try:
         specs = cg.specs_for_mask(target, head_dims=tuple(args.head_dims or (128,)),
-                                  dtypes=tuple(args.dtypes or ("bf16",)))
+                                  dtypes=tuple(args.dtypes or ("bf16",)),
+                                  directions=tuple(dict.fromkeys(args.directions or _cutlass_directions(target))))
         out = sys.stdout
         print(f"mask: {source}", file=out)
         print(f"building {len(specs)} CUTLASS kernel{'' if len(specs) == 1 else 's'} for {cg.ARCH} into "
@@ -428,6 +446,7 @@ def _build_cutlass(args: argparse.Namespace, target, source: str) -> int:
 
 def _build_run(args: argparse.Namespace) -> int:
     from maskc.codegen.build import build, is_plan_json, load_plan, specs_for_mask
+    from maskc.codegen.spec import DIRECTIONS
 
     text = args.mask
     if text and os.path.isfile(text) and text.lower().endswith(".json") and is_plan_json(text):
@@ -443,6 +462,7 @@ def _build_run(args: argparse.Namespace) -> int:
         dtypes=tuple(args.dtypes or ("bf16",)),
         gqa_groups=tuple(args.gqa_groups or (1,)),
         softcap=args.softcap,
+        directions=tuple(dict.fromkeys(args.directions or DIRECTIONS)),
     )
     aligned = target.sq % 16 == 0 and target.sk % 16 == 0
     out = sys.stdout
@@ -494,7 +514,7 @@ register(
               maskc build "magi_video([8, 8], 1024)" --head-dim 64 128 --dtype bf16 fp16
               maskc build my_mask.py --gqa-group 4 --softcap -o build/
               maskc build plan.json -o build/          # a saved TilePlan
-              maskc build "causal(32768)" --backend cutlass --dtype bf16 fp16   # Hopper forward, nvcc
+              maskc build "causal(32768)" --backend cutlass --dtype bf16 fp16   # Hopper fwd + bwd, nvcc
               MASKC_BUILD=build/ python train.py      # the runtime picks the build up
             """
         ),

@@ -175,25 +175,76 @@ def _sm_count(device) -> int:
     return n
 
 
-def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, qk_scale: float):
-    """Launch the CUTLASS forward: out and lse as the Triton forward writes them."""
+def _launch(spec: KernelSpec, kernel: tuple[Path, dict], device, maps, args, n_slots: int) -> None:
+    """cuLaunchKernelEx of a persistent kernel (at most one CTA per SM) on the current torch stream."""
     driver = _driver()
     cubin, entry = kernel
-    fn = _function(spec, q.device, cubin, int(entry["shared"]))
-    sq, hq, _ = q.shape
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the persistent grid's next free slot
-    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k)]
-    args = [ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
-            *(ctypes.c_void_p(t.data_ptr()) for t in lists), ctypes.c_int(n_q_tiles * hq),
-            ctypes.c_void_p(counter.data_ptr()),
-            ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
-            ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(qk_scale)]
+    fn = _function(spec, device, cubin, int(entry["shared"]))
     params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
                                                           *(ctypes.addressof(a) for a in args))
     config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = min(n_q_tiles * hq, _sm_count(q.device)), 1, 1  # persistent
+    config.gridDimX, config.gridDimY, config.gridDimZ = min(n_slots, _sm_count(device)), 1, 1
     config.blockDimX, config.blockDimY, config.blockDimZ = entry["threads"], 1, 1
     config.sharedMemBytes = int(entry["shared"])
-    config.hStream = driver.CUstream(torch.cuda.current_stream(q.device).cuda_stream)
+    config.hStream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
     config.numAttrs = 0
     _check(driver.cuLaunchKernelEx(config, fn, ctypes.addressof(params), 0), f"launching {spec.name}")
+
+
+def _ptr(t) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, qk_scale: float):
+    """Launch the CUTLASS forward: out and lse as the Triton forward writes them."""
+    sq, hq, _ = q.shape
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the persistent grid's next free slot
+    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k)]
+    args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), _ptr(counter),
+            ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
+            ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(qk_scale)]
+    _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
+
+
+def backward_rows(lse, delta, pad_to: int):
+    """lse in log2 units and delta, per query head, padded to a multiple of `pad_to` rows: the
+    backward kernels read whole tiles. A row with no allowed key (lse -inf) and a padding row get
+    lse2 = +inf, so their P = exp2(s - lse2) is 0."""
+    hq, sq = lse.shape
+    sq_pad = max(-(-sq // pad_to) * pad_to, pad_to)
+    lse2 = torch.full((hq, sq_pad), float("inf"), dtype=torch.float32, device=lse.device)
+    lse2[:, :sq] = torch.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta_pad = torch.zeros((hq, sq_pad), dtype=torch.float32, device=lse.device)
+    delta_pad[:, :sq] = delta
+    return lse2, delta_pad, sq_pad
+
+
+def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad: int, lists, n_q_tiles: int,
+                qk_scale: float, scale: float):
+    """Launch the CUTLASS dQ kernel (dq = scale * sum_k dS K), deterministic: no atomics."""
+    sq, hq, _ = q.shape
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k),
+            _tensor_map(dout, spec.block_q)]
+    args = [_ptr(dq), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq),
+            _ptr(counter), ctypes.c_int(sq), ctypes.c_int(sq_pad), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
+            ctypes.c_longlong(dq.stride(0)), ctypes.c_longlong(dq.stride(1)), ctypes.c_float(qk_scale),
+            ctypes.c_float(scale)]
+    _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
+
+
+def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, sq_pad: int, lists, n_k_tiles: int,
+                  qk_scale: float, scale: float):
+    """Launch the CUTLASS dK/dV kernel: one work item per (key tile, KV head), the GQA group's query
+    heads summed inside it (no atomics)."""
+    sk, hkv, _ = k.shape
+    hq = q.shape[1]
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k),
+            _tensor_map(dout, spec.block_q)]
+    args = [_ptr(dk), _ptr(dv), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_k_tiles * hkv),
+            _ptr(counter), ctypes.c_int(sk), ctypes.c_int(sq_pad), ctypes.c_int(hkv), ctypes.c_int(hq // hkv),
+            ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),
+            ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(qk_scale),
+            ctypes.c_float(scale)]
+    _launch(spec, kernel, q.device, maps, args, n_k_tiles * hkv)

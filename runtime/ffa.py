@@ -128,8 +128,8 @@ BACKENDS = ("auto", "triton", "cutlass")
 _CUTLASS: dict[tuple, tuple] = {}
 
 
-def _cutlass_forward(mask_or_plan, q, k, v, softcap: float, backend: str):
-    """(spec, kernel, plan) of the CUTLASS forward for this call, or None for Triton.
+def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backend: str):
+    """(spec, kernel, plan) of the CUTLASS kernel for `direction` of this call, or None for Triton.
 
     ``auto`` takes CUTLASS on sm_90 when a built kernel exists for the spec; ``cutlass`` insists
     (compiling with nvcc into the cache when nothing is built, else a MaskError saying why not).
@@ -138,26 +138,26 @@ def _cutlass_forward(mask_or_plan, q, k, v, softcap: float, backend: str):
         return None
     from . import cutlass as cb
 
+    bq, bk = cb.cg.TILES[direction]
+    which = "bwd" if direction == "bwd_dkdv" else "fwd"
     why = cb.unsupported(q, k, v, softcap)
-    if isinstance(mask_or_plan, TilePlan) and (mask_or_plan.block_q, mask_or_plan.block_k) != (
-            cb.cg.BLOCK_Q, cb.cg.BLOCK_K):
-        why = why or (f"the plan's tiles are {mask_or_plan.block_q}x{mask_or_plan.block_k}; the CUTLASS kernels "
-                      f"run {cb.cg.BLOCK_Q}x{cb.cg.BLOCK_K}")
+    if isinstance(mask_or_plan, TilePlan) and (mask_or_plan.block_q, mask_or_plan.block_k) != (bq, bk):
+        why = why or (f"the plan's tiles are {mask_or_plan.block_q}x{mask_or_plan.block_k}; the CUTLASS {direction} "
+                      f"kernel runs {bq}x{bk} (pass the Mask: each kernel lowers it to its own tiles)")
     if why:
         if backend == "cutlass":
             raise MaskError(f"attention(backend='cutlass'): {why}")
         return None
-    key = (mask_or_plan if isinstance(mask_or_plan, Mask) else id(mask_or_plan), q.dtype, q.shape[-1],
+    key = (direction, mask_or_plan if isinstance(mask_or_plan, Mask) else id(mask_or_plan), q.dtype, q.shape[-1],
            q.shape[1] // k.shape[1], str(q.device), backend)
     hit = _CUTLASS.get(key)
     if hit is None or (hit[2] is not None and not isinstance(mask_or_plan, Mask) and hit[2] is not mask_or_plan):
-        plan = (mask_or_plan if isinstance(mask_or_plan, TilePlan)
-                else plan_for(mask_or_plan, cb.cg.BLOCK_Q, cb.cg.BLOCK_K, only="fwd"))
+        plan = mask_or_plan if isinstance(mask_or_plan, TilePlan) else plan_for(mask_or_plan, bq, bk, only=which)
         spec, kernel = None, None
         for stages in cb.cg.STAGE_CHOICES:  # the first one built, in order of preference
-            spec = KernelSpec(direction="fwd", head_dim=q.shape[-1], dtype=_DTYPE_NAMES[q.dtype],
-                              block_q=cb.cg.BLOCK_Q, block_k=cb.cg.BLOCK_K, num_warps=cb.cg.NUM_WARPS,
-                              num_stages=stages, partial=partial_class(plan.list_kinds("fwd")),
+            spec = KernelSpec(direction=direction, head_dim=q.shape[-1], dtype=_DTYPE_NAMES[q.dtype],
+                              block_q=bq, block_k=bk, num_warps=cb.cg.NUM_WARPS,
+                              num_stages=stages, partial=partial_class(plan.list_kinds(which)),
                               gqa_group=1, backend="cutlass")  # the group is a run-time argument
             kernel = cb.built_kernel(spec)
             if kernel is not None:
@@ -180,7 +180,7 @@ def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float, backend: st
     out = torch.empty_like(q)
     lse = torch.empty((hq, sq), dtype=torch.float32, device=q.device)
     log2e = 1.4426950408889634
-    chosen = _cutlass_forward(mask_or_plan, q, k, v, softcap, backend)
+    chosen = _cutlass_kernel("fwd", mask_or_plan, q, k, v, softcap, backend)
     if chosen is not None:
         if sq == 0 or hq == 0:
             return out, lse
@@ -203,8 +203,28 @@ def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float, backend: st
     return out, lse
 
 
+def _cutlass_backward(q, k, v, dout, lse, delta, mask_or_plan, scale: float, softcap: float, backend: str):
+    """dq, dk, dv from the CUTLASS dQ and dK/dV kernels, or None when the call is Triton's."""
+    dq_kernel = _cutlass_kernel("bwd_dq", mask_or_plan, q, k, v, softcap, backend)
+    dkdv_kernel = _cutlass_kernel("bwd_dkdv", mask_or_plan, q, k, v, softcap, backend)
+    if dq_kernel is None or dkdv_kernel is None:
+        return None
+    from . import cutlass as cb
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    lse2, delta_pad, sq_pad = cb.backward_rows(lse, delta, max(cb.cg.TILES["bwd_dq"][0], cb.cg.TILES["bwd_dkdv"][0]))
+    qk_scale = scale * 1.4426950408889634
+    spec, kernel, plan = dkdv_kernel
+    cb.backward_dkdv(spec, kernel, q, k, v, dout, dk, dv, lse2, delta_pad, sq_pad,
+                     _device_lists(plan, "bwd", q.device), plan.n_k_tiles, qk_scale, scale)
+    spec, kernel, plan = dq_kernel
+    cb.backward_dq(spec, kernel, q, k, v, dout, dq, lse2, delta_pad, sq_pad,
+                   _device_lists(plan, "fwd", q.device), plan.n_q_tiles, qk_scale, scale)
+    return dq, dk, dv
+
+
 def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, softcap: float,
-                 deterministic: bool = True):
+                 deterministic: bool = True, backend: str = "auto"):
     sq, hq, d = q.shape
     sk, hkv, _ = k.shape
     group = hq // hkv
@@ -214,11 +234,15 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
     delta = (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
     if dlse is not None:
         delta = delta - torch.nan_to_num(dlse.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    if sq == 0 or sk == 0 or hq == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # CUTLASS when the call allows it (its backward has no atomics, so it serves deterministic=False too)
+    grads = _cutlass_backward(q, k, v, dout, lse, delta, mask_or_plan, scale, softcap, backend)
+    if grads is not None:
+        return grads
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if sq == 0 or sk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
     common = (sq, sk, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               dout.stride(0), dout.stride(1))
     _, plan_kv, cfg_kv = _resolve(mask_or_plan, "bwd_dkdv", d, q.device)
@@ -254,6 +278,7 @@ class FFAFunction(torch.autograd.Function):
         ctx.scale = scale
         ctx.softcap = softcap
         ctx.deterministic = deterministic
+        ctx.backend = backend
         return out, lse
 
     @staticmethod
@@ -262,7 +287,7 @@ class FFAFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = ffa_backward(q, k, v, out, lse, dout, dlse, ctx.mask_or_plan, ctx.scale, ctx.softcap,
-                                  ctx.deterministic)
+                                  ctx.deterministic, ctx.backend)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -282,11 +307,13 @@ def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: flo
     (less recomputation, run-to-run rounding differences in dQ); the default backward has no
     atomics and is bitwise reproducible.
 
-    ``backend`` picks the forward kernel: ``"auto"`` (default) runs the CUTLASS kernel on an
-    H100/H200 when one is built for the spec (``maskc build --backend cutlass``) and Triton
-    otherwise; ``"triton"`` and ``"cutlass"`` force one (``"cutlass"`` compiles with nvcc when
-    nothing is built, and raises a MaskError saying why when it cannot run the call). The
-    backward is Triton's on every backend: out and lse have one contract.
+    ``backend`` picks the kernels, per direction: ``"auto"`` (default) runs a CUTLASS kernel on an
+    H100/H200 when one is built for its spec (``maskc build --backend cutlass``) and Triton
+    otherwise (the backward takes CUTLASS only when both its dQ and dK/dV kernels are built);
+    ``"triton"`` and ``"cutlass"`` force one (``"cutlass"`` compiles with nvcc when nothing is
+    built, and raises a MaskError saying why when it cannot run the call; its backward needs a
+    Mask, since each kernel lowers the mask to its own tiles). Both backends keep one contract
+    for out, lse and the gradients; the CUTLASS backward has no atomics (deterministic always).
     """
     if backend not in BACKENDS:
         raise MaskError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")

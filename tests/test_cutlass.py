@@ -1,7 +1,7 @@
 """The CUTLASS backend on a machine without a GPU: specs, rendering, an nvcc build, errors.
 
-One small spec (head dim 64, bf16, no partial tiles) is compiled with nvcc for sm_90a (about 20 s
-on two cores) to prove the templates compile; it is not run here (tests/test_cutlass_gpu.py runs
+The three kernels of one small mask (forward, dQ, dK/dV; head dim 64, bf16, no partial tiles) are
+compiled with nvcc for sm_90a (about 30 s on two cores) to prove the templates compile; it is not run here (tests/test_cutlass_gpu.py runs
 the kernels on an H100/H200). The build test needs nvcc and the nvidia-cutlass headers, which
 `.ci/run` installs and checks.
 """
@@ -45,7 +45,8 @@ def test_spec_backend_field_and_name():
 
 
 @pytest.mark.parametrize("kw, why", [
-    (dict(direction="bwd_dq"), "forward only"),
+    (dict(direction="bwd_dq"), "bwd_dq kernel runs 128x64"),
+    (dict(direction="bwd_dkdv", block_q=128), "bwd_dkdv kernel runs 64x128"),
     (dict(dtype="fp32"), "dtype 'fp32'"),
     (dict(head_dim=256), "head dim 256"),
     (dict(softcap=True), "softcap"),
@@ -65,6 +66,12 @@ def test_render_removes_unused_branches():
     assert "ffa_fwd<cutlass::half_t, 64, 128, 128, 2," in src and "maskc_ffa::kNone>" in src
     assert "{{" not in src and "{%" not in src
     assert "cutlass::bfloat16_t, 128" in cg.render(spec())
+    dq = cg.render(spec(direction="bwd_dq", block_q=128, block_k=64))
+    assert "ffa_bwd_dq<cutlass::bfloat16_t, 128, 128, 64, 2," in dq and "{{" not in dq
+    dkdv = cg.render(spec(direction="bwd_dkdv", block_q=64, block_k=128, partial="rect"))
+    assert "ffa_bwd_dkdv<cutlass::bfloat16_t, 128, 128, 64, 2," in dkdv and "maskc_ffa::kRect>" in dkdv
+    for src in (dq, dkdv):  # the shared memory the runtime asks for is checked by the compiler
+        assert re.search(r"static_assert\(sizeof\(Storage\) \+ 1024 <= \d+", src)
 
 
 def test_specs_for_mask_partial_classes():
@@ -79,11 +86,37 @@ def test_specs_for_mask_partial_classes():
         cg.specs_for_mask(maskc.causal(512), dtypes=("fp32",))
     with pytest.raises(cg.CutlassBuildError, match="128x64 tiles"):
         cg.specs_for_mask(maskc.tiling.lower(maskc.causal(512), 128, 64))
+    with pytest.raises(cg.CutlassBuildError, match="direction 'bwd'"):
+        cg.specs_for_mask(maskc.causal(512), directions=("bwd",))
+
+
+def test_specs_for_mask_backward_directions():
+    # each direction lowers the mask to its own tiles: 128-token chunks cut none of them, 64-token
+    # chunks cut every one (rectangles)
+    mask = maskc.block_causal(4096, 128)
+    specs = cg.specs_for_mask(mask, directions=("fwd", "bwd_dq", "bwd_dkdv"))
+    assert [(s.direction, s.block_q, s.block_k) for s in specs] == [
+        ("bwd_dkdv", 64, 128), ("bwd_dq", 128, 64), ("fwd", 128, 128)]
+    assert all(s.partial == "none" and cg.supports(s) is None for s in specs)
+    assert {s.partial for s in cg.specs_for_mask(maskc.block_causal(4096, 64), directions=tuple(cg.TILES))} == {
+        "rect"}
+    plan = maskc.tiling.lower(mask, 128, 64)
+    assert [s.direction for s in cg.specs_for_mask(plan, directions=("bwd_dq",))] == ["bwd_dq"]
+    with pytest.raises(cg.CutlassBuildError, match="bwd_dkdv kernel runs 64x128"):
+        cg.specs_for_mask(plan, directions=("bwd_dkdv",))
 
 
 def test_shared_memory_fits_sm90():
     for d in cg.HEAD_DIMS:
-        assert cg.shared_bytes(spec(head_dim=d)) + 1024 <= 232448  # + the kernel's static 1 KiB
+        for direction, (bq, bk) in cg.TILES.items():
+            for stages in cg.STAGE_CHOICES:
+                s = spec(head_dim=d, direction=direction, block_q=bq, block_k=bk, num_stages=stages)
+                assert cg.shared_bytes(s) + 1024 <= 232448  # + the kernel's static 1 KiB
+
+
+def test_register_split_fits_one_cta_per_sm():
+    for producer, consumer in cg.REGISTERS.values():
+        assert 128 * producer + 256 * consumer <= 65536 and producer % 8 == 0 and consumer % 8 == 0
 
 
 def test_backend_argument_errors_on_cpu():
@@ -95,11 +128,17 @@ def test_backend_argument_errors_on_cpu():
         attention(q, q, q, mask, backend="cutlass")
 
 
-def test_cli_rejects_cutlass_options(capsys):
+def test_cli_rejects_cutlass_options(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["build", "causal(256)", "--backend", "cutlass", "--softcap"])
     assert e.value.code == 2
     assert "softcap is not in the CUTLASS backend" in capsys.readouterr().err
+    plan = tmp_path / "plan.json"
+    plan.write_text(maskc.tiling.lower(maskc.causal(256), 64, 64).to_json())
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(plan), "--backend", "cutlass", "-o", str(tmp_path)])
+    assert e.value.code == 2
+    assert "64x64 tiles; the CUTLASS kernels run fwd 128x128" in capsys.readouterr().err
 
 
 def _nvcc_or_skip():
@@ -115,11 +154,18 @@ def test_build_one_spec_with_nvcc(tmp_path, capsys):
     assert main(["build", "block_causal(1024, 128)", "--backend", "cutlass", "--head-dim", "64",
                  "-o", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "ffa_fwd_d64_bf16_m128n128_w12s2_none_g1_cutlass" in printed
+    names = ["ffa_bwd_dkdv_d64_bf16_m64n128_w12s2_none_g1_cutlass", "ffa_bwd_dq_d64_bf16_m128n64_w12s2_none_g1_cutlass",
+             "ffa_fwd_d64_bf16_m128n128_w12s2_none_g1_cutlass"]
+    assert all(n in printed for n in names)
     man = json.loads((tmp_path / "cutlass" / "manifest.json").read_text())
     assert man["format"] == "maskc.build" and man["backend"] == "cutlass" and man["arch"] == "sm_90a"
     assert re.fullmatch(r"\d+\.\d+\.\d+", man["nvcc"]) and re.fullmatch(r"\d+\.\d+\.\d+", man["cutlass"])
-    (entry,) = man["kernels"]
+    assert [e["name"] for e in man["kernels"]] == names
+    for entry in man["kernels"]:
+        _check_entry(tmp_path, entry)
+
+
+def _check_entry(tmp_path, entry):
     cubin = tmp_path / "cutlass" / entry["cubin"]
     assert cubin.read_bytes()[:4] == b"\x7fELF"
     assert entry["spill_store_bytes"] == 0 and entry["n_regs"] > 0 and entry["compile_seconds"] > 0

@@ -1,4 +1,4 @@
-"""The CUTLASS forward on an H100/H200 against the float64 reference and the Triton forward.
+"""The CUTLASS forward and backward on an H100/H200 against the float64 reference and Triton.
 
     maskc build "causal(4096)" --backend cutlass --head-dim 64 128 --dtype bf16 fp16   # or let it compile
     MASKC_GPU_TESTS=1 python -m pytest tests/test_cutlass_gpu.py
@@ -6,8 +6,10 @@
 Every mask of the GPU suite (all kinds, empty rows, odd sizes, GQA) plus random masks drawn by
 hypothesis, bf16 and fp16, head dims 64 and 128: out and lse within 1e-2 of float64, finite
 exactly where the reference is, empty rows exactly 0, and out within one rounding step of the
-dtype of the Triton backend's out (lse within 1e-3). Gradients through a CUTLASS forward (the
-backward is Triton's) are checked too. Skipped without an sm_90 GPU (CI has none).
+dtype of the Triton backend's out (lse within 1e-3). The backward (dQ kernel, dK/dV kernel) the
+same way: dq, dk, dv within 1e-2 of float64 and within the dtype's rounding of Triton's, exactly 0
+for query rows with no allowed key and key rows no query attends to, the lse gradient included.
+Skipped without an sm_90 GPU (CI has none).
 """
 
 import os
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import maskc
 from maskc.errors import MaskError
 from maskc.runtime import attention, reference_attention
+from maskc.runtime.ffa import _cutlass_kernel
 
 from test_attention_gpu import CASES, rel
 
@@ -86,29 +89,71 @@ def test_cutlass_random_masks(mask, d, fp16, seed):
     check_forward(mask, 2, 1, d, torch.float16 if fp16 else torch.bfloat16, seed)
 
 
-def test_gradients_through_cutlass_forward():
-    mask = maskc.varlen([300, 1, 555, 144], maskc.CAUSAL)
-    q, k, v = (t.requires_grad_() for t in _inputs(mask, 4, 2, 128, torch.bfloat16, 7))
-    out = attention(q, k, v, mask, backend="cutlass")
-    ref = reference_attention(q, k, v, mask)
-    go = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), go)
-    refs = torch.autograd.grad(ref, (q, k, v), go.double())
-    for g, r in zip(grads, refs):
-        assert rel(g, r) < 1e-2
+def check_backward(mask, hq, hkv, d, dtype, seed, with_lse=False):
+    q, k, v = (t.requires_grad_() for t in _inputs(mask, hq, hkv, d, dtype, seed))
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+
+    def grads(backend):
+        if backend == "reference":
+            out, lse = reference_attention(q, k, v, mask, return_lse=True)
+        else:
+            out, lse = attention(q, k, v, mask, return_lse=True, backend=backend)
+        loss = (out * go.to(out.dtype)).sum()
+        if with_lse:
+            loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * glse.to(lse.dtype)).sum()
+        return torch.autograd.grad(loss, (q, k, v))
+
+    go = torch.randn(mask.shape[0], hq, d, device="cuda", dtype=dtype, generator=g)
+    glse = torch.randn(hq, mask.shape[0], device="cuda", generator=g)
+    cut, tri, ref = grads("cutlass"), grads("triton"), grads("reference")
+    for name, c, t, r in zip(("dq", "dk", "dv"), cut, tri, ref):
+        assert not torch.isnan(c).any(), name
+        assert rel(c, r) < 1e-2, (name, rel(c, r))
+        assert rel(c, t) < torch.finfo(dtype).eps, (name, rel(c, t), "CUTLASS and Triton agree to the dtype's rounding")
+        zero = (r == 0).flatten(1).all(1)  # rows the mask gives no gradient: exactly 0
+        assert (c[zero] == 0).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name, make", CASES, ids=[c[0] for c in CASES])
+def test_cutlass_backward_suite(name, make, d, dtype):
+    check_backward(make(), 4, 2, d, dtype, zlib.crc32(f"cutlass-bwd-{name}-{d}".encode()))
+
+
+@pytest.mark.parametrize("hq, hkv", [(8, 8), (8, 1), (6, 2)])
+def test_cutlass_backward_gqa_and_lse_gradient(hq, hkv):
+    mask = maskc.causal(777) | maskc.sliding_window(777, 100, causal=False)
+    check_backward(mask, hq, hkv, 128, torch.bfloat16, hq, with_lse=True)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mask=masks(), d=st.sampled_from([64, 128]), fp16=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cutlass_backward_random_masks(mask, d, fp16, seed):
+    check_backward(mask, 2, 1, d, torch.float16 if fp16 else torch.bfloat16, seed)
 
 
 def test_auto_picks_cutlass_when_built():
     from maskc.runtime import cutlass as cb
-    from maskc.runtime.ffa import _cutlass_forward
 
     mask = maskc.causal(1024)
-    q, k, v = _inputs(mask, 2, 2, 128, torch.bfloat16, 1)
-    attention(q, k, v, mask, backend="cutlass")  # builds into the cache when not built ahead of time
-    chosen = _cutlass_forward(mask, q, k, v, 0.0, "auto")
-    assert chosen is not None and chosen[0].backend == "cutlass"
-    assert cb.built_kernel(chosen[0]) is not None
-    assert _cutlass_forward(mask, q.float(), k.float(), v.float(), 0.0, "auto") is None  # fp32: Triton
+    q, k, v = (t.requires_grad_() for t in _inputs(mask, 2, 2, 128, torch.bfloat16, 1))
+    out = attention(q, k, v, mask, backend="cutlass")  # builds into the cache when not built ahead of time
+    out.sum().backward()
+    for direction in ("fwd", "bwd_dq", "bwd_dkdv"):
+        chosen = _cutlass_kernel(direction, mask, q, k, v, 0.0, "auto")
+        assert chosen is not None and chosen[0].backend == "cutlass" and chosen[0].direction == direction
+        assert cb.built_kernel(chosen[0]) is not None
+        assert _cutlass_kernel(direction, mask, q.float(), k.float(), v.float(), 0.0, "auto") is None  # fp32
+
+
+def test_forced_cutlass_backward_needs_the_mask():
+    """A 128 x 128 TilePlan serves the CUTLASS forward; its backward kernels run other tiles."""
+    mask = maskc.causal(512)
+    q, k, v = (t.requires_grad_() for t in _inputs(mask, 2, 2, 128, torch.bfloat16, 5))
+    out = attention(q, k, v, maskc.tiling.lower(mask, 128, 128), backend="cutlass")
+    with pytest.raises(MaskError, match="backend='cutlass'.*pass the Mask"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("what, why", [("softcap", "softcap"), ("d256", "head dim 256"), ("tiles", "128x64")])

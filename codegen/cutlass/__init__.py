@@ -1,8 +1,9 @@
 """CUTLASS/CuTe backend: Hopper FFA kernels rendered from jinja2 templates, built ahead of time with nvcc.
 
-A spec with ``backend="cutlass"`` renders ``templates/ffa_fwd.cu.j2`` to CUDA C++ on CuTe (TMA
-loads completing on mbarriers, wgmma for both products, a producer warpgroup and two consumer
-warpgroups) with one ``extern "C"`` entry named ``spec.name``. `build` compiles each spec with::
+A spec with ``backend="cutlass"`` renders ``templates/ffa_<direction>.cu.j2`` (forward, dQ, dK/dV;
+shared pieces in ``ffa_common.cuh.j2``) to CUDA C++ on CuTe (TMA loads completing on mbarriers,
+wgmma for every product, a producer warpgroup and two consumer warpgroups, a persistent grid) with
+one ``extern "C"`` entry named ``spec.name``. `build` compiles each spec with::
 
     nvcc -cubin -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -I <CUTLASS include> ...
 
@@ -11,10 +12,10 @@ the Triton backend's manifest (``"format": "maskc.build"``), with ``"backend": "
 nvcc and CUTLASS versions. The runtime (`maskc.runtime.cutlass`) loads the cubins through
 cuda-bindings; no C++ extension is built on the user's machine.
 
-What it covers: the forward (out and lse, the Triton backend's contract) for head dims 64 and 128,
-bf16 and fp16, 128 x 128 tiles, any partial class, any GQA group (a run-time argument: the
-spec's ``gqa_group`` is 1), no softcap. Everything else is
-Triton's (`supports` says why a spec is not covered).
+What it covers: the forward (out and lse, the Triton backend's contract) and the backward (dQ;
+dK and dV without atomics) for head dims 64 and 128, bf16 and fp16, any partial class, any GQA
+group (a run-time argument: the spec's ``gqa_group`` is 1), no softcap. Tiles are fixed per
+direction (`TILES`). Everything else is Triton's (`supports` says why a spec is not covered).
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ FORMAT = "maskc.build"
 VERSION = 1
 ARCH = "sm_90a"
 TEMPLATES = Path(__file__).parent / "templates"
-BLOCK_Q = 128
+BLOCK_Q = 128  # the forward's tiles
 BLOCK_K = 128
+# (block_q, block_k) per direction: dQ walks 64-key tiles under a 128-row query tile, dK/dV 64-row
+# query tiles under a 128-row key tile (two consumer warpgroups of 64 rows; the accumulators fit)
+TILES = {"fwd": (BLOCK_Q, BLOCK_K), "bwd_dq": (128, 64), "bwd_dkdv": (64, 128)}
 NUM_WARPS = 12  # one producer and two consumer warpgroups
 NUM_STAGES = 2  # K/V shared-memory ring depth of the default build
 STAGE_CHOICES = (3, 2)  # the runtime takes the first depth built for a spec
 HEAD_DIMS = (64, 128)
+# setmaxnreg per warpgroup (producer, each consumer): 128 * p + 256 * c <= 65536 registers per SM
+REGISTERS = {"fwd": (24, 240), "bwd_dq": (40, 232), "bwd_dkdv": (40, 232)}
 DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
 _ELEMENT_BYTES = 2
@@ -58,8 +64,6 @@ class CutlassBuildError(RuntimeError):
 
 def supports(spec: KernelSpec) -> str | None:
     """None when the CUTLASS backend has a kernel for `spec`'s shape, else the reason it has not."""
-    if spec.direction != "fwd":
-        return f"direction {spec.direction!r}: the CUTLASS backend has the forward only"
     if spec.dtype not in DTYPES:
         return f"dtype {spec.dtype!r}: the CUTLASS backend takes {', '.join(DTYPES)}"
     if spec.head_dim not in HEAD_DIMS:
@@ -68,19 +72,22 @@ def supports(spec: KernelSpec) -> str | None:
         return "softcap: not in the CUTLASS backend"
     if spec.gqa_group != 1:
         return "gqa_group: a CUTLASS kernel takes the GQA group at run time, its spec has gqa_group=1"
-    if (spec.block_q, spec.block_k) != (BLOCK_Q, BLOCK_K):
-        return f"tiles {spec.block_q}x{spec.block_k}: the CUTLASS backend runs {BLOCK_Q}x{BLOCK_K}"
+    bq, bk = TILES[spec.direction]
+    if (spec.block_q, spec.block_k) != (bq, bk):
+        return f"tiles {spec.block_q}x{spec.block_k}: the CUTLASS {spec.direction} kernel runs {bq}x{bk}"
     return None
 
 
 def cutlass_spec(spec: KernelSpec) -> KernelSpec:
     """The CUTLASS spec for the same work as `spec` (its tiles, warps and stages are the backend's)."""
-    return replace(spec, block_q=BLOCK_Q, block_k=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    bq, bk = TILES[spec.direction]
+    return replace(spec, block_q=bq, block_k=bk, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                    deterministic=True, gqa_group=1, backend="cutlass")
 
 
-def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",)) -> list[KernelSpec]:
-    """The CUTLASS forward specs attention over `mask` (a Mask or a 128 x 128 TilePlan) asks for."""
+def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), directions=("fwd",)) -> list[KernelSpec]:
+    """The CUTLASS specs attention over `mask` (a Mask, or for the forward a 128 x 128 TilePlan) asks
+    for in `directions` (``fwd``, ``bwd_dq``, ``bwd_dkdv``)."""
     from maskc.mask import Mask
     from maskc.tiling import TilePlan, lower
 
@@ -92,27 +99,41 @@ def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",)) -> list[KernelSp
     for t in dtypes:
         if t not in DTYPES:
             raise CutlassBuildError(f"dtype {t!r}: the CUTLASS backend builds {', '.join(DTYPES)}")
-    if isinstance(mask, TilePlan):
-        if (mask.block_q, mask.block_k) != (BLOCK_Q, BLOCK_K):
-            raise CutlassBuildError(f"the tile plan has {mask.block_q}x{mask.block_k} tiles; the CUTLASS kernels "
-                                    f"run {BLOCK_Q}x{BLOCK_K}")
-        plan = mask
-    elif isinstance(mask, Mask):
-        plan = lower(mask, BLOCK_Q, BLOCK_K, only="fwd")
-    else:
-        raise CutlassBuildError(f"specs_for_mask: expected a Mask or a TilePlan, got {type(mask).__name__}")
-    partial = partial_class(plan.list_kinds("fwd"))
-    return sorted({KernelSpec(direction="fwd", head_dim=d, dtype=t, block_q=BLOCK_Q, block_k=BLOCK_K,
-                              num_warps=NUM_WARPS, num_stages=NUM_STAGES, partial=partial, backend="cutlass")
-                   for d in head_dims for t in dtypes})
+    for direction in directions:
+        if direction not in TILES:
+            raise CutlassBuildError(f"direction {direction!r}: the CUTLASS backend builds {', '.join(TILES)}")
+    specs = set()
+    for direction in directions:
+        bq, bk = TILES[direction]
+        which = "bwd" if direction == "bwd_dkdv" else "fwd"
+        if isinstance(mask, TilePlan):
+            if (mask.block_q, mask.block_k) != (bq, bk):
+                raise CutlassBuildError(f"the tile plan has {mask.block_q}x{mask.block_k} tiles; the CUTLASS "
+                                        f"{direction} kernel runs {bq}x{bk} (pass the mask to build every direction)")
+            plan = mask
+        elif isinstance(mask, Mask):
+            plan = lower(mask, bq, bk, only=which)
+        else:
+            raise CutlassBuildError(f"specs_for_mask: expected a Mask or a TilePlan, got {type(mask).__name__}")
+        partial = partial_class(plan.list_kinds(which))
+        specs |= {KernelSpec(direction=direction, head_dim=d, dtype=t, block_q=bq, block_k=bk, num_warps=NUM_WARPS,
+                             num_stages=NUM_STAGES, partial=partial, backend="cutlass")
+                  for d in head_dims for t in dtypes}
+    return sorted(specs)
 
 
 def shared_bytes(spec: KernelSpec) -> int:
-    """Dynamic shared memory one CTA asks for: Q, the K/V ring, barriers, and 1 KiB to align to 1024."""
-    tile_q = spec.block_q * spec.head_dim * _ELEMENT_BYTES
-    tile_k = spec.block_k * spec.head_dim * _ELEMENT_BYTES
+    """Dynamic shared memory one CTA asks for: the stationary tiles (Q; Q and dO; K and V), the ring
+    of the two walked operands, barriers, and 1 KiB to align to 1024 (each template checks it)."""
+    outer_rows, inner_rows = ((spec.block_k, spec.block_q) if spec.direction == "bwd_dkdv"
+                              else (spec.block_q, spec.block_k))
+    n_outer = 1 if spec.direction == "fwd" else 2
+    tile_outer = outer_rows * spec.head_dim * _ELEMENT_BYTES
+    tile_inner = inner_rows * spec.head_dim * _ELEMENT_BYTES
     barriers = 8 * (2 + 4 * spec.num_stages) + 8  # + the two published work slots
-    storage = tile_q + 2 * spec.num_stages * tile_k + barriers
+    storage = n_outer * tile_outer + 2 * spec.num_stages * tile_inner + barriers
+    if spec.direction == "bwd_dkdv":  # lse and delta of the ring's query rows
+        storage += 2 * spec.num_stages * inner_rows * 4
     storage = (storage + 1023) // 1024 * 1024  # the struct is 1024-aligned, so its size is too
     return storage + 1024
 
@@ -129,8 +150,11 @@ def render(spec: KernelSpec) -> str:
     reason = supports(spec) if spec.backend == "cutlass" else "its backend is not 'cutlass'"
     if reason:
         raise CutlassBuildError(f"{spec.name}: no CUTLASS kernel: {reason}")
-    return _env().get_template("ffa_fwd.cu.j2").render(
-        spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial])
+    template = {"fwd": "ffa_fwd.cu.j2", "bwd_dq": "ffa_bwd_dq.cu.j2", "bwd_dkdv": "ffa_bwd_dkdv.cu.j2"}[spec.direction]
+    return _env().get_template(template).render(
+        spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial],
+        SHARED=shared_bytes(spec), PRODUCER_REGS=REGISTERS[spec.direction][0],
+        CONSUMER_REGS=REGISTERS[spec.direction][1])
 
 
 # ---- toolchain ---------------------------------------------------------------------------------
