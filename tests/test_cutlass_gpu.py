@@ -106,10 +106,13 @@ def check_backward(mask, hq, hkv, d, dtype, seed, with_lse=False):
     go = torch.randn(mask.shape[0], hq, d, device="cuda", dtype=dtype, generator=g)
     glse = torch.randn(hq, mask.shape[0], device="cuda", generator=g)
     cut, tri, ref = grads("cutlass"), grads("triton"), grads("reference")
+    def close(x, y, tol):  # relative, with an absolute floor of 1e-4 RMS (a gradient that is 0 up to rounding)
+        return (x.double() - y.double()).norm().item() <= tol * y.double().norm().item() + 1e-4 * y.numel() ** 0.5
+
     for name, c, t, r in zip(("dq", "dk", "dv"), cut, tri, ref):
         assert not torch.isnan(c).any(), name
-        assert rel(c, r) < 1e-2, (name, rel(c, r))
-        assert rel(c, t) < torch.finfo(dtype).eps, (name, rel(c, t), "CUTLASS and Triton agree to the dtype's rounding")
+        assert close(c, r, 1e-2), (name, rel(c, r))
+        assert close(c, t, torch.finfo(dtype).eps), (name, rel(c, t), "CUTLASS and Triton agree to the dtype's rounding")
     # query rows with no allowed key and key rows no query attends to: exactly 0
     dense = torch.from_numpy(mask.to_dense()).cuda()
     for name, c, empty in zip(("dq", "dk", "dv"), cut, (~dense.any(1), ~dense.any(0), ~dense.any(0))):
