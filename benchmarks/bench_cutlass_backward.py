@@ -38,7 +38,7 @@ def main(argv=None):
         raise SystemExit("bench_cutlass_backward needs a CUDA GPU (sm_90)")
     import triton
 
-    from maskc.codegen.spec import KernelSpec, partial_class
+    from maskc.codegen.configs import LISTS
     from maskc.runtime import cutlass as cb
     from maskc.runtime.ffa import _device_lists, ffa_forward, plan_for
 
@@ -62,19 +62,16 @@ def main(argv=None):
         fwd_flops = 4.0 * mask.area * d * h
         out, lse = ffa_forward(q, k, v, mask, scale, 0.0, "triton")
         delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
-        lse2, delta_pad, sq_pad = cb.backward_rows(lse, delta, 128)
+        lse2, delta_pad, sq_pad = cb.backward_rows(lse, delta)
         first = None
         for text, folder, dq_stages, dkdv_stages in variants:
             cb._FUNCTIONS.clear()  # the same kernel names from another folder
             entries = {e["name"]: e for e in json.loads(cb.cg.manifest_path(folder).read_text())["kernels"]}
             ms, grads = {}, {}
             for direction, stages in (("bwd_dq", dq_stages), ("bwd_dkdv", dkdv_stages)):
-                bq, bk = cb.cg.TILES[direction]
-                which = "bwd" if direction == "bwd_dkdv" else "fwd"
-                plan = plan_for(mask, bq, bk, only=which)
-                spec = KernelSpec(direction=direction, head_dim=d, dtype="bf16", block_q=bq, block_k=bk,
-                                  num_warps=cb.cg.NUM_WARPS, num_stages=stages,
-                                  partial=partial_class(plan.list_kinds(which)), backend="cutlass")
+                which = LISTS[direction]
+                plan = plan_for(mask, *cb.cg.TILES[direction], only=which)
+                spec = cb.cg.spec_for_plan(direction, plan, d, "bf16", stages)
                 if spec.name not in entries:
                     raise SystemExit(f"{folder}: {spec.name} is not built")
                 kernel = (folder / "cutlass" / entries[spec.name]["cubin"], entries[spec.name])

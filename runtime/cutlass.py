@@ -206,12 +206,16 @@ def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, list
     _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
 
 
-def backward_rows(lse, delta, pad_to: int):
-    """lse in log2 units and delta, per query head, padded to a multiple of `pad_to` rows: the
+# the backward kernels read lse and delta in whole query tiles (powers of two: the largest is a multiple of all)
+ROW_PAD = max(cg.TILES["bwd_dq"][0], cg.TILES["bwd_dkdv"][0])
+
+
+def backward_rows(lse, delta):
+    """lse in log2 units and delta, per query head, padded to a multiple of `ROW_PAD` rows: the
     backward kernels read whole tiles. A row with no allowed key (lse -inf) and a padding row get
     lse2 = +inf, so their P = exp2(s - lse2) is 0."""
     hq, sq = lse.shape
-    sq_pad = max(-(-sq // pad_to) * pad_to, pad_to)
+    sq_pad = max(-(-sq // ROW_PAD) * ROW_PAD, ROW_PAD)
     lse2 = torch.full((hq, sq_pad), float("inf"), dtype=torch.float32, device=lse.device)
     lse2[:, :sq] = torch.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta_pad = torch.zeros((hq, sq_pad), dtype=torch.float32, device=lse.device)

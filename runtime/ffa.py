@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from maskc.codegen.configs import KernelConfig, choose_config, default_config
+from maskc.codegen.configs import LISTS, KernelConfig, choose_config, default_config
 from maskc.codegen.spec import KernelSpec, partial_class
 from maskc.errors import MaskError
 from maskc.mask import Mask
@@ -139,7 +139,6 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
     from . import cutlass as cb
 
     bq, bk = cb.cg.TILES[direction]
-    which = "bwd" if direction == "bwd_dkdv" else "fwd"
     why = cb.unsupported(q, k, v, softcap)
     if isinstance(mask_or_plan, TilePlan) and (mask_or_plan.block_q, mask_or_plan.block_k) != (bq, bk):
         why = why or (f"the plan's tiles are {mask_or_plan.block_q}x{mask_or_plan.block_k}; the CUTLASS {direction} "
@@ -152,13 +151,11 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
            q.shape[1] // k.shape[1], str(q.device), backend)
     hit = _CUTLASS.get(key)
     if hit is None or (hit[2] is not None and not isinstance(mask_or_plan, Mask) and hit[2] is not mask_or_plan):
-        plan = mask_or_plan if isinstance(mask_or_plan, TilePlan) else plan_for(mask_or_plan, bq, bk, only=which)
+        plan = (mask_or_plan if isinstance(mask_or_plan, TilePlan)
+                else plan_for(mask_or_plan, bq, bk, only=LISTS[direction]))
         spec, kernel = None, None
         for stages in cb.cg.STAGE_CHOICES:  # the first one built, in order of preference
-            spec = KernelSpec(direction=direction, head_dim=q.shape[-1], dtype=_DTYPE_NAMES[q.dtype],
-                              block_q=bq, block_k=bk, num_warps=cb.cg.NUM_WARPS,
-                              num_stages=stages, partial=partial_class(plan.list_kinds(which)),
-                              gqa_group=1, backend="cutlass")  # the group is a run-time argument
+            spec = cb.cg.spec_for_plan(direction, plan, q.shape[-1], _DTYPE_NAMES[q.dtype], stages)
             kernel = cb.built_kernel(spec)
             if kernel is not None:
                 break
@@ -212,7 +209,7 @@ def _cutlass_backward(q, k, v, dout, lse, delta, mask_or_plan, scale: float, sof
     from . import cutlass as cb
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    lse2, delta_pad, sq_pad = cb.backward_rows(lse, delta, max(cb.cg.TILES["bwd_dq"][0], cb.cg.TILES["bwd_dkdv"][0]))
+    lse2, delta_pad, sq_pad = cb.backward_rows(lse, delta)
     qk_scale = scale * 1.4426950408889634
     spec, kernel, plan = dkdv_kernel
     cb.backward_dkdv(spec, kernel, q, k, v, dout, dk, dv, lse2, delta_pad, sq_pad,

@@ -36,7 +36,8 @@ from pathlib import Path
 import jinja2
 
 from ..build import _write, progress_bar
-from ..spec import KernelSpec
+from ..configs import LISTS
+from ..spec import KernelSpec, partial_class
 
 FORMAT = "maskc.build"
 VERSION = 1
@@ -85,13 +86,21 @@ def cutlass_spec(spec: KernelSpec) -> KernelSpec:
                    deterministic=True, gqa_group=1, backend="cutlass")
 
 
+def spec_for_plan(direction: str, plan, head_dim: int, dtype: str, num_stages: int = NUM_STAGES) -> KernelSpec:
+    """The CUTLASS spec of `direction` for a tile plan lowered to that direction's `TILES`: the plan
+    decides only the partial class of the lists the kernel walks (the GQA group is a run-time
+    argument, so the spec's is 1)."""
+    bq, bk = TILES[direction]
+    return KernelSpec(direction=direction, head_dim=head_dim, dtype=dtype, block_q=bq, block_k=bk,
+                      num_warps=NUM_WARPS, num_stages=num_stages, partial=partial_class(plan.list_kinds(LISTS[direction])),
+                      backend="cutlass")
+
+
 def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), directions=("fwd",)) -> list[KernelSpec]:
     """The CUTLASS specs attention over `mask` (a Mask, or for the forward a 128 x 128 TilePlan) asks
     for in `directions` (``fwd``, ``bwd_dq``, ``bwd_dkdv``)."""
     from maskc.mask import Mask
     from maskc.tiling import TilePlan, lower
-
-    from ..spec import partial_class
 
     for d in head_dims:
         if d not in HEAD_DIMS:
@@ -105,20 +114,16 @@ def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), directions=("fwd
     specs = set()
     for direction in directions:
         bq, bk = TILES[direction]
-        which = "bwd" if direction == "bwd_dkdv" else "fwd"
         if isinstance(mask, TilePlan):
             if (mask.block_q, mask.block_k) != (bq, bk):
                 raise CutlassBuildError(f"the tile plan has {mask.block_q}x{mask.block_k} tiles; the CUTLASS "
                                         f"{direction} kernel runs {bq}x{bk} (pass the mask to build every direction)")
             plan = mask
         elif isinstance(mask, Mask):
-            plan = lower(mask, bq, bk, only=which)
+            plan = lower(mask, bq, bk, only=LISTS[direction])
         else:
             raise CutlassBuildError(f"specs_for_mask: expected a Mask or a TilePlan, got {type(mask).__name__}")
-        partial = partial_class(plan.list_kinds(which))
-        specs |= {KernelSpec(direction=direction, head_dim=d, dtype=t, block_q=bq, block_k=bk, num_warps=NUM_WARPS,
-                             num_stages=NUM_STAGES, partial=partial, backend="cutlass")
-                  for d in head_dims for t in dtypes}
+        specs |= {spec_for_plan(direction, plan, d, t) for d in head_dims for t in dtypes}
     return sorted(specs)
 
 
@@ -305,4 +310,5 @@ def build(specs, out_dir, *, progress: bool = True, jobs: int | None = None) -> 
     return manifest
 
 
-__all__ = ["CutlassBuildError", "build", "compile_spec", "cutlass_spec", "render", "specs_for_mask", "supports"]
+__all__ = ["CutlassBuildError", "build", "compile_spec", "cutlass_spec", "render", "spec_for_plan", "specs_for_mask",
+           "supports"]
