@@ -23,8 +23,6 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import MASKS, build as build_mask  # noqa: E402
 
-LOG2E = 1.4426950408889634
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,13 +77,13 @@ def main(argv=None):
                 if direction == "bwd_dq":
                     dq = torch.empty_like(q)
                     run = lambda: cb.backward_dq(spec, kernel, q, k, v, do, dq, lse2, delta_pad, sq_pad, lists,  # noqa: E731
-                                                 plan.n_q_tiles, scale * LOG2E, scale)
+                                                 plan.n_q_tiles, scale)
                     run()
                     grads["dq"] = dq.clone()
                 else:
                     dk, dv = torch.empty_like(k), torch.empty_like(v)
                     run = lambda: cb.backward_dkdv(spec, kernel, q, k, v, do, dk, dv, lse2, delta_pad, sq_pad,  # noqa: E731
-                                                   lists, plan.n_k_tiles, scale * LOG2E, scale)
+                                                   lists, plan.n_k_tiles, scale)
                     run()
                     grads["dk"], grads["dv"] = dk.clone(), dv.clone()
                 ms[direction] = triton.testing.do_bench(run, warmup=10, rep=50)

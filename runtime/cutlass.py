@@ -23,6 +23,7 @@ from maskc.codegen import cutlass as cg
 from maskc.codegen.spec import KernelSpec
 from maskc.errors import MaskError
 
+from .ffa import LOG2E
 from .kernels import cache_root
 
 
@@ -195,14 +196,14 @@ def _ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, qk_scale: float):
+def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, scale: float):
     """Launch the CUTLASS forward: out and lse as the Triton forward writes them."""
     sq, hq, _ = q.shape
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the persistent grid's next free slot
     maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k)]
     args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), _ptr(counter),
             ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
-            ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(qk_scale)]
+            ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(scale * LOG2E)]
     _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
 
 
@@ -217,14 +218,14 @@ def backward_rows(lse, delta):
     hq, sq = lse.shape
     sq_pad = max(-(-sq // ROW_PAD) * ROW_PAD, ROW_PAD)
     lse2 = torch.full((hq, sq_pad), float("inf"), dtype=torch.float32, device=lse.device)
-    lse2[:, :sq] = torch.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2[:, :sq] = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta_pad = torch.zeros((hq, sq_pad), dtype=torch.float32, device=lse.device)
     delta_pad[:, :sq] = delta
     return lse2, delta_pad, sq_pad
 
 
 def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad: int, lists, n_q_tiles: int,
-                qk_scale: float, scale: float):
+                scale: float):
     """Launch the CUTLASS dQ kernel (dq = scale * sum_k dS K), deterministic: no atomics."""
     sq, hq, _ = q.shape
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)
@@ -232,13 +233,13 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
             _tensor_map(dout, spec.block_q)]
     args = [_ptr(dq), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq),
             _ptr(counter), ctypes.c_int(sq), ctypes.c_int(sq_pad), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
-            ctypes.c_longlong(dq.stride(0)), ctypes.c_longlong(dq.stride(1)), ctypes.c_float(qk_scale),
+            ctypes.c_longlong(dq.stride(0)), ctypes.c_longlong(dq.stride(1)), ctypes.c_float(scale * LOG2E),
             ctypes.c_float(scale)]
     _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
 
 
 def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, sq_pad: int, lists, n_k_tiles: int,
-                  qk_scale: float, scale: float):
+                  scale: float):
     """Launch the CUTLASS dK/dV kernel: one work item per (key tile, KV head), the GQA group's query
     heads summed inside it (no atomics)."""
     sk, hkv, _ = k.shape
@@ -249,6 +250,6 @@ def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, 
     args = [_ptr(dk), _ptr(dv), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_k_tiles * hkv),
             _ptr(counter), ctypes.c_int(sk), ctypes.c_int(sq_pad), ctypes.c_int(hkv), ctypes.c_int(hq // hkv),
             ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),
-            ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(qk_scale),
+            ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(scale * LOG2E),
             ctypes.c_float(scale)]
     _launch(spec, kernel, q.device, maps, args, n_k_tiles * hkv)

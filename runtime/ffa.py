@@ -19,6 +19,7 @@ from .kernels import get_kernel
 from .validate import check_inputs
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels score in the log2 domain
 
 
 # ---- plan cache: (mask, block_q, block_k) -> TilePlan; (plan, device) -> device arrays ----------
@@ -176,7 +177,6 @@ def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float, backend: st
     sk, hkv, _ = k.shape
     out = torch.empty_like(q)
     lse = torch.empty((hq, sq), dtype=torch.float32, device=q.device)
-    log2e = 1.4426950408889634
     chosen = _cutlass_kernel("fwd", mask_or_plan, q, k, v, softcap, backend)
     if chosen is not None:
         if sq == 0 or hq == 0:
@@ -184,8 +184,7 @@ def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float, backend: st
         from . import cutlass as cb
 
         spec, kernel, plan = chosen
-        cb.forward(spec, kernel, q, k, v, out, lse, _device_lists(plan, "fwd", q.device), plan.n_q_tiles,
-                   scale * log2e)
+        cb.forward(spec, kernel, q, k, v, out, lse, _device_lists(plan, "fwd", q.device), plan.n_q_tiles, scale)
         return out, lse
     _, plan, cfg = _resolve(mask_or_plan, "fwd", d, q.device)
     if sq == 0 or hq == 0:
@@ -194,7 +193,7 @@ def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float, backend: st
         "fwd", plan, "fwd", q, hq // hkv, softcap, cfg,
         (q, k, v, out, lse),
         (sq, sk, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-         out.stride(0), out.stride(1), scale, scale * log2e, softcap),
+         out.stride(0), out.stride(1), scale, scale * LOG2E, softcap),
         plan.n_q_tiles, hq,
     )
     return out, lse
@@ -210,13 +209,12 @@ def _cutlass_backward(q, k, v, dout, lse, delta, mask_or_plan, scale: float, sof
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lse2, delta_pad, sq_pad = cb.backward_rows(lse, delta)
-    qk_scale = scale * 1.4426950408889634
     spec, kernel, plan = dkdv_kernel
     cb.backward_dkdv(spec, kernel, q, k, v, dout, dk, dv, lse2, delta_pad, sq_pad,
-                     _device_lists(plan, "bwd", q.device), plan.n_k_tiles, qk_scale, scale)
+                     _device_lists(plan, "bwd", q.device), plan.n_k_tiles, scale)
     spec, kernel, plan = dq_kernel
     cb.backward_dq(spec, kernel, q, k, v, dout, dq, lse2, delta_pad, sq_pad,
-                   _device_lists(plan, "fwd", q.device), plan.n_q_tiles, qk_scale, scale)
+                   _device_lists(plan, "fwd", q.device), plan.n_q_tiles, scale)
     return dq, dk, dv
 
 
@@ -225,7 +223,6 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
     sq, hq, d = q.shape
     sk, hkv, _ = k.shape
     group = hq // hkv
-    log2e = 1.4426950408889634
     dout = dout.contiguous()
     # delta_i = sum_d dO * O - dlse_i : the lse gradient folds into the same correction term
     delta = (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
@@ -250,7 +247,7 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
         "bwd_dkdv", plan_kv, "bwd", q, group, softcap, cfg_kv,
         (q, k, v, dout, lse, delta, dk, dv, dq_acc),
         (*common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), hq * d, d,  # DQ_ACC is a contiguous fp32 [sq, hq, d]
-         scale, scale * log2e, softcap),
+         scale, scale * LOG2E, softcap),
         plan_kv.n_k_tiles, hkv, deterministic,
     )
     if not deterministic:
@@ -259,7 +256,7 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
     _launch(
         "bwd_dq", plan_q, "fwd", q, group, softcap, cfg_q,
         (q, k, v, dout, lse, delta, dq),
-        (*common, dq.stride(0), dq.stride(1), scale, scale * log2e, softcap),
+        (*common, dq.stride(0), dq.stride(1), scale, scale * LOG2E, softcap),
         plan_q.n_q_tiles, hq,
     )
     return dq, dk, dv
