@@ -51,9 +51,8 @@ def time_direction(direction, cfg, mask, q, k, v, out, lse, do):
         sq, hq, d = q.shape
         sk, hkv, _ = k.shape
         scale = 1 / math.sqrt(d)
-        log2e = 1.4426950408889634
         if direction == "fwd":
-            fn = lambda: rt.ffa_forward(q, k, v, mask, scale, 0.0)
+            fn = lambda: rt.ffa_forward(q, k, v, mask, scale, 0.0, backend="triton")  # the tuned Triton kernel
         else:
             delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
             common = (sq, sk, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
@@ -62,12 +61,12 @@ def time_direction(direction, cfg, mask, q, k, v, out, lse, do):
                 _, plan, c = rt._resolve(mask, "bwd_dkdv", d, q.device)
                 fn = lambda: rt._launch("bwd_dkdv", plan, "bwd", q, hq // hkv, 0.0, c, (q, k, v, do, lse, delta, dk, dv, delta),
                                         (*common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), hq * d, d,
-                                         scale, scale * log2e, 0.0), plan.n_k_tiles, hkv)
+                                         scale, scale * rt.LOG2E, 0.0), plan.n_k_tiles, hkv)
             else:
                 dq = torch.empty_like(q)
                 _, plan, c = rt._resolve(mask, "bwd_dq", d, q.device)
                 fn = lambda: rt._launch("bwd_dq", plan, "fwd", q, hq // hkv, 0.0, c, (q, k, v, do, lse, delta, dq),
-                                        (*common, dq.stride(0), dq.stride(1), scale, scale * log2e, 0.0), plan.n_q_tiles, hq)
+                                        (*common, dq.stride(0), dq.stride(1), scale, scale * rt.LOG2E, 0.0), plan.n_q_tiles, hq)
         fn()
         torch.cuda.synchronize()
         return do_bench(fn, warmup=10, rep=40, return_mode="median")
