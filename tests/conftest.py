@@ -61,13 +61,15 @@ def shapes(draw, max_side=12):
 
 
 @st.composite
-def slice_lists(draw, sq, sk, max_slices=5):
+def slice_lists(draw, sq, sk, max_slices=5, min_slices=0, nonempty=False):
+    """Random overlapping slices of all four kinds; ``nonempty``: every range has a token (needs
+    sq, sk >= 1)."""
     out = []
-    for _ in range(draw(st.integers(0, max_slices))):
-        qs = draw(st.integers(0, sq))
-        qe = draw(st.integers(qs, sq))
-        ks = draw(st.integers(0, sk))
-        ke = draw(st.integers(ks, sk))
+    for _ in range(draw(st.integers(min_slices, max_slices))):
+        qs = draw(st.integers(0, sq - nonempty))
+        qe = draw(st.integers(qs + nonempty, sq))
+        ks = draw(st.integers(0, sk - nonempty))
+        ke = draw(st.integers(ks + nonempty, sk))
         kind = draw(st.sampled_from(list(Kind)))
         out.append(((qs, qe), (ks, ke), kind))
     return out

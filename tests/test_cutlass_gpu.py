@@ -24,6 +24,7 @@ from maskc.errors import MaskError
 from maskc.runtime import attention, reference_attention
 from maskc.runtime.ffa import _cutlass_kernel
 
+from conftest import slice_lists
 from test_attention_gpu import CASES, rel
 
 pytestmark = pytest.mark.skipif(
@@ -75,12 +76,7 @@ def test_cutlass_gqa(hq, hkv):
 def masks(draw):
     sq = draw(st.integers(1, 1200))
     sk = draw(st.integers(1, 1200))
-    slices = []
-    for _ in range(draw(st.integers(0, 5))):
-        a, b = sorted(draw(st.tuples(st.integers(0, sq), st.integers(0, sq))))
-        c, e = sorted(draw(st.tuples(st.integers(0, sk), st.integers(0, sk))))
-        slices.append(((a, b), (c, e), draw(st.integers(0, 3))))
-    return maskc.Mask(slices, sq=sq, sk=sk)
+    return maskc.Mask(draw(slice_lists(sq, sk)), sq=sq, sk=sk)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -27,7 +27,7 @@ BLOCK = 16  # the interpreter's tiles; chunks are multiples of it
 WORKLOAD = Workload(hq=2, hkv=1, head_dim=64, dtype_bytes=4)  # the tests' shapes (GroupReduce decisions)
 
 
-from conftest import rel_err as _rel  # noqa: E402  (relative, unit-scale floor for near-zero references)
+from conftest import rel_err as _rel, slice_lists  # noqa: E402  (relative, unit-scale floor for near-zero references)
 from processes import init_gloo as _init, spawn as _spawn  # noqa: E402
 
 
@@ -39,13 +39,7 @@ def dist_cases(draw):
     """A random mask (1-5 slices of any kind, 17-96 tokens), a chunk of 1-2 tiles, 1-3 remote
     stages, and GroupReduce on or off."""
     s = draw(st.integers(17, 96))
-    slices = []
-    for _ in range(draw(st.integers(1, 5))):
-        qs = draw(st.integers(0, s - 1))
-        qe = draw(st.integers(qs + 1, s))
-        ks = draw(st.integers(0, s - 1))
-        ke = draw(st.integers(ks + 1, s))
-        slices.append(((qs, qe), (ks, ke), draw(st.sampled_from(list(Kind)))))
+    slices = draw(slice_lists(s, s, min_slices=1, nonempty=True))
     return dict(mask=maskc.Mask(slices, sq=s).to_json(), chunk=BLOCK * draw(st.integers(1, 2)),
                 stages=draw(st.integers(1, 3)), group_reduce=draw(st.sampled_from([False, True, "bytes"])))
 

@@ -33,7 +33,7 @@ TOL = 1e-5
 HEAD_DIM = 64
 
 
-from conftest import rel_err as _rel  # noqa: E402  (relative, unit-scale floor for near-zero references)
+from conftest import rel_err as _rel, slice_lists  # noqa: E402  (relative, unit-scale floor for near-zero references)
 from processes import init_gloo as _init, spawn  # noqa: E402
 
 
@@ -45,13 +45,7 @@ def ring_cases(draw, world: int, max_tokens: int = 96):
     """A random mask over ``2 * world * c`` tokens (<= max_tokens), a layout and a head layout."""
     c = draw(st.integers(1, max_tokens // (2 * world)))
     s = 2 * world * c
-    slices = []
-    for _ in range(draw(st.integers(1, 5))):
-        qs = draw(st.integers(0, s - 1))
-        qe = draw(st.integers(qs + 1, s))
-        ks = draw(st.integers(0, s - 1))
-        ke = draw(st.integers(ks + 1, s))
-        slices.append(((qs, qe), (ks, ke), draw(st.sampled_from(list(Kind)))))
+    slices = draw(slice_lists(s, s, min_slices=1, nonempty=True))
     heads = draw(st.sampled_from([(2, 1), (1, 1), (2, 2)]))
     return dict(mask=maskc.Mask(slices, sq=s).to_json(), zigzag=draw(st.booleans()), heads=heads)
 
