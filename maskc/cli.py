@@ -307,6 +307,16 @@ def format_slices(mask: Mask, n: int) -> str:
     return "\n".join(rows)
 
 
+def _write_text(path: str, text: str) -> None:
+    """`text` and a newline into `path` (a --json output); a CLIError naming the path when it cannot."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.write("\n")
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _show_run(args: argparse.Namespace) -> int:
     mask, source = mask_from_args(args)
     out = sys.stdout
@@ -315,12 +325,7 @@ def _show_run(args: argparse.Namespace) -> int:
     if args.slices is not None:
         print(format_slices(mask, args.slices), file=out)
     if args.json:
-        try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(mask.to_json())
-                f.write("\n")
-        except OSError as e:
-            raise CLIError(f"cannot write {args.json}: {e.strerror or e}") from None
+        _write_text(args.json, mask.to_json())
         print(f"wrote mask JSON ({len(mask)} slice{'' if len(mask) == 1 else 's'}) to {args.json}", file=out)
     if args.png:
         try:
@@ -588,12 +593,7 @@ def _plan_run(args: argparse.Namespace) -> int:
         print(f"{name:<18} {e.total_bytes / 1e9:>14.3f} {e.max_rank_bytes / 1e9:>12.3f} {e.step_s * 1e3:>10.2f} "
               f"{100 * e.exposed_fraction:>7.1f}%", file=out)
     if args.json:
-        try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(plan.to_json())
-                f.write("\n")
-        except OSError as e:
-            raise CLIError(f"cannot write {args.json}: {e.strerror or e}") from None
+        _write_text(args.json, plan.to_json())
         print(f"wrote plan JSON to {args.json}", file=out)
     return 0
 

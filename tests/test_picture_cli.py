@@ -290,6 +290,9 @@ def test_errors_are_one_line(capsys, tmp_path):
     assert "nor a valid Python expression" in err and err.count("\n") == 1
     err = cli_error(capsys, "show", str(tmp_path / "missing.json"))
     assert "not found" in err and "missing.json" in err
+    for command in ("show", "plan"):  # a --json output that cannot be written
+        err = cli_error(capsys, command, "causal(256)", "--json", str(tmp_path / "no-dir" / "out.json"))
+        assert err.startswith("maskc: error: cannot write ") and "no-dir" in err and err.count("\n") == 1
     err = cli_error(capsys, "show", "Mask([((0, 20), (0, 4), FULL)], sq=16)")
     assert "out of bounds" in err and err.startswith("maskc: error: slice 0")
     err = cli_error(capsys, "show", "1 + 2")
