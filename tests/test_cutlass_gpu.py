@@ -134,6 +134,24 @@ def test_cutlass_backward_random_masks(mask, d, fp16, seed):
     check_backward(mask, 2, 1, d, torch.float16 if fp16 else torch.bfloat16, seed)
 
 
+def _many_items_mask():
+    """3000 tokens: a causal document, query rows 1000-1400 with no key (two whole empty query tiles,
+    last in LPT order), a full rectangle and a bi-causal block; with 16 heads every CTA of the
+    persistent grid walks several work items, so the forward chains items and ends chains at the
+    empty tiles, and the backward kernels take many slots per CTA."""
+    return maskc.Mask([((0, 1000), (0, 1000), 1), ((1400, 3000), (200, 900), 0), ((1400, 3000), (1400, 3000), 3)],
+                      sq=3000, sk=3000)
+
+
+@pytest.mark.parametrize("hq, hkv", [(16, 16), (16, 4)])
+def test_cutlass_many_items_per_cta(hq, hkv):
+    mask = _many_items_mask()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    assert 24 * hq > 2 * n_sm, "the case must give every CTA several forward work items"
+    check_forward(mask, hq, hkv, 128, torch.bfloat16, hq + hkv)
+    check_backward(mask, hq, hkv, 128, torch.bfloat16, hq + hkv)
+
+
 def test_auto_picks_cutlass_when_built():
     from maskc.runtime import cutlass as cb
 

@@ -53,7 +53,7 @@ NUM_STAGES = 2  # K/V shared-memory ring depth of the default build
 STAGE_CHOICES = (3, 2)  # the runtime takes the first depth built for a spec
 HEAD_DIMS = (64, 128)
 # setmaxnreg per warpgroup (producer, each consumer): 128 * p + 256 * c <= 65536 registers per SM
-REGISTERS = {"fwd": (24, 240), "bwd_dq": (40, 232), "bwd_dkdv": (40, 232)}
+REGISTERS = {"fwd": (24, 240), "bwd_dq": (40, 232), "bwd_dkdv": (24, 240)}
 DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
 _ELEMENT_BYTES = 2
@@ -137,8 +137,8 @@ def shared_bytes(spec: KernelSpec) -> int:
     tile_inner = inner_rows * spec.head_dim * _ELEMENT_BYTES
     barriers = 8 * (2 + 4 * spec.num_stages) + 8  # + the two published work slots
     storage = n_outer * tile_outer + 2 * spec.num_stages * tile_inner + barriers
-    if spec.direction == "bwd_dkdv":  # lse and delta of the ring's query rows
-        storage += 2 * spec.num_stages * inner_rows * 4
+    if spec.direction == "bwd_dkdv":  # lse and delta of the query tile's rows, per consumer warpgroup, x2
+        storage += 2 * 2 * 2 * inner_rows * 4
     storage = (storage + 1023) // 1024 * 1024  # the struct is 1024-aligned, so its size is too
     return storage + 1024
 
