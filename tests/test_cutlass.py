@@ -117,6 +117,11 @@ def test_shared_memory_fits_sm90():
 def test_register_split_fits_one_cta_per_sm():
     for producer, consumer in cg.REGISTERS.values():
         assert 128 * producer + 256 * consumer <= 65536 and producer % 8 == 0 and consumer % 8 == 0
+    dkdv = dict(direction="bwd_dkdv", block_q=64, block_k=128)
+    assert cg.registers(spec(head_dim=128, **dkdv)) == (24, 240)  # two 64 x 128 fp32 accumulators per thread
+    assert cg.registers(spec(head_dim=64, **dkdv)) == cg.REGISTERS["bwd_dkdv"]
+    assert "warpgroup_reg_alloc<240>" in cg.render(spec(head_dim=128, **dkdv))
+    assert "warpgroup_reg_alloc<232>" in cg.render(spec(head_dim=64, **dkdv))
 
 
 def test_backend_argument_errors_on_cpu():
