@@ -13,6 +13,7 @@ where large partial tiles waste most of their work. Tuned ahead of time, never a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -61,24 +62,37 @@ def default_config(direction: str, head_dim: int, device_type: str) -> KernelCon
     return candidates(direction, head_dim, device_type)[0].config
 
 
+@functools.lru_cache(maxsize=None)
+def _priced_together(which: str, head_dim: int, device_type: str) -> tuple:
+    """``(block_q, block_k)`` of every candidate of the directions that walk ``which`` lists and
+    have a choice to make."""
+    return tuple(dict.fromkeys(
+        (c.config.block_q, c.config.block_k)
+        for d in LISTS if LISTS[d] == which and len(candidates(d, head_dim, device_type)) > 1
+        for c in candidates(d, head_dim, device_type)))
+
+
 def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_fn, counts_fn=None):
     """``(config, plan)`` with the smallest predicted time for `mask`: candidates are priced by
-    their tile counts (``counts_fn(mask, bq, bk, which) -> (full, partial)``, default
-    `maskc.tiling.tile_counts`, which builds no lists) and only the winner is lowered, in the
-    orientation this direction walks (``lower_fn(mask, bq, bk, only=...)``, as `maskc.lower`)."""
-    from maskc.tiling import tile_counts
+    their tile counts (``counts_fn(mask, bq, bk, which) -> (full, partial)``; by default
+    `maskc.tiling.tile_counts_many`, which builds no lists and counts every candidate of the
+    directions walking the same lists in one pass, so the forward's call prices dQ's candidates
+    too) and only the winner is lowered, in the orientation this direction walks (``lower_fn(mask,
+    bq, bk, only=...)``, as `maskc.lower`)."""
+    from maskc.tiling import tile_counts_many
 
-    counts_fn = counts_fn or tile_counts
     cands = candidates(direction, head_dim, device_type)
+    which = LISTS[direction]
     best = None
-    for cand in cands:
-        cfg = cand.config
-        if len(cands) == 1:
-            best = (0.0, cfg)
-            break
-        full, partial = counts_fn(mask, cfg.block_q, cfg.block_k, LISTS[direction])
-        est = cand.full_cost * full + cand.partial_cost * partial
-        if best is None or est < best[0]:
-            best = (est, cfg)
-    cfg = best[1]
-    return cfg, lower_fn(mask, cfg.block_q, cfg.block_k, only=LISTS[direction])  # the orientation it walks
+    if len(cands) > 1:
+        if counts_fn is None:
+            blocks = _priced_together(which, head_dim, device_type)
+            counted = dict(zip(blocks, tile_counts_many(mask, blocks, which)))
+            counts_fn = lambda m, bq, bk, w: counted[(bq, bk)]  # noqa: E731
+        for cand in cands:
+            full, partial = counts_fn(mask, cand.config.block_q, cand.config.block_k, which)
+            est = cand.full_cost * full + cand.partial_cost * partial
+            if best is None or est < best[0]:
+                best = (est, cand.config)
+    cfg = cands[0].config if best is None else best[1]
+    return cfg, lower_fn(mask, cfg.block_q, cfg.block_k, only=which)  # the orientation it walks

@@ -45,7 +45,7 @@ class Mask:
     disjoint, non-empty and in canonical order, and depend only on the set of allowed pairs.
     """
 
-    __slots__ = ("_sq", "_sk", "_arr", "_bands", "_slices", "_hash")
+    __slots__ = ("_sq", "_sk", "_arr", "_bands", "_slices", "_hash", "_digest")
 
     def __init__(self, slices: Iterable = (), sq: int | None = None, sk: int | None = None):
         if sq is None:
@@ -77,6 +77,7 @@ class Mask:
         self._arr = arr
         self._slices = None
         self._hash = None
+        self._digest = None
 
     @classmethod
     def _from_bands(cls, bands: np.ndarray, sq: int, sk: int) -> "Mask":
@@ -290,10 +291,12 @@ class Mask:
 
     def digest(self) -> str:
         """Stable content hash (sha256 hex) of the allowed set; equal masks share it."""
-        h = hashlib.sha256()
-        h.update(f"{_JSON_FORMAT}:{self._sq}:{self._sk}:".encode())
-        h.update(np.ascontiguousarray(self._arr, dtype="<i8").tobytes())
-        return h.hexdigest()
+        if self._digest is None:
+            h = hashlib.sha256()
+            h.update(f"{_JSON_FORMAT}:{self._sq}:{self._sk}:".encode())
+            h.update(np.ascontiguousarray(self._arr, dtype="<i8").tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def __repr__(self) -> str:
         n = len(self)

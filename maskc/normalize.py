@@ -178,12 +178,14 @@ def push_canonical_bands(canon: Canon, bands: np.ndarray, row_shift: int = 0, co
     return canon
 
 
-def canonical_from_disjoint(bands: np.ndarray, sq: int, sk: int) -> np.ndarray | None:
+def canonical_from_disjoint(bands: np.ndarray, sq: int, sk: int, tight: bool = False) -> np.ndarray | None:
     """Fast path: bands that never share a row (after trimming) need no sweep.
 
-    Returns None when some row is covered by more than one band.
+    Returns None when some row is covered by more than one band. ``tight``: the bands are known to
+    lie in rows [0, sq) with a non-empty interval on every row, so trimming is skipped.
     """
-    bands = trim_bands(bands, sq, sk)
+    if not tight:
+        bands = trim_bands(bands, sq, sk)
     if bands.shape[0] == 0:
         return bands
     order = np.lexsort((bands[:, R1], bands[:, R0]))
@@ -246,6 +248,7 @@ def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np
     items.sort()
     bounds = sorted({0, sq, *(it[0] for it in items), *(it[1] for it in items)})
     empty_row = ((0, 0), (sk, 0)) if table[0] else ()
+    union = not table[0] and all(table[1:])  # the set is the union of the operands
     active: list = []
     nxt = 0
     n_items = len(items)
@@ -258,8 +261,32 @@ def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np
         if not active:
             canon.push(s, e, empty_row)
             continue
-        _sweep_segment(canon, active, table, s, e, sk)
+        if union and not any(it[4] or it[6] for it in active):
+            _union_of_constant(canon, active, s, e, sk)
+        else:
+            _sweep_segment(canon, active, table, s, e, sk)
     return canon.result()
+
+
+def _union_of_constant(canon: Canon, active: list, s: int, e: int, sk: int) -> None:
+    """`_sweep_segment` for a union of bands whose ends are all constant on rows [s, e): every
+    row holds the same intervals, merged where they overlap or touch (the lines are ``(x, 0)``)."""
+    ivals = sorted((max(it[3], 0), min(it[5], sk)) for it in active)
+    ends = []
+    hi = None
+    for a, b in ivals:
+        if a >= b:
+            continue
+        if hi is not None and a <= hi:
+            hi = max(hi, b)
+            continue
+        if hi is not None:
+            ends.append((hi, 0))
+        ends.append((a, 0))
+        hi = b
+    if hi is not None:
+        ends.append((hi, 0))
+    canon.push(s, e, tuple(ends))
 
 
 def _sweep_segment(canon: Canon, active: list, table: list, s: int, e: int, sk: int) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 from .errors import MaskError
 from .kinds import Kind, as_int
 from .mask import Mask
-from .normalize import sweep
+from .normalize import canonical_from_disjoint, sweep
 
 _LISTS = ("full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order")
 
@@ -114,113 +115,204 @@ def _ptr(counts) -> np.ndarray:
     return np.concatenate((np.zeros(1, np.int64), np.cumsum(counts)))
 
 
-def _classify(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b_in: int) -> dict:
-    """The pieces of ``bands`` (one per band and outer tile) and the elementary intervals of
-    inner tiles per outer tile, each classified full / partial (the first half of `_tile_lists`)."""
-    n_in = _cdiv(inner_len, b_in)
-    r0, r1, ac, a_s, bc, b_s = (bands[:, c].astype(np.int64) for c in range(6))
-    # ---- pieces: one per (band, outer tile) ----
-    t_first = r0 // b_out
-    cnt = (r1 - 1) // b_out - t_first + 1
-    band = np.repeat(np.arange(bands.shape[0]), cnt)
-    offs = np.cumsum(cnt) - cnt
-    ot = t_first[band] + (np.arange(band.shape[0]) - offs[band])
-    t0 = np.maximum(r0[band], ot * b_out)
-    t1 = np.minimum(r1[band], (ot + 1) * b_out)
-    pac, pas, pbc, pbs = ac[band], a_s[band], bc[band], b_s[band]
-    a_first, a_last = pac + pas * t0, pac + pas * (t1 - 1)
-    b_first, b_last = pbc + pbs * t0, pbc + pbs * (t1 - 1)
-    touch0, touch1 = a_first // b_in, _cdiv(b_last, b_in)
-    full0, full1 = _cdiv(a_last, b_in), b_first // b_in
-    has_full = full1 > full0
-    w = t1 - t0
-    # ---- events, swept per outer tile ----
-    stride = n_in + 1
-    nf = int(has_full.sum())
-    pos = np.concatenate([touch0, touch1, full0[has_full], full1[has_full]])
-    otile = np.concatenate([ot, ot, ot[has_full], ot[has_full]])
-    d_touch = np.concatenate([np.ones_like(ot), -np.ones_like(ot), np.zeros(2 * nf, np.int64)])
-    d_full = np.concatenate([np.zeros(2 * ot.shape[0], np.int64), w[has_full], -w[has_full]])
-    key = otile * stride + pos
-    order = np.argsort(key)  # ties need no order: only the state after the last event counts
-    key, otile, pos = key[order], otile[order], pos[order]
-    c_touch = np.cumsum(d_touch[order])
-    c_full = np.cumsum(d_full[order])
-    last = np.ones(key.shape[0], dtype=bool)  # state after the last event at each position
-    last[:-1] = key[1:] != key[:-1]
-    otile, pos, c_touch, c_full = otile[last], pos[last], c_touch[last], c_full[last]
-    nxt = np.zeros_like(pos)
-    nxt[:-1] = pos[1:]
-    same = np.zeros(pos.shape[0], dtype=bool)
-    same[:-1] = otile[1:] == otile[:-1]
-    seg = same & (nxt > pos)  # elementary interval [pos, nxt) of outer tile otile
-    height = np.minimum((otile + 1) * b_out, outer_len) - otile * b_out
-    is_full = seg & (c_full == height)
-    is_part = seg & (c_touch > 0) & ~is_full
-    return dict(band=band, ot=ot, touch0=touch0, touch1=touch1, stride=stride, otile=otile, pos=pos, nxt=nxt,
-                is_full=is_full, is_part=is_part)
+def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, sweep_all: bool = False) -> list[dict]:
+    """The first half of `_tile_lists`, for each ``(b_out, b_in)`` of `blocks` in one pass: the
+    pieces of ``bands`` (one per band and outer tile), the inner tiles each touches and covers
+    in full, and ``counts`` = (full tiles, partial tiles).
+
+    Where every outer tile holds at most one piece (``single``), each piece decides its tile's
+    lists alone. Otherwise (or with ``sweep_all``, which tests use to check that shortcut) the
+    pieces' events are swept per outer tile into elementary intervals of inner tiles. A 32k mask
+    has a few hundred pieces per tile size, so numpy's per-call cost is most of the cost: all tile
+    sizes go through the same few calls (outer tiles numbered on from one size to the next), over
+    contiguous rows, with no Python loop but the one that hands out each size's share."""
+    b_out = np.array([b for b, _ in blocks], np.int64)
+    b_in = np.array([b for _, b in blocks], np.int64)
+    n_out = -(-outer_len // b_out)
+    tail = outer_len - (n_out - 1) * b_out  # height of each size's last outer tile
+    n_s, n_b = len(blocks), bands.shape[0]
+    tile_at = np.zeros(n_s + 1, np.int64)  # each size's first outer tile, numbered on from one size to the next
+    n_out.cumsum(out=tile_at[1:])
+    tile0 = tile_at[:-1]
+    stride = int((-(-inner_len // b_in)).max()) + 1
+    # ---- pieces: one per (size, band, outer tile), in that order, the columns of one array ----
+    per = np.empty((13, n_s, n_b), np.int64)
+    per[:6] = bands.T[:, None]  # r0, r1, ac, as, bc, bs
+    per[7] = np.arange(n_b)  # band
+    per[8:] = np.array((b_out, b_in, tile0, n_out - 1, tail))[:, :, None]
+    per = per.reshape(13, -1)
+    t_first = per[0] // per[8]
+    t_last = (per[1] - 1) // per[8]
+    cnt = t_last - t_first + 1
+    ends_at = cnt.cumsum()
+    per[6] = t_first - ends_at + cnt  # + piece index = outer tile
+    p = per.repeat(cnt, axis=1)
+    ot = np.add(p[6], np.arange(p.shape[1]), out=p[6])
+    lo = ot * p[8]
+    np.maximum(p[0], lo, out=p[0])  # the piece's rows [p[0], p[1]]
+    lo += p[8] - 1
+    np.minimum(p[1] - 1, lo, out=p[1])
+    # the a and b ends at the first and last row, in inner tiles: [[touch0, full0], [full1, touch1]]
+    # = [[a(first) // b, ceil(a(last) / b)], [b(first) // b, ceil(b(last) / b)]]
+    ends = p[2:6:2, None] + p[3:6:2, None] * p[None, 0:2]
+    ends[:, 1] += p[9] - 1
+    ends //= p[9]
+    (touch0, full0), (full1, touch1) = ends
+    rows = p[1] - p[0]  # + 1: the piece's height
+    first = np.zeros(n_s + 1, np.int64)  # each size's first piece
+    first[1:] = ends_at[n_b - 1 :: n_b]
+    g_first, g_last = t_first + per[10], t_last + per[10]
+    if not sweep_all and not (g_first[1:] <= g_last[:-1]).any():
+        # every outer tile holds at most one piece, in order: it touches [touch0, touch1) and is
+        # full on [full0, full1) where it spans the tile's rows; empty [touch1, touch1) where not
+        height = p[8] if (tail == b_out).all() else np.where(ot == p[11], p[12], p[8])
+        full = (rows == height - 1) & (full1 > full0)
+        np.copyto(full0, touch1, where=~full)
+        np.copyto(full1, touch1, where=~full)
+        n_full = np.add.reduceat(full1 - full0, first[:-1])
+        n_touched = np.add.reduceat(touch1 - touch0, first[:-1])
+        out = []
+        for i in range(n_s):
+            s = slice(first[i], first[i + 1])
+            out.append(dict(single=True, counts=(int(n_full[i]), int(n_touched[i] - n_full[i])), ot=ot[s],
+                            band=p[7, s], touch0=touch0[s], touch1=touch1[s], full0=full0[s], full1=full1[s]))
+        return out
+    # ---- events, swept per outer tile at key = outer tile (common numbering) * stride + inner tile ----
+    # each piece: +M at touch0, -M at touch1 (M above any tile height), +rows at full0 and -rows at
+    # full1 where it covers some tile in full (else 0 at touch0). touch0 < touch1 and full0 < full1,
+    # so after the last event at a key the open pieces' full rows sum to at most the tile height
+    # (slices are disjoint): the state separates into (touch count, full rows) again
+    big = 1 << int(b_out.max()).bit_length()
+    covers = full1 > full0
+    np.copyto(full0, touch0, where=~covers)
+    np.copyto(full1, touch0, where=~covers)
+    tile = ot + p[10]
+    key = (ends.reshape(4, -1) + tile * stride).reshape(-1)  # touch0, full0, full1, touch1
+    delta = np.empty((4, ot.shape[0]), np.int64)
+    delta[0] = big
+    np.multiply(rows + 1, covers, out=delta[1])
+    np.negative(delta[1], out=delta[2])
+    delta[3] = -big
+    order = key.argsort(kind="stable")  # ties need no order: only the state after the last event counts
+    key = key[order]
+    state = delta.reshape(-1)[order].cumsum()
+    last_at = np.empty(key.shape[0], dtype=bool)  # the state after the last event at each key
+    last_at[-1] = True
+    np.not_equal(key[1:], key[:-1], out=last_at[:-1])
+    key, state = key[last_at], state[last_at]
+    # elementary intervals [key, next key): the state is 0 after an outer tile's last key (every
+    # piece closed), so an interval that runs into the next outer tile is neither full nor partial
+    span = np.empty_like(key)
+    np.subtract(key[1:], key[:-1], out=span[:-1])
+    span[-1] = 0
+    at = key.searchsorted(tile_at * stride)  # each size's first interval
+    height = b_out.repeat(n_out)  # per outer tile
+    height[tile_at[1:] - 1] = tail
+    is_full = (state & (big - 1)) == height[key // stride]
+    is_part = (state >= big) > is_full
+    n_full = np.add.reduceat(span * is_full, at[:-1])
+    n_part = np.add.reduceat(span * is_part, at[:-1])
+    out = []
+    for i in range(n_s):
+        s, v = slice(first[i], first[i + 1]), slice(at[i], at[i + 1])
+        out.append(dict(single=False, counts=(int(n_full[i]), int(n_part[i])), stride=stride, tile0=int(tile0[i]),
+                        tile=tile[s], band=p[7, s], touch0=touch0[s], touch1=touch1[s], key=key[v], span=span[v],
+                        is_full=is_full[v], is_part=is_part[v]))
+    return out
+
+
+def _ptr32(counts: np.ndarray) -> np.ndarray:
+    """Read-only int32 CSR pointer ``[0, c0, c0 + c1, ...]`` of per-item counts."""
+    out = np.empty(counts.shape[0] + 1, np.int32)
+    out[0] = 0
+    out[1:] = counts.cumsum()  # (a cumsum straight into int32 takes numpy's slow casting path)
+    out.flags.writeable = False
+    return out
+
+
+def _expand(start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The concatenated ranges ``[start[i], start[i] + length[i])``."""
+    off = length.cumsum()
+    total = int(off[-1]) if off.size else 0
+    off -= length
+    return np.arange(total) + (start - off).repeat(length)
+
+
+def _lists(c: dict, n_out: int) -> TileLists:
+    """The second half of `_tile_lists`: the work lists of one tile size's `_classify` result."""
+    band, touch0, touch1 = c["band"], c["touch0"], c["touch1"]
+    if c["single"]:
+        # per piece: a full run [full0, full1) where not empty, partial tiles [touch0, full0) and
+        # [full1, touch1), each with the piece's band
+        ot, full0, full1 = c["ot"], c["full0"], c["full1"]
+        fi = np.flatnonzero(full1 > full0)
+        runs = np.empty((fi.shape[0], 2), np.int32)
+        runs[:, 0] = full0[fi]
+        runs[:, 1] = full1[fi]
+        run_ot = ot[fi]
+        bounds = np.empty((ot.shape[0], 2, 2), np.int64)  # per piece [[touch0, full0], [full1, touch1]]
+        bounds[:, 0, 0] = touch0
+        bounds[:, 0, 1] = full0
+        bounds[:, 1, 0] = full1
+        bounds[:, 1, 1] = touch1
+        bounds = bounds.reshape(-1, 2).T
+        n_part = touch1 - touch0 + full0 - full1
+        p_tile = _expand(bounds[0], bounds[1] - bounds[0])
+        part_ot = ot.repeat(n_part)
+        preds = band.repeat(n_part)
+        pred_ptr = np.arange(preds.shape[0] + 1)
+    else:
+        key, span, is_full, is_part, stride, tile0 = c["key"], c["span"], c["is_full"], c["is_part"], c["stride"], c["tile0"]
+        # full runs: maximal chains of full intervals (consecutive intervals of one outer tile touch)
+        first = is_full.copy()
+        first[1:] &= ~is_full[:-1]
+        last = is_full.copy()
+        last[:-1] &= ~is_full[1:]
+        run_ot, run_lo = np.divmod(key[first], stride)
+        runs = np.empty((run_ot.shape[0], 2), np.int32)
+        runs[:, 0] = run_lo
+        runs[:, 1] = (key + span)[last] - run_ot * stride
+        run_ot -= tile0
+        # partial tiles, expanded (their keys stay ascending)
+        p_key = _expand(key[is_part], span[is_part])
+        part_ot, p_tile = np.divmod(p_key, stride)
+        part_ot -= tile0
+        # predicates: the pieces whose touched tiles include the partial tile; pieces are
+        # band-major, so a stable sort by partial tile leaves each tile's slice ids ascending
+        base = c["tile"] * stride
+        lo = p_key.searchsorted(base + touch0)
+        n_hit = p_key.searchsorted(base + touch1) - lo
+        which = _expand(lo, n_hit)
+        preds = band.repeat(n_hit)[which.argsort(kind="stable")]
+        pred_ptr = _ptr32(np.bincount(which, minlength=p_key.shape[0]))
+    n_part = np.bincount(part_ot, minlength=n_out)
+    # LPT: heaviest outer tile first by full + 1.5 partial (`TileLists.cost`), doubled: whole numbers
+    weight = np.bincount(run_ot, weights=runs[:, 1] - runs[:, 0], minlength=n_out)
+    weight *= -2
+    weight -= 3 * n_part
+    runs.flags.writeable = False
+    return TileLists(_ptr32(np.bincount(run_ot, minlength=n_out)), runs, _ptr32(n_part), _ro(p_tile), _ro(pred_ptr),
+                     _ro(preds), _ro(weight.argsort(kind="stable")))
+
+
+def _empty_lists(n_out: int) -> TileLists:
+    ptr = np.zeros(n_out + 1, dtype=np.int64)
+    return TileLists(_ro(ptr), _ro(np.zeros((0, 2)), (-1, 2)), _ro(ptr), _ro([]), _ro([0]), _ro([]), _ro(np.arange(n_out)))
 
 
 def _tile_counts(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b_in: int) -> tuple[int, int]:
     """``(full tiles, partial tiles)`` of the lists `_tile_lists` would build, without building them."""
     if bands.shape[0] == 0 or outer_len == 0:
         return 0, 0
-    c = _classify(bands, outer_len, inner_len, b_out, b_in)
-    span = c["nxt"] - c["pos"]
-    return int(span[c["is_full"]].sum()), int(span[c["is_part"]].sum())
+    return _classify(bands, outer_len, inner_len, [(b_out, b_in)])[0]["counts"]
 
 
 def _tile_lists(bands: np.ndarray, outer_len: int, inner_len: int, b_out: int, b_in: int) -> TileLists:
     """Work lists for disjoint bands ``(r0, r1, ac, as, bc, bs)`` over outer x inner tiles."""
     n_out = _cdiv(outer_len, b_out)
-    empty_ptr = np.zeros(n_out + 1, dtype=np.int64)
     if bands.shape[0] == 0 or n_out == 0:
-        return TileLists(
-            _ro(empty_ptr), _ro(np.zeros((0, 2)), (-1, 2)), _ro(empty_ptr), _ro([]), _ro([0]), _ro([]),
-            _ro(np.arange(n_out)),
-        )
-    c = _classify(bands, outer_len, inner_len, b_out, b_in)
-    band, ot, touch0, touch1, stride = c["band"], c["ot"], c["touch0"], c["touch1"], c["stride"]
-    otile, pos, nxt, is_full, is_part = c["otile"], c["pos"], c["nxt"], c["is_full"], c["is_part"]
-    # ---- full runs: merge contiguous full intervals ----
-    f_idx = np.nonzero(is_full)[0]
-    f_ot, f_lo, f_hi = otile[f_idx], pos[f_idx], nxt[f_idx]
-    if f_idx.size:
-        join = np.zeros(f_idx.size, dtype=bool)
-        join[1:] = (f_ot[1:] == f_ot[:-1]) & (f_lo[1:] == f_hi[:-1])
-        starts = np.nonzero(~join)[0]
-        ends = np.append(starts[1:], f_idx.size) - 1
-        runs = np.stack([f_lo[starts], f_hi[ends]], axis=1)
-        run_ot = f_ot[starts]
-    else:
-        runs = np.zeros((0, 2), np.int64)
-        run_ot = np.zeros(0, np.int64)
-    full_ptr = _ptr(np.bincount(run_ot, minlength=n_out))
-    # ---- partial tiles, expanded ----
-    p_idx = np.nonzero(is_part)[0]
-    p_len = nxt[p_idx] - pos[p_idx]
-    p_rep = np.repeat(np.arange(p_idx.size), p_len)
-    p_off = np.cumsum(p_len) - p_len
-    p_tile = pos[p_idx][p_rep] + (np.arange(p_rep.size) - p_off[p_rep])
-    p_ot = otile[p_idx][p_rep]
-    p_key = p_ot * stride + p_tile  # sorted
-    part_ptr = _ptr(np.bincount(p_ot, minlength=n_out))
-    # ---- predicates: pieces whose touched tiles include the partial tile ----
-    lo = np.searchsorted(p_key, ot * stride + touch0)
-    hi = np.searchsorted(p_key, ot * stride + touch1)
-    n_hit = hi - lo
-    piece = np.repeat(np.arange(ot.shape[0]), n_hit)
-    h_off = np.cumsum(n_hit) - n_hit
-    which = lo[piece] + (np.arange(piece.size) - h_off[piece])
-    srt = np.lexsort((band[piece], which))
-    which, pred_band = which[srt], band[piece][srt]
-    pred_ptr = _ptr(np.bincount(which, minlength=p_key.size))
-    tl = TileLists(
-        _ro(full_ptr), _ro(runs, (-1, 2)), _ro(part_ptr), _ro(p_tile), _ro(pred_ptr), _ro(pred_band),
-        _ro(np.zeros(n_out)),
-    )
-    lpt = np.argsort(-tl.cost(), kind="stable")
-    return TileLists(tl.full_ptr, tl.full_runs, tl.part_ptr, tl.part_tiles, tl.pred_ptr, tl.preds, _ro(lpt))
+        return _empty_lists(n_out)
+    return _lists(_classify(bands, outer_len, inner_len, [(b_out, b_in)])[0], n_out)
 
 
 def _pred_kinds(tl: TileLists, bands: np.ndarray) -> frozenset:
@@ -408,26 +500,136 @@ _COLUMN_BANDS: dict = {}
 def column_bands(mask: Mask) -> np.ndarray:
     """The canonical column bands of `mask` (the dK/dV orientation), computed once per mask
     content (every block size shares them)."""
-    key = mask.digest()
-    hit = _COLUMN_BANDS.get(key)
+    return _column_bands(mask, mask.digest())
+
+
+def _column_bands(mask: Mask, digest: str) -> np.ndarray:
+    hit = _COLUMN_BANDS.get(digest)
     if hit is None:
         cols, _ = transpose_bands(np.asarray(mask.bands, dtype=np.int64))
-        hit = sweep([cols], [False, True], mask.sk, mask.sq)
+        hit = None
+        if cols.shape[0] >= 8:  # many pieces: when no two share a column, no sweep is needed
+            o = cols[:, 0].argsort(kind="stable")
+            if not (cols[o[1:], 0] < cols[o[:-1], 1]).any():
+                # pieces of canonical row bands are tight: every column of one has rows in it
+                hit = canonical_from_disjoint(cols, mask.sk, mask.sq, tight=True)
+        if hit is None:
+            hit = sweep([cols], [False, True], mask.sk, mask.sq)
         hit.flags.writeable = False
         if len(_COLUMN_BANDS) >= 256:
             _COLUMN_BANDS.clear()
-        _COLUMN_BANDS[key] = hit
+        _COLUMN_BANDS[digest] = hit
     return hit
+
+
+@dataclass(frozen=True)
+class _Tiled:
+    """What is known of one (mask, orientation, outer block, inner block): its tile counts, and
+    its `_classify` result until the lists are built from it, then the lists."""
+
+    counts: tuple[int, int]
+    classified: dict | None = None
+    lists: TileLists | None = None
+    nbytes: int = 0  # of the arrays held
+
+
+def _held(counts, classified: dict | None = None, lists: TileLists | None = None) -> _Tiled:
+    if classified is not None:  # an estimate: the rows over its pieces and the sweep's arrays over their events
+        size = 16 * max(classified["touch0"].nbytes, classified["key"].nbytes if "key" in classified else 0)
+    elif lists is not None:
+        size = (lists.full_ptr.nbytes + lists.full_runs.nbytes + lists.part_ptr.nbytes + lists.part_tiles.nbytes
+                + lists.pred_ptr.nbytes + lists.preds.nbytes + lists.order.nbytes)
+    else:
+        size = 0
+    return _Tiled(counts, classified, lists, size)
+
+
+# Pricing a kernel's candidate configs counts tiles, and the winner's lowering reuses that
+# count's classification; the forward and dQ kernels share the row orientation (and a candidate).
+# Keyed by mask digest, so a different mask never hits; bounded in entries and in bytes held.
+_TILED: dict = {}
+_TILED_MAX_ENTRIES = 32
+_TILED_MAX_BYTES = 64 << 20
+_TILED_LOCK = threading.Lock()
+_tiled_bytes = 0  # held by _TILED
+
+
+def _orientation(mask: Mask, digest: str, which: str) -> tuple[np.ndarray, int, int]:
+    """``(bands, outer_len, inner_len)`` of ``which``: "fwd" tiles the row bands over query tiles,
+    "bwd" the canonical column bands over key tiles."""
+    if which == "fwd":
+        return np.asarray(mask.bands, dtype=np.int64), mask.sq, mask.sk
+    return _column_bands(mask, digest), mask.sk, mask.sq
+
+
+def _classified(mask: Mask, digest: str, which: str, sizes: list, known: bool = True) -> list[_Tiled]:
+    """The `_Tiled` of each ``(b_out, b_in)`` of `sizes`: the memoised ones (with ``known``) and
+    the others classified together in one `_classify` pass (and memoised)."""
+    found = {b: _TILED.get((digest, which) + b) if known else None for b in sizes}
+    todo = [b for b, t in found.items() if t is None]
+    if todo:
+        bands, outer_len, inner_len = _orientation(mask, digest, which)
+        if bands.shape[0] == 0 or outer_len == 0:
+            for b in todo:
+                found[b] = _remember((digest, which) + b, _held((0, 0), lists=_empty_lists(_cdiv(outer_len, b[0]))))
+        else:
+            for b, c in zip(todo, _classify(bands, outer_len, inner_len, todo)):
+                found[b] = _remember((digest, which) + b, _held(c["counts"], classified=c))
+    return [found[b] for b in sizes]
+
+
+def _lowered(mask: Mask, digest: str, which: str, b_out: int, b_in: int) -> TileLists:
+    """The memoised work lists of ``which`` at ``b_out x b_in`` tiles, built from the memoised
+    classification where there is one."""
+    key = (digest, which, b_out, b_in)
+    hit = _TILED.get(key)
+    if hit is None or (hit.lists is None and hit.classified is None):  # unknown, or held as counts only
+        hit = _classified(mask, digest, which, [(b_out, b_in)], known=False)[0]
+    if hit.lists is None:
+        n_out = _cdiv(mask.sq if which == "fwd" else mask.sk, b_out)
+        hit = _remember(key, _held(hit.counts, lists=_lists(hit.classified, n_out)))
+    return hit.lists
+
+
+def _remember(key: tuple, tiled: _Tiled) -> _Tiled:
+    """Hold `tiled` under `key` (the oldest entries go first past the bounds) and return it."""
+    global _tiled_bytes
+    kept = tiled if tiled.nbytes <= _TILED_MAX_BYTES else _Tiled(tiled.counts)  # too large: the counts only
+    with _TILED_LOCK:
+        old = _TILED.pop(key, None)
+        if old is not None:
+            _tiled_bytes -= old.nbytes
+        while _TILED and (len(_TILED) >= _TILED_MAX_ENTRIES or _tiled_bytes + kept.nbytes > _TILED_MAX_BYTES):
+            _tiled_bytes -= _TILED.pop(next(iter(_TILED))).nbytes
+        _TILED[key] = kept
+        _tiled_bytes += kept.nbytes
+    return tiled
+
+
+def clear_caches() -> None:
+    """Forget every per-mask memo of this module (column bands, tile counts, work lists), so the
+    next call plans its mask as new: for timing the planning of a new mask, and for tests."""
+    global _tiled_bytes
+    with _TILED_LOCK:
+        _TILED.clear()
+        _tiled_bytes = 0
+    _COLUMN_BANDS.clear()
 
 
 def tile_counts(mask: Mask, block_q: int, block_k: int, which: str = "fwd") -> tuple[int, int]:
     """``(full tiles, partial tiles)`` of ``lower(mask, block_q, block_k).<which>`` without building
-    the lists (about half the work): what choosing a tile config needs."""
-    if which == "fwd":
-        return _tile_counts(np.asarray(mask.bands, dtype=np.int64), mask.sq, mask.sk, block_q, block_k)
-    if which == "bwd":
-        return _tile_counts(column_bands(mask), mask.sk, mask.sq, block_k, block_q)
-    raise MaskError(f"tile_counts: which must be 'fwd' or 'bwd', got {which!r}")
+    the lists (about half the work): what choosing a tile config needs. The classification it
+    computes is kept (bounded), so lowering the chosen config does not repeat it."""
+    return tile_counts_many(mask, [(block_q, block_k)], which)[0]
+
+
+def tile_counts_many(mask: Mask, blocks, which: str = "fwd") -> list[tuple[int, int]]:
+    """`tile_counts` for each ``(block_q, block_k)`` of `blocks`, in one pass over the mask's pieces
+    (numpy's per-call cost, not the data, is most of the cost of one size at 32k tokens)."""
+    if which not in ("fwd", "bwd"):
+        raise MaskError(f"tile_counts: which must be 'fwd' or 'bwd', got {which!r}")
+    sizes = [(int(q), int(k)) if which == "fwd" else (int(k), int(q)) for q, k in blocks]
+    return [t.counts for t in _classified(mask, mask.digest(), which, sizes)]
 
 
 class _PartialTilePlan(TilePlan):
@@ -461,14 +663,15 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
             raise MaskError(f"lower(): {name} must be a power of two >= 1, got {b}")
     if only not in (None, "fwd", "bwd"):
         raise MaskError(f"lower(): only must be None, 'fwd' or 'bwd', got {only!r}")
+    digest = mask.digest()
     bands = np.asarray(mask.bands, dtype=np.int64)
     fwd = bwd = bands_t = kinds = None
     if only != "bwd":
-        fwd = _tile_lists(bands, mask.sq, mask.sk, block_q, block_k)
+        fwd = _lowered(mask, digest, "fwd", block_q, block_k)
     if only != "fwd":
         # the backward walks key tiles: tile the canonical *column* bands of the same set
-        bands_t = _ro(column_bands(mask), (-1, 6))
-        bwd = _tile_lists(bands_t, mask.sk, mask.sq, block_k, block_q)
+        bands_t = _ro(_column_bands(mask, digest), (-1, 6))
+        bwd = _lowered(mask, digest, "bwd", block_k, block_q)
     if only is None:
         kinds = frozenset(_pred_kinds(fwd, bands) | _pred_kinds(bwd, bands_t))
     plan = (TilePlan if only is None else _PartialTilePlan)(
@@ -476,7 +679,7 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
         sk=mask.sk,
         block_q=block_q,
         block_k=block_k,
-        mask_digest=mask.digest(),
+        mask_digest=digest,
         bands=_ro(bands, (-1, 6)),
         bands_t=bands_t,
         fwd=fwd,

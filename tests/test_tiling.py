@@ -8,7 +8,7 @@ import maskc
 from maskc import MaskError
 from maskc.tiling import TilePlan, lower
 
-from conftest import masks
+from conftest import mask_pairs, masks
 
 blocks = st.sampled_from([1, 2, 4, 8, 16])
 
@@ -178,3 +178,112 @@ def test_one_orientation_lowering_completes_lazily(md, bq, bk, only):
     assert part.to_json() == full.to_json() and part.partial_kinds == full.partial_kinds  # completed on read
     with pytest.raises(MaskError, match="only must be"):
         lower(m, bq, bk, only="both")
+
+
+# ---- planning a new mask fast: one classification pass for several tile sizes, a bounded memo ----
+
+sizes = st.lists(st.tuples(blocks, blocks), min_size=1, max_size=4, unique=True)
+
+
+def lists_equal(a, b) -> bool:
+    from maskc.tiling import _LISTS
+
+    return all(getattr(a, k).dtype == getattr(b, k).dtype and np.array_equal(getattr(a, k), getattr(b, k))
+               for k in _LISTS)
+
+
+@given(masks(max_side=40, max_slices=6), sizes, st.sampled_from(["fwd", "bwd"]))
+def test_one_pass_for_several_sizes_equals_one_pass_each(md, sz, which):
+    """Every size of a batched `_classify` gets the counts and lists of its own pass, and the
+    one-piece-per-tile shortcut gives what the sweep gives."""
+    from maskc.tiling import _classify, _lists, column_bands
+
+    m, _ = md
+    if not len(m):
+        return
+    bands, outer, inner = (np.asarray(m.bands), m.sq, m.sk) if which == "fwd" else (column_bands(m), m.sk, m.sq)
+    together = _classify(bands, outer, inner, sz)
+    swept = _classify(bands, outer, inner, sz, sweep_all=True)
+    for (b_out, b_in), c, s in zip(sz, together, swept):
+        alone = _classify(bands, outer, inner, [(b_out, b_in)])[0]
+        n_out = -(-outer // b_out)
+        tl = _lists(alone, n_out)
+        assert c["counts"] == alone["counts"] == s["counts"] == (tl.n_full_tiles, tl.n_partial_tiles)
+        assert lists_equal(_lists(c, n_out), tl) and lists_equal(_lists(s, n_out), tl)
+
+
+def test_varlen_lists_take_the_sweep_and_aligned_ones_the_shortcut():
+    from maskc.tiling import _classify
+
+    packed = maskc.varlen([100, 333, 250] * 4)  # documents share query tiles
+    aligned = maskc.varlen([128, 256, 64])
+    assert not _classify(np.asarray(packed.bands), packed.sq, packed.sk, [(64, 64)])[0]["single"]
+    assert _classify(np.asarray(aligned.bands), aligned.sq, aligned.sk, [(64, 64)])[0]["single"]
+
+
+@given(mask_pairs(max_side=40), blocks, blocks)
+def test_memo_never_serves_another_mask(pair, bq, bk):
+    """Counts and lists of a mask are its own whatever was planned before (the memo is keyed by
+    content), and the same as with no memo at all."""
+    from maskc.tiling import clear_caches, tile_counts
+
+    (a, _), (b, _) = pair
+    clear_caches()
+    fresh = [lower(b, bq, bk).to_json(), tile_counts(b, bq, bk, "fwd"), tile_counts(b, bq, bk, "bwd")]
+    clear_caches()
+    lower(a, bq, bk), tile_counts(a, bq, bk, "fwd"), tile_counts(a, bq, bk, "bwd")
+    after_a = [lower(b, bq, bk).to_json(), tile_counts(b, bq, bk, "fwd"), tile_counts(b, bq, bk, "bwd")]
+    again = [lower(b, bq, bk).to_json(), tile_counts(b, bq, bk, "fwd"), tile_counts(b, bq, bk, "bwd")]
+    assert fresh == after_a == again
+
+
+def test_memo_is_bounded(monkeypatch):
+    from maskc import tiling
+
+    tiling.clear_caches()
+    for n in range(40):
+        tiling.tile_counts_many(maskc.varlen([50 + n, 70, 30]), [(16, 16), (8, 16)], "fwd")
+        assert len(tiling._TILED) <= tiling._TILED_MAX_ENTRIES
+    # past the byte bound an entry keeps its counts only, and lowering still works from them
+    monkeypatch.setattr(tiling, "_TILED_MAX_BYTES", 64)
+    mask = maskc.varlen([100, 333, 250] * 4)
+    want = lower(mask, 64, 64).to_json()
+    tiling.clear_caches()
+    assert tiling.tile_counts(mask, 64, 64) == (lower(mask, 64, 64).fwd.n_full_tiles, lower(mask, 64, 64).fwd.n_partial_tiles)
+    assert all(t.classified is None and t.lists is None for t in tiling._TILED.values())
+    assert tiling._tiled_bytes <= 64 and lower(mask, 64, 64).to_json() == want
+    tiling.clear_caches()
+
+
+def test_choose_config_prices_dq_with_the_forward():
+    """The forward's call counts dQ's candidates too (same lists), so dQ's call counts nothing."""
+    from maskc import tiling
+    from maskc.codegen.configs import choose_config
+
+    mask = maskc.varlen([100, 333, 250] * 4)
+    tiling.clear_caches()
+    choose_config(mask, "fwd", 128, "cuda", lower)
+    calls = []
+    real = tiling._classify
+    try:
+        tiling._classify = lambda *a, **k: calls.append(a[3]) or real(*a, **k)
+        choose_config(mask, "bwd_dq", 128, "cuda", lower)
+        assert calls == []
+        choose_config(mask, "bwd_dkdv", 128, "cuda", lower)
+        assert calls == [[(128, 64), (64, 32)]]  # both dK/dV candidates in one pass (key tiles outer)
+    finally:
+        tiling._classify = real
+
+
+@given(masks(max_side=40, max_slices=8))
+def test_column_bands_shortcuts_match_the_general_sweep(md):
+    """Column bands through the disjoint-pieces path or the constant-union segments of `sweep`
+    equal the general sweep (a table it does not recognise as a union: an empty second operand)."""
+    from maskc import normalize as nz
+    from maskc.tiling import clear_caches, column_bands, transpose_bands
+
+    for m in (md[0], maskc.varlen([3, 5, 2, 7, 1, 4, 6, 2, 3], maskc.CAUSAL), maskc.magi_video([3, 2], 4, window=2)):
+        clear_caches()
+        cols, _ = transpose_bands(np.asarray(m.bands))
+        general = nz.sweep([cols, np.zeros((0, 6), np.int64)], [False, True, False, True], m.sk, m.sq)
+        assert np.array_equal(column_bands(m), general)
