@@ -1,14 +1,17 @@
 """FFA kernel speed on one GPU: maskc vs FlexAttention vs cuDNN / flash SDPA, same run, same inputs.
 
     python benchmarks/bench_kernels.py [--seqlens 8192 32768] [--heads 16] [--head-dim 128]
-                                       [--masks full causal ...] [--out DIR]
+                                       [--masks full causal ...] [--rounds 3] [--out DIR]
 
 bf16, packed layout ``[s, h, d]`` for maskc and ``[1, h, s, d]`` for the peers (layout copies are
 made once, outside the timed region). TFLOP/s count the exact allowed area: forward
 ``4 * area * d * h``, forward+backward 3.5x that (the backward does five products to the forward's
 two). FlexAttention is compiled once per mask with its block mask built once (its mask_mods are
 written the idiomatic way, with document / chunk id lookups); SDPA runs only where the mask is
-dense (full, causal). Medians of `triton.testing.do_bench`. Also records host-side plan time.
+dense (full, causal). Per mask, every (impl, direction) is timed once per round, the impls taking
+turns (``--rounds``, default 3), and the median of the rounds' `triton.testing.do_bench` medians
+is recorded (with the rounds): a drift of the GPU's clocks during the run falls on every impl
+alike. Also records host-side plan time.
 
 Writes ``kernels-<device>-<date>.json``: a header row with versions, then rows
 ``{"mask", "seqlen", "impl", "direction", "tflops", "ms"}``, and prints a table.
@@ -17,9 +20,12 @@ Writes ``kernels-<device>-<date>.json``: a header row with versions, then rows
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import functools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -97,8 +103,12 @@ def main(argv=None):
                     choices=["maskc", "cutlass", "flex", "cudnn", "flash"],
                     help="maskc: the Triton backend; cutlass: the CUTLASS kernels, forward and backward (built "
                          "into ./build or $MASKC_BUILD, else compiled with nvcc)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="times each (impl, direction) is timed per mask, impls taking turns; the median is recorded")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     import triton
@@ -123,6 +133,7 @@ def main(argv=None):
         "heads": args.heads,
         "head_dim": args.head_dim,
         "dtype": "bf16",
+        "rounds": args.rounds,
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
     }
     rows = []
@@ -138,10 +149,10 @@ def main(argv=None):
             v = torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             do = torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16)
 
-            def record(impl, direction, ms):
-                fl = fl_fwd * (1.0 if direction == "fwd" else 3.5)  # fwd_bwd*: 3.5x
-                rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": direction,
-                             "tflops": round(fl / ms / 1e9, 1), "ms": round(ms, 4)})
+            timed = []  # (impl, direction, fn, context), timed in rounds once every impl is set up
+
+            def record(impl, direction, fn, context=contextlib.nullcontext):
+                timed.append((impl, direction, fn, context))
 
             # host-side planning of a new mask: every candidate lowering for the three kernels
             t0 = time.perf_counter()
@@ -152,15 +163,15 @@ def main(argv=None):
             if "maskc" in args.impls:
                 fwd = lambda: attention(q, k, v, mask, backend="triton")
                 out = fwd()
-                record("maskc", "fwd", bench(fwd))
+                record("maskc", "fwd", fwd)
                 def fb():
                     o = attention(q, k, v, mask, backend="triton")
                     o.backward(do)
-                record("maskc", "fwd_bwd", bench(fb))
+                record("maskc", "fwd_bwd", fb)
                 def fb_nd():
                     o = attention(q, k, v, mask, deterministic=False, backend="triton")
                     o.backward(do)
-                record("maskc", "fwd_bwd_nondeterministic", bench(fb_nd))
+                record("maskc", "fwd_bwd_nondeterministic", fb_nd)
                 t0 = time.perf_counter()
                 for _ in range(100):
                     _resolve(mask, "fwd", d, q.device)
@@ -171,10 +182,10 @@ def main(argv=None):
                 diff = (cf().float() - attention(q, k, v, mask, backend="triton").float()).abs().max().item()
                 rows.append({"mask": name, "seqlen": s, "impl": "cutlass", "direction": "max_abs_diff_vs_triton",
                              "ms": diff})
-                record("cutlass", "fwd", bench(cf))
+                record("cutlass", "fwd", cf)
                 def cfb():
                     attention(q, k, v, mask, backend="cutlass").backward(do)
-                record("cutlass", "fwd_bwd", bench(cfb))
+                record("cutlass", "fwd_bwd", cfb)
             qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
             dot = do.transpose(0, 1).unsqueeze(0).contiguous()
             if "flex" in args.impls:
@@ -182,11 +193,11 @@ def main(argv=None):
                     bm = None if mask_mod is None else create_block_mask(mask_mod, 1, 1, s, s, device="cuda", BLOCK_SIZE=128)
                     ff = lambda: flex(qt, kt, vt, block_mask=bm)
                     ff()
-                    record("flex", "fwd", bench(ff))
+                    record("flex", "fwd", ff)
                     def ffb():
                         flex(qt, kt, vt, block_mask=bm).backward(dot)
                     ffb()
-                    record("flex", "fwd_bwd", bench(ffb))
+                    record("flex", "fwd_bwd", ffb)
                 except (RuntimeError, torch.OutOfMemoryError) as e:
                     print(f"flex failed on {name} {s}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
                     torch.cuda.empty_cache()
@@ -194,17 +205,31 @@ def main(argv=None):
                 for impl, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     if impl not in args.impls:
                         continue
+                    sf = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+                    def sfb():
+                        torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).backward(dot)
+                    context = functools.partial(sdpa_kernel, backend)
                     try:
-                        with sdpa_kernel(backend):
-                            sf = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                        with context():
                             sf()
-                            record(impl, "fwd", bench(sf))
-                            def sfb():
-                                torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).backward(dot)
                             sfb()
-                            record(impl, "fwd_bwd", bench(sfb))
                     except RuntimeError as e:  # backend not available for these inputs
                         print(f"{impl}: unavailable ({str(e).splitlines()[0]})", file=sys.stderr)
+                        continue
+                    record(impl, "fwd", sf, context)
+                    record(impl, "fwd_bwd", sfb, context)
+            times = {(impl, direction): [] for impl, direction, _, _ in timed}
+            for _ in range(args.rounds):
+                for impl, direction, fn, context in timed:
+                    with context():
+                        times[(impl, direction)].append(bench(fn))
+            for impl, direction, _, _ in timed:
+                ms = statistics.median(times[(impl, direction)])
+                fl = fl_fwd * (1.0 if direction == "fwd" else 3.5)  # fwd_bwd*: 3.5x
+                rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": direction,
+                             "tflops": round(fl / ms / 1e9, 1), "ms": round(ms, 4),
+                             "ms_rounds": [round(t, 4) for t in times[(impl, direction)]]})
             del q, k, v, qt, kt, vt
             torch.cuda.empty_cache()
             print(f"done {name} {s}", file=sys.stderr, flush=True)
