@@ -72,6 +72,9 @@ def _priced_together(which: str, head_dim: int, device_type: str) -> tuple:
         for c in candidates(d, head_dim, device_type)))
 
 
+_tile_counts_many = None  # maskc.tiling.tile_counts_many
+
+
 def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_fn, counts_fn=None):
     """``(config, plan)`` with the smallest predicted time for `mask`: candidates are priced by
     their tile counts (``counts_fn(mask, bq, bk, which) -> (full, partial)``; by default
@@ -79,7 +82,9 @@ def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_f
     directions walking the same lists in one pass, so the forward's call prices dQ's candidates
     too) and only the winner is lowered, in the orientation this direction walks (``lower_fn(mask,
     bq, bk, only=...)``, as `maskc.lower`)."""
-    from maskc.tiling import tile_counts_many
+    global _tile_counts_many
+    if _tile_counts_many is None:  # imported on first use (an import statement per call costs ~1 us)
+        from maskc.tiling import tile_counts_many as _tile_counts_many
 
     cands = candidates(direction, head_dim, device_type)
     which = LISTS[direction]
@@ -87,7 +92,7 @@ def choose_config(mask, direction: str, head_dim: int, device_type: str, lower_f
     if len(cands) > 1:
         if counts_fn is None:
             blocks = _priced_together(which, head_dim, device_type)
-            counted = dict(zip(blocks, tile_counts_many(mask, blocks, which)))
+            counted = dict(zip(blocks, _tile_counts_many(mask, blocks, which)))
             counts_fn = lambda m, bq, bk, w: counted[(bq, bk)]  # noqa: E731
         for cand in cands:
             full, partial = counts_fn(mask, cand.config.block_q, cand.config.block_k, which)

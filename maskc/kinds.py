@@ -66,6 +66,8 @@ class Kind(enum.IntEnum):
 
 def as_int(value, what: str) -> int:
     """`value` as a Python int, or a MaskError naming `what`."""
+    if type(value) is int:  # the common case, without the ABC check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise MaskError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     return int(value)

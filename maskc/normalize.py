@@ -207,6 +207,29 @@ def canonical_from_disjoint(bands: np.ndarray, sq: int, sk: int, tight: bool = F
     return canon.result()
 
 
+def canonical_from_sorted_disjoint(rows: list) -> np.ndarray:
+    """`canonical_from_disjoint` (``tight=True``) of band tuples already sorted by first row and
+    sharing no row, in plain Python: below a few dozen bands numpy's per-call cost is most of
+    that function's cost, and this is the same decision (merge through `Canon` where some band
+    could continue the one before it, else one-row bands made FULL) without it."""
+    for prev, nxt in zip(rows, rows[1:]):
+        r = nxt[0]
+        if r != prev[1]:
+            continue
+        # steps of the two ends from the previous band's last row to the next band's first
+        da = nxt[2] + nxt[3] * r - prev[2] - prev[3] * (r - 1)
+        db = nxt[4] + nxt[5] * r - prev[4] - prev[5] * (r - 1)
+        if (0 <= da <= 1 and 0 <= db <= 1) if r - prev[0] == 1 else (da == prev[3] and db == prev[5]):
+            canon = Canon()
+            for r0, r1, ac, a_s, bc, b_s in rows:
+                canon.push(r0, r1, ((ac, a_s), (bc, b_s)))
+            return canon.result()
+    if not rows:
+        return np.zeros((0, 6), dtype=np.int64)
+    return np.array([(r0, r1, ac + a_s * r0, 0, bc + b_s * r0, 0) if r1 - r0 == 1 else (r0, r1, ac, a_s, bc, b_s)
+                     for r0, r1, ac, a_s, bc, b_s in rows], dtype=np.int64)
+
+
 def _any_mergeable(bands: np.ndarray) -> bool:
     """Whether some band's first row could continue the row-adjacent band before it."""
     prev, nxt = bands[:-1], bands[1:]
@@ -416,6 +439,7 @@ __all__ = [
     "Canon",
     "bands_to_slices",
     "canonical_from_disjoint",
+    "canonical_from_sorted_disjoint",
     "contains",
     "prefix_area",
     "push_canonical_bands",

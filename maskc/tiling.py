@@ -25,13 +25,14 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import MaskError
 from .kinds import Kind, as_int
 from .mask import Mask
-from .normalize import canonical_from_disjoint, sweep
+from .normalize import canonical_from_disjoint, canonical_from_sorted_disjoint, sweep
 
 _LISTS = ("full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order")
 
@@ -125,24 +126,31 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     pieces' events are swept per outer tile into elementary intervals of inner tiles. A 32k mask
     has a few hundred pieces per tile size, so numpy's per-call cost is most of the cost: all tile
     sizes go through the same few calls (outer tiles numbered on from one size to the next), over
-    contiguous rows, with no Python loop but the one that hands out each size's share."""
-    b_out = np.array([b for b, _ in blocks], np.int64)
-    b_in = np.array([b for _, b in blocks], np.int64)
-    n_out = -(-outer_len // b_out)
-    tail = outer_len - (n_out - 1) * b_out  # height of each size's last outer tile
+    contiguous rows, with no Python loop but the one that hands out each size's share; the
+    per-size scalars are Python ints, and power-of-two tiles divide by shifting."""
+    blocks = [(int(bo), int(bi)) for bo, bi in blocks]
     n_s, n_b = len(blocks), bands.shape[0]
-    tile_at = np.zeros(n_s + 1, np.int64)  # each size's first outer tile, numbered on from one size to the next
-    n_out.cumsum(out=tile_at[1:])
-    tile0 = tile_at[:-1]
-    stride = int((-(-inner_len // b_in)).max()) + 1
+    n_out = [-(-outer_len // bo) for bo, _ in blocks]
+    tile_at = [0]  # each size's first outer tile, numbered on from one size to the next
+    for n in n_out:
+        tile_at.append(tile_at[-1] + n)
+    tail = [outer_len - (n - 1) * bo for n, (bo, _) in zip(n_out, blocks)]  # height of each size's last outer tile
+    # key = outer tile (common numbering) << shift + inner tile: 1 << shift is above every inner tile index
+    shift = max(-(-inner_len // bi) for _, bi in blocks).bit_length()
+    pow2 = all(b & (b - 1) == 0 for blk in blocks for b in blk)
+    div = np.right_shift if pow2 else np.floor_divide
     # ---- pieces: one per (size, band, outer tile), in that order, the columns of one array ----
-    per = np.empty((13, n_s, n_b), np.int64)
-    per[:6] = bands.T[:, None]  # r0, r1, ac, as, bc, bs
-    per[7] = np.arange(n_b)  # band
-    per[8:] = np.array((b_out, b_in, tile0, n_out - 1, tail))[:, :, None]
-    per = per.reshape(13, -1)
-    t_first = per[0] // per[8]
-    t_last = (per[1] - 1) // per[8]
+    # rows: r0, r1, ac, as, bc, bs, outer tile, band, b_out, b_in, first outer tile, last outer
+    # tile index, its height, and the divisors of b_out and b_in (their log2 where powers of two)
+    per = np.empty((15, n_s, n_b), np.int64)
+    per[:6] = bands.T[:, None]
+    per[7] = np.arange(n_b)
+    per[8:] = np.array([[bo for bo, _ in blocks], [bi for _, bi in blocks], tile_at[:-1], [n - 1 for n in n_out], tail,
+                        [bo.bit_length() - 1 if pow2 else bo for bo, _ in blocks],
+                        [bi.bit_length() - 1 if pow2 else bi for _, bi in blocks]])[:, :, None]
+    per = per.reshape(15, -1)
+    t_first = div(per[0], per[13])
+    t_last = div(per[1] - 1, per[13])
     cnt = t_last - t_first + 1
     ends_at = cnt.cumsum()
     per[6] = t_first - ends_at + cnt  # + piece index = outer tile
@@ -156,41 +164,44 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     # = [[a(first) // b, ceil(a(last) / b)], [b(first) // b, ceil(b(last) / b)]]
     ends = p[2:6:2, None] + p[3:6:2, None] * p[None, 0:2]
     ends[:, 1] += p[9] - 1
-    ends //= p[9]
+    div(ends, p[14], out=ends)
     (touch0, full0), (full1, touch1) = ends
     rows = p[1] - p[0]  # + 1: the piece's height
-    first = np.zeros(n_s + 1, np.int64)  # each size's first piece
+    first = np.empty(n_s + 1, np.int64)  # each size's first piece
+    first[0] = 0
     first[1:] = ends_at[n_b - 1 :: n_b]
     g_first, g_last = t_first + per[10], t_last + per[10]
     if not sweep_all and not (g_first[1:] <= g_last[:-1]).any():
         # every outer tile holds at most one piece, in order: it touches [touch0, touch1) and is
         # full on [full0, full1) where it spans the tile's rows; empty [touch1, touch1) where not
-        height = p[8] if (tail == b_out).all() else np.where(ot == p[11], p[12], p[8])
+        height = p[8] if tail == [bo for bo, _ in blocks] else np.where(ot == p[11], p[12], p[8])
         full = (rows == height - 1) & (full1 > full0)
         np.copyto(full0, touch1, where=~full)
         np.copyto(full1, touch1, where=~full)
-        n_full = np.add.reduceat(full1 - full0, first[:-1])
-        n_touched = np.add.reduceat(touch1 - touch0, first[:-1])
+        n_full = np.add.reduceat(full1 - full0, first[:-1]).tolist()
+        n_touched = np.add.reduceat(touch1 - touch0, first[:-1]).tolist()
+        first = first.tolist()
         out = []
         for i in range(n_s):
             s = slice(first[i], first[i + 1])
-            out.append(dict(single=True, counts=(int(n_full[i]), int(n_touched[i] - n_full[i])), ot=ot[s],
+            out.append(dict(single=True, counts=(n_full[i], n_touched[i] - n_full[i]), ot=ot[s],
                             band=p[7, s], touch0=touch0[s], touch1=touch1[s], full0=full0[s], full1=full1[s]))
         return out
-    # ---- events, swept per outer tile at key = outer tile (common numbering) * stride + inner tile ----
+    # ---- events, swept per outer tile at key = outer tile (common numbering) << shift + inner tile ----
     # each piece: +M at touch0, -M at touch1 (M above any tile height), +rows at full0 and -rows at
-    # full1 where it covers some tile in full (else 0 at touch0). touch0 < touch1 and full0 < full1,
-    # so after the last event at a key the open pieces' full rows sum to at most the tile height
-    # (slices are disjoint): the state separates into (touch count, full rows) again
-    big = 1 << int(b_out.max()).bit_length()
+    # full1 (at one key, cancelling, where it covers no tile in full). touch0 < touch1 and full0 <
+    # full1, so after the last event at a key the open pieces' full rows sum to at most the tile
+    # height (slices are disjoint): the state separates into (touch count, full rows) again
+    big = 1 << max(bo for bo, _ in blocks).bit_length()
     covers = full1 > full0
     np.copyto(full0, touch0, where=~covers)
     np.copyto(full1, touch0, where=~covers)
     tile = ot + p[10]
-    key = (ends.reshape(4, -1) + tile * stride).reshape(-1)  # touch0, full0, full1, touch1
+    key = ends.reshape(4, -1) + (tile << shift)  # touch0, full0, full1, touch1
+    key = key.reshape(-1)
     delta = np.empty((4, ot.shape[0]), np.int64)
     delta[0] = big
-    np.multiply(rows + 1, covers, out=delta[1])
+    np.add(rows, 1, out=delta[1])
     np.negative(delta[1], out=delta[2])
     delta[3] = -big
     order = key.argsort(kind="stable")  # ties need no order: only the state after the last event counts
@@ -199,23 +210,25 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     last_at = np.empty(key.shape[0], dtype=bool)  # the state after the last event at each key
     last_at[-1] = True
     np.not_equal(key[1:], key[:-1], out=last_at[:-1])
+    last_at = np.flatnonzero(last_at)  # (indices take faster than a boolean mask, twice)
     key, state = key[last_at], state[last_at]
     # elementary intervals [key, next key): the state is 0 after an outer tile's last key (every
     # piece closed), so an interval that runs into the next outer tile is neither full nor partial
     span = np.empty_like(key)
     np.subtract(key[1:], key[:-1], out=span[:-1])
     span[-1] = 0
-    at = key.searchsorted(tile_at * stride)  # each size's first interval
-    height = b_out.repeat(n_out)  # per outer tile
-    height[tile_at[1:] - 1] = tail
-    is_full = (state & (big - 1)) == height[key // stride]
+    at = key.searchsorted([t << shift for t in tile_at]).tolist()  # each size's first interval
+    height = np.repeat([bo for bo, _ in blocks], n_out)  # per outer tile
+    height[[t - 1 for t in tile_at[1:]]] = tail
+    is_full = (state & (big - 1)) == height[key >> shift]
     is_part = (state >= big) > is_full
-    n_full = np.add.reduceat(span * is_full, at[:-1])
-    n_part = np.add.reduceat(span * is_part, at[:-1])
+    n_full = np.add.reduceat(span * is_full, at[:-1]).tolist()
+    n_part = np.add.reduceat(span * is_part, at[:-1]).tolist()
+    first = first.tolist()
     out = []
     for i in range(n_s):
         s, v = slice(first[i], first[i + 1]), slice(at[i], at[i + 1])
-        out.append(dict(single=False, counts=(int(n_full[i]), int(n_part[i])), stride=stride, tile0=int(tile0[i]),
+        out.append(dict(single=False, counts=(n_full[i], n_part[i]), shift=shift, tile0=tile_at[i],
                         tile=tile[s], band=p[7, s], touch0=touch0[s], touch1=touch1[s], key=key[v], span=span[v],
                         is_full=is_full[v], is_part=is_part[v]))
     return out
@@ -262,24 +275,27 @@ def _lists(c: dict, n_out: int) -> TileLists:
         preds = band.repeat(n_part)
         pred_ptr = np.arange(preds.shape[0] + 1)
     else:
-        key, span, is_full, is_part, stride, tile0 = c["key"], c["span"], c["is_full"], c["is_part"], c["stride"], c["tile0"]
-        # full runs: maximal chains of full intervals (consecutive intervals of one outer tile touch)
-        first = is_full.copy()
-        first[1:] &= ~is_full[:-1]
-        last = is_full.copy()
-        last[:-1] &= ~is_full[1:]
-        run_ot, run_lo = np.divmod(key[first], stride)
-        runs = np.empty((run_ot.shape[0], 2), np.int32)
-        runs[:, 0] = run_lo
-        runs[:, 1] = (key + span)[last] - run_ot * stride
+        key, span, is_full, is_part, shift, tile0 = c["key"], c["span"], c["is_full"], c["is_part"], c["shift"], c["tile0"]
+        # full runs: maximal chains of full intervals (consecutive intervals of one outer tile
+        # touch). The last interval is not full, so the changes of is_full alternate run start,
+        # run end (the interval after the run, whose key is the run's end, in the same outer tile)
+        change = np.empty(key.shape[0], bool)
+        change[0] = is_full[0]
+        np.not_equal(is_full[1:], is_full[:-1], out=change[1:])
+        edge = key[np.flatnonzero(change)].reshape(-1, 2)
+        run_ot = edge[:, 0] >> shift
+        runs = np.empty(edge.shape, np.int32)
+        np.subtract(edge, (run_ot << shift)[:, None], out=runs, casting="unsafe")
         run_ot -= tile0
         # partial tiles, expanded (their keys stay ascending)
-        p_key = _expand(key[is_part], span[is_part])
-        part_ot, p_tile = np.divmod(p_key, stride)
+        part = np.flatnonzero(is_part)
+        p_key = _expand(key[part], span[part])
+        part_ot = p_key >> shift
+        p_tile = p_key & ((1 << shift) - 1)
         part_ot -= tile0
         # predicates: the pieces whose touched tiles include the partial tile; pieces are
         # band-major, so a stable sort by partial tile leaves each tile's slice ids ascending
-        base = c["tile"] * stride
+        base = c["tile"] << shift
         lo = p_key.searchsorted(base + touch0)
         n_hit = p_key.searchsorted(base + touch1) - lo
         which = _expand(lo, n_hit)
@@ -329,10 +345,23 @@ def transpose_bands(bands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns ``(col_bands, source)``: col_bands (m, 6) over columns, ``source[t]`` the row band it
     came from. A slice splits into at most three column pieces where its row limits start to move.
     """
+    out, src = _transpose_rows(bands.tolist())
+    if not out:
+        return np.zeros((0, 6), np.int64), np.zeros(0, np.int64)
+    return np.array(out, dtype=np.int64), np.array(src, dtype=np.int64)
+
+
+def _transpose_rows(rows: list) -> tuple[list, list]:
+    """`transpose_bands` of band tuples, as lists: (column band tuples, source band of each)."""
     out, src = [], []
-    for t, (r0, r1, ac, a_s, bc, b_s) in enumerate(bands.tolist()):
+    for t, (r0, r1, ac, a_s, bc, b_s) in enumerate(rows):
         ks = ac + a_s * r0
         ke = bc + b_s * (r1 - 1)
+        if not (a_s or b_s):  # FULL: one piece, rows [r0, r1) on every column (as the cuts below give)
+            if ke != ks:
+                out.append((min(ks, ke), max(ks, ke), r0, 0, r1, 0))
+                src.append(t)
+            continue
         # first row of column j: b(i) > j  ->  i >= j - bc + 1 (slope-1 end), else r0
         # last row + 1 of column j: a(i) <= j  ->  i <= j - ac  (slope-1 start), else r1
         cuts = {ks, ke}
@@ -354,9 +383,7 @@ def transpose_bands(bands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 hi = (r1, 0)
             out.append((c0, c1, lo[0], lo[1], hi[0], hi[1]))
             src.append(t)
-    if not out:
-        return np.zeros((0, 6), np.int64), np.zeros(0, np.int64)
-    return np.array(out, dtype=np.int64), np.array(src, dtype=np.int64)
+    return out, src
 
 
 @dataclass(frozen=True)
@@ -503,18 +530,26 @@ def column_bands(mask: Mask) -> np.ndarray:
     return _column_bands(mask, mask.digest())
 
 
+_SMALL_COLUMNS = 64  # column pieces up to which the disjoint-pieces path runs in plain Python
+
+
 def _column_bands(mask: Mask, digest: str) -> np.ndarray:
     hit = _COLUMN_BANDS.get(digest)
     if hit is None:
-        cols, _ = transpose_bands(np.asarray(mask.bands, dtype=np.int64))
+        rows, _ = _transpose_rows(mask.bands.tolist())
         hit = None
-        if cols.shape[0] >= 8:  # many pieces: when no two share a column, no sweep is needed
+        if len(rows) >= 8 and len(rows) <= _SMALL_COLUMNS:  # as below, without numpy's per-call cost
+            pieces = sorted(rows)
+            if all(a[1] <= b[0] for a, b in zip(pieces, pieces[1:])):
+                hit = canonical_from_sorted_disjoint(pieces)
+        elif len(rows) >= 8:  # many pieces: when no two share a column, no sweep is needed
+            cols = np.array(rows, dtype=np.int64)
             o = cols[:, 0].argsort(kind="stable")
             if not (cols[o[1:], 0] < cols[o[:-1], 1]).any():
                 # pieces of canonical row bands are tight: every column of one has rows in it
                 hit = canonical_from_disjoint(cols, mask.sk, mask.sq, tight=True)
         if hit is None:
-            hit = sweep([cols], [False, True], mask.sk, mask.sq)
+            hit = sweep([np.array(rows, dtype=np.int64).reshape(-1, 6)], [False, True], mask.sk, mask.sq)
         hit.flags.writeable = False
         if len(_COLUMN_BANDS) >= 256:
             _COLUMN_BANDS.clear()
@@ -522,10 +557,10 @@ def _column_bands(mask: Mask, digest: str) -> np.ndarray:
     return hit
 
 
-@dataclass(frozen=True)
-class _Tiled:
+class _Tiled(NamedTuple):
     """What is known of one (mask, orientation, outer block, inner block): its tile counts, and
-    its `_classify` result until the lists are built from it, then the lists."""
+    its `_classify` result until the lists are built from it, then the lists (a named tuple: a
+    plan makes several, and a frozen dataclass costs a few microseconds each)."""
 
     counts: tuple[int, int]
     classified: dict | None = None

@@ -287,3 +287,80 @@ def test_column_bands_shortcuts_match_the_general_sweep(md):
         cols, _ = transpose_bands(np.asarray(m.bands))
         general = nz.sweep([cols, np.zeros((0, 6), np.int64)], [False, True, False, True], m.sk, m.sq)
         assert np.array_equal(column_bands(m), general)
+
+
+@given(masks(max_side=40, max_slices=6), sizes, st.sampled_from(["fwd", "bwd"]), st.sampled_from([(3, 5), (6, 1), (5, 12)]))
+def test_shifting_and_dividing_classify_alike(md, sz, which, odd):
+    """Power-of-two tiles are found by shifting; a batch with another size divides instead. Both
+    give each size the lists of its own pass, and the other size the tiles of the dense mask
+    (full: every pair allowed and the tile inside the inner side; partial: some pair, not full)."""
+    from maskc.tiling import _classify, _lists, column_bands
+
+    m, dense = md
+    if not len(m):
+        return
+    bands, outer, inner = (np.asarray(m.bands), m.sq, m.sk) if which == "fwd" else (column_bands(m), m.sk, m.sq)
+    dense = dense if which == "fwd" else dense.T
+    batch = _classify(bands, outer, inner, sz + [odd])
+    for (b_out, b_in), c in zip(sz, batch):
+        alone = _classify(bands, outer, inner, [(b_out, b_in)])[0]
+        n_out = -(-outer // b_out)
+        assert c["counts"] == alone["counts"] and lists_equal(_lists(c, n_out), _lists(alone, n_out))
+    b_out, b_in = odd
+    full = part = 0
+    for t in range(0, outer, b_out):
+        for u in range(0, inner, b_in):
+            tile = dense[t : t + b_out, u : u + b_in]
+            is_full = tile.all() and u + b_in <= inner
+            full += is_full
+            part += tile.any() and not is_full
+    assert batch[-1]["counts"] == (full, part)
+    tl = _lists(batch[-1], -(-outer // b_out))
+    assert (tl.n_full_tiles, tl.n_partial_tiles) == (full, part)
+
+
+@given(st.data())
+def test_canonical_from_sorted_disjoint_equals_the_numpy_path(data):
+    """The plain-Python canonical form of sorted, row-disjoint, tight bands (small column band
+    sets) equals `canonical_from_disjoint`'s, where bands merge and where they do not."""
+    from maskc import normalize as nz
+
+    sk = 64
+    rows, r = [], data.draw(st.integers(0, 5))
+    for _ in range(data.draw(st.integers(0, 12))):
+        r0 = r + data.draw(st.sampled_from([0, 0, 1, 3]))
+        r1 = r0 + data.draw(st.integers(1, 4))
+        if rows and data.draw(st.booleans()):  # the same lines as the band before: may merge
+            _, _, ac, a_s, bc, b_s = rows[-1]
+        else:
+            a_s, b_s = data.draw(st.integers(0, 1)), data.draw(st.integers(0, 1))
+            ac = data.draw(st.integers(0, 20)) - a_s * r0
+            bc = ac + a_s * r0 + data.draw(st.integers(1, 20)) - b_s * r0
+        if all(ac + a_s * i < bc + b_s * i for i in range(r0, r1)):  # tight: no empty row
+            rows.append((r0, r1, ac, a_s, bc, b_s))
+            r = r1
+    want = nz.canonical_from_disjoint(np.array(rows, np.int64).reshape(-1, 6), r + 8, sk, tight=True)
+    got = nz.canonical_from_sorted_disjoint(rows)
+    assert got.dtype == np.int64 and got.shape == want.shape and np.array_equal(got, want)
+
+
+@given(masks(max_side=40, max_slices=8))
+def test_small_column_bands_path_equals_the_numpy_path(md):
+    """Column bands of up to `_SMALL_COLUMNS` pieces go through plain Python; with that path off
+    (numpy's) they are the same, for random masks and packed documents of every kind."""
+    from maskc import tiling
+
+    cases = [md[0]] + [maskc.varlen([3, 5, 2, 7, 1, 4, 6, 2, 3, 9, 1] * n, kind) for n in (1, 3) for kind in maskc.Kind]
+    cases += [maskc.magi_video([3, 2, 4], 4, window=2), maskc.block_causal(90, 7)]
+    small = tiling._SMALL_COLUMNS
+    try:
+        for m in cases:
+            tiling._SMALL_COLUMNS = small
+            tiling.clear_caches()
+            python = tiling.column_bands(m)
+            tiling._SMALL_COLUMNS = 0
+            tiling.clear_caches()
+            assert np.array_equal(python, tiling.column_bands(m)) and not python.flags.writeable
+    finally:
+        tiling._SMALL_COLUMNS = small
+        tiling.clear_caches()
