@@ -38,18 +38,10 @@ from maskc.runtime import attention
 from maskc.codegen.configs import choose_config
 from maskc.runtime.ffa import _resolve
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_mask import doc_lengths  # noqa: E402  (the suite's packed documents; bench_mask needs no torch)
+
 MASKS = ["full", "causal", "swa1024", "varlen_causal", "varlen_full", "block_causal", "varlen_block_causal", "magi_video"]
-
-
-def doc_lengths(s: int, seed: int = 0) -> list[int]:
-    """Deterministic packed document lengths, 512..4096 tokens (not tile aligned)."""
-    rng = np.random.default_rng(seed)
-    out, left = [], s
-    while left > 0:
-        n = int(min(left, rng.integers(512, 4097)))
-        out.append(n)
-        left -= n
-    return out
 
 
 def build(name: str, s: int):

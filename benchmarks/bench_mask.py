@@ -59,7 +59,8 @@ def lowering_cases():
 
 
 def doc_lengths(s: int, seed: int = 0) -> list[int]:
-    """The packed document lengths of `benchmarks/bench_kernels.py` (512..4096 tokens)."""
+    """Deterministic packed document lengths, 512..4096 tokens (not tile aligned): the varlen masks
+    of this file's plan rows and of `benchmarks/bench_kernels.py`."""
     rng = np.random.default_rng(seed)
     out, left = [], s
     while left > 0:
