@@ -6,7 +6,8 @@ kinds, an empty query row, key rows nobody attends to, odd sizes, GQA 2):
 
 (`kns=ffa_` checks the forward, dQ and dK/dV kernels; `kns=ffa_fwd` the forward only.) A second,
 longer mask with 24 heads gives every CTA of the persistent grid several work items, so the
-forward's chains of items (and their ends at the empty query tiles) run under the tools too.
+work-slot handoff and the transitions between items (empty query tiles among them) run under
+the tools too.
 """
 import torch
 
@@ -20,9 +21,9 @@ def rel(x, ref):
 
 small = maskc.Mask([((0, 200), (0, 150), 1), ((30, 260), (100, 300), 0), ((10, 90), (5, 95), 3), ((40, 60), (40, 260), 2)],
                   sq=300, sk=333)
-chained = maskc.Mask([((0, 700), (0, 700), 1), ((900, 1400), (0, 300), 0), ((900, 1400), (900, 1400), 3)],
+many_items = maskc.Mask([((0, 700), (0, 700), 1), ((900, 1400), (0, 300), 0), ((900, 1400), (900, 1400), 3)],
                      sq=1400, sk=1400)
-for mask, d, hq, hkv in ((small, 64, 4, 2), (small, 128, 4, 2), (chained, 128, 24, 24)):
+for mask, d, hq, hkv in ((small, 64, 4, 2), (small, 128, 4, 2), (many_items, 128, 24, 24)):
     sq, sk = mask.shape
     q = torch.randn(sq, hq, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
     k = torch.randn(sk, hkv, d, device="cuda", dtype=torch.bfloat16).requires_grad_()

@@ -137,8 +137,8 @@ def test_cutlass_backward_random_masks(mask, d, fp16, seed):
 def _many_items_mask():
     """3000 tokens: a causal document, query rows 1000-1400 with no key (two whole empty query tiles,
     last in LPT order), a full rectangle and a bi-causal block; with 16 heads every CTA of the
-    persistent grid walks several work items, so the forward chains items and ends chains at the
-    empty tiles, and the backward kernels take many slots per CTA."""
+    persistent grid takes several work items (slot handoffs, item transitions, the empty tiles
+    and the head-grouped slot bands), in the backward kernels too."""
     return maskc.Mask([((0, 1000), (0, 1000), 1), ((1400, 3000), (200, 900), 0), ((1400, 3000), (1400, 3000), 3)],
                       sq=3000, sk=3000)
 

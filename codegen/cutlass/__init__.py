@@ -56,14 +56,14 @@ HEAD_DIMS = (64, 128)
 # The consumers take 240 where they need it (forward; dK/dV at head dim 128, whose two fp32
 # accumulators fill most of them); elsewhere the producer keeps 40, below which its loops spill.
 REGISTERS = {"fwd": (24, 240), "bwd_dq": (40, 232), "bwd_dkdv": (40, 232), ("bwd_dkdv", 128): (24, 240)}
+DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
+_PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
+_ELEMENT_BYTES = 2
 
 
 def registers(spec: KernelSpec) -> tuple[int, int]:
     """(producer, consumer) setmaxnreg of `spec`'s kernel."""
     return REGISTERS.get((spec.direction, spec.head_dim), REGISTERS[spec.direction])
-DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
-_PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
-_ELEMENT_BYTES = 2
 
 
 class CutlassBuildError(RuntimeError):
@@ -163,10 +163,10 @@ def render(spec: KernelSpec) -> str:
     if reason:
         raise CutlassBuildError(f"{spec.name}: no CUTLASS kernel: {reason}")
     template = {"fwd": "ffa_fwd.cu.j2", "bwd_dq": "ffa_bwd_dq.cu.j2", "bwd_dkdv": "ffa_bwd_dkdv.cu.j2"}[spec.direction]
+    producer_regs, consumer_regs = registers(spec)
     return _env().get_template(template).render(
         spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial],
-        SHARED=shared_bytes(spec), PRODUCER_REGS=registers(spec)[0],
-        CONSUMER_REGS=registers(spec)[1])
+        SHARED=shared_bytes(spec), PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs)
 
 
 # ---- toolchain ---------------------------------------------------------------------------------
