@@ -64,6 +64,7 @@ def main(argv=None):
     from maskc.codegen.configs import LISTS
     from maskc.runtime import cutlass as cb
     from maskc.runtime.ffa import _device_lists, ffa_forward, plan_for
+    from maskc.runtime.rows import backward_rows
 
     s, h, d = args.seqlen, args.heads, 128
     scale = d ** -0.5
@@ -77,8 +78,8 @@ def main(argv=None):
         mask = build_mask(name, s)[0]
         fwd_flops = 4.0 * mask.area * d * h
         out, lse = ffa_forward(q, k, v, mask, scale, 0.0, "triton")
-        delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
-        lse2, delta_pad, sq_pad = cb.backward_rows(lse, delta)
+        sq_pad = cb.padded_rows(s)
+        delta_pad, lse2 = backward_rows(out, do, None, lse, sq_pad)
 
         def kernel_run(direction, folder, entries, n_stages):
             """(launch, outputs) of one CUTLASS kernel of `folder` on this mask's inputs."""

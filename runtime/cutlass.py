@@ -211,17 +211,10 @@ def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, list
 ROW_PAD = max(cg.TILES["bwd_dq"][0], cg.TILES["bwd_dkdv"][0])
 
 
-def backward_rows(lse, delta):
-    """lse in log2 units and delta, per query head, padded to a multiple of `ROW_PAD` rows: the
-    backward kernels read whole tiles. A row with no allowed key (lse -inf) and a padding row get
-    lse2 = +inf, so their P = exp2(s - lse2) is 0."""
-    hq, sq = lse.shape
-    sq_pad = max(-(-sq // ROW_PAD) * ROW_PAD, ROW_PAD)
-    lse2 = torch.full((hq, sq_pad), float("inf"), dtype=torch.float32, device=lse.device)
-    lse2[:, :sq] = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta_pad = torch.zeros((hq, sq_pad), dtype=torch.float32, device=lse.device)
-    delta_pad[:, :sq] = delta
-    return lse2, delta_pad, sq_pad
+def padded_rows(sq: int) -> int:
+    """Rows per head of the backward kernels' lse2 and delta: whole tiles of `ROW_PAD` (at least one);
+    `maskc.runtime.rows.backward_rows` fills them (lse2 +inf and delta 0 past row sq)."""
+    return max(-(-sq // ROW_PAD) * ROW_PAD, ROW_PAD)
 
 
 def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad: int, lists, n_q_tiles: int,

@@ -199,16 +199,18 @@ def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float, backend: st
     return out, lse
 
 
-def _cutlass_backward(q, k, v, dout, lse, delta, mask_or_plan, scale: float, softcap: float, backend: str):
+def _cutlass_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, softcap: float, backend: str):
     """dq, dk, dv from the CUTLASS dQ and dK/dV kernels, or None when the call is Triton's."""
     dq_kernel = _cutlass_kernel("bwd_dq", mask_or_plan, q, k, v, softcap, backend)
     dkdv_kernel = _cutlass_kernel("bwd_dkdv", mask_or_plan, q, k, v, softcap, backend)
     if dq_kernel is None or dkdv_kernel is None:
         return None
     from . import cutlass as cb
+    from .rows import backward_rows
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    lse2, delta_pad, sq_pad = cb.backward_rows(lse, delta)
+    sq_pad = cb.padded_rows(q.shape[0])
+    delta_pad, lse2 = backward_rows(out, dout, dlse, lse, sq_pad)
     spec, kernel, plan = dkdv_kernel
     cb.backward_dkdv(spec, kernel, q, k, v, dout, dk, dv, lse2, delta_pad, sq_pad,
                      _device_lists(plan, "bwd", q.device), plan.n_k_tiles, scale)
@@ -223,17 +225,18 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
     sq, hq, d = q.shape
     sk, hkv, _ = k.shape
     group = hq // hkv
-    dout = dout.contiguous()
-    # delta_i = sum_d dO * O - dlse_i : the lse gradient folds into the same correction term
-    delta = (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
-    if dlse is not None:
-        delta = delta - torch.nan_to_num(dlse.float(), nan=0.0, posinf=0.0, neginf=0.0)
     if sq == 0 or sk == 0 or hq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    from .rows import backward_rows
+
+    dout = dout.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
     # CUTLASS when the call allows it (its backward has no atomics, so it serves deterministic=False too)
-    grads = _cutlass_backward(q, k, v, dout, lse, delta, mask_or_plan, scale, softcap, backend)
+    grads = _cutlass_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale, softcap, backend)
     if grads is not None:
         return grads
+    # delta_i = sum_d dO * O - dlse_i : the lse gradient folds into the same correction term
+    delta = backward_rows(out, dout, dlse)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
