@@ -3,12 +3,16 @@ replaces: delta = rowsum(dO * O) - dlse per (head, row), lse2 = lse * log2(e) wi
 rows, and the padding rows of the CUTLASS layout (delta 0, lse2 +inf)."""
 
 import math
+import os
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from maskc.runtime.rows import backward_rows
+
+# the Triton interpreter on the CPU; the GPU when the suite runs there (MASKC_GPU_TESTS=1)
+DEVICE = "cuda" if os.environ.get("MASKC_GPU_TESTS") == "1" else "cpu"
 
 
 def expected(out, dout, dlse, lse, rows):
@@ -39,7 +43,8 @@ def test_rows_match_the_torch_formula(sq, hq, d, pad, with_dlse, seed):
         dlse[:, ::5] = math.nan  # an empty row's lse gradient
         dlse[:, 1::9] = math.inf
     rows = sq + pad
-    delta, lse2 = backward_rows(out, dout, dlse, lse, rows)
+    on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    delta, lse2 = (x.cpu() for x in backward_rows(on(out), on(dout), on(dlse), on(lse), rows))
     ref_delta, ref_lse2 = expected(out, dout, dlse, lse, rows)
     assert delta.shape == lse2.shape == (hq, rows) and delta.dtype == lse2.dtype == torch.float32
     torch.testing.assert_close(delta.double(), ref_delta, rtol=1e-5, atol=1e-4)
@@ -47,22 +52,24 @@ def test_rows_match_the_torch_formula(sq, hq, d, pad, with_dlse, seed):
     finite = torch.isfinite(ref_lse2)
     torch.testing.assert_close(lse2.double()[finite], ref_lse2[finite], rtol=1e-6, atol=1e-6)
     # delta alone, unpadded (the Triton backend's layout)
-    alone = backward_rows(out, dout, dlse)
+    alone = backward_rows(on(out), on(dout), on(dlse)).cpu()
     torch.testing.assert_close(alone, delta[:, :sq], rtol=0, atol=0)
 
 
 def test_rows_reads_strided_heads_and_half_precision():
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(40, 6, 64, generator=g).to(torch.bfloat16)
+    base = torch.randn(40, 6, 64, generator=g).to(torch.bfloat16).to(DEVICE)
     out = base[:, ::2]  # heads 0, 2, 4: strided, last dimension contiguous
-    dout = torch.randn(40, 3, 64, generator=g).to(torch.bfloat16)
-    delta = backward_rows(out, dout)
+    dout = torch.randn(40, 3, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    assert out.stride(1) == 128
+    delta = backward_rows(out, dout).cpu()
+    out, dout = out.cpu(), dout.cpu()
     ref = (dout.double() * out.double()).sum(-1).transpose(0, 1)
     torch.testing.assert_close(delta.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_rows_bad_inputs():
-    out = torch.randn(10, 2, 64)
+    out = torch.randn(10, 2, 64, device=DEVICE)
     with pytest.raises(ValueError, match="rows=5 is fewer than the 10"):
         backward_rows(out, out, rows=5)
     with pytest.raises(ValueError, match="differ in shape"):
@@ -70,6 +77,6 @@ def test_rows_bad_inputs():
     with pytest.raises(ValueError, match="contiguous last"):
         backward_rows(out.transpose(1, 2).contiguous().transpose(1, 2), out)
     with pytest.raises(ValueError, match=r"lse must be \[2, 10\]"):
-        backward_rows(out, out, lse=torch.zeros(10, 2))
+        backward_rows(out, out, lse=torch.zeros(10, 2, device=DEVICE))
     delta = backward_rows(out[:0], out[:0], rows=0)
     assert delta.shape == (2, 0)
