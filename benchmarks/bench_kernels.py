@@ -11,7 +11,10 @@ written the idiomatic way, with document / chunk id lookups); SDPA runs only whe
 dense (full, causal). Per mask, every (impl, direction) is timed once per round, the impls taking
 turns (``--rounds``, default 3), and the median of the rounds' `triton.testing.do_bench` medians
 is recorded (with the rounds): a drift of the GPU's clocks during the run falls on every impl
-alike. Also records host-side plan time.
+alike. Forward+backward is timed as in a training step: every impl's leaf tensors have their
+``.grad`` set to None before each call (PyTorch's ``zero_grad`` default), so no impl adds its
+gradients into the previous call's (runs before 2026-11-26's `-fresh-grads` files included that
+add, 0.39 ms at 32k, in every impl's time). Also records host-side plan time.
 
 Writes ``kernels-<device>-<date>.json``: a header row with versions, then rows
 ``{"mask", "seqlen", "impl", "direction", "tflops", "ms"}``, and prints a table.
@@ -126,6 +129,7 @@ def main(argv=None):
         "head_dim": args.head_dim,
         "dtype": "bf16",
         "rounds": args.rounds,
+        "fwd_bwd_grads": "fresh (.grad = None before each call)",
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
     }
     rows = []
@@ -142,9 +146,22 @@ def main(argv=None):
             do = torch.randn(s, h, d, device="cuda", dtype=torch.bfloat16)
 
             timed = []  # (impl, direction, fn, context), timed in rounds once every impl is set up
+            leaves = [q, k, v]  # and the (1, h, s, d) copies the torch impls take, below
 
             def record(impl, direction, fn, context=contextlib.nullcontext):
+                if direction != "fwd":
+                    fn = fresh_grads(fn)
                 timed.append((impl, direction, fn, context))
+
+            def fresh_grads(fn):
+                """fwd+bwd as in a training step: the leaves' .grad start at None (PyTorch's
+                zero_grad default), so no impl pays a gradient accumulation (an add over dq, dk
+                and dv: 0.39 ms at 32k) that a real model's q/k/v, activations, never have."""
+                def step():
+                    for t in leaves:
+                        t.grad = None
+                    fn()
+                return step
 
             # host-side planning of a new mask: every candidate lowering for the three kernels
             t0 = time.perf_counter()
@@ -179,6 +196,7 @@ def main(argv=None):
                     attention(q, k, v, mask, backend="cutlass").backward(do)
                 record("cutlass", "fwd_bwd", cfb)
             qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
+            leaves.extend((qt, kt, vt))
             dot = do.transpose(0, 1).unsqueeze(0).contiguous()
             if "flex" in args.impls:
                 try:

@@ -112,6 +112,11 @@ def test_shared_memory_fits_sm90():
             for stages in cg.STAGE_CHOICES:
                 s = spec(head_dim=d, direction=direction, block_q=bq, block_k=bk, num_stages=stages)
                 assert cg.shared_bytes(s) + 1024 <= 232448  # + the kernel's static 1 KiB
+                assert cg.supports(s) is None
+    big = spec(head_dim=128, direction="fwd", num_stages=4)  # a ring deeper than the build offers
+    assert "over the 232448 an sm_90 CTA may have" in cg.supports(big)
+    with pytest.raises(cg.CutlassBuildError, match="take fewer stages"):
+        cg.render(big)
 
 
 def test_register_split_fits_one_cta_per_sm():

@@ -57,6 +57,8 @@ HEAD_DIMS = (64, 128)
 # accumulators fill most of them); elsewhere the producer keeps 40, below which its loops spill.
 REGISTERS = {"fwd": (24, 240), "bwd_dq": (40, 232), "bwd_dkdv": (40, 232), ("bwd_dkdv", 128): (24, 240)}
 DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
+MAX_SHARED = 227 * 1024  # shared memory one CTA may opt into on sm_90
+STATIC_SHARED = 1024  # the kernels' static shared memory (cuobjdump -res-usage: SHARED:1024)
 _PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
 _ELEMENT_BYTES = 2
 
@@ -83,6 +85,9 @@ def supports(spec: KernelSpec) -> str | None:
     bq, bk = TILES[spec.direction]
     if (spec.block_q, spec.block_k) != (bq, bk):
         return f"tiles {spec.block_q}x{spec.block_k}: the CUTLASS {spec.direction} kernel runs {bq}x{bk}"
+    if shared_bytes(spec) + STATIC_SHARED > MAX_SHARED:
+        return (f"{spec.num_stages} stages: {shared_bytes(spec) + STATIC_SHARED} bytes of shared memory per CTA, "
+                f"over the {MAX_SHARED} an sm_90 CTA may have (take fewer stages)")
     return None
 
 
