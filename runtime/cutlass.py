@@ -33,12 +33,18 @@ _FUNCTIONS: dict[tuple, object] = {}
 _TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+_DRIVER: list = []
+
+
 def _driver():
+    if _DRIVER:
+        return _DRIVER[0]
     try:
         from cuda.bindings import driver
     except ImportError:
         raise MaskError("the CUTLASS backend needs cuda-bindings (pip install cuda-bindings) to load its "
                         "cubins; backend='triton' needs nothing more") from None
+    _DRIVER.append(driver)
     return driver
 
 
@@ -94,11 +100,22 @@ def compile_into_cache(spec: KernelSpec) -> tuple[Path, dict]:
 # ---- which tensors it can run -------------------------------------------------------------------
 
 
+_CAPABILITY: dict[int, tuple] = {}
+
+
+def _capability(device) -> tuple:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
 def unsupported(q, k, v, softcap: float) -> str | None:
     """None when the CUTLASS forward can run these tensors, else why not."""
     if q.device.type != "cuda":
         return "tensors are not on a CUDA device"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
+    if _capability(q.device) != (9, 0):
         return "the CUTLASS kernels are built for sm_90a (H100/H200)"
     if q.dtype not in _TORCH_DTYPES:
         return f"dtype {q.dtype}: the CUTLASS backend takes bfloat16 and float16"
@@ -146,8 +163,28 @@ def _function(spec: KernelSpec, device, cubin: Path, shared: int):
     return fn[1]
 
 
+_MAPS: dict[tuple, object] = {}
+_MAX_MAPS = 256
+
+
 def _tensor_map(t, rows: int):
-    """TMA descriptor of a ``[tokens, heads, d]`` tensor: boxes of 64 (128 bytes, swizzled) x `rows` x 1."""
+    """TMA descriptor of a ``[tokens, heads, d]`` tensor: boxes of 64 (128 bytes, swizzled) x `rows` x 1.
+
+    Cached by everything the descriptor encodes (address, shape, strides, dtype, box rows): torch's
+    caching allocator hands a training loop the same addresses step after step, and encoding one
+    through cuda-bindings costs ~20 us of host time (11 per forward+backward)."""
+    key = (t.data_ptr(), tuple(t.shape), t.stride(0), t.stride(1), t.dtype, rows)
+    hit = _MAPS.get(key)
+    if hit is None:
+        hit = _encode_tensor_map(t, rows)
+        with _LOCK:
+            if len(_MAPS) >= _MAX_MAPS:
+                _MAPS.clear()
+            _MAPS[key] = hit
+    return hit
+
+
+def _encode_tensor_map(t, rows: int):
     driver = _driver()
     s, h, d = t.shape
     dtype = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if t.dtype == torch.bfloat16
@@ -218,10 +255,11 @@ def padded_rows(sq: int) -> int:
 
 
 def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad: int, lists, n_q_tiles: int,
-                scale: float):
-    """Launch the CUTLASS dQ kernel (dq = scale * sum_k dS K), deterministic: no atomics."""
+                scale: float, counter=None):
+    """Launch the CUTLASS dQ kernel (dq = scale * sum_k dS K), deterministic: no atomics. `counter`:
+    a zeroed int32 for the persistent grid's next free slot (made here when not given)."""
     sq, hq, _ = q.shape
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if counter is None else counter
     maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k),
             _tensor_map(dout, spec.block_q)]
     args = [_ptr(dq), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq),
@@ -232,12 +270,12 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
 
 
 def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, sq_pad: int, lists, n_k_tiles: int,
-                  scale: float):
+                  scale: float, counter=None):
     """Launch the CUTLASS dK/dV kernel: one work item per (key tile, KV head), the GQA group's query
-    heads summed inside it (no atomics)."""
+    heads summed inside it (no atomics). `counter` as for `backward_dq`."""
     sk, hkv, _ = k.shape
     hq = q.shape[1]
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if counter is None else counter
     maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k),
             _tensor_map(dout, spec.block_q)]
     args = [_ptr(dk), _ptr(dv), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_k_tiles * hkv),

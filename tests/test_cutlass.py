@@ -194,3 +194,28 @@ def _check_entry(tmp_path, entry):
         assert "HGMMA.64x128x16.F32.BF16" in sass or "HGMMA.64x64x16.F32.BF16" in sass
         assert "UTMALDG" in sass  # TMA loads
         assert not re.search(r"\b(LDL|STL)\b", sass)  # no local-memory traffic
+
+
+def test_tensor_map_cache_keys_on_everything_the_descriptor_encodes(monkeypatch):
+    from maskc.runtime import cutlass as cb
+
+    encoded = []
+    monkeypatch.setattr(cb, "_encode_tensor_map", lambda t, rows: encoded.append((t.data_ptr(), rows)) or len(encoded))
+    monkeypatch.setattr(cb, "_MAPS", {})
+    base = torch.zeros(64, 4, 64, dtype=torch.bfloat16)
+    first = cb._tensor_map(base, 128)
+    assert cb._tensor_map(base, 128) == first and len(encoded) == 1  # same tensor, same box: cached
+    assert cb._tensor_map(base.view(64, 4, 64), 128) == first  # another view of the same memory and layout
+    others = [
+        cb._tensor_map(base, 64),                         # box rows
+        cb._tensor_map(base[:32], 128),                   # shape
+        cb._tensor_map(base[:, :2], 128),                 # heads (same address and strides)
+        cb._tensor_map(base.view(torch.float16), 128),    # dtype
+        cb._tensor_map(base.view(64, 2, 128)[:, :, :64], 128),  # strides
+        cb._tensor_map(base[1:], 128),                    # address
+    ]
+    assert len(set(others)) == len(others) and first not in others and len(encoded) == 7
+    monkeypatch.setattr(cb, "_MAX_MAPS", 3)
+    for rows in (1, 2, 3, 4):  # a full cache starts over rather than growing
+        cb._tensor_map(base, rows)
+    assert len(cb._MAPS) <= 3
