@@ -57,14 +57,14 @@ def backward_rows(out, dout, dlse=None, lse=None, rows: int | None = None):
         raise ValueError(f"backward_rows: rows={rows} is fewer than the {sq} query rows")
     if dout.shape != out.shape:
         raise ValueError(f"backward_rows: dout {tuple(dout.shape)} and out {tuple(out.shape)} differ in shape")
-    if out.stride(-1) != 1 or dout.stride(-1) != 1:
+    if (out.stride(-1) != 1 or dout.stride(-1) != 1) and d > 1:
         raise ValueError("backward_rows: out and dout need a contiguous last (head) dimension")
     delta = torch.empty((hq, rows), dtype=torch.float32, device=out.device)
     lse2 = torch.empty((hq, rows), dtype=torch.float32, device=out.device) if lse is not None else delta
     if hq == 0 or rows == 0:
         return delta if lse is None else (delta, lse2)
     for name, t in (("dlse", dlse), ("lse", lse)):
-        if t is not None and (t.shape != (hq, sq) or t.stride(-1) != 1):
+        if t is not None and (t.shape != (hq, sq) or (t.stride(-1) != 1 and sq > 1)):  # (a 1-wide row has any stride)
             raise ValueError(f"backward_rows: {name} must be [{hq}, {sq}] with contiguous rows, "
                              f"got {tuple(t.shape)} strides {t.stride()}")
     block_m = 64 if d <= 128 else 32

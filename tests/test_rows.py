@@ -80,3 +80,18 @@ def test_rows_bad_inputs():
         backward_rows(out, out, lse=torch.zeros(10, 2, device=DEVICE))
     delta = backward_rows(out[:0], out[:0], rows=0)
     assert delta.shape == (2, 0)
+
+
+def test_rows_one_query_row_with_a_transposed_lse_gradient():
+    # [hq, 1] made by transposing [1, hq]: torch calls it contiguous, its row stride is not 1
+    g = torch.Generator().manual_seed(2)
+    out, dout = (torch.randn(1, 3, 64, generator=g) for _ in range(2))
+    dlse = torch.randn(1, 3, generator=g).t()
+    lse = torch.randn(1, 3, generator=g).t()
+    assert dlse.is_contiguous() and dlse.stride() == (1, 3)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    delta, lse2 = (x.cpu() for x in backward_rows(on(out), on(dout), on(dlse), on(lse), 4))
+    ref_delta, ref_lse2 = expected(out, dout, dlse, lse, 4)
+    torch.testing.assert_close(delta.double(), ref_delta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse2.double()[:, :1], ref_lse2[:, :1], rtol=1e-6, atol=1e-6)
+    assert torch.isinf(lse2[:, 1:]).all()
