@@ -240,7 +240,7 @@ def main(argv=None):
                 rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": direction,
                              "tflops": round(fl / ms / 1e9, 1), "ms": round(ms, 4),
                              "ms_rounds": [round(t, 4) for t in times[(impl, direction)]]})
-            del q, k, v, qt, kt, vt
+            del q, k, v, qt, kt, vt, leaves, timed  # (the closures in `timed` hold them too)
             torch.cuda.empty_cache()
             print(f"done {name} {s}", file=sys.stderr, flush=True)
     out = Path(args.out)
