@@ -12,6 +12,7 @@ compiled into ``$MASKC_CACHE/cutlass`` with nvcc when nvcc and the CUTLASS heade
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import threading
@@ -33,18 +34,14 @@ _FUNCTIONS: dict[tuple, object] = {}
 _TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-_DRIVER: list = []
-
-
+@functools.cache
 def _driver():
-    if _DRIVER:
-        return _DRIVER[0]
+    """cuda-bindings' driver module (imported once: every launch asks for it several times)."""
     try:
         from cuda.bindings import driver
     except ImportError:
         raise MaskError("the CUTLASS backend needs cuda-bindings (pip install cuda-bindings) to load its "
                         "cubins; backend='triton' needs nothing more") from None
-    _DRIVER.append(driver)
     return driver
 
 
@@ -100,22 +97,22 @@ def compile_into_cache(spec: KernelSpec) -> tuple[Path, dict]:
 # ---- which tensors it can run -------------------------------------------------------------------
 
 
-_CAPABILITY: dict[int, tuple] = {}
+def _device_facts(device) -> tuple[tuple[int, int], int]:
+    """(compute capability, SM count) of a CUDA device, asked of torch once per device."""
+    return _facts_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _capability(device) -> tuple:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    cap = _CAPABILITY.get(index)
-    if cap is None:
-        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return cap
+@functools.cache
+def _facts_of(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
 
 
 def unsupported(q, k, v, softcap: float) -> str | None:
     """None when the CUTLASS forward can run these tensors, else why not."""
     if q.device.type != "cuda":
         return "tensors are not on a CUDA device"
-    if _capability(q.device) != (9, 0):
+    if _device_facts(q.device)[0] != (9, 0):
         return "the CUTLASS kernels are built for sm_90a (H100/H200)"
     if q.dtype not in _TORCH_DTYPES:
         return f"dtype {q.dtype}: the CUTLASS backend takes bfloat16 and float16"
@@ -203,16 +200,6 @@ def _encode_tensor_map(t, rows: int):
     ), "cuTensorMapEncodeTiled")
 
 
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(device) -> int:
-    n = _SMS.get(device.index)
-    if n is None:
-        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
-
-
 def _launch(spec: KernelSpec, kernel: tuple[Path, dict], device, maps, args, n_slots: int) -> None:
     """cuLaunchKernelEx of a persistent kernel (at most one CTA per SM) on the current torch stream."""
     driver = _driver()
@@ -221,7 +208,7 @@ def _launch(spec: KernelSpec, kernel: tuple[Path, dict], device, maps, args, n_s
     params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
                                                           *(ctypes.addressof(a) for a in args))
     config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = min(n_slots, _sm_count(device)), 1, 1
+    config.gridDimX, config.gridDimY, config.gridDimZ = min(n_slots, _device_facts(device)[1]), 1, 1
     config.blockDimX, config.blockDimY, config.blockDimZ = entry["threads"], 1, 1
     config.sharedMemBytes = int(entry["shared"])
     config.hStream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
@@ -233,11 +220,18 @@ def _ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _operand_maps(spec: KernelSpec, q, k, v, dout=None) -> list:
+    """The kernel's TMA descriptors, in its parameter order: Q, K, V (and dO for the backward);
+    Q and dO in boxes of the spec's query tile, K and V of its key tile."""
+    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k)]
+    return maps if dout is None else maps + [_tensor_map(dout, spec.block_q)]
+
+
 def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, scale: float):
     """Launch the CUTLASS forward: out and lse as the Triton forward writes them."""
     sq, hq, _ = q.shape
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the persistent grid's next free slot
-    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k)]
+    maps = _operand_maps(spec, q, k, v)
     args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), _ptr(counter),
             ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
             ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(scale * LOG2E)]
@@ -260,8 +254,7 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
     a zeroed int32 for the persistent grid's next free slot (made here when not given)."""
     sq, hq, _ = q.shape
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if counter is None else counter
-    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k),
-            _tensor_map(dout, spec.block_q)]
+    maps = _operand_maps(spec, q, k, v, dout)
     args = [_ptr(dq), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq),
             _ptr(counter), ctypes.c_int(sq), ctypes.c_int(sq_pad), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
             ctypes.c_longlong(dq.stride(0)), ctypes.c_longlong(dq.stride(1)), ctypes.c_float(scale * LOG2E),
@@ -276,8 +269,7 @@ def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, 
     sk, hkv, _ = k.shape
     hq = q.shape[1]
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if counter is None else counter
-    maps = [_tensor_map(q, spec.block_q), _tensor_map(k, spec.block_k), _tensor_map(v, spec.block_k),
-            _tensor_map(dout, spec.block_q)]
+    maps = _operand_maps(spec, q, k, v, dout)
     args = [_ptr(dk), _ptr(dv), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_k_tiles * hkv),
             _ptr(counter), ctypes.c_int(sk), ctypes.c_int(sq_pad), ctypes.c_int(hkv), ctypes.c_int(hq // hkv),
             ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _rows_kernel(OUT, DOUT, DLSE, LSE, DELTA, LSE2, sq, rows,
                  stride_os, stride_oh, stride_ds, stride_dh, stride_lh, stride_gh,
