@@ -34,6 +34,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def over_the_suite(test):
+    """Parametrize `test` over every mask of the GPU suite x head dims 64, 128 x bf16, fp16."""
+    test = pytest.mark.parametrize("name, make", CASES, ids=[c[0] for c in CASES])(test)
+    test = pytest.mark.parametrize("d", [64, 128])(test)
+    return pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])(test)
+
+
+def gqa_mask():
+    """The GQA cases' mask: causal, plus a two-sided band of 100 (777 tokens: a partial last tile)."""
+    return maskc.causal(777) | maskc.sliding_window(777, 100, causal=False)
+
+
 def _inputs(mask, hq, hkv, d, dtype, seed):
     sq, sk = mask.shape
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -60,16 +72,14 @@ def check_forward(mask, hq, hkv, d, dtype, seed):
     assert rel(out, tri_out) < torch.finfo(dtype).eps, "CUTLASS and Triton agree to the dtype's rounding"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("name, make", CASES, ids=[c[0] for c in CASES])
+@over_the_suite
 def test_cutlass_suite(name, make, d, dtype):
     check_forward(make(), 4, 2, d, dtype, zlib.crc32(f"cutlass-{name}-{d}".encode()))
 
 
 @pytest.mark.parametrize("hq, hkv", [(8, 8), (8, 1), (6, 2)])
 def test_cutlass_gqa(hq, hkv):
-    check_forward(maskc.causal(777) | maskc.sliding_window(777, 100, causal=False), hq, hkv, 128, torch.bfloat16, hq)
+    check_forward(gqa_mask(), hq, hkv, 128, torch.bfloat16, hq)
 
 
 @st.composite
@@ -115,17 +125,14 @@ def check_backward(mask, hq, hkv, d, dtype, seed, with_lse=False):
         assert (c[empty] == 0).all(), name
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("name, make", CASES, ids=[c[0] for c in CASES])
+@over_the_suite
 def test_cutlass_backward_suite(name, make, d, dtype):
     check_backward(make(), 4, 2, d, dtype, zlib.crc32(f"cutlass-bwd-{name}-{d}".encode()))
 
 
 @pytest.mark.parametrize("hq, hkv", [(8, 8), (8, 1), (6, 2)])
 def test_cutlass_backward_gqa_and_lse_gradient(hq, hkv):
-    mask = maskc.causal(777) | maskc.sliding_window(777, 100, causal=False)
-    check_backward(mask, hq, hkv, 128, torch.bfloat16, hq, with_lse=True)
+    check_backward(gqa_mask(), hq, hkv, 128, torch.bfloat16, hq, with_lse=True)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
