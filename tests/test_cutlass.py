@@ -194,6 +194,8 @@ def _check_entry(tmp_path, entry):
         assert "HGMMA.64x128x16.F32.BF16" in sass or "HGMMA.64x64x16.F32.BF16" in sass
         assert "UTMALDG" in sass  # TMA loads
         assert not re.search(r"\b(LDL|STL)\b", sass)  # no local-memory traffic
+        # shared storage is addressed as shared memory (LDS/STS), never through generic LD/ST
+        assert not re.search(r"\b(LD|ST)\.E\b", sass)
 
 
 def test_tensor_map_cache_keys_on_everything_the_descriptor_encodes(monkeypatch):
