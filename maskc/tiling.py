@@ -34,6 +34,7 @@ from .kinds import Kind, as_int
 from .mask import Mask
 from .normalize import canonical_from_disjoint, canonical_from_sorted_disjoint, sweep
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
 _LISTS = ("full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order")
 
 
@@ -698,6 +699,10 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
             raise MaskError(f"lower(): {name} must be a power of two >= 1, got {b}")
     if only not in (None, "fwd", "bwd"):
         raise MaskError(f"lower(): only must be None, 'fwd' or 'bwd', got {only!r}")
+    if max(mask.sq, mask.sk) > _INT32_MAX:
+        # the kernels index tokens and read the band parameters as int32
+        raise MaskError(f"lower(): the mask is {mask.sq} x {mask.sk}; the kernels take at most {_INT32_MAX} "
+                        "queries and keys per launch (int32 positions)")
     digest = mask.digest()
     bands = np.asarray(mask.bands, dtype=np.int64)
     fwd = bwd = bands_t = kinds = None
@@ -741,30 +746,42 @@ def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
     (column bands; dK/dV).
     """
     tl: TileLists = getattr(plan, which)
-    bands = np.asarray(plan.bands if which == "fwd" else plan.bands_t, dtype=np.int64)
+    bands = plan.bands if which == "fwd" else plan.bands_t  # int32, like every list of TileLists
     n_out = tl.n_outer
-    cnt = np.diff(tl.pred_ptr).astype(np.int64)
-    owner = np.repeat(np.arange(n_out), np.diff(tl.part_ptr))
+    cnt = np.diff(tl.pred_ptr)
     few = cnt <= INLINE_PREDS
-    few_idx = np.nonzero(few)[0]
-    many_idx = np.nonzero(~few)[0]
+    all_few = bool(few.all())
+    few_idx = None if all_few else np.nonzero(few)[0]
     # few: inline parameters, empty band (all zeros: no row satisfies 0 <= r < 0) in unused slots
-    ext = np.vstack([bands, np.zeros((1, 6), np.int64)])
+    ext = np.zeros((bands.shape[0] + 1, 6), np.int32)
+    ext[:-1] = bands
     empty = bands.shape[0]
-    table = [tl.part_tiles[few_idx].astype(np.int64)[:, None]]
+    few_cnt = cnt if all_few else cnt[few_idx]
+    few_first = tl.pred_ptr[:-1] if all_few else tl.pred_ptr[few_idx]
+    few_tab = np.empty((few_cnt.shape[0], 1 + 6 * INLINE_PREDS), np.int32)
+    few_tab[:, 0] = tl.part_tiles if all_few else tl.part_tiles[few_idx]
     for slot in range(INLINE_PREDS):
-        has = cnt[few_idx] > slot
-        ids = np.where(has, tl.preds[np.minimum(tl.pred_ptr[few_idx] + slot, max(tl.preds.size - 1, 0))] if tl.preds.size else empty, empty)
-        table.append(ext[ids])
-    few_tab = np.hstack(table) if few_idx.size else np.zeros((0, 1 + 6 * INLINE_PREDS), np.int64)
-    few_ptr = _ptr(np.bincount(owner[few_idx], minlength=n_out))
-    # many: CSR of slice ids
-    m_cnt = cnt[many_idx]
-    many_ptr = _ptr(np.bincount(owner[many_idx], minlength=n_out))
-    many_pred_ptr = _ptr(m_cnt)
-    rep = np.repeat(np.arange(many_idx.size), m_cnt)
-    within = np.arange(rep.size) - (many_pred_ptr[:-1][rep] if rep.size else 0)
-    many_preds = tl.preds[tl.pred_ptr[many_idx][rep] + within] if rep.size else np.zeros(0, np.int64)
+        ids = np.full(few_cnt.shape[0], empty, np.int64)
+        has = few_cnt > slot
+        ids[has] = tl.preds[few_first[has] + slot]
+        few_tab[:, 1 + 6 * slot:7 + 6 * slot] = ext[ids]
+    if all_few:  # the common case: every partial tile is `few`, and `many` is empty
+        few_ptr = tl.part_ptr
+        many_ptr = np.zeros(n_out + 1, np.int32)
+        many_tiles = many_preds = np.zeros(0, np.int32)
+        many_pred_ptr = np.zeros(1, np.int32)
+    else:
+        owner = np.repeat(np.arange(n_out), np.diff(tl.part_ptr))
+        many_idx = np.nonzero(~few)[0]
+        few_ptr = _ptr32(np.bincount(owner[few_idx], minlength=n_out))
+        # many: CSR of slice ids
+        m_cnt = cnt[many_idx]
+        many_ptr = _ptr32(np.bincount(owner[many_idx], minlength=n_out))
+        many_pred_ptr = _ptr32(m_cnt)
+        rep = np.repeat(np.arange(many_idx.size), m_cnt)
+        within = np.arange(rep.size) - many_pred_ptr[:-1][rep]
+        many_preds = tl.preds[tl.pred_ptr[many_idx][rep] + within]
+        many_tiles = tl.part_tiles[many_idx]
     out = {
         "bands": bands.reshape(-1),
         "full_ptr": tl.full_ptr,
@@ -772,14 +789,9 @@ def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
         "few_ptr": few_ptr,
         "few": few_tab.reshape(-1),
         "many_ptr": many_ptr,
-        "many_tiles": tl.part_tiles[many_idx],
+        "many_tiles": many_tiles,
         "many_pred_ptr": many_pred_ptr,
         "many_preds": many_preds,
         "order": tl.order,
     }
-    for key, a in out.items():
-        a = np.asarray(a)
-        if a.size and (a.max() > np.iinfo(np.int32).max or a.min() < np.iinfo(np.int32).min):
-            raise MaskError(f"kernel lists: {key} exceeds int32 (sequence too long for one kernel launch)")
-        out[key] = np.ascontiguousarray(a, dtype=np.int32)
-    return out
+    return {key: np.ascontiguousarray(a, dtype=np.int32) for key, a in out.items()}

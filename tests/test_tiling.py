@@ -104,6 +104,16 @@ def test_lower_needs_a_mask():
         lower([1, 2], 4, 4)
 
 
+def test_lower_rejects_positions_beyond_int32():
+    # the plan's band parameters are int32: a key at 2**31 used to wrap to -2**31 silently
+    big = 2**31
+    m = maskc.Mask.from_ranges([(0, 4)], [(big, big + 8)], sq=4, sk=big + 8)
+    with pytest.raises(MaskError, match=r"4 x 2147483656; the kernels take at most 2147483647"):
+        lower(m, 4, 2**20)
+    edge = maskc.Mask.from_ranges([(0, 4)], [(big - 16, big - 8)], sq=4, sk=big - 1)
+    assert lower(edge, 4, 2**20).bands[0].tolist() == [0, 4, big - 16, 0, big - 8, 0]
+
+
 @given(masks(max_side=40, max_slices=6), blocks, blocks)
 def test_kernel_lists_partition_partial_tiles(md, bq, bk):
     from maskc.tiling import INLINE_PREDS, KERNEL_LISTS, kernel_lists
