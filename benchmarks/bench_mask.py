@@ -4,7 +4,8 @@
 
 Writes ``mask-<host>-<date>.json`` (one row per case: median/min ms, slices, area, peak
 traced memory of one build) and prints a table. Target: each case under 50 ms. Also times the
-host-side planning of a new 32k mask for the three kernels (`plan_cases`; target: under 1 ms).
+host-side planning of a new 32k mask for the three kernels (`plan_cases`, the Triton backend's
+tile choice, and `cutlass_plan_cases`, what the H100 runs; target: under 1 ms).
 """
 
 from __future__ import annotations
@@ -100,6 +101,45 @@ def plan_cases(s: int = 1 << 15):
     return {f"plan new 32k {name} (3 kernels)": (new(build), plan) for name, build in masks.items()}
 
 
+def cutlass_plan_cases(s: int = 1 << 15):
+    """Planning a new mask for the CUTLASS kernels, as `maskc.runtime` does on the H100 (what
+    ``backend="auto"`` runs there): the forward's and dQ's tile sizes classified in one pass, then
+    each kernel's lowering (forward 128x128 and dQ 128x64 over query tiles, dK/dV 64x128 over key
+    tiles) and its flat work lists (`kernel_lists`), the arrays copied to the GPU. The 8 masks of
+    `bench_kernels.py`; the tiling memo is cleared before each repetition (untimed)."""
+    from maskc.codegen.cutlass import TILES
+    from maskc.tiling import kernel_lists, tile_counts_many
+
+    lengths = doc_lengths(s)
+    chunk = 1536
+    n = s // chunk
+    masks = {
+        "full": lambda: maskc.full(s),
+        "causal": lambda: maskc.causal(s),
+        "sliding window 1024": lambda: maskc.sliding_window(s, 1024),
+        "varlen causal": lambda: maskc.varlen(lengths, maskc.CAUSAL),
+        "varlen full": lambda: maskc.varlen(lengths, maskc.FULL),
+        "block causal 1024": lambda: maskc.block_causal(s, 1024),
+        "varlen block causal": lambda: maskc.concat(*[maskc.block_causal(x, 1024) for x in lengths]),
+        "magi_video, window 4": lambda: maskc.magi_video([n // 3, n // 3, n - 2 * (n // 3)], chunk, window=4).with_shape(s, s),
+    }
+
+    def new(build):
+        def make():
+            mask = build()
+            clear_caches()
+            return mask
+        return make
+
+    def plan(mask):
+        tile_counts_many(mask, [TILES["fwd"], TILES["bwd_dq"]], "fwd")
+        for direction, which in (("fwd", "fwd"), ("bwd_dq", "fwd"), ("bwd_dkdv", "bwd")):
+            kernel_lists(maskc.lower(mask, *TILES[direction], only=which), which)
+        return mask
+
+    return {f"plan new 32k {name} for CUTLASS (3 kernels + lists)": (new(build), plan) for name, build in masks.items()}
+
+
 def measure(fn, repeat: int, setup=None):
     """Times ``fn()``, or ``fn(setup())`` with the setup untimed, `repeat` times after a warm-up."""
     args = (lambda: ()) if setup is None else (lambda: (setup(),))
@@ -124,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     args = ap.parse_args(argv)
     rows = []
-    for name, fn in {**cases(), **lowering_cases(), **plan_cases()}.items():
+    for name, fn in {**cases(), **lowering_cases(), **plan_cases(), **cutlass_plan_cases()}.items():
         setup, fn = fn if isinstance(fn, tuple) else (None, fn)
         m, times, peak = measure(fn, args.repeat, setup)
         rows.append(

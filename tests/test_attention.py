@@ -5,6 +5,7 @@ multiples of the 16x16 interpreter tiles), GQA, softcap; forward out and lse, ba
 including the gradient through lse. Tolerance: ||x - ref|| / ||ref|| < 1e-5.
 """
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -184,3 +185,34 @@ def test_non_deterministic_backward_fuses_dq(mask):
     ref_grads = torch.autograd.grad(ref, (q, k, v), go.double())
     for a, b in zip(grads, ref_grads):
         assert rel(a, b) < TOL
+
+
+def test_cutlass_planning_classifies_the_row_kernels_once(monkeypatch):
+    """A new mask's CUTLASS forward plan also classifies dQ's tile size (same row orientation) in
+    the same pass, so the backward's dQ lowering classifies nothing. (CPU: the kernel lookup is
+    stubbed; only the planning runs.)"""
+    import importlib
+
+    import maskc.tiling as tiling
+
+    rt = importlib.import_module("maskc.runtime.ffa")
+    cb = importlib.import_module("maskc.runtime.cutlass")
+    monkeypatch.setattr(cb, "unsupported", lambda *a: None)
+    monkeypatch.setattr(cb, "built_kernel", lambda spec: ("cubin", {"spec": spec}))
+    monkeypatch.setattr(rt, "_CUTLASS", {})
+    monkeypatch.setattr(rt, "_PLANS", {})
+    tiling.clear_caches()
+    calls = []
+    real = tiling._classify
+    monkeypatch.setattr(tiling, "_classify", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    mask = maskc.varlen([300, 700, 1048], maskc.CAUSAL)
+    q = torch.zeros(2048, 2, 64)
+    fwd_spec, _, fwd_plan = rt._cutlass_kernel("fwd", mask, q, q, q, 0.0, "auto")
+    assert calls == [[cb.cg.TILES["fwd"], cb.cg.TILES["bwd_dq"]]]  # one pass, both sizes
+    dq_spec, _, dq_plan = rt._cutlass_kernel("bwd_dq", mask, q, q, q, 0.0, "auto")
+    assert len(calls) == 1  # dQ's lowering reused the classification
+    assert (fwd_spec.direction, dq_spec.direction) == ("fwd", "bwd_dq")
+    for plan, direction in ((fwd_plan, "fwd"), (dq_plan, "bwd_dq")):
+        want = lower(mask, *cb.cg.TILES[direction])
+        for name in ("full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order"):
+            assert np.array_equal(getattr(plan.fwd, name), getattr(want.fwd, name)), (direction, name)

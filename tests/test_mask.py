@@ -161,3 +161,34 @@ def test_fast_path_equals_sweep(rows):
     fast = nz.canonical_from_disjoint(bands, r, sk)
     assert fast is not None
     assert np.array_equal(fast, nz.sweep([bands], _SELF, r, sk))
+
+
+def _raster(bands, sq, sk):
+    out = np.zeros((sq, sk), dtype=bool)
+    for r0, r1, ac, a_s, bc, b_s in np.asarray(bands).tolist():
+        for i in range(max(r0, 0), min(r1, sq)):
+            out[i, max(ac + a_s * i, 0):max(min(bc + b_s * i, sk), 0)] = True
+    return out
+
+
+@given(st.integers(1, 40), st.integers(1, 40), st.booleans(),
+       st.lists(st.tuples(st.integers(-3, 42), st.integers(0, 15), st.integers(-3, 42), st.integers(-2, 20)),
+                min_size=24, max_size=48))
+def test_union_of_many_rectangles(sq, sk, long_rows, rects):
+    """A union of >= 24 constant bands is merged on a grid (`_union_of_rectangles`), assembled
+    directly where every row segment spans 2+ rows: same bands as the per-segment sweep, and the
+    union's cells."""
+    from maskc import normalize as nz
+
+    step = 2 if long_rows else 1  # even row ends: every segment spans 2+ rows (the direct assembly)
+    bands = np.array([(step * r0, step * (r0 + h), c0, 0, c0 + w, 0) for r0, h, c0, w in rects], dtype=np.int64)
+    sq *= step
+    got = nz.sweep([bands], [False, True], sq, sk)
+    saved = nz._MANY_RECTANGLES
+    nz._MANY_RECTANGLES = 10**9  # the per-segment path
+    try:
+        want = nz.sweep([bands], [False, True], sq, sk)
+    finally:
+        nz._MANY_RECTANGLES = saved
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert np.array_equal(_raster(got, sq, sk), _raster(bands, sq, sk))
