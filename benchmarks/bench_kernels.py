@@ -14,7 +14,9 @@ is recorded (with the rounds): a drift of the GPU's clocks during the run falls 
 alike. Forward+backward is timed as in a training step: every impl's leaf tensors have their
 ``.grad`` set to None before each call (PyTorch's ``zero_grad`` default), so no impl adds its
 gradients into the previous call's (runs before 2026-11-26's `-fresh-grads` files included that
-add, 0.39 ms at 32k, in every impl's time). Also records host-side plan time.
+add, 0.39 ms at 32k, in every impl's time). Also records the host time to plan each mask as new
+(one sample each, memo cleared): rows ``plan_host_ms`` with impl ``maskc`` (the Triton kernels'
+tile choice) and ``cutlass`` (`bench_mask.plan_for_cutlass`, what the H100 runs).
 
 Writes ``kernels-<device>-<date>.json``: a header row with versions, then rows
 ``{"mask", "seqlen", "impl", "direction", "tflops", "ms"}``, and prints a table.
@@ -42,7 +44,7 @@ from maskc.codegen.configs import choose_config
 from maskc.runtime.ffa import _resolve
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_mask import doc_lengths  # noqa: E402  (the suite's packed documents; bench_mask needs no torch)
+from bench_mask import doc_lengths, plan_for_cutlass  # noqa: E402  (the suite's packed documents; bench_mask needs no torch)
 
 MASKS = ["full", "causal", "swa1024", "varlen_causal", "varlen_full", "block_causal", "varlen_block_causal", "magi_video"]
 
@@ -163,12 +165,19 @@ def main(argv=None):
                     fn()
                 return step
 
-            # host-side planning of a new mask: every candidate lowering for the three kernels
+            # host-side planning of a new mask: every candidate lowering for the three Triton
+            # kernels, and what the CUTLASS kernels need (one sample each, memo cleared first)
+            maskc.tiling.clear_caches()
             t0 = time.perf_counter()
             for direction in ("fwd", "bwd_dkdv", "bwd_dq"):
                 choose_config(mask, direction, d, "cuda", maskc.tiling.lower)
             plan_ms = (time.perf_counter() - t0) * 1e3
             rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
+            maskc.tiling.clear_caches()
+            t0 = time.perf_counter()
+            plan_for_cutlass(mask)
+            plan_ms = (time.perf_counter() - t0) * 1e3
+            rows.append({"mask": name, "seqlen": s, "impl": "cutlass", "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
             if "maskc" in args.impls:
                 fwd = lambda: attention(q, k, v, mask, backend="triton")
                 out = fwd()
@@ -257,8 +266,8 @@ def print_table(rows):
     for r in rows:
         if "tflops" in r:
             by[(r["mask"], r["seqlen"], r["impl"], r["direction"])] = r["tflops"]
-    plan = {(r["mask"], r["seqlen"]): r["ms"] for r in rows if r["direction"] == "plan_host_ms"}
-    print(f"{'mask':<22}{'S':>7} | {'maskc f/fb/fb-nd':>17} | {'cutlass f/fb':>13} | {'flex f/fb':>13} | {'x flex f/fb':>12} | {'cudnn f/fb':>13} | {'flash f/fb':>13} | plan ms")
+    plan = {(r["mask"], r["seqlen"], r["impl"]): r["ms"] for r in rows if r["direction"] == "plan_host_ms"}
+    print(f"{'mask':<22}{'S':>7} | {'maskc f/fb/fb-nd':>17} | {'cutlass f/fb':>13} | {'flex f/fb':>13} | {'x flex f/fb':>12} | {'cudnn f/fb':>13} | {'flash f/fb':>13} | plan ms triton/cutlass")
     for (m, s) in dict.fromkeys((r["mask"], r["seqlen"]) for r in rows):
         def pair(impl):
             f, b = by.get((m, s, impl, "fwd")), by.get((m, s, impl, "fwd_bwd"))
@@ -268,7 +277,7 @@ def print_table(rows):
         mpair = pair("maskc") + ("" if nd is None else f"/{nd:.0f}")
         ff, fb = by.get((m, s, "flex", "fwd")), by.get((m, s, "flex", "fwd_bwd"))
         ratio = f"{mf / ff:.2f}/{mb / fb:.2f}" if mf and ff else "-"
-        print(f"{m:<22}{s:>7} | {mpair:>17} | {pair('cutlass'):>13} | {pair('flex'):>13} | {ratio:>12} | {pair('cudnn'):>13} | {pair('flash'):>13} | {plan.get((m, s), 0):.2f}")
+        print(f"{m:<22}{s:>7} | {mpair:>17} | {pair('cutlass'):>13} | {pair('flex'):>13} | {ratio:>12} | {pair('cudnn'):>13} | {pair('flash'):>13} | {plan.get((m, s, 'maskc'), 0):.2f}/{plan.get((m, s, 'cutlass'), 0):.2f}")
 
 
 if __name__ == "__main__":

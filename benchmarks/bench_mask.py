@@ -107,9 +107,6 @@ def cutlass_plan_cases(s: int = 1 << 15):
     each kernel's lowering (forward 128x128 and dQ 128x64 over query tiles, dK/dV 64x128 over key
     tiles) and its flat work lists (`kernel_lists`), the arrays copied to the GPU. The 8 masks of
     `bench_kernels.py`; the tiling memo is cleared before each repetition (untimed)."""
-    from maskc.codegen.cutlass import TILES
-    from maskc.tiling import kernel_lists, tile_counts_many
-
     lengths = doc_lengths(s)
     chunk = 1536
     n = s // chunk
@@ -131,13 +128,21 @@ def cutlass_plan_cases(s: int = 1 << 15):
             return mask
         return make
 
-    def plan(mask):
-        tile_counts_many(mask, [TILES["fwd"], TILES["bwd_dq"]], "fwd")
-        for direction, which in (("fwd", "fwd"), ("bwd_dq", "fwd"), ("bwd_dkdv", "bwd")):
-            kernel_lists(maskc.lower(mask, *TILES[direction], only=which), which)
-        return mask
+    return {f"plan new 32k {name} for CUTLASS (3 kernels + lists)": (new(build), plan_for_cutlass)
+            for name, build in masks.items()}
 
-    return {f"plan new 32k {name} for CUTLASS (3 kernels + lists)": (new(build), plan) for name, build in masks.items()}
+
+def plan_for_cutlass(mask):
+    """What `maskc.runtime` does on the host for a new mask before the CUTLASS kernels run: the
+    forward's and dQ's tile sizes classified in one pass, then each kernel's lowering and its flat
+    work lists (the arrays copied to the GPU). Returns the mask."""
+    from maskc.codegen.cutlass import TILES
+    from maskc.tiling import kernel_lists, tile_counts_many
+
+    tile_counts_many(mask, [TILES["fwd"], TILES["bwd_dq"]], "fwd")
+    for direction, which in (("fwd", "fwd"), ("bwd_dq", "fwd"), ("bwd_dkdv", "bwd")):
+        kernel_lists(maskc.lower(mask, *TILES[direction], only=which), which)
+    return mask
 
 
 def measure(fn, repeat: int, setup=None):
