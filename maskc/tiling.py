@@ -733,6 +733,8 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
 
 KERNEL_LISTS = ("bands", "full_ptr", "full_runs", "few_ptr", "few", "many_ptr", "many_tiles", "many_pred_ptr", "many_preds", "order")
 INLINE_PREDS = 2  # predicates stored inline with a partial tile (the common case: 1 or 2)
+_BAND_ITEM = np.dtype((np.void, 6 * 4))  # one band's six int32 parameters, as one item
+_FEW_ROW = np.dtype([("tile", np.int32)] + [(f"band{i}", _BAND_ITEM) for i in range(INLINE_PREDS)])  # packed
 
 
 def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
@@ -752,19 +754,23 @@ def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
     few = cnt <= INLINE_PREDS
     all_few = bool(few.all())
     few_idx = None if all_few else np.nonzero(few)[0]
-    # few: inline parameters, empty band (all zeros: no row satisfies 0 <= r < 0) in unused slots
+    # few: inline parameters, empty band (all zeros: no row satisfies 0 <= r < 0) in unused slots.
+    # A band is gathered as one 24-byte item into a record of the row's layout (numpy copies
+    # whole items far faster than it fancy-indexes rows of six ints)
     ext = np.zeros((bands.shape[0] + 1, 6), np.int32)
     ext[:-1] = bands
+    ext = ext.view(_BAND_ITEM).reshape(-1)
     empty = bands.shape[0]
     few_cnt = cnt if all_few else cnt[few_idx]
     few_first = tl.pred_ptr[:-1] if all_few else tl.pred_ptr[few_idx]
-    few_tab = np.empty((few_cnt.shape[0], 1 + 6 * INLINE_PREDS), np.int32)
-    few_tab[:, 0] = tl.part_tiles if all_few else tl.part_tiles[few_idx]
+    few_tab = np.empty(few_cnt.shape[0], _FEW_ROW)
+    few_tab["tile"] = tl.part_tiles if all_few else tl.part_tiles[few_idx]
     for slot in range(INLINE_PREDS):
         ids = np.full(few_cnt.shape[0], empty, np.int64)
         has = few_cnt > slot
         ids[has] = tl.preds[few_first[has] + slot]
-        few_tab[:, 1 + 6 * slot:7 + 6 * slot] = ext[ids]
+        few_tab[f"band{slot}"] = ext[ids]
+    few_tab = few_tab.view(np.int32)
     if all_few:  # the common case: every partial tile is `few`, and `many` is empty
         few_ptr = tl.part_ptr
         many_ptr = np.zeros(n_out + 1, np.int32)
