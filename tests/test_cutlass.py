@@ -1,9 +1,10 @@
 """The CUTLASS backend on a machine without a GPU: specs, rendering, an nvcc build, errors.
 
-The three kernels of one small mask (forward, dQ, dK/dV; head dim 64, bf16, no partial tiles) are
-compiled with nvcc for sm_90a (about 30 s on two cores) to prove the templates compile; it is not run here (tests/test_cutlass_gpu.py runs
-the kernels on an H100/H200). The build test needs nvcc and the nvidia-cutlass headers, which
-`.ci/run` installs and checks.
+The three kernels of two small masks (forward, dQ, dK/dV; head dim 64, bf16; one mask without
+partial tiles, one with diagonal ones) are compiled with nvcc for sm_90a (about 45 s on two cores)
+to prove the templates compile and to check their SASS; they are not run here
+(tests/test_cutlass_gpu.py runs the kernels on an H100/H200). The build tests need nvcc and the
+nvidia-cutlass headers, which `.ci/run` installs and checks.
 """
 
 import json
@@ -175,10 +176,24 @@ def test_build_one_spec_with_nvcc(tmp_path, capsys):
         _check_entry(tmp_path, entry)
 
 
-def _check_entry(tmp_path, entry):
+def test_build_partial_tile_kernels_with_nvcc(tmp_path):
+    """The kernels of a mask with diagonal partial tiles (the predicate paths: `tile_allowed`
+    before the products in the forward and dQ, after them in dK/dV) compile, use HGMMA and TMA,
+    and address shared memory as such. dK/dV at head dim 64 spills a few bytes in its producer
+    warpgroup (24 registers), so only the forward and dQ are held to no local memory."""
+    _nvcc_or_skip()
+    specs = cg.specs_for_mask(maskc.causal(1024), head_dims=(64,), directions=("fwd", "bwd_dq", "bwd_dkdv"))
+    assert {s.partial for s in specs} == {"diag"} and len(specs) == 3
+    man = cg.build(specs, tmp_path, progress=False, jobs=2)
+    for entry in man["kernels"]:
+        _check_entry(tmp_path, entry, no_local_memory=entry["spec"]["direction"] != "bwd_dkdv")
+
+
+def _check_entry(tmp_path, entry, no_local_memory=True):
     cubin = tmp_path / "cutlass" / entry["cubin"]
     assert cubin.read_bytes()[:4] == b"\x7fELF"
-    assert entry["spill_store_bytes"] == 0 and entry["n_regs"] > 0 and entry["compile_seconds"] > 0
+    assert entry["n_regs"] > 0 and entry["compile_seconds"] > 0
+    assert entry["spill_store_bytes"] == 0 or not no_local_memory
     assert KernelSpec(**entry["spec"]).name == entry["name"]
     # the matrix products are Hopper's warpgroup MMA (HGMMA), when a disassembler is at hand
     tool = shutil.which("cuobjdump")
@@ -193,7 +208,7 @@ def _check_entry(tmp_path, entry):
         sass = subprocess.run([tool, "--dump-sass", str(cubin)], capture_output=True, text=True).stdout
         assert "HGMMA.64x128x16.F32.BF16" in sass or "HGMMA.64x64x16.F32.BF16" in sass
         assert "UTMALDG" in sass  # TMA loads
-        assert not re.search(r"\b(LDL|STL)\b", sass)  # no local-memory traffic
+        assert not no_local_memory or not re.search(r"\b(LDL|STL)\b", sass)  # no local-memory traffic
         # shared storage is addressed as shared memory (LDS/STS), never through generic LD/ST
         assert not re.search(r"\b(LD|ST)\.E\b", sass)
 
