@@ -257,6 +257,11 @@ def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np
     bounds); bit t of the membership is set when (i, j) lies in one of operand t's bands.
     ``table`` has ``2**len(operands)`` entries.
     """
+    union = not table[0] and all(table[1:])  # the set is the union of the operands
+    if union and sq > 0 and sk > 0 and sum(len(b) for b in operands) >= _MANY_RECTANGLES:
+        every = np.concatenate([np.asarray(b, dtype=np.int64).reshape(-1, 6) for b in operands])
+        if not every[:, 3].any() and not every[:, 5].any():
+            return _union_of_rectangles(every, sq, sk)
     items = []  # (r0, r1, bit, ac, as, bc, bs)
     for t, bands in enumerate(operands):
         bit = 1 << t
@@ -271,10 +276,7 @@ def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np
     items.sort()
     bounds = sorted({0, sq, *(it[0] for it in items), *(it[1] for it in items)})
     empty_row = ((0, 0), (sk, 0)) if table[0] else ()
-    union = not table[0] and all(table[1:])  # the set is the union of the operands
     n_items = len(items)
-    if union and n_items >= _MANY_RECTANGLES and not any(it[4] or it[6] for it in items):
-        return _union_of_rectangles(canon, items, bounds, sk)
     active: list = []
     nxt = 0
     for s, e in zip(bounds[:-1], bounds[1:]):
@@ -296,18 +298,20 @@ def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np
 _MANY_RECTANGLES = 24  # from here on a union of constant bands is merged on a grid, not per segment
 
 
-def _union_of_rectangles(canon: Canon, items: list, bounds: list, sk: int) -> np.ndarray:
-    """`sweep` for a union of bands whose ends are all constant (rectangles): their coverage on
-    the grid of row segments (between consecutive `bounds`) by column segments (between the
-    rectangles' column ends), from a 2-D difference array; each row segment's intervals are the
+def _union_of_rectangles(bands: np.ndarray, sq: int, sk: int) -> np.ndarray:
+    """`sweep` for a union of bands whose ends are all constant (rectangles), vectorised: their
+    coverage on the grid of row segments (between the rectangles' row ends) by column segments
+    (between their column ends), from a 2-D difference array; each row segment's intervals are the
     runs of covered column segments (so touching or overlapping intervals merge). Where every
     segment spans two rows or more, `Canon` would merge exactly the neighbours with equal
-    intervals, so the bands are assembled here; otherwise the segments go through `canon`."""
-    rect = np.array([(it[0], it[1], max(it[3], 0), min(it[5], sk)) for it in items], dtype=np.int64)
-    rect = rect[rect[:, 2] < rect[:, 3]]
+    intervals, so the bands are assembled here; otherwise the segments go through a `Canon`."""
+    rect = np.empty((bands.shape[0], 4), np.int64)
+    np.clip(bands[:, 0:2], 0, sq, out=rect[:, 0:2])
+    np.clip(bands[:, 2:6:2], 0, sk, out=rect[:, 2:4])
+    rect = rect[(rect[:, 0] < rect[:, 1]) & (rect[:, 2] < rect[:, 3])]
+    rb = np.unique(np.concatenate(([0, sq], rect[:, 0], rect[:, 1])))  # row segment bounds
     if rect.shape[0] == 0:
-        return canon.result()
-    rb = np.asarray(bounds, dtype=np.int64)
+        return np.zeros((0, 6), dtype=np.int64)
     cb = np.unique(rect[:, 2:])
     ri = rb.searchsorted(rect[:, :2])
     ci = cb.searchsorted(rect[:, 2:])
@@ -316,13 +320,17 @@ def _union_of_rectangles(canon: Canon, items: list, bounds: list, sk: int) -> np
     np.add.at(grid, (ri[:, 0], ci[:, 1]), -1)
     np.add.at(grid, (ri[:, 1], ci[:, 0]), -1)
     np.add.at(grid, (ri[:, 1], ci[:, 1]), 1)
-    cover = grid.cumsum(0).cumsum(1)[:-1, :-1] > 0  # (row segment, column segment)
+    # covered column segments, padded with an uncovered one on each side: runs start and end
+    # where a segment differs from its left neighbour
+    cover = np.zeros((rb.shape[0] - 1, cb.shape[0] + 1), dtype=bool)
+    np.greater(grid.cumsum(0).cumsum(1)[:-1, :-1], 0, out=cover[:, 1:-1])
     if (rb[1:] - rb[:-1] >= 2).all():
         start = np.ones(cover.shape[0], dtype=bool)  # a band starts where the intervals change
         np.not_equal(cover[1:], cover[:-1]).any(axis=1, out=start[1:])
         first = np.flatnonzero(start)
         last = np.append(first[1:], cover.shape[0])
-        seg, col = np.nonzero(np.diff(cover[first], axis=1, prepend=False, append=False))
+        c = cover[first]
+        seg, col = np.nonzero(c[:, 1:] != c[:, :-1])
         ab = cb[col].reshape(-1, 2)  # each interval's (a, b): run starts and ends alternate
         g = seg[::2]
         out = np.zeros((ab.shape[0], 6), dtype=np.int64)
@@ -331,8 +339,10 @@ def _union_of_rectangles(canon: Canon, items: list, bounds: list, sk: int) -> np
         out[:, 2] = ab[:, 0]
         out[:, 4] = ab[:, 1]
         return out
-    seg, col = np.nonzero(np.diff(cover, axis=1, prepend=False, append=False))
+    seg, col = np.nonzero(cover[:, 1:] != cover[:, :-1])
     xs = cb[col].tolist()
+    bounds = rb.tolist()
+    canon = Canon()
     k = 0
     for i, n in enumerate(np.bincount(seg, minlength=rb.shape[0] - 1).tolist()):
         canon.push(bounds[i], bounds[i + 1], tuple((x, 0) for x in xs[k:k + n]))
