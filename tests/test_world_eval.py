@@ -109,23 +109,29 @@ def test_psnr_and_persistence():
     assert E.object_persistence(gone, img)["vanished"] == 1.0
 
 
-def test_cli_eval_smoke(tmp_path, capsys):
+def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     pytest.importorskip("safetensors")
     import torch
 
-    from maskc.world_model import cli
+    from maskc.world_model import cli, generate
 
+    scales = []  # the text guidance of every generation the evaluation runs
+    real = generate.generate_chunks
+    monkeypatch.setattr(generate, "generate_chunks", lambda *a, **k: scales.append(k["cfg_text"]) or real(*a, **k))
     n = torch.get_num_threads()
     out = tmp_path / "r.json"
     try:
         rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
-                       "--out", str(out)])
+                       "--cfg-text", "3.5", "--out", str(out)])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
+    # prompt following, image-to-video, continuation, and the two memory runs
+    assert len(scales) == 5 and set(scales) == {3.5}
     text = capsys.readouterr().out
     assert "prompt following" in text and "throughput" in text
     res = json.loads(out.read_text())
+    assert res["settings"]["cfg_text"] == 3.5
     assert 0 <= res["prompt_following"]["fraction"] <= 1
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 1.0
     assert [m["chunks"] for m in res["memory"]["runs"]] == [1, 2]
@@ -141,3 +147,6 @@ def test_cli_eval_errors(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--weights", "/nonexistent.safetensors"])
     assert "do not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--cfg-text", "-1"])
+    assert e.value.code == 2 and "--cfg-text" in capsys.readouterr().err

@@ -305,6 +305,7 @@ examples:
   magi eval                                       # seeds 0 1, 4 chunks (a few minutes on a CPU)
   magi eval --seeds 0 1 2 --chunks 4 --out results.json
   magi eval --memory-chunks 4 16 64 --out mem.json
+  magi eval --seeds 10 11 12 13 --cfg-text 4         # the same metrics at another text guidance
 """
 
 
@@ -315,6 +316,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=_pos_int, default=4, metavar="N",
                    help="chunks per prompt-following / image-to-video video (default: 4; >= 2)")
     p.add_argument("--steps", type=_pos_int, metavar="N", help="Euler steps per chunk (default: generate's)")
+    p.add_argument("--cfg-text", type=_nonneg_float, metavar="W",
+                   help="classifier-free guidance scale on the text (default: generate's)")
     p.add_argument("--memory-chunks", type=_pos_int, nargs="+", default=[4, 16], metavar="N",
                    help="video lengths for the memory measurement (default: 4 16)")
     p.add_argument("--out", metavar="FILE.json", help="also write all figures as JSON")
@@ -335,7 +338,8 @@ def run_eval(args, parser) -> int:
     torch.set_num_threads(args.threads)
     try:
         res = EV.evaluate(args.weights, seeds=args.seeds, chunks=args.chunks, steps=args.steps,
-                          memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr))
+                          memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr),
+                          cfg_text=args.cfg_text)
     except ValueError as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(EV.format_table(res))

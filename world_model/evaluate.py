@@ -303,22 +303,24 @@ def _rss_bytes() -> int:
 # -------------------------------------------------------------------------------- the runner
 
 
-def _gen(model, meta, prompts, *, seed, steps, image=None, video=None):
+def _gen(model, meta, prompts, *, seed, steps, cfg_text, image=None, video=None):
     from .generate import generate_chunks
 
-    stream = generate_chunks(model, prompts, n_chunks=len(prompts), steps=steps, seed=seed, image=image,
-                             video=video, meta=meta)
+    stream = generate_chunks(model, prompts, n_chunks=len(prompts), steps=steps, cfg_text=cfg_text, seed=seed,
+                             image=image, video=video, meta=meta)
     t0 = time.perf_counter()
     chunks = list(stream)
     return np.concatenate(chunks), time.perf_counter() - t0, stream
 
 
-def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0) -> dict:
-    """Peak RSS (sampled after each chunk), its growth over the start, tracemalloc peak, KV-cache bytes."""
-    from .generate import generate_chunks
+def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None) -> dict:
+    """Peak RSS (sampled after each chunk), its growth over the start, tracemalloc peak, KV-cache bytes.
+    ``cfg_text``: as for generation (default: generate's); text guidance runs a second model pass."""
+    from .generate import DEFAULT_CFG_TEXT, generate_chunks
 
     prompt = "the red circle moves right"
-    stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta)
+    cfg_text = DEFAULT_CFG_TEXT if cfg_text is None else cfg_text
+    stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta, cfg_text=cfg_text)
     import torch
 
     dev = next(model.parameters()).device
@@ -350,21 +352,25 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0) -> 
 
 
 def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps: int | None = None,
-             memory_chunks: Sequence[int] = (4, 16), image_chunks: int | None = None, log=None) -> dict:
+             memory_chunks: Sequence[int] = (4, 16), image_chunks: int | None = None, log=None,
+             cfg_text: float | None = None) -> dict:
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc)."""
     import torch
 
-    from .generate import DEFAULT_STEPS, load_model
+    from .generate import DEFAULT_CFG_TEXT, DEFAULT_STEPS, load_model
 
     say = log or (lambda msg: None)
     steps = DEFAULT_STEPS if steps is None else int(steps)
+    cfg_text = DEFAULT_CFG_TEXT if cfg_text is None else float(cfg_text)
+    if not cfg_text >= 0:
+        raise ValueError(f"cfg_text must be >= 0 (0: no text guidance), got {cfg_text}")
     if chunks < 2:
         raise ValueError(f"chunks must be >= 2 (a direction change needs two chunks), got {chunks}")
     model, meta = load_model(weights)
     cfg = WorldConfig()
     image_chunks = chunks if image_chunks is None else int(image_chunks)
     res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
-                              "steps": steps, "memory_chunks": list(memory_chunks), "image_chunks": image_chunks,
+                              "steps": steps, "cfg_text": cfg_text, "memory_chunks": list(memory_chunks), "image_chunks": image_chunks,
                               "torch_threads": torch.get_num_threads()}}
     gen_frames, gen_seconds = 0, 0.0
 
@@ -373,7 +379,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         prompts = direction_change_prompts(s, chunks, cfg)
         ref = data.generate_from_prompts(prompts, s, cfg, gravity=False)
-        frames, dt, _ = _gen(model, meta, prompts, seed=s, steps=steps)
+        frames, dt, _ = _gen(model, meta, prompts, seed=s, steps=steps, cfg_text=cfg_text)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         r = prompt_following(frames, prompts, cfg)
         r["seed"], r["simulator_fraction"] = s, prompt_following(ref.frames, prompts, cfg)["fraction"]
@@ -391,8 +397,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         clip = data.generate(s, 1, cfg)
         image = clip.frames[0]
-        frames, dt, _ = _gen(model, meta, [clip.captions[0]], seed=s, steps=steps, image=image) if image_chunks == 1 \
-            else _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, steps=steps, image=image)
+        frames, dt, _ = _gen(model, meta, [clip.captions[0]], seed=s, steps=steps, cfg_text=cfg_text, image=image) if image_chunks == 1 \
+            else _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, steps=steps, cfg_text=cfg_text, image=image)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         p = object_persistence(frames, image)
         i2v.append({"seed": s, "psnr_first_frame": psnr(frames[0], image), **p})
@@ -408,7 +414,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         clip = data.generate(s, 4, cfg)
         prefix = clip.frames[:2 * f]
-        frames, dt, _ = _gen(model, meta, clip.captions[2:4], seed=s, steps=steps, video=prefix)
+        frames, dt, _ = _gen(model, meta, clip.captions[2:4], seed=s, steps=steps, cfg_text=cfg_text, video=prefix)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         e = position_error(frames, clip, 2 * f)
         b = position_error(np.repeat(prefix[-1:], 2 * f, axis=0), clip, 2 * f)
@@ -420,7 +426,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                            "model_missing": float(np.mean([r["model_missing"] for r in phys])), "runs": phys}
 
     # memory
-    mem = [measure_memory(model, meta, n, steps=steps) for n in memory_chunks]
+    mem = [measure_memory(model, meta, n, steps=steps, cfg_text=cfg_text) for n in memory_chunks]
     for m in mem:
         gen_frames, gen_seconds = gen_frames + m["chunks"] * f, gen_seconds + m["seconds"]
         say(f"memory {m['chunks']} chunks: peak RSS {m['peak_rss_mb']:.1f} MB, KV {m['kv_cache_bytes']} B")
