@@ -305,7 +305,7 @@ examples:
   magi eval                                       # seeds 0 1, 4 chunks (a few minutes on a CPU)
   magi eval --seeds 0 1 2 --chunks 4 --out results.json
   magi eval --memory-chunks 4 16 64 --out mem.json
-  magi eval --seeds 10 11 12 13 --cfg-text 4     # the same metrics at another text guidance
+  magi eval --seeds 10 11 12 13 --cfg-text 4      # the same metrics at another text guidance
 """
 
 
