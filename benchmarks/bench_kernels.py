@@ -40,11 +40,10 @@ import torch
 
 import maskc
 from maskc.runtime import attention
-from maskc.codegen.configs import choose_config
 from maskc.runtime.ffa import _resolve
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_mask import doc_lengths, plan_for_cutlass  # noqa: E402  (the suite's packed documents; bench_mask needs no torch)
+from bench_mask import doc_lengths, plan_for_cutlass, plan_for_triton  # noqa: E402  (the suite's packed documents; bench_mask needs no torch)
 
 MASKS = ["full", "causal", "swa1024", "varlen_causal", "varlen_full", "block_causal", "varlen_block_causal", "magi_video"]
 
@@ -167,17 +166,12 @@ def main(argv=None):
 
             # host-side planning of a new mask: every candidate lowering for the three Triton
             # kernels, and what the CUTLASS kernels need (one sample each, memo cleared first)
-            maskc.tiling.clear_caches()
-            t0 = time.perf_counter()
-            for direction in ("fwd", "bwd_dkdv", "bwd_dq"):
-                choose_config(mask, direction, d, "cuda", maskc.tiling.lower)
-            plan_ms = (time.perf_counter() - t0) * 1e3
-            rows.append({"mask": name, "seqlen": s, "impl": "maskc", "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
-            maskc.tiling.clear_caches()
-            t0 = time.perf_counter()
-            plan_for_cutlass(mask)
-            plan_ms = (time.perf_counter() - t0) * 1e3
-            rows.append({"mask": name, "seqlen": s, "impl": "cutlass", "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
+            for impl, plan in (("maskc", lambda m: plan_for_triton(m, d)), ("cutlass", plan_for_cutlass)):
+                maskc.tiling.clear_caches()
+                t0 = time.perf_counter()
+                plan(mask)
+                plan_ms = (time.perf_counter() - t0) * 1e3
+                rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
             if "maskc" in args.impls:
                 fwd = lambda: attention(q, k, v, mask, backend="triton")
                 out = fwd()

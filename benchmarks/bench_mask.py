@@ -71,46 +71,12 @@ def doc_lengths(s: int, seed: int = 0) -> list[int]:
     return out
 
 
-def plan_cases(s: int = 1 << 15):
-    """Planning a new mask as `bench_kernels.py` times it (its suite masks): each kernel's tile
-    config chosen and its work lists built (``choose_config`` for fwd, dK/dV and dQ at head dim
-    128). Each repetition plans a newly built mask with the tiling memo cleared, as for a mask
-    never seen before. Values are ``(new mask, plan it)``."""
+def suite_masks(s: int = 1 << 15) -> dict:
+    """Builders of the 8 masks of `bench_kernels.py` at ``s`` tokens (maskc only, no torch)."""
+    lengths = doc_lengths(s)
     chunk = 1536  # magi_video: chunks of 6 latent frames x 16 x 16 patches, window of 4 chunks
     n = s // chunk
-    masks = {
-        "full": lambda: maskc.full(s),
-        "causal": lambda: maskc.causal(s),
-        "varlen causal, 15 documents": lambda: maskc.varlen(doc_lengths(s), maskc.CAUSAL),
-        "sliding window 1024": lambda: maskc.sliding_window(s, 1024),
-        "magi_video, window 4": lambda: maskc.magi_video([n // 3, n // 3, n - 2 * (n // 3)], chunk, window=4).with_shape(s, s),
-    }
-
-    def new(build):
-        def make():
-            mask = build()
-            clear_caches()
-            return mask
-        return make
-
-    def plan(mask):
-        for direction in ("fwd", "bwd_dkdv", "bwd_dq"):
-            choose_config(mask, direction, 128, "cuda", maskc.lower)
-        return mask
-
-    return {f"plan new 32k {name} (3 kernels)": (new(build), plan) for name, build in masks.items()}
-
-
-def cutlass_plan_cases(s: int = 1 << 15):
-    """Planning a new mask for the CUTLASS kernels, as `maskc.runtime` does on the H100 (what
-    ``backend="auto"`` runs there): the forward's and dQ's tile sizes classified in one pass, then
-    each kernel's lowering (forward 128x128 and dQ 128x64 over query tiles, dK/dV 64x128 over key
-    tiles) and its flat work lists (`kernel_lists`), the arrays copied to the GPU. The 8 masks of
-    `bench_kernels.py`; the tiling memo is cleared before each repetition (untimed)."""
-    lengths = doc_lengths(s)
-    chunk = 1536
-    n = s // chunk
-    masks = {
+    return {
         "full": lambda: maskc.full(s),
         "causal": lambda: maskc.causal(s),
         "sliding window 1024": lambda: maskc.sliding_window(s, 1024),
@@ -121,15 +87,44 @@ def cutlass_plan_cases(s: int = 1 << 15):
         "magi_video, window 4": lambda: maskc.magi_video([n // 3, n // 3, n - 2 * (n // 3)], chunk, window=4).with_shape(s, s),
     }
 
-    def new(build):
-        def make():
-            mask = build()
-            clear_caches()
-            return mask
-        return make
 
-    return {f"plan new 32k {name} for CUTLASS (3 kernels + lists)": (new(build), plan_for_cutlass)
-            for name, build in masks.items()}
+def new_mask(build):
+    """A setup for `measure`: a newly built mask, with the tiling memo cleared (untimed)."""
+    def make():
+        mask = build()
+        clear_caches()
+        return mask
+    return make
+
+
+def plan_cases(s: int = 1 << 15):
+    """Planning a new mask as `bench_kernels.py` times it (its suite masks): each kernel's tile
+    config chosen and its work lists built (``choose_config`` for fwd, dK/dV and dQ at head dim
+    128). Each repetition plans a newly built mask with the tiling memo cleared, as for a mask
+    never seen before. Values are ``(new mask, plan it)``."""
+    masks = suite_masks(s)
+    labels = {"full": "full", "causal": "causal", "varlen causal, 15 documents": "varlen causal",
+              "sliding window 1024": "sliding window 1024", "magi_video, window 4": "magi_video, window 4"}
+
+    return {f"plan new 32k {label} (3 kernels)": (new_mask(masks[name]), plan_for_triton) for label, name in labels.items()}
+
+
+def cutlass_plan_cases(s: int = 1 << 15):
+    """Planning a new mask for the CUTLASS kernels, as `maskc.runtime` does on the H100 (what
+    ``backend="auto"`` runs there): the forward's and dQ's tile sizes classified in one pass, then
+    each kernel's lowering (forward 128x128 and dQ 128x64 over query tiles, dK/dV 64x128 over key
+    tiles) and its flat work lists (`kernel_lists`), the arrays copied to the GPU. The 8 masks of
+    `bench_kernels.py`; the tiling memo is cleared before each repetition (untimed)."""
+    return {f"plan new 32k {name} for CUTLASS (3 kernels + lists)": (new_mask(build), plan_for_cutlass)
+            for name, build in suite_masks(s).items()}
+
+
+def plan_for_triton(mask, head_dim: int = 128):
+    """What `maskc.runtime` does on the host for a new mask before the Triton kernels run: each
+    kernel's tile config chosen over its candidate lowerings and its work lists built. Returns the mask."""
+    for direction in ("fwd", "bwd_dkdv", "bwd_dq"):
+        choose_config(mask, direction, head_dim, "cuda", maskc.lower)
+    return mask
 
 
 def plan_for_cutlass(mask):
