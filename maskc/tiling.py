@@ -181,13 +181,9 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
         np.copyto(full1, touch1, where=~full)
         n_full = np.add.reduceat(full1 - full0, first[:-1]).tolist()
         n_touched = np.add.reduceat(touch1 - touch0, first[:-1]).tolist()
-        first = first.tolist()
-        out = []
-        for i in range(n_s):
-            s = slice(first[i], first[i + 1])
-            out.append(dict(single=True, counts=(n_full[i], n_touched[i] - n_full[i]), ot=ot[s],
-                            band=p[7, s], touch0=touch0[s], touch1=touch1[s], full0=full0[s], full1=full1[s]))
-        return out
+        batch = dict(single=True, blocks=blocks, tile_at=tile_at, shift=shift, tile=ot + p[10], band=p[7],
+                     touch0=touch0, touch1=touch1, full0=full0, full1=full1)
+        return _per_size(batch, first.tolist(), None, [(f, t - f) for f, t in zip(n_full, n_touched)])
     # ---- events, swept per outer tile at key = outer tile (common numbering) << shift + inner tile ----
     # each piece: +M at touch0, -M at touch1 (M above any tile height), +rows at full0 and -rows at
     # full1 (at one key, cancelling, where it covers no tile in full). touch0 < touch1 and full0 <
@@ -219,19 +215,28 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     np.subtract(key[1:], key[:-1], out=span[:-1])
     span[-1] = 0
     at = key.searchsorted([t << shift for t in tile_at]).tolist()  # each size's first interval
-    height = np.repeat([bo for bo, _ in blocks], n_out)  # per outer tile
-    height[[t - 1 for t in tile_at[1:]]] = tail
+    height = np.empty(tile_at[-1], np.int64)  # per outer tile
+    for (bo, _), t, u, h in zip(blocks, tile_at, tile_at[1:], tail):
+        height[t:u] = bo
+        height[u - 1] = h
     is_full = (state & (big - 1)) == height[key >> shift]
     is_part = (state >= big) > is_full
     n_full = np.add.reduceat(span * is_full, at[:-1]).tolist()
     n_part = np.add.reduceat(span * is_part, at[:-1]).tolist()
-    first = first.tolist()
+    batch = dict(single=False, blocks=blocks, tile_at=tile_at, shift=shift, tile=tile, band=p[7], touch0=touch0,
+                 touch1=touch1, key=key, span=span, is_full=is_full, is_part=is_part)
+    return _per_size(batch, first.tolist(), at, list(zip(n_full, n_part)))
+
+
+def _per_size(batch: dict, first: list, at: list | None, counts: list) -> list[dict]:
+    """`_classify`'s result per tile size: its counts, and the pass's arrays (``batch``, shared by
+    every size of the pass, which `_lists_many` turns into several sizes' lists at once) with the
+    size's ``index`` in them and a size estimate (``held``: bytes of the arrays its lists need)."""
+    batch.update(counts=counts, first=first, at=at)  # and each size's pieces and intervals
     out = []
-    for i in range(n_s):
-        s, v = slice(first[i], first[i + 1]), slice(at[i], at[i + 1])
-        out.append(dict(single=False, counts=(n_full[i], n_part[i]), shift=shift, tile0=tile_at[i],
-                        tile=tile[s], band=p[7, s], touch0=touch0[s], touch1=touch1[s], key=key[v], span=span[v],
-                        is_full=is_full[v], is_part=is_part[v]))
+    for i, c in enumerate(counts):
+        n = first[i + 1] - first[i] if at is None else max(first[i + 1] - first[i], at[i + 1] - at[i])
+        out.append(dict(single=batch["single"], counts=c, batch=batch, index=i, held=128 * n))
     return out
 
 
@@ -253,63 +258,149 @@ def _expand(start: np.ndarray, length: np.ndarray) -> np.ndarray:
 
 
 def _lists(c: dict, n_out: int) -> TileLists:
-    """The second half of `_tile_lists`: the work lists of one tile size's `_classify` result."""
-    band, touch0, touch1 = c["band"], c["touch0"], c["touch1"]
-    if c["single"]:
-        # per piece: a full run [full0, full1) where not empty, partial tiles [touch0, full0) and
-        # [full1, touch1), each with the piece's band
-        ot, full0, full1 = c["ot"], c["full0"], c["full1"]
-        fi = np.flatnonzero(full1 > full0)
-        runs = np.empty((fi.shape[0], 2), np.int32)
-        runs[:, 0] = full0[fi]
-        runs[:, 1] = full1[fi]
-        run_ot = ot[fi]
-        bounds = np.empty((ot.shape[0], 2, 2), np.int64)  # per piece [[touch0, full0], [full1, touch1]]
-        bounds[:, 0, 0] = touch0
-        bounds[:, 0, 1] = full0
-        bounds[:, 1, 0] = full1
-        bounds[:, 1, 1] = touch1
-        bounds = bounds.reshape(-1, 2).T
-        n_part = touch1 - touch0 + full0 - full1
-        p_tile = _expand(bounds[0], bounds[1] - bounds[0])
-        part_ot = ot.repeat(n_part)
-        preds = band.repeat(n_part)
-        pred_ptr = np.arange(preds.shape[0] + 1)
+    """The work lists of one tile size's `_classify` result, built alone (tests; the planner
+    builds neighbouring sizes of a pass together: `_lists_many`)."""
+    i = c["index"]
+    tl, _ = _lists_many(c["batch"], sizes=range(i, i + 1))[0]
+    assert tl.n_outer == n_out
+    return tl
+
+
+def _lists_many(b: dict, bands: np.ndarray | None = None, sizes: range | None = None) -> list[tuple[TileLists, dict | None]]:
+    """The work lists of the tile sizes ``sizes`` (consecutive ones, default all) of one
+    `_classify` pass, built in the same few calls: their pieces and intervals are contiguous
+    there, and outer tiles keep the pass's common numbering until each size's share is cut out.
+    With ``bands`` (the read-only int32 bands the predicates index) also each size's
+    `kernel_lists` arrays, where every partial tile has at most `INLINE_PREDS` slices (else None)."""
+    tile_at, first, at = b["tile_at"], b["first"], b["at"]
+    sizes = range(len(tile_at) - 1) if sizes is None else sizes
+    pieces = slice(first[sizes.start], first[sizes.stop])
+    if b["single"]:
+        runs, run_tile, p_tile, part_tile, preds, pred_cnt = _single_piece_lists(b, pieces)
     else:
-        key, span, is_full, is_part, shift, tile0 = c["key"], c["span"], c["is_full"], c["is_part"], c["shift"], c["tile0"]
-        # full runs: maximal chains of full intervals (consecutive intervals of one outer tile
-        # touch). The last interval is not full, so the changes of is_full alternate run start,
-        # run end (the interval after the run, whose key is the run's end, in the same outer tile)
-        change = np.empty(key.shape[0], bool)
-        change[0] = is_full[0]
-        np.not_equal(is_full[1:], is_full[:-1], out=change[1:])
-        edge = key[np.flatnonzero(change)].reshape(-1, 2)
-        run_ot = edge[:, 0] >> shift
-        runs = np.empty(edge.shape, np.int32)
-        np.subtract(edge, (run_ot << shift)[:, None], out=runs, casting="unsafe")
-        run_ot -= tile0
-        # partial tiles, expanded (their keys stay ascending)
-        part = np.flatnonzero(is_part)
-        p_key = _expand(key[part], span[part])
-        part_ot = p_key >> shift
-        p_tile = p_key & ((1 << shift) - 1)
-        part_ot -= tile0
-        # predicates: the pieces whose touched tiles include the partial tile; pieces are
-        # band-major, so a stable sort by partial tile leaves each tile's slice ids ascending
-        base = c["tile"] << shift
-        lo = p_key.searchsorted(base + touch0)
-        n_hit = p_key.searchsorted(base + touch1) - lo
-        which = _expand(lo, n_hit)
-        preds = band.repeat(n_hit)[which.argsort(kind="stable")]
-        pred_ptr = _ptr32(np.bincount(which, minlength=p_key.shape[0]))
-    n_part = np.bincount(part_ot, minlength=n_out)
-    # LPT: heaviest outer tile first by full + 1.5 partial (`TileLists.cost`), doubled: whole numbers
-    weight = np.bincount(run_ot, weights=runs[:, 1] - runs[:, 0], minlength=n_out)
+        intervals = slice(at[sizes.start], at[sizes.stop])
+        runs, run_tile, p_tile, part_tile, preds, pred_cnt = _swept_lists(b, pieces, intervals)
+    # per outer tile of these sizes: tiles from t0 on, counted from t0 (bincount's leading zeros cut off)
+    t0, t1 = tile_at[sizes.start], tile_at[sizes.stop]
+    n_run = np.bincount(run_tile, minlength=t1)[t0:]
+    n_part = np.bincount(part_tile, minlength=t1)[t0:]
+    # LPT: heaviest outer tile first by full + 1.5 partial (`TileLists.cost`), doubled: whole
+    # numbers, at most 3 << shift apart; each size is lifted above the one before, so one
+    # stable sort orders every size's tiles, each after the other
+    weight = np.bincount(run_tile, weights=runs[:, 1] - runs[:, 0], minlength=t1)[t0:]
     weight *= -2
     weight -= 3 * n_part
+    for t in tile_at[sizes.start + 1 : sizes.stop]:
+        weight[t - t0 :] += 4 << b["shift"]
+    order = _ro(weight.argsort(kind="stable"))
+    full_ptr, part_ptr = _ptr32(n_run), _ptr32(n_part)
     runs.flags.writeable = False
-    return TileLists(_ptr32(np.bincount(run_ot, minlength=n_out)), runs, _ptr32(n_part), _ro(p_tile), _ro(pred_ptr),
-                     _ro(preds), _ro(weight.argsort(kind="stable")))
+    p_tile, preds = _ro(p_tile), _ro(preds)
+    pred_ptr = _ro(np.arange(preds.shape[0] + 1)) if pred_cnt is None else _ptr32(pred_cnt)
+    few = None
+    if bands is not None and (pred_cnt is None or not pred_cnt.size or pred_cnt.max() <= INLINE_PREDS):
+        few = _few_table(bands, p_tile, preds, pred_ptr, pred_cnt)
+    local = [t - t0 for t in tile_at[sizes.start : sizes.stop + 1]]  # each size's first outer tile, and the end
+    at_run, at_part = full_ptr[local].tolist(), part_ptr[local].tolist()
+    at_pred = pred_ptr[at_part].tolist()
+    width = _FEW_ROW.itemsize // 4
+    out = []
+    for k in range(len(sizes)):
+        t, u = local[k], local[k + 1]  # the size's outer tiles
+        p, q = at_part[k], at_part[k + 1]  # its partial tiles
+        tl = TileLists(_cut_ptr(full_ptr, t, u), runs[at_run[k] : at_run[k + 1]], _cut_ptr(part_ptr, t, u),
+                       p_tile[p:q], _cut_ptr(pred_ptr, p, q), preds[at_pred[k] : at_pred[k + 1]],
+                       _less(order[t:u], t))
+        arrays = None
+        if few is not None:
+            none = np.zeros(0, np.int32)
+            arrays = {"bands": bands.reshape(-1), "full_ptr": tl.full_ptr, "full_runs": tl.full_runs.reshape(-1),
+                      "few_ptr": tl.part_ptr, "few": few[width * p : width * q], "many_ptr": _ro(np.zeros(u - t + 1)),
+                      "many_tiles": none, "many_pred_ptr": _ro(np.zeros(1)), "many_preds": none, "order": tl.order}
+            none.flags.writeable = False
+        out.append((tl, arrays))
+    return out
+
+
+def _single_piece_lists(b: dict, pieces: slice) -> tuple:
+    """`_lists_many`'s lists where every outer tile holds at most one piece: per piece a full run
+    [full0, full1) where not empty, partial tiles [touch0, full0) and [full1, touch1), each with
+    the piece's band alone (``pred_cnt`` None: one slice per partial tile)."""
+    tile, band, touch0, touch1, full0, full1 = (b[k][pieces] for k in ("tile", "band", "touch0", "touch1", "full0", "full1"))
+    fi = np.flatnonzero(full1 > full0)
+    runs = np.empty((fi.shape[0], 2), np.int32)
+    runs[:, 0] = full0[fi]
+    runs[:, 1] = full1[fi]
+    bounds = np.empty((tile.shape[0], 2, 2), np.int64)  # per piece [[touch0, full0], [full1, touch1]]
+    bounds[:, 0, 0] = touch0
+    bounds[:, 0, 1] = full0
+    bounds[:, 1, 0] = full1
+    bounds[:, 1, 1] = touch1
+    bounds = bounds.reshape(-1, 2).T
+    n_part = touch1 - touch0 + full0 - full1
+    p_tile = _expand(bounds[0], bounds[1] - bounds[0])
+    return runs, tile[fi], p_tile, tile.repeat(n_part), band.repeat(n_part), None
+
+
+def _swept_lists(b: dict, pieces: slice, intervals: slice) -> tuple:
+    """`_lists_many`'s lists from the swept elementary intervals: full runs, partial tiles, and
+    per partial tile the slices whose pieces touch it (``pred_cnt`` of them)."""
+    key, span, is_full, is_part = (b[k][intervals] for k in ("key", "span", "is_full", "is_part"))
+    shift = b["shift"]
+    # full runs: maximal chains of full intervals (consecutive intervals of one outer tile
+    # touch). Each outer tile's last interval is not full, so the changes of is_full alternate run
+    # start, run end (the interval after the run, whose key is the run's end, in the same outer tile)
+    change = np.empty(key.shape[0], bool)
+    change[0] = is_full[0]
+    np.not_equal(is_full[1:], is_full[:-1], out=change[1:])
+    edge = key[np.flatnonzero(change)].reshape(-1, 2)
+    run_tile = edge[:, 0] >> shift
+    runs = np.empty(edge.shape, np.int32)
+    np.subtract(edge, (run_tile << shift)[:, None], out=runs, casting="unsafe")
+    # partial tiles, expanded (their keys stay ascending)
+    part = np.flatnonzero(is_part)
+    p_key = _expand(key[part], span[part])
+    # predicates: the pieces whose touched tiles include the partial tile; pieces are
+    # band-major, so a stable sort by partial tile leaves each tile's slice ids ascending
+    base = b["tile"][pieces] << shift
+    lo = p_key.searchsorted(base + b["touch0"][pieces])
+    n_hit = p_key.searchsorted(base + b["touch1"][pieces]) - lo
+    which = _expand(lo, n_hit)
+    preds = b["band"][pieces].repeat(n_hit)[which.argsort(kind="stable")]
+    return runs, run_tile, p_key & ((1 << shift) - 1), p_key >> shift, preds, np.bincount(which, minlength=p_key.shape[0])
+
+
+def _few_table(bands: np.ndarray, p_tile: np.ndarray, preds: np.ndarray, pred_ptr: np.ndarray, pred_cnt) -> np.ndarray:
+    """`kernel_lists`' ``few`` rows of every partial tile (each with at most `INLINE_PREDS`
+    slices), flat int32: the tile, then its slices' band parameters, zeros (an empty band) after."""
+    few = np.zeros(p_tile.shape[0], _FEW_ROW)
+    few["tile"] = p_tile
+    item = bands.view(_BAND_ITEM).reshape(-1)  # a band's six parameters as one item (see kernel_lists)
+    if pred_cnt is None:  # one slice per partial tile
+        few["band0"] = item[preds]
+    else:
+        first = pred_ptr[:-1]
+        few["band0"] = item[preds[first]]
+        for slot in range(1, INLINE_PREDS):
+            more = np.flatnonzero(pred_cnt > slot)
+            few[f"band{slot}"][more] = item[preds[first[more] + slot]]
+    few = few.view(np.int32)
+    few.flags.writeable = False
+    return few
+
+
+def _cut_ptr(ptr: np.ndarray, t: int, u: int) -> np.ndarray:
+    """Items ``t..u`` of a CSR pointer, counted from its item ``t``."""
+    return _less(ptr[t : u + 1], int(ptr[t]))
+
+
+def _less(a: np.ndarray, by: int) -> np.ndarray:
+    """Read-only ``a - by`` (``a`` itself where ``by`` is 0)."""
+    if not by:
+        return a
+    a = a - by
+    a.flags.writeable = False
+    return a
 
 
 def _empty_lists(n_out: int) -> TileLists:
@@ -560,24 +651,28 @@ def _column_bands(mask: Mask, digest: str) -> np.ndarray:
 
 class _Tiled(NamedTuple):
     """What is known of one (mask, orientation, outer block, inner block): its tile counts, and
-    its `_classify` result until the lists are built from it, then the lists (a named tuple: a
-    plan makes several, and a frozen dataclass costs a few microseconds each)."""
+    its `_classify` result until the lists are built from it, then the lists, with the
+    `kernel_lists` arrays built beside them as ``(bands, arrays)`` where there are (a named tuple:
+    a plan makes several, and a frozen dataclass costs a few microseconds each)."""
 
     counts: tuple[int, int]
     classified: dict | None = None
     lists: TileLists | None = None
     nbytes: int = 0  # of the arrays held
+    kernel: tuple[np.ndarray, dict] | None = None
 
 
-def _held(counts, classified: dict | None = None, lists: TileLists | None = None) -> _Tiled:
+def _held(counts, classified: dict | None = None, lists: TileLists | None = None, kernel=None) -> _Tiled:
     if classified is not None:  # an estimate: the rows over its pieces and the sweep's arrays over their events
-        size = 16 * max(classified["touch0"].nbytes, classified["key"].nbytes if "key" in classified else 0)
+        size = classified["held"]
     elif lists is not None:
         size = (lists.full_ptr.nbytes + lists.full_runs.nbytes + lists.part_ptr.nbytes + lists.part_tiles.nbytes
                 + lists.pred_ptr.nbytes + lists.preds.nbytes + lists.order.nbytes)
+        if kernel is not None:
+            size += kernel[1]["few"].nbytes
     else:
         size = 0
-    return _Tiled(counts, classified, lists, size)
+    return _Tiled(counts, classified, lists, size, kernel)
 
 
 # Pricing a kernel's candidate configs counts tiles, and the winner's lowering reuses that
@@ -614,17 +709,53 @@ def _classified(mask: Mask, digest: str, which: str, sizes: list, known: bool = 
     return [found[b] for b in sizes]
 
 
-def _lowered(mask: Mask, digest: str, which: str, b_out: int, b_in: int) -> TileLists:
+def _lowered(mask: Mask, digest: str, which: str, b_out: int, b_in: int, bands: np.ndarray) -> TileLists:
     """The memoised work lists of ``which`` at ``b_out x b_in`` tiles, built from the memoised
-    classification where there is one."""
+    classification where there is one, and with its `kernel_lists` arrays over ``bands`` (the
+    plan's int32 bands of that orientation). The neighbours in the same pass with the same outer
+    tiles that still wait for their lists get theirs in the same calls: the forward's and dQ's
+    (128 x 128 and 128 x 64), classified together for a new mask, are lowered one after the other."""
     key = (digest, which, b_out, b_in)
     hit = _TILED.get(key)
     if hit is None or (hit.lists is None and hit.classified is None):  # unknown, or held as counts only
         hit = _classified(mask, digest, which, [(b_out, b_in)], known=False)[0]
     if hit.lists is None:
-        n_out = _cdiv(mask.sq if which == "fwd" else mask.sk, b_out)
-        hit = _remember(key, _held(hit.counts, lists=_lists(hit.classified, n_out)))
+        batch, i = hit.classified["batch"], hit.classified["index"]
+        blocks = batch["blocks"]
+
+        def waits(j):  # a neighbour with the same outer tiles, classified in this pass, no lists yet
+            other = _TILED.get((digest, which) + blocks[j])
+            return (blocks[j][0] == b_out and other is not None and other.lists is None
+                    and other.classified is not None and other.classified["batch"] is batch)
+
+        lo, hi = i, i + 1
+        while lo > 0 and waits(lo - 1):
+            lo -= 1
+        while hi < len(blocks) and waits(hi):
+            hi += 1
+        for j, (lists, arrays) in zip(range(lo, hi), _lists_many(batch, bands, range(lo, hi))):
+            held = _held(batch["counts"][j], lists=lists, kernel=None if arrays is None else (bands, arrays))
+            if j == i:
+                hit = _remember(key, held)
+            else:
+                _remember((digest, which) + blocks[j], held)
     return hit.lists
+
+
+_BANDS32: dict = {}
+
+
+def _bands32(mask: Mask, digest: str, which: str) -> np.ndarray:
+    """The read-only int32 bands of ``which`` ("fwd": the row bands, "bwd": the column bands) that
+    a plan holds, one array per mask content: the `kernel_lists` arrays built with the lists are
+    a plan's own when its bands are this very array."""
+    hit = _BANDS32.get((digest, which))
+    if hit is None:
+        hit = _ro(mask.bands if which == "fwd" else _column_bands(mask, digest), (-1, 6))
+        if len(_BANDS32) >= 256:
+            _BANDS32.clear()
+        _BANDS32[(digest, which)] = hit
+    return hit
 
 
 def _remember(key: tuple, tiled: _Tiled) -> _Tiled:
@@ -650,6 +781,7 @@ def clear_caches() -> None:
         _TILED.clear()
         _tiled_bytes = 0
     _COLUMN_BANDS.clear()
+    _BANDS32.clear()
 
 
 def tile_counts(mask: Mask, block_q: int, block_k: int, which: str = "fwd") -> tuple[int, int]:
@@ -706,12 +838,13 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
     digest = mask.digest()
     bands = np.asarray(mask.bands, dtype=np.int64)
     fwd = bwd = bands_t = kinds = None
+    bands32 = _bands32(mask, digest, "fwd")
     if only != "bwd":
-        fwd = _lowered(mask, digest, "fwd", block_q, block_k)
+        fwd = _lowered(mask, digest, "fwd", block_q, block_k, bands32)
     if only != "fwd":
         # the backward walks key tiles: tile the canonical *column* bands of the same set
-        bands_t = _ro(_column_bands(mask, digest), (-1, 6))
-        bwd = _lowered(mask, digest, "bwd", block_k, block_q)
+        bands_t = _bands32(mask, digest, "bwd")
+        bwd = _lowered(mask, digest, "bwd", block_k, block_q, bands_t)
     if only is None:
         kinds = frozenset(_pred_kinds(fwd, bands) | _pred_kinds(bwd, bands_t))
     plan = (TilePlan if only is None else _PartialTilePlan)(
@@ -720,7 +853,7 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
         block_q=block_q,
         block_k=block_k,
         mask_digest=digest,
-        bands=_ro(bands, (-1, 6)),
+        bands=bands32,
         bands_t=bands_t,
         fwd=fwd,
         bwd=bwd,
@@ -749,6 +882,10 @@ def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
     """
     tl: TileLists = getattr(plan, which)
     bands = plan.bands if which == "fwd" else plan.bands_t  # int32, like every list of TileLists
+    size = (plan.block_q, plan.block_k) if which == "fwd" else (plan.block_k, plan.block_q)
+    hit = _TILED.get((plan.mask_digest, which) + size)
+    if hit is not None and hit.kernel is not None and hit.lists is tl and hit.kernel[0] is bands:
+        return dict(hit.kernel[1])  # built with these very lists and bands (`_lists_many`)
     n_out = tl.n_outer
     cnt = np.diff(tl.pred_ptr)
     few = cnt <= INLINE_PREDS

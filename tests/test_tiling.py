@@ -374,3 +374,38 @@ def test_small_column_bands_path_equals_the_numpy_path(md):
     finally:
         tiling._SMALL_COLUMNS = small
         tiling.clear_caches()
+
+
+@given(masks(max_side=70, max_slices=8), blocks, blocks, blocks)
+def test_lists_built_together_and_their_kernel_lists_equal_the_general_path(md, bq, bk, bk2):
+    """A new mask's forward and dQ sizes, classified in one pass, get their lists in one build
+    with their `kernel_lists` arrays beside them (the CUTLASS planning path); both equal a size
+    lowered alone and `kernel_lists` built from the plan (bands that are not the memo's)."""
+    from dataclasses import replace
+
+    from maskc import tiling
+
+    m, _ = md
+    sizes = [(bq, bk), (bq, bk2)] if bk != bk2 else [(bq, bk)]
+    alone = {}
+    for q, k in sizes + [(bk2, bq)]:
+        tiling.clear_caches()
+        alone[(q, k)] = lower(m, q, k)
+    # the arrays are built with the lists where no partial tile of the sizes built together has
+    # more than INLINE_PREDS slices
+    inline = {"fwd": all(np.diff(alone[s].fwd.pred_ptr).max(initial=0) <= tiling.INLINE_PREDS for s in sizes),
+              "bwd": np.diff(alone[(bk2, bq)].bwd.pred_ptr).max(initial=0) <= tiling.INLINE_PREDS}
+    tiling.clear_caches()
+    tiling.tile_counts_many(m, sizes, "fwd")
+    for (q, k), which in [(s, "fwd") for s in sizes] + [((bk2, bq), "bwd")]:
+        plan = lower(m, q, k, only=which)
+        assert lists_equal(getattr(plan, which), getattr(alone[(q, k)], which))
+        fast = tiling.kernel_lists(plan, which)
+        general = tiling.kernel_lists(replace(alone[(q, k)], bands=alone[(q, k)].bands.copy(),
+                                              bands_t=alone[(q, k)].bands_t.copy()), which)
+        assert list(fast) == list(general)
+        assert all(fast[n].dtype == general[n].dtype and np.array_equal(fast[n], general[n]) for n in fast)
+        held = tiling._TILED.get((m.digest(), which) + ((q, k) if which == "fwd" else (k, q)))
+        if len(m) and inline[which]:
+            assert held.kernel is not None and held.kernel[0] is (plan.bands if which == "fwd" else plan.bands_t)
+    tiling.clear_caches()
