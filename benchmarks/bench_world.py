@@ -5,7 +5,10 @@
 Fixed settings: held-out seeds 0 1, 4-chunk videos (prompt following with a mid-video direction
 change, image-to-video), 2+2-chunk continuation, memory at 4, 16 and 64 chunks, one torch thread,
 the generator's default steps. Writes ``world-<host>-<date>.json`` and prints a table
-(the same as ``magi eval --seeds 0 1 --chunks 4 --memory-chunks 4 16 64``; about 3 minutes on a 2-core CPU).
+(the same as ``magi eval --seeds 0 1 --chunks 4 --memory-chunks 4 16 64``; about 5 minutes on a 2-core CPU).
+Each memory length runs in a fresh process with glibc's mmap threshold held fixed
+(`evaluate.measure_memory_isolated`: the peak RSS then follows what the generation holds, not the
+allocator's history); those runs are slower and are not counted in the throughput.
 
     python benchmarks/bench_world.py --gpu       # on a GPU machine: peak GPU memory and frames/s only
 

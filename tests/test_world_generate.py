@@ -81,6 +81,41 @@ def test_kv_cache_bounded_by_window(tiny):
     assert len({b for _, b in sizes}) == 1  # storage allocated once: constant memory
 
 
+def _live_tensors():
+    """(count, bytes) of the torch tensors alive in this process (storages counted once)."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    n = 0
+    for o in gc.get_objects():
+        if issubclass(type(o), torch.Tensor) and type(o) is not torch.nn.Parameter:
+            n += 1
+            st = o.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return n, sum(storages.values())
+
+
+@pytest.mark.parametrize("cfg_text,cfg_prev", [(0.0, 0.0), (3.0, 0.5)])
+def test_live_memory_bounded_over_a_long_video(tiny, cfg_text, cfg_prev):
+    """Once the pipeline is full, the tensors the generator holds between chunks are the same in number
+    and size after every chunk (no lists of frames, per-chunk K/V, or guidance batches pile up)."""
+    n, window = 12, 2
+    s = G.generate_chunks(tiny, [P], n_chunks=n, steps=2, window=window, attn_window=3, cfg_text=cfg_text,
+                          cfg_prev=cfg_prev, seed=0)
+    base = _live_tensors()
+    live = []
+    for chunk in s:
+        del chunk
+        live.append(_live_tensors())
+    assert len(live) == n
+    steady = live[3]  # window chunks in flight, attn_window - 1 chunks in the cache
+    assert steady[0] > base[0]
+    assert all(x == steady for x in live[3:n - window]), live  # until the pipeline drains
+    assert max(b for _, b in live) == steady[1]
+    assert s.cache.nbytes() > 0
+
+
 def test_ring_buffer_order_and_wrap():
     cache = G.RingKVCache(depth=2, capacity=3, tokens_per_chunk=2)
     assert cache.kv() is None

@@ -12,7 +12,9 @@ truth is known; `evaluate` runs the model and applies them:
 - `psnr`, `count_blobs` / `object_persistence`: image-to-video fidelity.
 - `position_error`: continuation physics against the simulator, with a copy-last-frame baseline.
 - `seam_score`: mean frame difference at chunk boundaries vs inside chunks.
-- `measure_memory`: peak host memory (RSS sampled per chunk, tracemalloc peak) and KV-cache bytes.
+- `measure_memory` / `measure_memory_isolated`: peak host memory (the kernel's RSS high-water mark
+  over the generation), tracemalloc peak and KV-cache bytes; `evaluate` runs each video length in
+  a fresh process with a fixed malloc mmap threshold (see `measure_memory_isolated` for why).
 
 Held-out seeds are small integers; training draws its clips from large derived seeds
 (`data.clip_seed`), so they do not overlap.
@@ -20,8 +22,11 @@ Held-out seeds are small integers; training draws its clips from large derived s
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 import tracemalloc
 from typing import Sequence
@@ -300,6 +305,28 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _peak_rss_bytes() is not None
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    """The kernel's RSS high-water mark of this process (VmHWM, bytes), or None where not available."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # -------------------------------------------------------------------------------- the runner
 
 
@@ -313,9 +340,23 @@ def _gen(model, meta, prompts, *, seed, steps, cfg_text, image=None, video=None)
     return np.concatenate(chunks), time.perf_counter() - t0, stream
 
 
+MEMORY_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, held fixed in the memory runs
+
+
 def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None) -> dict:
-    """Peak RSS (sampled after each chunk), its growth over the start, tracemalloc peak, KV-cache bytes.
-    ``cfg_text``: as for generation (default: generate's); text guidance runs a second model pass."""
+    """Peak host memory of one ``n_chunks`` generation in this process, tracemalloc peak, KV-cache bytes.
+
+    ``peak_rss_mb``: the kernel's RSS high-water mark over the generation (VmHWM, reset to the
+    current RSS at the start through ``/proc/self/clear_refs``; ``peak_rss_source`` "VmHWM"), so
+    the transient peak inside a chunk counts; where Linux does not allow the reset, the largest RSS
+    sampled after each chunk ("sampled"). ``rss_per_chunk_mb``: RSS after each chunk;
+    ``sampled_peak_rss_mb`` their maximum (with the RSS at the start); ``rss_growth_mb``: peak
+    minus the RSS at the start. ``cfg_text``: as for generation (default: generate's); text
+    guidance runs a second model pass.
+
+    In a process that already ran other work, or with glibc's default allocator, RSS says as much
+    about the allocator's history as about the generation: see `measure_memory_isolated`, which
+    `evaluate` uses."""
     from .generate import DEFAULT_CFG_TEXT, generate_chunks
 
     prompt = "the red circle moves right"
@@ -331,16 +372,24 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
         torch.cuda.reset_peak_memory_stats(dev)
         gpu0 = torch.cuda.memory_allocated(dev)
     tracemalloc.start()
-    rss0 = peak = _rss_bytes()
+    hwm = _reset_peak_rss()
+    rss0 = sampled = _rss_bytes()
+    per_chunk = []
     t0 = time.perf_counter()
-    for _ in stream:
-        peak = max(peak, _rss_bytes())
+    for chunk in stream:
+        del chunk
+        per_chunk.append(_rss_bytes())
+        sampled = max(sampled, per_chunk[-1])
     if cuda:
         torch.cuda.synchronize(dev)
     dt = time.perf_counter() - t0
+    peak = max(sampled, _peak_rss_bytes()) if hwm else sampled
     _, tm_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    out = {"chunks": n_chunks, "peak_rss_mb": peak / 2 ** 20, "rss_growth_mb": (peak - rss0) / 2 ** 20,
+    out = {"chunks": n_chunks, "steps": steps, "cfg_text": float(cfg_text), "peak_rss_mb": peak / 2 ** 20,
+           "peak_rss_source": "VmHWM" if hwm else "sampled", "sampled_peak_rss_mb": sampled / 2 ** 20,
+           "rss_start_mb": rss0 / 2 ** 20, "rss_growth_mb": (peak - rss0) / 2 ** 20,
+           "rss_per_chunk_mb": [round(r / 2 ** 20, 2) for r in per_chunk],
            "tracemalloc_peak_mb": tm_peak / 2 ** 20, "kv_cache_bytes": stream.cache.nbytes(),
            "peak_cache_chunks": stream.peak_cache_chunks, "seconds": dt,
            "fps": n_chunks * model.cfg.chunk_frames / dt}
@@ -349,6 +398,66 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
         out["gpu_growth_mb"] = (torch.cuda.max_memory_allocated(dev) - gpu0) / 2 ** 20
         out["device"] = torch.cuda.get_device_name(dev)
     return out
+
+
+_CHILD_MARK = "MEASURE_MEMORY_RESULT "
+
+
+def measure_memory_isolated(weights, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
+                            threads: int | None = None, mmap_threshold: int | None = MEMORY_MMAP_THRESHOLD,
+                            timeout: float | None = None) -> dict:
+    """`measure_memory` (CPU) in a fresh Python process that loads ``weights`` (None: the shipped model).
+
+    Why: generation holds a bounded working set (KV ring buffer, the chunks in flight, one decoded
+    chunk), but its transient tensors (autoencoder activations, attention scores) are tens of MB.
+    With glibc's default allocator, the first free of such a buffer raises the mmap threshold, so
+    later ones come from the heap, which keeps freed memory or gives it back depending on
+    fragmentation: within one 64-chunk generation the RSS after a chunk swings by +-30 MB and
+    its high-water mark creeps up, and in a process that ran other work first (evaluate's other
+    metrics, shorter memory runs) the RSS starts from that work's leftovers. Measuring each length
+    in a fresh process with the mmap threshold held fixed (``MALLOC_MMAP_THRESHOLD_``; None: the
+    allocator's default), so that large buffers are mapped on allocation and unmapped on free,
+    makes the peak RSS follow what the generation holds. It costs time (page faults on every large
+    buffer), so the ``seconds`` / ``fps`` of these runs are not the generator's throughput.
+
+    ``threads``: torch threads in the child (default: this process's). Returns `measure_memory`'s
+    dict plus ``pid`` (the child's) and ``malloc_mmap_threshold``."""
+    import torch
+
+    spec = {"weights": None if weights is None else str(weights), "n_chunks": int(n_chunks), "steps": int(steps),
+            "seed": int(seed), "cfg_text": cfg_text,
+            "threads": int(threads) if threads is not None else torch.get_num_threads()}
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
+    code = "import sys; from maskc.world_model.evaluate import _memory_child; sys.exit(_memory_child(sys.argv[1]))"
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(_CHILD_MARK)]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"memory measurement of {n_chunks} chunks in a fresh process failed "
+                           f"(exit {p.returncode}): {(p.stderr or p.stdout)[-2000:]}")
+    return json.loads(lines[-1][len(_CHILD_MARK):])
+
+
+def _memory_child(spec_json: str) -> int:
+    """Entry point of `measure_memory_isolated`'s child process: prints the result as one JSON line."""
+    import torch
+
+    from .generate import load_model
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    model, meta = load_model(spec["weights"])
+    out = measure_memory(model, meta, spec["n_chunks"], steps=spec["steps"], seed=spec["seed"],
+                         cfg_text=spec["cfg_text"])
+    out["pid"] = os.getpid()
+    out["malloc_mmap_threshold"] = (int(os.environ["MALLOC_MMAP_THRESHOLD_"])
+                                    if os.environ.get("MALLOC_MMAP_THRESHOLD_") else None)
+    out["torch_threads"] = torch.get_num_threads()
+    print(_CHILD_MARK + json.dumps(out), flush=True)
+    return 0
 
 
 def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps: int | None = None,
@@ -425,17 +534,17 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                            "copy_last_px": float(np.nanmean([r["copy_last_px"] for r in phys])),
                            "model_missing": float(np.mean([r["model_missing"] for r in phys])), "runs": phys}
 
-    # memory
-    mem = [measure_memory(model, meta, n, steps=steps, cfg_text=cfg_text) for n in memory_chunks]
+    # memory: each length in a fresh process (see measure_memory_isolated); not counted in throughput
+    mem = [measure_memory_isolated(weights, n, steps=steps, cfg_text=cfg_text) for n in memory_chunks]
     for m in mem:
-        gen_frames, gen_seconds = gen_frames + m["chunks"] * f, gen_seconds + m["seconds"]
         say(f"memory {m['chunks']} chunks: peak RSS {m['peak_rss_mb']:.1f} MB, KV {m['kv_cache_bytes']} B")
-    res["memory"] = {"runs": mem}
+    res["memory"] = {"runs": mem, "isolated": True, "malloc_mmap_threshold": MEMORY_MMAP_THRESHOLD}
     if len(mem) >= 2:
         res["memory"]["peak_rss_ratio"] = mem[-1]["peak_rss_mb"] / mem[0]["peak_rss_mb"]
         res["memory"]["kv_ratio"] = (mem[-1]["kv_cache_bytes"] / mem[0]["kv_cache_bytes"]
                                      if mem[0]["kv_cache_bytes"] else float("nan"))
-    res["throughput"] = {"frames": gen_frames, "seconds": gen_seconds, "fps": gen_frames / gen_seconds}
+    res["throughput"] = {"frames": gen_frames, "seconds": gen_seconds, "fps": gen_frames / gen_seconds,
+                         "runs": "prompt following, image-to-video, continuation (not the memory runs)"}
     return res
 
 
@@ -453,8 +562,10 @@ def format_table(res: dict) -> str:
     rows += [("seam ratio (boundary / inside diff)", f"{s['ratio']:.2f}",
               f"boundary {s['boundary']:.2f}, inside {s['inside']:.2f}, simulator {s['simulator_ratio']:.2f}")]
     for m in res["memory"]["runs"]:
+        where = ", fresh process" if "pid" in m else ""
         rows.append((f"memory {m['chunks']} chunks: peak RSS (MB)", f"{m['peak_rss_mb']:.1f}",
-                     f"KV cache {m['kv_cache_bytes'] / 2 ** 20:.2f} MB, tracemalloc {m['tracemalloc_peak_mb']:.1f} MB"))
+                     f"KV cache {m['kv_cache_bytes'] / 2 ** 20:.2f} MB, tracemalloc {m['tracemalloc_peak_mb']:.1f} MB"
+                     f"{where}"))
     if "peak_rss_ratio" in res["memory"]:
         rows.append(("memory ratio last/first (RSS, KV)", f"{res['memory']['peak_rss_ratio']:.3f}",
                      f"KV {res['memory']['kv_ratio']:.3f}"))
