@@ -111,7 +111,7 @@ def plan_cases(s: int = 1 << 15):
 
 def cutlass_plan_cases(s: int = 1 << 15):
     """Planning a new mask for the CUTLASS kernels, as `maskc.runtime` does on the H100 (what
-    ``backend="auto"`` runs there): the forward's and dQ's tile sizes classified in one pass, then
+    ``backend="auto"`` runs there): the three kernels' tile sizes classified in one pass, then
     each kernel's lowering (forward 128x128 and dQ 128x64 over query tiles, dK/dV 64x128 over key
     tiles) and its flat work lists (`kernel_lists`), the arrays copied to the GPU. The 8 masks of
     `bench_kernels.py`; the tiling memo is cleared before each repetition (untimed)."""
@@ -129,12 +129,13 @@ def plan_for_triton(mask, head_dim: int = 128):
 
 def plan_for_cutlass(mask):
     """What `maskc.runtime` does on the host for a new mask before the CUTLASS kernels run: the
-    forward's and dQ's tile sizes classified in one pass, then each kernel's lowering and its flat
-    work lists (the arrays copied to the GPU). Returns the mask."""
+    three kernels' tile sizes classified in one pass (forward and dQ over query tiles, dK/dV over
+    key tiles), then each kernel's lowering (the first builds all three lists) and its flat work
+    lists (the arrays copied to the GPU). Returns the mask."""
     from maskc.codegen.cutlass import TILES
-    from maskc.tiling import kernel_lists, tile_counts_many
+    from maskc.tiling import kernel_lists, tile_counts_all
 
-    tile_counts_many(mask, [TILES["fwd"], TILES["bwd_dq"]], "fwd")
+    tile_counts_all(mask, [TILES["fwd"], TILES["bwd_dq"]], [TILES["bwd_dkdv"]])
     for direction, which in (("fwd", "fwd"), ("bwd_dq", "fwd"), ("bwd_dkdv", "bwd")):
         kernel_lists(maskc.lower(mask, *TILES[direction], only=which), which)
     return mask

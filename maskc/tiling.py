@@ -25,6 +25,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import NamedTuple
 
 import numpy as np
@@ -117,10 +118,13 @@ def _ptr(counts) -> np.ndarray:
     return np.concatenate((np.zeros(1, np.int64), np.cumsum(counts)))
 
 
-def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, sweep_all: bool = False) -> list[dict]:
+def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, sweep_all: bool = False,
+              also: tuple = ()) -> list[dict]:
     """The first half of `_tile_lists`, for each ``(b_out, b_in)`` of `blocks` in one pass: the
     pieces of ``bands`` (one per band and outer tile), the inner tiles each touches and covers
-    in full, and ``counts`` = (full tiles, partial tiles).
+    in full, and ``counts`` = (full tiles, partial tiles). ``also``: more ``(bands, outer_len,
+    inner_len, blocks)`` groups (the other orientation) classified in the same pass; their sizes
+    follow in the result, and their band ids are numbered on after the group before (``band_at``).
 
     Where every outer tile holds at most one piece (``single``), each piece decides its tile's
     lists alone. Otherwise (or with ``sweep_all``, which tests use to check that shortcut) the
@@ -129,27 +133,42 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     sizes go through the same few calls (outer tiles numbered on from one size to the next), over
     contiguous rows, with no Python loop but the one that hands out each size's share; the
     per-size scalars are Python ints, and power-of-two tiles divide by shifting."""
-    blocks = [(int(bo), int(bi)) for bo, bi in blocks]
-    n_s, n_b = len(blocks), bands.shape[0]
-    n_out = [-(-outer_len // bo) for bo, _ in blocks]
+    groups = [(bands, outer_len, inner_len, blocks), *also]
+    blocks, lens, n_bands, band_at, group = [], [], [], [], []  # per size
+    offset = 0
+    for g, (g_bands, g_outer, g_inner, g_blocks) in enumerate(groups):
+        for bo, bi in g_blocks:
+            blocks.append((int(bo), int(bi)))
+            lens.append((g_outer, g_inner))
+            n_bands.append(g_bands.shape[0])
+            band_at.append(offset)
+            group.append(g)
+        offset += g_bands.shape[0]
+    n_out = [-(-o // bo) for (bo, _), (o, _) in zip(blocks, lens)]
     tile_at = [0]  # each size's first outer tile, numbered on from one size to the next
     for n in n_out:
         tile_at.append(tile_at[-1] + n)
-    tail = [outer_len - (n - 1) * bo for n, (bo, _) in zip(n_out, blocks)]  # height of each size's last outer tile
+    tail = [o - (n - 1) * bo for n, (bo, _), (o, _) in zip(n_out, blocks, lens)]  # height of each size's last outer tile
     # key = outer tile (common numbering) << shift + inner tile: 1 << shift is above every inner tile index
-    shift = max(-(-inner_len // bi) for _, bi in blocks).bit_length()
+    shift = max(-(-i // bi) for (_, bi), (_, i) in zip(blocks, lens)).bit_length()
     pow2 = all(b & (b - 1) == 0 for blk in blocks for b in blk)
     div = np.right_shift if pow2 else np.floor_divide
     # ---- pieces: one per (size, band, outer tile), in that order, the columns of one array ----
     # rows: r0, r1, ac, as, bc, bs, outer tile, band, b_out, b_in, first outer tile, last outer
     # tile index, its height, and the divisors of b_out and b_in (their log2 where powers of two)
-    per = np.empty((15, n_s, n_b), np.int64)
-    per[:6] = bands.T[:, None]
-    per[7] = np.arange(n_b)
-    per[8:] = np.array([[bo for bo, _ in blocks], [bi for _, bi in blocks], tile_at[:-1], [n - 1 for n in n_out], tail,
-                        [bo.bit_length() - 1 if pow2 else bo for bo, _ in blocks],
-                        [bi.bit_length() - 1 if pow2 else bi for _, bi in blocks]])[:, :, None]
-    per = per.reshape(15, -1)
+    consts = np.array([[bo for bo, _ in blocks], [bi for _, bi in blocks], tile_at[:-1], [n - 1 for n in n_out], tail,
+                       [bo.bit_length() - 1 if pow2 else bo for bo, _ in blocks],
+                       [bi.bit_length() - 1 if pow2 else bi for _, bi in blocks]])
+    parts, s = [], 0
+    for g_bands, _, _, g_blocks in groups:
+        n_s, n_b = len(g_blocks), g_bands.shape[0]
+        per = np.empty((15, n_s, n_b), np.int64)
+        per[:6] = g_bands.T[:, None]
+        per[7] = np.arange(band_at[s], band_at[s] + n_b)
+        per[8:] = consts[:, s : s + n_s, None]
+        parts.append(per.reshape(15, -1))
+        s += n_s
+    per = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     t_first = div(per[0], per[13])
     t_last = div(per[1] - 1, per[13])
     cnt = t_last - t_first + 1
@@ -168,9 +187,9 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     div(ends, p[14], out=ends)
     (touch0, full0), (full1, touch1) = ends
     rows = p[1] - p[0]  # + 1: the piece's height
-    first = np.empty(n_s + 1, np.int64)  # each size's first piece
+    first = np.empty(len(blocks) + 1, np.int64)  # each size's first piece
     first[0] = 0
-    first[1:] = ends_at[n_b - 1 :: n_b]
+    first[1:] = ends_at[[n - 1 for n in accumulate(n_bands)]]
     g_first, g_last = t_first + per[10], t_last + per[10]
     if not sweep_all and not (g_first[1:] <= g_last[:-1]).any():
         # every outer tile holds at most one piece, in order: it touches [touch0, touch1) and is
@@ -181,7 +200,7 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
         np.copyto(full1, touch1, where=~full)
         n_full = np.add.reduceat(full1 - full0, first[:-1]).tolist()
         n_touched = np.add.reduceat(touch1 - touch0, first[:-1]).tolist()
-        batch = dict(single=True, blocks=blocks, tile_at=tile_at, shift=shift, tile=ot + p[10], band=p[7],
+        batch = dict(single=True, blocks=blocks, band_at=band_at, group=group, tile_at=tile_at, shift=shift, tile=ot + p[10], band=p[7],
                      touch0=touch0, touch1=touch1, full0=full0, full1=full1)
         return _per_size(batch, first.tolist(), None, [(f, t - f) for f, t in zip(n_full, n_touched)])
     # ---- events, swept per outer tile at key = outer tile (common numbering) << shift + inner tile ----
@@ -223,7 +242,7 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     is_part = (state >= big) > is_full
     n_full = np.add.reduceat(span * is_full, at[:-1]).tolist()
     n_part = np.add.reduceat(span * is_part, at[:-1]).tolist()
-    batch = dict(single=False, blocks=blocks, tile_at=tile_at, shift=shift, tile=tile, band=p[7], touch0=touch0,
+    batch = dict(single=False, blocks=blocks, band_at=band_at, group=group, tile_at=tile_at, shift=shift, tile=tile, band=p[7], touch0=touch0,
                  touch1=touch1, key=key, span=span, is_full=is_full, is_part=is_part)
     return _per_size(batch, first.tolist(), at, list(zip(n_full, n_part)))
 
@@ -266,12 +285,13 @@ def _lists(c: dict, n_out: int) -> TileLists:
     return tl
 
 
-def _lists_many(b: dict, bands: np.ndarray | None = None, sizes: range | None = None) -> list[tuple[TileLists, dict | None]]:
+def _lists_many(b: dict, bands: list | None = None, sizes: range | None = None) -> list[tuple[TileLists, dict | None]]:
     """The work lists of the tile sizes ``sizes`` (consecutive ones, default all) of one
     `_classify` pass, built in the same few calls: their pieces and intervals are contiguous
     there, and outer tiles keep the pass's common numbering until each size's share is cut out.
-    With ``bands`` (the read-only int32 bands the predicates index) also each size's
-    `kernel_lists` arrays, where every partial tile has at most `INLINE_PREDS` slices (else None)."""
+    With ``bands`` (per group of the pass, the read-only int32 bands its predicates index) also
+    each size's `kernel_lists` arrays, where every partial tile has at most `INLINE_PREDS` slices
+    (else None)."""
     tile_at, first, at = b["tile_at"], b["first"], b["at"]
     sizes = range(len(tile_at) - 1) if sizes is None else sizes
     pieces = slice(first[sizes.start], first[sizes.stop])
@@ -299,22 +319,23 @@ def _lists_many(b: dict, bands: np.ndarray | None = None, sizes: range | None = 
     pred_ptr = _ro(np.arange(preds.shape[0] + 1)) if pred_cnt is None else _ptr32(pred_cnt)
     few = None
     if bands is not None and (pred_cnt is None or not pred_cnt.size or pred_cnt.max() <= INLINE_PREDS):
-        few = _few_table(bands, p_tile, preds, pred_ptr, pred_cnt)
+        # the pass's band ids run on from one group to the next: so do the bands here
+        few = _few_table(bands[0] if len(bands) == 1 else np.concatenate(bands), p_tile, preds, pred_ptr, pred_cnt)
     local = [t - t0 for t in tile_at[sizes.start : sizes.stop + 1]]  # each size's first outer tile, and the end
     at_run, at_part = full_ptr[local].tolist(), part_ptr[local].tolist()
     at_pred = pred_ptr[at_part].tolist()
     width = _FEW_ROW.itemsize // 4
     out = []
-    for k in range(len(sizes)):
+    for k, size in enumerate(sizes):
         t, u = local[k], local[k + 1]  # the size's outer tiles
         p, q = at_part[k], at_part[k + 1]  # its partial tiles
         tl = TileLists(_cut_ptr(full_ptr, t, u), runs[at_run[k] : at_run[k + 1]], _cut_ptr(part_ptr, t, u),
-                       p_tile[p:q], _cut_ptr(pred_ptr, p, q), preds[at_pred[k] : at_pred[k + 1]],
+                       p_tile[p:q], _cut_ptr(pred_ptr, p, q), _less(preds[at_pred[k] : at_pred[k + 1]], b["band_at"][size]),
                        _less(order[t:u], t))
         arrays = None
         if few is not None:
             none = np.zeros(0, np.int32)
-            arrays = {"bands": bands.reshape(-1), "full_ptr": tl.full_ptr, "full_runs": tl.full_runs.reshape(-1),
+            arrays = {"bands": bands[b["group"][size]].reshape(-1), "full_ptr": tl.full_ptr, "full_runs": tl.full_runs.reshape(-1),
                       "few_ptr": tl.part_ptr, "few": few[width * p : width * q], "many_ptr": _ro(np.zeros(u - t + 1)),
                       "many_tiles": none, "many_pred_ptr": _ro(np.zeros(1)), "many_preds": none, "order": tl.order}
             none.flags.writeable = False
@@ -693,52 +714,67 @@ def _orientation(mask: Mask, digest: str, which: str) -> tuple[np.ndarray, int, 
     return _column_bands(mask, digest), mask.sk, mask.sq
 
 
-def _classified(mask: Mask, digest: str, which: str, sizes: list, known: bool = True) -> list[_Tiled]:
-    """The `_Tiled` of each ``(b_out, b_in)`` of `sizes`: the memoised ones (with ``known``) and
-    the others classified together in one `_classify` pass (and memoised)."""
-    found = {b: _TILED.get((digest, which) + b) if known else None for b in sizes}
-    todo = [b for b, t in found.items() if t is None]
-    if todo:
+def _classified(mask: Mask, digest: str, keys: list, known: bool = True, together: bool = False) -> list[_Tiled]:
+    """The `_Tiled` of each ``(which, b_out, b_in)`` of `keys`: the memoised ones (with ``known``)
+    and the others classified together in one `_classify` pass, both orientations in it where
+    both are asked for (and memoised). ``together``: a later lowering of any size of the pass
+    builds the lists of every size of it still waiting (else only of those of the same
+    orientation and outer tiles)."""
+    found = {k: _TILED.get((digest,) + k) if known else None for k in keys}
+    groups: dict = {}  # orientation -> its sizes still to classify
+    for k, t in found.items():
+        if t is None:
+            groups.setdefault(k[0], []).append(k[1:])
+    passes = []  # (which, (bands, outer_len, inner_len, sizes))
+    for which, sizes in groups.items():
         bands, outer_len, inner_len = _orientation(mask, digest, which)
         if bands.shape[0] == 0 or outer_len == 0:
-            for b in todo:
-                found[b] = _remember((digest, which) + b, _held((0, 0), lists=_empty_lists(_cdiv(outer_len, b[0]))))
+            for b in sizes:
+                found[(which,) + b] = _remember((digest, which) + b, _held((0, 0), lists=_empty_lists(_cdiv(outer_len, b[0]))))
         else:
-            for b, c in zip(todo, _classify(bands, outer_len, inner_len, todo)):
-                found[b] = _remember((digest, which) + b, _held(c["counts"], classified=c))
-    return [found[b] for b in sizes]
+            passes.append((which, (bands, outer_len, inner_len, sizes)))
+    if passes:
+        classified = _classify(*passes[0][1], also=[g for _, g in passes[1:]])
+        batch = classified[0]["batch"]
+        batch.update(keys=[(w,) + b for w, g in passes for b in g[3]], groups=[w for w, _ in passes], together=together)
+        for k, c in zip(batch["keys"], classified):
+            found[k] = _remember((digest,) + k, _held(c["counts"], classified=c))
+    return [found[k] for k in keys]
 
 
-def _lowered(mask: Mask, digest: str, which: str, b_out: int, b_in: int, bands: np.ndarray) -> TileLists:
+def _lowered(mask: Mask, digest: str, which: str, b_out: int, b_in: int) -> TileLists:
     """The memoised work lists of ``which`` at ``b_out x b_in`` tiles, built from the memoised
-    classification where there is one, and with its `kernel_lists` arrays over ``bands`` (the
-    plan's int32 bands of that orientation). The neighbours in the same pass with the same outer
-    tiles that still wait for their lists get theirs in the same calls: the forward's and dQ's
-    (128 x 128 and 128 x 64), classified together for a new mask, are lowered one after the other."""
+    classification where there is one, and with its `kernel_lists` arrays over the plan's int32
+    bands of that orientation (`_bands32`). The neighbours in the same pass with the same outer
+    tiles that still wait for their lists get theirs in the same calls (every size of a pass
+    classified ``together``): the forward's and dQ's (128 x 128 and 128 x 64), classified
+    together for a new mask, are lowered one after the other."""
     key = (digest, which, b_out, b_in)
     hit = _TILED.get(key)
     if hit is None or (hit.lists is None and hit.classified is None):  # unknown, or held as counts only
-        hit = _classified(mask, digest, which, [(b_out, b_in)], known=False)[0]
+        hit = _classified(mask, digest, [(which, b_out, b_in)], known=False)[0]
     if hit.lists is None:
         batch, i = hit.classified["batch"], hit.classified["index"]
-        blocks = batch["blocks"]
+        keys = batch["keys"]
 
-        def waits(j):  # a neighbour with the same outer tiles, classified in this pass, no lists yet
-            other = _TILED.get((digest, which) + blocks[j])
-            return (blocks[j][0] == b_out and other is not None and other.lists is None
+        def waits(j):  # a neighbour built with this size: classified in this pass, no lists yet
+            other = _TILED.get((digest,) + keys[j])
+            return ((batch["together"] or keys[j][:2] == (which, b_out)) and other is not None and other.lists is None
                     and other.classified is not None and other.classified["batch"] is batch)
 
         lo, hi = i, i + 1
         while lo > 0 and waits(lo - 1):
             lo -= 1
-        while hi < len(blocks) and waits(hi):
+        while hi < len(keys) and waits(hi):
             hi += 1
+        bands = [_bands32(mask, digest, w) for w in batch["groups"]]
         for j, (lists, arrays) in zip(range(lo, hi), _lists_many(batch, bands, range(lo, hi))):
-            held = _held(batch["counts"][j], lists=lists, kernel=None if arrays is None else (bands, arrays))
+            own = bands[batch["group"][j]]
+            held = _held(batch["counts"][j], lists=lists, kernel=None if arrays is None else (own, arrays))
             if j == i:
                 hit = _remember(key, held)
             else:
-                _remember((digest, which) + blocks[j], held)
+                _remember((digest,) + keys[j], held)
     return hit.lists
 
 
@@ -796,8 +832,18 @@ def tile_counts_many(mask: Mask, blocks, which: str = "fwd") -> list[tuple[int, 
     (numpy's per-call cost, not the data, is most of the cost of one size at 32k tokens)."""
     if which not in ("fwd", "bwd"):
         raise MaskError(f"tile_counts: which must be 'fwd' or 'bwd', got {which!r}")
-    sizes = [(int(q), int(k)) if which == "fwd" else (int(k), int(q)) for q, k in blocks]
-    return [t.counts for t in _classified(mask, mask.digest(), which, sizes)]
+    keys = [(which, int(q), int(k)) if which == "fwd" else (which, int(k), int(q)) for q, k in blocks]
+    return [t.counts for t in _classified(mask, mask.digest(), keys)]
+
+
+def tile_counts_all(mask: Mask, fwd_blocks, bwd_blocks) -> tuple[list, list]:
+    """`tile_counts_many` of ``(block_q, block_k)`` sizes of both orientations (``fwd_blocks``
+    over query tiles, ``bwd_blocks`` over key tiles) in one pass, for a caller that will lower
+    every one of them (the CUTLASS forward, dQ and dK/dV kernels of a new mask): the first
+    lowering builds the lists of all of them in the same calls, and the others are memo hits."""
+    keys = ([("fwd", int(q), int(k)) for q, k in fwd_blocks] + [("bwd", int(k), int(q)) for q, k in bwd_blocks])
+    counts = [t.counts for t in _classified(mask, mask.digest(), keys, together=True)]
+    return counts[: len(fwd_blocks)], counts[len(fwd_blocks) :]
 
 
 class _PartialTilePlan(TilePlan):
@@ -840,11 +886,11 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
     fwd = bwd = bands_t = kinds = None
     bands32 = _bands32(mask, digest, "fwd")
     if only != "bwd":
-        fwd = _lowered(mask, digest, "fwd", block_q, block_k, bands32)
+        fwd = _lowered(mask, digest, "fwd", block_q, block_k)
     if only != "fwd":
         # the backward walks key tiles: tile the canonical *column* bands of the same set
         bands_t = _bands32(mask, digest, "bwd")
-        bwd = _lowered(mask, digest, "bwd", block_k, block_q, bands_t)
+        bwd = _lowered(mask, digest, "bwd", block_k, block_q)
     if only is None:
         kinds = frozenset(_pred_kinds(fwd, bands) | _pred_kinds(bwd, bands_t))
     plan = (TilePlan if only is None else _PartialTilePlan)(

@@ -409,3 +409,41 @@ def test_lists_built_together_and_their_kernel_lists_equal_the_general_path(md, 
         if len(m) and inline[which]:
             assert held.kernel is not None and held.kernel[0] is (plan.bands if which == "fwd" else plan.bands_t)
     tiling.clear_caches()
+
+
+@given(masks(max_side=70, max_slices=8), blocks, blocks, blocks)
+def test_both_orientations_in_one_pass_equal_the_general_path(md, bq, bk, bk2):
+    """A new mask's three CUTLASS kernels (two row sizes, one column size) classified in one pass
+    (`tile_counts_all`): the first lowering builds every size's lists with their `kernel_lists`
+    arrays, and each equals its size lowered alone and `kernel_lists` of a plan with copied bands
+    (the general path); the counts equal `tile_counts` of each size alone."""
+    from dataclasses import replace
+
+    from maskc import tiling
+
+    m, _ = md
+    fwd = [(bq, bk), (bq, bk2)] if bk != bk2 else [(bq, bk)]
+    bwd = [(bk2, bq)]
+    alone, counts = {}, {}
+    for (q, k), which in [(s, "fwd") for s in fwd] + [(s, "bwd") for s in bwd]:
+        tiling.clear_caches()
+        alone[(q, k, which)] = lower(m, q, k)
+        tiling.clear_caches()
+        counts[(q, k, which)] = tiling.tile_counts(m, q, k, which)
+    tiling.clear_caches()
+    got_fwd, got_bwd = tiling.tile_counts_all(m, fwd, bwd)
+    assert got_fwd == [counts[s + ("fwd",)] for s in fwd] and got_bwd == [counts[s + ("bwd",)] for s in bwd]
+    first = True
+    for (q, k), which in [(s, "fwd") for s in fwd] + [(s, "bwd") for s in bwd]:
+        plan = lower(m, q, k, only=which)
+        if first and len(m):  # the first lowering built every size's lists
+            first = False
+            for s, w in [(s, "fwd") for s in fwd] + [((k_, q_), "bwd") for q_, k_ in bwd]:
+                assert tiling._TILED[(m.digest(), w) + s].lists is not None
+        want = alone[(q, k, which)]
+        assert lists_equal(getattr(plan, which), getattr(want, which))
+        fast = tiling.kernel_lists(plan, which)
+        general = tiling.kernel_lists(replace(want, bands=want.bands.copy(), bands_t=want.bands_t.copy()), which)
+        assert list(fast) == list(general)
+        assert all(fast[n].dtype == general[n].dtype and np.array_equal(fast[n], general[n]) for n in fast)
+    tiling.clear_caches()
