@@ -299,36 +299,37 @@ _MANY_RECTANGLES = 24  # from here on a union of constant bands is merged on a g
 
 
 def _union_of_rectangles(bands: np.ndarray, sq: int, sk: int) -> np.ndarray:
-    """`sweep` for a union of bands whose ends are all constant (rectangles), vectorised: their
-    coverage on the grid of row segments (between the rectangles' row ends) by column segments
-    (between their column ends), from a 2-D difference array; each row segment's intervals are the
-    runs of covered column segments (so touching or overlapping intervals merge). Where every
-    segment spans two rows or more, `Canon` would merge exactly the neighbours with equal
-    intervals, so the bands are assembled here; otherwise the segments go through a `Canon`."""
-    rect = bands[:, [0, 1, 2, 4]]  # r0, r1, a, b (ufuncs, not np.clip: its wrapper costs more than the work)
-    np.maximum(rect, 0, out=rect)
-    np.minimum(rect, [sq, sq, sk, sk], out=rect)
-    rect = rect[(rect[:, 0] < rect[:, 1]) & (rect[:, 2] < rect[:, 3])]
-    if rect.shape[0] == 0:
+    """`sweep` for a union of bands whose ends are all constant (rectangles): clipped to the plane
+    (empty ones dropped), then merged on the grid of row segments by column segments (see
+    `_bands_from_cover`), filled rectangle by rectangle (`union_of_rectangles`) or, for many,
+    from a 2-D difference array (`_cover_by_differences`)."""
+    if bands.shape[0] <= _FEW_RECTANGLES:
+        rects = []
+        for r0, r1, a, _, b, _ in bands.tolist():
+            r0, r1, a, b = max(r0, 0), min(r1, sq), max(a, 0), min(b, sk)
+            if r0 < r1 and a < b:
+                rects.append((r0, r1, a, b))
+        return union_of_rectangles(rects, sq)
+    cover_of = _cover_by_differences(bands, sq, sk)
+    if cover_of is None:
         return np.zeros((0, 6), dtype=np.int64)
-    rb = _sorted_unique(np.concatenate(([0, sq], rect[:, 0], rect[:, 1])))  # row segment bounds
-    cb = _sorted_unique(rect[:, 2:].reshape(-1))
-    ri = rb.searchsorted(rect[:, :2])
-    ci = cb.searchsorted(rect[:, 2:])
-    grid = np.zeros((rb.shape[0], cb.shape[0]), np.int32)
-    np.add.at(grid, (ri[:, 0], ci[:, 0]), 1)
-    np.add.at(grid, (ri[:, 0], ci[:, 1]), -1)
-    np.add.at(grid, (ri[:, 1], ci[:, 0]), -1)
-    np.add.at(grid, (ri[:, 1], ci[:, 1]), 1)
-    # covered column segments, padded with an uncovered one on each side: runs start and end
-    # where a segment differs from its left neighbour
-    cover = np.zeros((rb.shape[0] - 1, cb.shape[0] + 1), dtype=bool)
-    np.greater(grid.cumsum(0).cumsum(1)[:-1, :-1], 0, out=cover[:, 1:-1])
+    return _bands_from_cover(*cover_of)
+
+
+def _bands_from_cover(rb: np.ndarray, cb: np.ndarray, cover: np.ndarray) -> np.ndarray:
+    """Canonical bands of a union of rectangles from its coverage grid: ``cover[s, 1 + k]`` says
+    whether row segment s (rows ``rb[s]:rb[s + 1]``) is covered on column segment k (columns
+    ``cb[k]:cb[k + 1]``); columns 0 and -1 are uncovered padding. Each row segment's intervals
+    are the runs of covered column segments (so touching or overlapping intervals merge). Where
+    every segment spans two rows or more, `Canon` would merge exactly the neighbours with equal
+    intervals, so the bands are assembled here; otherwise the segments go through a `Canon`."""
     if (rb[1:] - rb[:-1] >= 2).all():
         start = np.ones(cover.shape[0], dtype=bool)  # a band starts where the intervals change
         np.not_equal(cover[1:], cover[:-1]).any(axis=1, out=start[1:])
         first = np.flatnonzero(start)
-        last = np.append(first[1:], cover.shape[0])
+        last = np.empty_like(first)  # (np.append's wrapper costs more than these)
+        last[:-1] = first[1:]
+        last[-1] = cover.shape[0]
         c = cover[first]
         seg, col = np.nonzero(c[:, 1:] != c[:, :-1])
         ab = cb[col].reshape(-1, 2)  # each interval's (a, b): run starts and ends alternate
@@ -348,6 +349,53 @@ def _union_of_rectangles(bands: np.ndarray, sq: int, sk: int) -> np.ndarray:
         canon.push(bounds[i], bounds[i + 1], tuple((x, 0) for x in xs[k:k + n]))
         k += n
     return canon.result()
+
+
+_FEW_RECTANGLES = 256  # up to here the coverage grid is filled rectangle by rectangle in Python
+
+
+def union_of_rectangles(rects: list, sq: int) -> np.ndarray:
+    """Canonical bands of the union of rectangles ``(r0, r1, a, b)`` (rows ``[r0, r1)`` x keys
+    ``[a, b)``), each inside the ``sq`` rows and the keys and not empty: `sweep`'s union of
+    constant bands without its clipping and setup. One slice assignment per rectangle fills the
+    coverage grid (for a few dozen rectangles each numpy call of the difference array costs more
+    than this whole loop): the column bands of a mask of FULL slices take this path."""
+    if not rects:
+        return np.zeros((0, 6), dtype=np.int64)
+    rb = sorted({0, sq, *(r[0] for r in rects), *(r[1] for r in rects)})
+    cb = sorted({*(r[2] for r in rects), *(r[3] for r in rects)})
+    row_at = {x: i for i, x in enumerate(rb)}
+    col_at = {x: i for i, x in enumerate(cb)}
+    cover = np.zeros((len(rb) - 1, len(cb) + 1), dtype=bool)
+    for r0, r1, a, b in rects:
+        cover[row_at[r0] : row_at[r1], col_at[a] + 1 : col_at[b] + 1] = True
+    return _bands_from_cover(np.array(rb, dtype=np.int64), np.array(cb, dtype=np.int64), cover)
+
+
+def _cover_by_differences(bands: np.ndarray, sq: int, sk: int):
+    """``(row bounds, column bounds, cover)`` (see `_bands_from_cover`) of the bands clipped to
+    the plane, or None when none is left: for many rectangles, vectorised, from a 2-D difference
+    array over the grid of row segments by column segments."""
+    rect = bands[:, [0, 1, 2, 4]]  # r0, r1, a, b (ufuncs, not np.clip: its wrapper costs more than the work)
+    np.maximum(rect, 0, out=rect)
+    np.minimum(rect, [sq, sq, sk, sk], out=rect)
+    rect = rect[(rect[:, 0] < rect[:, 1]) & (rect[:, 2] < rect[:, 3])]
+    if rect.shape[0] == 0:
+        return None
+    rb = _sorted_unique(np.concatenate(([0, sq], rect[:, 0], rect[:, 1])))  # row segment bounds
+    cb = _sorted_unique(rect[:, 2:].reshape(-1))
+    ri = rb.searchsorted(rect[:, :2])
+    ci = cb.searchsorted(rect[:, 2:])
+    grid = np.zeros((rb.shape[0], cb.shape[0]), np.int32)
+    np.add.at(grid, (ri[:, 0], ci[:, 0]), 1)
+    np.add.at(grid, (ri[:, 0], ci[:, 1]), -1)
+    np.add.at(grid, (ri[:, 1], ci[:, 0]), -1)
+    np.add.at(grid, (ri[:, 1], ci[:, 1]), 1)
+    # covered column segments, padded with an uncovered one on each side: runs start and end
+    # where a segment differs from its left neighbour
+    cover = np.zeros((rb.shape[0] - 1, cb.shape[0] + 1), dtype=bool)
+    np.greater(grid.cumsum(0).cumsum(1)[:-1, :-1], 0, out=cover[:, 1:-1])
+    return rb, cb, cover
 
 
 def _sorted_unique(x: np.ndarray) -> np.ndarray:
@@ -515,4 +563,5 @@ __all__ = [
     "slices_to_bands",
     "sweep",
     "trim_bands",
+    "union_of_rectangles",
 ]

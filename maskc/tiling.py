@@ -33,7 +33,7 @@ import numpy as np
 from .errors import MaskError
 from .kinds import Kind, as_int
 from .mask import Mask
-from .normalize import canonical_from_disjoint, canonical_from_sorted_disjoint, sweep
+from .normalize import _FEW_RECTANGLES, canonical_from_disjoint, canonical_from_sorted_disjoint, sweep, union_of_rectangles
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 _LISTS = ("full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order")
@@ -661,6 +661,9 @@ def _column_bands(mask: Mask, digest: str) -> np.ndarray:
             if not (cols[o[1:], 0] < cols[o[:-1], 1]).any():
                 # pieces of canonical row bands are tight: every column of one has rows in it
                 hit = canonical_from_disjoint(cols, mask.sk, mask.sq, tight=True)
+        if hit is None and len(rows) <= _FEW_RECTANGLES and not any(r[3] or r[5] for r in rows):
+            # FULL slices only: their column pieces are rectangles inside the plane, not empty
+            hit = union_of_rectangles([(r0, r1, ac, bc) for r0, r1, ac, _, bc, _ in rows], mask.sk)
         if hit is None:
             hit = sweep([np.array(rows, dtype=np.int64).reshape(-1, 6)], [False, True], mask.sk, mask.sq)
         hit.flags.writeable = False

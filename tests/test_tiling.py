@@ -447,3 +447,33 @@ def test_both_orientations_in_one_pass_equal_the_general_path(md, bq, bk, bk2):
         assert list(fast) == list(general)
         assert all(fast[n].dtype == general[n].dtype and np.array_equal(fast[n], general[n]) for n in fast)
     tiling.clear_caches()
+
+
+@given(st.integers(1, 60), st.integers(1, 60),
+       st.lists(st.tuples(st.integers(0, 59), st.integers(1, 20), st.integers(0, 59), st.integers(1, 20)),
+                min_size=1, max_size=40))
+def test_column_bands_of_full_slices_equal_the_general_sweep(sq, sk, rects):
+    """A mask of FULL slices only: its column pieces (rectangles) are merged by
+    `normalize.union_of_rectangles` (coverage grid filled rectangle by rectangle); equal to the
+    general sweep, to the difference-array grid and to the per-segment sweep of the same pieces."""
+    from maskc import normalize as nz
+    from maskc import tiling
+
+    slices = [((min(q, sq - 1), min(q + h, sq)), (min(k, sk - 1), min(k + w, sk)), maskc.FULL) for q, h, k, w in rects]
+    cases = [maskc.Mask(slices, sq=sq, sk=sk), maskc.block_causal(sq, 1 + sq // 7),
+             maskc.concat(*[maskc.block_causal(x, 3) for x in (5, 7, 1, 4, 9)])]
+    for m in cases:
+        tiling.clear_caches()
+        got = tiling.column_bands(m)
+        cols, _ = tiling.transpose_bands(np.asarray(m.bands))
+        general = nz.sweep([cols, np.zeros((0, 6), np.int64)], [False, True, False, True], m.sk, m.sq)
+        assert got.dtype == general.dtype and np.array_equal(got, general)
+        few, many = nz._FEW_RECTANGLES, nz._MANY_RECTANGLES
+        try:
+            nz._FEW_RECTANGLES, nz._MANY_RECTANGLES = -1, 0  # the difference-array grid
+            assert np.array_equal(nz.sweep([cols], [False, True], m.sk, m.sq), general)
+            nz._MANY_RECTANGLES = 10**9  # the per-segment sweep
+            assert np.array_equal(nz.sweep([cols], [False, True], m.sk, m.sq), general)
+        finally:
+            nz._FEW_RECTANGLES, nz._MANY_RECTANGLES = few, many
+    tiling.clear_caches()
