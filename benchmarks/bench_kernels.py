@@ -15,7 +15,8 @@ alike. Forward+backward is timed as in a training step: every impl's leaf tensor
 ``.grad`` set to None before each call (PyTorch's ``zero_grad`` default), so no impl adds its
 gradients into the previous call's (runs before 2026-11-26's `-fresh-grads` files included that
 add, 0.39 ms at 32k, in every impl's time). Also records the host time to plan each mask as new
-(one sample each, memo cleared): rows ``plan_host_ms`` with impl ``maskc`` (the Triton kernels'
+(median of 5 newly built masks, memo cleared before each, after one warm-up plan of another mask):
+rows ``plan_host_ms`` (with the samples) with impl ``maskc`` (the Triton kernels'
 tile choice) and ``cutlass`` (`bench_mask.plan_for_cutlass`, what the H100 runs).
 
 Writes ``kernels-<device>-<date>.json``: a header row with versions, then rows
@@ -89,6 +90,22 @@ def bench(fn, warmup=25, rep=100):
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+PLAN_SAMPLES = 5
+
+
+def plan_samples(plan, new_mask, n: int = PLAN_SAMPLES) -> list[float]:
+    """Host milliseconds of ``plan(mask)`` for `n` newly built masks, the tiling memo cleared before
+    each (untimed): the cost of a mask never seen before."""
+    out = []
+    for _ in range(n):
+        mask = new_mask()
+        maskc.tiling.clear_caches()
+        t0 = time.perf_counter()
+        plan(mask)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768])
@@ -135,6 +152,8 @@ def main(argv=None):
     }
     rows = []
     h, d = args.heads, args.head_dim
+    for plan in (lambda m: plan_for_triton(m, d), plan_for_cutlass):  # first-call costs (imports, numpy paths)
+        plan_samples(plan, lambda: maskc.varlen([300, 700, 1024], maskc.CAUSAL), 1)
     for s in args.seqlens:
         for name in args.masks:
             mask, mask_mod, causal = build(name, s)
@@ -165,13 +184,11 @@ def main(argv=None):
                 return step
 
             # host-side planning of a new mask: every candidate lowering for the three Triton
-            # kernels, and what the CUTLASS kernels need (one sample each, memo cleared first)
+            # kernels, and what the CUTLASS kernels need (median of PLAN_SAMPLES newly built masks)
             for impl, plan in (("maskc", lambda m: plan_for_triton(m, d)), ("cutlass", plan_for_cutlass)):
-                maskc.tiling.clear_caches()
-                t0 = time.perf_counter()
-                plan(mask)
-                plan_ms = (time.perf_counter() - t0) * 1e3
-                rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": "plan_host_ms", "ms": round(plan_ms, 3)})
+                samples = plan_samples(plan, lambda: build(name, s)[0])
+                rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": "plan_host_ms",
+                             "ms": round(statistics.median(samples), 3), "samples_ms": [round(x, 3) for x in samples]})
             if "maskc" in args.impls:
                 fwd = lambda: attention(q, k, v, mask, backend="triton")
                 out = fwd()
