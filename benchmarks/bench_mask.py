@@ -128,10 +128,11 @@ def plan_for_triton(mask, head_dim: int = 128):
 
 
 def plan_for_cutlass(mask):
-    """What `maskc.runtime` does on the host for a new mask before the CUTLASS kernels run: the
-    three kernels' tile sizes classified in one pass (forward and dQ over query tiles, dK/dV over
-    key tiles), then each kernel's lowering (the first builds all three lists) and its flat work
-    lists (the arrays copied to the GPU). Returns the mask."""
+    """What `maskc.runtime` does on the host for a new mask before the CUTLASS kernels run when a
+    backward follows (inputs that require grad): the three kernels' tile sizes classified in one
+    pass (forward and dQ over query tiles, dK/dV over key tiles), then each kernel's lowering (the
+    first builds all three lists) and its flat work lists (the arrays copied to the GPU). Returns
+    the mask."""
     from maskc.codegen.cutlass import TILES
     from maskc.tiling import kernel_lists, tile_counts_all
 

@@ -13,7 +13,7 @@ from maskc.codegen.configs import LISTS, KernelConfig, choose_config, default_co
 from maskc.codegen.spec import KernelSpec, partial_class
 from maskc.errors import MaskError
 from maskc.mask import Mask
-from maskc.tiling import KERNEL_LISTS, TilePlan, kernel_lists, lower, tile_counts_all
+from maskc.tiling import KERNEL_LISTS, TilePlan, kernel_lists, lower, tile_counts_all, tile_counts_many
 
 from .kernels import get_kernel
 from .validate import check_inputs
@@ -156,10 +156,14 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
     hit = _CUTLASS.get(key)
     if hit is None or (hit[2] is not None and not isinstance(mask_or_plan, Mask) and hit[2] is not mask_or_plan):
         if isinstance(mask_or_plan, Mask) and direction in _ROW_KERNELS and (mask_or_plan, bq, bk) not in _PLANS:
-            # a new mask: the three kernels' tile sizes (forward and dQ over query tiles, dK/dV
-            # over key tiles) are classified in one pass and this lowering builds all their lists
-            # in the same calls (memoised: the other kernels' lowerings are lookups)
-            tile_counts_all(mask_or_plan, [cb.cg.TILES[d] for d in _ROW_KERNELS], [cb.cg.TILES["bwd_dkdv"]])
+            # a new mask: the row kernels' tile sizes (forward and dQ over query tiles) are
+            # classified in one pass, and this lowering builds both lists (memoised: dQ's lowering
+            # is a lookup). Where a backward may follow (an input requires grad), dK/dV's size
+            # (key tiles) joins the same pass and its lists are built in the same calls
+            if any(t.requires_grad for t in (q, k, v)):
+                tile_counts_all(mask_or_plan, [cb.cg.TILES[d] for d in _ROW_KERNELS], [cb.cg.TILES["bwd_dkdv"]])
+            else:
+                tile_counts_many(mask_or_plan, [cb.cg.TILES[d] for d in _ROW_KERNELS], "fwd")
         plan = (mask_or_plan if isinstance(mask_or_plan, TilePlan)
                 else plan_for(mask_or_plan, bq, bk, only=LISTS[direction]))
         spec, kernel = None, None
