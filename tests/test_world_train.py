@@ -145,6 +145,19 @@ def test_resume_continues_bit_exactly(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), at
 
 
+def test_resume_trims_the_log_past_the_checkpoint(tmp_path):
+    """A run resumed from an earlier checkpoint redoes the later steps: their old log lines go, so
+    the log has one line per step, in order, ending at the new run's last step."""
+    tcfg = tiny(steps_vae=2, steps_dit=4, ckpt_every=1, keep_checkpoints=10, log_every=1)
+    train(tcfg, tmp_path, "cpu", progress=False)
+    before = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert before == list(range(6))
+    train(tcfg, tmp_path, "cpu", resume=tmp_path / "ckpt_0000003.safetensors", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6))
+    assert {r["phase"] for r in rows} == {"vae", "dit"}
+
+
 def test_resume_checks(tmp_path):
     tcfg = tiny(steps_vae=1, steps_dit=1)
     train(tcfg, tmp_path, "cpu", progress=False)

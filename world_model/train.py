@@ -512,6 +512,8 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
     benchmark = torch.backends.cudnn.benchmark
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed conv shapes in both phases
+    if resume:
+        _trim_log(out / "log.jsonl", step)
     log_file = open(out / "log.jsonl", "a")
     saved: deque[Path] = deque(sorted(out.glob("ckpt_*.safetensors"))[-tcfg.keep_checkpoints:]) if resume else deque()
 
@@ -646,6 +648,17 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
     result.seconds = time.perf_counter() - t_start
     log(f"done: step {step}, {result.seconds:.1f} s; weights in {result.final}")
     return result
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps >= ``step``: on a resume they belong to a run past the
+    checkpoint that is now redone, so the log keeps one line per step of the weights' history."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] < step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
 
 
 def _clip(params, max_norm: float) -> float:
