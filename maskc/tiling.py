@@ -325,6 +325,7 @@ def _lists_many(b: dict, bands: list | None = None, sizes: range | None = None) 
     at_run, at_part = full_ptr[local].tolist(), part_ptr[local].tolist()
     at_pred = pred_ptr[at_part].tolist()
     width = _FEW_ROW.itemsize // 4
+    none = _ro(np.zeros(max(local[k + 1] - local[k] for k in range(len(sizes))) + 1))  # the empty `many` lists, shared
     out = []
     for k, size in enumerate(sizes):
         t, u = local[k], local[k + 1]  # the size's outer tiles
@@ -334,11 +335,9 @@ def _lists_many(b: dict, bands: list | None = None, sizes: range | None = None) 
                        _less(order[t:u], t))
         arrays = None
         if few is not None:
-            none = np.zeros(0, np.int32)
             arrays = {"bands": bands[b["group"][size]].reshape(-1), "full_ptr": tl.full_ptr, "full_runs": tl.full_runs.reshape(-1),
-                      "few_ptr": tl.part_ptr, "few": few[width * p : width * q], "many_ptr": _ro(np.zeros(u - t + 1)),
-                      "many_tiles": none, "many_pred_ptr": _ro(np.zeros(1)), "many_preds": none, "order": tl.order}
-            none.flags.writeable = False
+                      "few_ptr": tl.part_ptr, "few": few[width * p : width * q], "many_ptr": none[: u - t + 1],
+                      "many_tiles": none[:0], "many_pred_ptr": none[:1], "many_preds": none[:0], "order": tl.order}
         out.append((tl, arrays))
     return out
 
@@ -397,11 +396,12 @@ def _few_table(bands: np.ndarray, p_tile: np.ndarray, preds: np.ndarray, pred_pt
     few = np.zeros(p_tile.shape[0], _FEW_ROW)
     few["tile"] = p_tile
     item = bands.view(_BAND_ITEM).reshape(-1)  # a band's six parameters as one item (see kernel_lists)
+    # (take: a gather of whole items, cheaper than indexing with an array)
     if pred_cnt is None:  # one slice per partial tile
-        few["band0"] = item[preds]
+        few["band0"] = item.take(preds)
     else:
         first = pred_ptr[:-1]
-        few["band0"] = item[preds[first]]
+        few["band0"] = item.take(preds.take(first))
         for slot in range(1, INLINE_PREDS):
             more = np.flatnonzero(pred_cnt > slot)
             few[f"band{slot}"][more] = item[preds[first[more] + slot]]
@@ -651,7 +651,7 @@ def _column_bands(mask: Mask, digest: str) -> np.ndarray:
     if hit is None:
         rows, _ = _transpose_rows(mask.bands.tolist())
         hit = None
-        if len(rows) >= 8 and len(rows) <= _SMALL_COLUMNS:  # as below, without numpy's per-call cost
+        if rows and len(rows) <= _SMALL_COLUMNS:  # as below, without numpy's per-call cost
             pieces = sorted(rows)
             if all(a[1] <= b[0] for a, b in zip(pieces, pieces[1:])):
                 hit = canonical_from_sorted_disjoint(pieces)
