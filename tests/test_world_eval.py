@@ -184,3 +184,23 @@ def test_memory_measured_in_fresh_processes():
     assert runs[0]["kv_cache_bytes"] == runs[1]["kv_cache_bytes"]
     default = E.measure_memory_isolated(None, 1, steps=1, cfg_text=0.0, mmap_threshold=None)
     assert default["malloc_mmap_threshold"] is None and default["cfg_text"] == 0.0
+
+
+def test_caption_loss_gap_compares_the_same_noise_with_other_captions():
+    """One clip per batch: "another clip's captions" are its own, so that loss equals the real one
+    exactly (same noise, same levels); with several clips a text-reading model scores the three
+    variants differently."""
+    import torch
+
+    from maskc.world_model.configs import TINY
+    from maskc.world_model.dit import WorldModel
+    from world_helpers import randomized
+
+    torch.manual_seed(0)
+    model = randomized(WorldModel(TINY)).eval()
+    one = E.caption_loss_gap(model, TINY, batches=1, clips=1)
+    assert one["shuffled"] == one["real"]
+    several = E.caption_loss_gap(model, TINY, batches=1, clips=3)
+    assert all(np.isfinite(v) for v in several.values())
+    assert several["real"] != several["shuffled"] and several["real"] != several["null"]
+    assert several["gap_vs_null"] == pytest.approx(1 - several["real"] / several["null"])
