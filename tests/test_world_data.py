@@ -347,3 +347,19 @@ def test_stream_is_reproducible_and_resumable():
     assert [b.index for b in D.stream(0, 1, 1, start=2, stop=4)] == [2, 3]
     clip = D.generate(b1.seeds[2], 2)
     assert np.array_equal(clip.frames, b1.frames[2])
+
+
+@pytest.mark.parametrize("seed", [0, 3, 11, 42])
+def test_foreground_cells_cover_every_object_pixel_and_little_else(seed):
+    """Every pixel of every object (its exact shape, visible or covered) lies in a touched latent
+    cell of its frame group, and most cells stay untouched (the weighting has something to single out)."""
+    clip = D.generate(seed=seed, n_chunks=2)
+    fg = D.foreground_cells(clip, 4, 8)
+    n = clip.config.size
+    assert fg.shape == (clip.n_frames // 4, n // 8, n // 8) and fg.dtype == bool
+    tr = clip.tracks
+    for i, shape in enumerate(tr["shape"]):
+        pixels = D._object_masks(tr["x"][:, i], tr["y"][:, i], str(shape), float(tr["size"][0, i]), n)
+        cells = pixels.reshape(clip.n_frames // 4, 4, n // 8, 8, n // 8, 8).any(axis=(1, 3, 5))
+        assert not (cells & ~fg).any(), (seed, i, shape)
+    assert 0 < fg.mean() < 0.5

@@ -15,7 +15,7 @@ from maskc.world_model.checkpoint import (
     load_checkpoint, load_optimizer_state, optimizer_path, read_optimizer_state, save_checkpoint,
 )
 from maskc.world_model.configs import SMALL, TINY
-from maskc.world_model.dit import WorldModel
+from maskc.world_model.dit import WorldModel, flow_matching_loss
 from maskc.world_model.train import TrainConfig, load_train_config, plan_samples, train
 
 LF = TINY.latent_frames
@@ -105,6 +105,49 @@ def test_pack_batch_layout():
     assert vocab.decode(p.tokens[3].tolist()) == "" and p.tokens[3, :2].tolist() == [vocab.BOS_ID, vocab.EOS_ID]
     assert torch.equal(p.tokens[4], torch.from_numpy(tokens[1, 1]))
     assert p.noise.shape == p.latents.shape
+
+
+def test_pack_batch_foreground_and_weighted_loss():
+    """Foreground cells travel with their latent frames; a weighted loss with equal weights is the
+    plain loss, and weighting the foreground moves it towards the foreground cells' error."""
+    from maskc.world_model.dit import WorldModel
+    from maskc.world_model.text import pack_text
+
+    cfg = TINY
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 2 * LF, 8, 8, cfg.latent_channels, generator=g)
+    tokens = np.stack([vocab.encode_batch(["the red circle moves left", "the red circle falls"])] * 2)
+    fg = np.zeros((2, 2 * LF, 8, 8), bool)
+    fg[1, LF:, 2:4, 5:7] = True
+    samples = [TR.SampleSpec(1, 1, 1, (0.4,), False, False), TR.SampleSpec(0, 0, 2, (0.6, 0.2), False, False)]
+    p = TR.pack_batch(latents, tokens, samples, cfg, torch.Generator().manual_seed(1), fg)
+    assert p.fg.shape == p.latents.shape[:3] and p.fg.dtype == torch.bool
+    assert torch.equal(p.fg[:LF], torch.from_numpy(fg[1, LF:])) and not p.fg[LF:].any()
+    assert TR.pack_batch(latents, tokens, samples, cfg, torch.Generator().manual_seed(1)).fg is None
+    torch.manual_seed(0)
+    model = WorldModel(cfg).requires_grad_(False)
+    plain = TR.dit_loss(model, p)
+    assert TR.dit_loss(model, p, fg_weight=0.0) == plain
+    text, lens = pack_text(*model.text(p.tokens))
+    args = (model.dit, p.latents, p.t_frames, p.noise, text, lens)
+    kw = dict(video_chunks=p.video_chunks, chunk_offsets=p.chunk_offsets)
+    ones = flow_matching_loss(*args, **kw, cell_weights=torch.ones(p.fg.shape))
+    assert float(ones) == pytest.approx(float(plain), rel=1e-5)
+    heavy = TR.dit_loss(model, p, fg_weight=1e6)  # ~ the mean error of the foreground cells of frame group 1
+    only = flow_matching_loss(*args, **kw, cell_weights=p.fg.float() + 1e-9 * (~p.fg).float())
+    assert float(heavy) != pytest.approx(float(plain), rel=1e-3)
+    assert float(heavy) == pytest.approx(float(only), rel=1e-3)
+
+
+def test_train_with_foreground_weight_and_resume_changing_it(tmp_path):
+    tcfg = tiny(steps_vae=1, steps_dit=2, ckpt_every=1, fg_weight=4.0)
+    res = train(tcfg, tmp_path, "cpu", progress=False)
+    assert all(np.isfinite(loss) for _, loss in res.losses["dit"])
+    more = replace(tcfg, steps_dit=3, fg_weight=8.0)  # fine-tuning with another weighting resumes
+    res2 = train(more, tmp_path, "cpu", resume=tmp_path / "ckpt_0000003.safetensors", progress=False)
+    assert res2.step == 4
+    with pytest.raises(ValueError, match="fg_weight"):
+        tiny(fg_weight=-1.0)
 
 
 # --------------------------------------------------------------------------------- training

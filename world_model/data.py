@@ -276,6 +276,26 @@ def shape_extents(shape: str, s: float) -> tuple[float, float, float, float]:
     return (s, s, s, s)
 
 
+def foreground_cells(clip: "Clip", time_down: int, space_down: int) -> np.ndarray:
+    """bool [n_frames // time_down, size // space_down, size // space_down]: the latent cells (one
+    per ``time_down`` frames x ``space_down`` x ``space_down`` pixels) that some object's bounding
+    box touches in any of its frames -- the pixels a caption is about."""
+    tr, n = clip.tracks, clip.config.size
+    g = n // space_down
+    cells = np.arange(g)
+    touched = np.zeros((clip.n_frames, g, g), bool)
+    for i, shape in enumerate(tr["shape"]):
+        left, right, top, bottom = shape_extents(str(shape), tr["size"][:, i])
+        x, y = tr["x"][:, i], tr["y"][:, i]
+        c0, c1 = np.floor((x - left) / space_down), np.floor((x + right) / space_down)
+        r0, r1 = np.floor((y - top) / space_down), np.floor((y + bottom) / space_down)
+        cols = (cells >= c0[:, None]) & (cells <= c1[:, None])  # [T, g]
+        rows = (cells >= r0[:, None]) & (cells <= r1[:, None])
+        touched |= rows[:, :, None] & cols[:, None, :]
+    t = clip.n_frames // time_down
+    return touched[:t * time_down].reshape(t, time_down, g, g).any(axis=1)
+
+
 def _bounds(shape: str, s: float, size: int) -> tuple[float, float, float, float]:
     l, r, t, b = shape_extents(shape, s)
     return (l, size - r, t, size - b)

@@ -348,16 +348,22 @@ def noisy_latents(latents_clean, noise, t_frames):
 
 
 def flow_matching_loss(dit: DiT, latents_clean, t_per_chunk, noise, text, caption_lengths,
-                       video_chunks=None, chunk_offsets=None, window=None) -> torch.Tensor:
+                       video_chunks=None, chunk_offsets=None, window=None, cell_weights=None) -> torch.Tensor:
     """Mean squared velocity error over the latent frames of noisy chunks (t < 1) only.
 
     Clean chunks (t = 1: a continuation prefix, or the clean first frame of image-to-video when
-    t is given per frame) are context and carry no loss."""
+    t is given per frame) are context and carry no loss. ``cell_weights`` [F, h, w] (optional):
+    each frame's error is the weighted mean over its latent cells instead of the plain mean."""
     n_chunks = latents_clean.shape[0] // dit.cfg.latent_frames
     t_frames = frame_times(t_per_chunk, n_chunks, dit.cfg).to(latents_clean.device)
     x_t = noisy_latents(latents_clean, noise, t_frames)
     v = dit(x_t, t_frames, text, caption_lengths, video_chunks, chunk_offsets, window)
-    err = (v.float() - (latents_clean - noise).float()).pow(2).mean((1, 2, 3))  # per frame
+    sq = (v.float() - (latents_clean - noise).float()).pow(2)
+    if cell_weights is None:
+        err = sq.mean((1, 2, 3))  # per frame
+    else:
+        w = cell_weights.to(sq.device, torch.float32)
+        err = (sq.mean(3) * w).sum((1, 2)) / w.sum((1, 2))
     noisy = (t_frames < 1).float()
     return (err * noisy).sum() / noisy.sum().clamp_min(1.0)
 

@@ -71,7 +71,7 @@ PHASE_VAE, PHASE_DIT, PHASE_STATS = 1, 2, 3
 
 # fields that may change when resuming (they do not change what a step computes, or only extend the run)
 RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints", "log_every",
-                     "sample_every", "data_workers")
+                     "sample_every", "data_workers", "fg_weight")  # fg_weight: fine-tuning with a new loss weighting
 
 
 # ------------------------------------------------------------------------------------- config
@@ -105,6 +105,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     t_mean: float = 0.0  # logit-normal noise levels
     t_std: float = 1.0
+    fg_weight: float = 0.0  # extra loss weight on latent cells an object touches (0: plain MSE)
     # optimisation (both phases)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -148,6 +149,8 @@ class TrainConfig:
         for name in ("lr_vae", "lr_dit", "t_std"):
             if not getattr(self, name) > 0:
                 bad(f"{name}={getattr(self, name)} must be > 0")
+        if not self.fg_weight >= 0:
+            bad(f"fg_weight={self.fg_weight} must be >= 0 (0: every latent cell weighs the same)")
         if self.weight_decay < 0 or self.kl_weight < 0 or self.grad_clip < 0:
             bad("weight_decay, kl_weight and grad_clip must be >= 0 (grad_clip 0 disables clipping)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -229,13 +232,18 @@ def lr_at(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> 
 # ---------------------------------------------------------------------------------------- data
 
 
-def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int,
+                  cells: tuple[int, int] = (4, 8)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frames, caption tokens and `data.foreground_cells` of each clip (``cells``: the autoencoder's
+    time and space down-sampling) of batch ``index``."""
     b = D.make_batch(seed, index, n_chunks, batch)
-    return b.frames, b.tokens
+    fg = np.stack([D.foreground_cells(c, *cells) for c in b.clips])
+    return b.frames, b.tokens, fg
 
 
 class BatchSource:
-    """Batches ``start, start + 1, ...`` of ``make_batch(seed, ., n_chunks, batch)`` as (frames, tokens).
+    """Batches ``start, start + 1, ...`` of ``make_batch(seed, ., n_chunks, batch)`` as (frames, tokens,
+    foreground cells).
 
     With ``workers > 0`` a process pool generates the next batches while the model trains (the
     order, and so every result, is the same as without workers)."""
@@ -322,6 +330,7 @@ class Packed:
     video_chunks: tuple[int, ...]
     chunk_offsets: tuple[int, ...]
     samples: list[SampleSpec]
+    fg: torch.Tensor | None = None  # bool [F, h, w]: latent cells an object touches (None: not weighted)
 
     @property
     def n_chunks(self) -> int:
@@ -339,8 +348,9 @@ def null_tokens() -> np.ndarray:
 
 
 def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSpec], cfg: ModelConfig,
-               generator: torch.Generator) -> Packed:
-    """Pack clip latents [B, K * latent_frames, h, w, C] and tokens [B, K, L] by ``samples``."""
+               generator: torch.Generator, fg: np.ndarray | None = None) -> Packed:
+    """Pack clip latents [B, K * latent_frames, h, w, C], tokens [B, K, L] and (optional) foreground
+    cells [B, K * latent_frames, h, w] by ``samples``."""
     lf = cfg.latent_frames
     lat, tf, toks = [], [], []
     for s in samples:
@@ -353,16 +363,24 @@ def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSp
         toks.append(np.broadcast_to(null_tokens(), tk.shape) if s.drop_caption else tk)
     lat = torch.cat(lat)
     noise = torch.randn(lat.shape, generator=generator, dtype=torch.float32).to(lat.device, lat.dtype)
+    cells = None
+    if fg is not None:
+        cells = torch.from_numpy(np.concatenate([fg[s.clip, s.offset * lf:(s.offset + s.length) * lf] for s in samples]))
+        cells = cells.to(lat.device)
     return Packed(lat, torch.cat(tf).to(lat.device), noise, torch.from_numpy(np.concatenate(toks)).to(lat.device),
-                  tuple(s.length for s in samples), tuple(s.offset for s in samples), samples)
+                  tuple(s.length for s in samples), tuple(s.offset for s in samples), samples, cells)
 
 
-def dit_loss(model: WorldModel, packed: Packed, attn_window: int | None = None) -> torch.Tensor:
-    """Flow-matching loss of a packed sequence (caption encoder included, so both get gradients)."""
+def dit_loss(model: WorldModel, packed: Packed, attn_window: int | None = None, fg_weight: float = 0.0) -> torch.Tensor:
+    """Flow-matching loss of a packed sequence (caption encoder included, so both get gradients).
+    ``fg_weight`` > 0 (with ``packed.fg``): each latent cell an object touches weighs 1 + fg_weight."""
     text, lens = pack_text(*model.text(packed.tokens))
+    weights = None
+    if fg_weight and packed.fg is not None:
+        weights = 1.0 + fg_weight * packed.fg.float()
     return flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
                               video_chunks=packed.video_chunks, chunk_offsets=packed.chunk_offsets,
-                              window=attn_window)
+                              window=attn_window, cell_weights=weights)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -550,7 +568,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             try:
                 while step < tcfg.steps_vae:
                     t0 = time.perf_counter()
-                    frames, _ = src.get()
+                    frames, _, _ = src.get()
                     rng = np.random.default_rng([tcfg.seed, PHASE_VAE, step])
                     pick = rng.integers(0, tcfg.vae_clip_chunks, size=tcfg.vae_batch)
                     f = cfg.chunk_frames
@@ -604,18 +622,18 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
                 while step < tcfg.total_steps:
                     t0 = time.perf_counter()
                     k = step - tcfg.steps_vae
-                    frames, tokens = src.get()
+                    frames, tokens, fg = src.get()
                     with torch.no_grad():
                         latents = model.vae.encode(torch.from_numpy(frames).to(device))
                     rng = np.random.default_rng([tcfg.seed, PHASE_DIT, step])
                     samples = plan_samples(rng, tcfg.batch, tcfg.n_chunks, tcfg)
                     gen = torch.Generator().manual_seed(derive_seed(tcfg.seed, PHASE_DIT, step))
-                    packed = pack_batch(latents, tokens, samples, cfg, gen)
+                    packed = pack_batch(latents, tokens, samples, cfg, gen, fg if tcfg.fg_weight else None)
                     lr = lr_at(k, tcfg.steps_dit, tcfg.lr_dit, tcfg.warmup_dit, tcfg.min_lr_ratio)
                     for g in opt.param_groups:
                         g["lr"] = lr
                     with _autocast(device, tcfg):
-                        loss_t = dit_loss(model, packed, tcfg.attn_window)
+                        loss_t = dit_loss(model, packed, tcfg.attn_window, tcfg.fg_weight)
                     opt.zero_grad(set_to_none=True)
                     loss_t.backward()
                     gnorm = _clip(trainable.parameters(), tcfg.grad_clip)
