@@ -69,6 +69,8 @@ examples:
 resume continues bit-exactly (on the CPU) from the saved step: weights, optimizer moments and the
 data stream position are restored; only the step counts and bookkeeping (--ckpt-every,
 --data-workers) may change, and changing a step count changes the learning-rate schedule.
+Fine-tuning with another loss: --resume with a --config equal to the run's but for "fg_weight"
+(extra loss weight on the latent cells an object touches; 0 = plain MSE) and a larger "steps_dit".
 """
 
 
