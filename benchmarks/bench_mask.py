@@ -106,7 +106,7 @@ def plan_cases(s: int = 1 << 15):
     labels = {"full": "full", "causal": "causal", "varlen causal, 15 documents": "varlen causal",
               "sliding window 1024": "sliding window 1024", "magi_video, window 4": "magi_video, window 4"}
 
-    return {f"plan new 32k {label} (3 kernels)": (new_mask(masks[name]), plan_for_triton) for label, name in labels.items()}
+    return {f"plan new {s // 1024}k {label} (3 kernels)": (new_mask(masks[name]), plan_for_triton) for label, name in labels.items()}
 
 
 def cutlass_plan_cases(s: int = 1 << 15):
@@ -115,7 +115,7 @@ def cutlass_plan_cases(s: int = 1 << 15):
     each kernel's lowering (forward 128x128 and dQ 128x64 over query tiles, dK/dV 64x128 over key
     tiles) and its flat work lists (`kernel_lists`), the arrays copied to the GPU. The 8 masks of
     `bench_kernels.py`; the tiling memo is cleared before each repetition (untimed)."""
-    return {f"plan new 32k {name} for CUTLASS (3 kernels + lists)": (new_mask(build), plan_for_cutlass)
+    return {f"plan new {s // 1024}k {name} for CUTLASS (3 kernels + lists)": (new_mask(build), plan_for_cutlass)
             for name, build in suite_masks(s).items()}
 
 
