@@ -263,7 +263,7 @@ class BatchSource:
         seed, n, b = self.args
         self.ahead.append(self.pool.submit(_batch_arrays, seed, self.next + len(self.ahead), n, b))
 
-    def get(self) -> tuple[np.ndarray, np.ndarray]:
+    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         seed, n, b = self.args
         if self.pool is None:
             out = _batch_arrays(seed, self.next, n, b)
