@@ -320,11 +320,12 @@ def _lists_many(b: dict, bands: list | None = None, sizes: range | None = None) 
     few = None
     if bands is not None and (pred_cnt is None or not pred_cnt.size or pred_cnt.max() <= INLINE_PREDS):
         # the pass's band ids run on from one group to the next: so do the bands here
-        few = _few_table(bands[0] if len(bands) == 1 else np.concatenate(bands), p_tile, preds, pred_ptr, pred_cnt)
+        few = _few_table(bands[0] if len(bands) == 1 else np.concatenate(bands), p_tile, preds,
+                         None if pred_cnt is None else pred_ptr[:-1], pred_cnt)
     local = [t - t0 for t in tile_at[sizes.start : sizes.stop + 1]]  # each size's first outer tile, and the end
     at_run, at_part = full_ptr[local].tolist(), part_ptr[local].tolist()
     at_pred = pred_ptr[at_part].tolist()
-    width = _FEW_ROW.itemsize // 4
+    width = _FEW_WIDTH
     none = _ro(np.zeros(max(local[k + 1] - local[k] for k in range(len(sizes))) + 1))  # the empty `many` lists, shared
     out = []
     for k, size in enumerate(sizes):
@@ -390,21 +391,21 @@ def _swept_lists(b: dict, pieces: slice, intervals: slice) -> tuple:
     return runs, run_tile, p_key & ((1 << shift) - 1), p_key >> shift, preds, np.bincount(which, minlength=p_key.shape[0])
 
 
-def _few_table(bands: np.ndarray, p_tile: np.ndarray, preds: np.ndarray, pred_ptr: np.ndarray, pred_cnt) -> np.ndarray:
-    """`kernel_lists`' ``few`` rows of every partial tile (each with at most `INLINE_PREDS`
-    slices), flat int32: the tile, then its slices' band parameters, zeros (an empty band) after."""
-    width = 1 + 6 * INLINE_PREDS
+def _few_table(bands: np.ndarray, p_tile: np.ndarray, preds: np.ndarray, first, cnt) -> np.ndarray:
+    """`kernel_lists`' ``few`` rows of the partial tiles ``p_tile`` (each with at most
+    `INLINE_PREDS` slices: ``cnt[i]`` of them from ``preds[first[i]]`` on; with ``cnt`` None,
+    exactly one, ``preds[i]``), flat int32: the tile, then its slices' band parameters, zeros (an
+    empty band: no row satisfies 0 <= r < 0) after."""
     # each band's row as a partial tile's only slice (the tile left 0), gathered whole per tile:
     # numpy takes rows of a small 2-D table far faster than it copies six ints into each row
-    alone = np.zeros((bands.shape[0], width), np.int32)
+    alone = np.zeros((bands.shape[0], _FEW_WIDTH), np.int32)
     alone[:, 1:7] = bands
-    if pred_cnt is None:  # one slice per partial tile
+    if cnt is None:  # one slice per partial tile
         few = alone.take(preds, axis=0)
     else:
-        first = pred_ptr[:-1]
         few = alone.take(preds.take(first), axis=0)
         for slot in range(1, INLINE_PREDS):  # the few tiles with more slices
-            more = np.flatnonzero(pred_cnt > slot)
+            more = np.flatnonzero(cnt > slot)
             few[more, 1 + 6 * slot : 7 + 6 * slot] = bands[preds[first[more] + slot]]
     few[:, 0] = p_tile
     few = few.reshape(-1)
@@ -917,8 +918,7 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
 
 KERNEL_LISTS = ("bands", "full_ptr", "full_runs", "few_ptr", "few", "many_ptr", "many_tiles", "many_pred_ptr", "many_preds", "order")
 INLINE_PREDS = 2  # predicates stored inline with a partial tile (the common case: 1 or 2)
-_BAND_ITEM = np.dtype((np.void, 6 * 4))  # one band's six int32 parameters, as one item
-_FEW_ROW = np.dtype([("tile", np.int32)] + [(f"band{i}", _BAND_ITEM) for i in range(INLINE_PREDS)])  # packed
+_FEW_WIDTH = 1 + 6 * INLINE_PREDS  # a `few` row: the tile, then INLINE_PREDS bands' parameters
 
 
 def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
@@ -942,23 +942,11 @@ def kernel_lists(plan: TilePlan, which: str = "fwd") -> dict[str, np.ndarray]:
     few = cnt <= INLINE_PREDS
     all_few = bool(few.all())
     few_idx = None if all_few else np.nonzero(few)[0]
-    # few: inline parameters, empty band (all zeros: no row satisfies 0 <= r < 0) in unused slots.
-    # A band is gathered as one 24-byte item into a record of the row's layout (numpy copies
-    # whole items far faster than it fancy-indexes rows of six ints)
-    ext = np.zeros((bands.shape[0] + 1, 6), np.int32)
-    ext[:-1] = bands
-    ext = ext.view(_BAND_ITEM).reshape(-1)
-    empty = bands.shape[0]
-    few_cnt = cnt if all_few else cnt[few_idx]
-    few_first = tl.pred_ptr[:-1] if all_few else tl.pred_ptr[few_idx]
-    few_tab = np.empty(few_cnt.shape[0], _FEW_ROW)
-    few_tab["tile"] = tl.part_tiles if all_few else tl.part_tiles[few_idx]
-    for slot in range(INLINE_PREDS):
-        ids = np.full(few_cnt.shape[0], empty, np.int64)
-        has = few_cnt > slot
-        ids[has] = tl.preds[few_first[has] + slot]
-        few_tab[f"band{slot}"] = ext[ids]
-    few_tab = few_tab.view(np.int32)
+    # few: the slices' parameters inline (the table `_lists_many` builds with the lists)
+    if all_few:
+        few_tab = _few_table(bands, tl.part_tiles, tl.preds, tl.pred_ptr[:-1], cnt)
+    else:
+        few_tab = _few_table(bands, tl.part_tiles[few_idx], tl.preds, tl.pred_ptr[few_idx], cnt[few_idx])
     if all_few:  # the common case: every partial tile is `few`, and `many` is empty
         few_ptr = tl.part_ptr
         many_ptr = np.zeros(n_out + 1, np.int32)
