@@ -12,14 +12,14 @@ import json
 
 import torch
 
-from maskc.world_model import configs, evaluate
+from maskc.world_model import evaluate
 from maskc.world_model.checkpoint import load_checkpoint
+from maskc.world_model.generate import DEFAULT_WEIGHTS
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default = str(configs.__file__).rsplit("/", 1)[0] + "/weights/small.safetensors"
-    ap.add_argument("--weights", nargs="+", default=[default], help="checkpoints to compare")
+    ap.add_argument("--weights", nargs="+", default=[str(DEFAULT_WEIGHTS)], help="checkpoints to compare")
     ap.add_argument("--batches", type=int, default=6, help="held-out batches (default 6)")
     ap.add_argument("--clips", type=int, default=8, help="clips of 4 chunks per batch (default 8)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -29,8 +29,8 @@ def main(argv=None):
                          f"got {args.batches} and {args.clips}")
     torch.set_num_threads(args.threads)
     for path in args.weights:
-        model, cfg, _ = load_checkpoint(path)
-        res = evaluate.caption_loss_gap(model, cfg, batches=args.batches, clips=args.clips)
+        model, _, _ = load_checkpoint(path)
+        res = evaluate.caption_loss_gap(model, batches=args.batches, clips=args.clips)
         print(json.dumps({"weights": path, **{k: round(v, 4) for k, v in res.items()}}))
 
 

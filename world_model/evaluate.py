@@ -548,7 +548,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     return res
 
 
-def caption_loss_gap(model, cfg, *, batches: int = 6, clips: int = 8, n_chunks: int = 4, seed: int = 987654) -> dict:
+def caption_loss_gap(model, *, batches: int = 6, clips: int = 8, n_chunks: int = 4, seed: int = 987654) -> dict:
     """How much the captions tell the model: its flow-matching loss on held-out packed batches with
     each clip's own captions (``real``), with the captions of the next clip in the batch
     (``shuffled``) and with the null caption (``null``), the same noise and noise levels for all
@@ -573,7 +573,7 @@ def caption_loss_gap(model, cfg, *, batches: int = 6, clips: int = 8, n_chunks: 
         variants = {"real": batch.tokens, "shuffled": np.roll(batch.tokens, 1, axis=0),
                     "null": np.broadcast_to(T.null_tokens(), batch.tokens.shape).copy()}
         for name, tokens in variants.items():
-            packed = T.pack_batch(latents, tokens, samples, cfg, torch.Generator().manual_seed(index))
+            packed = T.pack_batch(latents, tokens, samples, model.cfg, torch.Generator().manual_seed(index))
             with torch.no_grad():
                 losses[name].append(float(T.dit_loss(model, packed)))
     out = {name: float(np.mean(v)) for name, v in losses.items()}
