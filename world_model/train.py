@@ -233,23 +233,24 @@ def lr_at(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> 
 
 
 def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int,
-                  cells: tuple[int, int] = (4, 8)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Frames, caption tokens and `data.foreground_cells` of each clip (``cells``: the autoencoder's
-    time and space down-sampling) of batch ``index``."""
+                  cells: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Frames, caption tokens and (with ``cells``: the autoencoder's time and space down-sampling)
+    the `data.foreground_cells` of each clip of batch ``index`` (else None)."""
     b = D.make_batch(seed, index, n_chunks, batch)
-    fg = np.stack([D.foreground_cells(c, *cells) for c in b.clips])
+    fg = None if cells is None else np.stack([D.foreground_cells(c, *cells) for c in b.clips])
     return b.frames, b.tokens, fg
 
 
 class BatchSource:
     """Batches ``start, start + 1, ...`` of ``make_batch(seed, ., n_chunks, batch)`` as (frames, tokens,
-    foreground cells).
+    foreground cells or None: see `_batch_arrays`).
 
     With ``workers > 0`` a process pool generates the next batches while the model trains (the
     order, and so every result, is the same as without workers)."""
 
-    def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0):
-        self.args = (seed, n_chunks, batch)
+    def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0,
+                 cells: tuple[int, int] | None = None):
+        self.args = (seed, n_chunks, batch, cells)
         self.next = start
         self.pool = None
         self.ahead: deque = deque()
@@ -260,13 +261,13 @@ class BatchSource:
             self.depth = 2 * workers
 
     def _submit(self):
-        seed, n, b = self.args
-        self.ahead.append(self.pool.submit(_batch_arrays, seed, self.next + len(self.ahead), n, b))
+        seed, n, b, cells = self.args
+        self.ahead.append(self.pool.submit(_batch_arrays, seed, self.next + len(self.ahead), n, b, cells))
 
-    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        seed, n, b = self.args
+    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        seed, n, b, cells = self.args
         if self.pool is None:
-            out = _batch_arrays(seed, self.next, n, b)
+            out = _batch_arrays(seed, self.next, n, b, cells)
         else:
             while len(self.ahead) < self.depth:
                 self._submit()
@@ -616,7 +617,8 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             if opt_file is not None:
                 load_optimizer_state(opt_file, opt)
             first = step - tcfg.steps_vae
-            src = BatchSource(data_seed(tcfg, PHASE_DIT), tcfg.n_chunks, tcfg.batch, first, tcfg.data_workers)
+            cells = (cfg.time_down, cfg.space_down) if tcfg.fg_weight else None  # foreground only where weighted
+            src = BatchSource(data_seed(tcfg, PHASE_DIT), tcfg.n_chunks, tcfg.batch, first, tcfg.data_workers, cells)
             bar = _progress(tcfg.steps_dit, first, "transformer", progress)
             try:
                 while step < tcfg.total_steps:
@@ -628,7 +630,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
                     rng = np.random.default_rng([tcfg.seed, PHASE_DIT, step])
                     samples = plan_samples(rng, tcfg.batch, tcfg.n_chunks, tcfg)
                     gen = torch.Generator().manual_seed(derive_seed(tcfg.seed, PHASE_DIT, step))
-                    packed = pack_batch(latents, tokens, samples, cfg, gen, fg if tcfg.fg_weight else None)
+                    packed = pack_batch(latents, tokens, samples, cfg, gen, fg)
                     lr = lr_at(k, tcfg.steps_dit, tcfg.lr_dit, tcfg.warmup_dit, tcfg.min_lr_ratio)
                     for g in opt.param_groups:
                         g["lr"] = lr
