@@ -187,10 +187,9 @@ def test_non_deterministic_backward_fuses_dq(mask):
         assert rel(a, b) < TOL
 
 
-def test_cutlass_planning_classifies_the_row_kernels_once(monkeypatch):
-    """A new mask's CUTLASS forward plan also classifies dQ's tile size (same row orientation) in
-    the same pass, so the backward's dQ lowering classifies nothing. (CPU: the kernel lookup is
-    stubbed; only the planning runs.)"""
+def _cutlass_planning_on_cpu(monkeypatch):
+    """The runtime's CUTLASS planning with the kernel lookup stubbed (CPU), empty memos, and a
+    record of every `_classify` pass: ``(its first group's sizes, the other groups' sizes)``."""
     import importlib
 
     import maskc.tiling as tiling
@@ -204,11 +203,20 @@ def test_cutlass_planning_classifies_the_row_kernels_once(monkeypatch):
     tiling.clear_caches()
     calls = []
     real = tiling._classify
-    monkeypatch.setattr(tiling, "_classify", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(tiling, "_classify",
+                        lambda *a, **k: calls.append((a[3], [g[3] for g in k.get("also", ())])) or real(*a, **k))
+    return rt, cb, calls
+
+
+def test_cutlass_planning_classifies_the_row_kernels_once(monkeypatch):
+    """A new mask's CUTLASS forward plan also classifies dQ's tile size (same row orientation) in
+    the same pass, so the backward's dQ lowering classifies nothing. (CPU: the kernel lookup is
+    stubbed; only the planning runs.)"""
+    rt, cb, calls = _cutlass_planning_on_cpu(monkeypatch)
     mask = maskc.varlen([300, 700, 1048], maskc.CAUSAL)
     q = torch.zeros(2048, 2, 64)
     fwd_spec, _, fwd_plan = rt._cutlass_kernel("fwd", mask, q, q, q, 0.0, "auto")
-    assert calls == [[cb.cg.TILES["fwd"], cb.cg.TILES["bwd_dq"]]]  # one pass, both sizes
+    assert calls == [([cb.cg.TILES["fwd"], cb.cg.TILES["bwd_dq"]], [])]  # one pass, both sizes, no dK/dV
     dq_spec, _, dq_plan = rt._cutlass_kernel("bwd_dq", mask, q, q, q, 0.0, "auto")
     assert len(calls) == 1  # dQ's lowering reused the classification
     assert (fwd_spec.direction, dq_spec.direction) == ("fwd", "bwd_dq")
@@ -216,3 +224,19 @@ def test_cutlass_planning_classifies_the_row_kernels_once(monkeypatch):
         want = lower(mask, *cb.cg.TILES[direction])
         for name in ("full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order"):
             assert np.array_equal(getattr(plan.fwd, name), getattr(want.fwd, name)), (direction, name)
+
+
+def test_cutlass_planning_with_grad_classifies_all_three_kernels_once(monkeypatch):
+    """Where an input requires grad, dK/dV's tile size (key tiles) joins the forward's pass, and
+    the dQ and dK/dV lowerings after it classify nothing; the plans equal fresh lowerings."""
+    rt, cb, calls = _cutlass_planning_on_cpu(monkeypatch)
+    mask = maskc.varlen([300, 700, 1048], maskc.CAUSAL)
+    q = torch.zeros(2048, 2, 64, requires_grad=True)
+    plans = {d: rt._cutlass_kernel(d, mask, q, q, q, 0.0, "auto")[2] for d in ("fwd", "bwd_dq", "bwd_dkdv")}
+    bq, bk = cb.cg.TILES["bwd_dkdv"]
+    assert calls == [([cb.cg.TILES["fwd"], cb.cg.TILES["bwd_dq"]], [[(bk, bq)]])]  # one pass of all three
+    for direction, plan in plans.items():
+        which = "bwd" if direction == "bwd_dkdv" else "fwd"
+        want = getattr(lower(mask, *cb.cg.TILES[direction]), which)
+        for name in ("full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order"):
+            assert np.array_equal(getattr(getattr(plan, which), name), getattr(want, name)), (direction, name)
