@@ -304,15 +304,11 @@ def _lists_many(b: dict, bands: list | None = None, sizes: range | None = None) 
     t0, t1 = tile_at[sizes.start], tile_at[sizes.stop]
     n_run = np.bincount(run_tile, minlength=t1)[t0:]
     n_part = np.bincount(part_tile, minlength=t1)[t0:]
-    # LPT: heaviest outer tile first by full + 1.5 partial (`TileLists.cost`), doubled: whole
-    # numbers, at most 3 << shift apart; each size is lifted above the one before, so one
-    # stable sort orders every size's tiles, each after the other
+    # LPT: heaviest outer tile first by full + 1.5 partial (`TileLists.cost`), doubled (whole
+    # numbers), each size's tiles sorted on their own (a stable sort: ties keep tile order)
     weight = np.bincount(run_tile, weights=runs[:, 1] - runs[:, 0], minlength=t1)[t0:]
     weight *= -2
     weight -= 3 * n_part
-    for t in tile_at[sizes.start + 1 : sizes.stop]:
-        weight[t - t0 :] += 4 << b["shift"]
-    order = _ro(weight.argsort(kind="stable"))
     full_ptr, part_ptr = _ptr32(n_run), _ptr32(n_part)
     runs.flags.writeable = False
     p_tile, preds = _ro(p_tile), _ro(preds)
@@ -326,14 +322,15 @@ def _lists_many(b: dict, bands: list | None = None, sizes: range | None = None) 
     at_run, at_part = full_ptr[local].tolist(), part_ptr[local].tolist()
     at_pred = pred_ptr[at_part].tolist()
     width = _FEW_WIDTH
-    none = _ro(np.zeros(max(local[k + 1] - local[k] for k in range(len(sizes))) + 1))  # the empty `many` lists, shared
+    none = _zeros32(max(local[k + 1] - local[k] for k in range(len(sizes))) + 1)  # the empty `many` lists
     out = []
     for k, size in enumerate(sizes):
         t, u = local[k], local[k + 1]  # the size's outer tiles
+        order = _ro(weight[t:u].argsort(kind="stable"))
         p, q = at_part[k], at_part[k + 1]  # its partial tiles
         tl = TileLists(_cut_ptr(full_ptr, t, u), runs[at_run[k] : at_run[k + 1]], _cut_ptr(part_ptr, t, u),
                        p_tile[p:q], _cut_ptr(pred_ptr, p, q), _less(preds[at_pred[k] : at_pred[k + 1]], b["band_at"][size]),
-                       _less(order[t:u], t))
+                       order)
         arrays = None
         if few is not None:
             arrays = {"bands": bands[b["group"][size]].reshape(-1), "full_ptr": tl.full_ptr, "full_runs": tl.full_runs.reshape(-1),
@@ -376,8 +373,7 @@ def _swept_lists(b: dict, pieces: slice, intervals: slice) -> tuple:
     np.not_equal(is_full[1:], is_full[:-1], out=change[1:])
     edge = key[np.flatnonzero(change)].reshape(-1, 2)
     run_tile = edge[:, 0] >> shift
-    runs = np.empty(edge.shape, np.int32)
-    np.subtract(edge, (run_tile << shift)[:, None], out=runs, casting="unsafe")
+    runs = (edge & ((1 << shift) - 1)).astype(np.int32)  # a run's end key is in its outer tile too
     # partial tiles, expanded (their keys stay ascending)
     part = np.flatnonzero(is_part)
     p_key = _expand(key[part], span[part])
@@ -401,9 +397,9 @@ def _few_table(bands: np.ndarray, p_tile: np.ndarray, preds: np.ndarray, first, 
     alone = np.zeros((bands.shape[0], _FEW_WIDTH), np.int32)
     alone[:, 1:7] = bands
     if cnt is None:  # one slice per partial tile
-        few = alone.take(preds, axis=0)
+        few = alone.take(preds, axis=0, mode="clip")
     else:
-        few = alone.take(preds.take(first), axis=0)
+        few = alone.take(preds.take(first), axis=0, mode="clip")  # (valid ids: clip skips the bounds check)
         for slot in range(1, INLINE_PREDS):  # the few tiles with more slices
             more = np.flatnonzero(cnt > slot)
             few[more, 1 + 6 * slot : 7 + 6 * slot] = bands[preds[first[more] + slot]]
@@ -411,6 +407,17 @@ def _few_table(bands: np.ndarray, p_tile: np.ndarray, preds: np.ndarray, first, 
     few = few.reshape(-1)
     few.flags.writeable = False
     return few
+
+
+_ZEROS32 = [_ro(np.zeros(1))]
+
+
+def _zeros32(n: int) -> np.ndarray:
+    """A read-only int32 array of ``n`` zeros: a view of one shared array, grown as needed (the
+    empty `many` lists of `kernel_lists`' arrays)."""
+    if _ZEROS32[0].shape[0] < n:
+        _ZEROS32[0] = _ro(np.zeros(max(n, 2 * _ZEROS32[0].shape[0])))
+    return _ZEROS32[0][:n]
 
 
 def _cut_ptr(ptr: np.ndarray, t: int, u: int) -> np.ndarray:
@@ -723,9 +730,9 @@ def _orientation(mask: Mask, digest: str, which: str) -> tuple[np.ndarray, int, 
 def _classified(mask: Mask, digest: str, keys: list, known: bool = True, together: bool = False) -> list[_Tiled]:
     """The `_Tiled` of each ``(which, b_out, b_in)`` of `keys`: the memoised ones (with ``known``)
     and the others classified together in one `_classify` pass, both orientations in it where
-    both are asked for (and memoised). ``together``: a later lowering of any size of the pass
-    builds the lists of every size of it still waiting (else only of those of the same
-    orientation and outer tiles)."""
+    both are asked for (and memoised). ``together``: the caller lowers every size of the pass, so
+    their lists are built now, in one `_lists_many` (else a later lowering builds those of the
+    sizes with its orientation and outer tiles)."""
     found = {k: _TILED.get((digest,) + k) if known else None for k in keys}
     groups: dict = {}  # orientation -> its sizes still to classify
     for k, t in found.items():
@@ -742,19 +749,33 @@ def _classified(mask: Mask, digest: str, keys: list, known: bool = True, togethe
     if passes:
         classified = _classify(*passes[0][1], also=[g for _, g in passes[1:]])
         batch = classified[0]["batch"]
-        batch.update(keys=[(w,) + b for w, g in passes for b in g[3]], groups=[w for w, _ in passes], together=together)
-        for k, c in zip(batch["keys"], classified):
-            found[k] = _remember((digest,) + k, _held(c["counts"], classified=c))
+        batch.update(keys=[(w,) + b for w, g in passes for b in g[3]], groups=[w for w, _ in passes])
+        if together:
+            held = _build(mask, digest, batch, range(len(classified)))
+        else:
+            held = [_held(c["counts"], classified=c) for c in classified]
+            _remember_many([((digest,) + k, h) for k, h in zip(batch["keys"], held)])
+        found.update(zip(batch["keys"], held))
     return [found[k] for k in keys]
+
+
+def _build(mask: Mask, digest: str, batch: dict, sizes: range) -> list[_Tiled]:
+    """The lists of the consecutive ``sizes`` of a classified pass, built in one `_lists_many`
+    with their `kernel_lists` arrays over the plan's int32 bands of each orientation
+    (`_bands32`), memoised; returns their `_Tiled`."""
+    keys, counts, group = batch["keys"], batch["counts"], batch["group"]
+    bands = [_bands32(mask, digest, w) for w in batch["groups"]]
+    held = [_held(counts[j], lists=lists, kernel=None if arrays is None else (bands[group[j]], arrays))
+            for j, (lists, arrays) in zip(sizes, _lists_many(batch, bands, sizes))]
+    _remember_many([((digest,) + keys[j], h) for j, h in zip(sizes, held)])
+    return held
 
 
 def _lowered(mask: Mask, digest: str, which: str, b_out: int, b_in: int) -> TileLists:
     """The memoised work lists of ``which`` at ``b_out x b_in`` tiles, built from the memoised
-    classification where there is one, and with its `kernel_lists` arrays over the plan's int32
-    bands of that orientation (`_bands32`). The neighbours in the same pass with the same outer
-    tiles that still wait for their lists get theirs in the same calls (every size of a pass
-    classified ``together``): the forward's and dQ's (128 x 128 and 128 x 64), classified
-    together for a new mask, are lowered one after the other."""
+    classification where there is one. The neighbours in the same pass with the same outer tiles
+    that still wait for their lists get theirs in the same calls: the forward's and dQ's
+    (128 x 128 and 128 x 64), priced together for a new mask, are lowered one after the other."""
     key = (digest, which, b_out, b_in)
     hit = _TILED.get(key)
     if hit is None or (hit.lists is None and hit.classified is None):  # unknown, or held as counts only
@@ -765,7 +786,7 @@ def _lowered(mask: Mask, digest: str, which: str, b_out: int, b_in: int) -> Tile
 
         def waits(j):  # a neighbour built with this size: classified in this pass, no lists yet
             other = _TILED.get((digest,) + keys[j])
-            return ((batch["together"] or keys[j][:2] == (which, b_out)) and other is not None and other.lists is None
+            return (keys[j][:2] == (which, b_out) and other is not None and other.lists is None
                     and other.classified is not None and other.classified["batch"] is batch)
 
         lo, hi = i, i + 1
@@ -773,14 +794,7 @@ def _lowered(mask: Mask, digest: str, which: str, b_out: int, b_in: int) -> Tile
             lo -= 1
         while hi < len(keys) and waits(hi):
             hi += 1
-        bands = [_bands32(mask, digest, w) for w in batch["groups"]]
-        for j, (lists, arrays) in zip(range(lo, hi), _lists_many(batch, bands, range(lo, hi))):
-            own = bands[batch["group"][j]]
-            held = _held(batch["counts"][j], lists=lists, kernel=None if arrays is None else (own, arrays))
-            if j == i:
-                hit = _remember(key, held)
-            else:
-                _remember((digest,) + keys[j], held)
+        hit = _build(mask, digest, batch, range(lo, hi))[i - lo]
     return hit.lists
 
 
@@ -802,17 +816,23 @@ def _bands32(mask: Mask, digest: str, which: str) -> np.ndarray:
 
 def _remember(key: tuple, tiled: _Tiled) -> _Tiled:
     """Hold `tiled` under `key` (the oldest entries go first past the bounds) and return it."""
-    global _tiled_bytes
-    kept = tiled if tiled.nbytes <= _TILED_MAX_BYTES else _Tiled(tiled.counts)  # too large: the counts only
-    with _TILED_LOCK:
-        old = _TILED.pop(key, None)
-        if old is not None:
-            _tiled_bytes -= old.nbytes
-        while _TILED and (len(_TILED) >= _TILED_MAX_ENTRIES or _tiled_bytes + kept.nbytes > _TILED_MAX_BYTES):
-            _tiled_bytes -= _TILED.pop(next(iter(_TILED))).nbytes
-        _TILED[key] = kept
-        _tiled_bytes += kept.nbytes
+    _remember_many([(key, tiled)])
     return tiled
+
+
+def _remember_many(items: list) -> None:
+    """`_remember` of each ``(key, tiled)`` of `items`, under one hold of the lock."""
+    global _tiled_bytes
+    with _TILED_LOCK:
+        for key, tiled in items:
+            kept = tiled if tiled.nbytes <= _TILED_MAX_BYTES else _Tiled(tiled.counts)  # too large: the counts only
+            old = _TILED.pop(key, None)
+            if old is not None:
+                _tiled_bytes -= old.nbytes
+            while _TILED and (len(_TILED) >= _TILED_MAX_ENTRIES or _tiled_bytes + kept.nbytes > _TILED_MAX_BYTES):
+                _tiled_bytes -= _TILED.pop(next(iter(_TILED))).nbytes
+            _TILED[key] = kept
+            _tiled_bytes += kept.nbytes
 
 
 def clear_caches() -> None:
@@ -845,8 +865,8 @@ def tile_counts_many(mask: Mask, blocks, which: str = "fwd") -> list[tuple[int, 
 def tile_counts_all(mask: Mask, fwd_blocks, bwd_blocks) -> tuple[list, list]:
     """`tile_counts_many` of ``(block_q, block_k)`` sizes of both orientations (``fwd_blocks``
     over query tiles, ``bwd_blocks`` over key tiles) in one pass, for a caller that will lower
-    every one of them (the CUTLASS forward, dQ and dK/dV kernels of a new mask): the first
-    lowering builds the lists of all of them in the same calls, and the others are memo hits."""
+    every one of them (the CUTLASS forward, dQ and dK/dV kernels of a new mask): the lists of all
+    of them are built now, in the same calls, and their lowerings are memo hits."""
     keys = ([("fwd", int(q), int(k)) for q, k in fwd_blocks] + [("bwd", int(k), int(q)) for q, k in bwd_blocks])
     counts = [t.counts for t in _classified(mask, mask.digest(), keys, together=True)]
     return counts[: len(fwd_blocks)], counts[len(fwd_blocks) :]
@@ -855,20 +875,26 @@ def tile_counts_all(mask: Mask, fwd_blocks, bwd_blocks) -> tuple[list, list]:
 class _PartialTilePlan(TilePlan):
     """A `TilePlan` lowered for one orientation (``lower(..., only=...)``): the other one (and
     whatever needs both) is lowered the first time it is read, so the result is indistinguishable
-    from a full lowering, only cheaper when one kernel needs one orientation."""
+    from a full lowering, only cheaper when one kernel needs one orientation. The lazy fields are
+    left unset until then, so reading any set field costs a plain attribute lookup."""
 
     _LAZY = frozenset(("fwd", "bwd", "bands_t", "partial_kinds"))
 
-    def __getattribute__(self, name):
-        if name in _PartialTilePlan._LAZY:
-            value = object.__getattribute__(self, name)
-            if value is None:
-                full = lower(object.__getattribute__(self, "_source"), self.block_q, self.block_k)
-                for f in _PartialTilePlan._LAZY:
-                    object.__setattr__(self, f, getattr(full, f))
-                value = object.__getattribute__(self, name)
-            return value
-        return object.__getattribute__(self, name)
+    def __getattr__(self, name):  # only for names not set: a lazy field's first read
+        if name not in _PartialTilePlan._LAZY or "_source" not in self.__dict__:
+            raise AttributeError(name)
+        full = lower(self._source, self.block_q, self.block_k)
+        for f in _PartialTilePlan._LAZY:
+            object.__setattr__(self, f, getattr(full, f))
+        return self.__dict__[name]
+
+
+def _partial_plan(fields: dict) -> _PartialTilePlan:
+    """A `_PartialTilePlan` of ``fields`` (the lazy ones left out), made without the frozen
+    dataclass's ``__init__`` (ten ``object.__setattr__`` calls: a plan per kernel per new mask)."""
+    plan = _PartialTilePlan.__new__(_PartialTilePlan)
+    plan.__dict__.update(fields)
+    return plan
 
 
 def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None = None) -> TilePlan:
@@ -883,37 +909,25 @@ def lower(mask: Mask, block_q: int = 128, block_k: int = 128, only: str | None =
             raise MaskError(f"lower(): {name} must be a power of two >= 1, got {b}")
     if only not in (None, "fwd", "bwd"):
         raise MaskError(f"lower(): only must be None, 'fwd' or 'bwd', got {only!r}")
-    if max(mask.sq, mask.sk) > _INT32_MAX:
+    sq, sk = mask.sq, mask.sk
+    if sq > _INT32_MAX or sk > _INT32_MAX:
         # the kernels index tokens and read the band parameters as int32
-        raise MaskError(f"lower(): the mask is {mask.sq} x {mask.sk}; the kernels take at most {_INT32_MAX} "
+        raise MaskError(f"lower(): the mask is {sq} x {sk}; the kernels take at most {_INT32_MAX} "
                         "queries and keys per launch (int32 positions)")
     digest = mask.digest()
-    bands = np.asarray(mask.bands, dtype=np.int64)
-    fwd = bwd = bands_t = kinds = None
-    bands32 = _bands32(mask, digest, "fwd")
+    fields = dict(sq=sq, sk=sk, block_q=block_q, block_k=block_k, mask_digest=digest, bands=_bands32(mask, digest, "fwd"))
     if only != "bwd":
-        fwd = _lowered(mask, digest, "fwd", block_q, block_k)
+        fields["fwd"] = _lowered(mask, digest, "fwd", block_q, block_k)
     if only != "fwd":
         # the backward walks key tiles: tile the canonical *column* bands of the same set
-        bands_t = _bands32(mask, digest, "bwd")
-        bwd = _lowered(mask, digest, "bwd", block_k, block_q)
-    if only is None:
-        kinds = frozenset(_pred_kinds(fwd, bands) | _pred_kinds(bwd, bands_t))
-    plan = (TilePlan if only is None else _PartialTilePlan)(
-        sq=mask.sq,
-        sk=mask.sk,
-        block_q=block_q,
-        block_k=block_k,
-        mask_digest=digest,
-        bands=bands32,
-        bands_t=bands_t,
-        fwd=fwd,
-        bwd=bwd,
-        partial_kinds=kinds,
-    )
+        fields["bands_t"] = _bands32(mask, digest, "bwd")
+        fields["bwd"] = _lowered(mask, digest, "bwd", block_k, block_q)
     if only is not None:
-        object.__setattr__(plan, "_source", mask)
-    return plan
+        fields["_source"] = mask
+        return _partial_plan(fields)
+    bands = np.asarray(mask.bands, dtype=np.int64)
+    kinds = frozenset(_pred_kinds(fields["fwd"], bands) | _pred_kinds(fields["bwd"], fields["bands_t"]))
+    return TilePlan(**fields, partial_kinds=kinds)
 
 
 KERNEL_LISTS = ("bands", "full_ptr", "full_runs", "few_ptr", "few", "many_ptr", "many_tiles", "many_pred_ptr", "many_preds", "order")
