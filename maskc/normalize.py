@@ -326,7 +326,7 @@ def _bands_from_cover(rb: np.ndarray, cb: np.ndarray, cover: np.ndarray) -> np.n
     if (rb[1:] - rb[:-1] >= 2).all():
         start = np.ones(cover.shape[0], dtype=bool)  # a band starts where the intervals change
         np.not_equal(cover[1:], cover[:-1]).any(axis=1, out=start[1:])
-        first = np.flatnonzero(start)
+        first = start.nonzero()[0]
         last = np.empty_like(first)  # (np.append's wrapper costs more than these)
         last[:-1] = first[1:]
         last[-1] = cover.shape[0]

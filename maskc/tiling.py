@@ -226,7 +226,7 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     last_at = np.empty(key.shape[0], dtype=bool)  # the state after the last event at each key
     last_at[-1] = True
     np.not_equal(key[1:], key[:-1], out=last_at[:-1])
-    last_at = np.flatnonzero(last_at)  # (indices take faster than a boolean mask, twice)
+    last_at = last_at.nonzero()[0]  # (indices take faster than a boolean mask, twice; 1-D: no flatnonzero)
     key, state = key[last_at], state[last_at]
     # elementary intervals [key, next key): the state is 0 after an outer tile's last key (every
     # piece closed), so an interval that runs into the next outer tile is neither full nor partial
@@ -345,7 +345,7 @@ def _single_piece_lists(b: dict, pieces: slice) -> tuple:
     [full0, full1) where not empty, partial tiles [touch0, full0) and [full1, touch1), each with
     the piece's band alone (``pred_cnt`` None: one slice per partial tile)."""
     tile, band, touch0, touch1, full0, full1 = (b[k][pieces] for k in ("tile", "band", "touch0", "touch1", "full0", "full1"))
-    fi = np.flatnonzero(full1 > full0)
+    fi = (full1 > full0).nonzero()[0]
     runs = np.empty((fi.shape[0], 2), np.int32)
     runs[:, 0] = full0[fi]
     runs[:, 1] = full1[fi]
@@ -371,11 +371,11 @@ def _swept_lists(b: dict, pieces: slice, intervals: slice) -> tuple:
     change = np.empty(key.shape[0], bool)
     change[0] = is_full[0]
     np.not_equal(is_full[1:], is_full[:-1], out=change[1:])
-    edge = key[np.flatnonzero(change)].reshape(-1, 2)
+    edge = key[change.nonzero()[0]].reshape(-1, 2)
     run_tile = edge[:, 0] >> shift
     runs = (edge & ((1 << shift) - 1)).astype(np.int32)  # a run's end key is in its outer tile too
     # partial tiles, expanded (their keys stay ascending)
-    part = np.flatnonzero(is_part)
+    part = is_part.nonzero()[0]
     p_key = _expand(key[part], span[part])
     # predicates: the pieces whose touched tiles include the partial tile; pieces are
     # band-major, so a stable sort by partial tile leaves each tile's slice ids ascending
@@ -401,7 +401,7 @@ def _few_table(bands: np.ndarray, p_tile: np.ndarray, preds: np.ndarray, first, 
     else:
         few = alone.take(preds.take(first), axis=0, mode="clip")  # (valid ids: clip skips the bounds check)
         for slot in range(1, INLINE_PREDS):  # the few tiles with more slices
-            more = np.flatnonzero(cnt > slot)
+            more = (cnt > slot).nonzero()[0]
             few[more, 1 + 6 * slot : 7 + 6 * slot] = bands[preds[first[more] + slot]]
     few[:, 0] = p_tile
     few = few.reshape(-1)
