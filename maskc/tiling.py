@@ -156,19 +156,19 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     # ---- pieces: one per (size, band, outer tile), in that order, the columns of one array ----
     # rows: r0, r1, ac, as, bc, bs, outer tile, band, b_out, b_in, first outer tile, last outer
     # tile index, its height, and the divisors of b_out and b_in (their log2 where powers of two)
-    consts = np.array([[bo for bo, _ in blocks], [bi for _, bi in blocks], tile_at[:-1], [n - 1 for n in n_out], tail,
-                       [bo.bit_length() - 1 if pow2 else bo for bo, _ in blocks],
-                       [bi.bit_length() - 1 if pow2 else bi for _, bi in blocks]])
-    parts, s = [], 0
-    for g_bands, _, _, g_blocks in groups:
+    consts = np.array([*(bo for bo, _ in blocks), *(bi for _, bi in blocks), *tile_at[:-1], *(n - 1 for n in n_out), *tail,
+                       *(bo.bit_length() - 1 if pow2 else bo for bo, _ in blocks),
+                       *(bi.bit_length() - 1 if pow2 else bi for _, bi in blocks)]).reshape(7, -1)
+    per = np.empty((15, sum(len(g[3]) * g[0].shape[0] for g in groups)), np.int64)
+    col = s = 0
+    for g_bands, _, _, g_blocks in groups:  # each group's columns, viewed as (rows, sizes, bands)
         n_s, n_b = len(g_blocks), g_bands.shape[0]
-        per = np.empty((15, n_s, n_b), np.int64)
-        per[:6] = g_bands.T[:, None]
-        per[7] = np.arange(band_at[s], band_at[s] + n_b)
-        per[8:] = consts[:, s : s + n_s, None]
-        parts.append(per.reshape(15, -1))
+        view = np.reshape(per[:, col : col + n_s * n_b], (15, n_s, n_b), copy=False)
+        view[:6] = g_bands.T[:, None]
+        view[7] = np.arange(band_at[s], band_at[s] + n_b)
+        view[8:] = consts[:, s : s + n_s, None]
+        col += n_s * n_b
         s += n_s
-    per = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     t_first = div(per[0], per[13])
     t_last = div(per[1] - 1, per[13])
     cnt = t_last - t_first + 1
@@ -185,11 +185,11 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     ends = p[2:6:2, None] + p[3:6:2, None] * p[None, 0:2]
     ends[:, 1] += p[9] - 1
     div(ends, p[14], out=ends)
-    (touch0, full0), (full1, touch1) = ends
+    touch0, full0, full1, touch1 = ends[0, 0], ends[0, 1], ends[1, 0], ends[1, 1]
     rows = p[1] - p[0]  # + 1: the piece's height
     first = np.empty(len(blocks) + 1, np.int64)  # each size's first piece
     first[0] = 0
-    first[1:] = ends_at[[n - 1 for n in accumulate(n_bands)]]
+    first[1:] = ends_at.take([n - 1 for n in accumulate(n_bands)])
     g_first, g_last = t_first + per[10], t_last + per[10]
     if not sweep_all and not (g_first[1:] <= g_last[:-1]).any():
         # every outer tile holds at most one piece, in order: it touches [touch0, touch1) and is
