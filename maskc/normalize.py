@@ -230,6 +230,40 @@ def canonical_from_sorted_disjoint(rows: list) -> np.ndarray:
                      for r0, r1, ac, a_s, bc, b_s in rows], dtype=np.int64)
 
 
+def canonical_from_disjoint_pieces(pieces: list) -> np.ndarray | None:
+    """Canonical bands of the union of ``pieces``: band tuples sorted by first row, pairwise
+    disjoint, each with a non-empty interval on every row of its range (the column pieces of
+    canonical row bands), that may share rows. Per segment of rows between piece ends, the
+    intervals in order, an interval merged into the one before where that one ends on the very
+    line it starts on (on every row of the segment), then `Canon`. None where two intervals touch
+    on some rows of a segment only: the general `sweep` cuts those rows apart."""
+    bounds = sorted({x for p in pieces for x in p[:2]})
+    canon = Canon()
+    active: list = []
+    nxt, n = 0, len(pieces)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        active = [p for p in active if p[1] > s]
+        while nxt < n and pieces[nxt][0] == s:
+            active.append(pieces[nxt])
+            nxt += 1
+        if len(active) > 1:
+            active.sort(key=lambda p: p[2] + p[3] * s)  # disjoint: the same order on every row
+        ends: list = []
+        last = e - 1
+        for _, _, ac, a_s, bc, b_s in active:
+            if ends:
+                pc, ps = ends[-1]
+                if (pc == ac and ps == a_s) or (last == s and pc + ps * s == ac + a_s * s):
+                    ends[-1] = (bc, b_s)  # continues the interval before it
+                    continue
+                if pc + ps * s >= ac + a_s * s or pc + ps * last >= ac + a_s * last:
+                    return None
+            ends.append((ac, a_s))
+            ends.append((bc, b_s))
+        canon.push(s, e, tuple(ends))
+    return canon.result()
+
+
 def _any_mergeable(bands: np.ndarray) -> bool:
     """Whether some band's first row could continue the row-adjacent band before it."""
     prev, nxt = bands[:-1], bands[1:]

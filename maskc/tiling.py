@@ -33,7 +33,8 @@ import numpy as np
 from .errors import MaskError
 from .kinds import Kind, as_int
 from .mask import Mask
-from .normalize import _FEW_RECTANGLES, canonical_from_disjoint, canonical_from_sorted_disjoint, sweep, union_of_rectangles
+from .normalize import (_FEW_RECTANGLES, canonical_from_disjoint, canonical_from_disjoint_pieces, canonical_from_sorted_disjoint,
+                        sweep, union_of_rectangles)
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 _LISTS = ("full_ptr", "full_runs", "part_ptr", "part_tiles", "pred_ptr", "preds", "order")
@@ -665,6 +666,8 @@ def _column_bands(mask: Mask, digest: str) -> np.ndarray:
             pieces = sorted(rows)
             if all(a[1] <= b[0] for a, b in zip(pieces, pieces[1:])):
                 hit = canonical_from_sorted_disjoint(pieces)
+            elif any(r[3] or r[5] for r in pieces):  # sloped pieces sharing columns (FULL ones: the grid below)
+                hit = canonical_from_disjoint_pieces(pieces)
         elif len(rows) >= 8:  # many pieces: when no two share a column, no sweep is needed
             cols = np.array(rows, dtype=np.int64)
             o = cols[:, 0].argsort(kind="stable")

@@ -300,6 +300,25 @@ def test_column_bands_shortcuts_match_the_general_sweep(md):
         assert np.array_equal(column_bands(m), general)
 
 
+@given(masks(max_side=40, max_slices=8), st.integers(1, 300), st.integers(1, 300), st.integers(1, 40))
+def test_column_pieces_sharing_columns_merge_as_the_general_sweep(md, s, w, chunk):
+    """Sloped column pieces that share columns are merged per column segment
+    (`canonical_from_disjoint_pieces`); where that path decides it equals the general sweep, and
+    sliding windows (two row bands stacked in the same columns) always take it."""
+    from maskc import normalize as nz
+    from maskc.tiling import _transpose_rows
+
+    window = maskc.sliding_window(s, min(w, s))
+    cases = [(md[0], False), (window, True), (window | maskc.block_causal(s, chunk), False)]
+    for m, decided in cases:
+        rows, _ = _transpose_rows(m.bands.tolist())
+        general = nz.sweep([np.array(rows, dtype=np.int64).reshape(-1, 6)], [False, True], m.sk, m.sq)
+        got = nz.canonical_from_disjoint_pieces(sorted(rows))
+        assert got is not None or not decided
+        if got is not None:
+            assert got.dtype == general.dtype and np.array_equal(got, general)
+
+
 @given(masks(max_side=40, max_slices=6), sizes, st.sampled_from(["fwd", "bwd"]), st.sampled_from([(3, 5), (6, 1), (5, 12)]))
 def test_shifting_and_dividing_classify_alike(md, sz, which, odd):
     """Power-of-two tiles are found by shifting; a batch with another size divides instead. Both
