@@ -21,6 +21,7 @@ so a 4M-token video mask lowers in milliseconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -135,31 +136,19 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     contiguous rows, with no Python loop but the one that hands out each size's share; the
     per-size scalars are Python ints, and power-of-two tiles divide by shifting."""
     groups = [(bands, outer_len, inner_len, blocks), *also]
-    blocks, lens, n_bands, band_at, group = [], [], [], [], []  # per size
+    n_bands, band_at, group = [], [], []  # per size
     offset = 0
-    for g, (g_bands, g_outer, g_inner, g_blocks) in enumerate(groups):
-        for bo, bi in g_blocks:
-            blocks.append((int(bo), int(bi)))
-            lens.append((g_outer, g_inner))
+    for g, (g_bands, _, _, g_blocks) in enumerate(groups):
+        for _ in g_blocks:
             n_bands.append(g_bands.shape[0])
             band_at.append(offset)
             group.append(g)
         offset += g_bands.shape[0]
-    n_out = [-(-o // bo) for (bo, _), (o, _) in zip(blocks, lens)]
-    tile_at = [0]  # each size's first outer tile, numbered on from one size to the next
-    for n in n_out:
-        tile_at.append(tile_at[-1] + n)
-    tail = [o - (n - 1) * bo for n, (bo, _), (o, _) in zip(n_out, blocks, lens)]  # height of each size's last outer tile
-    # key = outer tile (common numbering) << shift + inner tile: 1 << shift is above every inner tile index
-    shift = max(-(-i // bi) for (_, bi), (_, i) in zip(blocks, lens)).bit_length()
-    pow2 = all(b & (b - 1) == 0 for blk in blocks for b in blk)
-    div = np.right_shift if pow2 else np.floor_divide
+    geo = _geometry(tuple((int(bo), int(bi), g_outer, g_inner) for _, g_outer, g_inner, g_blocks in groups for bo, bi in g_blocks))
+    blocks, tile_at, shift, consts = geo.blocks, geo.tile_at, geo.shift, geo.consts
+    div = np.right_shift if geo.pow2 else np.floor_divide
     # ---- pieces: one per (size, band, outer tile), in that order, the columns of one array ----
-    # rows: r0, r1, ac, as, bc, bs, outer tile, band, b_out, b_in, first outer tile, last outer
-    # tile index, its height, and the divisors of b_out and b_in (their log2 where powers of two)
-    consts = np.array([*(bo for bo, _ in blocks), *(bi for _, bi in blocks), *tile_at[:-1], *(n - 1 for n in n_out), *tail,
-                       *(bo.bit_length() - 1 if pow2 else bo for bo, _ in blocks),
-                       *(bi.bit_length() - 1 if pow2 else bi for _, bi in blocks)]).reshape(7, -1)
+    # rows: r0, r1, ac, as, bc, bs, outer tile, band, then `_Geometry.consts`
     per = np.empty((15, sum(len(g[3]) * g[0].shape[0] for g in groups)), np.int64)
     col = s = 0
     for g_bands, _, _, g_blocks in groups:  # each group's columns, viewed as (rows, sizes, bands)
@@ -195,7 +184,7 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     if not sweep_all and not (g_first[1:] <= g_last[:-1]).any():
         # every outer tile holds at most one piece, in order: it touches [touch0, touch1) and is
         # full on [full0, full1) where it spans the tile's rows; empty [touch1, touch1) where not
-        height = p[8] if tail == [bo for bo, _ in blocks] else np.where(ot == p[11], p[12], p[8])
+        height = p[8] if geo.aligned else np.where(ot == p[11], p[12], p[8])
         full = (rows == height - 1) & (full1 > full0)
         np.copyto(full0, touch1, where=~full)
         np.copyto(full1, touch1, where=~full)
@@ -209,7 +198,7 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     # full1 (at one key, cancelling, where it covers no tile in full). touch0 < touch1 and full0 <
     # full1, so after the last event at a key the open pieces' full rows sum to at most the tile
     # height (slices are disjoint): the state separates into (touch count, full rows) again
-    big = 1 << max(bo for bo, _ in blocks).bit_length()
+    big = geo.big
     covers = full1 > full0
     np.copyto(full0, touch0, where=~covers)
     np.copyto(full1, touch0, where=~covers)
@@ -235,17 +224,50 @@ def _classify(bands: np.ndarray, outer_len: int, inner_len: int, blocks: list, s
     np.subtract(key[1:], key[:-1], out=span[:-1])
     span[-1] = 0
     at = key.searchsorted([t << shift for t in tile_at]).tolist()  # each size's first interval
-    height = np.empty(tile_at[-1], np.int64)  # per outer tile
-    for (bo, _), t, u, h in zip(blocks, tile_at, tile_at[1:], tail):
-        height[t:u] = bo
-        height[u - 1] = h
-    is_full = (state & (big - 1)) == height[key >> shift]
+    is_full = (state & (big - 1)) == geo.height[key >> shift]
     is_part = (state >= big) > is_full
     n_full = np.add.reduceat(span * is_full, at[:-1]).tolist()
     n_part = np.add.reduceat(span * is_part, at[:-1]).tolist()
     batch = dict(single=False, blocks=blocks, band_at=band_at, group=group, tile_at=tile_at, shift=shift, tile=tile, band=p[7], touch0=touch0,
                  touch1=touch1, key=key, span=span, is_full=is_full, is_part=is_part)
     return _per_size(batch, first.tolist(), at, list(zip(n_full, n_part)))
+
+
+class _Geometry(NamedTuple):
+    """What a `_classify` pass needs to know of its tile sizes alone (`_geometry`)."""
+
+    blocks: tuple  # (b_out, b_in) per size
+    tile_at: tuple  # each size's first outer tile, numbered on from one size to the next, and the end
+    aligned: bool  # every size's last outer tile is a whole one
+    shift: int  # key = outer tile << shift + inner tile: 1 << shift is above every inner tile index
+    pow2: bool  # every tile a power of two: divide by shifting
+    big: int  # a power of two above every tile height (the sweep's touch count unit)
+    consts: np.ndarray  # per size (columns): b_out, b_in, first outer tile, last outer tile index, its
+    # height, and the divisors of b_out and b_in (their log2 where powers of two); read-only
+    height: np.ndarray  # per outer tile (common numbering): its height; read-only
+
+
+@functools.lru_cache(maxsize=16)  # (a few per shape; ~8 bytes per outer tile each)
+def _geometry(sizes: tuple) -> _Geometry:
+    """The `_Geometry` of ``(b_out, b_in, outer_len, inner_len)`` per size: a pure function of the
+    tile sizes and the lengths tiled, the same for every mask of one shape (kept, not per mask)."""
+    blocks = tuple((bo, bi) for bo, bi, _, _ in sizes)
+    n_out = [-(-o // bo) for bo, _, o, _ in sizes]
+    tile_at = tuple(accumulate(n_out, initial=0))
+    tail = [o - (n - 1) * bo for n, (bo, _, o, _) in zip(n_out, sizes)]
+    shift = max(-(-i // bi) for _, bi, _, i in sizes).bit_length()
+    pow2 = all(b & (b - 1) == 0 for blk in blocks for b in blk)
+    consts = np.array([*(bo for bo, _ in blocks), *(bi for _, bi in blocks), *tile_at[:-1], *(n - 1 for n in n_out), *tail,
+                       *(bo.bit_length() - 1 if pow2 else bo for bo, _ in blocks),
+                       *(bi.bit_length() - 1 if pow2 else bi for _, bi in blocks)], dtype=np.int64).reshape(7, -1)
+    consts.flags.writeable = False
+    height = np.empty(tile_at[-1], np.int64)
+    for (bo, _), t, u, h in zip(blocks, tile_at, tile_at[1:], tail):
+        height[t:u] = bo
+        height[u - 1] = h
+    height.flags.writeable = False
+    aligned = all(t == bo for t, (bo, _) in zip(tail, blocks))
+    return _Geometry(blocks, tile_at, aligned, shift, pow2, 1 << max(bo for bo, _ in blocks).bit_length(), consts, height)
 
 
 def _per_size(batch: dict, first: list, at: list | None, counts: list) -> list[dict]:

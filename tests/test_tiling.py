@@ -300,6 +300,31 @@ def test_column_bands_shortcuts_match_the_general_sweep(md):
         assert np.array_equal(column_bands(m), general)
 
 
+@given(masks(max_side=40, max_slices=6), sizes, sizes)
+def test_pass_geometry_is_kept_per_shape_not_per_mask(md, fwd, bwd):
+    """`_classify`'s per-size constants (`_geometry`) are kept across masks of one shape: a pass
+    with them kept equals one with them computed afresh, and they cannot be written to."""
+    from maskc import tiling
+
+    m, _ = md
+    if not len(m):
+        return
+    cols = tiling.column_bands(m)
+    groups = (np.asarray(m.bands), m.sq, m.sk, fwd), (cols, m.sk, m.sq, bwd)
+
+    def one_pass():
+        out = tiling._classify(*groups[0], also=groups[1:] if cols.shape[0] else ())
+        return [c["counts"] for c in out], tiling._lists_many(out[0]["batch"])
+
+    tiling._geometry.cache_clear()
+    fresh_counts, fresh = one_pass()
+    kept_counts, kept = one_pass()
+    assert tiling._geometry.cache_info().hits >= 1
+    assert kept_counts == fresh_counts and all(lists_equal(a, b) for (a, _), (b, _) in zip(kept, fresh))
+    geo = tiling._geometry(tuple((bo, bi, m.sq, m.sk) for bo, bi in fwd))
+    assert not geo.consts.flags.writeable and not geo.height.flags.writeable
+
+
 @given(masks(max_side=40, max_slices=8), st.integers(1, 300), st.integers(1, 300), st.integers(1, 40))
 def test_column_pieces_sharing_columns_merge_as_the_general_sweep(md, s, w, chunk):
     """Sloped column pieces that share columns are merged per column segment
