@@ -300,6 +300,18 @@ def test_column_bands_shortcuts_match_the_general_sweep(md):
         assert np.array_equal(column_bands(m), general)
 
 
+@given(st.lists(st.integers(0, 70000), max_size=300), st.sampled_from([np.float64, np.int64]), st.booleans())
+def test_stable_order_equals_a_stable_argsort(keys, dtype, small):
+    """The LPT order's sort (`_stable_order`): 16-bit keys radix-sorted, wider ones merge-sorted,
+    the same permutation as numpy's stable argsort, as read-only int32."""
+    from maskc.tiling import _stable_order
+
+    a = np.array([k % 65536 if small else k for k in keys], dtype=dtype)
+    got = _stable_order(a, 1 << 16 if small else 70001)
+    assert got.dtype == np.int32 and not got.flags.writeable
+    assert np.array_equal(got, a.argsort(kind="stable"))
+
+
 @given(masks(max_side=40, max_slices=6), sizes, sizes)
 def test_pass_geometry_is_kept_per_shape_not_per_mask(md, fwd, bwd):
     """`_classify`'s per-size constants (`_geometry`) are kept across masks of one shape: a pass
