@@ -107,6 +107,14 @@ class TileLists:
         return cls(**arrs)
 
 
+def _new_lists(*arrays: np.ndarray) -> TileLists:
+    """``TileLists(*arrays)`` without the frozen dataclass's ``__init__`` (seven
+    ``object.__setattr__`` calls; three lists per new mask)."""
+    tl = TileLists.__new__(TileLists)
+    tl.__dict__.update(zip(_LISTS, arrays))
+    return tl
+
+
 def _ro(a, shape=None) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.int32)
     if shape is not None:
@@ -365,9 +373,9 @@ def _lists_many(b: dict, bands: list | None = None, sizes: range | None = None) 
     for k, size in enumerate(sizes):
         t, u = local[k], local[k + 1]  # the size's outer tiles
         p, q = at_part[k], at_part[k + 1]  # its partial tiles
-        tl = TileLists(_cut_ptr(full_ptr, t, u), runs[at_run[k] : at_run[k + 1]], _cut_ptr(part_ptr, t, u),
-                       p_tile[p:q], _cut_ptr(pred_ptr, p, q), _less(preds[at_pred[k] : at_pred[k + 1]], b["band_at"][size]),
-                       _less(order[t:u], t))
+        tl = _new_lists(_cut_ptr(full_ptr, t, u), runs[at_run[k] : at_run[k + 1]], _cut_ptr(part_ptr, t, u),
+                        p_tile[p:q], _cut_ptr(pred_ptr, p, q), _less(preds[at_pred[k] : at_pred[k + 1]], b["band_at"][size]),
+                        _less(order[t:u], t))
         arrays = None
         if few is not None:
             arrays = {"bands": bands[b["group"][size]].reshape(-1), "full_ptr": tl.full_ptr, "full_runs": tl.full_runs.reshape(-1),
@@ -524,6 +532,15 @@ def _transpose_rows(rows: list) -> tuple[list, list]:
             continue
         # first row of column j: b(i) > j  ->  i >= j - bc + 1 (slope-1 end), else r0
         # last row + 1 of column j: a(i) <= j  ->  i <= j - ac  (slope-1 start), else r1
+        if not a_s:  # CAUSAL (the common case, as the cuts below give): rows r0 up to the cut, then the slope-1 end
+            cut = min(max(r0 + bc - 1, ks), ke)
+            if cut > ks:
+                out.append((ks, cut, r0, 0, r1, 0))
+                src.append(t)
+            if ke > cut:
+                out.append((cut, ke, 1 - bc, 1, r1, 0))
+                src.append(t)
+            continue
         cuts = {ks, ke}
         if b_s:
             cuts.add(min(max(r0 + bc - 1, ks), ke))

@@ -300,6 +300,29 @@ def test_column_bands_shortcuts_match_the_general_sweep(md):
         assert np.array_equal(column_bands(m), general)
 
 
+@given(masks(max_side=40, max_slices=8), st.lists(st.integers(1, 30), min_size=1, max_size=6), st.integers(1, 60))
+def test_column_pieces_cover_the_transposed_mask_once(md, lengths, w):
+    """`transpose_bands` (CAUSAL bands by their own short path): every allowed pair lies in exactly
+    one column piece, on the piece's column range, and each piece comes from the band it names."""
+    from maskc.tiling import transpose_bands
+
+    for m in (md[0], maskc.varlen(lengths, maskc.CAUSAL), maskc.sliding_window(sum(lengths), w), maskc.causal(sum(lengths))):
+        dense = m.to_dense()
+        cols, src = transpose_bands(np.asarray(m.bands))
+        cover = np.zeros((m.sk, m.sq), np.int64)  # [column, row]
+        for (c0, c1, ac, a_s, bc, b_s), t in zip(cols.tolist(), src.tolist()):
+            j = np.arange(c0, c1)[:, None]
+            i = np.arange(m.sq)[None, :]
+            piece = (i >= ac + a_s * j) & (i < bc + b_s * j)
+            assert piece.any(axis=1).all()  # a row on every column of the piece
+            r0, r1, rac, ras, rbc, rbs = m.bands[t].tolist()
+            ii = np.broadcast_to(i, piece.shape)[piece]
+            jj = np.broadcast_to(j, piece.shape)[piece]
+            assert ((ii >= r0) & (ii < r1) & (jj >= rac + ras * ii) & (jj < rbc + rbs * ii)).all()
+            cover[c0:c1] += piece
+        assert np.array_equal(cover, dense.T.astype(np.int64))
+
+
 @given(st.lists(st.integers(0, 70000), max_size=300), st.sampled_from([np.float64, np.int64]), st.booleans())
 def test_stable_order_equals_a_stable_argsort(keys, dtype, small):
     """The LPT order's sort (`_stable_order`): 16-bit keys radix-sorted, wider ones merge-sorted,
