@@ -1,6 +1,6 @@
 """Mask-language speed: build + normalise the issue's large masks on one CPU core.
 
-    python benchmarks/bench_mask.py [--repeat 9] [--out benchmarks/results]
+    python benchmarks/bench_mask.py [--repeat 9] [--out benchmarks/results] [--only TEXT ...]
 
 Writes ``mask-<host>-<date>.json`` (one row per case: median/min ms, slices, area, peak
 traced memory of one build) and prints a table. Target: each case under 50 ms. Also times the
@@ -164,9 +164,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=9, help="timed repetitions per case (median reported)")
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+    ap.add_argument("--only", action="append", metavar="TEXT",
+                    help="run only the cases whose name contains TEXT (repeatable; e.g. 'for CUTLASS' for the "
+                         "CUTLASS plan rows); prints them and writes no JSON")
     args = ap.parse_args(argv)
     rows = []
     for name, fn in {**cases(), **lowering_cases(), **plan_cases(), **cutlass_plan_cases()}.items():
+        if args.only and not any(text in name for text in args.only):
+            continue
         setup, fn = fn if isinstance(fn, tuple) else (None, fn)
         m, times, peak = measure(fn, args.repeat, setup)
         rows.append(
@@ -184,6 +189,8 @@ def main(argv=None):
         r = rows[-1]
         print(f"{name:<60} {r['median_ms']:>9.3f} ms (min {r['min_ms']:.3f})  {r['slices']:>6} slices  peak {peak / 1e6:7.2f} MB",
               flush=True)
+    if args.only:
+        return
     header = {
         "benchmark": "mask",
         "date": dt.date.today().isoformat(),

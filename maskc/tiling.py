@@ -447,7 +447,7 @@ def _few_table(bands: np.ndarray, p_tile: np.ndarray, preds: np.ndarray, first, 
         few = alone.take(preds.take(first), axis=0, mode="clip")  # (valid ids: clip skips the bounds check)
         for slot in range(1, INLINE_PREDS):  # the few tiles with more slices
             more = (cnt > slot).nonzero()[0]
-            few[more, 1 + 6 * slot : 7 + 6 * slot] = bands[preds[first[more] + slot]]
+            few[more, 1 + 6 * slot : 7 + 6 * slot] = bands.take(preds[first[more] + slot], axis=0)
     few[:, 0] = p_tile
     few = few.reshape(-1)
     few.flags.writeable = False
