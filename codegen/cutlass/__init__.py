@@ -51,9 +51,6 @@ TILES = {"fwd": (BLOCK_Q, BLOCK_K), "bwd_dq": (128, 64), "bwd_dkdv": (64, 128)}
 NUM_WARPS = 12  # one producer and two consumer warpgroups
 NUM_STAGES = 2  # K/V shared-memory ring depth of the default build
 STAGE_CHOICES = (3, 2)  # the runtime takes the first depth built for a spec
-# Q buffers of the forward: with two, work item n + 1's Q is loaded while item n runs, so an item's
-# last P V and the next item's first Q K^T are issued together (the items are chained)
-FWD_Q_BUFFERS = 2
 HEAD_DIMS = (64, 128)
 # setmaxnreg per warpgroup (producer, each consumer): 128 * p + 256 * c <= 65536 registers per SM.
 # The consumers take 240 where they need it (forward; dK/dV at head dim 128, whose two fp32
@@ -147,11 +144,10 @@ def shared_bytes(spec: KernelSpec) -> int:
     of the two walked operands, barriers, and 1 KiB to align to 1024 (each template checks it)."""
     outer_rows, inner_rows = ((spec.block_k, spec.block_q) if spec.direction == "bwd_dkdv"
                               else (spec.block_q, spec.block_k))
-    n_outer = FWD_Q_BUFFERS if spec.direction == "fwd" else 2  # Q buffers; Q and dO; K and V
-    item_buffers = FWD_Q_BUFFERS if spec.direction == "fwd" else 1
+    n_outer = 1 if spec.direction == "fwd" else 2
     tile_outer = outer_rows * spec.head_dim * _ELEMENT_BYTES
     tile_inner = inner_rows * spec.head_dim * _ELEMENT_BYTES
-    barriers = 8 * (2 * item_buffers + 4 * spec.num_stages) + 8  # + the two published work slots
+    barriers = 8 * (2 + 4 * spec.num_stages) + 8  # + the two published work slots
     storage = n_outer * tile_outer + 2 * spec.num_stages * tile_inner + barriers
     if spec.direction == "bwd_dkdv":  # lse and delta of the query tile's rows, per consumer warpgroup, x2
         storage += 2 * 2 * 2 * inner_rows * 4
@@ -175,7 +171,7 @@ def render(spec: KernelSpec) -> str:
     producer_regs, consumer_regs = registers(spec)
     return _env().get_template(template).render(
         spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial],
-        SHARED=shared_bytes(spec), PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, Q_BUFFERS=FWD_Q_BUFFERS)
+        SHARED=shared_bytes(spec), PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs)
 
 
 # ---- toolchain ---------------------------------------------------------------------------------
