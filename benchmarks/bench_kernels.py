@@ -11,7 +11,8 @@ written the idiomatic way, with document / chunk id lookups); SDPA runs only whe
 dense (full, causal). Per mask, every (impl, direction) is timed once per round, the impls taking
 turns (``--rounds``, default 3), and the median of the rounds' `triton.testing.do_bench` medians
 is recorded (with the rounds): a drift of the GPU's clocks during the run falls on every impl
-alike. Forward+backward is timed as in a training step: every impl's leaf tensors have their
+alike. Each round starts at a different place in the list of impls, so none is always timed right
+after the same one. Forward+backward is timed as in a training step: every impl's leaf tensors have their
 ``.grad`` set to None before each call (PyTorch's ``zero_grad`` default), so no impl adds its
 gradients into the previous call's (runs before 2026-11-26's `-fresh-grads` files included that
 add, 0.39 ms at 32k, in every impl's time). Also records the host time to plan each mask as new
@@ -250,8 +251,11 @@ def main(argv=None):
                     record(impl, "fwd", sf, context)
                     record(impl, "fwd_bwd", sfb, context)
             times = {(impl, direction): [] for impl, direction, _, _ in timed}
-            for _ in range(args.rounds):
-                for impl, direction, fn, context in timed:
+            for r in range(args.rounds):
+                # each round starts further along the list, so no impl is always timed right
+                # after the same (heavy) one: the GPU's clocks follow its recent power draw
+                start = r * len(timed) // args.rounds
+                for impl, direction, fn, context in timed[start:] + timed[:start]:
                     with context():
                         times[(impl, direction)].append(bench(fn))
             for impl, direction, _, _ in timed:
