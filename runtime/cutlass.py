@@ -5,14 +5,17 @@ tensor maps (TMA descriptors of Q, K and V) are encoded on the host with ``cuTen
 and the kernel is launched with ``cuLaunchKernelEx`` on the current torch stream.
 
 Lookup of a spec's cubin: the build named by ``$MASKC_BUILD`` (or ``./build``), file
-``cutlass/manifest.json``; with ``backend="cutlass"`` forced and no built kernel, the spec is
-compiled into ``$MASKC_CACHE/cutlass`` with nvcc when nvcc and the CUTLASS headers are here.
+``cutlass/manifest.json``; a kernel counts as built only when its recorded source is what the
+installed templates render for its spec now (a build from other templates is stale and not used).
+With ``backend="cutlass"`` forced and no built kernel, the spec is compiled into
+``$MASKC_CACHE/cutlass`` with nvcc when nvcc and the CUTLASS headers are here.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import json
 import os
 import threading
@@ -71,11 +74,18 @@ def _load(folder: Path) -> dict:
     return man
 
 
+@functools.lru_cache(maxsize=256)
+def _source_digest(spec: KernelSpec) -> str:
+    """sha256 of the source the installed templates render for `spec` (the manifest records the built one's)."""
+    return hashlib.sha256(cg.render(spec).encode()).hexdigest()
+
+
 def built_kernel(spec: KernelSpec) -> tuple[Path, dict] | None:
-    """(cubin path, manifest entry) of a built kernel for `spec`, or None."""
+    """(cubin path, manifest entry) of a built kernel for `spec` from the current templates, or None."""
     for folder in (os.environ.get("MASKC_BUILD") or "build", cache_root()):
         hit = _load(Path(folder)).get(spec.name)
-        if hit is not None and hit[0].is_file() and hit[1].get("key") == spec.key():
+        if (hit is not None and hit[0].is_file() and hit[1].get("key") == spec.key()
+                and hit[1].get("source_sha256") == _source_digest(spec)):
             return hit
     return None
 

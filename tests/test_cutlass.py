@@ -236,3 +236,30 @@ def test_tensor_map_cache_keys_on_everything_the_descriptor_encodes(monkeypatch)
     for rows in (1, 2, 3, 4):  # a full cache starts over rather than growing
         cb._tensor_map(base, rows)
     assert len(cb._MAPS) <= 3
+
+
+def test_built_kernel_is_only_a_cubin_of_the_current_templates(monkeypatch, tmp_path):
+    """A manifest entry counts only when its recorded source is what the templates render now: a
+    build made from other templates (an edited template, an older maskc) is stale, not used."""
+    import hashlib
+
+    from maskc.runtime import cutlass as cb
+
+    spec = cg.specs_for_mask(maskc.causal(256), head_dims=(64,), dtypes=("bf16",), directions=("fwd",))[0]
+    (tmp_path / "cutlass").mkdir()
+    (tmp_path / "cutlass" / "k.cubin").write_bytes(b"\0")
+
+    def lookup(source_sha256, key=spec.key()):
+        entry = {"name": spec.name, "cubin": "k.cubin", "key": key, "source_sha256": source_sha256}
+        cg.manifest_path(tmp_path).write_text(json.dumps({"format": cg.FORMAT, "backend": "cutlass", "kernels": [entry]}))
+        monkeypatch.setattr(cb, "_MANIFESTS", {})
+        return cb.built_kernel(spec)
+
+    monkeypatch.setenv("MASKC_BUILD", str(tmp_path))
+    monkeypatch.setattr(cb, "cache_root", lambda: tmp_path / "no-cache")
+    current = hashlib.sha256(cg.render(spec).encode()).hexdigest()
+    hit = lookup(current)
+    assert hit is not None and hit[0] == tmp_path / "cutlass" / "k.cubin"
+    assert lookup(hashlib.sha256(b"an older template").hexdigest()) is None  # stale source
+    assert lookup(None) is None  # no record of its source
+    assert lookup(current, key="another spec") is None
