@@ -209,6 +209,22 @@ def test_cp_size_one_without_process_group(reference):
         with pytest.raises(ValueError, match="plan is for another self-attention mask"):
             cp_flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
                                   packed.video_chunks, packed.chunk_offsets, cpw)  # window forgotten
+        # per-cell weights (the foreground-weighted loss): the same weighted loss as one process
+        g = torch.Generator().manual_seed(3)
+        cells = torch.rand(packed.latents.shape[:3], generator=g) * 4
+        with torch.no_grad():
+            ref_c = flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
+                                       packed.video_chunks, packed.chunk_offsets, cell_weights=cells)
+            got_c = cp_flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
+                                          packed.video_chunks, packed.chunk_offsets, cp, cell_weights=cells)
+        assert abs(got_c.item() - ref_c.item()) / ref_c.item() < LOSS_TOL and abs(ref_c.item() - ref_loss) > 1e-3
+        fg = replace(packed, fg=(cells > 2))  # cp_dit_loss passes fg_weight on as dit_loss does
+        with torch.no_grad():
+            ref_fg = TR.dit_loss(model, fg, fg_weight=3.0).item()
+            assert abs(cp_dit_loss(model, fg, cp, fg_weight=3.0).item() - ref_fg) / ref_fg < LOSS_TOL
+        with pytest.raises(ValueError, match="one weight per latent cell"):
+            cp_flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
+                                  packed.video_chunks, packed.chunk_offsets, cp, cell_weights=cells[:, :1])
         with pytest.raises(ValueError, match="past_kv and return_kv are not supported"):
             model.dit(packed.latents, packed.t_frames, text, lens, packed.video_chunks, packed.chunk_offsets,
                       return_kv=True, cp=cp)

@@ -220,7 +220,8 @@ def make_cp_context(video_chunks: Sequence[int], cfg: ModelConfig, cp_size: int,
 
 
 def cp_flow_matching_loss(dit: DiT, latents_clean, t_per_chunk, noise, text, caption_lengths, video_chunks,
-                          chunk_offsets, cp: CPContext, window: int | None = None) -> torch.Tensor:
+                          chunk_offsets, cp: CPContext, window: int | None = None,
+                          cell_weights: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's share of `dit.flow_matching_loss` (same arguments, all of them the whole batch,
     plus ``cp``); the sum of the ranks' results is the single-process loss.
 
@@ -228,6 +229,9 @@ def cp_flow_matching_loss(dit: DiT, latents_clean, t_per_chunk, noise, text, cap
     velocity error, i.e. ``sum over noisy frames' elements of err^2 / (noisy frames * h*w*C)``.
     A token covers ``patch_t`` frames of one t (`frame_times` enforces it), so the numerator is a
     sum over noisy tokens: each rank sums its own tokens and divides by the global denominator.
+    With ``cell_weights`` [F, h, w] a frame's error is the weighted mean over its cells: element
+    (f, y, x, c) weighs ``w[f, y, x] / (sum of frame f's weights * C)`` instead of ``1 / (h*w*C)``,
+    still a per-element factor, so the ranks' sums still add up.
     """
     cfg = dit.cfg
     if latents_clean.dim() != 4 or tuple(latents_clean.shape) != tuple(noise.shape):
@@ -240,17 +244,29 @@ def cp_flow_matching_loss(dit: DiT, latents_clean, t_per_chunk, noise, text, cap
     idx = cp.index(latents_clean.device)
     target = patchify(latents_clean - noise, cfg).index_select(0, idx)
     noisy_tok = (token_times(t_frames, cfg).index_select(0, idx) < 1).float()
-    err = (v.float() - target.float()).pow(2).sum(1)  # per token
-    frame_elems = cfg.latent_size * cfg.latent_size * cfg.latent_channels
+    sq = (v.float() - target.float()).pow(2)
     noisy_frames = (t_frames < 1).float().sum().clamp_min(1.0)
-    return (err * noisy_tok).sum() / (noisy_frames * frame_elems)
+    if cell_weights is None:
+        frame_elems = cfg.latent_size * cfg.latent_size * cfg.latent_channels
+        return (sq.sum(1) * noisy_tok).sum() / (noisy_frames * frame_elems)
+    w = cell_weights.to(sq.device, torch.float32)
+    if tuple(w.shape) != tuple(latents_clean.shape[:3]):
+        raise ValueError(f"cell_weights {tuple(w.shape)} must be one weight per latent cell "
+                         f"{tuple(latents_clean.shape[:3])} (frames, height, width)")
+    per_elem = (w / w.sum((1, 2), keepdim=True) / cfg.latent_channels).unsqueeze(-1)
+    per_elem = per_elem.expand(*w.shape, cfg.latent_channels)
+    weights = patchify(per_elem, cfg).index_select(0, idx)  # the same element order as the tokens
+    return ((sq * weights).sum(1) * noisy_tok).sum() / noisy_frames
 
 
-def cp_dit_loss(model, packed, cp: CPContext, attn_window: int | None = None) -> torch.Tensor:
-    """`train.dit_loss` of a `train.Packed` batch, this rank's share (caption encoder included)."""
+def cp_dit_loss(model, packed, cp: CPContext, attn_window: int | None = None, fg_weight: float = 0.0) -> torch.Tensor:
+    """`train.dit_loss` of a `train.Packed` batch, this rank's share (caption encoder included);
+    ``fg_weight`` > 0 (with ``packed.fg``) weighs each latent cell an object touches 1 + fg_weight."""
     text, lens = pack_text(*model.text(packed.tokens))
+    weights = 1.0 + fg_weight * packed.fg.float() if fg_weight and packed.fg is not None else None
     return cp_flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
-                                 packed.video_chunks, packed.chunk_offsets, cp, window=attn_window)
+                                 packed.video_chunks, packed.chunk_offsets, cp, window=attn_window,
+                                 cell_weights=weights)
 
 
 # -------------------------------------------------------------------------------- the gradients
