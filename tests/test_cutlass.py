@@ -263,3 +263,20 @@ def test_built_kernel_is_only_a_cubin_of_the_current_templates(monkeypatch, tmp_
     assert lookup(hashlib.sha256(b"an older template").hexdigest()) is None  # stale source
     assert lookup(None) is None  # no record of its source
     assert lookup(current, key="another spec") is None
+
+
+def test_item_buffers_per_direction_and_partial_class():
+    """Two buffers of the work item's tiles where measured faster (dQ on diag, dK/dV on rect and
+    diag masks), one elsewhere, and one wherever two would not fit in an sm_90 CTA's shared memory."""
+    two = {("bwd_dq", "diag"), ("bwd_dkdv", "rect"), ("bwd_dkdv", "diag")}
+    for direction, (bq, bk) in cg.TILES.items():
+        for partial in ("none", "rect", "diag"):
+            s = spec(head_dim=128, direction=direction, block_q=bq, block_k=bk, partial=partial)
+            want = 2 if (direction, partial) in two else 1
+            assert cg.item_buffers(s) == want, (direction, partial)
+            assert f"kItemBuffers = {want};" in cg.render(s) or direction == "fwd"
+            assert cg.shared_bytes(s) + cg.STATIC_SHARED <= cg.MAX_SHARED
+    one, both = (spec(head_dim=128, direction="bwd_dq", block_q=128, block_k=64, partial=p) for p in ("none", "diag"))
+    assert cg.shared_bytes(both) - cg.shared_bytes(one) == 2 * 128 * 128 * 2  # Q and dO once more
+    deep = spec(head_dim=128, direction="bwd_dkdv", block_q=64, block_k=128, partial="diag", num_stages=3)
+    assert cg.item_buffers(deep) == 1  # 2 item buffers and 3 ring stages exceed 227 KiB

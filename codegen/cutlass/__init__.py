@@ -51,6 +51,23 @@ TILES = {"fwd": (BLOCK_Q, BLOCK_K), "bwd_dq": (128, 64), "bwd_dkdv": (64, 128)}
 NUM_WARPS = 12  # one producer and two consumer warpgroups
 NUM_STAGES = 2  # K/V shared-memory ring depth of the default build
 STAGE_CHOICES = (3, 2)  # the runtime takes the first depth built for a spec
+# Buffers of a work item's stationary tiles (forward: Q; dQ: Q and dO; dK/dV: K and V) per
+# (direction, partial class); 1 elsewhere. With two, the producer loads item n + 1's tiles while
+# item n runs instead of after it, so short work lists do not wait for that load at each item
+# boundary; it costs shared memory (194-196 KB instead of 130 KB, less L1). Measured on the H100
+# (docs/kernel-notes.md, "Two item buffers in the backward"): dK/dV 1-7% faster on the rect and
+# diag masks of the suite, dQ 2-6% faster on diag; none-class kernels (full, block causal,
+# magi_video) and dQ on rect were 1-6% slower, so they keep one.
+ITEM_BUFFERS = {("bwd_dq", "diag"): 2, ("bwd_dkdv", "rect"): 2, ("bwd_dkdv", "diag"): 2}
+
+
+def item_buffers(spec: KernelSpec) -> int:
+    """Buffers of `spec`'s work-item tiles: ITEM_BUFFERS' choice where it fits in an sm_90 CTA's
+    shared memory with the spec's ring depth, else 1."""
+    wanted = ITEM_BUFFERS.get((spec.direction, spec.partial), 1)
+    if wanted > 1 and _shared_bytes(spec, wanted) + STATIC_SHARED > MAX_SHARED:
+        return 1
+    return wanted
 HEAD_DIMS = (64, 128)
 # setmaxnreg per warpgroup (producer, each consumer): 128 * p + 256 * c <= 65536 registers per SM.
 # The consumers take 240 where they need it (forward; dK/dV at head dim 128, whose two fp32
@@ -140,14 +157,19 @@ def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), directions=("fwd
 
 
 def shared_bytes(spec: KernelSpec) -> int:
-    """Dynamic shared memory one CTA asks for: the stationary tiles (Q; Q and dO; K and V), the ring
-    of the two walked operands, barriers, and 1 KiB to align to 1024 (each template checks it)."""
+    """Dynamic shared memory one CTA asks for: the stationary tiles (Q; Q and dO; K and V) per item
+    buffer, the ring of the two walked operands, barriers, and 1 KiB to align to 1024 (each
+    template checks it)."""
+    return _shared_bytes(spec, item_buffers(spec))
+
+
+def _shared_bytes(spec: KernelSpec, buffers: int) -> int:
     outer_rows, inner_rows = ((spec.block_k, spec.block_q) if spec.direction == "bwd_dkdv"
                               else (spec.block_q, spec.block_k))
-    n_outer = 1 if spec.direction == "fwd" else 2
+    n_outer = (1 if spec.direction == "fwd" else 2) * buffers  # Q; Q and dO; K and V: per item buffer
     tile_outer = outer_rows * spec.head_dim * _ELEMENT_BYTES
     tile_inner = inner_rows * spec.head_dim * _ELEMENT_BYTES
-    barriers = 8 * (2 + 4 * spec.num_stages) + 8  # + the two published work slots
+    barriers = 8 * (2 * buffers + 4 * spec.num_stages) + 8  # + the two published work slots
     storage = n_outer * tile_outer + 2 * spec.num_stages * tile_inner + barriers
     if spec.direction == "bwd_dkdv":  # lse and delta of the query tile's rows, per consumer warpgroup, x2
         storage += 2 * 2 * 2 * inner_rows * 4
@@ -171,7 +193,8 @@ def render(spec: KernelSpec) -> str:
     producer_regs, consumer_regs = registers(spec)
     return _env().get_template(template).render(
         spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial],
-        SHARED=shared_bytes(spec), PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs)
+        SHARED=shared_bytes(spec), PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
+        ITEM_BUFFERS=item_buffers(spec))
 
 
 # ---- toolchain ---------------------------------------------------------------------------------
