@@ -210,24 +210,65 @@ def _encode_tensor_map(t, rows: int):
     ), "cuTensorMapEncodeTiled")
 
 
+_CONFIGS: dict[tuple, object] = {}
+
+
+def _launch_config(grid: int, threads: int, shared: int, stream: int):
+    """A CUlaunchConfig, kept per (grid, block, shared memory, stream): a training loop launches the
+    same few shapes on the same stream, and filling one costs ~10 us of host time."""
+    key = (grid, threads, shared, stream)
+    config = _CONFIGS.get(key)
+    if config is None:
+        driver = _driver()
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+        config.sharedMemBytes = shared
+        config.hStream = driver.CUstream(stream)
+        config.numAttrs = 0
+        with _LOCK:
+            if len(_CONFIGS) >= _MAX_MAPS:
+                _CONFIGS.clear()
+            _CONFIGS[key] = config
+    return config
+
+
 def _launch(spec: KernelSpec, kernel: tuple[Path, dict], device, maps, args, n_slots: int) -> None:
     """cuLaunchKernelEx of a persistent kernel (at most one CTA per SM) on the current torch stream."""
     driver = _driver()
     cubin, entry = kernel
-    fn = _function(spec, device, cubin, int(entry["shared"]))
+    shared = int(entry["shared"])
+    fn = _function(spec, device, cubin, shared)
     params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
                                                           *(ctypes.addressof(a) for a in args))
-    config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = min(n_slots, _device_facts(device)[1]), 1, 1
-    config.blockDimX, config.blockDimY, config.blockDimZ = entry["threads"], 1, 1
-    config.sharedMemBytes = int(entry["shared"])
-    config.hStream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
-    config.numAttrs = 0
+    config = _launch_config(min(n_slots, _device_facts(device)[1]), entry["threads"], shared,
+                            torch.cuda.current_stream(device).cuda_stream)
     _check(driver.cuLaunchKernelEx(config, fn, ctypes.addressof(params), 0), f"launching {spec.name}")
 
 
 def _ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
+
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def zeroed_counters(device, n: int) -> int:
+    """Device address of `n` int32 counters, zeroed on the current stream: the persistent grids'
+    next free work slots. One small buffer per (device, stream), kept, and zeroed by an async memset
+    (stream order keeps a launch's counters from the next call's memset), instead of a new torch
+    tensor and fill kernel per launch."""
+    stream = torch.cuda.current_stream(device).cuda_stream
+    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4), dtype=torch.int32, device=device)
+        with _LOCK:
+            _COUNTERS[key] = buf
+    driver = _driver()
+    _check(driver.cuMemsetD32Async(driver.CUdeviceptr(buf.data_ptr()), 0, n, driver.CUstream(stream)),
+           "zeroing the work-slot counters")
+    return buf.data_ptr()
 
 
 def _operand_maps(spec: KernelSpec, q, k, v, dout=None) -> list:
@@ -240,9 +281,9 @@ def _operand_maps(spec: KernelSpec, q, k, v, dout=None) -> list:
 def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, scale: float):
     """Launch the CUTLASS forward: out and lse as the Triton forward writes them."""
     sq, hq, _ = q.shape
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # the persistent grid's next free slot
+    counter = zeroed_counters(q.device, 1)  # the persistent grid's next free slot
     maps = _operand_maps(spec, q, k, v)
-    args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), _ptr(counter),
+    args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), ctypes.c_void_p(counter),
             ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
             ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(scale * LOG2E)]
     _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
@@ -261,12 +302,13 @@ def padded_rows(sq: int) -> int:
 def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad: int, lists, n_q_tiles: int,
                 scale: float, counter=None):
     """Launch the CUTLASS dQ kernel (dq = scale * sum_k dS K), deterministic: no atomics. `counter`:
-    a zeroed int32 for the persistent grid's next free slot (made here when not given)."""
+    the device address of a zeroed int32, the persistent grid's next free slot (zeroed here when not
+    given, see `zeroed_counters`)."""
     sq, hq, _ = q.shape
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if counter is None else counter
+    counter = zeroed_counters(q.device, 1) if counter is None else counter
     maps = _operand_maps(spec, q, k, v, dout)
     args = [_ptr(dq), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq),
-            _ptr(counter), ctypes.c_int(sq), ctypes.c_int(sq_pad), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
+            ctypes.c_void_p(counter), ctypes.c_int(sq), ctypes.c_int(sq_pad), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
             ctypes.c_longlong(dq.stride(0)), ctypes.c_longlong(dq.stride(1)), ctypes.c_float(scale * LOG2E),
             ctypes.c_float(scale)]
     _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
@@ -278,10 +320,10 @@ def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, 
     heads summed inside it (no atomics). `counter` as for `backward_dq`."""
     sk, hkv, _ = k.shape
     hq = q.shape[1]
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if counter is None else counter
+    counter = zeroed_counters(q.device, 1) if counter is None else counter
     maps = _operand_maps(spec, q, k, v, dout)
     args = [_ptr(dk), _ptr(dv), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_k_tiles * hkv),
-            _ptr(counter), ctypes.c_int(sk), ctypes.c_int(sq_pad), ctypes.c_int(hkv), ctypes.c_int(hq // hkv),
+            ctypes.c_void_p(counter), ctypes.c_int(sk), ctypes.c_int(sq_pad), ctypes.c_int(hkv), ctypes.c_int(hq // hkv),
             ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),
             ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(scale * LOG2E),
             ctypes.c_float(scale)]

@@ -223,13 +223,13 @@ def _cutlass_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float,
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     sq_pad = cb.padded_rows(q.shape[0])
     delta_pad, lse2 = backward_rows(out, dout, dlse, lse, sq_pad)
-    counters = torch.zeros(2, dtype=torch.int32, device=q.device)  # the two persistent grids' next free slots
+    counters = cb.zeroed_counters(q.device, 2)  # the two persistent grids' next free slots (int32 each)
     spec, kernel, plan = dkdv_kernel
     cb.backward_dkdv(spec, kernel, q, k, v, dout, dk, dv, lse2, delta_pad, sq_pad,
-                     _device_lists(plan, "bwd", q.device), plan.n_k_tiles, scale, counters[0:1])
+                     _device_lists(plan, "bwd", q.device), plan.n_k_tiles, scale, counters)
     spec, kernel, plan = dq_kernel
     cb.backward_dq(spec, kernel, q, k, v, dout, dq, lse2, delta_pad, sq_pad,
-                   _device_lists(plan, "fwd", q.device), plan.n_q_tiles, scale, counters[1:2])
+                   _device_lists(plan, "fwd", q.device), plan.n_q_tiles, scale, counters + 4)
     return dq, dk, dv
 
 
