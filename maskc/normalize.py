@@ -295,7 +295,7 @@ def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np
     if union and sq > 0 and sk > 0 and sum(len(b) for b in operands) >= _MANY_RECTANGLES:
         every = np.concatenate([np.asarray(b, dtype=np.int64).reshape(-1, 6) for b in operands])
         if not every[:, 3].any() and not every[:, 5].any():
-            return _union_of_rectangles(every, sq, sk)
+            return _sweep_constant_bands(every, sq, sk)
     items = []  # (r0, r1, bit, ac, as, bc, bs)
     for t, bands in enumerate(operands):
         bit = 1 << t
@@ -332,7 +332,7 @@ def sweep(operands: list[np.ndarray], table: list[bool], sq: int, sk: int) -> np
 _MANY_RECTANGLES = 24  # from here on a union of constant bands is merged on a grid, not per segment
 
 
-def _union_of_rectangles(bands: np.ndarray, sq: int, sk: int) -> np.ndarray:
+def _sweep_constant_bands(bands: np.ndarray, sq: int, sk: int) -> np.ndarray:
     """`sweep` for a union of bands whose ends are all constant (rectangles): clipped to the plane
     (empty ones dropped), then merged on the grid of row segments by column segments (see
     `_bands_from_cover`), filled rectangle by rectangle (`union_of_rectangles`) or, for many,

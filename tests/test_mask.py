@@ -175,7 +175,7 @@ def _raster(bands, sq, sk):
        st.lists(st.tuples(st.integers(-3, 42), st.integers(0, 15), st.integers(-3, 42), st.integers(-2, 20)),
                 min_size=24, max_size=48))
 def test_union_of_many_rectangles(sq, sk, long_rows, rects):
-    """A union of >= 24 constant bands is merged on a grid (`_union_of_rectangles`), assembled
+    """A union of >= 24 constant bands is merged on a grid (`_sweep_constant_bands`), assembled
     directly where every row segment spans 2+ rows: same bands as the per-segment sweep, and the
     union's cells."""
     from maskc import normalize as nz
