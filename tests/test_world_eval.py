@@ -186,6 +186,23 @@ def test_memory_measured_in_fresh_processes():
     assert default["malloc_mmap_threshold"] is None and default["cfg_text"] == 0.0
 
 
+def test_memory_without_a_resettable_peak_falls_back_to_sampled_rss(monkeypatch):
+    """Where Linux does not let the RSS high-water mark be reset, the peak is the largest RSS
+    sampled after each chunk (and at the start), and says so."""
+    pytest.importorskip("safetensors")
+    from maskc.world_model.generate import load_model
+
+    model, meta = load_model(None)
+    samples = iter([300, 500, 400])  # MB at the start and after each of two chunks
+    monkeypatch.setattr(E, "_reset_peak_rss", lambda: False)
+    monkeypatch.setattr(E, "_rss_bytes", lambda: next(samples) * 2 ** 20)
+    monkeypatch.setattr(E, "_peak_rss_bytes", lambda: pytest.fail("no high-water mark to read"))
+    m = E.measure_memory(model, meta, 2, steps=1, cfg_text=0.0)
+    assert m["peak_rss_source"] == "sampled"
+    assert m["rss_per_chunk_mb"] == [500, 400] and m["rss_start_mb"] == 300
+    assert m["peak_rss_mb"] == m["sampled_peak_rss_mb"] == 500 and m["rss_growth_mb"] == 200
+
+
 def test_caption_loss_gap_compares_the_same_noise_with_other_captions():
     """One clip per batch: "another clip's captions" are its own, so that loss equals the real one
     exactly (same noise, same levels); with several clips a text-reading model scores the three
