@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,13 +81,22 @@ def _source_digest(spec: KernelSpec) -> str:
     return hashlib.sha256(cg.render(spec).encode()).hexdigest()
 
 
+_STALE_WARNED: set[tuple[str, str]] = set()
+
+
 def built_kernel(spec: KernelSpec) -> tuple[Path, dict] | None:
-    """(cubin path, manifest entry) of a built kernel for `spec` from the current templates, or None."""
+    """(cubin path, manifest entry) of a built kernel for `spec` from the current templates, or None.
+    A cubin built from other templates is skipped with a warning (once per build folder and kernel)."""
     for folder in (os.environ.get("MASKC_BUILD") or "build", cache_root()):
         hit = _load(Path(folder)).get(spec.name)
-        if (hit is not None and hit[0].is_file() and hit[1].get("key") == spec.key()
-                and hit[1].get("source_sha256") == _source_digest(spec)):
+        if hit is None or not hit[0].is_file() or hit[1].get("key") != spec.key():
+            continue
+        if hit[1].get("source_sha256") == _source_digest(spec):
             return hit
+        if (str(folder), spec.name) not in _STALE_WARNED:
+            _STALE_WARNED.add((str(folder), spec.name))
+            warnings.warn(f"{hit[0]}: built from other CUTLASS templates than this maskc's, not used; rebuild it with "
+                          f"`maskc build MASK --backend cutlass -o {folder}`", stacklevel=2)
     return None
 
 
