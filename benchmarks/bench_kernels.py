@@ -45,44 +45,42 @@ from maskc.runtime import attention
 from maskc.runtime.ffa import _resolve
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_mask import doc_lengths, plan_for_cutlass, plan_for_triton  # noqa: E402  (the suite's packed documents; bench_mask needs no torch)
+from bench_mask import SUITE_NAMES, doc_lengths, magi_videos, plan_for_cutlass, plan_for_triton, suite_masks  # noqa: E402  (the suite's packed documents; bench_mask needs no torch)
 
-MASKS = ["full", "causal", "swa1024", "varlen_causal", "varlen_full", "block_causal", "varlen_block_causal", "magi_video"]
+MASKS = list(SUITE_NAMES)  # the suite, in order
 
 
 def build(name: str, s: int):
-    """(maskc mask, flex mask_mod or None for no mask, sdpa is_causal or None when not dense)."""
+    """(maskc mask, flex mask_mod or None for no mask, sdpa is_causal or None when not dense); the
+    maskc masks are `bench_mask.suite_masks`' (the planning rows time the same ones)."""
+    if name not in SUITE_NAMES:
+        raise SystemExit(f"unknown mask {name!r}; choose from {MASKS}")
+    mask = suite_masks(s)[SUITE_NAMES[name]]()
     lengths = doc_lengths(s)
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).cuda()
     start = torch.tensor(np.cumsum([0] + lengths[:-1])).cuda()[doc]
     if name == "full":
-        return maskc.full(s), None, False
+        return mask, None, False
     if name == "causal":
-        return maskc.causal(s), (lambda b, h, q, k: q >= k), True
+        return mask, (lambda b, h, q, k: q >= k), True
     if name == "swa1024":
-        return maskc.sliding_window(s, 1024), (lambda b, h, q, k: (q >= k) & (q - k < 1024)), None
+        return mask, (lambda b, h, q, k: (q >= k) & (q - k < 1024)), None
     if name == "varlen_causal":
-        return maskc.varlen(lengths, maskc.CAUSAL), (lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k)), None
+        return mask, (lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k)), None
     if name == "varlen_full":
-        return maskc.varlen(lengths, maskc.FULL), (lambda b, h, q, k: doc[q] == doc[k]), None
+        return mask, (lambda b, h, q, k: doc[q] == doc[k]), None
     if name == "block_causal":
-        return maskc.block_causal(s, 1024), (lambda b, h, q, k: q // 1024 >= k // 1024), None
+        return mask, (lambda b, h, q, k: q // 1024 >= k // 1024), None
     if name == "varlen_block_causal":
-        m = maskc.concat(*[maskc.block_causal(n, 1024) for n in lengths])
-        return m, (lambda b, h, q, k: (doc[q] == doc[k]) & ((q - start[q]) // 1024 >= (k - start[k]) // 1024)), None
-    if name == "magi_video":
-        # videos of chunks of 1536 tokens (6 latent frames x 16 x 16 patches), window of 4 chunks
-        chunk = 1536
-        n_chunks = s // chunk
-        videos = [n_chunks // 3, n_chunks // 3, n_chunks - 2 * (n_chunks // 3)]
-        m = maskc.magi_video(videos, chunk, window=4).with_shape(s, s)
-        vid = torch.repeat_interleave(torch.arange(3), torch.tensor(videos) * chunk).cuda()
-        vid = torch.cat([vid, torch.full((s - vid.numel(),), -1, device="cuda")])
-        vstart = torch.tensor(np.cumsum([0] + [v * chunk for v in videos[:-1]]) .tolist() + [0]).cuda()
-        vs = vstart[vid.clamp_min(0)]
-        cq = lambda q: (q - vs[q]) // chunk
-        return m, (lambda b, h, q, k: (vid[q] == vid[k]) & (vid[q] >= 0) & (cq(q) >= cq(k)) & (cq(q) - cq(k) < 4)), None
-    raise SystemExit(f"unknown mask {name!r}; choose from {MASKS}")
+        return mask, (lambda b, h, q, k: (doc[q] == doc[k]) & ((q - start[q]) // 1024 >= (k - start[k]) // 1024)), None
+    # magi_video: videos of 1536-token chunks, window of 4 chunks, padding past the last chunk
+    videos, chunk = magi_videos(s)
+    vid = torch.repeat_interleave(torch.arange(3), torch.tensor(videos) * chunk).cuda()
+    vid = torch.cat([vid, torch.full((s - vid.numel(),), -1, device="cuda")])
+    vstart = torch.tensor(np.cumsum([0] + [v * chunk for v in videos[:-1]]).tolist() + [0]).cuda()
+    vs = vstart[vid.clamp_min(0)]
+    cq = lambda q: (q - vs[q]) // chunk  # noqa: E731
+    return mask, (lambda b, h, q, k: (vid[q] == vid[k]) & (vid[q] >= 0) & (cq(q) >= cq(k)) & (cq(q) - cq(k) < 4)), None
 
 
 def bench(fn, warmup=25, rep=100):

@@ -71,11 +71,24 @@ def doc_lengths(s: int, seed: int = 0) -> list[int]:
     return out
 
 
+def magi_videos(s: int) -> tuple[list[int], int]:
+    """The suite's magi_video geometry at ``s`` tokens: three videos' chunk counts and the chunk
+    (6 latent frames x 16 x 16 patches = 1536 tokens); the tokens past the last whole chunk are padding."""
+    chunk = 1536
+    n = s // chunk
+    return [n // 3, n // 3, n - 2 * (n // 3)], chunk
+
+
+# `bench_kernels.py`'s mask names -> `suite_masks`' keys (the row names of this file's results)
+SUITE_NAMES = {"full": "full", "causal": "causal", "swa1024": "sliding window 1024", "varlen_causal": "varlen causal",
+               "varlen_full": "varlen full", "block_causal": "block causal 1024",
+               "varlen_block_causal": "varlen block causal", "magi_video": "magi_video, window 4"}
+
+
 def suite_masks(s: int = 1 << 15) -> dict:
     """Builders of the 8 masks of `bench_kernels.py` at ``s`` tokens (maskc only, no torch)."""
     lengths = doc_lengths(s)
-    chunk = 1536  # magi_video: chunks of 6 latent frames x 16 x 16 patches, window of 4 chunks
-    n = s // chunk
+    videos, chunk = magi_videos(s)  # window of 4 chunks
     return {
         "full": lambda: maskc.full(s),
         "causal": lambda: maskc.causal(s),
@@ -84,7 +97,7 @@ def suite_masks(s: int = 1 << 15) -> dict:
         "varlen full": lambda: maskc.varlen(lengths, maskc.FULL),
         "block causal 1024": lambda: maskc.block_causal(s, 1024),
         "varlen block causal": lambda: maskc.concat(*[maskc.block_causal(x, 1024) for x in lengths]),
-        "magi_video, window 4": lambda: maskc.magi_video([n // 3, n // 3, n - 2 * (n // 3)], chunk, window=4).with_shape(s, s),
+        "magi_video, window 4": lambda: maskc.magi_video(videos, chunk, window=4).with_shape(s, s),
     }
 
 
