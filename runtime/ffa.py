@@ -173,7 +173,7 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
             if kernel is not None:
                 break
         if kernel is None:
-            spec = replace(spec, num_stages=cb.cg.NUM_STAGES)
+            spec = replace(spec, num_stages=cb.cg.ring_stages(spec.direction, spec.partial))
         if kernel is None and backend == "cutlass":
             kernel = cb.compile_into_cache(spec)
         hit = (spec, kernel, plan) if kernel is not None else (None, None, None)

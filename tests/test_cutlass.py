@@ -9,6 +9,7 @@ nvidia-cutlass headers, which `.ci/run` installs and checks.
 
 import json
 import re
+from dataclasses import replace
 import shutil
 import subprocess
 from pathlib import Path
@@ -267,18 +268,24 @@ def test_built_kernel_is_only_a_cubin_of_the_current_templates(monkeypatch, tmp_
     assert lookup(current, key="another spec") is None
 
 
-def test_item_buffers_per_direction_and_partial_class():
-    """Two buffers of the work item's tiles where measured faster (dQ on diag, dK/dV on rect and
-    diag masks), one elsewhere, and one wherever two would not fit in an sm_90 CTA's shared memory."""
-    two = {("bwd_dq", "diag"), ("bwd_dkdv", "rect"), ("bwd_dkdv", "diag")}
+def test_item_buffers_and_ring_stages_per_direction_and_partial_class(monkeypatch):
+    """The default build's ring depth and item buffers where measured faster (dK/dV on rect and
+    diag masks: a 3-deep Q/dO ring; dQ on diag: two Q/dO buffers), the defaults elsewhere, and one
+    item buffer wherever two would not fit in an sm_90 CTA's shared memory."""
+    stages3, two = {("bwd_dkdv", "rect"), ("bwd_dkdv", "diag")}, {("bwd_dq", "diag")}
+    mask = {"none": maskc.full(512), "rect": maskc.varlen([200, 312], maskc.FULL), "diag": maskc.causal(512)}
     for direction, (bq, bk) in cg.TILES.items():
         for partial in ("none", "rect", "diag"):
-            s = spec(head_dim=128, direction=direction, block_q=bq, block_k=bk, partial=partial)
+            [s] = cg.specs_for_mask(mask[partial], directions=(direction,))  # what `maskc build` builds
+            assert s.partial == partial
+            assert s.num_stages == (3 if (direction, partial) in stages3 else cg.NUM_STAGES), (direction, partial)
             want = 2 if (direction, partial) in two else 1
             assert cg.item_buffers(s) == want, (direction, partial)
             assert f"kItemBuffers = {want};" in cg.render(s) or direction == "fwd"
             assert cg.shared_bytes(s) + cg.STATIC_SHARED <= cg.MAX_SHARED
     one, both = (spec(head_dim=128, direction="bwd_dq", block_q=128, block_k=64, partial=p) for p in ("none", "diag"))
     assert cg.shared_bytes(both) - cg.shared_bytes(one) == 2 * 128 * 128 * 2  # Q and dO once more
+    monkeypatch.setitem(cg.ITEM_BUFFERS, ("bwd_dkdv", "diag"), 2)
     deep = spec(head_dim=128, direction="bwd_dkdv", block_q=64, block_k=128, partial="diag", num_stages=3)
-    assert cg.item_buffers(deep) == 1  # 2 item buffers and 3 ring stages exceed 227 KiB
+    assert cg.item_buffers(deep) == 1  # two K/V buffers and a 3-stage ring exceed 227 KiB
+    assert cg.item_buffers(replace(deep, num_stages=2)) == 2

@@ -51,14 +51,27 @@ TILES = {"fwd": (BLOCK_Q, BLOCK_K), "bwd_dq": (128, 64), "bwd_dkdv": (64, 128)}
 NUM_WARPS = 12  # one producer and two consumer warpgroups
 NUM_STAGES = 2  # K/V shared-memory ring depth of the default build
 STAGE_CHOICES = (3, 2)  # the runtime takes the first depth built for a spec
+# Ring depth of the default build per (direction, partial class); NUM_STAGES elsewhere. dK/dV on
+# the rect and diag masks walks a 3-deep Q/dO ring: measured 1-9% faster than 2 stages with two
+# item buffers (below) on those masks of the suite, neutral on none (docs/kernel-notes.md, "A
+# 3-stage ring for dK/dV"); dQ with 3 stages was 0-8% slower.
+RING_STAGES = {("bwd_dkdv", "rect"): 3, ("bwd_dkdv", "diag"): 3}
+
+
+def ring_stages(direction: str, partial: str) -> int:
+    """Ring depth the default build gives a kernel of `direction` and partial class `partial`."""
+    return RING_STAGES.get((direction, partial), NUM_STAGES)
+
+
 # Buffers of a work item's stationary tiles (forward: Q; dQ: Q and dO; dK/dV: K and V) per
 # (direction, partial class); 1 elsewhere. With two, the producer loads item n + 1's tiles while
 # item n runs instead of after it, so short work lists do not wait for that load at each item
 # boundary; it costs shared memory (194-196 KB instead of 130 KB, less L1). Measured on the H100
-# (docs/kernel-notes.md, "Two item buffers in the backward"): dK/dV 1-7% faster on the rect and
-# diag masks of the suite, dQ 2-6% faster on diag; none-class kernels (full, block causal,
-# magi_video) and dQ on rect were 1-6% slower, so they keep one.
-ITEM_BUFFERS = {("bwd_dq", "diag"): 2, ("bwd_dkdv", "rect"): 2, ("bwd_dkdv", "diag"): 2}
+# (docs/kernel-notes.md, "Two item buffers in the backward"): dQ 2-6% faster on diag; none-class
+# kernels (full, block causal, magi_video) and dQ on rect were 1-6% slower, so they keep one.
+# (dK/dV gained 1-7% on rect and diag with two, but its 3-stage ring above gains more and leaves
+# no room for a second K/V buffer.)
+ITEM_BUFFERS = {("bwd_dq", "diag"): 2}
 
 
 def item_buffers(spec: KernelSpec) -> int:
@@ -111,18 +124,21 @@ def supports(spec: KernelSpec) -> str | None:
 def cutlass_spec(spec: KernelSpec) -> KernelSpec:
     """The CUTLASS spec for the same work as `spec` (its tiles, warps and stages are the backend's)."""
     bq, bk = TILES[spec.direction]
-    return replace(spec, block_q=bq, block_k=bk, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                   deterministic=True, gqa_group=1, backend="cutlass")
+    return replace(spec, block_q=bq, block_k=bk, num_warps=NUM_WARPS,
+                   num_stages=ring_stages(spec.direction, spec.partial), deterministic=True, gqa_group=1,
+                   backend="cutlass")
 
 
-def spec_for_plan(direction: str, plan, head_dim: int, dtype: str, num_stages: int = NUM_STAGES) -> KernelSpec:
+def spec_for_plan(direction: str, plan, head_dim: int, dtype: str, num_stages: int | None = None) -> KernelSpec:
     """The CUTLASS spec of `direction` for a tile plan lowered to that direction's `TILES`: the plan
     decides only the partial class of the lists the kernel walks (the GQA group is a run-time
-    argument, so the spec's is 1)."""
+    argument, so the spec's is 1). `num_stages`: the ring depth (default: the build's,
+    `ring_stages`)."""
     bq, bk = TILES[direction]
+    partial = partial_class(plan.list_kinds(LISTS[direction]))
     return KernelSpec(direction=direction, head_dim=head_dim, dtype=dtype, block_q=bq, block_k=bk,
-                      num_warps=NUM_WARPS, num_stages=num_stages, partial=partial_class(plan.list_kinds(LISTS[direction])),
-                      backend="cutlass")
+                      num_warps=NUM_WARPS, num_stages=ring_stages(direction, partial) if num_stages is None else num_stages,
+                      partial=partial, backend="cutlass")
 
 
 def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), directions=("fwd",)) -> list[KernelSpec]:
