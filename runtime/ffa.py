@@ -166,14 +166,13 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
                 tile_counts_many(mask_or_plan, [cb.cg.TILES[d] for d in _ROW_KERNELS], "fwd")
         plan = (mask_or_plan if isinstance(mask_or_plan, TilePlan)
                 else plan_for(mask_or_plan, bq, bk, only=LISTS[direction]))
-        spec, kernel = None, None
-        for stages in cb.cg.STAGE_CHOICES:  # the first one built, in order of preference
-            spec = cb.cg.spec_for_plan(direction, plan, q.shape[-1], _DTYPE_NAMES[q.dtype], stages)
-            kernel = cb.built_kernel(spec)
+        spec = cb.cg.spec_for_plan(direction, plan, q.shape[-1], _DTYPE_NAMES[q.dtype])  # the build's depth
+        kernel = None
+        for stages in cb.cg.stage_preference(direction, spec.partial):  # the first one built
+            kernel = cb.built_kernel(replace(spec, num_stages=stages))
             if kernel is not None:
+                spec = replace(spec, num_stages=stages)
                 break
-        if kernel is None:
-            spec = replace(spec, num_stages=cb.cg.ring_stages(spec.direction, spec.partial))
         if kernel is None and backend == "cutlass":
             kernel = cb.compile_into_cache(spec)
         hit = (spec, kernel, plan) if kernel is not None else (None, None, None)

@@ -208,6 +208,23 @@ def _cutlass_planning_on_cpu(monkeypatch):
     return rt, cb, calls
 
 
+def test_cutlass_kernel_prefers_the_builds_ring_depth(monkeypatch):
+    """Of the built ring depths the runtime takes the default build's (dK/dV on a diag mask: 3, dQ:
+    2), and another one only when that is not built. (CPU: the kernel lookup is stubbed.)"""
+    rt, cb, _ = _cutlass_planning_on_cpu(monkeypatch)
+    mask = maskc.causal(512)
+    q = torch.zeros(512, 2, 64, requires_grad=True)
+    for built, want in (({2, 3}, {"bwd_dkdv": 3, "bwd_dq": 2}), ({2}, {"bwd_dkdv": 2, "bwd_dq": 2}),
+                        ({3}, {"bwd_dkdv": 3, "bwd_dq": 3})):
+        monkeypatch.setattr(cb, "built_kernel", lambda spec: ("cubin", {"spec": spec}) if spec.num_stages in built else None)
+        monkeypatch.setattr(rt, "_CUTLASS", {})
+        got = {d: rt._cutlass_kernel(d, mask, q, q, q, 0.0, "auto")[0].num_stages for d in ("bwd_dkdv", "bwd_dq")}
+        assert got == want, (built, got)
+    monkeypatch.setattr(cb, "built_kernel", lambda spec: None)
+    monkeypatch.setattr(rt, "_CUTLASS", {})
+    assert rt._cutlass_kernel("bwd_dkdv", mask, q, q, q, 0.0, "auto") is None  # nothing built: Triton
+
+
 def test_cutlass_planning_classifies_the_row_kernels_once(monkeypatch):
     """A new mask's CUTLASS forward plan also classifies dQ's tile size (same row orientation) in
     the same pass, so the backward's dQ lowering classifies nothing. (CPU: the kernel lookup is

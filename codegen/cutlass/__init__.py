@@ -50,7 +50,7 @@ BLOCK_K = 128
 TILES = {"fwd": (BLOCK_Q, BLOCK_K), "bwd_dq": (128, 64), "bwd_dkdv": (64, 128)}
 NUM_WARPS = 12  # one producer and two consumer warpgroups
 NUM_STAGES = 2  # K/V shared-memory ring depth of the default build
-STAGE_CHOICES = (3, 2)  # the runtime takes the first depth built for a spec
+STAGE_CHOICES = (3, 2)  # ring depths the runtime looks for, after the build's own (`stage_preference`)
 # Ring depth of the default build per (direction, partial class); NUM_STAGES elsewhere. dK/dV on
 # the rect and diag masks walks a 3-deep Q/dO ring: measured 1-9% faster than 2 stages with two
 # item buffers (below) on those masks of the suite, neutral on none (docs/kernel-notes.md, "A
@@ -61,6 +61,13 @@ RING_STAGES = {("bwd_dkdv", "rect"): 3, ("bwd_dkdv", "diag"): 3}
 def ring_stages(direction: str, partial: str) -> int:
     """Ring depth the default build gives a kernel of `direction` and partial class `partial`."""
     return RING_STAGES.get((direction, partial), NUM_STAGES)
+
+
+def stage_preference(direction: str, partial: str) -> tuple[int, ...]:
+    """Ring depths in the order the runtime takes a built kernel: the default build's (measured
+    fastest), then the others of STAGE_CHOICES (a build made with other depths still runs)."""
+    first = ring_stages(direction, partial)
+    return (first, *(s for s in STAGE_CHOICES if s != first))
 
 
 # Buffers of a work item's stationary tiles (forward: Q; dQ: Q and dO; dK/dV: K and V) per
