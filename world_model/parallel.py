@@ -263,10 +263,9 @@ def cp_dit_loss(model, packed, cp: CPContext, attn_window: int | None = None, fg
     """`train.dit_loss` of a `train.Packed` batch, this rank's share (caption encoder included);
     ``fg_weight`` > 0 (with ``packed.fg``) weighs each latent cell an object touches 1 + fg_weight."""
     text, lens = pack_text(*model.text(packed.tokens))
-    weights = 1.0 + fg_weight * packed.fg.float() if fg_weight and packed.fg is not None else None
     return cp_flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
                                  packed.video_chunks, packed.chunk_offsets, cp, window=attn_window,
-                                 cell_weights=weights)
+                                 cell_weights=packed.cell_weights(fg_weight))
 
 
 # -------------------------------------------------------------------------------- the gradients

@@ -337,6 +337,13 @@ class Packed:
     def n_chunks(self) -> int:
         return sum(self.video_chunks)
 
+    def cell_weights(self, fg_weight: float) -> torch.Tensor | None:
+        """The loss's weight per latent cell: 1 + ``fg_weight`` where an object touches it, 1
+        elsewhere; None (the plain loss) for ``fg_weight`` 0 or a batch without foreground cells."""
+        if not fg_weight or self.fg is None:
+            return None
+        return 1.0 + fg_weight * self.fg.float()
+
 
 _NULL_TOKENS = None
 
@@ -376,12 +383,9 @@ def dit_loss(model: WorldModel, packed: Packed, attn_window: int | None = None, 
     """Flow-matching loss of a packed sequence (caption encoder included, so both get gradients).
     ``fg_weight`` > 0 (with ``packed.fg``): each latent cell an object touches weighs 1 + fg_weight."""
     text, lens = pack_text(*model.text(packed.tokens))
-    weights = None
-    if fg_weight and packed.fg is not None:
-        weights = 1.0 + fg_weight * packed.fg.float()
     return flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
                               video_chunks=packed.video_chunks, chunk_offsets=packed.chunk_offsets,
-                              window=attn_window, cell_weights=weights)
+                              window=attn_window, cell_weights=packed.cell_weights(fg_weight))
 
 
 # ------------------------------------------------------------------------------------ training
