@@ -185,7 +185,7 @@ def main(argv=None):
             # host-side planning of a new mask: every candidate lowering for the three Triton
             # kernels, and what the CUTLASS kernels need (median of PLAN_SAMPLES newly built masks)
             for impl, plan in (("maskc", lambda m: plan_for_triton(m, d)), ("cutlass", plan_for_cutlass)):
-                samples = plan_samples(plan, lambda: build(name, s)[0])
+                samples = plan_samples(plan, suite_masks(s)[SUITE_NAMES[name]])
                 rows.append({"mask": name, "seqlen": s, "impl": impl, "direction": "plan_host_ms",
                              "ms": round(statistics.median(samples), 3), "samples_ms": [round(x, 3) for x in samples]})
             if "maskc" in args.impls:

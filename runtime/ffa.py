@@ -169,9 +169,10 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
         spec = cb.cg.spec_for_plan(direction, plan, q.shape[-1], _DTYPE_NAMES[q.dtype])  # the build's depth
         kernel = None
         for stages in cb.cg.stage_preference(direction, spec.partial):  # the first one built
-            kernel = cb.built_kernel(replace(spec, num_stages=stages))
+            candidate = replace(spec, num_stages=stages)
+            kernel = cb.built_kernel(candidate)
             if kernel is not None:
-                spec = replace(spec, num_stages=stages)
+                spec = candidate
                 break
         if kernel is None and backend == "cutlass":
             kernel = cb.compile_into_cache(spec)

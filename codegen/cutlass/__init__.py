@@ -56,6 +56,25 @@ STAGE_CHOICES = (3, 2)  # ring depths the runtime looks for, after the build's o
 # item buffers (below) on those masks of the suite, neutral on none (docs/kernel-notes.md, "A
 # 3-stage ring for dK/dV"); dQ with 3 stages was 0-8% slower.
 RING_STAGES = {("bwd_dkdv", "rect"): 3, ("bwd_dkdv", "diag"): 3}
+# Buffers of a work item's stationary tiles (forward: Q; dQ: Q and dO; dK/dV: K and V) per
+# (direction, partial class); 1 elsewhere. With two, the producer loads item n + 1's tiles while
+# item n runs instead of after it, so short work lists do not wait for that load at each item
+# boundary; it costs shared memory (194-196 KB instead of 130 KB, less L1). Measured on the H100
+# (docs/kernel-notes.md, "Two item buffers in the backward"): dQ 2-6% faster on diag; none-class
+# kernels (full, block causal, magi_video) and dQ on rect were 1-6% slower, so they keep one.
+# (dK/dV gained 1-7% on rect and diag with two, but its 3-stage ring above gains more and leaves
+# no room for a second K/V buffer.)
+ITEM_BUFFERS = {("bwd_dq", "diag"): 2}
+HEAD_DIMS = (64, 128)
+# setmaxnreg per warpgroup (producer, each consumer): 128 * p + 256 * c <= 65536 registers per SM.
+# The consumers take 240 where they need it (forward; dK/dV at head dim 128, whose two fp32
+# accumulators fill most of them); elsewhere the producer keeps 40, below which its loops spill.
+REGISTERS = {"fwd": (24, 240), "bwd_dq": (40, 232), "bwd_dkdv": (40, 232), ("bwd_dkdv", 128): (24, 240)}
+DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
+MAX_SHARED = 227 * 1024  # shared memory one CTA may opt into on sm_90
+STATIC_SHARED = 1024  # the kernels' static shared memory (cuobjdump -res-usage: SHARED:1024)
+_PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
+_ELEMENT_BYTES = 2
 
 
 def ring_stages(direction: str, partial: str) -> int:
@@ -70,17 +89,6 @@ def stage_preference(direction: str, partial: str) -> tuple[int, ...]:
     return (first, *(s for s in STAGE_CHOICES if s != first))
 
 
-# Buffers of a work item's stationary tiles (forward: Q; dQ: Q and dO; dK/dV: K and V) per
-# (direction, partial class); 1 elsewhere. With two, the producer loads item n + 1's tiles while
-# item n runs instead of after it, so short work lists do not wait for that load at each item
-# boundary; it costs shared memory (194-196 KB instead of 130 KB, less L1). Measured on the H100
-# (docs/kernel-notes.md, "Two item buffers in the backward"): dQ 2-6% faster on diag; none-class
-# kernels (full, block causal, magi_video) and dQ on rect were 1-6% slower, so they keep one.
-# (dK/dV gained 1-7% on rect and diag with two, but its 3-stage ring above gains more and leaves
-# no room for a second K/V buffer.)
-ITEM_BUFFERS = {("bwd_dq", "diag"): 2}
-
-
 def item_buffers(spec: KernelSpec) -> int:
     """Buffers of `spec`'s work-item tiles: ITEM_BUFFERS' choice where it fits in an sm_90 CTA's
     shared memory with the spec's ring depth, else 1."""
@@ -88,16 +96,6 @@ def item_buffers(spec: KernelSpec) -> int:
     if wanted > 1 and _shared_bytes(spec, wanted) + STATIC_SHARED > MAX_SHARED:
         return 1
     return wanted
-HEAD_DIMS = (64, 128)
-# setmaxnreg per warpgroup (producer, each consumer): 128 * p + 256 * c <= 65536 registers per SM.
-# The consumers take 240 where they need it (forward; dK/dV at head dim 128, whose two fp32
-# accumulators fill most of them); elsewhere the producer keeps 40, below which its loops spill.
-REGISTERS = {"fwd": (24, 240), "bwd_dq": (40, 232), "bwd_dkdv": (40, 232), ("bwd_dkdv", 128): (24, 240)}
-DTYPES = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
-MAX_SHARED = 227 * 1024  # shared memory one CTA may opt into on sm_90
-STATIC_SHARED = 1024  # the kernels' static shared memory (cuobjdump -res-usage: SHARED:1024)
-_PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
-_ELEMENT_BYTES = 2
 
 
 def registers(spec: KernelSpec) -> tuple[int, int]:
