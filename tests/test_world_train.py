@@ -188,6 +188,31 @@ def test_resume_continues_bit_exactly(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), at
 
 
+def test_batch_reuse_encodes_every_other_step_and_resumes_bit_exactly(tmp_path, monkeypatch):
+    """With ``reuse`` 2 two consecutive transformer steps share one generated batch (their own
+    cuts, t and noise); resuming between the two re-encodes that batch and continues bit-exactly."""
+    fetched = []
+    real = TR._batch_arrays
+    monkeypatch.setattr(TR, "_batch_arrays", lambda seed, index, *a: fetched.append(index) or real(seed, index, *a))
+    tcfg = tiny(steps_vae=1, steps_dit=5, ckpt_every=1, keep_checkpoints=10, reuse=2)
+    full = train(tcfg, tmp_path / "full", "cpu", progress=False)
+    assert fetched[-3:] == [0, 1, 2]  # the autoencoder's batch, then transformer batches 0, 1, 2 for 5 steps
+    ref = losses(full)
+    assert len(set(ref.values())) == len(ref)  # a shared batch still gives each step its own loss
+    fetched.clear()
+    part = train(tcfg, tmp_path / "resume", "cpu", resume=tmp_path / "full" / "ckpt_0000004.safetensors",
+                 progress=False)
+    assert fetched == [1, 2]  # step 4 (transformer step 3) is the second step of batch 1: fetched again
+    got = losses(part)
+    assert sorted(got) == [4, 5] and all(got[s] == ref[s] for s in got)
+    a, b = full.model.state_dict(), part.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="reuse"):
+        tiny(reuse=0)
+    with pytest.raises(ValueError, match="compile"):
+        tiny(compile="yes")
+
+
 def test_resume_trims_the_log_past_the_checkpoint(tmp_path):
     """A run resumed from an earlier checkpoint redoes the later steps: their old log lines go, so
     the log has one line per step, in order, ending at the new run's last step."""
@@ -351,3 +376,24 @@ def test_cli_cuda_without_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--config", "tiny", "--out", str(tmp_path), "--device", "cuda"])
     assert e.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_batch_source_workers_give_the_same_batches_through_shared_memory():
+    # the worker pool writes frames into shared-memory slots; order and contents equal the
+    # in-process source, and a returned frame view stays intact until the next get()
+    plain = TR.BatchSource(7, 2, 3, start=4, workers=0, cells=(4, 8))
+    pooled = TR.BatchSource(7, 2, 3, start=4, workers=2, cells=(4, 8))
+    try:
+        for _ in range(5):
+            f0, t0, g0 = plain.get()
+            f1, t1, g1 = pooled.get()
+            assert f1.shape == f0.shape and f1.dtype == np.uint8
+            np.testing.assert_array_equal(f1, f0)
+            np.testing.assert_array_equal(t1, t0)
+            np.testing.assert_array_equal(g1, g0)
+        slots = {s.name for s in pooled.slots}
+        assert len(slots) == 2 * 2 + 1
+    finally:
+        plain.close()
+        pooled.close()
+    assert pooled.slots == [] and pooled.pool is None

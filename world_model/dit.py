@@ -45,6 +45,7 @@ KERNEL_HEAD_DIMS = (64, 128, 256)
 # --------------------------------------------------------------------------------- attention
 
 
+@torch.compiler.disable  # host-side planning and a custom kernel: compiled blocks call it eagerly
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Masked attention in the packed layout (q [sq, hq, d], k/v [sk, hkv, d]) -> [sq, hq, d], q's dtype.
 

@@ -71,7 +71,7 @@ PHASE_VAE, PHASE_DIT, PHASE_STATS = 1, 2, 3
 
 # fields that may change when resuming (they do not change what a step computes, or only extend the run)
 RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints", "log_every",
-                     "sample_every", "data_workers", "fg_weight")  # fg_weight: fine-tuning with a new loss weighting
+                     "sample_every", "data_workers", "fg_weight", "compile")  # fg_weight: fine-tuning with a new loss weighting
 
 
 # ------------------------------------------------------------------------------------- config
@@ -106,6 +106,7 @@ class TrainConfig:
     t_mean: float = 0.0  # logit-normal noise levels
     t_std: float = 1.0
     fg_weight: float = 0.0  # extra loss weight on latent cells an object touches (0: plain MSE)
+    reuse: int = 1  # transformer steps per generated and encoded batch (each with its own cuts, t and noise)
     # optimisation (both phases)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -118,6 +119,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # transformer steps between sample_fn calls (0: only at the end)
     data_workers: int = 0  # processes generating batches ahead (0: in the training process)
+    compile: bool = False  # torch.compile the transformer blocks (CUDA only; attention stays eager)
     comment: str = ""
 
     def __post_init__(self):
@@ -139,10 +141,13 @@ class TrainConfig:
         for name in ("seed", "steps_vae", "steps_dit", "ckpt_every", "warmup_vae", "warmup_dit",
                      "log_every", "sample_every", "data_workers"):
             whole(name, 0)
-        for name in ("vae_batch", "vae_clip_chunks", "stats_clips", "batch", "n_chunks", "window", "keep_checkpoints"):
+        for name in ("vae_batch", "vae_clip_chunks", "stats_clips", "batch", "n_chunks", "window", "keep_checkpoints",
+                     "reuse"):
             whole(name, 1)
         if self.attn_window is not None:
             whole("attn_window", 1)
+        if not isinstance(self.compile, bool):
+            bad(f"compile={self.compile!r} must be true or false")
         for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1]")
@@ -241,46 +246,87 @@ def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int,
     return b.frames, b.tokens, fg
 
 
+def _batch_into_slot(slot: str, seed: int, index: int, n_chunks: int, batch: int,
+                     cells: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Worker side of `BatchSource`: write the frames into shared-memory block ``slot`` (they are
+    by far the largest part: 75 MB for 64 clips of 4 chunks) and return the small arrays."""
+    from multiprocessing import shared_memory
+
+    frames, tokens, fg = _batch_arrays(seed, index, n_chunks, batch, cells)
+    shm = shared_memory.SharedMemory(name=slot)
+    try:
+        np.ndarray(frames.shape, frames.dtype, buffer=shm.buf)[...] = frames
+    finally:
+        shm.close()
+    return tokens, fg
+
+
 class BatchSource:
     """Batches ``start, start + 1, ...`` of ``make_batch(seed, ., n_chunks, batch)`` as (frames, tokens,
     foreground cells or None: see `_batch_arrays`).
 
     With ``workers > 0`` a process pool generates the next batches while the model trains (the
-    order, and so every result, is the same as without workers)."""
+    order, and so every result, is the same as without workers). The workers write the frames into
+    shared-memory slots instead of sending them through a pipe: unpickling 75 MB per batch in the
+    training process held its interpreter lock for tens of milliseconds and starved the thread that
+    launches the GPU work. The frames returned by `get` are then a view of a slot, valid until the
+    next `get` (copy them to the device, or copy them, before asking for the next batch)."""
 
     def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0,
                  cells: tuple[int, int] | None = None):
         self.args = (seed, n_chunks, batch, cells)
         self.next = start
         self.pool = None
-        self.ahead: deque = deque()
+        self.ahead: deque = deque()  # (future, slot)
+        self.slots: list = []
+        self.free: deque = deque()
         if workers > 0:
             import multiprocessing as mp
+            from multiprocessing import shared_memory
 
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
             self.depth = 2 * workers
+            # one slot per batch in flight plus the one the caller holds
+            cfg = D.WorldConfig()
+            self.shape = (batch, n_chunks * cfg.chunk_frames, *cfg.frame_shape)
+            size = int(np.prod(self.shape))
+            self.slots = [shared_memory.SharedMemory(create=True, size=size) for _ in range(self.depth + 1)]
+            self.free.extend(self.slots)
+            self.held = None
+            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
 
     def _submit(self):
         seed, n, b, cells = self.args
-        self.ahead.append(self.pool.submit(_batch_arrays, seed, self.next + len(self.ahead), n, b, cells))
+        slot = self.free.popleft()
+        fut = self.pool.submit(_batch_into_slot, slot.name, seed, self.next + len(self.ahead), n, b, cells)
+        self.ahead.append((fut, slot))
 
     def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         seed, n, b, cells = self.args
         if self.pool is None:
             out = _batch_arrays(seed, self.next, n, b, cells)
         else:
+            if self.held is not None:  # the caller is done with the previous batch's frames
+                self.free.append(self.held)
+                self.held = None
             while len(self.ahead) < self.depth:
                 self._submit()
-            out = self.ahead.popleft().result()
+            fut, slot = self.ahead.popleft()
+            tokens, fg = fut.result()
+            self.held = slot
+            out = np.ndarray(self.shape, np.uint8, buffer=slot.buf), tokens, fg
         self.next += 1
         return out
 
     def close(self):
         if self.pool is not None:
-            for f in self.ahead:
+            for f, _ in self.ahead:
                 f.cancel()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        for slot in self.slots:
+            slot.close()
+            slot.unlink()
+        self.slots = []
 
 
 # ------------------------------------------------------------------------ packing (phase 2)
@@ -370,7 +416,10 @@ def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSp
         tk = tokens[s.clip, s.offset:s.offset + s.length]
         toks.append(np.broadcast_to(null_tokens(), tk.shape) if s.drop_caption else tk)
     lat = torch.cat(lat)
-    noise = torch.randn(lat.shape, generator=generator, dtype=torch.float32).to(lat.device, lat.dtype)
+    # drawn on the generator's device (training passes one on the GPU: a CPU draw of 1.5M numbers
+    # per step cost ~10 ms of the training process's time)
+    noise = torch.randn(lat.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    noise = noise.to(lat.device, lat.dtype)
     cells = None
     if fg is not None:
         cells = torch.from_numpy(np.concatenate([fg[s.clip, s.offset * lf:(s.offset + s.length) * lf] for s in samples]))
@@ -617,23 +666,29 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
         if step < tcfg.total_steps:
             trainable = _DiTParams(model)
             trainable.requires_grad_(True).train()
+            if tcfg.compile and device.type == "cuda":
+                for block in model.dit.blocks:
+                    block.compile(dynamic=True)  # caption token counts change from step to step
             opt = make_optimizer(trainable, tcfg, tcfg.lr_dit)
             if opt_file is not None:
                 load_optimizer_state(opt_file, opt)
             first = step - tcfg.steps_vae
             cells = (cfg.time_down, cfg.space_down) if tcfg.fg_weight else None  # foreground only where weighted
-            src = BatchSource(data_seed(tcfg, PHASE_DIT), tcfg.n_chunks, tcfg.batch, first, tcfg.data_workers, cells)
+            src = BatchSource(data_seed(tcfg, PHASE_DIT), tcfg.n_chunks, tcfg.batch, first // tcfg.reuse,
+                              tcfg.data_workers, cells)
+            latents = None
             bar = _progress(tcfg.steps_dit, first, "transformer", progress)
             try:
                 while step < tcfg.total_steps:
                     t0 = time.perf_counter()
                     k = step - tcfg.steps_vae
-                    frames, tokens, fg = src.get()
-                    with torch.no_grad():
-                        latents = model.vae.encode(torch.from_numpy(frames).to(device))
+                    if latents is None or k % tcfg.reuse == 0:  # batch k // reuse
+                        frames, tokens, fg = src.get()
+                        with torch.no_grad(), _autocast(device, tcfg):  # bf16 on CUDA, like the loss
+                            latents = model.vae.encode(torch.from_numpy(frames).to(device)).float()
                     rng = np.random.default_rng([tcfg.seed, PHASE_DIT, step])
                     samples = plan_samples(rng, tcfg.batch, tcfg.n_chunks, tcfg)
-                    gen = torch.Generator().manual_seed(derive_seed(tcfg.seed, PHASE_DIT, step))
+                    gen = torch.Generator(device=device).manual_seed(derive_seed(tcfg.seed, PHASE_DIT, step))
                     packed = pack_batch(latents, tokens, samples, cfg, gen, fg)
                     lr = lr_at(k, tcfg.steps_dit, tcfg.lr_dit, tcfg.warmup_dit, tcfg.min_lr_ratio)
                     for g in opt.param_groups:
