@@ -56,7 +56,7 @@ seconds per step, tokens), train_config.json. Progress bars show phase, step, lo
 TRAIN_EPILOG = """\
 configs:
   tiny    CPU smoke test: 20 + 30 steps at batch 2 x 2 chunks in well under a minute (useless model)
-  small   the shipped model: about 5-10 minutes on one H100/H200 (bf16 autocast on CUDA)
+  small   the shipped model: about 30 minutes on one H100 (bf16 autocast, compiled blocks on CUDA)
   PATH    a .json file with TrainConfig fields (see world_model/train_configs/small.json for all of them)
 
 examples:
