@@ -23,12 +23,16 @@ sequence (`plan_samples`, `pack_batch`):
   (image-to-video; per-frame t);
 - with probability ``caption_dropout`` all captions of a sample become the empty caption
   `NULL_CAPTION` (BOS EOS): the unconditional branch of classifier-free guidance;
+- with ``reuse`` > 1 a generated and encoded batch serves that many consecutive steps (batch
+  ``k // reuse`` at transformer step k), each with its own cuts, noise levels and noise: the
+  autoencoder's encode is the largest part of a step on the GPU (`benchmarks/profile_train_step.py`);
 - the self-attention mask is MAGI-1's packed block-causal ``magi_video`` mask (sliding chunk
   window ``attn_window`` if set), each chunk cross-attends to its own caption only, and the loss
   (`dit.flow_matching_loss`) covers the noisy latent frames only.
 
 Both phases use AdamW (no weight decay on biases and norms), linear warmup then cosine decay to
-``min_lr_ratio`` * lr, gradient clipping, and bf16 autocast on CUDA (float32 on the CPU).
+``min_lr_ratio`` * lr, gradient clipping, and bf16 autocast on CUDA (float32 on the CPU); with
+``compile`` the transformer blocks are compiled on CUDA (attention stays eager).
 
 **Determinism and resume.** All randomness of step s comes from generators seeded with
 ``(seed, phase, s)`` and the data of step s is ``data.make_batch(<phase seed>, s, ...)`` (random
@@ -270,7 +274,7 @@ class BatchSource:
     shared-memory slots instead of sending them through a pipe: unpickling 75 MB per batch in the
     training process held its interpreter lock for tens of milliseconds and starved the thread that
     launches the GPU work. The frames returned by `get` are then a view of a slot, valid until the
-    next `get` (copy them to the device, or copy them, before asking for the next batch)."""
+    next `get` (move them to the device, or copy them, before asking for the next batch)."""
 
     def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0,
                  cells: tuple[int, int] | None = None):
