@@ -1,0 +1,93 @@
+"""Prompt following of the world model under different sampler settings, and the autoencoder's ceiling.
+
+For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
+``steps``, ``shift``) it generates the same held-out direction-change videos as ``magi eval`` and
+scores them with the same tracker. ``--ceiling`` also scores the simulator's clips after an
+autoencoder round trip: what the transformer could reach at best with this autoencoder.
+
+    python benchmarks/world_sampler_sweep.py --settings "" "cfg_text=4" "window=1" "window=1,cfg_text=4"
+    python benchmarks/world_sampler_sweep.py --weights W --ceiling --seeds 10 11 12 13 14 15 16 17
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float}
+
+
+def parse_setting(text: str) -> dict:
+    """``"window=1,cfg_text=4"`` -> ``{"window": 1, "cfg_text": 4.0}``; ``""`` -> the defaults."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in KEYS:
+            raise ValueError(f"setting {part!r}: expected KEY=VALUE with KEY one of {', '.join(KEYS)}")
+        try:
+            out[key] = KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"setting {part!r}: {value!r} is not a valid {KEYS[key].__name__}") from None
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=None, help="checkpoint (default: the shipped small model)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10, 18)), help="held-out seeds (default 10-17)")
+    ap.add_argument("--chunks", type=int, default=4, help="chunks per video (default 4)")
+    ap.add_argument("--settings", nargs="+", default=[""],
+                    help='sampler settings, each "KEY=VALUE,..." ("" = the defaults); keys: ' + ", ".join(KEYS))
+    ap.add_argument("--ceiling", action="store_true", help="also score the autoencoder round trip of the simulator's clips")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    try:
+        settings = [(s, parse_setting(s)) for s in args.settings]
+    except ValueError as e:
+        ap.error(str(e))
+
+    import torch
+
+    from maskc.world_model import data
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model.generate import generate_chunks, load_model
+
+    torch.set_num_threads(args.threads)
+    model, meta = load_model(args.weights)
+    cfg = data.WorldConfig()
+    videos = [(s, ev.direction_change_prompts(s, args.chunks, cfg)) for s in args.seeds]
+    res = {"weights": str(args.weights or "shipped small"), "seeds": args.seeds, "chunks": args.chunks, "runs": []}
+    if args.ceiling:
+        matches = []
+        for s, prompts in videos:
+            clip = data.generate_from_prompts(prompts, s, cfg, gravity=False)
+            with torch.no_grad():
+                z = model.vae.encode(torch.from_numpy(clip.frames)[None])
+                rec = (model.vae.decode(z)[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+            matches += ev.prompt_following(rec, prompts, cfg)["matches"]
+        res["autoencoder_ceiling"] = float(np.mean(matches))
+        print(f"autoencoder round trip of the simulator's clips: prompt following {res['autoencoder_ceiling']:.3f}")
+    for text, kw in settings:
+        t0 = time.perf_counter()
+        matches = []
+        for s, prompts in videos:
+            frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **kw)))
+            matches += ev.prompt_following(frames, prompts, cfg)["matches"]
+        run = {"setting": kw, "prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
+               "seconds": time.perf_counter() - t0}
+        res["runs"].append(run)
+        print(f"{text or '(defaults)':<28} prompt following {run['prompt_following']:.3f} "
+              f"({len(matches)} chunks, {run['seconds']:.0f} s)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
