@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             sync(); t.append(time.perf_counter())
             T._clip(trainable.parameters(), tcfg.grad_clip)
             opt.step()
-            float(loss)
+            float(loss.detach())
             sync(); t.append(time.perf_counter())
             if prof is not None:
                 prof.__exit__(None, None, None)
