@@ -69,8 +69,7 @@ def main(argv=None) -> int:
             t = [time.perf_counter()]
             frames, tokens, fg = pool[s % len(pool)] if pool else src.get()
             t.append(time.perf_counter())
-            with torch.no_grad(), T._autocast(dev, tcfg):
-                latents = model.vae.encode(torch.from_numpy(frames).to(dev)).float()
+            latents = T.encode_batch(model, frames, dev, tcfg)
             sync(); t.append(time.perf_counter())
             rng = np.random.default_rng([0, s])
             samples = T.plan_samples(rng, batch, tcfg.n_chunks, tcfg)

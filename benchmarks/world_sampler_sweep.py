@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     from maskc.world_model import data
     from maskc.world_model import evaluate as ev
     from maskc.world_model.generate import generate_chunks, load_model
+    from maskc.world_model.vae import to_uint8
 
     torch.set_num_threads(args.threads)
     model, meta = load_model(args.weights)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
             clip = data.generate_from_prompts(prompts, s, cfg, gravity=False)
             with torch.no_grad():
                 z = model.vae.encode(torch.from_numpy(clip.frames)[None])
-                rec = (model.vae.decode(z)[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+                rec = to_uint8(model.vae.decode(z)[0]).numpy()
             matches += ev.prompt_following(rec, prompts, cfg)["matches"]
         res["autoencoder_ceiling"] = float(np.mean(matches))
         print(f"autoencoder round trip of the simulator's clips: prompt following {res['autoencoder_ceiling']:.3f}")

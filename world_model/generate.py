@@ -45,6 +45,7 @@ import torch
 
 from . import vocab
 from .train import NULL_CAPTION
+from .vae import to_uint8
 
 DEFAULT_STEPS = 20
 DEFAULT_WINDOW = 4
@@ -269,8 +270,7 @@ class ChunkStream:
         self.cache.push(kv)
 
     def _decode(self, latents_chunk) -> np.ndarray:
-        frames = self.model.vae.decode(latents_chunk[None])[0]
-        return (frames * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return to_uint8(self.model.vae.decode(latents_chunk[None])[0]).cpu().numpy()
 
     # ---- the pipeline
     @torch.no_grad()

@@ -444,6 +444,13 @@ def dit_loss(model: WorldModel, packed: Packed, attn_window: int | None = None, 
 # ------------------------------------------------------------------------------------ training
 
 
+def encode_batch(model: WorldModel, frames: np.ndarray, device: torch.device, tcfg: TrainConfig) -> torch.Tensor:
+    """Latents (float32) of a batch of frames [B, T, H, W, 3] with the frozen autoencoder, under the
+    loss's autocast (bf16 on CUDA)."""
+    with torch.no_grad(), _autocast(device, tcfg):
+        return model.vae.encode(torch.from_numpy(frames).to(device)).float()
+
+
 def make_optimizer(module: torch.nn.Module, tcfg: TrainConfig, lr: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices/embeddings only (not on biases and norm weights)."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -688,8 +695,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
                     k = step - tcfg.steps_vae
                     if latents is None or k % tcfg.reuse == 0:  # batch k // reuse
                         frames, tokens, fg = src.get()
-                        with torch.no_grad(), _autocast(device, tcfg):  # bf16 on CUDA, like the loss
-                            latents = model.vae.encode(torch.from_numpy(frames).to(device)).float()
+                        latents = encode_batch(model, frames, device, tcfg)
                     rng = np.random.default_rng([tcfg.seed, PHASE_DIT, step])
                     samples = plan_samples(rng, tcfg.batch, tcfg.n_chunks, tcfg)
                     gen = torch.Generator(device=device).manual_seed(derive_seed(tcfg.seed, PHASE_DIT, step))

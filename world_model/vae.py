@@ -98,6 +98,11 @@ def _as_unit_float(frames: torch.Tensor) -> torch.Tensor:
     return frames
 
 
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] frames (what `VideoVAE.decode` returns) -> uint8 [0, 255], rounded."""
+    return (frames * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 class VideoVAE(nn.Module):
     """``encode(frames [B, T, H, W, 3]) -> latents [B, T/4, H/8, W/8, C]``; ``decode`` back to [0, 1]."""
 
