@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed steps (after 5 warm-up steps)")
     ap.add_argument("--workers", type=int, default=0, help="data worker processes (as in training)")
     ap.add_argument("--pool", type=int, default=0, help="reuse this many pre-generated batches (data free)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and the encoder (as training does)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
     ap.add_argument("--json", default=None, help="write the medians here")
     args = ap.parse_args(argv)
@@ -54,8 +54,7 @@ def main(argv=None) -> int:
     opt = T.make_optimizer(trainable, tcfg, tcfg.lr_dit)
     print(f"model: {param_counts(model)}; batch {batch} clips x {tcfg.n_chunks} chunks; device {dev}")
     if args.compile:
-        for b in model.dit.blocks:
-            b.compile(dynamic=True)
+        T.compile_for_training(model)
 
     def sync():
         if dev.type == "cuda":

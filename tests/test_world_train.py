@@ -188,6 +188,42 @@ def test_resume_continues_bit_exactly(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), at
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resume_finishes_bit_exactly(tmp_path, monkeypatch):
+    """``time_limit`` starts no step past the deadline, saves the step reached (in either phase) and
+    returns short of the total; resuming from that checkpoint ends with the uninterrupted weights."""
+    tcfg = tiny(steps_vae=2, steps_dit=3, ckpt_every=0)
+    full = train(tcfg, tmp_path / "full", "cpu", progress=False)
+    clock = iter(range(10**6))  # every perf_counter call is one "second" later
+    monkeypatch.setattr(TR.time, "perf_counter", lambda: float(next(clock)))
+    stops = {}
+    for limit in (0.5, 3, 5, 7, 9):
+        res = train(tcfg, tmp_path / f"cut{limit}", "cpu", progress=False, time_limit=limit)
+        assert res.step < tcfg.total_steps and res.checkpoints and res.checkpoints[-1].name == f"ckpt_{res.step:07d}.safetensors"
+        stops[limit] = res.step
+    monkeypatch.undo()
+    assert stops[0.5] == 0 and any(0 < s < 2 for s in stops.values()) and any(2 < s < 5 for s in stops.values()), stops
+    for limit, at in stops.items():
+        _, _, meta = load_checkpoint(tmp_path / f"cut{limit}" / "model.safetensors")
+        assert meta["phase"] == ("vae" if at < 2 else "dit")
+        part = train(tcfg, tmp_path / f"cut{limit}", "cpu", resume=tmp_path / f"cut{limit}", progress=False)
+        assert part.step == tcfg.total_steps
+        a, b = full.model.state_dict(), part.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), limit
+    with pytest.raises(ValueError, match="time_limit"):
+        train(tcfg, tmp_path / "bad", "cpu", progress=False, time_limit=0)
+
+
+def test_compile_for_training_keeps_the_checkpoint_keys():
+    """Compiling in place (blocks and encoder) must not rename the state-dict entries: checkpoints of a
+    compiled run load into a plain model."""
+    model = WorldModel(TINY)
+    keys = list(model.state_dict())
+    TR.compile_for_training(model)
+    assert list(model.state_dict()) == keys
+    assert model.vae.encoder._compiled_call_impl is not None
+    assert all(b._compiled_call_impl is not None for b in model.dit.blocks)
+
+
 def test_batch_reuse_encodes_every_other_step_and_resumes_bit_exactly(tmp_path, monkeypatch):
     """With ``reuse`` 2 two consecutive transformer steps share one generated batch (their own
     cuts, t and noise); resuming between the two re-encodes that batch and continues bit-exactly."""
@@ -349,6 +385,8 @@ def test_cli_smoke_and_resume(tmp_path, capsys):
     (["--config", "tiny", "--steps-vae", "-1"], "--steps-vae: expected an integer >= 0, got -1"),
     (["--config", "tiny", "--steps-dit", "x"], "expected an integer >= 0, got .x."),
     (["--config", "tiny", "--batch", "0"], "--batch: expected a positive integer, got 0"),
+    (["--config", "tiny", "--time-limit", "0"], "--time-limit: must be a finite number > 0, got 0"),
+    (["--config", "tiny", "--time-limit", "soon"], "--time-limit: expected a number, got 'soon'"),
     (["--resume", "MISSING/ckpt_0000001.safetensors"], "does not exist"),
     (["--resume", "MISSING_DIR"], "does not exist"),
     (["--config", "missing.json"], "does not exist"),

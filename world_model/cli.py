@@ -94,6 +94,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_pos_int, metavar="B", help="clips per transformer step")
     p.add_argument("--ckpt-every", type=_nonneg_int, metavar="N", help="steps between checkpoints (0: phase ends only)")
     p.add_argument("--data-workers", type=_nonneg_int, metavar="N", help="processes generating batches ahead")
+    p.add_argument("--time-limit", type=_pos_float, metavar="MIN",
+                   help="wall-clock minutes: start no step after this, save a checkpoint of the step reached and "
+                        "stop (resume continues bit-exactly); for leased or preemptible machines")
     p.add_argument("--threads", type=_pos_int, metavar="N", help="CPU threads for torch (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they also turn off off-terminal)")
 
@@ -143,7 +146,8 @@ def run_train(args, parser) -> int:
     progress = False if args.no_progress else None
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     result = train(tcfg, args.out, device=device, resume=resume, progress=progress,
-                   log=None if progress is None and sys.stderr.isatty() else say)
+                   log=None if progress is None and sys.stderr.isatty() else say,
+                   time_limit=None if args.time_limit is None else 60.0 * args.time_limit)
     last = {ph: losses[-1][1] for ph, losses in result.losses.items() if losses}
     print(f"trained {tcfg.model_config().name}: step {result.step} of {tcfg.total_steps} in {result.seconds:.1f} s"
           + "".join(f"; last {ph} loss {v:.4f}" for ph, v in last.items()))
@@ -193,6 +197,13 @@ def _nonneg_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not v >= 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _pos_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return v
 
 

@@ -32,7 +32,7 @@ sequence (`plan_samples`, `pack_batch`):
 
 Both phases use AdamW (no weight decay on biases and norms), linear warmup then cosine decay to
 ``min_lr_ratio`` * lr, gradient clipping, and bf16 autocast on CUDA (float32 on the CPU); with
-``compile`` the transformer blocks are compiled on CUDA (attention stays eager).
+``compile`` the transformer blocks and the frozen encoder are compiled on CUDA (attention stays eager).
 
 **Determinism and resume.** All randomness of step s comes from generators seeded with
 ``(seed, phase, s)`` and the data of step s is ``data.make_batch(<phase seed>, s, ...)`` (random
@@ -123,7 +123,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # transformer steps between sample_fn calls (0: only at the end)
     data_workers: int = 0  # processes generating batches ahead (0: in the training process)
-    compile: bool = False  # torch.compile the transformer blocks (CUDA only; attention stays eager)
+    compile: bool = False  # torch.compile the transformer blocks and the encoder (CUDA only; attention stays eager)
     comment: str = ""
 
     def __post_init__(self):
@@ -451,6 +451,16 @@ def encode_batch(model: WorldModel, frames: np.ndarray, device: torch.device, tc
         return model.vae.encode(torch.from_numpy(frames).to(device)).float()
 
 
+def compile_for_training(model: WorldModel) -> None:
+    """torch.compile, in place, what the transformer phase runs: the blocks (dynamic shapes: caption
+    token counts change from step to step; attention stays eager) and the frozen encoder (one shape,
+    every batch). The state-dict keys do not change. On an H100 the encoder of 128 clips went from
+    123 to 82 ms (bf16 autocast), a third of the step before."""
+    for block in model.dit.blocks:
+        block.compile(dynamic=True)
+    model.vae.encoder.compile()
+
+
 def make_optimizer(module: torch.nn.Module, tcfg: TrainConfig, lr: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices/embeddings only (not on biases and norm weights)."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -547,14 +557,20 @@ def _progress(total, initial, desc, enabled):
 def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.device | None = "cpu",
           resume: str | os.PathLike | None = None, progress: bool | None = None,
           sample_fn: Callable[[WorldModel, int, Path], None] | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None, time_limit: float | None = None) -> TrainResult:
     """Run (or continue, with ``resume``) both training phases; see the module docstring.
 
     ``progress``: tqdm bars (None: only on a terminal); ``sample_fn(model, step, out_dir)``: called
     every ``sample_every`` transformer steps and at the end, under ``torch.no_grad``; ``log``: where
-    one-line messages go (default: tqdm.write when progress is on, else nowhere).
+    one-line messages go (default: tqdm.write when progress is on, else nowhere). ``time_limit``:
+    seconds of wall time after which no new step starts; the run then saves a checkpoint of the
+    step it reached (resume continues from it bit-exactly) and returns with ``step`` short of
+    ``total_steps``.
     """
     t_start = time.perf_counter()
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds or None, got {time_limit!r}")
+    deadline = math.inf if time_limit is None else t_start + time_limit
     device = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -633,6 +649,8 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             try:
                 while step < tcfg.steps_vae:
                     t0 = time.perf_counter()
+                    if t0 >= deadline:
+                        break
                     frames, _, _ = src.get()
                     rng = np.random.default_rng([tcfg.seed, PHASE_VAE, step])
                     pick = rng.integers(0, tcfg.vae_clip_chunks, size=tcfg.vae_batch)
@@ -660,12 +678,14 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             finally:
                 bar.close()
                 src.close()
+            if step < tcfg.steps_vae:  # out of time: the autoencoder phase resumes from here
+                save("vae", opt)
             del opt
             opt_file = None
 
         # ------------------------------------------------------ latent statistics and freezing
         model.vae.requires_grad_(False).eval()
-        if not latent_stats:
+        if not latent_stats and step >= tcfg.steps_vae:
             b = D.make_batch(data_seed(tcfg, PHASE_STATS), 0, tcfg.n_chunks, tcfg.stats_clips)
             model.vae.set_latent_stats(torch.from_numpy(b.frames).to(device))
             latent_stats = True
@@ -674,12 +694,11 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             save("dit", None)
 
         # ------------------------------------------- phase 2: transformer + caption encoder
-        if step < tcfg.total_steps:
+        if tcfg.steps_vae <= step < tcfg.total_steps:
             trainable = _DiTParams(model)
             trainable.requires_grad_(True).train()
             if tcfg.compile and device.type == "cuda":
-                for block in model.dit.blocks:
-                    block.compile(dynamic=True)  # caption token counts change from step to step
+                compile_for_training(model)
             opt = make_optimizer(trainable, tcfg, tcfg.lr_dit)
             if opt_file is not None:
                 load_optimizer_state(opt_file, opt)
@@ -692,6 +711,8 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             try:
                 while step < tcfg.total_steps:
                     t0 = time.perf_counter()
+                    if t0 >= deadline:
+                        break
                     k = step - tcfg.steps_vae
                     if latents is None or k % tcfg.reuse == 0:  # batch k // reuse
                         frames, tokens, fg = src.get()
@@ -728,13 +749,16 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
         if sample_fn is not None:
             _run_sample(sample_fn, model, step, out, None)
         result.final = save_checkpoint(out / "model.safetensors", model, step=step, train_config=tcfg.to_dict(),
-                                       meta={"phase": "done" if step >= tcfg.total_steps else "dit",
+                                       meta={"phase": "done" if step >= tcfg.total_steps
+                                             else "dit" if step >= tcfg.steps_vae else "vae",
                                              "latent_stats": latent_stats})
     finally:
         log_file.close()
         torch.backends.cudnn.benchmark = benchmark
     result.step = step
     result.seconds = time.perf_counter() - t_start
+    if step < tcfg.total_steps:
+        log(f"time limit of {time_limit:g} s reached: stopped at step {step} of {tcfg.total_steps}")
     log(f"done: step {step}, {result.seconds:.1f} s; weights in {result.final}")
     return result
 
