@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float}
+KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
+        "cfg_lo": float, "cfg_hi": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
 
 
 def parse_setting(text: str) -> dict:
@@ -33,6 +34,14 @@ def parse_setting(text: str) -> dict:
         except ValueError:
             raise ValueError(f"setting {part!r}: {value!r} is not a valid {KEYS[key].__name__}") from None
     return out
+
+
+def gen_kwargs(setting: dict) -> dict:
+    """A parsed setting as `generate_chunks` keywords (cfg_lo / cfg_hi become ``cfg_interval``)."""
+    kw = {k: v for k, v in setting.items() if k not in ("cfg_lo", "cfg_hi")}
+    if "cfg_lo" in setting or "cfg_hi" in setting:
+        kw["cfg_interval"] = (setting.get("cfg_lo", 0.0), setting.get("cfg_hi", 1.0))
+    return kw
 
 
 def main(argv=None) -> int:
@@ -77,7 +86,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         matches = []
         for s, prompts in videos:
-            frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **kw)))
+            frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw))))
             matches += ev.prompt_following(frames, prompts, cfg)["matches"]
         run = {"setting": kw, "prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
                "seconds": time.perf_counter() - t0}

@@ -167,6 +167,36 @@ def test_chunkwise_prompts_reach_their_chunks(tiny):
     assert all(not np.array_equal(a[k], b[k]) for k in range(3, 6))
 
 
+def test_guidance_interval(tiny):
+    """Text guidance only acts on latent frames whose flow time lies in ``cfg_interval``: an interval
+    no frame reaches is the unguided sampler (and skips the unconditional calls), and a partial one
+    differs from both that and guidance everywhere."""
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=3.0, seed=2)
+    run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **{**kw, **k})))  # noqa: E731
+    assert np.array_equal(run(), run(cfg_interval=G.DEFAULT_CFG_INTERVAL))
+    everywhere = run(cfg_interval=(0.0, 1.0))
+    with CountingDiT(tiny) as c:
+        never = run(cfg_interval=(0.99, 1.0))  # the grid's last time before clean is 0.75
+    assert np.array_equal(never, run(cfg_text=0.0))
+    with CountingDiT(tiny) as c0:
+        run(cfg_text=0.0)
+    assert c.calls == c0.calls
+    high_noise = run(cfg_interval=(0.0, 0.3))
+    assert not np.array_equal(high_noise, everywhere) and not np.array_equal(high_noise, never)
+    for bad in ((0.5, 0.5), (-0.1, 1.0), (0.0, 1.5), (0.3,), "ab", None):
+        with pytest.raises(ValueError, match="cfg_interval"):
+            G.generate_chunks(tiny, [P], cfg_interval=bad)
+
+
+def test_time_grid_shift(tiny):
+    g1, g3 = G.time_grid(6), G.time_grid(6, shift=3.0)
+    assert g1[0] == g3[0] == 0 and g1[-1] == g3[-1] == 1 and bool((g3[1:] > g3[:-1]).all())
+    assert bool((g3[1:-1] < g1[1:-1]).all())  # shift > 1: the steps crowd near the noise end (t = 0)
+    for bad in (0, -1.0, float("inf"), "3"):
+        with pytest.raises(ValueError, match="shift must be a finite number > 0"):
+            G.generate_chunks(tiny, [P], shift=bad)
+
+
 def test_prompt_expansion_and_file(tmp_path):
     assert G.expand_prompts([P, "the blue square falls"], 4) == [P, "the blue square falls", "the blue square falls",
                                                               "the blue square falls"]
@@ -270,6 +300,9 @@ def test_cli_smoke(tmp_path, capsys):
     (["--prompt", P, "--image", "/nonexistent/img.png"], "does not exist"),
     (["--prompt", P, "--image", "SMALLIMG"], "must be 64x64 RGB"),
     ([], "give at least one --prompt"),
+    (["--prompt", P, "--shift", "0"], "--shift: must be a finite number > 0, got 0"),
+    (["--prompt", P, "--cfg-interval", "0.5", "0.2"], "cfg_interval must satisfy 0 <= lo < hi <= 1"),
+    (["--prompt", P, "--cfg-interval", "0.5"], "--cfg-interval: expected 2 arguments"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, msg):
     from PIL import Image

@@ -31,6 +31,9 @@ def test_profile_train_step_times_every_part(tmp_path, capsys):
 def test_sampler_sweep_settings_parse_and_reject_bad_input():
     assert world_sampler_sweep.parse_setting("") == {}
     assert world_sampler_sweep.parse_setting("window=1, cfg_text=4") == {"window": 1, "cfg_text": 4.0}
+    assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_hi=0.3,shift=3")) == \
+        {"shift": 3.0, "cfg_interval": (0.0, 0.3)}
+    assert world_sampler_sweep.gen_kwargs({"cfg_lo": 0.2}) == {"cfg_interval": (0.2, 1.0)}
     for bad, what in (("bogus=1", "KEY one of"), ("window", "KEY=VALUE"), ("window=x", "not a valid int")):
         with pytest.raises(ValueError, match=what):
             world_sampler_sweep.parse_setting(bad)

@@ -56,12 +56,13 @@ seconds per step, tokens), train_config.json. Progress bars show phase, step, lo
 TRAIN_EPILOG = """\
 configs:
   tiny    CPU smoke test: 20 + 30 steps at batch 2 x 2 chunks in well under a minute (useless model)
-  small   the shipped model: about 30 minutes on one H100 (bf16 autocast, compiled blocks on CUDA)
+  small   the shipped model: about 45 minutes on one H100 (bf16 autocast, compiled blocks and encoder on CUDA;
+          pass --threads 2 beside its 8 data workers)
   PATH    a .json file with TrainConfig fields (see world_model/train_configs/small.json for all of them)
 
 examples:
   magi train --config tiny --out runs/tiny                      # CPU smoke test
-  magi train --config small --out runs/small --device cuda      # the shipped model
+  magi train --config small --out runs/small --device cuda --threads 2   # the shipped model
   magi train --config tiny --steps-vae 0 --steps-dit 10 --out runs/t   # random frozen autoencoder
   magi train --resume runs/small --out runs/small               # continue from the latest checkpoint
   magi train --resume runs/small/ckpt_0004000.safetensors --steps-dit 8000 --out runs/small-long
@@ -208,7 +209,9 @@ def _pos_float(text: str) -> float:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    from .generate import DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_STEPS, DEFAULT_WINDOW
+    from .generate import (
+        DEFAULT_CFG_INTERVAL, DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_SHIFT, DEFAULT_STEPS, DEFAULT_WINDOW,
+    )
 
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="caption of the next chunk (repeatable; the last one repeats)")
@@ -227,6 +230,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"guidance on the text (0 disables; default: {DEFAULT_CFG_TEXT})")
     p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
                    help=f"guidance on the previous chunks (0 disables; default: {DEFAULT_CFG_PREV})")
+    p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
+                   help="flow times (0 noise, 1 clean) at which text guidance acts; a frame outside them takes "
+                        "the plain conditional velocity (default: %g %g)" % DEFAULT_CFG_INTERVAL)
+    p.add_argument("--shift", type=_pos_float, default=DEFAULT_SHIFT, metavar="S",
+                   help=f"time-grid shift: > 1 spends more of the steps near the noise, where the layout and the "
+                        f"motion are decided (default: {DEFAULT_SHIFT:g})")
     p.add_argument("--image", metavar="IMG", help="image-to-video: a 64x64 RGB image (PNG, ...)")
     p.add_argument("--video", metavar="PREFIX", help="continue this video (.gif, PNG folder, or .mp4)")
     p.add_argument("--weights", metavar="PATH", help="checkpoint (default: the shipped small model)")
@@ -266,7 +275,8 @@ def run_generate(args, parser) -> int:
         model, meta = G.load_model(args.weights)
         stream = G.generate_chunks(model, prompts, n_chunks=n_chunks, steps=args.steps, window=args.window,
                                    attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
-                                   image=image, video=video, seed=args.seed, meta=meta)
+                                   image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
+                                   cfg_interval=tuple(args.cfg_interval))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
@@ -331,6 +341,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_pos_int, metavar="N", help="Euler steps per chunk (default: generate's)")
     p.add_argument("--cfg-text", type=_nonneg_float, metavar="W",
                    help="classifier-free guidance scale on the text (default: generate's)")
+    p.add_argument("--shift", type=_pos_float, metavar="S", help="time-grid shift of the sampler (default: generate's)")
+    p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, metavar=("LO", "HI"),
+                   help="flow times at which text guidance acts (default: generate's)")
     p.add_argument("--memory-chunks", type=_pos_int, nargs="+", default=[4, 16], metavar="N",
                    help="video lengths for the memory measurement (default: 4 16)")
     p.add_argument("--out", metavar="FILE.json", help="also write all figures as JSON")
@@ -352,7 +365,8 @@ def run_eval(args, parser) -> int:
     try:
         res = EV.evaluate(args.weights, seeds=args.seeds, chunks=args.chunks, steps=args.steps,
                           memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr),
-                          cfg_text=args.cfg_text)
+                          cfg_text=args.cfg_text, shift=args.shift,
+                          cfg_interval=None if args.cfg_interval is None else tuple(args.cfg_interval))
     except ValueError as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(EV.format_table(res))

@@ -330,11 +330,12 @@ def _peak_rss_bytes() -> int | None:
 # -------------------------------------------------------------------------------- the runner
 
 
-def _gen(model, meta, prompts, *, seed, steps, cfg_text, image=None, video=None):
-    from .generate import generate_chunks
+def _gen(model, meta, prompts, *, seed, steps, cfg_text, shift=None, cfg_interval=None, image=None, video=None):
+    from .generate import DEFAULT_CFG_INTERVAL, DEFAULT_SHIFT, generate_chunks
 
     stream = generate_chunks(model, prompts, n_chunks=len(prompts), steps=steps, cfg_text=cfg_text, seed=seed,
-                             image=image, video=video, meta=meta)
+                             image=image, video=video, meta=meta, shift=DEFAULT_SHIFT if shift is None else shift,
+                             cfg_interval=DEFAULT_CFG_INTERVAL if cfg_interval is None else cfg_interval)
     t0 = time.perf_counter()
     chunks = list(stream)
     return np.concatenate(chunks), time.perf_counter() - t0, stream
@@ -462,14 +463,17 @@ def _memory_child(spec_json: str) -> int:
 
 def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps: int | None = None,
              memory_chunks: Sequence[int] = (4, 16), image_chunks: int | None = None, log=None,
-             cfg_text: float | None = None) -> dict:
+             cfg_text: float | None = None, shift: float | None = None,
+             cfg_interval: tuple[float, float] | None = None) -> dict:
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc)."""
     import torch
 
-    from .generate import DEFAULT_CFG_TEXT, DEFAULT_STEPS, load_model
+    from .generate import DEFAULT_CFG_INTERVAL, DEFAULT_CFG_TEXT, DEFAULT_SHIFT, DEFAULT_STEPS, load_model
 
     say = log or (lambda msg: None)
     steps = DEFAULT_STEPS if steps is None else int(steps)
+    shift = DEFAULT_SHIFT if shift is None else float(shift)
+    cfg_interval = DEFAULT_CFG_INTERVAL if cfg_interval is None else tuple(cfg_interval)
     cfg_text = DEFAULT_CFG_TEXT if cfg_text is None else float(cfg_text)
     if not cfg_text >= 0:
         raise ValueError(f"cfg_text must be >= 0 (0: no text guidance), got {cfg_text}")
@@ -479,7 +483,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     cfg = WorldConfig()
     image_chunks = chunks if image_chunks is None else int(image_chunks)
     res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
-                              "steps": steps, "cfg_text": cfg_text, "memory_chunks": list(memory_chunks), "image_chunks": image_chunks,
+                              "steps": steps, "cfg_text": cfg_text, "shift": shift, "cfg_interval": list(cfg_interval), "memory_chunks": list(memory_chunks), "image_chunks": image_chunks,
                               "torch_threads": torch.get_num_threads()}}
     gen_frames, gen_seconds = 0, 0.0
 
@@ -488,7 +492,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         prompts = direction_change_prompts(s, chunks, cfg)
         ref = data.generate_from_prompts(prompts, s, cfg, gravity=False)
-        frames, dt, _ = _gen(model, meta, prompts, seed=s, steps=steps, cfg_text=cfg_text)
+        frames, dt, _ = _gen(model, meta, prompts, seed=s, steps=steps, cfg_text=cfg_text, shift=shift, cfg_interval=cfg_interval)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         r = prompt_following(frames, prompts, cfg)
         r["seed"], r["simulator_fraction"] = s, prompt_following(ref.frames, prompts, cfg)["fraction"]
@@ -506,8 +510,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         clip = data.generate(s, 1, cfg)
         image = clip.frames[0]
-        frames, dt, _ = _gen(model, meta, [clip.captions[0]], seed=s, steps=steps, cfg_text=cfg_text, image=image) if image_chunks == 1 \
-            else _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, steps=steps, cfg_text=cfg_text, image=image)
+        frames, dt, _ = _gen(model, meta, [clip.captions[0]], seed=s, steps=steps, cfg_text=cfg_text, shift=shift, cfg_interval=cfg_interval, image=image) if image_chunks == 1 \
+            else _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, steps=steps, cfg_text=cfg_text, shift=shift, cfg_interval=cfg_interval, image=image)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         p = object_persistence(frames, image)
         i2v.append({"seed": s, "psnr_first_frame": psnr(frames[0], image), **p})
@@ -523,7 +527,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         clip = data.generate(s, 4, cfg)
         prefix = clip.frames[:2 * f]
-        frames, dt, _ = _gen(model, meta, clip.captions[2:4], seed=s, steps=steps, cfg_text=cfg_text, video=prefix)
+        frames, dt, _ = _gen(model, meta, clip.captions[2:4], seed=s, steps=steps, cfg_text=cfg_text, shift=shift, cfg_interval=cfg_interval, video=prefix)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         e = position_error(frames, clip, 2 * f)
         b = position_error(np.repeat(prefix[-1:], 2 * f, axis=0), clip, 2 * f)
