@@ -1,7 +1,7 @@
 """Prompt following of the world model under different sampler settings, and the autoencoder's ceiling.
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
-``steps``, ``shift``) it generates the same held-out direction-change videos as ``magi eval`` and
+``steps``, ``shift``; ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``) it generates the same held-out direction-change videos as ``magi eval`` and
 scores them with the same tracker. ``--ceiling`` also scores the simulator's clips after an
 autoencoder round trip: what the transformer could reach at best with this autoencoder.
 

@@ -365,8 +365,7 @@ def run_eval(args, parser) -> int:
     try:
         res = EV.evaluate(args.weights, seeds=args.seeds, chunks=args.chunks, steps=args.steps,
                           memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr),
-                          cfg_text=args.cfg_text, shift=args.shift,
-                          cfg_interval=None if args.cfg_interval is None else tuple(args.cfg_interval))
+                          cfg_text=args.cfg_text, shift=args.shift, cfg_interval=args.cfg_interval)
     except ValueError as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(EV.format_table(res))

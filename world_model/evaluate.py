@@ -330,12 +330,12 @@ def _peak_rss_bytes() -> int | None:
 # -------------------------------------------------------------------------------- the runner
 
 
-def _gen(model, meta, prompts, *, seed, steps, cfg_text, shift=None, cfg_interval=None, image=None, video=None):
-    from .generate import DEFAULT_CFG_INTERVAL, DEFAULT_SHIFT, generate_chunks
+def _gen(model, meta, prompts, *, seed, sampler: dict, image=None, video=None):
+    """Generate one video with the sampler settings ``sampler`` (`generate_chunks` keywords)."""
+    from .generate import generate_chunks
 
-    stream = generate_chunks(model, prompts, n_chunks=len(prompts), steps=steps, cfg_text=cfg_text, seed=seed,
-                             image=image, video=video, meta=meta, shift=DEFAULT_SHIFT if shift is None else shift,
-                             cfg_interval=DEFAULT_CFG_INTERVAL if cfg_interval is None else cfg_interval)
+    stream = generate_chunks(model, prompts, n_chunks=len(prompts), seed=seed, image=image, video=video, meta=meta,
+                             **sampler)
     t0 = time.perf_counter()
     chunks = list(stream)
     return np.concatenate(chunks), time.perf_counter() - t0, stream
@@ -482,9 +482,10 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     model, meta = load_model(weights)
     cfg = WorldConfig()
     image_chunks = chunks if image_chunks is None else int(image_chunks)
+    sampler = {"steps": steps, "cfg_text": cfg_text, "shift": shift, "cfg_interval": cfg_interval}
     res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
-                              "steps": steps, "cfg_text": cfg_text, "shift": shift, "cfg_interval": list(cfg_interval), "memory_chunks": list(memory_chunks), "image_chunks": image_chunks,
-                              "torch_threads": torch.get_num_threads()}}
+                              **sampler, "cfg_interval": list(cfg_interval), "memory_chunks": list(memory_chunks),
+                              "image_chunks": image_chunks, "torch_threads": torch.get_num_threads()}}
     gen_frames, gen_seconds = 0, 0.0
 
     # prompt following + seams (text-to-video with chunk-wise prompts)
@@ -492,7 +493,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         prompts = direction_change_prompts(s, chunks, cfg)
         ref = data.generate_from_prompts(prompts, s, cfg, gravity=False)
-        frames, dt, _ = _gen(model, meta, prompts, seed=s, steps=steps, cfg_text=cfg_text, shift=shift, cfg_interval=cfg_interval)
+        frames, dt, _ = _gen(model, meta, prompts, seed=s, sampler=sampler)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         r = prompt_following(frames, prompts, cfg)
         r["seed"], r["simulator_fraction"] = s, prompt_following(ref.frames, prompts, cfg)["fraction"]
@@ -510,8 +511,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         clip = data.generate(s, 1, cfg)
         image = clip.frames[0]
-        frames, dt, _ = _gen(model, meta, [clip.captions[0]], seed=s, steps=steps, cfg_text=cfg_text, shift=shift, cfg_interval=cfg_interval, image=image) if image_chunks == 1 \
-            else _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, steps=steps, cfg_text=cfg_text, shift=shift, cfg_interval=cfg_interval, image=image)
+        frames, dt, _ = _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, sampler=sampler, image=image)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         p = object_persistence(frames, image)
         i2v.append({"seed": s, "psnr_first_frame": psnr(frames[0], image), **p})
@@ -527,7 +527,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     for s in seeds:
         clip = data.generate(s, 4, cfg)
         prefix = clip.frames[:2 * f]
-        frames, dt, _ = _gen(model, meta, clip.captions[2:4], seed=s, steps=steps, cfg_text=cfg_text, shift=shift, cfg_interval=cfg_interval, video=prefix)
+        frames, dt, _ = _gen(model, meta, clip.captions[2:4], seed=s, sampler=sampler, video=prefix)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         e = position_error(frames, clip, 2 * f)
         b = position_error(np.repeat(prefix[-1:], 2 * f, axis=0), clip, 2 * f)

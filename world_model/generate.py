@@ -349,11 +349,11 @@ class ChunkStream:
             v = self._dit(lat, tf, text, lens, off, past)
             guided = v
             lo, hi = self.cfg_interval
-            on = ((tf >= lo) & (tf <= hi)).to(dev)  # text guidance only inside its noise interval
+            on = (tf >= lo) & (tf <= hi)  # text guidance only inside its noise interval (host: no device sync)
             if self.cfg_text > 0 and bool(on.any()):
                 nt, nl = self._text([null_prompt] * len(active))
                 v_nt = self._dit(lat, tf, nt, nl, off, past)
-                scale = (self.cfg_text * on).to(dt).reshape(-1, 1, 1, 1)  # per latent frame
+                scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
                 guided = guided + scale * (v - v_nt)
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
