@@ -141,9 +141,21 @@ def unsupported(q, k, v, softcap: float) -> str | None:
     if softcap:
         return "softcap is not in the CUTLASS backend"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1 or any((s * t.element_size()) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+        if not _tma_ready(t):
             return f"{name} is not 16-byte aligned with unit stride in the head dim (TMA needs that)"
     return None
+
+
+def _tma_ready(t) -> bool:
+    """A ``[tokens, heads, d]`` tensor TMA can tile: unit stride in d, 16-byte aligned address and strides."""
+    s0, s1, s2 = t.stride()
+    size = t.element_size()
+    return s2 == 1 and not (t.data_ptr() % 16 or (s0 * size) % 16 or (s1 * size) % 16)
+
+
+def tma_ready(q, k, v) -> bool:
+    """What `unsupported` asks of each call's tensors once their kind (device, dtype, head dim) passed."""
+    return _tma_ready(q) and _tma_ready(k) and _tma_ready(v)
 
 
 # ---- launching ----------------------------------------------------------------------------------
@@ -243,42 +255,123 @@ def _launch_config(grid: int, threads: int, shared: int, stream: int):
     return config
 
 
-def _launch(spec: KernelSpec, kernel: tuple[Path, dict], device, maps, args, n_slots: int) -> None:
-    """cuLaunchKernelEx of a persistent kernel (at most one CTA per SM) on the current torch stream."""
+def _device_index(device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU-only builds
+
+
+def _raw_stream(index: int) -> int:
+    """Handle of the current torch stream of device `index`: what ``torch.cuda.current_stream(d).cuda_stream``
+    gives, without building a Stream object (one C call instead of ~5 us of Python per launch)."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+class _Frame:
+    """Everything one launch passes to ``cuLaunchKernelEx`` but the work-slot counter's address:
+    the function, its CUlaunchConfig, the parameter array and the ctypes values it points at."""
+
+    __slots__ = ("fn", "config", "params", "values", "counter", "keep", "name")
+
+    def __init__(self, spec: KernelSpec, kernel: tuple[Path, dict], index: int, stream: int, maps, args,
+                 counter: ctypes.c_void_p, n_slots: int, keep):
+        cubin, entry = kernel
+        shared = int(entry["shared"])
+        device = torch.device("cuda", index)
+        self.fn = _function(spec, device, cubin, shared)
+        self.config = _launch_config(min(n_slots, _device_facts(device)[1]), entry["threads"], shared, stream)
+        self.values = (maps, args)  # the params array points into these
+        self.params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
+                                                                   *(ctypes.addressof(a) for a in args))
+        self.counter = counter
+        self.keep = keep  # the work-list tensors whose addresses are in `args`
+        self.name = spec.name
+
+
+_FRAMES: dict[tuple, _Frame] = {}
+_MAX_FRAMES = 256
+
+
+def _launch(key: tuple, make, counter: int) -> None:
+    """cuLaunchKernelEx of a persistent kernel (at most one CTA per SM) on the current torch stream.
+
+    `key` holds every value the launch passes except the counter's address (kernel, device, stream,
+    tensor addresses, shapes and strides, scalars, the work lists' identity), so a training loop,
+    whose caching allocator hands out the same addresses step after step, reuses the frame `make()`
+    built once: no tensor-map lookups and no ctypes objects per call, only the counter is written."""
+    frame = _FRAMES.get(key)
+    if frame is None:
+        frame = make()
+        with _LOCK:
+            if len(_FRAMES) >= _MAX_FRAMES:
+                _FRAMES.clear()
+            _FRAMES[key] = frame
+    frame.counter.value = counter
     driver = _driver()
-    cubin, entry = kernel
-    shared = int(entry["shared"])
-    fn = _function(spec, device, cubin, shared)
-    params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
-                                                          *(ctypes.addressof(a) for a in args))
-    config = _launch_config(min(n_slots, _device_facts(device)[1]), entry["threads"], shared,
-                            torch.cuda.current_stream(device).cuda_stream)
-    _check(driver.cuLaunchKernelEx(config, fn, ctypes.addressof(params), 0), f"launching {spec.name}")
+    err = driver.cuLaunchKernelEx(frame.config, frame.fn, ctypes.addressof(frame.params), 0)[0]
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _check((err,), f"launching {frame.name}")
 
 
 def _ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+def _tensor_key(t) -> tuple:
+    return t.data_ptr(), t.shape, t.stride()
+
+
+_RING_SLOTS = 1024  # int32 work-slot counters per (device, stream) ring
+_RINGS: dict[tuple[int, int], list] = {}  # (device, stream) -> [buffer, next free slot]
+_CAPTURE_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _new_counters(index: int, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int32, device=torch.device("cuda", index))
+
+
+def _counters(index: int, stream: int, n: int) -> int:
+    if not 1 <= n <= _RING_SLOTS:
+        raise ValueError(f"zeroed_counters: n must be in 1..{_RING_SLOTS}, got {n}")
+    driver = _driver()
+    key = (index, stream)
+    if torch.cuda.is_current_stream_capturing():
+        # a CUDA graph replays its memsets: one buffer zeroed before each captured launch
+        buf = _CAPTURE_COUNTERS.get(key)
+        if buf is None or buf.numel() < n:
+            buf = _new_counters(index, max(n, 4))
+            with _LOCK:
+                _CAPTURE_COUNTERS[key] = buf
+        _check(driver.cuMemsetD32Async(driver.CUdeviceptr(buf.data_ptr()), 0, n, driver.CUstream(stream)),
+               "zeroing the work-slot counters")
+        return buf.data_ptr()
+    ring = _RINGS.get(key)
+    if ring is None:
+        ring = [_new_counters(index, _RING_SLOTS), 0]
+        with _LOCK:
+            _RINGS[key] = ring
+    buf, at = ring
+    if at + n > _RING_SLOTS:
+        # every launch that used a slot was issued on this stream before this memset, so runs before it
+        _check(driver.cuMemsetD32Async(driver.CUdeviceptr(buf.data_ptr()), 0, _RING_SLOTS, driver.CUstream(stream)),
+               "zeroing the work-slot counters")
+        at = 0
+    ring[1] = at + n
+    return buf.data_ptr() + 4 * at
 
 
 def zeroed_counters(device, n: int) -> int:
-    """Device address of `n` int32 counters, zeroed on the current stream: the persistent grids'
-    next free work slots. One small buffer per (device, stream), kept, and zeroed by an async memset
-    (stream order keeps a launch's counters from the next call's memset), instead of a new torch
-    tensor and fill kernel per launch."""
-    stream = torch.cuda.current_stream(device).cuda_stream
-    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4), dtype=torch.int32, device=device)
-        with _LOCK:
-            _COUNTERS[key] = buf
-    driver = _driver()
-    _check(driver.cuMemsetD32Async(driver.CUdeviceptr(buf.data_ptr()), 0, n, driver.CUstream(stream)),
-           "zeroing the work-slot counters")
-    return buf.data_ptr()
+    """Device address of `n` int32 counters that read 0 when the next launch on the current stream
+    starts: the persistent grids' next free work slots. Each (device, stream) keeps a ring of
+    1024 counters, zeroed once and handed out in order; only when the ring wraps is it zeroed
+    again, by one async memset that stream order places after every launch that used it. So a
+    call does no memset and allocates nothing. Under CUDA graph capture each call zeroes its own
+    counters with a captured memset instead (a replay must zero them again)."""
+    index = _device_index(device)
+    return _counters(index, _raw_stream(index), n)
 
 
 def _operand_maps(spec: KernelSpec, q, k, v, dout=None) -> list:
@@ -290,13 +383,20 @@ def _operand_maps(spec: KernelSpec, q, k, v, dout=None) -> list:
 
 def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, lists, n_q_tiles: int, scale: float):
     """Launch the CUTLASS forward: out and lse as the Triton forward writes them."""
-    sq, hq, _ = q.shape
-    counter = zeroed_counters(q.device, 1)  # the persistent grid's next free slot
-    maps = _operand_maps(spec, q, k, v)
-    args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), ctypes.c_void_p(counter),
-            ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
-            ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(scale * LOG2E)]
-    _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
+    index = _device_index(q.device)
+    stream = _raw_stream(index)
+    key = ("fwd", spec, index, stream, _tensor_key(q), _tensor_key(k), _tensor_key(v), out.data_ptr(), out.stride(),
+           lse.data_ptr(), id(lists), n_q_tiles, scale)
+
+    def make():
+        sq, hq, _ = q.shape
+        counter = ctypes.c_void_p(0)
+        args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), counter,
+                ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
+                ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(scale * LOG2E)]
+        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v), args, counter, n_q_tiles * hq, lists)
+
+    _launch(key, make, _counters(index, stream, 1))  # the persistent grid's next free slot
 
 
 # the backward kernels read lse and delta in whole query tiles (powers of two: the largest is a multiple of all)
@@ -312,29 +412,46 @@ def padded_rows(sq: int) -> int:
 def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad: int, lists, n_q_tiles: int,
                 scale: float, counter=None):
     """Launch the CUTLASS dQ kernel (dq = scale * sum_k dS K), deterministic: no atomics. `counter`:
-    the device address of a zeroed int32, the persistent grid's next free slot (zeroed here when not
+    the device address of a zeroed int32, the persistent grid's next free slot (taken here when not
     given, see `zeroed_counters`)."""
-    sq, hq, _ = q.shape
-    counter = zeroed_counters(q.device, 1) if counter is None else counter
-    maps = _operand_maps(spec, q, k, v, dout)
-    args = [_ptr(dq), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq),
-            ctypes.c_void_p(counter), ctypes.c_int(sq), ctypes.c_int(sq_pad), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
-            ctypes.c_longlong(dq.stride(0)), ctypes.c_longlong(dq.stride(1)), ctypes.c_float(scale * LOG2E),
-            ctypes.c_float(scale)]
-    _launch(spec, kernel, q.device, maps, args, n_q_tiles * hq)
+    index = _device_index(q.device)
+    stream = _raw_stream(index)
+    key = ("bwd_dq", spec, index, stream, _tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(dout),
+           dq.data_ptr(), dq.stride(), lse2.data_ptr(), delta.data_ptr(), sq_pad, id(lists), n_q_tiles, scale)
+
+    def make():
+        sq, hq, _ = q.shape
+        slot = ctypes.c_void_p(0)
+        args = [_ptr(dq), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq),
+                slot, ctypes.c_int(sq), ctypes.c_int(sq_pad), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
+                ctypes.c_longlong(dq.stride(0)), ctypes.c_longlong(dq.stride(1)), ctypes.c_float(scale * LOG2E),
+                ctypes.c_float(scale)]
+        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_q_tiles * hq,
+                      lists)
+
+    _launch(key, make, _counters(index, stream, 1) if counter is None else counter)
 
 
 def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, sq_pad: int, lists, n_k_tiles: int,
                   scale: float, counter=None):
     """Launch the CUTLASS dK/dV kernel: one work item per (key tile, KV head), the GQA group's query
     heads summed inside it (no atomics). `counter` as for `backward_dq`."""
-    sk, hkv, _ = k.shape
-    hq = q.shape[1]
-    counter = zeroed_counters(q.device, 1) if counter is None else counter
-    maps = _operand_maps(spec, q, k, v, dout)
-    args = [_ptr(dk), _ptr(dv), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_k_tiles * hkv),
-            ctypes.c_void_p(counter), ctypes.c_int(sk), ctypes.c_int(sq_pad), ctypes.c_int(hkv), ctypes.c_int(hq // hkv),
-            ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),
-            ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(scale * LOG2E),
-            ctypes.c_float(scale)]
-    _launch(spec, kernel, q.device, maps, args, n_k_tiles * hkv)
+    index = _device_index(q.device)
+    stream = _raw_stream(index)
+    key = ("bwd_dkdv", spec, index, stream, _tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(dout),
+           dk.data_ptr(), dk.stride(), dv.data_ptr(), dv.stride(), lse2.data_ptr(), delta.data_ptr(), sq_pad,
+           id(lists), n_k_tiles, scale)
+
+    def make():
+        sk, hkv, _ = k.shape
+        hq = q.shape[1]
+        slot = ctypes.c_void_p(0)
+        args = [_ptr(dk), _ptr(dv), _ptr(lse2), _ptr(delta), *(_ptr(t) for t in lists), ctypes.c_int(n_k_tiles * hkv),
+                slot, ctypes.c_int(sk), ctypes.c_int(sq_pad), ctypes.c_int(hkv), ctypes.c_int(hq // hkv),
+                ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),
+                ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(scale * LOG2E),
+                ctypes.c_float(scale)]
+        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_k_tiles * hkv,
+                      lists)
+
+    _launch(key, make, _counters(index, stream, 1) if counter is None else counter)

@@ -46,7 +46,7 @@ def plan_for(mask: Mask, block_q: int, block_k: int, only: str | None = None) ->
 
 
 def _device_lists(plan: TilePlan, which: str, device) -> tuple:
-    key = (id(plan), which, str(device))
+    key = (id(plan), which, device)
     hit = _DEVICE_LISTS.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
@@ -142,6 +142,14 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
         return None
     from . import cutlass as cb
 
+    is_mask = isinstance(mask_or_plan, Mask)
+    key = (direction, mask_or_plan if is_mask else id(mask_or_plan), q.dtype, q.shape[-1],
+           q.shape[1] // k.shape[1], q.device, backend, bool(softcap))
+    hit = _CUTLASS.get(key)
+    if hit is not None and (is_mask or hit[2] is None or hit[2] is mask_or_plan) and cb.tma_ready(q, k, v):
+        # seen before: the device, dtype, head dim and softcap passed `unsupported` then (the key
+        # holds them); what can differ per call is the tensors' alignment, checked just now
+        return None if hit[0] is None else hit
     bq, bk = cb.cg.TILES[direction]
     why = cb.unsupported(q, k, v, softcap)
     if isinstance(mask_or_plan, TilePlan) and (mask_or_plan.block_q, mask_or_plan.block_k) != (bq, bk):
@@ -151,10 +159,7 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
         if backend == "cutlass":
             raise MaskError(f"attention(backend='cutlass'): {why}")
         return None
-    key = (direction, mask_or_plan if isinstance(mask_or_plan, Mask) else id(mask_or_plan), q.dtype, q.shape[-1],
-           q.shape[1] // k.shape[1], str(q.device), backend)
-    hit = _CUTLASS.get(key)
-    if hit is None or (hit[2] is not None and not isinstance(mask_or_plan, Mask) and hit[2] is not mask_or_plan):
+    if hit is None or (hit[2] is not None and not is_mask and hit[2] is not mask_or_plan):
         if isinstance(mask_or_plan, Mask) and direction in _ROW_KERNELS and (mask_or_plan, bq, bk) not in _PLANS:
             # a new mask: the row kernels' tile sizes (forward and dQ over query tiles) are
             # classified in one pass, and this lowering builds both lists (memoised: dQ's lowering

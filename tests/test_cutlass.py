@@ -7,6 +7,7 @@ to prove the templates compile and to check their SASS; they are not run here
 nvidia-cutlass headers, which `.ci/run` installs and checks.
 """
 
+import ctypes
 import json
 import re
 from dataclasses import replace
@@ -289,3 +290,149 @@ def test_item_buffers_and_ring_stages_per_direction_and_partial_class(monkeypatc
     deep = spec(head_dim=128, direction="bwd_dkdv", block_q=64, block_k=128, partial="diag", num_stages=3)
     assert cg.item_buffers(deep) == 1  # two K/V buffers and a 3-stage ring exceed 227 KiB
     assert cg.item_buffers(replace(deep, num_stages=2)) == 2
+
+
+class _FakeDriver:
+    """The few cuda-bindings calls the launch path makes, recorded instead of run."""
+
+    class CUresult:
+        CUDA_SUCCESS = 0
+
+    def __init__(self):
+        self.memsets, self.launches = [], []
+
+    def CUdeviceptr(self, p):
+        return p
+
+    def CUstream(self, s):
+        return s
+
+    class CUlaunchConfig:
+        pass
+
+    def cuMemsetD32Async(self, ptr, value, n, stream):
+        self.memsets.append((ptr, value, n, stream))
+        return (0,)
+
+    def cuLaunchKernelEx(self, config, fn, params, extra):
+        self.launches.append((config, fn, params))
+        return (0,)
+
+
+@pytest.fixture
+def fake_launch(monkeypatch):
+    """The CUTLASS runtime's launch path on the CPU: a fake driver, device 0, stream 5, empty caches."""
+    from maskc.runtime import cutlass as cb
+
+    fake = _FakeDriver()
+    monkeypatch.setattr(cb, "_driver", lambda: fake)
+    monkeypatch.setattr(cb, "_device_index", lambda device: 0)
+    monkeypatch.setattr(cb, "_raw_stream", lambda index: 5)
+    monkeypatch.setattr(cb, "_device_facts", lambda device: ((9, 0), 132))
+    monkeypatch.setattr(cb, "_function", lambda spec, device, cubin, shared: ("fn", spec.name))
+    monkeypatch.setattr(cb, "_new_counters", lambda index, n: torch.zeros(n, dtype=torch.int32))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    class Map:
+        def __init__(self, key):
+            self.key = key
+
+        def getPtr(self):
+            return 4096 + 128 * (hash(self.key) % 1000)
+
+    monkeypatch.setattr(cb, "_tensor_map", lambda t, rows: Map((t.data_ptr(), rows)))
+    for name in ("_RINGS", "_CAPTURE_COUNTERS", "_FRAMES", "_CONFIGS"):
+        monkeypatch.setattr(cb, name, {})
+    return cb, fake
+
+
+def test_counter_ring_hands_out_fresh_slots_and_zeroes_once_per_wrap(fake_launch, monkeypatch):
+    cb, fake = fake_launch
+    monkeypatch.setattr(cb, "_RING_SLOTS", 8)
+    a = cb._counters(0, 5, 1)
+    b = cb._counters(0, 5, 2)
+    c = cb._counters(0, 5, 3)
+    assert (b - a, c - b) == (4, 8) and not fake.memsets  # consecutive, disjoint int32 slots, no memset
+    assert cb._counters(0, 9, 4) not in (a, b, c)  # another stream has a ring of its own
+    assert cb._counters(0, 5, 3) == a  # 6 + 3 > 8: the ring wraps ...
+    assert fake.memsets == [(a, 0, 8, 5)]  # ... after one memset of all of it, on its stream
+    assert cb._counters(0, 5, 5) == a + 12 and len(fake.memsets) == 1
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=r"n must be in 1\.\.8"):
+            cb._counters(0, 5, bad)
+
+
+def test_counters_under_graph_capture_are_zeroed_by_each_call(fake_launch, monkeypatch):
+    cb, fake = fake_launch
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    first = cb._counters(0, 5, 2)
+    assert cb._counters(0, 5, 1) == first  # a replay zeroes them again before each launch
+    assert [m[1:] for m in fake.memsets] == [(0, 2, 5), (0, 1, 5)] and not cb._RINGS
+
+
+def _forward_call(cb, out, scale=0.125):
+    q = torch.zeros(256, 2, 64, dtype=torch.bfloat16)
+    lists = tuple(torch.zeros(4, dtype=torch.int32) for _ in range(10))
+    kernel = (Path("k.cubin"), {"shared": 200_000, "threads": 384})
+    lse = torch.zeros(2, 256)
+    return lambda: cb.forward(spec(head_dim=64), kernel, q, q, q, out, lse, lists, 2, scale)
+
+
+def test_a_repeated_launch_reuses_its_frame_and_writes_only_the_counter(fake_launch):
+    cb, fake = fake_launch
+    out = torch.zeros(256, 2, 64, dtype=torch.bfloat16)
+    call = _forward_call(cb, out)
+    call()
+    (frame,) = cb._FRAMES.values()
+    values = lambda: [a.value for a in frame.values[1]]  # noqa: E731
+    at = next(i for i, a in enumerate(frame.values[1]) if a is frame.counter)
+    before = values()
+    call()
+    after = values()
+    assert list(cb._FRAMES.values()) == [frame] and len(fake.launches) == 2
+    assert fake.launches[-1] == (frame.config, frame.fn, ctypes.addressof(frame.params))
+    assert after[at] - before[at] == 4  # the next slot of the ring
+    assert after[:at] + after[at + 1:] == before[:at] + before[at + 1:]  # every other value as built
+    assert before[0] == out.data_ptr()
+    # a cold build of the same launch passes the same values
+    cb._FRAMES.clear()
+    call()
+    (cold,) = cb._FRAMES.values()
+    fresh = [a.value for a in cold.values[1]]
+    assert fresh[:at] + fresh[at + 1:] == before[:at] + before[at + 1:]
+    assert [m.getPtr() for m in cold.values[0]] == [m.getPtr() for m in frame.values[0]]
+
+
+def test_a_launch_with_other_values_gets_its_own_frame(fake_launch, monkeypatch):
+    cb, fake = fake_launch
+    out = torch.zeros(256, 2, 64, dtype=torch.bfloat16)
+    _forward_call(cb, out)()
+    _forward_call(cb, torch.zeros_like(out))()  # another output address
+    _forward_call(cb, out, scale=0.5)()  # another scale
+    assert len(cb._FRAMES) == 3
+    assert len({f.values[1][0].value for f in cb._FRAMES.values()}) == 2
+    monkeypatch.setattr(cb, "_MAX_FRAMES", 2)  # a full cache starts over rather than growing
+    _forward_call(cb, torch.zeros_like(out))()
+    assert len(cb._FRAMES) <= 2
+
+
+def test_cutlass_kernel_lookup_rechecks_alignment_on_a_cache_hit(monkeypatch):
+    """A repeated call skips `unsupported` (device, dtype and head dim are in the cache key) but
+    still checks that its own tensors are TMA-aligned."""
+    from maskc.runtime import cutlass as cb
+    from maskc.runtime import ffa
+
+    mask = maskc.causal(64)
+    q = torch.zeros(64, 2, 64, dtype=torch.bfloat16)
+    key = ("fwd", mask, q.dtype, 64, 1, q.device, "auto", False)
+    chosen = ("spec", "kernel", "plan")
+    monkeypatch.setattr(ffa, "_CUTLASS", {key: chosen})
+    asked = []
+    monkeypatch.setattr(cb, "unsupported", lambda *a: asked.append(a) or "not here")
+    assert ffa._cutlass_kernel("fwd", mask, q, q, q, 0.0, "auto") is chosen and not asked
+    odd = torch.zeros(64 * 2 * 64 + 1, dtype=torch.bfloat16)[1:].view(64, 2, 64)  # 2-byte aligned
+    assert not cb.tma_ready(odd, q, q) and cb.tma_ready(q, q, q)
+    assert ffa._cutlass_kernel("fwd", mask, odd, q, q, 0.0, "auto") is None and len(asked) == 1
+    with pytest.raises(MaskError, match="not here"):
+        ffa._cutlass_kernel("fwd", mask, odd, q, q, 0.0, "cutlass")
+    assert ffa._cutlass_kernel("fwd", mask, q, q, q, 1.0, "auto") is None  # softcap: another key
