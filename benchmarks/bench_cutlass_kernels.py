@@ -110,6 +110,7 @@ def main(argv=None):
             triton_times.append(bench(lambda: ffa_forward(q, k, v, mask, scale, 0.0, "triton")))
             for text, folder, stages in variants:
                 cb._FUNCTIONS.clear()  # the same kernel names from another folder
+                cb._FRAMES.clear()  # (launch frames hold the loaded function)
                 entries = {e["name"]: e for e in json.loads(cb.cg.manifest_path(folder).read_text())["kernels"]}
                 for direction in args.directions:
                     run, result = kernel_run(direction, folder, entries, stages[direction])

@@ -235,10 +235,13 @@ def _encode_tensor_map(t, rows: int):
 _CONFIGS: dict[tuple, object] = {}
 
 
-def _launch_config(grid: int, threads: int, shared: int, stream: int):
-    """A CUlaunchConfig, kept per (grid, block, shared memory, stream): a training loop launches the
-    same few shapes on the same stream, and filling one costs ~10 us of host time."""
-    key = (grid, threads, shared, stream)
+def _launch_config(grid: int, threads: int, shared: int, stream: int, early: bool = False):
+    """A CUlaunchConfig, kept per (grid, block, shared memory, stream, early): a training loop launches
+    the same few shapes on the same stream, and filling one costs ~10 us of host time. ``early``:
+    programmatic stream serialization, the launch may start as the kernel before it on the stream
+    lets it (``griddepcontrol.launch_dependents``) instead of when that kernel has finished; only
+    for a kernel that reads nothing the one before it writes."""
+    key = (grid, threads, shared, stream, early)
     config = _CONFIGS.get(key)
     if config is None:
         driver = _driver()
@@ -247,7 +250,14 @@ def _launch_config(grid: int, threads: int, shared: int, stream: int):
         config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
         config.sharedMemBytes = shared
         config.hStream = driver.CUstream(stream)
-        config.numAttrs = 0
+        if early:
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            config.attrs = [attr]
+            config.numAttrs = 1
+        else:
+            config.numAttrs = 0
         with _LOCK:
             if len(_CONFIGS) >= _MAX_MAPS:
                 _CONFIGS.clear()
@@ -277,12 +287,12 @@ class _Frame:
     __slots__ = ("fn", "config", "params", "values", "counter", "keep", "name")
 
     def __init__(self, spec: KernelSpec, kernel: tuple[Path, dict], index: int, stream: int, maps, args,
-                 counter: ctypes.c_void_p, n_slots: int, keep):
+                 counter: ctypes.c_void_p, n_slots: int, keep, early: bool = False):
         cubin, entry = kernel
         shared = int(entry["shared"])
         device = torch.device("cuda", index)
         self.fn = _function(spec, device, cubin, shared)
-        self.config = _launch_config(min(n_slots, _device_facts(device)[1]), entry["threads"], shared, stream)
+        self.config = _launch_config(min(n_slots, _device_facts(device)[1]), entry["threads"], shared, stream, early)
         self.values = (maps, args)  # the params array points into these
         self.params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
                                                                    *(ctypes.addressof(a) for a in args))
@@ -293,6 +303,7 @@ class _Frame:
 
 _FRAMES: dict[tuple, _Frame] = {}
 _MAX_FRAMES = 256
+EARLY_DQ = True  # launch dQ with programmatic stream serialization (see backward_dq); False: plain stream order
 
 
 def _launch(key: tuple, make, counter: int) -> None:
@@ -426,8 +437,10 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
                 slot, ctypes.c_int(sq), ctypes.c_int(sq_pad), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
                 ctypes.c_longlong(dq.stride(0)), ctypes.c_longlong(dq.stride(1)), ctypes.c_float(scale * LOG2E),
                 ctypes.c_float(scale)]
+        # early: after the dK/dV kernel, which reads and writes nothing of dQ's, the dQ grid takes
+        # each SM as its dK/dV CTA exits (that kernel signals launch_dependents at its start)
         return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_q_tiles * hq,
-                      lists)
+                      lists, early=EARLY_DQ)
 
     _launch(key, make, _counters(index, stream, 1) if counter is None else counter)
 

@@ -310,6 +310,13 @@ class _FakeDriver:
     class CUlaunchConfig:
         pass
 
+    class CUlaunchAttributeID:
+        CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+    class CUlaunchAttribute:
+        def __init__(self):
+            self.value = type("Value", (), {})()
+
     def cuMemsetD32Async(self, ptr, value, n, stream):
         self.memsets.append((ptr, value, n, stream))
         return (0,)
@@ -436,3 +443,32 @@ def test_cutlass_kernel_lookup_rechecks_alignment_on_a_cache_hit(monkeypatch):
     with pytest.raises(MaskError, match="not here"):
         ffa._cutlass_kernel("fwd", mask, odd, q, q, 0.0, "cutlass")
     assert ffa._cutlass_kernel("fwd", mask, q, q, q, 1.0, "auto") is None  # softcap: another key
+
+
+def test_only_the_dq_launch_may_start_before_the_kernel_before_it(fake_launch):
+    """dQ (after dK/dV, reading nothing it writes) is launched with programmatic stream
+    serialization; the forward and dK/dV, which read what the kernel before them wrote, are not."""
+    cb, fake = fake_launch
+    q = torch.zeros(256, 2, 64, dtype=torch.bfloat16)
+    lists = tuple(torch.zeros(4, dtype=torch.int32) for _ in range(10))
+    kernel = (Path("k.cubin"), {"shared": 200_000, "threads": 384})
+    rows = torch.zeros(2, 256)
+    cb.forward(spec(head_dim=64), kernel, q, q, q, q, rows, lists, 2, 0.125)
+    cb.backward_dkdv(spec(direction="bwd_dkdv", head_dim=64, block_q=64), kernel, q, q, q, q, q, q, rows, rows, 256,
+                     lists, 2, 0.125)
+    cb.backward_dq(spec(direction="bwd_dq", head_dim=64, block_k=64), kernel, q, q, q, q, q, rows, rows, 256,
+                   lists, 2, 0.125)
+    configs = {key[0]: frame.config for key, frame in cb._FRAMES.items()}
+    assert configs["fwd"].numAttrs == 0 and configs["bwd_dkdv"].numAttrs == 0
+    (attr,) = configs["bwd_dq"].attrs
+    assert configs["bwd_dq"].numAttrs == 1 and attr.value.programmaticStreamSerializationAllowed == 1
+    assert attr.id == _FakeDriver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def test_dkdv_kernel_lets_its_dependent_launch_start():
+    """The dK/dV template signals launch_dependents (what lets the dQ grid start early); dQ and the
+    forward, whose launches follow kernels they depend on, do not."""
+    text = {d: cg.render(spec(direction=d, **({"block_q": 64} if d == "bwd_dkdv" else {"block_k": 64} if d == "bwd_dq" else {})))
+            for d in ("fwd", "bwd_dq", "bwd_dkdv")}
+    assert "griddepcontrol.launch_dependents" in text["bwd_dkdv"]
+    assert "griddepcontrol" not in text["fwd"] and "griddepcontrol" not in text["bwd_dq"]
