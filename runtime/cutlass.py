@@ -233,6 +233,7 @@ def _encode_tensor_map(t, rows: int):
 
 
 _CONFIGS: dict[tuple, object] = {}
+_MAX_CONFIGS = 64
 
 
 def _launch_config(grid: int, threads: int, shared: int, stream: int, early: bool = False):
@@ -259,7 +260,7 @@ def _launch_config(grid: int, threads: int, shared: int, stream: int, early: boo
         else:
             config.numAttrs = 0
         with _LOCK:
-            if len(_CONFIGS) >= _MAX_MAPS:
+            if len(_CONFIGS) >= _MAX_CONFIGS:
                 _CONFIGS.clear()
             _CONFIGS[key] = config
     return config
