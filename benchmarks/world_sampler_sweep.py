@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", nargs="+", default=[""],
                     help='sampler settings, each "KEY=VALUE,..." ("" = the defaults); keys: ' + ", ".join(KEYS))
     ap.add_argument("--ceiling", action="store_true", help="also score the autoencoder round trip of the simulator's clips")
+    ap.add_argument("--room", type=int, default=0, metavar="N",
+                    help="also count, over N simulator clips, how often a first chunk 'moves X' leaves room to keep "
+                         "moving X through the next chunk (what bounds the videos' second chunk; no model needed)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -82,17 +85,26 @@ def main(argv=None) -> int:
             matches += ev.prompt_following(rec, prompts, cfg)["matches"]
         res["autoencoder_ceiling"] = float(np.mean(matches))
         print(f"autoencoder round trip of the simulator's clips: prompt following {res['autoencoder_ceiling']:.3f}")
+    if args.room:
+        res["room_to_continue"] = ev.room_to_continue(args.room, config=cfg)
+        r = res["room_to_continue"]
+        print(f"room to keep moving one more chunk ({r['clips']} simulator clips): at the same velocity "
+              f"{r['same_velocity']:.2f}, at the slowest moving speed {r['slowest']:.2f}", flush=True)
     for text, kw in settings:
         t0 = time.perf_counter()
-        matches = []
+        per_video = []
         for s, prompts in videos:
             frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw))))
-            matches += ev.prompt_following(frames, prompts, cfg)["matches"]
+            r = ev.prompt_following(frames, prompts, cfg)
+            per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"]})
+        matches = [m for v in per_video for m in v["matches"]]
         run = {"setting": kw, "prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
+               "by_chunk": ev.by_chunk([v["matches"] for v in per_video]), "videos": per_video,
                "seconds": time.perf_counter() - t0}
         res["runs"].append(run)
         print(f"{text or '(defaults)':<28} prompt following {run['prompt_following']:.3f} "
-              f"({len(matches)} chunks, {run['seconds']:.0f} s)", flush=True)
+              f"({len(matches)} chunks, {run['seconds']:.0f} s); by chunk "
+              + " ".join(f"{x:.2f}" for x in run["by_chunk"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

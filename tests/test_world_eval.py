@@ -135,6 +135,8 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     assert res["settings"]["cfg_text"] == 3.5
     assert 0 <= res["prompt_following"]["fraction"] <= 1
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 1.0
+    assert res["prompt_following"]["by_chunk"] == [float(m) for m in res["prompt_following"]["runs"][0]["matches"]]
+    assert "by chunk" in text
     mem = res["memory"]["runs"]
     assert [m["chunks"] for m in mem] == [1, 2] and res["memory"]["isolated"]
     assert all(m["cfg_text"] == 3.5 and m["steps"] == 2 for m in mem)
@@ -221,3 +223,19 @@ def test_caption_loss_gap_compares_the_same_noise_with_other_captions():
     assert all(np.isfinite(v) for v in several.values())
     assert several["real"] != several["shuffled"] and several["real"] != several["null"]
     assert several["gap_vs_null"] == pytest.approx(1 - several["real"] / several["null"])
+
+
+def test_by_chunk_counts_each_position_over_the_videos_that_have_it():
+    assert E.by_chunk([[True, False, True], [True, True]]) == [1.0, 0.5, 1.0]
+    assert E.by_chunk([[False], [True], [True], [True]]) == [0.75]
+    assert E.by_chunk([]) == []
+
+
+def test_room_to_continue_bounds_the_second_chunk():
+    """Few simulator first chunks leave room to keep their velocity for one more chunk; slowing to
+    the slowest moving speed leaves room far more often; with no speed floor there is always room."""
+    r = E.room_to_continue(300)
+    assert r["clips"] > 50 and r == E.room_to_continue(300)  # seeded
+    assert 0 < r["same_velocity"] < r["slowest"] <= 1
+    free = E.room_to_continue(100, config=data.WorldConfig(still_thresh=0.0))
+    assert free["clips"] > 0 and free["slowest"] == 1.0

@@ -42,8 +42,15 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
 def test_sampler_sweep_scores_the_shipped_model(tmp_path):
     out = tmp_path / "sweep.json"
     assert world_sampler_sweep.main(["--seeds", "10", "--chunks", "2", "--ceiling", "--threads", "1",
-                                     "--settings", "steps=2", "window=1,steps=2", "--json", str(out)]) == 0
+                                     "--settings", "steps=2", "window=1,steps=2", "--room", "60",
+                                     "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["autoencoder_ceiling"] >= 0.5  # the shipped autoencoder keeps the motion (it scores 1.0; a broken one ~0)
     assert [r["setting"] for r in res["runs"]] == [{"steps": 2}, {"window": 1, "steps": 2}]
     assert all(r["chunks_scored"] == 2 and 0.0 <= r["prompt_following"] <= 1.0 for r in res["runs"])
+    for r in res["runs"]:  # per chunk position, from the per-video matches it records
+        (video,) = r["videos"]
+        assert video["seed"] == 10 and r["by_chunk"] == [float(m) for m in video["matches"]]
+    from maskc.world_model.evaluate import room_to_continue
+
+    assert res["room_to_continue"] == room_to_continue(60)
