@@ -471,4 +471,8 @@ def test_dkdv_kernel_lets_its_dependent_launch_start():
     text = {d: cg.render(spec(direction=d, **({"block_q": 64} if d == "bwd_dkdv" else {"block_k": 64} if d == "bwd_dq" else {})))
             for d in ("fwd", "bwd_dq", "bwd_dkdv")}
     assert "griddepcontrol.launch_dependents" in text["bwd_dkdv"]
-    assert "griddepcontrol" not in text["fwd"] and "griddepcontrol" not in text["bwd_dq"]
+    assert "griddepcontrol" not in text["fwd"] and "launch_dependents" not in text["bwd_dq"]
+    # ... and dQ, whose completion is all that later work on the stream waits for, waits for dK/dV's
+    # completion before its CTAs exit (after its own work: the wait is the kernel's last statement)
+    body = text["bwd_dq"][text["bwd_dq"].index("maskc_ffa::ffa_bwd_dq<"):]
+    assert "griddepcontrol.wait" in body and body.rstrip().endswith('asm volatile("griddepcontrol.wait;" ::: "memory");\n}')
