@@ -429,7 +429,7 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
     index = _device_index(q.device)
     stream = _raw_stream(index)
     key = ("bwd_dq", spec, index, stream, _tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(dout),
-           dq.data_ptr(), dq.stride(), lse2.data_ptr(), delta.data_ptr(), sq_pad, id(lists), n_q_tiles, scale)
+           dq.data_ptr(), dq.stride(), lse2.data_ptr(), delta.data_ptr(), sq_pad, id(lists), n_q_tiles, scale, EARLY_DQ)
 
     def make():
         sq, hq, _ = q.shape

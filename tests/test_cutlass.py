@@ -445,7 +445,7 @@ def test_cutlass_kernel_lookup_rechecks_alignment_on_a_cache_hit(monkeypatch):
     assert ffa._cutlass_kernel("fwd", mask, q, q, q, 1.0, "auto") is None  # softcap: another key
 
 
-def test_only_the_dq_launch_may_start_before_the_kernel_before_it(fake_launch):
+def test_only_the_dq_launch_may_start_before_the_kernel_before_it(fake_launch, monkeypatch):
     """dQ (after dK/dV, reading nothing it writes) is launched with programmatic stream
     serialization; the forward and dK/dV, which read what the kernel before them wrote, are not."""
     cb, fake = fake_launch
@@ -463,6 +463,11 @@ def test_only_the_dq_launch_may_start_before_the_kernel_before_it(fake_launch):
     (attr,) = configs["bwd_dq"].attrs
     assert configs["bwd_dq"].numAttrs == 1 and attr.value.programmaticStreamSerializationAllowed == 1
     assert attr.id == _FakeDriver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    monkeypatch.setattr(cb, "EARLY_DQ", False)  # switched off: a plain launch, in a frame of its own
+    cb.backward_dq(spec(direction="bwd_dq", head_dim=64, block_k=64), kernel, q, q, q, q, q, rows, rows, 256,
+                   lists, 2, 0.125)
+    plain = [f.config for key, f in cb._FRAMES.items() if key[0] == "bwd_dq" and f.config is not configs["bwd_dq"]]
+    assert len(plain) == 1 and plain[0].numAttrs == 0
 
 
 def test_dkdv_kernel_lets_its_dependent_launch_start():
