@@ -285,10 +285,10 @@ class _Frame:
     """Everything one launch passes to ``cuLaunchKernelEx`` but the work-slot counter's address:
     the function, its CUlaunchConfig, the parameter array and the ctypes values it points at."""
 
-    __slots__ = ("fn", "config", "params", "values", "counter", "keep", "name")
+    __slots__ = ("fn", "config", "params", "values", "counter", "name")
 
     def __init__(self, spec: KernelSpec, kernel: tuple[Path, dict], index: int, stream: int, maps, args,
-                 counter: ctypes.c_void_p, n_slots: int, keep, early: bool = False):
+                 counter: ctypes.c_void_p, n_slots: int, early: bool = False):
         cubin, entry = kernel
         shared = int(entry["shared"])
         device = torch.device("cuda", index)
@@ -298,7 +298,6 @@ class _Frame:
         self.params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
                                                                    *(ctypes.addressof(a) for a in args))
         self.counter = counter
-        self.keep = keep  # the work-list tensors whose addresses are in `args`
         self.name = spec.name
 
 
@@ -311,7 +310,7 @@ def _launch(key: tuple, make, counter: int) -> None:
     """cuLaunchKernelEx of a persistent kernel (at most one CTA per SM) on the current torch stream.
 
     `key` holds every value the launch passes except the counter's address (kernel, device, stream,
-    tensor addresses, shapes and strides, scalars, the work lists' identity), so a training loop,
+    tensor addresses, shapes and strides, scalars, the work lists' addresses), so a training loop,
     whose caching allocator hands out the same addresses step after step, reuses the frame `make()`
     built once: no tensor-map lookups and no ctypes objects per call, only the counter is written."""
     frame = _FRAMES.get(key)
@@ -334,6 +333,12 @@ def _ptr(t) -> ctypes.c_void_p:
 
 def _tensor_key(t) -> tuple:
     return t.data_ptr(), t.shape, t.stride()
+
+
+def _lists_key(lists) -> tuple:
+    """The work lists' addresses: a frame passes only these values, so it is right for any lists at
+    the same addresses and holds none of them alive."""
+    return tuple(t.data_ptr() for t in lists)
 
 
 _RING_SLOTS = 1024  # int32 work-slot counters per (device, stream) ring
@@ -398,7 +403,7 @@ def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, list
     index = _device_index(q.device)
     stream = _raw_stream(index)
     key = ("fwd", spec, index, stream, _tensor_key(q), _tensor_key(k), _tensor_key(v), out.data_ptr(), out.stride(),
-           lse.data_ptr(), id(lists), n_q_tiles, scale)
+           lse.data_ptr(), _lists_key(lists), n_q_tiles, scale)
 
     def make():
         sq, hq, _ = q.shape
@@ -406,7 +411,7 @@ def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, list
         args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), counter,
                 ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
                 ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(scale * LOG2E)]
-        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v), args, counter, n_q_tiles * hq, lists)
+        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v), args, counter, n_q_tiles * hq)
 
     _launch(key, make, _counters(index, stream, 1))  # the persistent grid's next free slot
 
@@ -429,7 +434,8 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
     index = _device_index(q.device)
     stream = _raw_stream(index)
     key = ("bwd_dq", spec, index, stream, _tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(dout),
-           dq.data_ptr(), dq.stride(), lse2.data_ptr(), delta.data_ptr(), sq_pad, id(lists), n_q_tiles, scale, EARLY_DQ)
+           dq.data_ptr(), dq.stride(), lse2.data_ptr(), delta.data_ptr(), sq_pad, _lists_key(lists), n_q_tiles, scale,
+           EARLY_DQ)
 
     def make():
         sq, hq, _ = q.shape
@@ -441,7 +447,7 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
         # early: after the dK/dV kernel, which reads and writes nothing of dQ's, the dQ grid takes
         # each SM as its dK/dV CTA exits (that kernel signals launch_dependents at its start)
         return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_q_tiles * hq,
-                      lists, early=EARLY_DQ)
+                      early=EARLY_DQ)
 
     _launch(key, make, _counters(index, stream, 1) if counter is None else counter)
 
@@ -454,7 +460,7 @@ def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, 
     stream = _raw_stream(index)
     key = ("bwd_dkdv", spec, index, stream, _tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(dout),
            dk.data_ptr(), dk.stride(), dv.data_ptr(), dv.stride(), lse2.data_ptr(), delta.data_ptr(), sq_pad,
-           id(lists), n_k_tiles, scale)
+           _lists_key(lists), n_k_tiles, scale)
 
     def make():
         sk, hkv, _ = k.shape
@@ -465,7 +471,6 @@ def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, 
                 ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),
                 ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(scale * LOG2E),
                 ctypes.c_float(scale)]
-        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_k_tiles * hkv,
-                      lists)
+        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_k_tiles * hkv)
 
     _launch(key, make, _counters(index, stream, 1) if counter is None else counter)

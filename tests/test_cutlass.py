@@ -473,8 +473,8 @@ def test_only_the_dq_launch_may_start_before_the_kernel_before_it(fake_launch, m
 def test_dkdv_kernel_lets_its_dependent_launch_start():
     """The dK/dV template signals launch_dependents (what lets the dQ grid start early); dQ and the
     forward, whose launches follow kernels they depend on, do not."""
-    text = {d: cg.render(spec(direction=d, **({"block_q": 64} if d == "bwd_dkdv" else {"block_k": 64} if d == "bwd_dq" else {})))
-            for d in ("fwd", "bwd_dq", "bwd_dkdv")}
+    tiles = {"fwd": {}, "bwd_dq": {"block_k": 64}, "bwd_dkdv": {"block_q": 64}}
+    text = {d: cg.render(spec(direction=d, **tiles[d])) for d in tiles}
     assert "griddepcontrol.launch_dependents" in text["bwd_dkdv"]
     assert "griddepcontrol" not in text["fwd"] and "launch_dependents" not in text["bwd_dq"]
     # ... and dQ, whose completion is all that later work on the stream waits for, waits for dK/dV's
