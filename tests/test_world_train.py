@@ -435,3 +435,27 @@ def test_batch_source_workers_give_the_same_batches_through_shared_memory():
         plain.close()
         pooled.close()
     assert pooled.slots == [] and pooled.pool is None
+
+
+def test_batch_source_that_fails_to_start_leaves_no_shared_memory(monkeypatch):
+    from multiprocessing import shared_memory
+
+    made = []
+    real = shared_memory.SharedMemory
+
+    def spy(*args, **kwargs):
+        seg = real(*args, **kwargs)
+        made.append(seg.name)
+        return seg
+
+    def no_pool(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", spy)
+    monkeypatch.setattr(TR, "ProcessPoolExecutor", no_pool)
+    with pytest.raises(OSError, match="no processes here"):
+        TR.BatchSource(7, 2, 3, start=0, workers=2)
+    assert len(made) == 2 * 2 + 1
+    for name in made:  # every segment it made was unlinked
+        with pytest.raises(FileNotFoundError):
+            real(name=name)

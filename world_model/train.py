@@ -293,10 +293,15 @@ class BatchSource:
             cfg = D.WorldConfig()
             self.shape = (batch, n_chunks * cfg.chunk_frames, *cfg.frame_shape)
             size = int(np.prod(self.shape))
-            self.slots = [shared_memory.SharedMemory(create=True, size=size) for _ in range(self.depth + 1)]
-            self.free.extend(self.slots)
             self.held = None
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            try:
+                for _ in range(self.depth + 1):
+                    self.slots.append(shared_memory.SharedMemory(create=True, size=size))
+                self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            except BaseException:
+                self.close()  # no shared-memory segment outlives a source that failed to start
+                raise
+            self.free.extend(self.slots)
 
     def _submit(self):
         seed, n, b, cells = self.args
