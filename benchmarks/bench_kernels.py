@@ -118,6 +118,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3,
                     help="times each (impl, direction) is timed per mask, impls taking turns; the median is recorded")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--no-early-dq", action="store_true",
+                    help="cutlass: launch the dQ kernel after dK/dV in plain stream order, not early "
+                         "(maskc.runtime.cutlass.EARLY_DQ; for an A/B of the early launch)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
@@ -147,8 +150,13 @@ def main(argv=None):
         "dtype": "bf16",
         "rounds": args.rounds,
         "fwd_bwd_grads": "fresh (.grad = None before each call)",
+        "early_dq": not args.no_early_dq,
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
     }
+    if args.no_early_dq:
+        from maskc.runtime import cutlass as cb
+
+        cb.EARLY_DQ = False
     rows = []
     h, d = args.heads, args.head_dim
     for plan in (lambda m: plan_for_triton(m, d), plan_for_cutlass):  # first-call costs (imports, numpy paths)

@@ -33,6 +33,9 @@ def main(argv=None):
     ap.add_argument("--backend", default="cutlass", choices=["auto", "triton", "cutlass"])
     ap.add_argument("--direction", default="fwd_bwd", choices=["fwd", "fwd_bwd"])
     ap.add_argument("--top", type=int, default=20, help="cProfile rows to print")
+    ap.add_argument("--no-early-dq", action="store_true",
+                    help="launch the CUTLASS dQ kernel after dK/dV in plain stream order, not early "
+                         "(maskc.runtime.cutlass.EARLY_DQ)")
     args = ap.parse_args(argv)
     if args.seqlen < 1:
         raise SystemExit(f"--seqlen must be >= 1, got {args.seqlen}")
@@ -42,6 +45,9 @@ def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
     from maskc.runtime import attention
+    from maskc.runtime import cutlass as cb
+
+    cb.EARLY_DQ = not args.no_early_dq
 
     if not torch.cuda.is_available():
         raise SystemExit("profile_call needs a CUDA GPU")
