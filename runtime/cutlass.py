@@ -350,10 +350,16 @@ def _new_counters(index: int, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int32, device=torch.device("cuda", index))
 
 
+def _zero(buf: torch.Tensor, n: int, stream: int) -> None:
+    """Async memset of the first `n` int32 counters of `buf` on `stream`."""
+    driver = _driver()
+    _check(driver.cuMemsetD32Async(driver.CUdeviceptr(buf.data_ptr()), 0, n, driver.CUstream(stream)),
+           "zeroing the work-slot counters")
+
+
 def _counters(index: int, stream: int, n: int) -> int:
     if not 1 <= n <= _RING_SLOTS:
         raise ValueError(f"zeroed_counters: n must be in 1..{_RING_SLOTS}, got {n}")
-    driver = _driver()
     key = (index, stream)
     if torch.cuda.is_current_stream_capturing():
         # a CUDA graph replays its memsets: one buffer zeroed before each captured launch
@@ -362,8 +368,7 @@ def _counters(index: int, stream: int, n: int) -> int:
             buf = _new_counters(index, max(n, 4))
             with _LOCK:
                 _CAPTURE_COUNTERS[key] = buf
-        _check(driver.cuMemsetD32Async(driver.CUdeviceptr(buf.data_ptr()), 0, n, driver.CUstream(stream)),
-               "zeroing the work-slot counters")
+        _zero(buf, n, stream)
         return buf.data_ptr()
     ring = _RINGS.get(key)
     if ring is None:
@@ -373,8 +378,7 @@ def _counters(index: int, stream: int, n: int) -> int:
     buf, at = ring
     if at + n > _RING_SLOTS:
         # every launch that used a slot was issued on this stream before this memset, so runs before it
-        _check(driver.cuMemsetD32Async(driver.CUdeviceptr(buf.data_ptr()), 0, _RING_SLOTS, driver.CUstream(stream)),
-               "zeroing the work-slot counters")
+        _zero(buf, _RING_SLOTS, stream)
         at = 0
     ring[1] = at + n
     return buf.data_ptr() + 4 * at

@@ -191,13 +191,11 @@ def test_forced_cutlass_says_why_not(what, why):
         attention(q, k, v, target, backend="cutlass", softcap=5.0 if what == "softcap" else 0.0)
 
 
-def test_repeated_calls_are_bitwise_equal_across_a_counter_ring_wrap():
-    """A training loop's calls reuse their launch frames and take work-slot counters from a ring
-    that is zeroed once per wrap: hundreds of forward+backward calls give the first call's bits."""
-    from maskc.runtime import cutlass as cb
-
+def _training_step(seed):
+    """((q, k, v), step): leaves on the GQA mask and a CUTLASS forward+backward as a training step
+    runs it (grads reset first); `step()` returns out, dq, dk, dv."""
     mask = gqa_mask()
-    q, k, v = (t.requires_grad_() for t in _inputs(mask, 4, 2, 128, torch.bfloat16, 11))
+    q, k, v = (t.requires_grad_() for t in _inputs(mask, 4, 2, 128, torch.bfloat16, seed))
     do = torch.randn_like(q)
 
     def step():
@@ -207,6 +205,15 @@ def test_repeated_calls_are_bitwise_equal_across_a_counter_ring_wrap():
         out.backward(do)
         return out.detach(), q.grad, k.grad, v.grad
 
+    return (q, k, v), step
+
+
+def test_repeated_calls_are_bitwise_equal_across_a_counter_ring_wrap():
+    """A training loop's calls reuse their launch frames and take work-slot counters from a ring
+    that is zeroed once per wrap: hundreds of forward+backward calls give the first call's bits."""
+    from maskc.runtime import cutlass as cb
+
+    step = _training_step(11)[1]
     cb._FRAMES.clear()  # the tests before leave theirs
     first = [t.clone() for t in step()]
     for _ in range(3):  # the caching allocator settles into the same addresses for every step
@@ -224,17 +231,7 @@ def test_repeated_calls_are_bitwise_equal_across_a_counter_ring_wrap():
 def test_cutlass_forward_and_backward_replay_in_a_cuda_graph():
     """Under capture each launch zeroes its counters with a captured memset, so replays (with new
     inputs copied into the captured tensors) match eager calls."""
-    mask = gqa_mask()
-    q, k, v = (t.requires_grad_() for t in _inputs(mask, 4, 2, 128, torch.bfloat16, 12))
-    do = torch.randn_like(q)
-
-    def step():
-        for t in (q, k, v):
-            t.grad = None
-        out = attention(q, k, v, mask, backend="cutlass")
-        out.backward(do)
-        return out.detach(), q.grad, k.grad, v.grad
-
+    (q, k, v), step = _training_step(12)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up off the default stream: plans, lists and kernels loaded
@@ -244,7 +241,7 @@ def test_cutlass_forward_and_backward_replay_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         captured = step()
     for seed in (13, 14):
-        new = _inputs(mask, 4, 2, 128, torch.bfloat16, seed)
+        new = _inputs(gqa_mask(), 4, 2, 128, torch.bfloat16, seed)
         with torch.no_grad():
             for t, n in zip((q, k, v), new):
                 t.copy_(n)
