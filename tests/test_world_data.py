@@ -291,6 +291,104 @@ def test_generate_from_prompts_errors(prompts, match):
         D.generate_from_prompts(prompts, seed=0)
 
 
+# ------------------------------------------------------------------------- scheduled training clips
+
+
+def _runs(prompts):
+    """[(prompt, length)] of consecutive equal prompts."""
+    out = []
+    for p in prompts:
+        if out and out[-1][0] == p:
+            out[-1] = (p, out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+def test_scheduled_prompts_are_runs_of_valid_captions():
+    rng = np.random.default_rng(0)
+    lengths, gravities, subjects, motions = [], [], [], set()
+    for _ in range(400):
+        prompts, gravity = D.scheduled_prompts(rng, 4, CFG)
+        assert len(prompts) == 4
+        parsed = [V.parse_caption(p) for p in prompts]
+        assert all(p == q.text for p, q in zip(prompts, parsed))  # normalised captions
+        for q in parsed:
+            assert q.motion in D.SCHEDULE_MOTIONS[gravity]
+            assert q.motion not in (V.NO_GRAVITY_MOTIONS if gravity else V.GRAVITY_MOTIONS)
+        runs = _runs(prompts)
+        # a run boundary changes the motion (or the subject, which may keep the motion)
+        for (a, _), (b, _) in zip(runs, runs[1:]):
+            assert a != b
+        colours = {q.colour: q.shape for q in parsed}
+        assert len(colours) <= CFG.max_objects
+        assert all(colours[q.colour] == q.shape for q in parsed)  # one shape per colour
+        lengths += [n for _, n in runs[:-1]]  # the last run is cut at n_chunks
+        gravities.append(gravity)
+        subjects.append(len(colours))
+        motions |= {q.motion for q in parsed}
+    assert set(lengths) == {1, 2, 3}
+    assert 0.2 < np.mean(gravities) < 0.4  # gravity_prob 0.3
+    assert max(subjects) > 1 and np.mean(np.array(subjects) == 1) > 0.5
+    assert motions == set(V.MOTIONS)
+    with pytest.raises(ValueError, match="n_chunks"):
+        D.scheduled_prompts(rng, 0, CFG)
+
+
+def test_scheduled_clips_follow_their_schedule_and_leave_room():
+    room = {"moves left": lambda x, b: x[0] - b[0], "moves right": lambda x, b: b[1] - x[0],
+            "moves up": lambda x, b: x[1] - b[2], "moves down": lambda x, b: b[3] - x[1]}
+    repeats = 0
+    for seed in range(40):
+        clip = D.generate_scheduled(seed, 4, CFG)
+        assert clip.meta["source"] == "scheduled" and clip.seed == seed
+        assert clip.captions == clip.meta["prompts"] == D.captions_from_tracks(clip.tracks, CFG)
+        assert clip.frames.shape == (4 * F, 64, 64, 3)
+        _same_clip(clip, D.generate_scheduled(seed, 4, CFG))
+        tr = clip.tracks
+        for k in range(3):
+            a, b = clip.captions[k], clip.captions[k + 1]
+            motion = V.parse_caption(a).motion
+            if a == b and motion in room:  # the run continues: the chunk ends with room to go on
+                s = int(tr["subject"][k])
+                end = (float(tr["x"][(k + 1) * F - 1, s]), float(tr["y"][(k + 1) * F - 1, s]))
+                assert room[motion](end, [float(v) for v in tr["bounds"][s]]) > 0
+                repeats += 1
+    assert repeats >= 5
+    assert not np.array_equal(D.generate_scheduled(1, 4, CFG).frames, D.generate_scheduled(2, 4, CFG).frames)
+
+
+def test_scheduled_clip_falls_back_to_a_random_clip(monkeypatch):
+    def impossible(*a, **k):
+        raise ValueError("could not script")
+
+    monkeypatch.setattr(D, "generate_from_prompts", impossible)
+    clip = D.generate_scheduled(5, 3, CFG)
+    _same_clip(clip, D.generate(5, 3, CFG))
+    assert clip.meta["source"] == "random"
+
+
+def test_make_batch_mixes_scheduled_clips():
+    plain = D.make_batch(4, 1, 2, 12)
+    assert all(c.meta["source"] == "random" for c in plain.clips)
+    mixed = D.make_batch(4, 1, 2, 12, p_scheduled=0.5)
+    kinds = [c.meta["source"] for c in mixed.clips]
+    assert 0 < kinds.count("scheduled") < 12
+    assert mixed.seeds == plain.seeds
+    for c, p, seed in zip(mixed.clips, plain.clips, mixed.seeds):  # the random ones are the same clips
+        if c.meta["source"] == "random":
+            _same_clip(c, p)
+        else:
+            _same_clip(c, D.generate_scheduled(seed, 2, CFG))
+    every = D.make_batch(4, 1, 2, 12, p_scheduled=1.0)
+    assert all(c.meta["source"] == "scheduled" for c in every.clips)
+    again = next(D.stream(4, 2, 12, start=1, p_scheduled=0.5))
+    assert np.array_equal(again.frames, mixed.frames) and again.captions == mixed.captions
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="p_scheduled"):
+            D.make_batch(4, 1, 2, 12, p_scheduled=bad)
+
+
 # ---------------------------------------------------------------------------------- vocabulary
 
 

@@ -70,8 +70,11 @@ examples:
 resume continues bit-exactly (on the CPU) from the saved step: weights, optimizer moments and the
 data stream position are restored; only the step counts and bookkeeping (--ckpt-every,
 --data-workers) may change, and changing a step count changes the learning-rate schedule.
-Fine-tuning with another loss: --resume with a --config equal to the run's but for "fg_weight"
-(extra loss weight on the latent cells an object touches; 0 = plain MSE) and a larger "steps_dit".
+Fine-tuning with another loss or data mix: --resume with a larger --steps-dit and a changed
+"fg_weight" (extra loss weight on the latent cells an object touches; 0 = plain MSE) or --p-scheduled
+(the fraction of clips scripted from random chunk-wise prompt schedules, data.generate_scheduled).
+A weights file that holds its training config (the shipped one does) can be resumed: AdamW then
+starts from zero moments.
 """
 
 
@@ -95,6 +98,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_pos_int, metavar="B", help="clips per transformer step")
     p.add_argument("--ckpt-every", type=_nonneg_int, metavar="N", help="steps between checkpoints (0: phase ends only)")
     p.add_argument("--data-workers", type=_nonneg_int, metavar="N", help="processes generating batches ahead")
+    p.add_argument("--p-scheduled", type=_nonneg_float, metavar="P",
+                   help="fraction of the transformer's training clips scripted from random chunk-wise prompt "
+                        "schedules (runs of one caption that the clip is planned to satisfy; default: the config's)")
     p.add_argument("--time-limit", type=_pos_float, metavar="MIN",
                    help="wall-clock minutes: start no step after this, save a checkpoint of the step reached and "
                         "stop (resume continues bit-exactly); for leased or preemptible machines")
@@ -126,7 +132,8 @@ def _train_config(args, parser):
             parser.error("--config is required (tiny, small or a .json path) unless --resume is given")
         overrides = {k: v for k, v in {
             "steps_vae": args.steps_vae, "steps_dit": args.steps_dit, "seed": args.seed, "batch": args.batch,
-            "ckpt_every": args.ckpt_every, "data_workers": args.data_workers}.items() if v is not None}
+            "ckpt_every": args.ckpt_every, "data_workers": args.data_workers,
+            "p_scheduled": args.p_scheduled}.items() if v is not None}
         tcfg = replace(tcfg, **overrides)
         if saved is not None:
             check_resume_config(tcfg, saved, meta)

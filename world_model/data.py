@@ -780,6 +780,81 @@ def generate_from_prompts(
     return clip
 
 
+# ---------------------------------------------------------------------- scheduled training clips
+
+# Motion weights of `scheduled_prompts`: close to the caption frequencies of `generate`'s clips (3000
+# clips of 4 chunks), so mixing scheduled clips into training changes how motions follow each other,
+# not how often each one is asked for.
+SCHEDULE_MOTIONS = {
+    False: {"moves left": 0.11, "moves right": 0.11, "moves up": 0.11, "moves down": 0.11, "stays still": 0.15,
+            "bounces off the left wall": 0.1, "bounces off the right wall": 0.1, "bounces off the ceiling": 0.1,
+            "bounces off the floor": 0.1},
+    True: {"moves left": 0.09, "moves right": 0.1, "falls": 0.12, "rises": 0.11, "rises and falls": 0.04,
+           "bounces off the floor": 0.22, "bounces off the left wall": 0.14, "bounces off the right wall": 0.13,
+           "bounces off the ceiling": 0.05},
+}
+SCHEDULE_TRIES = 8  # schedules drawn for one scheduled clip before it falls back to `generate`
+
+
+def scheduled_prompts(rng: np.random.Generator, n_chunks: int, config: WorldConfig = WorldConfig()) -> tuple[list[str], bool]:
+    """A random chunk-wise prompt schedule and whether it needs gravity: ``(prompts, gravity)``.
+
+    Runs of one caption, each 1 to ``n_chunks`` chunks long (uniform), a new motion at every run
+    boundary (weights `SCHEDULE_MOTIONS`), and at a run boundary a new subject with probability
+    ``subject_switch_prob`` (at most ``max_objects`` subjects, distinct colours)."""
+    n_chunks = _check_chunks(n_chunks)
+    gravity = bool(rng.random() < config.gravity_prob) and config.gravity > 0
+    table = SCHEDULE_MOTIONS[gravity]
+    motions = list(table)
+    w = np.array([table[m] for m in motions])
+    w /= w.sum()
+
+    def new_subject(taken):
+        colours = [c for c in config.colours if c not in taken]
+        return colours[int(rng.integers(len(colours)))], config.shapes[int(rng.integers(len(config.shapes)))]
+
+    subject = new_subject(())
+    subjects = {subject[0]: subject}
+    prompts: list[str] = []
+    previous = None
+    while len(prompts) < n_chunks:
+        if prompts and rng.random() < config.subject_switch_prob:
+            if len(subjects) < config.max_objects and rng.random() < 0.5:
+                subject = new_subject(subjects)
+                subjects[subject[0]] = subject
+            elif len(subjects) > 1:
+                others = [s for s in subjects.values() if s != subject]
+                subject = others[int(rng.integers(len(others)))]
+        motion = previous
+        while motion == previous:
+            motion = motions[int(rng.choice(len(motions), p=w))]
+        previous = motion
+        run = int(rng.integers(1, n_chunks + 1))
+        prompts += [vocab.format_caption(*subject, motion)] * run
+    return prompts[:n_chunks], gravity
+
+
+def generate_scheduled(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> Clip:
+    """A clip scripted (`generate_from_prompts`) from a random schedule (`scheduled_prompts`).
+
+    Training clips whose captions are planned over the whole clip: a run of "moves right" leaves
+    the subject room for the whole run, which `generate`'s clips (a new random velocity per control)
+    rarely do. Up to ``SCHEDULE_TRIES`` schedules are drawn; if none can be scripted the clip is
+    ``generate(seed, n_chunks)``. ``meta["source"]`` is ``"scheduled"`` (or ``"random"``)."""
+    seed, n_chunks = _check_seed(seed), _check_chunks(n_chunks)
+    rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    for attempt in range(SCHEDULE_TRIES):
+        prompts, gravity = scheduled_prompts(rng, n_chunks, config)
+        try:
+            clip = generate_from_prompts(prompts, int(rng.integers(2**63)), config, gravity=gravity, max_tries=16)
+        except ValueError:
+            continue
+        return Clip(frames=clip.frames, captions=clip.captions, tracks=clip.tracks, seed=seed, config=config,
+                    gravity=clip.gravity, background=clip.background,
+                    meta={**clip.meta, "source": "scheduled", "attempt": attempt})
+    return generate(seed, n_chunks, config)
+
+
 # -------------------------------------------------------------------------------------- stream
 
 
@@ -801,27 +876,39 @@ class Batch:
     clips: list[Clip]
 
 
-def make_batch(seed: int, index: int, n_chunks: int, batch: int, config: WorldConfig = WorldConfig()) -> Batch:
-    """Batch number ``index`` of ``stream(seed, ...)``, computed directly (random access)."""
+def make_batch(seed: int, index: int, n_chunks: int, batch: int, config: WorldConfig = WorldConfig(),
+               p_scheduled: float = 0.0) -> Batch:
+    """Batch number ``index`` of ``stream(seed, ...)``, computed directly (random access).
+
+    ``p_scheduled``: the probability that a clip is `generate_scheduled` rather than `generate`
+    (decided from the clip's seed, so a batch is the same whatever else is asked)."""
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if not 0 <= p_scheduled <= 1:
+        raise ValueError(f"p_scheduled must be in [0, 1], got {p_scheduled!r}")
     seeds = [clip_seed(seed, index * batch + i) for i in range(batch)]
-    clips = [generate(s, n_chunks, config) for s in seeds]
+    clips = [generate_scheduled(s, n_chunks, config) if p_scheduled and _scheduled(s, p_scheduled)
+             else generate(s, n_chunks, config) for s in seeds]
     captions = [c.captions for c in clips]
     tokens = np.stack([vocab.encode_batch(c) for c in captions])
     return Batch(index=index, seeds=seeds, frames=np.stack([c.frames for c in clips]),
                  captions=captions, tokens=tokens, clips=clips)
 
 
+def _scheduled(seed: int, p: float) -> bool:
+    """Whether the clip of ``seed`` is a scheduled one (a draw independent of the clip's own stream)."""
+    return bool(np.random.Generator(np.random.PCG64([seed, 2])).random() < p)
+
+
 def stream(seed: int, n_chunks: int, batch: int, config: WorldConfig = WorldConfig(),
-           start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+           start: int = 0, stop: int | None = None, p_scheduled: float = 0.0) -> Iterator[Batch]:
     """Batches ``start, start + 1, ...`` (forever, or up to ``stop`` exclusive); resumable from any index."""
     _check_seed(seed)
     _check_chunks(n_chunks)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start must be a non-negative int, got {start!r}")
     for b in itertools.count(start) if stop is None else range(start, stop):
-        yield make_batch(seed, b, n_chunks, batch, config)
+        yield make_batch(seed, b, n_chunks, batch, config, p_scheduled)
 
 
 # ------------------------------------------------------------------------------------- preview
