@@ -358,6 +358,27 @@ def test_scheduled_clips_follow_their_schedule_and_leave_room():
     assert not np.array_equal(D.generate_scheduled(1, 4, CFG).frames, D.generate_scheduled(2, 4, CFG).frames)
 
 
+def test_planning_without_lookahead_slows_down_within_a_run():
+    # chunk by chunk: the first chunk of a run is drawn for itself, later ones fit the room left
+    prompts = ["the red circle moves right"] * 3
+    speeds = {True: [], False: []}
+    for seed in range(30):
+        for lookahead in (True, False):
+            clip = D.generate_from_prompts(prompts, seed, CFG, gravity=False, lookahead=lookahead)
+            assert clip.captions == prompts and clip.meta["lookahead"] is lookahead
+            s = int(clip.tracks["subject"][0])
+            vx = clip.tracks["vx"][:, s]
+            speeds[lookahead].append([float(vx[k * F:(k + 1) * F].mean()) for k in range(3)])
+    ahead, myopic = np.array(speeds[True]), np.array(speeds[False])
+    assert myopic[:, 0].mean() > 1.3 * ahead[:, 0].mean()  # no room kept for the run: faster at first
+    assert (myopic[:, 1] < 0.7 * myopic[:, 0]).mean() > 0.3  # ... then slower
+    with pytest.raises(ValueError, match="p_lookahead"):
+        D.generate_scheduled(0, 2, CFG, p_lookahead=2.0)
+    kinds = {D.generate_scheduled(s, 2, CFG).meta["lookahead"] for s in range(12)}
+    assert kinds == {True, False}
+    assert all(D.generate_scheduled(s, 2, CFG, p_lookahead=1.0).meta["lookahead"] for s in range(6))
+
+
 def test_scheduled_clip_falls_back_to_a_random_clip(monkeypatch):
     def impossible(*a, **k):
         raise ValueError("could not script")

@@ -626,8 +626,12 @@ def _propose(rng, motion, state, b, g, cfg, run):
     return side, -float(u(lo, hi))
 
 
-def _plan_object(rng, motions, b, s, g, taken, cfg, max_tries, budget):
-    """Per-chunk records of one object whose motion in chunk k is motions[k] (None: free)."""
+def _plan_object(rng, motions, b, s, g, taken, cfg, max_tries, budget, lookahead=True):
+    """Per-chunk records of one object whose motion in chunk k is motions[k] (None: free).
+
+    ``lookahead``: a chunk's velocity leaves room for the rest of its run of one motion; without
+    it each chunk is drawn for itself (as a chunk-causal generator must), and a later chunk of the
+    run slows down to fit what room is left (or the planner backtracks)."""
     n_chunks, n = len(motions), cfg.chunk_frames
     gravity = g > 0
     results, tries, fails, used = [], [0] * n_chunks, [0] * n_chunks, 0
@@ -670,7 +674,7 @@ def _plan_object(rng, motions, b, s, g, taken, cfg, max_tries, budget):
                 v = start[2:]
         else:
             run = 1
-            while k + run < n_chunks and motions[k + run] == m:
+            while lookahead and k + run < n_chunks and motions[k + run] == m:
                 run += 1
             v = _propose(rng, m, start, b, g, cfg, run)
             if v is None:
@@ -690,6 +694,7 @@ def generate_from_prompts(
     n_objects: int | None = None,
     gravity: bool | None = None,
     max_tries: int = 64,
+    lookahead: bool = True,
 ) -> Clip:
     """A clip whose chunk k has caption ``prompts[k]`` (normalised), scripted by per-chunk controls.
 
@@ -701,7 +706,9 @@ def generate_from_prompts(
     object is planned independently (objects do not interact): per chunk its velocity is drawn to
     suit the prompt and kept only if `motion_for_chunk` of the simulated chunk equals the prompt,
     backtracking into earlier chunks when no draw works. Scripted speeds are 0.3 to 2.6 px/frame, so
-    a run of one ``moves`` direction fits about 6 chunks of a 64 px frame. Raises ValueError for unknown words,
+    a run of one ``moves`` direction fits about 6 chunks of a 64 px frame. ``lookahead`` (default)
+    draws each chunk's speed to leave room for the rest of its run; False draws every chunk for itself,
+    so a run's later chunks slow down near a wall (see `_plan_object`). Raises ValueError for unknown words,
     ungrammatical or contradictory prompts, and for schedules the planner cannot realise.
     """
     seed, cfg = _check_seed(seed), config
@@ -762,7 +769,8 @@ def generate_from_prompts(
     recs, codes, controls, taken = [], [], [[False] * n_obj for _ in parsed], []
     for i in range(n_obj):
         motions = [c.motion if subject_idx[k] == i else None for k, c in enumerate(parsed)]
-        plan = _plan_object(rng, motions, bounds[i], sizes[i], g, taken, cfg, max_tries, budget=200 * max_tries)
+        plan = _plan_object(rng, motions, bounds[i], sizes[i], g, taken, cfg, max_tries, budget=200 * max_tries,
+                            lookahead=lookahead)
         if plan is None:
             wanted = [f"chunk {k}: {p.text}" for k, p in enumerate(parsed) if subject_idx[k] == i]
             raise ValueError(f"could not script the {colours[i]} {shapes[i]} through {'; '.join(wanted)} "
@@ -773,7 +781,8 @@ def generate_from_prompts(
         for k, p in enumerate(plan):
             controls[k][i] = p[3]
     clip = _assemble(seed, cfg, gravity, bg, bg_kind, colours, shapes, sizes, bounds, recs, codes,
-                     controls, subject_idx, {"source": "prompts", "prompts": [p.text for p in parsed]})
+                     controls, subject_idx, {"source": "prompts", "prompts": [p.text for p in parsed],
+                                             "lookahead": bool(lookahead)})
     want = [p.text for p in parsed]
     if clip.captions != want:  # cannot happen: every chunk was accepted on this very test
         raise RuntimeError(f"internal error: scripted captions {clip.captions} != prompts {want}")
@@ -794,6 +803,7 @@ SCHEDULE_MOTIONS = {
            "bounces off the ceiling": 0.05},
 }
 SCHEDULE_TRIES = 8  # schedules drawn for one scheduled clip before it falls back to `generate`
+SCHEDULE_LOOKAHEAD = 0.5  # the fraction of scheduled clips planned over the whole schedule
 
 
 def scheduled_prompts(rng: np.random.Generator, n_chunks: int, config: WorldConfig = WorldConfig()) -> tuple[list[str], bool]:
@@ -834,19 +844,27 @@ def scheduled_prompts(rng: np.random.Generator, n_chunks: int, config: WorldConf
     return prompts[:n_chunks], gravity
 
 
-def generate_scheduled(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> Clip:
+def generate_scheduled(seed: int, n_chunks: int, config: WorldConfig = WorldConfig(),
+                       p_lookahead: float = SCHEDULE_LOOKAHEAD) -> Clip:
     """A clip scripted (`generate_from_prompts`) from a random schedule (`scheduled_prompts`).
 
-    Training clips whose captions are planned over the whole clip: a run of "moves right" leaves
-    the subject room for the whole run, which `generate`'s clips (a new random velocity per control)
-    rarely do. Up to ``SCHEDULE_TRIES`` schedules are drawn; if none can be scripted the clip is
+    Training clips whose captions hold over runs of chunks, of two kinds: with probability
+    ``p_lookahead`` the clip is planned over the whole schedule (a run of "moves right" starts with
+    room for the whole run), otherwise chunk by chunk (``lookahead=False``: a run's later chunks
+    slow down to fit the room left, what a chunk-causal generator has to do when a caption
+    repeats). `generate`'s clips (a new random velocity per control) rarely show either. Up to
+    ``SCHEDULE_TRIES`` schedules are drawn; if none can be scripted the clip is
     ``generate(seed, n_chunks)``. ``meta["source"]`` is ``"scheduled"`` (or ``"random"``)."""
     seed, n_chunks = _check_seed(seed), _check_chunks(n_chunks)
+    if not 0 <= p_lookahead <= 1:
+        raise ValueError(f"p_lookahead must be in [0, 1], got {p_lookahead!r}")
     rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    lookahead = bool(rng.random() < p_lookahead)
     for attempt in range(SCHEDULE_TRIES):
         prompts, gravity = scheduled_prompts(rng, n_chunks, config)
         try:
-            clip = generate_from_prompts(prompts, int(rng.integers(2**63)), config, gravity=gravity, max_tries=16)
+            clip = generate_from_prompts(prompts, int(rng.integers(2**63)), config, gravity=gravity, max_tries=16,
+                                         lookahead=lookahead)
         except ValueError:
             continue
         return Clip(frames=clip.frames, captions=clip.captions, tracks=clip.tracks, seed=seed, config=config,
