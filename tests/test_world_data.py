@@ -374,9 +374,14 @@ def test_planning_without_lookahead_slows_down_within_a_run():
     assert (myopic[:, 1] < 0.7 * myopic[:, 0]).mean() > 0.3  # ... then slower
     with pytest.raises(ValueError, match="p_lookahead"):
         D.generate_scheduled(0, 2, CFG, p_lookahead=2.0)
-    kinds = {D.generate_scheduled(s, 2, CFG).meta["lookahead"] for s in range(12)}
+    kinds = {D.generate_scheduled(s, 2, CFG, p_lookahead=0.5).meta["lookahead"] for s in range(12)}
     assert kinds == {True, False}
-    assert all(D.generate_scheduled(s, 2, CFG, p_lookahead=1.0).meta["lookahead"] for s in range(6))
+    assert all(D.generate_scheduled(s, 2, CFG).meta["lookahead"] for s in range(6))  # default 1.0
+    # the choice has its own stream: a clip planned with lookahead is the same clip at any p_lookahead
+    for s in range(12):
+        clip = D.generate_scheduled(s, 2, CFG, p_lookahead=0.5)
+        if clip.meta["lookahead"]:
+            _same_clip(clip, D.generate_scheduled(s, 2, CFG))
 
 
 def test_scheduled_clip_falls_back_to_a_random_clip(monkeypatch):

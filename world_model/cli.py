@@ -72,7 +72,8 @@ data stream position are restored; only the step counts and bookkeeping (--ckpt-
 --data-workers) may change, and changing a step count changes the learning-rate schedule.
 Fine-tuning with another loss or data mix: --resume with a larger --steps-dit and a changed
 "fg_weight" (extra loss weight on the latent cells an object touches; 0 = plain MSE) or --p-scheduled
-(the fraction of clips scripted from random chunk-wise prompt schedules, data.generate_scheduled).
+(the fraction of clips scripted from random chunk-wise prompt schedules, data.generate_scheduled;
+--p-lookahead of them planned over the whole schedule, the rest chunk by chunk).
 A weights file that holds its training config (the shipped one does) can be resumed: AdamW then
 starts from zero moments.
 """
@@ -101,6 +102,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-scheduled", type=_nonneg_float, metavar="P",
                    help="fraction of the transformer's training clips scripted from random chunk-wise prompt "
                         "schedules (runs of one caption that the clip is planned to satisfy; default: the config's)")
+    p.add_argument("--p-lookahead", type=_nonneg_float, metavar="P",
+                   help="fraction of the scheduled clips planned over the whole schedule; the rest are planned "
+                        "chunk by chunk, a run's later chunks slowing down near a wall (default: the config's)")
     p.add_argument("--time-limit", type=_pos_float, metavar="MIN",
                    help="wall-clock minutes: start no step after this, save a checkpoint of the step reached and "
                         "stop (resume continues bit-exactly); for leased or preemptible machines")
@@ -133,7 +137,7 @@ def _train_config(args, parser):
         overrides = {k: v for k, v in {
             "steps_vae": args.steps_vae, "steps_dit": args.steps_dit, "seed": args.seed, "batch": args.batch,
             "ckpt_every": args.ckpt_every, "data_workers": args.data_workers,
-            "p_scheduled": args.p_scheduled}.items() if v is not None}
+            "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead}.items() if v is not None}
         tcfg = replace(tcfg, **overrides)
         if saved is not None:
             check_resume_config(tcfg, saved, meta)

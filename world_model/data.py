@@ -803,7 +803,7 @@ SCHEDULE_MOTIONS = {
            "bounces off the ceiling": 0.05},
 }
 SCHEDULE_TRIES = 8  # schedules drawn for one scheduled clip before it falls back to `generate`
-SCHEDULE_LOOKAHEAD = 0.5  # the fraction of scheduled clips planned over the whole schedule
+SCHEDULE_LOOKAHEAD = 1.0  # the fraction of scheduled clips planned over the whole schedule (the rest chunk by chunk)
 
 
 def scheduled_prompts(rng: np.random.Generator, n_chunks: int, config: WorldConfig = WorldConfig()) -> tuple[list[str], bool]:
@@ -859,7 +859,7 @@ def generate_scheduled(seed: int, n_chunks: int, config: WorldConfig = WorldConf
     if not 0 <= p_lookahead <= 1:
         raise ValueError(f"p_lookahead must be in [0, 1], got {p_lookahead!r}")
     rng = np.random.Generator(np.random.PCG64([seed, 1]))
-    lookahead = bool(rng.random() < p_lookahead)
+    lookahead = bool(np.random.Generator(np.random.PCG64([seed, 3])).random() < p_lookahead)  # its own stream
     for attempt in range(SCHEDULE_TRIES):
         prompts, gravity = scheduled_prompts(rng, n_chunks, config)
         try:
@@ -895,17 +895,18 @@ class Batch:
 
 
 def make_batch(seed: int, index: int, n_chunks: int, batch: int, config: WorldConfig = WorldConfig(),
-               p_scheduled: float = 0.0) -> Batch:
+               p_scheduled: float = 0.0, p_lookahead: float = SCHEDULE_LOOKAHEAD) -> Batch:
     """Batch number ``index`` of ``stream(seed, ...)``, computed directly (random access).
 
-    ``p_scheduled``: the probability that a clip is `generate_scheduled` rather than `generate`
-    (decided from the clip's seed, so a batch is the same whatever else is asked)."""
+    ``p_scheduled``: the probability that a clip is `generate_scheduled` (with ``p_lookahead``)
+    rather than `generate` (decided from the clip's seed, so a batch is the same whatever else is
+    asked)."""
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if not 0 <= p_scheduled <= 1:
         raise ValueError(f"p_scheduled must be in [0, 1], got {p_scheduled!r}")
     seeds = [clip_seed(seed, index * batch + i) for i in range(batch)]
-    clips = [generate_scheduled(s, n_chunks, config) if p_scheduled and _scheduled(s, p_scheduled)
+    clips = [generate_scheduled(s, n_chunks, config, p_lookahead) if p_scheduled and _scheduled(s, p_scheduled)
              else generate(s, n_chunks, config) for s in seeds]
     captions = [c.captions for c in clips]
     tokens = np.stack([vocab.encode_batch(c) for c in captions])
@@ -919,14 +920,15 @@ def _scheduled(seed: int, p: float) -> bool:
 
 
 def stream(seed: int, n_chunks: int, batch: int, config: WorldConfig = WorldConfig(),
-           start: int = 0, stop: int | None = None, p_scheduled: float = 0.0) -> Iterator[Batch]:
+           start: int = 0, stop: int | None = None, p_scheduled: float = 0.0,
+           p_lookahead: float = SCHEDULE_LOOKAHEAD) -> Iterator[Batch]:
     """Batches ``start, start + 1, ...`` (forever, or up to ``stop`` exclusive); resumable from any index."""
     _check_seed(seed)
     _check_chunks(n_chunks)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start must be a non-negative int, got {start!r}")
     for b in itertools.count(start) if stop is None else range(start, stop):
-        yield make_batch(seed, b, n_chunks, batch, config, p_scheduled)
+        yield make_batch(seed, b, n_chunks, batch, config, p_scheduled, p_lookahead)
 
 
 # ------------------------------------------------------------------------------------- preview

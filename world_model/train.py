@@ -76,7 +76,7 @@ PHASE_VAE, PHASE_DIT, PHASE_STATS = 1, 2, 3
 # fields that may change when resuming (they do not change what a step computes, or only extend the run)
 RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints", "log_every",
                      "sample_every", "data_workers", "fg_weight", "compile",
-                     "p_scheduled")  # fg_weight, p_scheduled: fine-tuning with a new loss weighting / data mix
+                     "p_scheduled", "p_lookahead")  # fine-tuning with a new loss weighting / data mix
 
 
 # ------------------------------------------------------------------------------------- config
@@ -112,6 +112,7 @@ class TrainConfig:
     t_std: float = 1.0
     fg_weight: float = 0.0  # extra loss weight on latent cells an object touches (0: plain MSE)
     p_scheduled: float = 0.0  # fraction of the transformer's clips scripted from random prompt schedules (data.generate_scheduled)
+    p_lookahead: float = 1.0  # fraction of those planned over the whole schedule (the rest chunk by chunk)
     reuse: int = 1  # transformer steps per generated and encoded batch (each with its own cuts, t and noise)
     # optimisation (both phases)
     min_lr_ratio: float = 0.1
@@ -154,7 +155,7 @@ class TrainConfig:
             whole("attn_window", 1)
         if not isinstance(self.compile, bool):
             bad(f"compile={self.compile!r} must be true or false")
-        for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio", "p_scheduled"):
+        for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio", "p_scheduled", "p_lookahead"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1]")
         for name in ("lr_vae", "lr_dit", "t_std"):
@@ -244,21 +245,22 @@ def lr_at(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> 
 
 
 def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int, cells: tuple[int, int] | None = None,
-                  p_scheduled: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                  p_scheduled: float = 0.0, p_lookahead: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Frames, caption tokens and (with ``cells``: the autoencoder's time and space down-sampling)
     the `data.foreground_cells` of each clip of batch ``index`` (else None)."""
-    b = D.make_batch(seed, index, n_chunks, batch, p_scheduled=p_scheduled)
+    b = D.make_batch(seed, index, n_chunks, batch, p_scheduled=p_scheduled, p_lookahead=p_lookahead)
     fg = None if cells is None else np.stack([D.foreground_cells(c, *cells) for c in b.clips])
     return b.frames, b.tokens, fg
 
 
 def _batch_into_slot(slot: str, seed: int, index: int, n_chunks: int, batch: int,
-                     cells: tuple[int, int] | None, p_scheduled: float) -> tuple[np.ndarray, np.ndarray | None]:
+                     cells: tuple[int, int] | None, p_scheduled: float,
+                     p_lookahead: float) -> tuple[np.ndarray, np.ndarray | None]:
     """Worker side of `BatchSource`: write the frames into shared-memory block ``slot`` (they are
     by far the largest part: 75 MB for 64 clips of 4 chunks) and return the small arrays."""
     from multiprocessing import shared_memory
 
-    frames, tokens, fg = _batch_arrays(seed, index, n_chunks, batch, cells, p_scheduled)
+    frames, tokens, fg = _batch_arrays(seed, index, n_chunks, batch, cells, p_scheduled, p_lookahead)
     shm = shared_memory.SharedMemory(name=slot)
     try:
         np.ndarray(frames.shape, frames.dtype, buffer=shm.buf)[...] = frames
@@ -279,8 +281,8 @@ class BatchSource:
     next `get` (move them to the device, or copy them, before asking for the next batch)."""
 
     def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0,
-                 cells: tuple[int, int] | None = None, p_scheduled: float = 0.0):
-        self.args = (seed, n_chunks, batch, cells, p_scheduled)
+                 cells: tuple[int, int] | None = None, p_scheduled: float = 0.0, p_lookahead: float = 1.0):
+        self.args = (seed, n_chunks, batch, cells, p_scheduled, p_lookahead)
         self.next = start
         self.pool = None
         self.ahead: deque = deque()  # (future, slot)
@@ -306,15 +308,16 @@ class BatchSource:
             self.free.extend(self.slots)
 
     def _submit(self):
-        seed, n, b, cells, p_sched = self.args
+        seed, n, b, cells, p_sched, p_ahead = self.args
         slot = self.free.popleft()
-        fut = self.pool.submit(_batch_into_slot, slot.name, seed, self.next + len(self.ahead), n, b, cells, p_sched)
+        fut = self.pool.submit(_batch_into_slot, slot.name, seed, self.next + len(self.ahead), n, b, cells,
+                               p_sched, p_ahead)
         self.ahead.append((fut, slot))
 
     def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        seed, n, b, cells, p_sched = self.args
+        seed, n, b, cells, p_sched, p_ahead = self.args
         if self.pool is None:
-            out = _batch_arrays(seed, self.next, n, b, cells, p_sched)
+            out = _batch_arrays(seed, self.next, n, b, cells, p_sched, p_ahead)
         else:
             if self.held is not None:  # the caller is done with the previous batch's frames
                 self.free.append(self.held)
@@ -712,7 +715,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             first = step - tcfg.steps_vae
             cells = (cfg.time_down, cfg.space_down) if tcfg.fg_weight else None  # foreground only where weighted
             src = BatchSource(data_seed(tcfg, PHASE_DIT), tcfg.n_chunks, tcfg.batch, first // tcfg.reuse,
-                              tcfg.data_workers, cells, tcfg.p_scheduled)
+                              tcfg.data_workers, cells, tcfg.p_scheduled, tcfg.p_lookahead)
             latents = None
             bar = _progress(tcfg.steps_dit, first, "transformer", progress)
             try:
