@@ -66,6 +66,7 @@ examples:
   magi train --config tiny --steps-vae 0 --steps-dit 10 --out runs/t   # random frozen autoencoder
   magi train --resume runs/small --out runs/small               # continue from the latest checkpoint
   magi train --resume runs/small/ckpt_0004000.safetensors --steps-dit 8000 --out runs/small-long
+  magi train --resume runs/small --config small --p-scheduled 0.5 --steps-dit 11600 --out runs/small   # scheduled clips
 
 resume continues bit-exactly (on the CPU) from the saved step: weights, optimizer moments and the
 data stream position are restored; only the step counts and bookkeeping (--ckpt-every,
