@@ -96,15 +96,23 @@ def main(argv=None) -> int:
         for s, prompts in videos:
             frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw))))
             r = ev.prompt_following(frames, prompts, cfg)
-            per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"]})
+            room = ev.first_chunk_room(frames[:cfg.chunk_frames], prompts[0], cfg)
+            per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"], "first_chunk_room": room})
         matches = [m for v in per_video for m in v["matches"]]
+        rooms = [v["first_chunk_room"] for v in per_video if v["first_chunk_room"] is not None]
         run = {"setting": kw, "prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
                "by_chunk": ev.by_chunk([v["matches"] for v in per_video]), "videos": per_video,
+               "first_chunk_room": {k: float(np.mean([r[k] for r in rooms])) if rooms else None
+                                    for k in ("same_velocity", "slowest")} | {"videos": len(rooms)},
                "seconds": time.perf_counter() - t0}
         res["runs"].append(run)
         print(f"{text or '(defaults)':<28} prompt following {run['prompt_following']:.3f} "
               f"({len(matches)} chunks, {run['seconds']:.0f} s); by chunk "
               + " ".join(f"{x:.2f}" for x in run["by_chunk"]), flush=True)
+        fr = run["first_chunk_room"]
+        if fr["videos"]:
+            print(f"{'':<28} first chunks leaving room ({fr['videos']} videos): at their velocity "
+                  f"{fr['same_velocity']:.2f}, at the slowest moving speed {fr['slowest']:.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

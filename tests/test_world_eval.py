@@ -239,3 +239,32 @@ def test_room_to_continue_bounds_the_second_chunk():
     assert 0 < r["same_velocity"] < r["slowest"] <= 1
     free = E.room_to_continue(100, config=data.WorldConfig(still_thresh=0.0))
     assert free["clips"] > 0 and free["slowest"] == 1.0
+
+
+def _square_track(xs, ys, colour="red", half=3):
+    """Frames of one (2 half + 1)-px square of ``colour`` centred at (xs[t], ys[t])."""
+    frames = np.zeros((len(xs), 64, 64, 3), np.uint8)
+    rgb = np.asarray(data.PALETTE[colour], np.uint8)
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        i, j = int(round(y)), int(round(x))
+        frames[t, i - half:i + half + 1, j - half:j + half + 1] = rgb
+    return frames
+
+
+def test_first_chunk_room_measures_the_room_left_in_the_direction_of_motion():
+    t = np.arange(24)
+    far = _square_track(10 + 1.0 * t, np.full(24, 32.0))  # ends at x = 33, moving right at 1 px/frame
+    r = E.first_chunk_room(far, "the red square moves right")
+    assert r["speed"] == pytest.approx(1.0, abs=0.05)
+    assert r["room_px"] == pytest.approx(64 - 33.5 - np.sqrt(49 / np.pi), abs=0.6)  # centre 33.5 (pixel centres)
+    assert r["same_velocity"] and r["slowest"]  # 27 px of room for 25 steps of 1 px
+    near = _square_track(28 + 1.0 * t, np.full(24, 32.0))  # ends at x = 51: room for 8.5 px only
+    r = E.first_chunk_room(near, "the red square moves right")
+    assert not r["same_velocity"] and r["slowest"]  # 8.5 px >= 1.5 * 0.15 * 25 = 5.6 px
+    wall = _square_track(36 + 1.0 * t, np.full(24, 32.0))  # ends touching the wall
+    assert E.first_chunk_room(wall, "the red square moves right")["slowest"] is False
+    up = _square_track(np.full(24, 32.0), 50 - 1.5 * t)  # moving up, ends at y = 15.5
+    r = E.first_chunk_room(up, "the red square moves up")
+    assert r["speed"] == pytest.approx(1.5, abs=0.05) and not r["same_velocity"] and r["slowest"]
+    assert E.first_chunk_room(far, "the red square stays still") is None  # not a "moves X" caption
+    assert E.first_chunk_room(far, "the blue square moves right") is None  # subject not drawn

@@ -243,6 +243,35 @@ def room_to_continue(n_clips: int = 4000, first_seed: int = 100_000, config: Wor
     return {"clips": n, "same_velocity": same / max(n, 1), "slowest": slowest / max(n, 1)}
 
 
+def first_chunk_room(frames, prompt: str, config: WorldConfig = WorldConfig(), tol: float = DEFAULT_TOL) -> dict | None:
+    """Whether a generated chunk captioned "moves X" ends with room for its subject to keep moving X
+    through one more chunk (the model's side of `room_to_continue`).
+
+    ``frames``: that chunk's frames. The subject is tracked by colour; its half-extent is taken as a
+    disc of the tracked pixel count, its speed along X from a line fit of its last 8 visible
+    positions. Returns ``{"room_px", "speed", "same_velocity", "slowest"}`` (the last two as in
+    `room_to_continue`), or None when the caption is not "moves X" or the subject shows in fewer
+    than 8 frames."""
+    p = vocab.parse_caption(prompt)
+    if not p.motion.startswith("moves "):
+        return None
+    tr = track_by_colour(np.asarray(frames), [p.colour], tol)[p.colour]
+    ok = np.flatnonzero(tr["visible"])
+    if len(ok) < 8:
+        return None
+    last, fit = ok[-1], ok[-8:]
+    x, y = float(tr["x"][last]), float(tr["y"][last])
+    r = math.sqrt(tr["count"][last] / math.pi)
+    vx, vy = np.polyfit(fit, tr["x"][fit], 1)[0], np.polyfit(fit, tr["y"][fit], 1)[0]
+    d = p.motion.split()[1]
+    size = config.size
+    room = {"left": x - r, "right": size - r - x, "up": y - r, "down": size - r - y}[d]
+    speed = float({"left": -vx, "right": vx, "up": -vy, "down": vy}[d])
+    steps = config.chunk_frames + 1  # the next chunk's frames and the one after it
+    return {"room_px": float(room), "speed": speed, "same_velocity": bool(room >= max(speed, 0.0) * steps),
+            "slowest": bool(room >= 1.5 * config.still_thresh * steps)}
+
+
 def direction_change_prompts(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> list[str]:
     """A held-out chunk-wise prompt list that changes direction mid-video, realisable by the simulator.
 
