@@ -2,7 +2,9 @@
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
 ``steps``, ``shift``; ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``) it generates the same held-out direction-change videos as ``magi eval`` and
-scores them with the same tracker. ``--ceiling`` also scores the simulator's clips after an
+scores them with the same tracker: overall, per chunk position, and per video (the measured
+motions, and whether the generated first chunk leaves its subject room to keep moving one more
+chunk, `evaluate.first_chunk_room`). ``--ceiling`` also scores the simulator's clips after an
 autoencoder round trip: what the transformer could reach at best with this autoencoder.
 
     python benchmarks/world_sampler_sweep.py --settings "" "cfg_text=4" "window=1" "window=1,cfg_text=4"
