@@ -34,6 +34,10 @@ are the velocities at frame t, after any control, at the start of the step from 
 and ``bounce[t]`` is the wall hit during that step (0 none, 1 left wall, 2 right wall,
 3 ceiling, 4 floor). Chunk k owns frames and steps ``[k*chunk_frames, (k+1)*chunk_frames)``.
 
+**Scripted clips**: `generate_from_prompts` plans a clip whose chunk k has a given caption, and
+`generate_scheduled` does so for a random chunk-wise prompt schedule (runs of one caption); training
+mixes those in (`make_batch(..., p_scheduled)`) so that a caption that repeats finds room to hold.
+
 Everything is a deterministic function of the seed (``numpy.random.Generator(PCG64(seed))``).
 """
 
