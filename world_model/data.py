@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -871,9 +871,7 @@ def generate_scheduled(seed: int, n_chunks: int, config: WorldConfig = WorldConf
                                          lookahead=lookahead)
         except ValueError:
             continue
-        return Clip(frames=clip.frames, captions=clip.captions, tracks=clip.tracks, seed=seed, config=config,
-                    gravity=clip.gravity, background=clip.background,
-                    meta={**clip.meta, "source": "scheduled", "attempt": attempt})
+        return replace(clip, seed=seed, meta={**clip.meta, "source": "scheduled", "attempt": attempt})
     return generate(seed, n_chunks, config)
 
 

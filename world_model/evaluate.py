@@ -214,6 +214,19 @@ def by_chunk(matches: Sequence[Sequence[bool]]) -> list[float]:
     return [float(np.mean([m[k] for m in matches if len(m) > k])) for k in range(longest)]
 
 
+def _room_ahead(direction: str, x: float, y: float, bounds) -> float:
+    """How far a centroid at (x, y) can move towards ``direction`` (left/right/up/down) inside
+    ``bounds`` = (xmin, xmax, ymin, ymax)."""
+    xmin, xmax, ymin, ymax = bounds
+    return {"left": x - xmin, "right": xmax - x, "up": y - ymin, "down": ymax - y}[direction]
+
+
+def _slowest_room(config: WorldConfig) -> float:
+    """The room one more chunk (its frames and the one after it) needs at the slowest speed still
+    captioned as moving (1.5 x ``still_thresh``)."""
+    return 1.5 * config.still_thresh * (config.chunk_frames + 1)
+
+
 def room_to_continue(n_clips: int = 4000, first_seed: int = 100_000, config: WorldConfig = WorldConfig()) -> dict:
     """How often a first chunk captioned "moves X", drawn as the simulator draws it (no gravity), leaves
     its subject room to keep moving X through the next chunk (its frames and the one after it).
@@ -224,13 +237,11 @@ def room_to_continue(n_clips: int = 4000, first_seed: int = 100_000, config: Wor
     direction-change videos' second chunk (same prompt as the first) is bounded by these."""
     f = config.chunk_frames
     steps = np.arange(1, f + 2)
-    room = {"moves down": lambda x, y, b: b[3] - y, "moves up": lambda x, y, b: y - b[2],
-            "moves left": lambda x, y, b: x - b[0], "moves right": lambda x, y, b: b[1] - x}
     n = same = slowest = 0
     for seed in range(first_seed, first_seed + n_clips):
         clip = data.generate(seed, 2, config)
         motion = vocab.parse_caption(clip.captions[0]).motion
-        if clip.gravity or motion not in room:
+        if clip.gravity or not motion.startswith("moves "):
             continue
         tr = clip.tracks
         s = int(tr["subject"][0])
@@ -239,7 +250,7 @@ def room_to_continue(n_clips: int = 4000, first_seed: int = 100_000, config: Wor
         xs, ys = x + vx * steps, y + vy * steps
         n += 1
         same += bool((xs >= b[0]).all() and (xs <= b[1]).all() and (ys >= b[2]).all() and (ys <= b[3]).all())
-        slowest += bool(room[motion](x, y, b) >= 1.5 * config.still_thresh * len(steps))
+        slowest += bool(_room_ahead(motion.split()[1], x, y, b) >= _slowest_room(config))
     return {"clips": n, "same_velocity": same / max(n, 1), "slowest": slowest / max(n, 1)}
 
 
@@ -264,12 +275,11 @@ def first_chunk_room(frames, prompt: str, config: WorldConfig = WorldConfig(), t
     r = math.sqrt(tr["count"][last] / math.pi)
     vx, vy = np.polyfit(fit, tr["x"][fit], 1)[0], np.polyfit(fit, tr["y"][fit], 1)[0]
     d = p.motion.split()[1]
-    size = config.size
-    room = {"left": x - r, "right": size - r - x, "up": y - r, "down": size - r - y}[d]
+    room = _room_ahead(d, x, y, (r, config.size - r, r, config.size - r))
     speed = float({"left": -vx, "right": vx, "up": -vy, "down": vy}[d])
     steps = config.chunk_frames + 1  # the next chunk's frames and the one after it
     return {"room_px": float(room), "speed": speed, "same_velocity": bool(room >= max(speed, 0.0) * steps),
-            "slowest": bool(room >= 1.5 * config.still_thresh * steps)}
+            "slowest": bool(room >= _slowest_room(config))}
 
 
 def direction_change_prompts(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> list[str]:

@@ -112,7 +112,7 @@ class TrainConfig:
     t_std: float = 1.0
     fg_weight: float = 0.0  # extra loss weight on latent cells an object touches (0: plain MSE)
     p_scheduled: float = 0.0  # fraction of the transformer's clips scripted from random prompt schedules (data.generate_scheduled)
-    p_lookahead: float = 1.0  # fraction of those planned over the whole schedule (the rest chunk by chunk)
+    p_lookahead: float = D.SCHEDULE_LOOKAHEAD  # fraction of those planned over the whole schedule (the rest chunk by chunk)
     reuse: int = 1  # transformer steps per generated and encoded batch (each with its own cuts, t and noise)
     # optimisation (both phases)
     min_lr_ratio: float = 0.1
@@ -245,7 +245,8 @@ def lr_at(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> 
 
 
 def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int, cells: tuple[int, int] | None = None,
-                  p_scheduled: float = 0.0, p_lookahead: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                  p_scheduled: float = 0.0,
+                  p_lookahead: float = D.SCHEDULE_LOOKAHEAD) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Frames, caption tokens and (with ``cells``: the autoencoder's time and space down-sampling)
     the `data.foreground_cells` of each clip of batch ``index`` (else None)."""
     b = D.make_batch(seed, index, n_chunks, batch, p_scheduled=p_scheduled, p_lookahead=p_lookahead)
@@ -281,7 +282,8 @@ class BatchSource:
     next `get` (move them to the device, or copy them, before asking for the next batch)."""
 
     def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0,
-                 cells: tuple[int, int] | None = None, p_scheduled: float = 0.0, p_lookahead: float = 1.0):
+                 cells: tuple[int, int] | None = None, p_scheduled: float = 0.0,
+                 p_lookahead: float = D.SCHEDULE_LOOKAHEAD):
         self.args = (seed, n_chunks, batch, cells, p_scheduled, p_lookahead)
         self.next = start
         self.pool = None
