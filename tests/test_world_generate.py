@@ -10,6 +10,7 @@ pytest.importorskip("safetensors")
 
 from maskc.world_model import cli
 from maskc.world_model import generate as G
+from maskc.world_model import train as TR
 from maskc.world_model.configs import TINY
 from maskc.world_model.dit import WorldModel
 
@@ -165,6 +166,47 @@ def test_chunkwise_prompts_reach_their_chunks(tiny):
     b = np.stack(list(G.generate_chunks(tiny, other, **kw)))
     assert np.array_equal(a[:3], b[:3])  # earlier chunks never see later captions
     assert all(not np.array_equal(a[k], b[k]) for k in range(3, 6))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny):
+    """``tiny`` with caption runs of up to 3 chunks, their vectors drawn at random (not zero)."""
+    model = TR.add_caption_runs(tiny, 3).eval()
+    with torch.no_grad():
+        model.text.run.weight[1:].normal_(generator=torch.Generator().manual_seed(4))
+    return model
+
+
+def test_each_chunk_is_told_its_run_over_the_prompt_list(tiny_runs, monkeypatch):
+    told = []
+    encode = tiny_runs.encode_captions
+    monkeypatch.setattr(tiny_runs, "encode_captions", lambda caps, runs=None: told.append((list(caps), list(runs))) or encode(caps, runs))
+    Q = "the blue square falls"
+    prompts = [P, "The red circle moves RIGHT.", Q, Q, Q, Q]  # one caption spelled two ways is one run
+    stream = G.generate_chunks(tiny_runs, prompts, steps=2, window=2, attn_window=2, cfg_text=1.0, seed=0)
+    assert stream.runs == [2, 1, 3, 3, 2, 1]
+    list(stream)
+    by_caption = {(c, r) for caps, runs in told for c, r in zip(caps, runs)}
+    assert (P, 2) in by_caption and (Q, 3) in by_caption and (Q, 1) in by_caption
+    assert all(r == 0 for caps, runs in told for c, r in zip(caps, runs) if c == G.NULL_CAPTION)  # CFG's branch
+
+
+def test_earlier_chunks_see_later_prompts_only_through_their_runs(tiny_runs):
+    kw = dict(n_chunks=6, steps=4, window=2, attn_window=3, cfg_text=1.0, seed=3)
+    Q, B = "the blue square falls", "the green triangle rises"
+    a = np.stack(list(G.generate_chunks(tiny_runs, [P] * 4 + [Q] * 2, **kw)))
+    b = np.stack(list(G.generate_chunks(tiny_runs, [P] * 4 + [B] * 2, **kw)))  # same runs
+    c = np.stack(list(G.generate_chunks(tiny_runs, [P] * 3 + [Q] * 3, **kw)))  # chunk 1's run 3 -> 2
+    assert np.array_equal(a[:4], b[:4]) and not np.array_equal(a[4], b[4])
+    assert np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])  # chunk 0's run is 3 in both
+
+
+def test_zero_run_vectors_generate_what_the_model_without_runs_generates(tiny):
+    kw = dict(n_chunks=3, steps=3, window=2, cfg_text=2.0, seed=1)
+    prompts = [P, P, "the blue square falls"]
+    with_runs = TR.add_caption_runs(tiny, 4).eval()
+    assert np.array_equal(np.stack(list(G.generate_chunks(tiny, prompts, **kw))),
+                          np.stack(list(G.generate_chunks(with_runs, prompts, **kw))))
 
 
 def test_guidance_interval(tiny):

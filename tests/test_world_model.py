@@ -17,7 +17,7 @@ from maskc.world_model.configs import CONFIGS, SMALL, TINY, ModelConfig, get_con
 from maskc.world_model.dit import (
     WorldModel, attend, flow_matching_loss, noisy_latents, param_counts, patchify, positions, unpatchify,
 )
-from maskc.world_model.text import TextEncoder, pack_text, tokenize
+from maskc.world_model.text import TextEncoder, caption_runs, pack_text, tokenize
 from maskc.world_model.vae import VideoVAE, vae_loss
 
 CAPTIONS = [
@@ -134,6 +134,72 @@ def test_text_encoder_and_packing():
         tokenize(["the purple circle moves left"])
     with pytest.raises(ValueError, match="token ids"):
         enc(torch.full((1, 3), 999))
+
+
+def test_caption_runs_counts_each_chunks_run_to_the_end():
+    assert caption_runs(["a", "a", "b", "a"], 4) == [2, 1, 1, 1]
+    assert caption_runs(list("aaaaaa"), 4) == [4, 4, 4, 3, 2, 1]
+    assert caption_runs(list("abba"), 1) == [1, 1, 1, 1]
+    assert caption_runs([], 3) == []
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="cap must be an integer >= 1"):
+            caption_runs(["a"], bad)
+
+
+def test_caption_runs_config():
+    cfg = replace(TINY, caption_runs=3)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = TINY.to_dict()
+    del old["caption_runs"]  # a checkpoint written before caption runs existed
+    assert ModelConfig.from_dict(old).caption_runs == 0
+    for bad in (-1, 65, True, 1.5):
+        with pytest.raises(ValueError, match="caption_runs"):
+            replace(TINY, caption_runs=bad)
+
+
+def test_text_encoder_runs_start_at_zero_and_reach_only_their_caption():
+    cfg = replace(TINY, caption_runs=3)
+    torch.manual_seed(0)
+    enc = TextEncoder(cfg)
+    tokens = tokenize(CAPTIONS[:3])
+    runs = torch.tensor([3, 1, 0])
+    base = enc(tokens)[0]
+    # at initialisation every run vector is zero: the encoder computes what one without runs computes
+    assert torch.equal(enc(tokens, runs)[0], base)
+    plain = TextEncoder(TINY)
+    plain.load_state_dict({k: v for k, v in enc.state_dict().items() if k != "run.weight"})
+    assert torch.equal(plain(tokens)[0], base)
+    with torch.no_grad():
+        enc.run.weight[1:].normal_()
+    told = enc(tokens, runs)[0]
+    assert (told[0] - base[0]).abs().max() > 1e-3 and (told[1] - base[1]).abs().max() > 1e-3
+    assert torch.equal(told[2], base[2])  # run 0: not told
+    assert not torch.allclose(told[0], enc(tokens, torch.tensor([2, 1, 0]))[0][0])
+    # run 0 stays the zero vector through training (padding_idx: no gradient)
+    enc(tokens, torch.tensor([0, 2, 3]))[0].sum().backward()
+    assert enc.run.weight.grad[0].abs().max() == 0 and enc.run.weight.grad[2:].abs().max() > 0
+    with pytest.raises(ValueError, match=r"runs must lie in \[0, 3\]"):
+        enc(tokens, torch.tensor([4, 1, 1]))
+    with pytest.raises(ValueError, match=r"runs must be an integer tensor \[3\]"):
+        enc(tokens, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="runs must be an integer tensor"):
+        enc(tokens, torch.tensor([1.0, 1.0, 1.0]))
+    # a model without runs takes none (or zeros: not told)
+    assert torch.equal(plain(tokens, torch.zeros(3, dtype=torch.long))[0], base)
+    with pytest.raises(ValueError, match=r"runs must lie in \[0, 0\]"):
+        plain(tokens, torch.tensor([1, 0, 0]))
+
+
+def test_encode_captions_passes_runs():
+    torch.manual_seed(0)
+    model = WorldModel(replace(TINY, caption_runs=2))
+    with torch.no_grad():
+        model.text.run.weight[1:].normal_()
+    caps = CAPTIONS[:2]
+    a, lens = model.encode_captions(caps)
+    b, _ = model.encode_captions(caps, [2, 0])
+    assert lens == [7, 6]
+    assert (a[:7] - b[:7]).abs().max() > 1e-3 and torch.equal(a[7:], b[7:])
 
 
 # ------------------------------------------------------------------------------------ masks

@@ -107,6 +107,76 @@ def test_pack_batch_layout():
     assert p.noise.shape == p.latents.shape
 
 
+def test_pack_batch_caption_runs():
+    """Runs count over the whole clip (a piece cut from it keeps them), dropped captions are not told
+    (run 0), and a model without caption runs gets none."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4 * LF, 8, 8, TINY.latent_channels, generator=g)
+    a, b = "the red circle moves left", "the red circle falls"
+    tokens = np.stack([vocab.encode_batch([a, a, b, b]), vocab.encode_batch([b, b, b, b])])
+    np.testing.assert_array_equal(TR.clip_runs(tokens, 4), [[2, 1, 2, 1], [4, 3, 2, 1]])
+    np.testing.assert_array_equal(TR.clip_runs(tokens, 2), [[2, 1, 2, 1], [2, 2, 2, 1]])
+    samples = [TR.SampleSpec(0, 0, 1, (0.5,), False, False),
+               TR.SampleSpec(0, 1, 3, (0.9, 0.5, 0.2), False, False),
+               TR.SampleSpec(1, 0, 2, (0.6, 0.3), False, True),
+               TR.SampleSpec(1, 2, 2, (0.6, 0.3), False, False)]
+    p = TR.pack_batch(latents, tokens, samples, replace(TINY, caption_runs=3), torch.Generator().manual_seed(1))
+    assert p.runs.tolist() == [2, 1, 2, 1, 0, 0, 2, 1]
+    assert TR.pack_batch(latents, tokens, samples, TINY, torch.Generator().manual_seed(1)).runs is None
+
+
+def test_adding_caption_runs_keeps_the_model_and_resumes(tmp_path):
+    tcfg = tiny(steps_vae=1, steps_dit=2, ckpt_every=1)
+    res = train(tcfg, tmp_path / "a", "cpu", progress=False)
+    old = res.model.eval()
+    new = TR.add_caption_runs(old, 3).eval()
+    assert new.cfg == replace(old.cfg, caption_runs=3) and not new.text.run.weight.any()
+    # the same function until trained: the loss of a packed batch with runs equals the old loss
+    rng = np.random.default_rng(0)
+    frames, tokens, _ = TR._batch_arrays(7, 0, tcfg.n_chunks, tcfg.batch)
+    with torch.no_grad():
+        lat = TR.encode_batch(old, frames, torch.device("cpu"), tcfg)
+        samples = plan_samples(rng, tcfg.batch, tcfg.n_chunks, tcfg)
+        p_old = TR.pack_batch(lat, tokens, samples, old.cfg, torch.Generator().manual_seed(2))
+        p_new = TR.pack_batch(lat, tokens, samples, new.cfg, torch.Generator().manual_seed(2))
+        assert p_new.runs is not None and p_new.runs.max() > 0
+        assert torch.equal(TR.dit_loss(old, p_old), TR.dit_loss(new, p_new))
+    with pytest.raises(ValueError, match="only 0 -> R >= 1"):
+        TR.add_caption_runs(new, 4)
+    # resuming with caption runs added trains their vectors (row 0, "not told", stays zero)
+    more = replace(tcfg, steps_dit=4, model=replace(TINY, caption_runs=3).to_dict())
+    msgs = []
+    res2 = train(more, tmp_path / "a", "cpu", resume=tmp_path / "a", progress=False, log=msgs.append)
+    assert res2.step == 5 and res2.model.cfg.caption_runs == 3
+    assert any("caption runs added" in m for m in msgs) and not any("warning" in m for m in msgs)
+    w = res2.model.text.run.weight
+    assert not w[0].any() and w[1:].abs().sum() > 0
+    model, cfg, _ = load_checkpoint(tmp_path / "a" / "model.safetensors")
+    assert cfg.caption_runs == 3 and torch.equal(model.text.run.weight, w.detach())
+    # the checkpoint now has runs: it resumes (bit-exactly) with them, never without them or with others
+    train(replace(more, steps_dit=5), tmp_path / "a", "cpu", resume=tmp_path / "a", progress=False)
+    for bad in (TINY.to_dict(), replace(TINY, caption_runs=4).to_dict(), replace(TINY, caption_runs=3, depth=3).to_dict()):
+        with pytest.raises(ValueError, match="only caption_runs may change, from 0 to R >= 1"):
+            train(replace(more, steps_dit=6, model=bad), tmp_path / "b", "cpu", resume=tmp_path / "a", progress=False)
+
+
+def test_stop_at_stops_with_a_checkpoint_and_resume_finishes_bit_exactly(tmp_path):
+    tcfg = tiny(steps_vae=2, steps_dit=3, ckpt_every=0)
+    full = train(tcfg, tmp_path / "full", "cpu", progress=False)
+    for at in (1, 3):  # in each phase
+        msgs = []
+        part = train(tcfg, tmp_path / f"at{at}", "cpu", progress=False, stop_at=at, log=msgs.append)
+        assert part.step == at and part.checkpoints[-1].name == f"ckpt_{at:07d}.safetensors"
+        assert any(f"stop_at {at} reached: stopped at step {at} of 5" in m for m in msgs), msgs
+        done = train(tcfg, tmp_path / f"at{at}", "cpu", resume=tmp_path / f"at{at}", progress=False)
+        a, b = full.model.state_dict(), done.model.state_dict()
+        assert done.step == 5 and all(torch.equal(a[k], b[k]) for k in a), at
+    assert train(tcfg, tmp_path / "past", "cpu", progress=False, stop_at=99).step == 5
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="stop_at must be a step count >= 1"):
+            train(tcfg, tmp_path / "bad", "cpu", progress=False, stop_at=bad)
+
+
 def test_pack_batch_foreground_and_weighted_loss():
     """Foreground cells travel with their latent frames; a weighted loss with equal weights is the
     plain loss, and weighting the foreground moves it towards the foreground cells' error."""
@@ -402,6 +472,12 @@ def test_cli_smoke_and_resume(tmp_path, capsys):
                      "--device", "cpu"]) == 0
     assert "step 4 of 4" in capsys.readouterr().out
     assert load_checkpoint(out / "model.safetensors")[2]["step"] == 4
+    # tell the captions their runs from here on, and stop at a given step
+    assert cli.main(["train", "--resume", str(out), "--caption-runs", "3", "--steps-dit", "6", "--stop-at", "6",
+                     "--out", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"]) == 0
+    assert "step 6 of 7" in capsys.readouterr().out
+    _, cfg, meta = load_checkpoint(tmp_path / "runs" / "model.safetensors")
+    assert cfg == replace(TINY, caption_runs=3) and meta["train_config"]["model"]["caption_runs"] == 3
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -413,6 +489,9 @@ def test_cli_smoke_and_resume(tmp_path, capsys):
     (["--config", "tiny", "--p-lookahead", "2"], "p_lookahead=2.0 must be in \\[0, 1\\]"),
     (["--config", "tiny", "--time-limit", "0"], "--time-limit: must be a finite number > 0, got 0"),
     (["--config", "tiny", "--time-limit", "soon"], "--time-limit: expected a number, got 'soon'"),
+    (["--config", "tiny", "--caption-runs", "0"], "--caption-runs: expected a positive integer, got 0"),
+    (["--config", "tiny", "--caption-runs", "99"], "caption_runs 99 must be an integer in \\[0, 64\\]"),
+    (["--config", "tiny", "--stop-at", "0"], "--stop-at: expected a positive integer, got 0"),
     (["--resume", "MISSING/ckpt_0000001.safetensors"], "does not exist"),
     (["--resume", "MISSING_DIR"], "does not exist"),
     (["--config", "missing.json"], "does not exist"),

@@ -67,6 +67,8 @@ examples:
   magi train --resume runs/small --out runs/small               # continue from the latest checkpoint
   magi train --resume runs/small/ckpt_0004000.safetensors --steps-dit 8000 --out runs/small-long
   magi train --resume runs/small --config small --p-scheduled 0.5 --steps-dit 11600 --out runs/small   # scheduled clips
+  magi train --resume world_model/weights/small.safetensors --config small --caption-runs 4 \
+      --p-scheduled 0.5 --steps-dit 11600 --stop-at 12152 --out runs/runs4   # tell captions their runs
 
 resume continues bit-exactly (on the CPU) from the saved step: weights, optimizer moments and the
 data stream position are restored; only the step counts and bookkeeping (--ckpt-every,
@@ -76,7 +78,9 @@ Fine-tuning with another loss or data mix: --resume with a larger --steps-dit an
 (the fraction of clips scripted from random chunk-wise prompt schedules, data.generate_scheduled;
 --p-lookahead of them planned over the whole schedule, the rest chunk by chunk).
 A weights file that holds its training config (the shipped one does) can be resumed: AdamW then
-starts from zero moments.
+starts from zero moments. --caption-runs R adds caption runs to a model trained without them (the
+new vectors start at zero, so training starts from the same function); --stop-at STEP remakes a run
+that a time limit stopped, at the same step.
 """
 
 
@@ -106,6 +110,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-lookahead", type=_nonneg_float, metavar="P",
                    help="fraction of the scheduled clips planned over the whole schedule; the rest are planned "
                         "chunk by chunk, a run's later chunks slowing down near a wall (default: the config's)")
+    p.add_argument("--caption-runs", type=_pos_int, metavar="R",
+                   help="tell each chunk's caption for how many chunks (up to R, this one included) the video keeps "
+                        "it, so a chunk can leave room for what the caption still asks; with --resume of a model "
+                        "without runs their vectors start at zero (default: the config's)")
+    p.add_argument("--stop-at", type=_pos_int, metavar="STEP",
+                   help="stop before this step (counting both phases), save a checkpoint and the weights; the "
+                        "learning-rate schedule stays that of all the steps (remakes a run stopped early)")
     p.add_argument("--time-limit", type=_pos_float, metavar="MIN",
                    help="wall-clock minutes: start no step after this, save a checkpoint of the step reached and "
                         "stop (resume continues bit-exactly); for leased or preemptible machines")
@@ -119,11 +130,11 @@ def _train_config(args, parser):
     from .train import TrainConfig, check_resume_config, load_train_config, resolve_device, resolve_resume
 
     try:
-        resume, saved, meta = None, None, None
+        resume, saved, meta, stored = None, None, None, None
         if args.resume is not None:
             resume = resolve_resume(args.resume)
             try:
-                _, _, meta = read_checkpoint(resume)
+                _, stored, meta = read_checkpoint(resume)
             except ValueError as e:
                 parser.error(f"resume: {e}")
             if meta.get("train_config") is None:
@@ -140,8 +151,11 @@ def _train_config(args, parser):
             "ckpt_every": args.ckpt_every, "data_workers": args.data_workers,
             "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead}.items() if v is not None}
         tcfg = replace(tcfg, **overrides)
+        if args.caption_runs is not None:
+            base = stored if stored is not None and args.config is None else tcfg.model_config()
+            tcfg = replace(tcfg, model=replace(base, caption_runs=args.caption_runs).to_dict())
         if saved is not None:
-            check_resume_config(tcfg, saved, meta)
+            check_resume_config(tcfg, saved, meta, stored)
         device = resolve_device(args.device)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
@@ -160,7 +174,7 @@ def run_train(args, parser) -> int:
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     result = train(tcfg, args.out, device=device, resume=resume, progress=progress,
                    log=None if progress is None and sys.stderr.isatty() else say,
-                   time_limit=None if args.time_limit is None else 60.0 * args.time_limit)
+                   time_limit=None if args.time_limit is None else 60.0 * args.time_limit, stop_at=args.stop_at)
     last = {ph: losses[-1][1] for ph, losses in result.losses.items() if losses}
     print(f"trained {tcfg.model_config().name}: step {result.step} of {tcfg.total_steps} in {result.seconds:.1f} s"
           + "".join(f"; last {ph} loss {v:.4f}" for ph, v in last.items()))

@@ -33,6 +33,9 @@ class ModelConfig:
     text_layers: int = 2
     text_heads: int = 2
     text_mlp_ratio: float = 2.0
+    # caption runs: each chunk's caption is told for how many chunks (this one included, capped at
+    # caption_runs) the video keeps it; 0 = not told (the models shipped before session 22)
+    caption_runs: int = 0
     # diffusion transformer
     dim: int = 192
     depth: int = 5
@@ -60,6 +63,8 @@ class ModelConfig:
         need(self.t_dim % 2 == 0, f"t_dim {self.t_dim} must be even")
         need(self.dim % self.heads == 0, f"dim {self.dim} % heads {self.heads} != 0")
         need(self.heads % self.kv_heads == 0, f"heads {self.heads} % kv_heads {self.kv_heads} != 0 (GQA)")
+        need(isinstance(self.caption_runs, int) and not isinstance(self.caption_runs, bool)
+             and 0 <= self.caption_runs <= 64, f"caption_runs {self.caption_runs!r} must be an integer in [0, 64]")
         need(self.text_dim % self.text_heads == 0, f"text_dim {self.text_dim} % text_heads {self.text_heads} != 0")
         need(sum(self.rope_split) == self.head_dim and all(p % 2 == 0 for p in self.rope_split),
              f"rope_split {self.rope_split} must be even parts summing to head_dim {self.head_dim}")

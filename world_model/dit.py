@@ -382,10 +382,16 @@ class WorldModel(nn.Module):
         self.text = TextEncoder(cfg)
         self.dit = DiT(cfg)
 
-    def encode_captions(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
-        """Packed caption tokens [sum(lengths), text_dim] and lengths, one caption per chunk."""
-        tokens = tokenize(captions).to(self.text.tok.weight.device)
-        return pack_text(*self.text(tokens))
+    def encode_captions(self, captions: Sequence[str], runs: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Packed caption tokens [sum(lengths), text_dim] and lengths, one caption per chunk.
+
+        ``runs``: per caption, for how many chunks the video keeps it (`text.caption_runs`; 0 = not
+        told); None: not told. Only models with ``caption_runs`` > 0 use them."""
+        dev = self.text.tok.weight.device
+        tokens = tokenize(captions).to(dev)
+        if runs is not None:
+            runs = torch.tensor(list(runs), dtype=torch.int64, device=dev)
+        return pack_text(*self.text(tokens, runs))
 
 
 def param_counts(model: WorldModel) -> dict[str, int]:

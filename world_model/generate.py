@@ -25,7 +25,10 @@ chunks in the KV cache dropped (the chunks in flight still see each other).
 **Conditioning.** One prompt per chunk (the last repeats); ``image`` (uint8 [64, 64, 3]) becomes
 the clean first latent frame of chunk 0 (image-to-video, per-frame t as in training); ``video``
 (uint8 [T, 64, 64, 3]) is a prefix to continue: its last whole chunks are encoded and put into the
-cache, and generation continues after them.
+cache, and generation continues after them. A model with caption runs (``caption_runs`` > 0) is
+also told, per chunk, for how many chunks from it on the prompt list keeps that prompt
+(`text.caption_runs`), so a chunk can leave room for what its prompt still asks of the next ones;
+the prefix chunks and the unconditional branch are not told (run 0).
 
 `generate_chunks` returns a `ChunkStream`: an iterator of decoded chunks (uint8 [24, 64, 64, 3]),
 each computed only when asked for, with counters (``model_calls``, ``peak_cache_chunks``) for tests
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 
 from . import vocab
+from .text import caption_runs
 from .train import NULL_CAPTION
 from .vae import to_uint8
 
@@ -212,6 +216,10 @@ class ChunkStream:
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
         self.prompts = prompts
+        # each chunk's caption run over the whole prompt list (models without caption runs ignore them)
+        # (compared as token ids, as training compares them: spelling variants of one caption are one run)
+        same = [row.tobytes() for row in vocab.encode_batch(list(prompts))]
+        self.runs = caption_runs(same, cfg.caption_runs) if cfg.caption_runs else [0] * len(prompts)
         self.steps = _count(steps, "steps")
         self.window = _count(window, "window (chunks in flight)")
         if attn_window is None:
@@ -269,20 +277,20 @@ class ChunkStream:
         return self.model.dit(latents, t_frames, text, lens, chunk_offsets=(offset,), window=self.attn_window,
                               past_kv=past_kv, return_kv=return_kv)
 
-    def _text(self, prompts):
-        key = tuple(prompts)
+    def _text(self, prompts, runs):
+        key = (tuple(prompts), tuple(runs))
         if key not in self._text_cache:
             if len(self._text_cache) > 64:
                 self._text_cache.clear()
-            self._text_cache[key] = self.model.encode_captions(list(prompts))
+            self._text_cache[key] = self.model.encode_captions(list(prompts), list(runs))
         return self._text_cache[key]
 
-    def _add_clean(self, latents_chunk, index, prompt):
+    def _add_clean(self, latents_chunk, index, prompt, run):
         """Run one final chunk as clean context and push its K/V into the ring buffer."""
         if self.cache.capacity == 0:
             self.cache.push([])
             return
-        text, lens = self._text([prompt])
+        text, lens = self._text([prompt], [run])
         t = torch.ones(self.cfg.latent_frames)
         _, kv = self._dit(latents_chunk, t, text, lens, index, self.cache.kv(), return_kv=True)
         self.cache.push(kv)
@@ -310,7 +318,7 @@ class ChunkStream:
             for i in range(n_pre - keep, n_pre):
                 clip = frames[i * cfg.chunk_frames:(i + 1) * cfg.chunk_frames].to(dev)
                 z = model.vae.encode(clip[None])[0].to(dt)  # uint8 in: the autoencoder scales it to [0, 1]
-                self._add_clean(z, i, self.prompts[0])
+                self._add_clean(z, i, self.prompts[0], 0)  # a prefix chunk: its run is not known
             base = n_pre
 
         image_latent = None
@@ -343,7 +351,7 @@ class ChunkStream:
             lat = torch.cat([x[k] for k in active])
             tf = t_cur.reshape(-1)
             prompts = self.prompts[first:last]
-            text, lens = self._text(prompts)
+            text, lens = self._text(prompts, self.runs[first:last])
             past = self.cache.kv()
             off = base + first
             v = self._dit(lat, tf, text, lens, off, past)
@@ -351,7 +359,7 @@ class ChunkStream:
             lo, hi = self.cfg_interval
             on = (tf >= lo) & (tf <= hi)  # text guidance only inside its noise interval (host: no device sync)
             if self.cfg_text > 0 and bool(on.any()):
-                nt, nl = self._text([null_prompt] * len(active))
+                nt, nl = self._text([null_prompt] * len(active), [0] * len(active))
                 v_nt = self._dit(lat, tf, nt, nl, off, past)
                 scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
                 guided = guided + scale * (v - v_nt)
@@ -366,7 +374,7 @@ class ChunkStream:
             self.ticks = tick
             if local[0] + 1 == self.steps:  # the oldest chunk is final
                 done = x.pop(first)
-                self._add_clean(done, base + first, self.prompts[first])
+                self._add_clean(done, base + first, self.prompts[first], self.runs[first])
                 next_out += 1
                 yield self._decode(done)
 

@@ -262,7 +262,7 @@ def cp_flow_matching_loss(dit: DiT, latents_clean, t_per_chunk, noise, text, cap
 def cp_dit_loss(model, packed, cp: CPContext, attn_window: int | None = None, fg_weight: float = 0.0) -> torch.Tensor:
     """`train.dit_loss` of a `train.Packed` batch, this rank's share (caption encoder included);
     ``fg_weight`` > 0 (with ``packed.fg``) weighs each latent cell an object touches 1 + fg_weight."""
-    text, lens = pack_text(*model.text(packed.tokens))
+    text, lens = pack_text(*model.text(packed.tokens, packed.runs))
     return cp_flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
                                  packed.video_chunks, packed.chunk_offsets, cp, window=attn_window,
                                  cell_weights=packed.cell_weights(fg_weight))

@@ -1,8 +1,17 @@
 """A tiny caption encoder trained from scratch: token embedding + learned positions + a few
 pre-norm transformer layers over `vocab` token ids (bidirectional within a caption).
 
-``TextEncoder(tokens [B, L]) -> (features [B, L, D], valid [B, L] bool)``; `pack_text` turns that
-into the packed caption tokens the diffusion transformer cross-attends to (one caption per chunk).
+``TextEncoder(tokens [B, L], runs [B] | None) -> (features [B, L, D], valid [B, L] bool)``; `pack_text`
+turns that into the packed caption tokens the diffusion transformer cross-attends to (one caption
+per chunk).
+
+**Caption runs** (``ModelConfig.caption_runs`` = R > 0): a chunk's caption is also told for how many
+chunks the video keeps it, this one included (`caption_runs`, capped at R): "the red circle moves
+right" for 2 chunks asks the first of them to leave room for the second, which a chunk that sees
+only its own caption cannot know. The run is a learned vector added to every token of the caption
+before the encoder's layers; run 0 means "not told" (the unconditional caption, a video prefix)
+and is the zero vector, as are all runs at initialisation, so a model without runs is the same
+model with R = 0.
 Unknown words never reach the model: `tokenize` goes through `vocab.encode`, which raises a
 ValueError naming the word and its closest known words.
 """
@@ -17,6 +26,20 @@ from torch import nn
 
 from . import vocab
 from .configs import ModelConfig
+
+
+def caption_runs(captions: Sequence, cap: int) -> list[int]:
+    """Per chunk, how many chunks from it on (itself included) carry the same caption, capped at ``cap``.
+
+    ``captions``: one hashable per chunk in order (strings, or token rows as bytes); ``cap`` >= 1.
+    ``["a", "a", "b", "a"]`` -> ``[2, 1, 1, 1]``."""
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
+    runs = [0] * len(captions)
+    for k in range(len(captions) - 1, -1, -1):
+        same = k + 1 < len(captions) and captions[k + 1] == captions[k]
+        runs[k] = runs[k + 1] + 1 if same else 1
+    return [min(r, cap) for r in runs]
 
 
 def tokenize(captions: Sequence[str], length: int | None = None) -> torch.Tensor:
@@ -56,9 +79,16 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.text_dim)
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
+        # run r's vector; row 0 ("not told") is fixed at zero, the others start there
+        self.run = nn.Embedding(cfg.caption_runs + 1, cfg.text_dim, padding_idx=0) if cfg.caption_runs else None
+        if self.run is not None:
+            nn.init.zeros_(self.run.weight)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [B, L, text_dim] and the valid-token mask [B, L] (False at PAD)."""
+    def forward(self, tokens: torch.Tensor, runs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, L, text_dim] and the valid-token mask [B, L] (False at PAD).
+
+        ``runs``: integer [B] in [0, caption_runs] (`caption_runs`; 0 = not told), or None (all 0).
+        A model with ``caption_runs`` = 0 takes only None or zeros."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [B, L], got {tokens.dtype} {tuple(tokens.shape)}")
         if tokens.shape[1] > self.cfg.max_caption_tokens:
@@ -69,6 +99,17 @@ class TextEncoder(nn.Module):
         # an all-PAD caption (an empty prompt) lets its rows see every position instead of none (no NaN)
         keep = (valid | ~valid.any(-1, keepdim=True))[:, None, None, :]
         x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        if runs is not None:
+            runs = torch.as_tensor(runs, device=tokens.device)
+            if runs.shape != tokens.shape[:1] or runs.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"runs must be an integer tensor [{tokens.shape[0]}] (one per caption), "
+                                 f"got {runs.dtype} {tuple(runs.shape)}")
+            r = self.cfg.caption_runs
+            if runs.numel() and (runs.min() < 0 or runs.max() > r):
+                raise ValueError(f"runs must lie in [0, {r}] (this model's caption_runs; 0 = not told), "
+                                 f"got [{int(runs.min())}, {int(runs.max())}]")
+            if self.run is not None:
+                x = x + self.run(runs.long())[:, None, :]
         for block in self.blocks:
             x = block(x, keep)
         return self.norm(x), valid

@@ -54,7 +54,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,7 +66,7 @@ from . import vocab
 from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_path, save_checkpoint
 from .configs import CONFIGS, ModelConfig, get_config
 from .dit import WorldModel, flow_matching_loss, param_counts
-from .text import pack_text
+from .text import caption_runs, pack_text
 from .vae import vae_loss
 
 CONFIG_DIR = Path(__file__).resolve().parent / "train_configs"
@@ -394,6 +394,7 @@ class Packed:
     chunk_offsets: tuple[int, ...]
     samples: list[SampleSpec]
     fg: torch.Tensor | None = None  # bool [F, h, w]: latent cells an object touches (None: not weighted)
+    runs: torch.Tensor | None = None  # int64 [n_chunks]: each caption's run (`text.caption_runs`); None: not told
 
     @property
     def n_chunks(self) -> int:
@@ -417,12 +418,21 @@ def null_tokens() -> np.ndarray:
     return _NULL_TOKENS
 
 
+def clip_runs(tokens: np.ndarray, cap: int) -> np.ndarray:
+    """int64 [B, K]: `text.caption_runs` of each clip's captions (token rows [B, K, L]), counted to
+    the clip's end (a sample cut from the clip keeps the runs of the whole clip: its captions were
+    planned, or happened, over all of it)."""
+    return np.array([caption_runs([row.tobytes() for row in clip], cap) for clip in tokens], dtype=np.int64)
+
+
 def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSpec], cfg: ModelConfig,
                generator: torch.Generator, fg: np.ndarray | None = None) -> Packed:
     """Pack clip latents [B, K * latent_frames, h, w, C], tokens [B, K, L] and (optional) foreground
-    cells [B, K * latent_frames, h, w] by ``samples``."""
+    cells [B, K * latent_frames, h, w] by ``samples``. With ``cfg.caption_runs`` the captions' runs
+    come along (`clip_runs`; 0 where the captions are dropped)."""
     lf = cfg.latent_frames
-    lat, tf, toks = [], [], []
+    all_runs = clip_runs(tokens, cfg.caption_runs) if cfg.caption_runs else None
+    lat, tf, toks, runs = [], [], [], []
     for s in samples:
         lat.append(latents[s.clip, s.offset * lf:(s.offset + s.length) * lf])
         t = torch.tensor(s.t, dtype=torch.float32).repeat_interleave(lf)
@@ -431,6 +441,8 @@ def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSp
         tf.append(t)
         tk = tokens[s.clip, s.offset:s.offset + s.length]
         toks.append(np.broadcast_to(null_tokens(), tk.shape) if s.drop_caption else tk)
+        if all_runs is not None:
+            runs.append(np.zeros(s.length, np.int64) if s.drop_caption else all_runs[s.clip, s.offset:s.offset + s.length])
     lat = torch.cat(lat)
     # drawn on the generator's device (training passes one on the GPU: a CPU draw of 1.5M numbers
     # per step cost ~10 ms of the training process's time)
@@ -441,13 +453,14 @@ def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSp
         cells = torch.from_numpy(np.concatenate([fg[s.clip, s.offset * lf:(s.offset + s.length) * lf] for s in samples]))
         cells = cells.to(lat.device)
     return Packed(lat, torch.cat(tf).to(lat.device), noise, torch.from_numpy(np.concatenate(toks)).to(lat.device),
-                  tuple(s.length for s in samples), tuple(s.offset for s in samples), samples, cells)
+                  tuple(s.length for s in samples), tuple(s.offset for s in samples), samples, cells,
+                  None if all_runs is None else torch.from_numpy(np.concatenate(runs)).to(lat.device))
 
 
 def dit_loss(model: WorldModel, packed: Packed, attn_window: int | None = None, fg_weight: float = 0.0) -> torch.Tensor:
     """Flow-matching loss of a packed sequence (caption encoder included, so both get gradients).
     ``fg_weight`` > 0 (with ``packed.fg``): each latent cell an object touches weighs 1 + fg_weight."""
-    text, lens = pack_text(*model.text(packed.tokens))
+    text, lens = pack_text(*model.text(packed.tokens, packed.runs))
     return flow_matching_loss(model.dit, packed.latents, packed.t_frames, packed.noise, text, lens,
                               video_chunks=packed.video_chunks, chunk_offsets=packed.chunk_offsets,
                               window=attn_window, cell_weights=packed.cell_weights(fg_weight))
@@ -534,10 +547,41 @@ def resolve_resume(path: str | os.PathLike) -> Path:
     return p
 
 
-def check_resume_config(tcfg: TrainConfig, saved: TrainConfig, meta: dict) -> None:
-    """Raise ValueError if ``tcfg`` cannot continue a run saved with ``saved`` at ``meta['step']``."""
+def add_caption_runs(model: WorldModel, runs: int) -> WorldModel:
+    """The same model, its caption encoder told caption runs of up to ``runs`` chunks (`text.caption_runs`).
+
+    The run vectors start at zero, so the result computes what ``model`` computes until trained."""
+    old = model.cfg
+    if old.caption_runs or runs < 1:
+        raise ValueError(f"add_caption_runs: the model's caption_runs is {old.caption_runs}; only 0 -> R >= 1 "
+                         f"is an upgrade (asked {runs})")
+    p = next(model.parameters())
+    new = WorldModel(replace(old, caption_runs=runs)).to(p.device, p.dtype)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or missing != ["text.run.weight"]:
+        raise AssertionError(f"add_caption_runs: unexpected state difference {missing} / {unexpected}")
+    return new
+
+
+def _model_change_ok(saved: ModelConfig, asked: ModelConfig) -> bool:
+    """Whether a run may resume with ``asked`` instead of ``saved``: equal, or caption runs added."""
+    return asked == saved or (saved.caption_runs == 0 and asked.caption_runs > 0
+                              and replace(asked, caption_runs=0) == saved)
+
+
+def check_resume_config(tcfg: TrainConfig, saved: TrainConfig, meta: dict,
+                        stored: ModelConfig | None = None) -> None:
+    """Raise ValueError if ``tcfg`` cannot continue a run saved with ``saved`` at ``meta['step']``.
+
+    ``stored``: the checkpoint's own model config (default: ``saved``'s; a preset name may have
+    changed since). Besides `RESUMABLE_CHANGES`, the model may gain caption runs (0 -> R)."""
     a, b = tcfg.to_dict(), saved.to_dict()
-    diff = [k for k in a if k not in RESUMABLE_CHANGES and k != "comment" and a[k] != b[k]]
+    stored = saved.model_config() if stored is None else stored
+    asked = tcfg.model_config()
+    if not _model_change_ok(stored, asked):
+        raise ValueError(f"resume: the checkpoint's model config {stored.to_dict()} differs from the asked one "
+                         f"{asked.to_dict()}; only caption_runs may change, from 0 to R >= 1")
+    diff = [k for k in a if k not in RESUMABLE_CHANGES and k not in ("comment", "model") and a[k] != b[k]]
     if diff:
         raise ValueError("resume: the checkpoint was trained with different settings: "
                          + ", ".join(f"{k}={b[k]!r} (asked {a[k]!r})" for k in diff)
@@ -569,7 +613,8 @@ def _progress(total, initial, desc, enabled):
 def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.device | None = "cpu",
           resume: str | os.PathLike | None = None, progress: bool | None = None,
           sample_fn: Callable[[WorldModel, int, Path], None] | None = None,
-          log: Callable[[str], None] | None = None, time_limit: float | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None, time_limit: float | None = None,
+          stop_at: int | None = None) -> TrainResult:
     """Run (or continue, with ``resume``) both training phases; see the module docstring.
 
     ``progress``: tqdm bars (None: only on a terminal); ``sample_fn(model, step, out_dir)``: called
@@ -577,11 +622,15 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
     one-line messages go (default: tqdm.write when progress is on, else nowhere). ``time_limit``:
     seconds of wall time after which no new step starts; the run then saves a checkpoint of the
     step it reached (resume continues from it bit-exactly) and returns with ``step`` short of
-    ``total_steps``.
+    ``total_steps``. ``stop_at``: the same at a step count (no step ``>= stop_at`` runs), so a run
+    stopped early can be remade exactly; the learning-rate schedule is still that of ``total_steps``.
     """
     t_start = time.perf_counter()
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be a positive number of seconds or None, got {time_limit!r}")
+    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
+        raise ValueError(f"stop_at must be a step count >= 1 or None, got {stop_at!r}")
+    stop = tcfg.total_steps if stop_at is None else min(stop_at, tcfg.total_steps)
     deadline = math.inf if time_limit is None else t_start + time_limit
     device = resolve_device(device)
     out = Path(out_dir)
@@ -601,11 +650,14 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
         model, cfg, meta = load_checkpoint(path, device)
         if meta.get("train_config") is None:
             raise ValueError(f"resume: {str(path)!r} holds no training config (a weights-only export?)")
-        check_resume_config(tcfg, TrainConfig.from_dict(meta["train_config"]), meta)
-        if cfg != tcfg.model_config():
-            raise ValueError(f"resume: the checkpoint's model config {cfg.name!r} differs from the asked one")
+        check_resume_config(tcfg, TrainConfig.from_dict(meta["train_config"]), meta, cfg)
         step, latent_stats, opt_file = meta["step"], bool(meta.get("latent_stats")), meta["optimizer"]
-        if opt_file is None and step not in (tcfg.steps_vae, 0) and step < tcfg.total_steps:
+        if cfg != tcfg.model_config():  # check_resume_config allowed it: caption runs added
+            model, cfg = add_caption_runs(model, tcfg.model_config().caption_runs), tcfg.model_config()
+            log(f"caption runs added (up to {cfg.caption_runs} chunks, their vectors start at zero); "
+                "AdamW starts from zero moments")
+            opt_file = None  # the optimizer's state has no slot for the new parameter
+        elif opt_file is None and step not in (tcfg.steps_vae, 0) and step < tcfg.total_steps:
             log(f"warning: {path.name} holds no optimizer state; AdamW restarts from zero moments "
                 "(the run continues, but not bit-exactly)")
         log(f"resuming {path} at step {step} ({'transformer' if latent_stats else 'autoencoder'} phase)")
@@ -661,7 +713,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             try:
                 while step < tcfg.steps_vae:
                     t0 = time.perf_counter()
-                    if t0 >= deadline:
+                    if t0 >= deadline or step >= stop:
                         break
                     frames, _, _ = src.get()
                     rng = np.random.default_rng([tcfg.seed, PHASE_VAE, step])
@@ -723,7 +775,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             try:
                 while step < tcfg.total_steps:
                     t0 = time.perf_counter()
-                    if t0 >= deadline:
+                    if t0 >= deadline or step >= stop:
                         break
                     k = step - tcfg.steps_vae
                     if latents is None or k % tcfg.reuse == 0:  # batch k // reuse
@@ -770,7 +822,8 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
     result.step = step
     result.seconds = time.perf_counter() - t_start
     if step < tcfg.total_steps:
-        log(f"time limit of {time_limit:g} s reached: stopped at step {step} of {tcfg.total_steps}")
+        why = f"stop_at {stop_at}" if step >= stop else f"time limit of {time_limit:g} s"
+        log(f"{why} reached: stopped at step {step} of {tcfg.total_steps}")
     log(f"done: step {step}, {result.seconds:.1f} s; weights in {result.final}")
     return result
 
