@@ -144,7 +144,7 @@ def test_adding_caption_runs_keeps_the_model_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="only 0 -> R >= 1"):
         TR.add_caption_runs(new, 4)
     # resuming with caption runs added trains their vectors (row 0, "not told", stays zero)
-    more = replace(tcfg, steps_dit=4, model=replace(TINY, caption_runs=3).to_dict())
+    more = replace(tcfg, steps_dit=4, model=replace(TINY, caption_runs=3).to_dict(), run_lr_scale=5.0)
     msgs = []
     res2 = train(more, tmp_path / "a", "cpu", resume=tmp_path / "a", progress=False, log=msgs.append)
     assert res2.step == 5 and res2.model.cfg.caption_runs == 3
@@ -158,6 +158,22 @@ def test_adding_caption_runs_keeps_the_model_and_resumes(tmp_path):
     for bad in (TINY.to_dict(), replace(TINY, caption_runs=4).to_dict(), replace(TINY, caption_runs=3, depth=3).to_dict()):
         with pytest.raises(ValueError, match="only caption_runs may change, from 0 to R >= 1"):
             train(replace(more, steps_dit=6, model=bad), tmp_path / "b", "cpu", resume=tmp_path / "a", progress=False)
+
+
+def test_caption_run_vectors_get_their_own_learning_rate():
+    tcfg = tiny(run_lr_scale=10.0)
+    plain = TR.make_optimizer(TR._DiTParams(WorldModel(TINY)), tcfg, 1e-3)
+    assert len(plain.param_groups) == 2  # a model without runs: the two groups as before
+    model = WorldModel(replace(TINY, caption_runs=2))
+    opt = TR.make_optimizer(TR._DiTParams(model), tcfg, 1e-3)
+    runs = opt.param_groups[2]
+    assert len(runs["params"]) == 1 and runs["params"][0] is model.text.run.weight
+    assert all(p is not model.text.run.weight for g in opt.param_groups[:2] for p in g["params"])
+    TR.set_lr(opt, 2e-4, tcfg)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-4, 2e-4, 2e-3])
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="run_lr_scale"):
+            tiny(run_lr_scale=bad)
 
 
 def test_stop_at_stops_with_a_checkpoint_and_resume_finishes_bit_exactly(tmp_path):
@@ -492,6 +508,7 @@ def test_cli_smoke_and_resume(tmp_path, capsys):
     (["--config", "tiny", "--caption-runs", "0"], "--caption-runs: expected a positive integer, got 0"),
     (["--config", "tiny", "--caption-runs", "99"], "caption_runs 99 must be an integer in \\[0, 64\\]"),
     (["--config", "tiny", "--stop-at", "0"], "--stop-at: expected a positive integer, got 0"),
+    (["--config", "tiny", "--run-lr-scale", "0"], "--run-lr-scale: must be a finite number > 0, got 0"),
     (["--resume", "MISSING/ckpt_0000001.safetensors"], "does not exist"),
     (["--resume", "MISSING_DIR"], "does not exist"),
     (["--config", "missing.json"], "does not exist"),

@@ -114,6 +114,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="tell each chunk's caption for how many chunks (up to R, this one included) the video keeps "
                         "it, so a chunk can leave room for what the caption still asks; with --resume of a model "
                         "without runs their vectors start at zero (default: the config's)")
+    p.add_argument("--run-lr-scale", type=_pos_float, metavar="X",
+                   help="learning rate of the caption-run vectors, as a multiple of the transformer's (new vectors "
+                        "added to a trained model learn faster with X > 1; default: the config's, 1)")
     p.add_argument("--stop-at", type=_pos_int, metavar="STEP",
                    help="stop before this step (counting both phases), save a checkpoint and the weights; the "
                         "learning-rate schedule stays that of all the steps (remakes a run stopped early)")
@@ -149,7 +152,8 @@ def _train_config(args, parser):
         overrides = {k: v for k, v in {
             "steps_vae": args.steps_vae, "steps_dit": args.steps_dit, "seed": args.seed, "batch": args.batch,
             "ckpt_every": args.ckpt_every, "data_workers": args.data_workers,
-            "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead}.items() if v is not None}
+            "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead,
+            "run_lr_scale": args.run_lr_scale}.items() if v is not None}
         tcfg = replace(tcfg, **overrides)
         if args.caption_runs is not None:
             base = stored if stored is not None and args.config is None else tcfg.model_config()

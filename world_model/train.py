@@ -76,7 +76,8 @@ PHASE_VAE, PHASE_DIT, PHASE_STATS = 1, 2, 3
 # fields that may change when resuming (they do not change what a step computes, or only extend the run)
 RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints", "log_every",
                      "sample_every", "data_workers", "fg_weight", "compile",
-                     "p_scheduled", "p_lookahead")  # fine-tuning with a new loss weighting / data mix
+                     "p_scheduled", "p_lookahead",  # fine-tuning with a new loss weighting / data mix
+                     "run_lr_scale")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -114,6 +115,7 @@ class TrainConfig:
     p_scheduled: float = 0.0  # fraction of the transformer's clips scripted from random prompt schedules (data.generate_scheduled)
     p_lookahead: float = D.SCHEDULE_LOOKAHEAD  # fraction of those planned over the whole schedule (the rest chunk by chunk)
     reuse: int = 1  # transformer steps per generated and encoded batch (each with its own cuts, t and noise)
+    run_lr_scale: float = 1.0  # learning rate of the caption-run vectors / the transformer's (new vectors in a trained model: > 1)
     # optimisation (both phases)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -158,7 +160,7 @@ class TrainConfig:
         for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio", "p_scheduled", "p_lookahead"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1]")
-        for name in ("lr_vae", "lr_dit", "t_std"):
+        for name in ("lr_vae", "lr_dit", "t_std", "run_lr_scale"):
             if not getattr(self, name) > 0:
                 bad(f"{name}={getattr(self, name)} must be > 0")
         if not self.fg_weight >= 0:
@@ -487,12 +489,24 @@ def compile_for_training(model: WorldModel) -> None:
 
 
 def make_optimizer(module: torch.nn.Module, tcfg: TrainConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices/embeddings only (not on biases and norm weights)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=tuple(tcfg.betas))
+    """AdamW with weight decay on matrices/embeddings only (not on biases and norm weights).
+
+    The caption-run vectors (``text.run``, if the model has them) form a third group whose learning
+    rate is ``run_lr_scale`` times the others' (`set_lr`)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    runs = [p for n, p in named if n.endswith("text.run.weight")]
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("text.run.weight")]
+    rest = [p for n, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if runs:
+        groups.append({"params": runs, "weight_decay": tcfg.weight_decay, "lr_scale": tcfg.run_lr_scale})
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(tcfg.betas))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, tcfg: TrainConfig) -> None:
+    """The schedule's learning rate for this step (times ``run_lr_scale`` for the caption-run vectors)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * (tcfg.run_lr_scale if "lr_scale" in g else 1.0)
 
 
 class _DiTParams(torch.nn.Module):
@@ -786,8 +800,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
                     gen = torch.Generator(device=device).manual_seed(derive_seed(tcfg.seed, PHASE_DIT, step))
                     packed = pack_batch(latents, tokens, samples, cfg, gen, fg)
                     lr = lr_at(k, tcfg.steps_dit, tcfg.lr_dit, tcfg.warmup_dit, tcfg.min_lr_ratio)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
+                    set_lr(opt, lr, tcfg)
                     with _autocast(device, tcfg):
                         loss_t = dit_loss(model, packed, tcfg.attn_window, tcfg.fg_weight)
                     opt.zero_grad(set_to_none=True)
