@@ -6,6 +6,9 @@ scores them with the same tracker: overall, per chunk position, and per video (t
 motions, and whether the generated first chunk leaves its subject room to keep moving one more
 chunk, `evaluate.first_chunk_room`). ``--ceiling`` also scores the simulator's clips after an
 autoencoder round trip: what the transformer could reach at best with this autoencoder.
+``--run-probe R ...`` (models with caption runs): each video's first chunk alone, told each run R
+in turn with the same noise, and where it leaves its subject (`evaluate.first_chunk_room`): whether
+the model plans for what a caption's run asks (a longer run should leave more room).
 
     python benchmarks/world_sampler_sweep.py --settings "" "cfg_text=4" "window=1" "window=1,cfg_text=4"
     python benchmarks/world_sampler_sweep.py --weights W --ceiling --seeds 10 11 12 13 14 15 16 17
@@ -46,17 +49,52 @@ def gen_kwargs(setting: dict) -> dict:
     return kw
 
 
+def run_probe(model, meta, videos, runs, cfg) -> dict:
+    """Per video, its first chunk generated alone and told each run in ``runs``: `first_chunk_room` of each."""
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model.generate import generate_chunks
+
+    if not model.cfg.caption_runs or max(runs) > model.cfg.caption_runs or min(runs) < 0:
+        raise SystemExit(f"--run-probe: runs must lie in [0, {model.cfg.caption_runs}] (this model's caption_runs)")
+    per_video = []
+    for s, prompts in videos:
+        room = {}
+        for r in runs:
+            chunk = next(iter(generate_chunks(model, prompts[:1], seed=s, meta=meta, runs=[r])))
+            room[r] = ev.first_chunk_room(chunk, prompts[0], cfg)
+        per_video.append({"seed": s, "prompt": prompts[0], "room": room})
+    ok = [v["room"] for v in per_video if all(v["room"][r] is not None for r in runs)]
+    summary = {r: {k: float(np.mean([v[r][k] for v in ok])) for k in ("speed", "room_px", "same_velocity", "slowest")}
+               for r in runs}
+    diff = np.array([v[runs[-1]]["speed"] - v[runs[0]]["speed"] for v in ok])
+    out = {"videos": per_video, "scored": len(ok), "summary": summary,
+           "speed_difference_last_minus_first": float(diff.mean()) if len(ok) else None,
+           "speed_difference_stderr": float(diff.std() / np.sqrt(len(ok))) if len(ok) > 1 else None}
+    for r in runs:
+        m = summary[r]
+        print(f"run probe, told run {r}: speed {m['speed']:.3f} px/frame, room {m['room_px']:.1f} px, leaving room "
+              f"at its velocity {m['same_velocity']:.2f} ({len(ok)} first chunks)", flush=True)
+    if len(ok) > 1:
+        print(f"run probe: speed(run {runs[-1]}) - speed(run {runs[0]}) = {out['speed_difference_last_minus_first']:+.3f} "
+              f"+- {out['speed_difference_stderr']:.3f} px/frame (paired by seed)", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="checkpoint (default: the shipped small model)")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10, 18)), help="held-out seeds (default 10-17)")
     ap.add_argument("--chunks", type=int, default=4, help="chunks per video (default 4)")
-    ap.add_argument("--settings", nargs="+", default=[""],
-                    help='sampler settings, each "KEY=VALUE,..." ("" = the defaults); keys: ' + ", ".join(KEYS))
+    ap.add_argument("--settings", nargs="*", default=[""],
+                    help='sampler settings, each "KEY=VALUE,..." ("" = the defaults; the option with none: only '
+                         '--ceiling, --room, --run-probe); keys: ' + ", ".join(KEYS))
     ap.add_argument("--ceiling", action="store_true", help="also score the autoencoder round trip of the simulator's clips")
     ap.add_argument("--room", type=int, default=0, metavar="N",
                     help="also count, over N simulator clips, how often a first chunk 'moves X' leaves room to keep "
                          "moving X through the next chunk (what bounds the videos' second chunk; no model needed)")
+    ap.add_argument("--run-probe", type=int, nargs="+", default=None, metavar="R",
+                    help="models with caption runs: generate each video's first chunk alone told each run R "
+                         "(same noise) and record its speed and room (paired by seed)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -92,6 +130,8 @@ def main(argv=None) -> int:
         r = res["room_to_continue"]
         print(f"room to keep moving one more chunk ({r['clips']} simulator clips): at the same velocity "
               f"{r['same_velocity']:.2f}, at the slowest moving speed {r['slowest']:.2f}", flush=True)
+    if args.run_probe:
+        res["run_probe"] = run_probe(model, meta, videos, args.run_probe, cfg)
     for text, kw in settings:
         t0 = time.perf_counter()
         per_video = []

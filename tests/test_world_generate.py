@@ -201,6 +201,18 @@ def test_earlier_chunks_see_later_prompts_only_through_their_runs(tiny_runs):
     assert np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])  # chunk 0's run is 3 in both
 
 
+def test_runs_can_be_told_explicitly(tiny_runs):
+    kw = dict(n_chunks=2, steps=2, window=2, seed=2)
+    Q = "the blue square falls"
+    counted = np.stack(list(G.generate_chunks(tiny_runs, [P, Q], **kw)))
+    assert np.array_equal(counted, np.stack(list(G.generate_chunks(tiny_runs, [P, Q], runs=[1, 1], **kw))))
+    other = np.stack(list(G.generate_chunks(tiny_runs, [P, Q], runs=[3, 0], **kw)))
+    assert not np.array_equal(counted[0], other[0]) and not np.array_equal(counted[1], other[1])
+    for bad in ([1], [1, 4], [1, -1], [1, True], [1, 1.0]):
+        with pytest.raises(ValueError, match=r"runs must give one integer in \[0, 3\]"):
+            G.generate_chunks(tiny_runs, [P, Q], runs=bad, **kw)
+
+
 def test_zero_run_vectors_generate_what_the_model_without_runs_generates(tiny):
     kw = dict(n_chunks=3, steps=3, window=2, cfg_text=2.0, seed=1)
     prompts = [P, P, "the blue square falls"]

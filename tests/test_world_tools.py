@@ -55,3 +55,45 @@ def test_sampler_sweep_scores_the_shipped_model(tmp_path):
     from maskc.world_model.evaluate import room_to_continue
 
     assert res["room_to_continue"] == room_to_continue(60)
+
+
+def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):
+    import torch
+
+    from maskc.world_model.checkpoint import save_checkpoint
+    from maskc.world_model.configs import TINY
+    from maskc.world_model.dit import WorldModel
+    from maskc.world_model.train import add_caption_runs
+
+    from world_helpers import randomized
+
+    torch.manual_seed(0)
+    model = add_caption_runs(randomized(WorldModel(TINY)), 3)  # signal on every path but the runs
+    zero = tmp_path / "zero.safetensors"
+    save_checkpoint(zero, model)
+    with torch.no_grad():
+        model.text.run.weight[1:].normal_(std=3.0, generator=torch.Generator().manual_seed(1))
+    told = tmp_path / "told.safetensors"
+    save_checkpoint(told, model)
+    args = ["--seeds", "3", "4", "--chunks", "1", "--settings", "--run-probe", "1", "3", "--threads", "1"]
+    # run vectors at zero: the run changes nothing
+    assert world_sampler_sweep.main(["--weights", str(zero), *args, "--json", str(tmp_path / "z.json")]) == 0
+    res = json.loads((tmp_path / "z.json").read_text())
+    assert res["runs"] == [] and len(res["run_probe"]["videos"]) == 2
+    for v in res["run_probe"]["videos"]:
+        assert v["room"]["1"] == v["room"]["3"]
+    # random run vectors: what it records is the first chunk `generate_chunks` makes told that run
+    assert world_sampler_sweep.main(["--weights", str(told), *args, "--json", str(tmp_path / "t.json")]) == 0
+    assert "run probe, told run 3" in capsys.readouterr().out
+    probe = json.loads((tmp_path / "t.json").read_text())["run_probe"]
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model.generate import generate_chunks, load_model
+
+    m, meta = load_model(told)
+    v = probe["videos"][0]
+    chunk = next(iter(generate_chunks(m, [v["prompt"]], seed=3, meta=meta, runs=[3])))
+    assert v["room"]["3"] == ev.first_chunk_room(chunk, v["prompt"])
+    other = next(iter(generate_chunks(m, [v["prompt"]], seed=3, meta=meta, runs=[1])))
+    assert not (chunk == other).all()
+    with pytest.raises(SystemExit, match="run-probe"):
+        world_sampler_sweep.main(["--weights", str(told), *args[:-2], "4", "--threads", "1"])

@@ -211,7 +211,7 @@ class ChunkStream:
     """Iterator of decoded chunks (uint8 numpy [chunk_frames, H, W, 3]); see `generate_chunks`."""
 
     def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
-                 shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL):
+                 shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -220,6 +220,13 @@ class ChunkStream:
         # (compared as token ids, as training compares them: spelling variants of one caption are one run)
         same = [row.tobytes() for row in vocab.encode_batch(list(prompts))]
         self.runs = caption_runs(same, cfg.caption_runs) if cfg.caption_runs else [0] * len(prompts)
+        if runs is not None:
+            runs = list(runs)
+            if len(runs) != len(prompts) or not all(isinstance(r, int) and not isinstance(r, bool)
+                                                    and 0 <= r <= cfg.caption_runs for r in runs):
+                raise ValueError(f"runs must give one integer in [0, {cfg.caption_runs}] (this model's caption_runs; "
+                                 f"0 = not told) per chunk ({len(prompts)}), got {runs!r}")
+            self.runs = runs
         self.steps = _count(steps, "steps")
         self.window = _count(window, "window (chunks in flight)")
         if attn_window is None:
@@ -383,7 +390,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     steps: int = DEFAULT_STEPS, window: int = DEFAULT_WINDOW, attn_window: int | None = None,
                     cfg_text: float = DEFAULT_CFG_TEXT, cfg_prev: float = DEFAULT_CFG_PREV, image=None, video=None,
                     seed: int = 0, shift: float = DEFAULT_SHIFT, meta: dict | None = None,
-                    cfg_interval: tuple[float, float] = DEFAULT_CFG_INTERVAL) -> ChunkStream:
+                    cfg_interval: tuple[float, float] = DEFAULT_CFG_INTERVAL,
+                    runs: Sequence[int] | None = None) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
 
     ``model``: a `WorldModel` (e.g. from `checkpoint.load_checkpoint`, whose ``meta`` gives the
@@ -393,7 +401,9 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     attention (default: from ``meta``'s train config); ``cfg_text`` / ``cfg_prev``: guidance scales
     (0 disables); ``cfg_interval``: the flow times (lo, hi) at which text guidance is applied (a latent
     frame outside it takes the plain conditional velocity); ``image`` uint8 [64, 64, 3]: image-to-video; ``video`` uint8 [T, 64, 64, 3]: a
-    prefix to continue; ``seed``: the noise. Nothing is computed until the first chunk is asked for.
+    prefix to continue; ``seed``: the noise; ``runs``: for a model with caption runs, each chunk's
+    run to tell it instead of the one counted from the prompts (e.g. when later prompts are not known
+    yet: 0 = not told). Nothing is computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -404,7 +414,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
         meta = getattr(model, "meta", None)
     return ChunkStream(model, prompts, steps=steps, window=window, attn_window=attn_window, cfg_text=cfg_text,
                        cfg_prev=cfg_prev, image=image, video=video, seed=seed, shift=shift, meta=meta,
-                       cfg_interval=cfg_interval)
+                       cfg_interval=cfg_interval, runs=runs)
 
 
 def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):
