@@ -499,14 +499,14 @@ def make_optimizer(module: torch.nn.Module, tcfg: TrainConfig, lr: float) -> tor
     rest = [p for n, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if runs:
-        groups.append({"params": runs, "weight_decay": tcfg.weight_decay, "lr_scale": tcfg.run_lr_scale})
+        groups.append({"params": runs, "weight_decay": tcfg.weight_decay, "name": "caption_runs"})
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(tcfg.betas))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, tcfg: TrainConfig) -> None:
     """The schedule's learning rate for this step (times ``run_lr_scale`` for the caption-run vectors)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * (tcfg.run_lr_scale if "lr_scale" in g else 1.0)
+        g["lr"] = lr * (tcfg.run_lr_scale if g.get("name") == "caption_runs" else 1.0)
 
 
 class _DiTParams(torch.nn.Module):
