@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import vocab
-from .text import caption_runs
+from .text import token_runs
 from .train import NULL_CAPTION
 from .vae import to_uint8
 
@@ -216,17 +216,15 @@ class ChunkStream:
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
         self.prompts = prompts
-        # each chunk's caption run over the whole prompt list (models without caption runs ignore them)
-        # (compared as token ids, as training compares them: spelling variants of one caption are one run)
-        same = [row.tobytes() for row in vocab.encode_batch(list(prompts))]
-        self.runs = caption_runs(same, cfg.caption_runs) if cfg.caption_runs else [0] * len(prompts)
-        if runs is not None:
-            runs = list(runs)
-            if len(runs) != len(prompts) or not all(isinstance(r, int) and not isinstance(r, bool)
-                                                    and 0 <= r <= cfg.caption_runs for r in runs):
-                raise ValueError(f"runs must give one integer in [0, {cfg.caption_runs}] (this model's caption_runs; "
-                                 f"0 = not told) per chunk ({len(prompts)}), got {runs!r}")
-            self.runs = runs
+        if runs is None:  # each chunk's caption run over the whole prompt list (0 for a model without runs)
+            runs = token_runs(vocab.encode_batch(list(prompts)), cfg.caption_runs) if cfg.caption_runs \
+                else [0] * len(prompts)
+        runs = list(runs)
+        if len(runs) != len(prompts) or not all(isinstance(r, int) and not isinstance(r, bool)
+                                                and 0 <= r <= cfg.caption_runs for r in runs):
+            raise ValueError(f"runs must give one integer in [0, {cfg.caption_runs}] (this model's caption_runs; "
+                             f"0 = not told) per chunk ({len(prompts)}), got {runs!r}")
+        self.runs = runs
         self.steps = _count(steps, "steps")
         self.window = _count(window, "window (chunks in flight)")
         if attn_window is None:

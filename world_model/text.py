@@ -42,6 +42,13 @@ def caption_runs(captions: Sequence, cap: int) -> list[int]:
     return [min(r, cap) for r in runs]
 
 
+def token_runs(rows, cap: int) -> list[int]:
+    """`caption_runs` of captions given as token rows ([K, L] ids, one row per chunk, padded alike):
+    captions are the same when their token ids are, so spelling variants of one caption are one run.
+    What training (`train.clip_runs`) and generation (`generate.ChunkStream`) both count."""
+    return caption_runs([row.tobytes() for row in rows], cap)
+
+
 def tokenize(captions: Sequence[str], length: int | None = None) -> torch.Tensor:
     """int64 [len(captions), length] token ids (BOS + words + EOS, PAD-padded); unknown words raise."""
     if isinstance(captions, str):

@@ -66,7 +66,7 @@ from . import vocab
 from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_path, save_checkpoint
 from .configs import CONFIGS, ModelConfig, get_config
 from .dit import WorldModel, flow_matching_loss, param_counts
-from .text import caption_runs, pack_text
+from .text import pack_text, token_runs
 from .vae import vae_loss
 
 CONFIG_DIR = Path(__file__).resolve().parent / "train_configs"
@@ -424,7 +424,7 @@ def clip_runs(tokens: np.ndarray, cap: int) -> np.ndarray:
     """int64 [B, K]: `text.caption_runs` of each clip's captions (token rows [B, K, L]), counted to
     the clip's end (a sample cut from the clip keeps the runs of the whole clip: its captions were
     planned, or happened, over all of it)."""
-    return np.array([caption_runs([row.tobytes() for row in clip], cap) for clip in tokens], dtype=np.int64)
+    return np.array([token_runs(clip, cap) for clip in tokens], dtype=np.int64)
 
 
 def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSpec], cfg: ModelConfig,
@@ -736,8 +736,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
                     x = torch.from_numpy(np.stack([frames[i, k * f:(k + 1) * f] for i, k in enumerate(pick)])).to(device)
                     gen = torch.Generator(device=device).manual_seed(derive_seed(tcfg.seed, PHASE_VAE, step))
                     lr = lr_at(step, tcfg.steps_vae, tcfg.lr_vae, tcfg.warmup_vae, tcfg.min_lr_ratio)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
+                    set_lr(opt, lr, tcfg)
                     with _autocast(device, tcfg):
                         parts = vae_loss(model.vae, x, tcfg.kl_weight, generator=gen)
                     opt.zero_grad(set_to_none=True)
