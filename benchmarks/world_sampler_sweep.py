@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
-        "cfg_lo": float, "cfg_hi": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
+        "cfg_lo": float, "cfg_hi": float, "cfg_run": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
 
 
 def parse_setting(text: str) -> dict:

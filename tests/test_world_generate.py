@@ -221,6 +221,35 @@ def test_zero_run_vectors_generate_what_the_model_without_runs_generates(tiny):
                           np.stack(list(G.generate_chunks(with_runs, prompts, **kw))))
 
 
+def test_run_guidance(tiny_runs, tiny, monkeypatch):
+    """``cfg_run`` adds cfg_run * (v - v_end), v_end told every run cut to 1 ("the caption ends
+    here"): nothing and no extra call where no chunk in flight has a run over 1 or no frame is inside
+    the guidance interval; otherwise a different video, its extra branch told the cut runs."""
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=1.0, cfg_interval=(0.0, 1.0), seed=5)
+    Q = "the blue square falls"
+    run = lambda prompts, **k: np.stack(list(G.generate_chunks(tiny_runs, prompts, **{**kw, **k})))  # noqa: E731
+    assert np.array_equal(run([P, P, Q]), run([P, P, Q], cfg_run=0.0))
+    with CountingDiT(tiny_runs) as c0:
+        plain = run([P, Q, P])  # runs [1, 1, 1]
+    with CountingDiT(tiny_runs) as c1:
+        assert np.array_equal(plain, run([P, Q, P], cfg_run=4.0))
+    assert c1.calls == c0.calls
+    assert np.array_equal(run([P, P, Q], cfg_interval=(0.99, 1.0)),
+                          run([P, P, Q], cfg_interval=(0.99, 1.0), cfg_run=4.0))
+    told = []
+    encode = tiny_runs.encode_captions
+    monkeypatch.setattr(tiny_runs, "encode_captions",
+                        lambda caps, runs=None: told.append((list(caps), list(runs))) or encode(caps, runs))
+    guided = run([P, P, Q], cfg_run=4.0)  # runs [2, 1, 1]
+    assert not np.array_equal(guided[0], run([P, P, Q])[0])
+    assert ([P], [1]) in told and ([P], [2]) in told  # the contrast branch and the conditional one
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="cfg_run must be a number >= 0"):
+            G.generate_chunks(tiny_runs, [P], cfg_run=bad)
+    with pytest.raises(ValueError, match="cfg_run=2.0 needs a model with caption runs"):
+        G.generate_chunks(tiny, [P], cfg_run=2.0)
+
+
 def test_guidance_interval(tiny):
     """Text guidance only acts on latent frames whose flow time lies in ``cfg_interval``: an interval
     no frame reaches is the unguided sampler (and skips the unconditional calls), and a partial one

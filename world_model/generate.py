@@ -20,7 +20,10 @@ context it saw in training (``n_chunks`` of its train config).
     v = v_c + cfg_text * (v_c - v_null_text) + cfg_prev * (v_c - v_no_prev)
 
 ``v_null_text``: every chunk's caption replaced by `train.NULL_CAPTION`; ``v_no_prev``: the clean
-chunks in the KV cache dropped (the chunks in flight still see each other).
+chunks in the KV cache dropped (the chunks in flight still see each other). A model with caption
+runs may also take *run guidance*, ``+ cfg_run * (v_c - v_end)`` inside the text-guidance interval,
+``v_end`` telling every caption that it ends at its chunk (runs cut to 1): it amplifies what a longer
+run asks of a chunk (measured: slower first chunks, no better prompt following; docs/benchmarks.md).
 
 **Conditioning.** One prompt per chunk (the last repeats); ``image`` (uint8 [64, 64, 3]) becomes
 the clean first latent frame of chunk 0 (image-to-video, per-frame t as in training); ``video``
@@ -211,7 +214,7 @@ class ChunkStream:
     """Iterator of decoded chunks (uint8 numpy [chunk_frames, H, W, 3]); see `generate_chunks`."""
 
     def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
-                 shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None):
+                 shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -230,10 +233,12 @@ class ChunkStream:
         if attn_window is None:
             attn_window = default_attn_window(meta, self.window)
         self.attn_window = _count(attn_window, "attn_window")
-        for name, s in (("cfg_text", cfg_text), ("cfg_prev", cfg_prev)):
+        for name, s in (("cfg_text", cfg_text), ("cfg_prev", cfg_prev), ("cfg_run", cfg_run)):
             if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
                 raise ValueError(f"{name} must be a number >= 0 (0 disables it), got {s!r}")
-        self.cfg_text, self.cfg_prev = float(cfg_text), float(cfg_prev)
+        self.cfg_text, self.cfg_prev, self.cfg_run = float(cfg_text), float(cfg_prev), float(cfg_run)
+        if self.cfg_run > 0 and not cfg.caption_runs:
+            raise ValueError(f"cfg_run={cfg_run!r} needs a model with caption runs (this one has caption_runs 0)")
         try:
             lo, hi = (float(v) for v in cfg_interval)
         except (TypeError, ValueError):
@@ -368,6 +373,12 @@ class ChunkStream:
                 v_nt = self._dit(lat, tf, nt, nl, off, past)
                 scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
                 guided = guided + scale * (v - v_nt)
+            run_ends = [min(r, 1) for r in self.runs[first:last]]  # each caption told it ends at its chunk
+            if self.cfg_run > 0 and bool(on.any()) and run_ends != self.runs[first:last]:
+                et, el = self._text(prompts, run_ends)
+                v_end = self._dit(lat, tf, et, el, off, past)
+                scale = (self.cfg_run * on).to(dev, dt).reshape(-1, 1, 1, 1)
+                guided = guided + scale * (v - v_end)
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
                 guided = guided + self.cfg_prev * (v - v_np)
@@ -389,7 +400,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     cfg_text: float = DEFAULT_CFG_TEXT, cfg_prev: float = DEFAULT_CFG_PREV, image=None, video=None,
                     seed: int = 0, shift: float = DEFAULT_SHIFT, meta: dict | None = None,
                     cfg_interval: tuple[float, float] = DEFAULT_CFG_INTERVAL,
-                    runs: Sequence[int] | None = None) -> ChunkStream:
+                    runs: Sequence[int] | None = None, cfg_run: float = 0.0) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
 
     ``model``: a `WorldModel` (e.g. from `checkpoint.load_checkpoint`, whose ``meta`` gives the
@@ -401,7 +412,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     frame outside it takes the plain conditional velocity); ``image`` uint8 [64, 64, 3]: image-to-video; ``video`` uint8 [T, 64, 64, 3]: a
     prefix to continue; ``seed``: the noise; ``runs``: for a model with caption runs, each chunk's
     run to tell it instead of the one counted from the prompts (e.g. when later prompts are not known
-    yet: 0 = not told). Nothing is computed until the first chunk is asked for.
+    yet: 0 = not told); ``cfg_run``: run guidance for such a model (0 = off; see the module's
+    docstring). Nothing is computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -412,7 +424,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
         meta = getattr(model, "meta", None)
     return ChunkStream(model, prompts, steps=steps, window=window, attn_window=attn_window, cfg_text=cfg_text,
                        cfg_prev=cfg_prev, image=image, video=video, seed=seed, shift=shift, meta=meta,
-                       cfg_interval=cfg_interval, runs=runs)
+                       cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run)
 
 
 def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):
