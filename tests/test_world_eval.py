@@ -57,6 +57,64 @@ def test_motion_rule_on_ideal_tracks():
     assert E.motion_from_track(np.full(25, np.nan), t) is None
 
 
+def _disc_video(ys, x=30.0, r=5.0, colour="red"):
+    """uint8 frames of one disc at centroid (x, ys[t]) on a plain background."""
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    frames = np.full((len(ys), 64, 64, 3), 40, np.uint8)
+    for t, y in enumerate(ys):
+        frames[t][(xx - x) ** 2 + (yy - y) ** 2 <= r * r] = data.PALETTE[colour]
+    return frames
+
+
+def test_tracked_extent():
+    frames = _disc_video([20.0, 40.0, 59.0])
+    tr = E.track_by_colour(frames, ["red", "blue"])
+    assert np.allclose(tr["red"]["x0"], 25) and np.allclose(tr["red"]["x1"], 35)
+    assert np.allclose(tr["red"]["y0"], [15, 35, 54]) and np.allclose(tr["red"]["y1"], [25, 45, 64])
+    assert np.isnan(tr["blue"]["x0"]).all() and np.isnan(tr["blue"]["y1"]).all()
+
+
+@pytest.mark.parametrize("turn, expected", [(52.0, "moves down"), (59.0, "bounces off the floor")])
+def test_a_reversal_near_a_wall_is_a_hit_only_where_the_subject_reaches_it(turn, expected):
+    """A disc of radius 5 moves down through a chunk and back up in the next (the change of direction
+    a chunk-wise prompt asks for). Its centroid ends within WALL_MARGIN of the floor either way; only
+    where its pixels reach the floor (59 + 5 = 64) is that a bounce. Without the extent, the
+    centroid rule alone calls both a bounce."""
+    down = np.linspace(turn - 23 * 0.9, turn, F)
+    up = turn - 0.9 * np.arange(1, F + 1)
+    frames = _disc_video(np.concatenate([down, up]))
+    prompts = ["the red circle moves down", "the red circle moves up"]
+    assert E.prompt_following(frames, prompts)["measured"] == [expected, "moves up"]
+    t = np.arange(F + 1, dtype=float)
+    ys = np.concatenate([down, up[:1]])
+    assert E.motion_from_track(30 + 0 * t, ys) == "bounces off the floor"
+    ext = (25 + 0 * t, 35 + 0 * t, ys - 5, ys + 5)
+    assert E.motion_from_track(30 + 0 * t, ys, extent=ext) == expected
+
+
+def test_simulator_wall_hits_reach_the_wall_within_the_edge_margin():
+    """What EDGE_MARGIN relies on: at every wall hit of the simulator the subject's pixels are within
+    2 px of the wall (the autoencoder's round trip adds at most 1 more, measured)."""
+    hits = 0
+    for seed in range(12):
+        clip = data.generate(seed, 4)
+        colours = [str(c) for c in clip.tracks["colour"]]
+        tr = E.track_by_colour(clip.frames, colours)
+        for i, c in enumerate(colours):
+            if colours.count(c) > 1:
+                continue
+            for t in np.flatnonzero(clip.tracks["bounce"][:, i]):
+                if not clip.tracks["visible"][t, i]:
+                    continue
+                sl = slice(max(0, t - 1), t + 3)
+                code = int(clip.tracks["bounce"][t, i])
+                gap = {data.LEFT_WALL: np.nanmin(tr[c]["x0"][sl]), data.RIGHT_WALL: 64 - np.nanmax(tr[c]["x1"][sl]),
+                       data.CEILING: np.nanmin(tr[c]["y0"][sl]), data.FLOOR: 64 - np.nanmax(tr[c]["y1"][sl])}[code]
+                assert gap <= E.EDGE_MARGIN - 1, (seed, c, t, gap)
+                hits += 1
+    assert hits >= 20
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_prompt_following_is_perfect_on_the_simulator(seed):
     prompts = E.direction_change_prompts(seed, 4)

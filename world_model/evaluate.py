@@ -7,8 +7,9 @@ truth is known; `evaluate` runs the model and applies them:
   within ``tol`` RGB distance of the colour; palette colours are >= 170 apart and >= 120 from any
   background pixel, so a tolerance of 75 survives blur).
 - `motion_from_track` + `prompt_following`: the caption rule of `data.motion_for_chunk` applied to
-  *measured* motion (wall hits detected as velocity reversals near a wall, velocities from a
-  quadratic fit of the visible positions of the chunk), compared with each chunk's prompt.
+  *measured* motion (wall hits detected as velocity reversals near a wall that the subject's pixels
+  reach, velocities from a quadratic fit of the visible positions of the chunk), compared with each
+  chunk's prompt.
 - `psnr`, `count_blobs` / `object_persistence`: image-to-video fidelity.
 - `position_error`: continuation physics against the simulator, with a copy-last-frame baseline.
 - `seam_score`: mean frame difference at chunk boundaries vs inside chunks.
@@ -38,7 +39,11 @@ from .data import PALETTE, WorldConfig
 
 DEFAULT_TOL = 75.0
 DEFAULT_MIN_PIXELS = 6
-WALL_MARGIN = 14.0  # a velocity reversal counts as a wall hit only this close (px) to the wall
+WALL_MARGIN = 14.0  # a velocity reversal counts as a wall hit only with the centroid this close (px) to the wall
+# ... and the subject's pixels this close (px) to it: at the simulator's wall hits they reach it within
+# 2 px, within 3 after the shipped autoencoder's round trip (581 of 581 hits, seeds 7000-7149); a
+# reversal further out is a change of direction near the wall, not a hit (measured in session 23)
+EDGE_MARGIN = 3.0
 DIRECTION_PAIRS = (("right", "left"), ("left", "right"), ("up", "down"), ("down", "up"))
 
 
@@ -64,7 +69,9 @@ def _colour_masks(frames: np.ndarray, colours: Sequence[str], tol: float) -> dic
 def track_by_colour(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
                     min_pixels: int = DEFAULT_MIN_PIXELS) -> dict[str, dict[str, np.ndarray]]:
     """Per colour: ``x``, ``y`` float [T] (centroid of matching pixel centres, NaN when not visible),
-    ``count`` int [T] (matching pixels), ``visible`` bool [T] (count >= min_pixels)."""
+    ``count`` int [T] (matching pixels), ``visible`` bool [T] (count >= min_pixels), and the matching
+    pixels' extent ``x0``, ``x1``, ``y0``, ``y1`` float [T] (pixel edges: the first matching column's
+    left edge ... the last matching row's bottom edge; NaN when not visible)."""
     masks = _colour_masks(frames, colours, tol)
     out = {}
     for c, m in masks.items():
@@ -76,10 +83,12 @@ def track_by_colour(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
             x = (m * xs).sum((1, 2)) / cnt
             y = (m * ys).sum((1, 2)) / cnt
         vis = cnt >= min_pixels
-        x = np.where(vis, x, np.nan)
-        y = np.where(vis, y, np.nan)
-        out[c] = {"x": x.astype(np.float64), "y": y.astype(np.float64), "count": cnt.astype(np.int64),
-                  "visible": vis}
+        cols, rows = m.any(1), m.any(2)  # [T, W], [T, H]
+        nan = np.full(T, np.nan)
+        out[c] = {"x": np.where(vis, x, np.nan).astype(np.float64), "y": np.where(vis, y, np.nan).astype(np.float64),
+                  "count": cnt.astype(np.int64), "visible": vis,
+                  "x0": np.where(vis, cols.argmax(1), nan), "x1": np.where(vis, W - cols[:, ::-1].argmax(1), nan),
+                  "y0": np.where(vis, rows.argmax(1), nan), "y1": np.where(vis, H - rows[:, ::-1].argmax(1), nan)}
     return out
 
 
@@ -123,13 +132,23 @@ def present_colours(image, tol: float = DEFAULT_TOL, min_pixels: int = DEFAULT_M
 # ------------------------------------------------------------------------------ caption rule
 
 
-def _first_reversal(p: np.ndarray, lo_wall: float, hi_wall: float, config: WorldConfig, k: int = 3):
+def _first_reversal(p: np.ndarray, lo_wall: int, hi_wall: int, config: WorldConfig, k: int = 3,
+                    lo_edge: np.ndarray | None = None, hi_edge: np.ndarray | None = None):
     """(step, code) of the first velocity reversal of a 1-D position track near a wall, or None.
 
-    ``lo_wall``/``hi_wall``: the codes of hitting the low / high side of this axis."""
+    ``lo_wall``/``hi_wall``: the codes of hitting the low / high side of this axis. Near a wall: the
+    centroid within `WALL_MARGIN` of it and, when the subject's extent along the axis is given
+    (``lo_edge``/``hi_edge``, pixel edges per frame), its pixels within `EDGE_MARGIN` of it."""
     d = np.diff(p)
     jump = 1.2 * config.move_thresh  # below the data's threshold: slow bounces (0.2 px/frame) still count
     size = config.size
+
+    def reaches(edge, sl, low: bool) -> bool:
+        if edge is None:
+            return True
+        e = edge[sl][np.isfinite(edge[sl])]
+        return len(e) > 0 and (e.min() <= EDGE_MARGIN if low else e.max() >= size - EDGE_MARGIN)
+
     for t in range(1, len(d)):
         before = d[max(0, t - k):t]
         after = d[t + 1:t + 1 + k] if t + 1 < len(d) else d[t:]  # the last step: its partial reflection
@@ -138,32 +157,36 @@ def _first_reversal(p: np.ndarray, lo_wall: float, hi_wall: float, config: World
             continue
         vb, va = float(np.median(before)), float(np.median(after))
         if vb * va < 0 and abs(va - vb) > jump and min(abs(va), abs(vb)) > 0.12:
-            seg = p[max(0, t - 1):t + 3]
+            sl = slice(max(0, t - 1), t + 3)
+            seg = p[sl]
             if not np.isfinite(seg).any():
                 continue
             pos = np.nanmax(seg) if vb > 0 else np.nanmin(seg)
-            if vb < 0 and pos <= WALL_MARGIN:
+            if vb < 0 and pos <= WALL_MARGIN and reaches(lo_edge, sl, True):
                 return t, lo_wall
-            if vb > 0 and pos >= size - WALL_MARGIN:
+            if vb > 0 and pos >= size - WALL_MARGIN and reaches(hi_edge, sl, False):
                 return t, hi_wall
     return None
 
 
-def motion_from_track(x, y, config: WorldConfig = WorldConfig()) -> str | None:
+def motion_from_track(x, y, config: WorldConfig = WorldConfig(), extent=None) -> str | None:
     """The caption rule (`data.motion_for_chunk`) applied to one chunk's tracked centroids.
 
-    ``x``, ``y``: float [F] (NaN where not visible). Wall hits: a reversal of the median step
-    velocity near a wall (the first in time wins); otherwise velocities come from a quadratic
-    least-squares fit of the visible positions (robust to pixel quantisation and blur). None when
-    fewer than a third of the frames are visible."""
+    ``x``, ``y``: float [F] (NaN where not visible); ``extent``: optional ``(x0, x1, y0, y1)``, the
+    subject's pixel extent per frame (`track_by_colour`). Wall hits: a reversal of the median step
+    velocity near a wall (the first in time wins; with ``extent``, only where the subject's pixels
+    reach the wall: `EDGE_MARGIN`); otherwise velocities come from a quadratic least-squares fit of
+    the visible positions (robust to pixel quantisation and blur). None when fewer than a third of
+    the frames are visible."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     n = len(x)
     ok = np.isfinite(x) & np.isfinite(y)
     if ok.sum() < max(4, n // 3):
         return None
-    hx = _first_reversal(x, data.LEFT_WALL, data.RIGHT_WALL, config)
-    hy = _first_reversal(y, data.CEILING, data.FLOOR, config)
+    x0, x1, y0, y1 = (None,) * 4 if extent is None else (np.asarray(e, np.float64) for e in extent)
+    hx = _first_reversal(x, data.LEFT_WALL, data.RIGHT_WALL, config, lo_edge=x0, hi_edge=x1)
+    hy = _first_reversal(y, data.CEILING, data.FLOOR, config, lo_edge=y0, hi_edge=y1)
     hits = [h for h in (hx, hy) if h is not None]
     bounce = np.zeros(n, dtype=np.int8)
     if hits:
@@ -182,8 +205,11 @@ def motion_from_track(x, y, config: WorldConfig = WorldConfig()) -> str | None:
 
 
 def prompt_following(frames, prompts: Sequence[str], config: WorldConfig = WorldConfig(),
-                     tol: float = DEFAULT_TOL) -> dict:
+                     tol: float = DEFAULT_TOL, use_extent: bool = True) -> dict:
     """Per chunk: track the prompt's subject colour, measure its motion, compare with the prompt.
+
+    ``use_extent=False``: wall hits by the centroid alone (the rule before session 23, kept to
+    compare figures with earlier ones).
 
     Returns ``{"fraction", "matches": [bool], "measured": [str|None], "prompts": [str]}``."""
     frames = np.asarray(frames)
@@ -199,8 +225,9 @@ def prompt_following(frames, prompts: Sequence[str], config: WorldConfig = World
         # partly covered (by a distractor drawn on top) or cut by the frame edge: the centroid is off
         full = tr["count"] >= 0.85 * np.median(tr["count"][tr["visible"]]) if tr["visible"].any() else tr["visible"]
         x, y = np.where(full, tr["x"], np.nan), np.where(full, tr["y"], np.nan)
+        ext = [np.where(full, tr[e], np.nan) for e in ("x0", "x1", "y0", "y1")]
         sl = slice(k * f, min((k + 1) * f + 1, len(x)))  # + the next chunk's first frame: a hit in the last step
-        m = motion_from_track(x[sl], y[sl], config)
+        m = motion_from_track(x[sl], y[sl], config, extent=[e[sl] for e in ext] if use_extent else None)
         measured.append(m)
         matches.append(m == p.motion)
     return {"fraction": float(np.mean(matches)) if matches else float("nan"), "matches": matches,

@@ -1,0 +1,146 @@
+"""How faithful is the prompt-following tracker? Checked against the simulator's own captions.
+
+Three measurements, no transformer involved:
+
+1. **Agreement** of `evaluate.prompt_following`'s measured motions with the simulator's captions,
+   on random clips (`data.generate`) and on the direction-change clips of the evaluation
+   (`data.generate_from_prompts`, planned with and without lookahead, so that some chunks end near
+   a wall and the next one turns), for the current wall rule (a reversal near a wall is a hit only
+   where the subject's pixels reach it, `evaluate.EDGE_MARGIN`) and for the centroid-only rule used
+   before (``use_extent=False``).
+2. **Wall-hit gaps**: at every simulated wall hit of a uniquely coloured subject, how far its
+   pixels stay from the wall (frames t-1 .. t+2), on the simulator's frames and after the shipped
+   autoencoder's round trip (what generated frames look like at best): the margin the rule needs.
+3. With ``--videos FILE.npz`` (arrays named by seed, uint8 [T, 64, 64, 3], the direction-change videos
+   a model generated for those seeds), prompt following under both rules.
+
+    python benchmarks/world_tracker_check.py --clips 400 --hit-clips 150 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def agreement(clips, use_extent: bool, cfg) -> dict:
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model import vocab
+
+    right = total = 0
+    for clip in clips:
+        measured = ev.prompt_following(clip.frames, clip.captions, cfg, use_extent=use_extent)["measured"]
+        truth = [vocab.parse_caption(c).motion for c in clip.captions]
+        right += sum(m == t for m, t in zip(measured, truth))
+        total += len(truth)
+    return {"chunks": total, "agree": right, "fraction": right / max(total, 1)}
+
+
+def hit_gaps(frames, clip) -> list[float]:
+    """Per wall hit of a uniquely coloured visible object: its pixels' distance (px) from that wall."""
+    from maskc.world_model import data
+    from maskc.world_model import evaluate as ev
+
+    colours = [str(c) for c in clip.tracks["colour"]]
+    tr = ev.track_by_colour(frames, colours)
+    size = clip.config.size
+    gaps = []
+    for i, c in enumerate(colours):
+        if colours.count(c) > 1:
+            continue
+        for t in np.flatnonzero(clip.tracks["bounce"][:, i]):
+            if not clip.tracks["visible"][t, i]:
+                continue
+            sl = slice(max(0, t - 1), t + 3)
+            code = int(clip.tracks["bounce"][t, i])
+            gaps.append(float({data.LEFT_WALL: np.nanmin(tr[c]["x0"][sl]),
+                               data.RIGHT_WALL: size - np.nanmax(tr[c]["x1"][sl]),
+                               data.CEILING: np.nanmin(tr[c]["y0"][sl]),
+                               data.FLOOR: size - np.nanmax(tr[c]["y1"][sl])}[code]))
+    return gaps
+
+
+def gap_summary(g) -> dict:
+    g = np.asarray(g, np.float64)
+    return {"hits": int(len(g)), "median": float(np.median(g)), "p99": float(np.percentile(g, 99)),
+            "max": float(g.max()), "hist": {str(int(k)): int((g == k).sum()) for k in np.unique(g)}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=400, help="clips per agreement set (default 400)")
+    ap.add_argument("--first-seed", type=int, default=5000, help="first simulator seed of the agreement sets")
+    ap.add_argument("--hit-clips", type=int, default=150, help="random clips for the wall-hit gaps (default 150)")
+    ap.add_argument("--weights", default=None, help="checkpoint whose autoencoder to use (default: shipped)")
+    ap.add_argument("--videos", nargs="*", default=[], metavar="NPZ",
+                    help="generated direction-change videos (arrays named by seed) to score under both rules")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.clips < 1 or args.hit_clips < 1:
+        ap.error("--clips and --hit-clips must be >= 1")
+
+    import torch
+    from tqdm import tqdm
+
+    from maskc.world_model import data
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model.generate import load_model
+    from maskc.world_model.vae import to_uint8
+
+    cfg = data.WorldConfig()
+    res = {"edge_margin": ev.EDGE_MARGIN, "wall_margin": ev.WALL_MARGIN, "agreement": {}}
+    t0 = time.perf_counter()
+    seeds = range(args.first_seed, args.first_seed + args.clips)
+    sets = {"random": [data.generate(s, 4, cfg) for s in tqdm(seeds, desc="random clips", leave=False)]}
+    for lookahead in (True, False):
+        clips = []
+        for s in tqdm(seeds, desc=f"direction-change clips, lookahead {lookahead}", leave=False):
+            try:
+                clips.append(data.generate_from_prompts(ev.direction_change_prompts(s, 4, cfg), s, cfg,
+                                                        gravity=False, lookahead=lookahead))
+            except ValueError:
+                pass
+        sets[f"direction_change_lookahead_{lookahead}"] = clips
+    for name, clips in sets.items():
+        res["agreement"][name] = {rule: agreement(clips, rule == "extent", cfg) for rule in ("extent", "centroid")}
+        a = res["agreement"][name]
+        print(f"{name:<36} agreement with the simulator's captions: extent rule {a['extent']['fraction']:.4f}, "
+              f"centroid rule {a['centroid']['fraction']:.4f} ({a['extent']['chunks']} chunks)", flush=True)
+
+    model, _ = load_model(args.weights)
+    sim, rec = [], []
+    for s in tqdm(range(7000, 7000 + args.hit_clips), desc="wall hits", leave=False):
+        clip = data.generate(s, 4, cfg)
+        with torch.no_grad():
+            frames = to_uint8(model.vae.decode(model.vae.encode(torch.from_numpy(clip.frames)[None]))[0]).numpy()
+        sim += hit_gaps(clip.frames, clip)
+        rec += hit_gaps(frames, clip)
+    res["hit_gaps"] = {"simulator": gap_summary(sim), "autoencoder_round_trip": gap_summary(rec)}
+    for name, g in res["hit_gaps"].items():
+        print(f"wall hits, {name:<24} {g['hits']} hits: pixels within {g['max']:.0f} px of the wall at most "
+              f"(median {g['median']:.0f}, 99th percentile {g['p99']:.0f})", flush=True)
+
+    res["videos"] = {}
+    for path in args.videos:
+        z = np.load(path)
+        out = {}
+        for rule in ("extent", "centroid"):
+            m = np.array([ev.prompt_following(z[k], ev.direction_change_prompts(int(k), 4, cfg), cfg,
+                                              use_extent=rule == "extent")["matches"] for k in z.files])
+            out[rule] = {"prompt_following": float(m.mean()), "by_chunk": m.mean(0).tolist(), "videos": len(m)}
+        res["videos"][path] = out
+        print(f"{path}: prompt following {out['extent']['prompt_following']:.3f} (extent rule), "
+              f"{out['centroid']['prompt_following']:.3f} (centroid rule), {len(z.files)} videos", flush=True)
+    res["seconds"] = time.perf_counter() - t0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
