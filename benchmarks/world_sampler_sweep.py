@@ -8,7 +8,8 @@ chunk, `evaluate.first_chunk_room`). ``--ceiling`` also scores the simulator's c
 autoencoder round trip: what the transformer could reach at best with this autoencoder.
 ``--run-probe R ...`` (models with caption runs): each video's first chunk alone, told each run R
 in turn with the same noise, and where it leaves its subject (`evaluate.first_chunk_room`): whether
-the model plans for what a caption's run asks (a longer run should leave more room).
+the model plans for what a caption's run asks (a longer run should leave more room); ``--probe-setting``
+gives it sampler keywords (e.g. run guidance, ``cfg_run=4``).
 
     python benchmarks/world_sampler_sweep.py --settings "" "cfg_text=4" "window=1" "window=1,cfg_text=4"
     python benchmarks/world_sampler_sweep.py --weights W --ceiling --seeds 10 11 12 13 14 15 16 17
@@ -49,8 +50,9 @@ def gen_kwargs(setting: dict) -> dict:
     return kw
 
 
-def run_probe(model, meta, videos, runs, cfg) -> dict:
-    """Per video, its first chunk generated alone and told each run in ``runs``: `first_chunk_room` of each."""
+def run_probe(model, meta, videos, runs, cfg, setting: dict | None = None) -> dict:
+    """Per video, its first chunk generated alone and told each run in ``runs``: `first_chunk_room` of each
+    (``setting``: sampler keywords, as for a sweep setting, e.g. ``{"cfg_run": 4.0}``)."""
     from maskc.world_model import evaluate as ev
     from maskc.world_model.generate import generate_chunks
 
@@ -60,7 +62,8 @@ def run_probe(model, meta, videos, runs, cfg) -> dict:
     for s, prompts in videos:
         room = {}
         for r in runs:
-            chunk = next(iter(generate_chunks(model, prompts[:1], seed=s, meta=meta, runs=[r])))
+            chunk = next(iter(generate_chunks(model, prompts[:1], seed=s, meta=meta, runs=[r],
+                                              **gen_kwargs(setting or {}))))
             room[r] = ev.first_chunk_room(chunk, prompts[0], cfg)
         per_video.append({"seed": s, "prompt": prompts[0], "room": room})
     ok = [v["room"] for v in per_video if all(v["room"][r] is not None for r in runs)]
@@ -95,11 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--run-probe", type=int, nargs="+", default=None, metavar="R",
                     help="models with caption runs: generate each video's first chunk alone told each run R "
                          "(same noise) and record its speed and room (paired by seed)")
+    ap.add_argument("--probe-setting", default="", metavar="SETTING",
+                    help='sampler setting of the run probe, "KEY=VALUE,..." as for --settings (e.g. "cfg_run=4")')
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     try:
         settings = [(s, parse_setting(s)) for s in args.settings]
+        probe_setting = parse_setting(args.probe_setting)
     except ValueError as e:
         ap.error(str(e))
 
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
         print(f"room to keep moving one more chunk ({r['clips']} simulator clips): at the same velocity "
               f"{r['same_velocity']:.2f}, at the slowest moving speed {r['slowest']:.2f}", flush=True)
     if args.run_probe:
-        res["run_probe"] = run_probe(model, meta, videos, args.run_probe, cfg)
+        res["run_probe"] = run_probe(model, meta, videos, args.run_probe, cfg, probe_setting)
     for text, kw in settings:
         t0 = time.perf_counter()
         per_video = []

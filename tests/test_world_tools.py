@@ -95,5 +95,11 @@ def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):
     assert v["room"]["3"] == ev.first_chunk_room(chunk, v["prompt"])
     other = next(iter(generate_chunks(m, [v["prompt"]], seed=3, meta=meta, runs=[1])))
     assert not (chunk == other).all()
+    # --probe-setting reaches the probe's sampler (run guidance here)
+    assert world_sampler_sweep.main(["--weights", str(told), *args, "--probe-setting", "cfg_run=5",
+                                     "--json", str(tmp_path / "g.json")]) == 0
+    g = json.loads((tmp_path / "g.json").read_text())["run_probe"]["videos"][0]
+    guided = next(iter(generate_chunks(m, [v["prompt"]], seed=3, meta=meta, runs=[3], cfg_run=5.0)))
+    assert g["room"]["3"] == ev.first_chunk_room(guided, v["prompt"]) and not (guided == chunk).all()
     with pytest.raises(SystemExit, match="run-probe"):
         world_sampler_sweep.main(["--weights", str(told), *args[:-2], "4", "--threads", "1"])
