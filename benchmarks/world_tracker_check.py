@@ -40,30 +40,6 @@ def agreement(clips, use_extent: bool, cfg) -> dict:
     return {"chunks": total, "agree": right, "fraction": right / max(total, 1)}
 
 
-def hit_gaps(frames, clip) -> list[float]:
-    """Per wall hit of a uniquely coloured visible object: its pixels' distance (px) from that wall."""
-    from maskc.world_model import data
-    from maskc.world_model import evaluate as ev
-
-    colours = [str(c) for c in clip.tracks["colour"]]
-    tr = ev.track_by_colour(frames, colours)
-    size = clip.config.size
-    gaps = []
-    for i, c in enumerate(colours):
-        if colours.count(c) > 1:
-            continue
-        for t in np.flatnonzero(clip.tracks["bounce"][:, i]):
-            if not clip.tracks["visible"][t, i]:
-                continue
-            sl = slice(max(0, t - 1), t + 3)
-            code = int(clip.tracks["bounce"][t, i])
-            gaps.append(float({data.LEFT_WALL: np.nanmin(tr[c]["x0"][sl]),
-                               data.RIGHT_WALL: size - np.nanmax(tr[c]["x1"][sl]),
-                               data.CEILING: np.nanmin(tr[c]["y0"][sl]),
-                               data.FLOOR: size - np.nanmax(tr[c]["y1"][sl])}[code]))
-    return gaps
-
-
 def gap_summary(g) -> dict:
     g = np.asarray(g, np.float64)
     return {"hits": int(len(g)), "median": float(np.median(g)), "p99": float(np.percentile(g, 99)),
@@ -117,8 +93,8 @@ def main(argv=None) -> int:
         clip = data.generate(s, 4, cfg)
         with torch.no_grad():
             frames = to_uint8(model.vae.decode(model.vae.encode(torch.from_numpy(clip.frames)[None]))[0]).numpy()
-        sim += hit_gaps(clip.frames, clip)
-        rec += hit_gaps(frames, clip)
+        sim += ev.wall_hit_gaps(clip.frames, clip)
+        rec += ev.wall_hit_gaps(frames, clip)
     res["hit_gaps"] = {"simulator": gap_summary(sim), "autoencoder_round_trip": gap_summary(rec)}
     for name, g in res["hit_gaps"].items():
         print(f"wall hits, {name:<24} {g['hits']} hits: pixels within {g['max']:.0f} px of the wall at most "

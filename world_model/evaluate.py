@@ -169,6 +169,30 @@ def _first_reversal(p: np.ndarray, lo_wall: int, hi_wall: int, config: WorldConf
     return None
 
 
+def wall_hit_gaps(frames, clip: data.Clip, tol: float = DEFAULT_TOL) -> list[float]:
+    """At each wall hit of ``clip`` (its ground truth), how far (px) the subject's tracked pixels in
+    ``frames`` stay from that wall over the frames t-1 .. t+2: what `EDGE_MARGIN` must allow.
+    ``frames``: the clip's frames, or a version of them (e.g. an autoencoder round trip). Objects
+    sharing a colour with another are skipped (their pixels cannot be told apart)."""
+    colours = [str(c) for c in clip.tracks["colour"]]
+    tr = track_by_colour(frames, colours, tol)
+    size = clip.config.size
+    gaps = []
+    for i, c in enumerate(colours):
+        if colours.count(c) > 1:
+            continue
+        for t in np.flatnonzero(clip.tracks["bounce"][:, i]):
+            if not clip.tracks["visible"][t, i]:
+                continue
+            sl = slice(max(0, t - 1), t + 3)
+            code = int(clip.tracks["bounce"][t, i])
+            gaps.append(float({data.LEFT_WALL: np.nanmin(tr[c]["x0"][sl]),
+                               data.RIGHT_WALL: size - np.nanmax(tr[c]["x1"][sl]),
+                               data.CEILING: np.nanmin(tr[c]["y0"][sl]),
+                               data.FLOOR: size - np.nanmax(tr[c]["y1"][sl])}[code]))
+    return gaps
+
+
 def motion_from_track(x, y, config: WorldConfig = WorldConfig(), extent=None) -> str | None:
     """The caption rule (`data.motion_for_chunk`) applied to one chunk's tracked centroids.
 
