@@ -1,5 +1,6 @@
 """The world model's measuring scripts run and report what they claim (CPU, tiny settings):
-`benchmarks/profile_train_step.py` and `benchmarks/world_sampler_sweep.py`."""
+`benchmarks/profile_train_step.py`, `benchmarks/world_sampler_sweep.py` and
+`benchmarks/world_tracker_check.py`."""
 
 import json
 import sys
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import profile_train_step  # noqa: E402
 import world_sampler_sweep  # noqa: E402
+import world_tracker_check  # noqa: E402
 
 
 def test_profile_train_step_times_every_part(tmp_path, capsys):
@@ -103,3 +105,32 @@ def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):
     assert g["room"]["3"] == ev.first_chunk_room(guided, v["prompt"]) and not (guided == chunk).all()
     with pytest.raises(SystemExit, match="run-probe"):
         world_sampler_sweep.main(["--weights", str(told), *args[:-2], "4", "--threads", "1"])
+
+
+def test_world_tracker_check_reports_both_rules(tmp_path, capsys):
+    import numpy as np
+
+    from maskc.world_model import data
+    from maskc.world_model import evaluate as ev
+
+    # "videos": the simulator's own direction-change clips, which both rules score perfectly
+    videos = {str(s): data.generate_from_prompts(ev.direction_change_prompts(s, 4), s, gravity=False).frames
+              for s in (18, 19)}
+    np.savez(tmp_path / "v.npz", **videos)
+    out = tmp_path / "t.json"
+    assert world_tracker_check.main(["--clips", "3", "--hit-clips", "2", "--videos", str(tmp_path / "v.npz"),
+                                     "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["edge_margin"] == ev.EDGE_MARGIN
+    assert set(res["agreement"]) == {"random", "direction_change_lookahead_True", "direction_change_lookahead_False"}
+    for rules in res["agreement"].values():
+        assert rules["extent"]["chunks"] == rules["centroid"]["chunks"] > 0
+        assert 0.0 <= rules["extent"]["fraction"] <= 1.0
+    sim = res["hit_gaps"]["simulator"]
+    assert sim["hits"] > 0 and sim["max"] <= ev.EDGE_MARGIN - 1
+    assert sum(sim["hist"].values()) == sim["hits"]
+    scored = res["videos"][str(tmp_path / "v.npz")]
+    assert scored["extent"]["prompt_following"] == scored["centroid"]["prompt_following"] == 1.0
+    assert "prompt following 1.000 (extent rule)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        world_tracker_check.main(["--clips", "0"])
