@@ -386,6 +386,8 @@ def test_cli_smoke(tmp_path, capsys):
     (["--prompt", P, "--shift", "0"], "--shift: must be a finite number > 0, got 0"),
     (["--prompt", P, "--cfg-interval", "0.5", "0.2"], "cfg_interval must satisfy 0 <= lo < hi <= 1"),
     (["--prompt", P, "--cfg-interval", "0.5"], "--cfg-interval: expected 2 arguments"),
+    (["--prompt", P, "--cfg-run", "2"], "cfg_run=2.0 needs a model with caption runs"),
+    (["--prompt", P, "--cfg-run", "-1"], "--cfg-run"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, msg):
     from PIL import Image

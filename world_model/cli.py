@@ -263,6 +263,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
                    help="flow times (0 noise, 1 clean) at which text guidance acts; a frame outside them takes "
                         "the plain conditional velocity (default: %g %g)" % DEFAULT_CFG_INTERVAL)
+    p.add_argument("--cfg-run", type=_nonneg_float, default=0.0, metavar="W",
+                   help="run guidance, for a model trained with caption runs (magi train --caption-runs): "
+                        "amplifies what a prompt that lasts several chunks asks of each chunk, inside the "
+                        "--cfg-interval (0 disables; default 0; the shipped model has no runs)")
     p.add_argument("--shift", type=_pos_float, default=DEFAULT_SHIFT, metavar="S",
                    help=f"time-grid shift: > 1 spends more of the steps near the noise, where the layout and the "
                         f"motion are decided (default: {DEFAULT_SHIFT:g})")
@@ -306,7 +310,7 @@ def run_generate(args, parser) -> int:
         stream = G.generate_chunks(model, prompts, n_chunks=n_chunks, steps=args.steps, window=args.window,
                                    attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
                                    image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
-                                   cfg_interval=tuple(args.cfg_interval))
+                                   cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
