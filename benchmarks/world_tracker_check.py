@@ -12,7 +12,7 @@ Three measurements, no transformer involved:
    pixels stay from the wall (frames t-1 .. t+2), on the simulator's frames and after the shipped
    autoencoder's round trip (what generated frames look like at best): the margin the rule needs.
 3. With ``--videos FILE.npz`` (arrays named by seed, uint8 [T, 64, 64, 3], the direction-change videos
-   a model generated for those seeds), prompt following under both rules.
+   a model generated for those seeds, T // 24 chunks each), prompt following under both rules.
 
     python benchmarks/world_tracker_check.py --clips 400 --hit-clips 150 --json out.json
 """
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
         clip = data.generate(s, 4, cfg)
         with torch.no_grad():
             frames = to_uint8(model.vae.decode(model.vae.encode(torch.from_numpy(clip.frames)[None]))[0]).numpy()
-        sim += ev.wall_hit_gaps(clip.frames, clip)
-        rec += ev.wall_hit_gaps(frames, clip)
+        sim += [gap for _, gap in ev.wall_hit_gaps(clip.frames, clip)]
+        rec += [gap for _, gap in ev.wall_hit_gaps(frames, clip)]
     res["hit_gaps"] = {"simulator": gap_summary(sim), "autoencoder_round_trip": gap_summary(rec)}
     for name, g in res["hit_gaps"].items():
         print(f"wall hits, {name:<24} {g['hits']} hits: pixels within {g['max']:.0f} px of the wall at most "
@@ -105,8 +105,9 @@ def main(argv=None) -> int:
         z = np.load(path)
         out = {}
         for rule in ("extent", "centroid"):
-            m = np.array([ev.prompt_following(z[k], ev.direction_change_prompts(int(k), 4, cfg), cfg,
-                                              use_extent=rule == "extent")["matches"] for k in z.files])
+            m = np.array([ev.prompt_following(z[k], ev.direction_change_prompts(
+                int(k), z[k].shape[0] // cfg.chunk_frames, cfg), cfg, use_extent=rule == "extent")["matches"]
+                for k in z.files])
             out[rule] = {"prompt_following": float(m.mean()), "by_chunk": m.mean(0).tolist(), "videos": len(m)}
         res["videos"][path] = out
         print(f"{path}: prompt following {out['extent']['prompt_following']:.3f} (extent rule), "

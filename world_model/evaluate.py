@@ -169,15 +169,16 @@ def _first_reversal(p: np.ndarray, lo_wall: int, hi_wall: int, config: WorldConf
     return None
 
 
-def wall_hit_gaps(frames, clip: data.Clip, tol: float = DEFAULT_TOL) -> list[float]:
-    """At each wall hit of ``clip`` (its ground truth), how far (px) the subject's tracked pixels in
-    ``frames`` stay from that wall over the frames t-1 .. t+2: what `EDGE_MARGIN` must allow.
-    ``frames``: the clip's frames, or a version of them (e.g. an autoencoder round trip). Objects
-    sharing a colour with another are skipped (their pixels cannot be told apart)."""
+def wall_hit_gaps(frames, clip: data.Clip, tol: float = DEFAULT_TOL) -> list[tuple[int, float]]:
+    """At each wall hit of ``clip`` (its ground truth): ``(wall code, gap)``, the gap being how far
+    (px) the subject's tracked pixels in ``frames`` stay from that wall over the frames t-1 .. t+2:
+    what `EDGE_MARGIN` must allow. ``frames``: the clip's frames, or a version of them (e.g. an
+    autoencoder round trip). Objects sharing a colour with another are skipped (their pixels cannot
+    be told apart)."""
     colours = [str(c) for c in clip.tracks["colour"]]
     tr = track_by_colour(frames, colours, tol)
     size = clip.config.size
-    gaps = []
+    hits = []
     for i, c in enumerate(colours):
         if colours.count(c) > 1:
             continue
@@ -186,11 +187,10 @@ def wall_hit_gaps(frames, clip: data.Clip, tol: float = DEFAULT_TOL) -> list[flo
                 continue
             sl = slice(max(0, t - 1), t + 3)
             code = int(clip.tracks["bounce"][t, i])
-            gaps.append(float({data.LEFT_WALL: np.nanmin(tr[c]["x0"][sl]),
-                               data.RIGHT_WALL: size - np.nanmax(tr[c]["x1"][sl]),
-                               data.CEILING: np.nanmin(tr[c]["y0"][sl]),
-                               data.FLOOR: size - np.nanmax(tr[c]["y1"][sl])}[code]))
-    return gaps
+            gap = {data.LEFT_WALL: np.nanmin(tr[c]["x0"][sl]), data.RIGHT_WALL: size - np.nanmax(tr[c]["x1"][sl]),
+                   data.CEILING: np.nanmin(tr[c]["y0"][sl]), data.FLOOR: size - np.nanmax(tr[c]["y1"][sl])}[code]
+            hits.append((code, float(gap)))
+    return hits
 
 
 def motion_from_track(x, y, config: WorldConfig = WorldConfig(), extent=None) -> str | None:
@@ -249,9 +249,9 @@ def prompt_following(frames, prompts: Sequence[str], config: WorldConfig = World
         # partly covered (by a distractor drawn on top) or cut by the frame edge: the centroid is off
         full = tr["count"] >= 0.85 * np.median(tr["count"][tr["visible"]]) if tr["visible"].any() else tr["visible"]
         x, y = np.where(full, tr["x"], np.nan), np.where(full, tr["y"], np.nan)
-        ext = [np.where(full, tr[e], np.nan) for e in ("x0", "x1", "y0", "y1")]
         sl = slice(k * f, min((k + 1) * f + 1, len(x)))  # + the next chunk's first frame: a hit in the last step
-        m = motion_from_track(x[sl], y[sl], config, extent=[e[sl] for e in ext] if use_extent else None)
+        ext = [np.where(full, tr[e], np.nan)[sl] for e in ("x0", "x1", "y0", "y1")] if use_extent else None
+        m = motion_from_track(x[sl], y[sl], config, extent=ext)
         measured.append(m)
         matches.append(m == p.motion)
     return {"fraction": float(np.mean(matches)) if matches else float("nan"), "matches": matches,

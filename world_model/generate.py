@@ -373,12 +373,14 @@ class ChunkStream:
                 v_nt = self._dit(lat, tf, nt, nl, off, past)
                 scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
                 guided = guided + scale * (v - v_nt)
-            run_ends = [min(r, 1) for r in self.runs[first:last]]  # each caption told it ends at its chunk
-            if self.cfg_run > 0 and bool(on.any()) and run_ends != self.runs[first:last]:
-                et, el = self._text(prompts, run_ends)
-                v_end = self._dit(lat, tf, et, el, off, past)
-                scale = (self.cfg_run * on).to(dev, dt).reshape(-1, 1, 1, 1)
-                guided = guided + scale * (v - v_end)
+            if self.cfg_run > 0 and bool(on.any()):
+                runs = self.runs[first:last]
+                run_ends = [min(r, 1) for r in runs]  # each caption told it ends at its chunk
+                if run_ends != runs:
+                    et, el = self._text(prompts, run_ends)
+                    v_end = self._dit(lat, tf, et, el, off, past)
+                    scale = (self.cfg_run * on).to(dev, dt).reshape(-1, 1, 1, 1)
+                    guided = guided + scale * (v - v_end)
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
                 guided = guided + self.cfg_prev * (v - v_np)
