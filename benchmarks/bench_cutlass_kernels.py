@@ -7,8 +7,8 @@
 A variant is ``FOLDER[:FWD_STAGES:DQ_STAGES:DKDV_STAGES]`` (stages default to 2): the CUTLASS build
 in FOLDER (``maskc build ... --backend cutlass -o FOLDER``) and the ring depth of each kernel to take
 from it, so template versions built into different folders are compared in one process on the same
-inputs. The variants take turns, ``--rounds`` times (so a drift of the GPU's clocks over the run
-falls on all of them alike); per (mask, variant) each kernel's time is the median over the rounds of
+inputs. The variants take turns, ``--rounds`` times, round r starting with variant r (so a drift of the
+GPU's clocks over the run, and what the kernel before leaves behind, fall on all of them alike); per (mask, variant) each kernel's time is the median over the rounds of
 `triton.testing.do_bench`'s medians, with its rate and the largest difference of its outputs from
 the first variant's (0: bitwise identical). The Triton
 backend's forward is timed in the same process as the reference (the CUTLASS issue's targets are
@@ -106,9 +106,10 @@ def main(argv=None):
         times = {text: {dn: [] for dn in args.directions} for text, _, _ in variants}
         outs = {text: {} for text, _, _ in variants}
         triton_times = []
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             triton_times.append(bench(lambda: ffa_forward(q, k, v, mask, scale, 0.0, "triton")))
-            for text, folder, stages in variants:
+            # rotated: round r starts with variant r, so no variant always runs right after the same one
+            for text, folder, stages in variants[round_ % len(variants):] + variants[:round_ % len(variants)]:
                 cb._FUNCTIONS.clear()  # the same kernel names from another folder
                 cb._FRAMES.clear()  # (launch frames hold the loaded function)
                 entries = {e["name"]: e for e in json.loads(cb.cg.manifest_path(folder).read_text())["kernels"]}

@@ -288,15 +288,15 @@ class _Frame:
     __slots__ = ("fn", "config", "params", "values", "counter", "name")
 
     def __init__(self, spec: KernelSpec, kernel: tuple[Path, dict], index: int, stream: int, maps, args,
-                 counter: ctypes.c_void_p, n_slots: int, early: bool = False):
+                 counter: ctypes.c_void_p, n_slots: int, early: bool = False, out_maps=()):
         cubin, entry = kernel
         shared = int(entry["shared"])
         device = torch.device("cuda", index)
         self.fn = _function(spec, device, cubin, shared)
         self.config = _launch_config(min(n_slots, _device_facts(device)[1]), entry["threads"], shared, stream, early)
-        self.values = (maps, args)  # the params array points into these
-        self.params = (ctypes.c_void_p * (len(maps) + len(args)))(*(m.getPtr() for m in maps),
-                                                                   *(ctypes.addressof(a) for a in args))
+        self.values = (maps, args, out_maps)  # the params array points into these
+        self.params = (ctypes.c_void_p * (len(maps) + len(args) + len(out_maps)))(
+            *(m.getPtr() for m in maps), *(ctypes.addressof(a) for a in args), *(m.getPtr() for m in out_maps))
         self.counter = counter
         self.name = spec.name
 
@@ -395,6 +395,9 @@ def zeroed_counters(device, n: int) -> int:
     return _counters(index, _raw_stream(index), n)
 
 
+STORE_ROWS = 64  # the backward kernels store their outputs by TMA, 64 rows (one warpgroup's) per box
+
+
 def _operand_maps(spec: KernelSpec, q, k, v, dout=None) -> list:
     """The kernel's TMA descriptors, in its parameter order: Q, K, V (and dO for the backward);
     Q and dO in boxes of the spec's query tile, K and V of its key tile."""
@@ -415,7 +418,8 @@ def forward(spec: KernelSpec, kernel: tuple[Path, dict], q, k, v, out, lse, list
         args = [_ptr(out), _ptr(lse), *(_ptr(t) for t in lists), ctypes.c_int(n_q_tiles * hq), counter,
                 ctypes.c_int(sq), ctypes.c_int(hq), ctypes.c_int(hq // k.shape[1]),
                 ctypes.c_longlong(out.stride(0)), ctypes.c_longlong(out.stride(1)), ctypes.c_float(scale * LOG2E)]
-        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v), args, counter, n_q_tiles * hq)
+        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v), args, counter, n_q_tiles * hq,
+                      out_maps=[_tensor_map(out, STORE_ROWS)])
 
     _launch(key, make, _counters(index, stream, 1))  # the persistent grid's next free slot
 
@@ -451,7 +455,7 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
         # early: after the dK/dV kernel, which reads and writes nothing of dQ's, the dQ grid takes
         # each SM as its dK/dV CTA exits (that kernel signals launch_dependents at its start)
         return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_q_tiles * hq,
-                      early=EARLY_DQ)
+                      early=EARLY_DQ, out_maps=[_tensor_map(dq, STORE_ROWS)])
 
     _launch(key, make, _counters(index, stream, 1) if counter is None else counter)
 
@@ -475,6 +479,7 @@ def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, 
                 ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),
                 ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(scale * LOG2E),
                 ctypes.c_float(scale)]
-        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_k_tiles * hkv)
+        return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_k_tiles * hkv,
+                      out_maps=[_tensor_map(dk, STORE_ROWS), _tensor_map(dv, STORE_ROWS)])
 
     _launch(key, make, _counters(index, stream, 1) if counter is None else counter)

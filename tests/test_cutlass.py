@@ -210,6 +210,8 @@ def _check_entry(tmp_path, entry, no_local_memory=True):
         sass = subprocess.run([tool, "--dump-sass", str(cubin)], capture_output=True, text=True).stdout
         assert "HGMMA.64x128x16.F32.BF16" in sass or "HGMMA.64x64x16.F32.BF16" in sass
         assert "UTMALDG" in sass  # TMA loads
+        if cg.store_by_tma(KernelSpec(**entry["spec"])):  # the output staged by stmatrix, stored by TMA
+            assert "STSM" in sass and "UTMASTG" in sass
         assert not no_local_memory or not re.search(r"\b(LDL|STL)\b", sass)  # no local-memory traffic
         # shared storage is addressed as shared memory (LDS/STS), never through generic LD/ST
         assert not re.search(r"\b(LD|ST)\.E\b", sass)
@@ -290,6 +292,45 @@ def test_item_buffers_and_ring_stages_per_direction_and_partial_class(monkeypatc
     deep = spec(head_dim=128, direction="bwd_dkdv", block_q=64, block_k=128, partial="diag", num_stages=3)
     assert cg.item_buffers(deep) == 1  # two K/V buffers and a 3-stage ring exceed 227 KiB
     assert cg.item_buffers(replace(deep, num_stages=2)) == 2
+
+
+def test_outputs_are_stored_by_tma_where_the_staging_tile_fits():
+    """Every kernel of the default build stores its output tile (O; dQ; dK, then dV) through a
+    staging tile in shared memory and TMA; a 3-deep forward ring at head dim 128 leaves no room for
+    it and keeps plain stores from the accumulator. The staging tile is one output tile."""
+    mask = {"none": maskc.full(512), "rect": maskc.varlen([200, 312], maskc.FULL), "diag": maskc.causal(512)}
+    for partial, m in mask.items():
+        for s in cg.specs_for_mask(m, head_dims=cg.HEAD_DIMS, directions=tuple(cg.TILES)):
+            src = cg.render(s)
+            assert cg.store_by_tma(s), s.name
+            assert "stage_tile<Element>(" in src and "tma_store_wait<0>()" in src
+            assert "alignas(1024) Element out[kBlockM * kHeadDim];" in src
+            outer = s.block_k if s.direction == "bwd_dkdv" else s.block_q
+            staged = cg._shared_bytes(s, cg.item_buffers(s), True) - cg._shared_bytes(s, cg.item_buffers(s), False)
+            assert staged == outer * s.head_dim * 2 or staged == outer * s.head_dim * 2 + 1024  # + alignment
+    deep = spec(head_dim=128, direction="fwd", num_stages=3)
+    assert not cg.store_by_tma(deep) and cg.supports(deep) is None
+    src = cg.render(deep)
+    assert "store_rows(tOrO, tOcO, inv" in src and "stage_tile<Element>(" not in src.split("namespace maskc_ffa {")[-1]
+    assert "Element out[" not in src
+    # the output's tensor maps are the entry's last parameters, whichever path stores
+    for s in (deep, spec(head_dim=128, direction="fwd")):
+        assert "float qk_scale, const __grid_constant__ CUtensorMap tma_out) {" in cg.render(s)
+    dq = spec(head_dim=128, direction="bwd_dq", block_q=128, block_k=64)
+    dkdv = spec(head_dim=128, direction="bwd_dkdv", block_q=64, block_k=128)
+    assert "float scale, const __grid_constant__ CUtensorMap tma_dq) {" in cg.render(dq)
+    assert "const __grid_constant__ CUtensorMap tma_dk, const __grid_constant__ CUtensorMap tma_dv) {" in cg.render(dkdv)
+
+
+def test_dq_walks_full_tiles_with_a_body_without_mask_code():
+    """dQ runs its FULL tiles through a copy of the loop body without the mask code and its PARTIAL
+    tiles through one with it; a kernel without partial tiles has only the first loop."""
+    for partial, m in (("diag", maskc.causal(512)), ("none", maskc.full(512))):
+        [s] = cg.specs_for_mask(m, directions=("bwd_dq",))
+        src = cg.render(s)
+        assert "for (; tiles.next_full(tile); ++i) step(cute::false_type{}, tile, 0, 0);" in src
+        assert "if constexpr (kMasked) mask_tile(tSrS, allowed);" in src
+        assert "kind != 0" not in src.split("ffa_bwd_dq(")[1]
 
 
 class _FakeDriver:
@@ -421,6 +462,30 @@ def test_a_launch_with_other_values_gets_its_own_frame(fake_launch, monkeypatch)
     monkeypatch.setattr(cb, "_MAX_FRAMES", 2)  # a full cache starts over rather than growing
     _forward_call(cb, torch.zeros_like(out))()
     assert len(cb._FRAMES) <= 2
+
+
+def test_each_launch_passes_its_outputs_tensor_maps_last(fake_launch):
+    """The kernels take their outputs' TMA descriptors (64-row boxes, one warpgroup's rows) as their
+    last parameters: forward O; dQ; dK then dV."""
+    cb, fake = fake_launch
+    q = torch.zeros(256, 2, 64, dtype=torch.bfloat16)
+    lists = tuple(torch.zeros(4, dtype=torch.int32) for _ in range(10))
+    kernel = (Path("k.cubin"), {"shared": 200_000, "threads": 384})
+    out, dq, dk, dv = (torch.zeros_like(q) for _ in range(4))
+    lse, rows = torch.zeros(2, 256), torch.zeros(2, 256)
+    cb.forward(spec(head_dim=64), kernel, q, q, q, out, lse, lists, 2, 0.125)
+    cb.backward_dq(spec(head_dim=64, direction="bwd_dq", block_q=128, block_k=64), kernel, q, q, q, q, dq, rows,
+                   rows, 256, lists, 2, 0.125)
+    cb.backward_dkdv(spec(head_dim=64, direction="bwd_dkdv", block_q=64, block_k=128), kernel, q, q, q, q, dk, dv,
+                     rows, rows, 256, lists, 2, 0.125)
+    want = {"fwd": [out], "bwd_dq": [dq], "bwd_dkdv": [dk, dv]}
+    assert len(cb._FRAMES) == 3
+    for frame in cb._FRAMES.values():
+        direction = next(d for d in want if f"ffa_{d}_" in frame.name)
+        maps, args, out_maps = frame.values
+        assert [m.key for m in out_maps] == [(t.data_ptr(), cb.STORE_ROWS) for t in want[direction]]
+        assert len(frame.params) == len(maps) + len(args) + len(out_maps)
+        assert list(frame.params)[-len(out_maps):] == [m.getPtr() for m in out_maps]
 
 
 def test_cutlass_kernel_lookup_rechecks_alignment_on_a_cache_hit(monkeypatch):
