@@ -105,10 +105,11 @@ def main(argv=None) -> int:
         z = np.load(path)
         out = {}
         for rule in ("extent", "centroid"):
-            m = np.array([ev.prompt_following(z[k], ev.direction_change_prompts(
+            m = [ev.prompt_following(z[k], ev.direction_change_prompts(
                 int(k), z[k].shape[0] // cfg.chunk_frames, cfg), cfg, use_extent=rule == "extent")["matches"]
-                for k in z.files])
-            out[rule] = {"prompt_following": float(m.mean()), "by_chunk": m.mean(0).tolist(), "videos": len(m)}
+                for k in z.files]
+            out[rule] = {"prompt_following": float(np.mean([x for v in m for x in v])), "by_chunk": ev.by_chunk(m),
+                         "videos": len(m)}
         res["videos"][path] = out
         print(f"{path}: prompt following {out['extent']['prompt_following']:.3f} (extent rule), "
               f"{out['centroid']['prompt_following']:.3f} (centroid rule), {len(z.files)} videos", flush=True)
