@@ -46,7 +46,7 @@ class KernelSpec:
     partial: str = "diag"
     gqa_group: int = 1
     softcap: bool = False
-    deterministic: bool = True  # the backward has no atomics: it is always deterministic
+    deterministic: bool = True  # False: the dK/dV kernel also adds dQ with fp32 atomics (no dQ kernel)
     backend: str = "triton"  # "triton" (maskc.codegen templates) or "cutlass" (maskc.codegen.cutlass)
 
     def __post_init__(self):
@@ -76,7 +76,8 @@ class KernelSpec:
         return (
             f"ffa_{self.direction}_d{self.head_dim}_{self.dtype}_m{self.block_q}n{self.block_k}"
             f"_w{self.num_warps}s{self.num_stages}_{self.partial}_g{self.gqa_group}"
-            f"{'_cap' if self.softcap else ''}{'' if self.backend == 'triton' else '_' + self.backend}"
+            f"{'_cap' if self.softcap else ''}{'' if self.deterministic else '_nd'}"
+            f"{'' if self.backend == 'triton' else '_' + self.backend}"
         )
 
     def to_json(self) -> str:
