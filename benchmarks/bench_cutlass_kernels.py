@@ -1,7 +1,7 @@
 """Time the CUTLASS kernels (forward; dQ; dK and dV) one by one, for build variants side by side.
 
     python benchmarks/bench_cutlass_kernels.py [--seqlen 32768] [--masks full causal varlen_causal]
-                                               [--directions fwd bwd_dq bwd_dkdv bwd_fused]
+                                               [--directions fwd bwd_dq bwd_dkdv]
                                                [--variant build:2:2:2 ...] [--rounds 3] [--out DIR]
 
 A variant is ``FOLDER[:FWD_STAGES:DQ_STAGES:DKDV_STAGES]`` (stages default to 2): the CUTLASS build
@@ -14,9 +14,7 @@ the first variant's (0: bitwise identical). The Triton
 backend's forward is timed in the same process as the reference (the CUTLASS issue's targets are
 ratios to it). Rates: the forward counts ``4 * area * d * heads`` FLOPs (exact allowed area); dQ
 runs 3 products and dK/dV 4, each ``2 * area * d * heads`` (its matrix-product rate); the backward
-row counts 2.5x the forward. ``bwd_fused`` is the dK/dV kernel that also adds dQ
-(``deterministic=False``, 5 products; its time includes zeroing the fp32 dQ accumulator, not the
-conversion to dQ after). 16 heads, head dim 128, bf16. Needs an sm_90 GPU.
+row counts 2.5x the forward. 16 heads, head dim 128, bf16. Needs an sm_90 GPU.
 """
 
 import argparse
@@ -31,8 +29,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import MASKS, build as build_mask  # noqa: E402
 
-DIRECTIONS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_fused")
-PRODUCTS = {"fwd": 1.0, "bwd_dq": 1.5, "bwd_dkdv": 2.0, "bwd_fused": 2.5}  # matrix-product FLOPs per kernel, in forwards
+DIRECTIONS = ("fwd", "bwd_dq", "bwd_dkdv")
+PRODUCTS = {"fwd": 1.0, "bwd_dq": 1.5, "bwd_dkdv": 2.0}  # matrix-product FLOPs per kernel, in forwards
 
 
 def parse_variant(text: str) -> tuple[str, Path, dict]:
@@ -48,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=32768)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--masks", nargs="+", default=["full", "causal", "varlen_causal"], choices=MASKS)
-    ap.add_argument("--directions", nargs="+", default=list(DIRECTIONS[:3]), choices=DIRECTIONS)
+    ap.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS)
     ap.add_argument("--variant", dest="variants", nargs="+", default=["build"], metavar="FOLDER[:FWD:DQ:DKDV]")
     ap.add_argument("--rounds", type=int, default=3, help="times each variant is timed, taking turns (median)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -85,12 +83,9 @@ def main(argv=None):
 
         def kernel_run(direction, folder, entries, n_stages):
             """(launch, outputs) of one CUTLASS kernel of `folder` on this mask's inputs."""
-            fused = direction == "bwd_fused"
-            direction = "bwd_dkdv" if fused else direction
             which = LISTS[direction]
             plan = plan_for(mask, *cb.cg.TILES[direction], only=which)
-            spec = cb.cg.spec_for_plan(direction, plan, d, "bf16", cb.cg.FUSED_STAGES if fused else n_stages,
-                                       deterministic=not fused)
+            spec = cb.cg.spec_for_plan(direction, plan, d, "bf16", n_stages)
             if spec.name not in entries:
                 raise SystemExit(f"{folder}: {spec.name} is not built")
             kernel = (folder / "cutlass" / entries[spec.name]["cubin"], entries[spec.name])
@@ -105,19 +100,6 @@ def main(argv=None):
                                                plan.n_q_tiles, scale),
                         lambda: {"dq": dq.clone()})
             dk, dv = torch.empty_like(k), torch.empty_like(v)
-            if fused:
-                acc = torch.empty(cb.dq_acc_numel(q, sq_pad), device="cuda", dtype=torch.float32)
-                dq = torch.empty_like(q)
-
-                def run():
-                    acc.zero_()
-                    cb.backward_dkdv(spec, kernel, q, k, v, do, dk, dv, lse2, delta_pad, sq_pad, lists,
-                                     plan.n_k_tiles, scale, dq_acc=acc)
-
-                def result():
-                    cb.dq_from_acc(acc, dq)
-                    return {"fused_dq": dq.clone(), "fused_dk": dk.clone(), "fused_dv": dv.clone()}
-                return run, result
             return (lambda: cb.backward_dkdv(spec, kernel, q, k, v, do, dk, dv, lse2, delta_pad, sq_pad, lists,
                                              plan.n_k_tiles, scale),
                     lambda: {"dk": dk.clone(), "dv": dv.clone()})
@@ -132,7 +114,7 @@ def main(argv=None):
                 cb._FRAMES.clear()  # (launch frames hold the loaded function)
                 entries = {e["name"]: e for e in json.loads(cb.cg.manifest_path(folder).read_text())["kernels"]}
                 for direction in args.directions:
-                    run, result = kernel_run(direction, folder, entries, stages.get(direction, 2))
+                    run, result = kernel_run(direction, folder, entries, stages[direction])
                     run()
                     outs[text].update(result())
                     times[text][direction].append(bench(run))

@@ -20,10 +20,6 @@ add, 0.39 ms at 32k, in every impl's time). Also records the host time to plan e
 rows ``plan_host_ms`` (with the samples) with impl ``maskc`` (the Triton kernels'
 tile choice) and ``cutlass`` (`bench_mask.plan_for_cutlass`, what the H100 runs).
 
-Direction ``fwd_bwd_nondeterministic``: forward+backward with ``deterministic=False`` (Triton: dQ
-added with fp32 atomics by the dK/dV kernel; CUTLASS: its fused-dQ dK/dV kernel, one kernel for
-the whole backward, where built), for ``maskc`` and ``cutlass``.
-
 Writes ``kernels-<device>-<date>.json``: a header row with versions, then rows
 ``{"mask", "seqlen", "impl", "direction", "tflops", "ms"}``, and prints a table.
 """
@@ -226,9 +222,6 @@ def main(argv=None):
                 def cfb():
                     attention(q, k, v, mask, backend="cutlass").backward(do)
                 record("cutlass", "fwd_bwd", cfb)
-                def cfb_nd():  # the one dK/dV kernel that also adds dQ (fp32 vector reductions)
-                    attention(q, k, v, mask, deterministic=False, backend="cutlass").backward(do)
-                record("cutlass", "fwd_bwd_nondeterministic", cfb_nd)
             qt, kt, vt = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_() for x in (q, k, v))
             leaves.extend((qt, kt, vt))
             dot = do.transpose(0, 1).unsqueeze(0).contiguous()
@@ -295,23 +288,17 @@ def print_table(rows):
         if "tflops" in r:
             by[(r["mask"], r["seqlen"], r["impl"], r["direction"])] = r["tflops"]
     plan = {(r["mask"], r["seqlen"], r["impl"]): r["ms"] for r in rows if r["direction"] == "plan_host_ms"}
-    print(f"{'mask':<22}{'S':>7} | {'maskc f/fb/fb-nd':>17} | {'cutlass f/fb/fb-nd':>18} | {'flex f/fb':>13} | "
-          f"{'x flex f/fb/fb-nd':>17} | {'cudnn f/fb':>13} | {'flash f/fb':>13} | plan ms triton/cutlass")
+    print(f"{'mask':<22}{'S':>7} | {'maskc f/fb/fb-nd':>17} | {'cutlass f/fb':>13} | {'flex f/fb':>13} | {'x flex f/fb':>12} | {'cudnn f/fb':>13} | {'flash f/fb':>13} | plan ms triton/cutlass")
     for (m, s) in dict.fromkeys((r["mask"], r["seqlen"]) for r in rows):
         def pair(impl):
             f, b = by.get((m, s, impl, "fwd")), by.get((m, s, impl, "fwd_bwd"))
             return "-" if f is None else f"{f:.0f}/{b:.0f}" if b is not None else f"{f:.0f}/-"
-        def triple(impl):
-            nd = by.get((m, s, impl, "fwd_bwd_nondeterministic"))
-            return pair(impl) + ("" if nd is None else f"/{nd:.0f}")
-        # the ratio to Flex: of the CUTLASS kernels where they ran, else of the Triton ones
-        impl = "cutlass" if (m, s, "cutlass", "fwd") in by else "maskc"
-        mf, mb = by.get((m, s, impl, "fwd")), by.get((m, s, impl, "fwd_bwd"))
-        nd = by.get((m, s, impl, "fwd_bwd_nondeterministic"))
+        mf, mb = by.get((m, s, "maskc", "fwd")), by.get((m, s, "maskc", "fwd_bwd"))
+        nd = by.get((m, s, "maskc", "fwd_bwd_nondeterministic"))
+        mpair = pair("maskc") + ("" if nd is None else f"/{nd:.0f}")
         ff, fb = by.get((m, s, "flex", "fwd")), by.get((m, s, "flex", "fwd_bwd"))
-        ratio = "-" if not (mf and ff) else f"{mf / ff:.2f}/{mb / fb:.2f}" + ("" if nd is None else f"/{nd / fb:.2f}")
-        print(f"{m:<22}{s:>7} | {triple('maskc'):>17} | {triple('cutlass'):>18} | {pair('flex'):>13} | {ratio:>17} | "
-              f"{pair('cudnn'):>13} | {pair('flash'):>13} | {plan.get((m, s, 'maskc'), 0):.2f}/{plan.get((m, s, 'cutlass'), 0):.2f}")
+        ratio = f"{mf / ff:.2f}/{mb / fb:.2f}" if mf and ff else "-"
+        print(f"{m:<22}{s:>7} | {mpair:>17} | {pair('cutlass'):>13} | {pair('flex'):>13} | {ratio:>12} | {pair('cudnn'):>13} | {pair('flash'):>13} | {plan.get((m, s, 'maskc'), 0):.2f}/{plan.get((m, s, 'cutlass'), 0):.2f}")
 
 
 if __name__ == "__main__":

@@ -461,20 +461,14 @@ def backward_dq(spec: KernelSpec, kernel, q, k, v, dout, dq, lse2, delta, sq_pad
 
 
 def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, sq_pad: int, lists, n_k_tiles: int,
-                  scale: float, counter=None, dq_acc=None):
+                  scale: float, counter=None):
     """Launch the CUTLASS dK/dV kernel: one work item per (key tile, KV head), the GQA group's query
-    heads summed inside it (no atomics on dK, dV). `counter` as for `backward_dq`. A fused-dQ spec
-    (``deterministic=False``, `maskc.codegen.cutlass.fused_dq`) also adds scale * dS K into `dq_acc`
-    (zeroed fp32, `dq_acc_numel` values, read back by `dq_from_acc`)."""
-    fused = cg.fused_dq(spec)
-    if fused and (dq_acc is None or dq_acc.dtype != torch.float32 or dq_acc.numel() != dq_acc_numel(q, sq_pad)):
-        raise ValueError(f"{spec.name} adds dQ: pass dq_acc, a zeroed fp32 tensor of dq_acc_numel(q, sq_pad) = "
-                         f"{dq_acc_numel(q, sq_pad)} values")
+    heads summed inside it (no atomics). `counter` as for `backward_dq`."""
     index = _device_index(q.device)
     stream = _raw_stream(index)
     key = ("bwd_dkdv", spec, index, stream, _tensor_key(q), _tensor_key(k), _tensor_key(v), _tensor_key(dout),
            dk.data_ptr(), dk.stride(), dv.data_ptr(), dv.stride(), lse2.data_ptr(), delta.data_ptr(), sq_pad,
-           _lists_key(lists), n_k_tiles, scale, dq_acc.data_ptr() if fused else None)
+           _lists_key(lists), n_k_tiles, scale)
 
     def make():
         sk, hkv, _ = k.shape
@@ -484,31 +478,8 @@ def backward_dkdv(spec: KernelSpec, kernel, q, k, v, dout, dk, dv, lse2, delta, 
                 slot, ctypes.c_int(sk), ctypes.c_int(sq_pad), ctypes.c_int(hkv), ctypes.c_int(hq // hkv),
                 ctypes.c_longlong(dk.stride(0)), ctypes.c_longlong(dk.stride(1)),
                 ctypes.c_longlong(dv.stride(0)), ctypes.c_longlong(dv.stride(1)), ctypes.c_float(scale * LOG2E),
-                ctypes.c_float(scale)] + ([_ptr(dq_acc)] if fused else [])
+                ctypes.c_float(scale)]
         return _Frame(spec, kernel, index, stream, _operand_maps(spec, q, k, v, dout), args, slot, n_k_tiles * hkv,
                       out_maps=[_tensor_map(dk, STORE_ROWS), _tensor_map(dv, STORE_ROWS)])
 
     _launch(key, make, _counters(index, stream, 1) if counter is None else counter)
-
-
-# The fused-dQ kernel's accumulator: per (query head, 64-row query tile) a block of 64 x 128 fp32
-# values in the consumer warpgroups' wgmma fragment order, so each warp's vector reductions cover
-# 512 contiguous bytes: value e (0..3) of chunk c (0..7) of thread t (0..127) of warpgroup w sits at
-# w * 4096 + 512 c + 4 t + e and holds dQ[row, col] with (t = 32 warp + 4 hi + lo, e = 2 r + s)
-#   row = 16 warp + 8 r + hi,   col = 64 w + 8 c + 2 lo + s.
-DQ_TILE_ROWS = 64
-
-
-def dq_acc_numel(q, sq_pad: int) -> int:
-    """Values of the fused-dQ accumulator for `q` ([sq, hq, d]) with `sq_pad` rows per head."""
-    return q.shape[1] * sq_pad * q.shape[2]
-
-
-def dq_from_acc(dq_acc, dq) -> None:
-    """Write dQ ([sq, hq, d], the query's dtype) from the fused-dQ accumulator (already scaled): one
-    strided copy that reorders the fragment layout above into rows and columns."""
-    sq, hq, d = dq.shape
-    tiles = dq_acc.numel() // (hq * DQ_TILE_ROWS * d)
-    # [hq, tile, w, c, warp, hi, lo, r, s] -> [tile, warp, r, hi, hq, w, c, lo, s] = [row, head, col]
-    blocks = dq_acc.view(hq, tiles, 2, d // 16, 4, 8, 4, 2, 2).permute(1, 4, 7, 5, 0, 2, 3, 6, 8)
-    dq.copy_(blocks.reshape(tiles * DQ_TILE_ROWS, hq, d)[:sq])

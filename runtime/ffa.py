@@ -132,23 +132,19 @@ _CUTLASS: dict[tuple, tuple] = {}
 _ROW_KERNELS = ("fwd", "bwd_dq")  # the CUTLASS kernels that walk query tiles (row orientation)
 
 
-def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backend: str, deterministic: bool = True):
+def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backend: str):
     """(spec, kernel, plan) of the CUTLASS kernel for `direction` of this call, or None for Triton.
 
     ``auto`` takes CUTLASS on sm_90 when a built kernel exists for the spec; ``cutlass`` insists
     (compiling with nvcc into the cache when nothing is built, else a MaskError saying why not).
-    ``deterministic=False`` (dK/dV): the kernel that also adds dQ, or None where there is none for
-    the call's head dim or none is built (the caller then runs the deterministic pair).
     """
     if backend == "triton":
         return None
     from . import cutlass as cb
 
-    if not deterministic and q.shape[-1] not in cb.cg.FUSED_HEAD_DIMS:
-        return None
     is_mask = isinstance(mask_or_plan, Mask)
     key = (direction, mask_or_plan if is_mask else id(mask_or_plan), q.dtype, q.shape[-1],
-           q.shape[1] // k.shape[1], q.device, backend, bool(softcap), deterministic)
+           q.shape[1] // k.shape[1], q.device, backend, bool(softcap))
     hit = _CUTLASS.get(key)
     if hit is not None and (is_mask or hit[2] is None or hit[2] is mask_or_plan) and cb.tma_ready(q, k, v):
         # seen before: the device, dtype, head dim and softcap passed `unsupported` then (the key
@@ -175,10 +171,9 @@ def _cutlass_kernel(direction: str, mask_or_plan, q, k, v, softcap: float, backe
                 tile_counts_many(mask_or_plan, [cb.cg.TILES[d] for d in _ROW_KERNELS], "fwd")
         plan = (mask_or_plan if isinstance(mask_or_plan, TilePlan)
                 else plan_for(mask_or_plan, bq, bk, only=LISTS[direction]))
-        spec = cb.cg.spec_for_plan(direction, plan, q.shape[-1], _DTYPE_NAMES[q.dtype],  # the build's depth
-                                   deterministic=deterministic)
+        spec = cb.cg.spec_for_plan(direction, plan, q.shape[-1], _DTYPE_NAMES[q.dtype])  # the build's depth
         kernel = None
-        for stages in cb.cg.stage_preference(direction, spec.partial, deterministic):  # the first one built
+        for stages in cb.cg.stage_preference(direction, spec.partial):  # the first one built
             candidate = replace(spec, num_stages=stages)
             kernel = cb.built_kernel(candidate)
             if kernel is not None:
@@ -221,14 +216,8 @@ def ffa_forward(q, k, v, mask_or_plan, scale: float, softcap: float, backend: st
     return out, lse
 
 
-def _cutlass_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, softcap: float, backend: str,
-                      deterministic: bool = True):
-    """dq, dk, dv from the CUTLASS dQ and dK/dV kernels, or None when the call is Triton's.
-    ``deterministic=False``: from the one dK/dV kernel that also adds dQ, where it is built for the
-    call (head dim 128), else from the deterministic pair."""
-    fused = None if deterministic else _cutlass_kernel("bwd_dkdv", mask_or_plan, q, k, v, softcap, backend, False)
-    if fused is not None:
-        return _cutlass_fused_backward(q, k, v, out, lse, dout, dlse, scale, fused)
+def _cutlass_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, softcap: float, backend: str):
+    """dq, dk, dv from the CUTLASS dQ and dK/dV kernels, or None when the call is Triton's."""
     dq_kernel = _cutlass_kernel("bwd_dq", mask_or_plan, q, k, v, softcap, backend)
     dkdv_kernel = _cutlass_kernel("bwd_dkdv", mask_or_plan, q, k, v, softcap, backend)
     if dq_kernel is None or dkdv_kernel is None:
@@ -249,24 +238,6 @@ def _cutlass_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float,
     return dq, dk, dv
 
 
-def _cutlass_fused_backward(q, k, v, out, lse, dout, dlse, scale: float, fused):
-    """dq, dk, dv from the CUTLASS dK/dV kernel that also adds dQ (fp32 vector reductions into a
-    zeroed accumulator, converted to dQ after): one kernel walks the mask instead of two."""
-    from . import cutlass as cb
-    from .rows import backward_rows
-
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    sq_pad = cb.padded_rows(q.shape[0])
-    delta_pad, lse2 = backward_rows(out, dout, dlse, lse, sq_pad)
-    dq_acc = torch.zeros(cb.dq_acc_numel(q, sq_pad), dtype=torch.float32, device=q.device)
-    spec, kernel, plan = fused
-    cb.backward_dkdv(spec, kernel, q, k, v, dout, dk, dv, lse2, delta_pad, sq_pad,
-                     _device_lists(plan, "bwd", q.device), plan.n_k_tiles, scale, dq_acc=dq_acc)
-    dq = torch.empty_like(q)
-    cb.dq_from_acc(dq_acc, dq)
-    return dq, dk, dv
-
-
 def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, softcap: float,
                  deterministic: bool = True, backend: str = "auto"):
     sq, hq, d = q.shape
@@ -278,8 +249,8 @@ def ffa_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale: float, soft
 
     dout = dout.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
-    # CUTLASS when the call allows it (deterministic=False: its fused-dQ kernel where built)
-    grads = _cutlass_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale, softcap, backend, deterministic)
+    # CUTLASS when the call allows it (its backward has no atomics, so it serves deterministic=False too)
+    grads = _cutlass_backward(q, k, v, out, lse, dout, dlse, mask_or_plan, scale, softcap, backend)
     if grads is not None:
         return grads
     # delta_i = sum_d dO * O - dlse_i : the lse gradient folds into the same correction term
@@ -357,8 +328,7 @@ def attention(q, k, v, mask_or_plan, *, scale: float | None = None, softcap: flo
     ``"triton"`` and ``"cutlass"`` force one (``"cutlass"`` compiles with nvcc when nothing is
     built, and raises a MaskError saying why when it cannot run the call; its backward needs a
     Mask, since each kernel lowers the mask to its own tiles). Both backends keep one contract
-    for out, lse and the gradients. The CUTLASS backward with ``deterministic=False`` runs its
-    fused-dQ dK/dV kernel (head dim 128, where built) and its deterministic pair otherwise.
+    for out, lse and the gradients; the CUTLASS backward has no atomics (deterministic always).
     """
     if backend not in BACKENDS:
         raise MaskError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")

@@ -38,6 +38,9 @@ def test_spec_backend_field_and_name():
     assert KernelSpec.from_json(s.to_json()) == s
     tri = KernelSpec("fwd", 128, "bf16", 128, 64)
     assert tri.backend == "triton" and not tri.name.endswith("cutlass")
+    # the non-deterministic dK/dV kernel (it adds dQ with atomics) has its own name, so both build side by side
+    nd = KernelSpec("bwd_dkdv", 128, "bf16", 64, 64, deterministic=False)
+    assert nd.name == KernelSpec("bwd_dkdv", 128, "bf16", 64, 64).name + "_nd"
     assert KernelSpec.from_json({k: v for k, v in json.loads(tri.to_json()).items() if k != "backend"}) == tri
     with pytest.raises(MaskError, match="backend 'cuda' is not one of"):
         spec(backend="cuda")
@@ -559,107 +562,3 @@ def test_dkdv_kernel_lets_its_dependent_launch_start():
     # completion before its CTAs exit (after its own work: the wait is the kernel's last statement)
     body = text["bwd_dq"][text["bwd_dq"].index("maskc_ffa::ffa_bwd_dq<"):]
     assert "griddepcontrol.wait" in body and body.rstrip().endswith('asm volatile("griddepcontrol.wait;" ::: "memory");\n}')
-
-
-# ---- the fused-dQ dK/dV kernel (deterministic=False) ------------------------------------------
-
-
-def fused(**kw):
-    return spec(direction="bwd_dkdv", block_q=64, block_k=128, deterministic=False, **kw)
-
-
-def test_fused_dq_spec_name_support_and_stages():
-    f = fused(partial="diag")
-    assert cg.fused_dq(f) and not cg.fused_dq(replace(f, deterministic=True))
-    assert f.name == "ffa_bwd_dkdv_d128_bf16_m64n128_w12s2_diag_g1_nd_cutlass"
-    assert replace(f, deterministic=True).name == "ffa_bwd_dkdv_d128_bf16_m64n128_w12s2_diag_g1_cutlass"
-    assert cg.supports(f) is None
-    assert "head dim 64" in cg.supports(fused(head_dim=64))
-    assert "only the dK/dV kernel" in cg.supports(spec(deterministic=False))
-    # a 2-deep ring on every mask (its dS^T buffers take a third stage's room); the deterministic
-    # kernel keeps its 3-deep ring on partial-tile masks
-    assert cg.ring_stages("bwd_dkdv", "diag", deterministic=False) == 2 == cg.FUSED_STAGES
-    assert cg.ring_stages("bwd_dkdv", "diag") == 3
-    assert cg.stage_preference("bwd_dkdv", "rect", deterministic=False)[0] == 2
-    assert cg.cutlass_spec(KernelSpec("bwd_dkdv", 128, "bf16", 64, 64, deterministic=False)) == fused(partial="diag")
-    assert cg.cutlass_spec(KernelSpec("fwd", 128, "bf16", 64, 64, deterministic=False)).deterministic
-    # the dS^T buffers are counted in shared memory, and the TMA epilogue still fits
-    for partial in ("none", "rect", "diag"):
-        f = fused(partial=partial)
-        det = replace(f, deterministic=True)
-        assert cg.shared_bytes(f) - cg.shared_bytes(det) == 2 * 128 * 64 * 2
-        assert cg.shared_bytes(f) + cg.STATIC_SHARED <= cg.MAX_SHARED and cg.store_by_tma(f)
-
-
-def test_specs_for_mask_adds_fused_dq_kernels_at_head_dim_128():
-    plain = cg.specs_for_mask(maskc.causal(1024), head_dims=(64, 128), directions=("bwd_dkdv",))
-    both = cg.specs_for_mask(maskc.causal(1024), head_dims=(64, 128), directions=("bwd_dkdv",), fused_dq=True)
-    extra = sorted(set(both) - set(plain), key=lambda s: s.name)
-    assert [s.name for s in extra] == ["ffa_bwd_dkdv_d128_bf16_m64n128_w12s2_diag_g1_nd_cutlass"]
-    assert cg.specs_for_mask(maskc.causal(1024), directions=("fwd",), fused_dq=True) == \
-        cg.specs_for_mask(maskc.causal(1024), directions=("fwd",))
-
-
-def test_fused_dq_render_adds_dq_and_leaves_the_deterministic_kernel_alone():
-    f = fused(partial="none")
-    src = cg.render(f)
-    det = cg.render(replace(f, deterministic=True))
-    for text in ("red.global.add.v4.f32", "bar.sync 3, 256", "TiledMmaDQ", "Element ds[2 * kBlockM * kBlockN]"):
-        assert text in src and text not in det
-    # dq_acc is the last plain parameter, before the outputs' tensor maps
-    assert "float scale, float* dq_acc, const __grid_constant__ CUtensorMap tma_dk" in src
-    assert "float scale, const __grid_constant__ CUtensorMap tma_dk" in det
-
-
-def _fused_acc_from(dq):
-    """The fused kernel's accumulator for a given dQ [sq_pad, hq, 128], built value by value from the
-    layout the kernel writes (add_dq_tile): thread t = 32 warp + 4 hi + lo of warpgroup w puts value
-    e = 2 r + s of chunk c at w * 4096 + 512 c + 4 t + e, holding row 16 warp + 8 r + hi and column
-    64 w + 8 c + 2 lo + s of the query tile."""
-    sq_pad, hq, d = dq.shape
-    acc = torch.empty(hq * sq_pad * d)
-    w, c, t, e = torch.meshgrid(torch.arange(2), torch.arange(d // 16), torch.arange(128), torch.arange(4), indexing="ij")
-    warp, hi, lo, r, s = t // 32, t % 32 // 4, t % 4, e // 2, e % 2
-    row, col = 16 * warp + 8 * r + hi, 64 * w + 8 * c + 2 * lo + s
-    offset = w * 4096 + 512 * c + 4 * t + e
-    for h in range(hq):
-        for tile in range(sq_pad // 64):
-            base = (h * sq_pad + 64 * tile) * d
-            acc[base + offset.flatten()] = dq[64 * tile + row.flatten(), h, col.flatten()]
-    return acc
-
-
-def test_dq_from_acc_reorders_the_fragment_layout():
-    from maskc.runtime import cutlass as cb
-
-    sq, hq, d = 150, 3, 128
-    sq_pad = cb.padded_rows(sq)
-    want = torch.randn(sq_pad, hq, d)
-    acc = _fused_acc_from(want)
-    assert acc.numel() == cb.dq_acc_numel(torch.empty(sq, hq, d), sq_pad)
-    dq = torch.empty(sq, hq, d, dtype=torch.bfloat16)
-    cb.dq_from_acc(acc, dq)
-    assert torch.equal(dq, want[:sq].to(torch.bfloat16))
-
-
-def test_fused_dq_launch_passes_the_accumulator_before_the_output_maps(fake_launch):
-    cb, fake = fake_launch
-    q = torch.zeros(256, 2, 128, dtype=torch.bfloat16)
-    lists = tuple(torch.zeros(4, dtype=torch.int32) for _ in range(10))
-    kernel = (Path("k.cubin"), {"shared": 200_000, "threads": 384})
-    dk, dv = torch.zeros_like(q), torch.zeros_like(q)
-    rows = torch.zeros(2, 256)
-    f = fused(partial="none")
-    with pytest.raises(ValueError, match="dq_acc"):
-        cb.backward_dkdv(f, kernel, q, q, q, q, dk, dv, rows, rows, 256, lists, 2, 0.125)
-    with pytest.raises(ValueError, match="dq_acc"):  # wrong size
-        cb.backward_dkdv(f, kernel, q, q, q, q, dk, dv, rows, rows, 256, lists, 2, 0.125,
-                         dq_acc=torch.zeros(10))
-    acc = torch.zeros(cb.dq_acc_numel(q, 256))
-    cb.backward_dkdv(f, kernel, q, q, q, q, dk, dv, rows, rows, 256, lists, 2, 0.125, dq_acc=acc)
-    cb.backward_dkdv(replace(f, deterministic=True), kernel, q, q, q, q, dk, dv, rows, rows, 256, lists, 2, 0.125)
-    frames = {fr.name: fr for fr in cb._FRAMES.values()}
-    nd, det = frames[f.name], frames[replace(f, deterministic=True).name]
-    assert len(nd.values[1]) == len(det.values[1]) + 1
-    assert nd.values[1][-1].value == acc.data_ptr()  # the last plain argument, then dK's and dV's maps
-    assert list(nd.params)[-3] == ctypes.addressof(nd.values[1][-1])

@@ -95,16 +95,13 @@ def test_cutlass_random_masks(mask, d, fp16, seed):
     check_forward(mask, 2, 1, d, torch.float16 if fp16 else torch.bfloat16, seed)
 
 
-def check_backward(mask, hq, hkv, d, dtype, seed, with_lse=False, deterministic=True):
-    """``deterministic=False``: the CUTLASS side runs the fused-dQ dK/dV kernel (head dim 128)."""
+def check_backward(mask, hq, hkv, d, dtype, seed, with_lse=False):
     q, k, v = (t.requires_grad_() for t in _inputs(mask, hq, hkv, d, dtype, seed))
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
 
     def grads(backend):
         if backend == "reference":
             out, lse = reference_attention(q, k, v, mask, return_lse=True)
-        elif backend == "cutlass":
-            out, lse = attention(q, k, v, mask, return_lse=True, backend=backend, deterministic=deterministic)
         else:
             out, lse = attention(q, k, v, mask, return_lse=True, backend=backend)
         loss = (out * go.to(out.dtype)).sum()
@@ -160,48 +157,6 @@ def test_cutlass_many_items_per_cta(hq, hkv):
     assert 24 * hq > 2 * n_sm, "the case must give every CTA several forward work items"
     check_forward(mask, hq, hkv, 128, torch.bfloat16, hq + hkv)
     check_backward(mask, hq, hkv, 128, torch.bfloat16, hq + hkv)
-    check_backward(mask, hq, hkv, 128, torch.bfloat16, hq + hkv, deterministic=False)
-
-
-# ---- the fused-dQ backward (deterministic=False): one dK/dV kernel that also adds dQ -------------
-
-
-@pytest.mark.parametrize("name, make", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cutlass_fused_backward_suite(name, make, dtype):
-    check_backward(make(), 4, 2, 128, dtype, zlib.crc32(f"cutlass-fused-{name}".encode()), deterministic=False)
-
-
-@pytest.mark.parametrize("hq, hkv", [(8, 8), (8, 1), (6, 2)])
-def test_cutlass_fused_backward_gqa_and_lse_gradient(hq, hkv):
-    check_backward(gqa_mask(), hq, hkv, 128, torch.bfloat16, hq, with_lse=True, deterministic=False)
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mask=masks(), fp16=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_cutlass_fused_backward_random_masks(mask, fp16, seed):
-    check_backward(mask, 2, 1, 128, torch.float16 if fp16 else torch.bfloat16, seed, deterministic=False)
-
-
-def test_fused_backward_runs_one_kernel_and_head_dim_64_falls_back():
-    """deterministic=False at head dim 128 takes the fused-dQ spec (no dQ kernel runs); at 64 there is
-    none, and the deterministic pair serves the call (same gradients as deterministic=True)."""
-    mask = gqa_mask()
-    q, k, v = _inputs(mask, 4, 2, 128, torch.bfloat16, 5)
-    hit = _cutlass_kernel("bwd_dkdv", mask, q, k, v, 0.0, "cutlass", False)
-    assert hit is not None and not hit[0].deterministic and hit[0].name.endswith("_nd_cutlass")
-    q.requires_grad_()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        attention(q, k, v, mask, backend="cutlass", deterministic=False).sum().backward()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
-    assert any("_nd_cutlass" in n for n in names), "the fused-dQ kernel ran"
-    assert not any(n.startswith("ffa_bwd_dq") for n in names), "no dQ kernel ran"
-    q64, k64, v64 = (t.requires_grad_() for t in _inputs(mask, 4, 2, 64, torch.bfloat16, 6))
-    assert _cutlass_kernel("bwd_dkdv", mask, q64, k64, v64, 0.0, "cutlass", False) is None
-    a = torch.autograd.grad(attention(q64, k64, v64, mask, backend="cutlass", deterministic=False).sum(), (q64, k64, v64))
-    b = torch.autograd.grad(attention(q64, k64, v64, mask, backend="cutlass").sum(), (q64, k64, v64))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_auto_picks_cutlass_when_built():

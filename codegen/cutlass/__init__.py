@@ -14,9 +14,7 @@ cuda-bindings; no C++ extension is built on the user's machine.
 
 What it covers: the forward (out and lse, the Triton backend's contract) and the backward (dQ;
 dK and dV without atomics) for head dims 64 and 128, bf16 and fp16, any partial class, any GQA
-group (a run-time argument: the spec's ``gqa_group`` is 1), no softcap. A dK/dV spec with
-``deterministic=False`` (head dim 128) also adds dQ with fp32 vector reductions (`fused_dq`), so
-that backward runs one kernel instead of two. Tiles are fixed per
+group (a run-time argument: the spec's ``gqa_group`` is 1), no softcap. Tiles are fixed per
 direction (`TILES`). Everything else is Triton's (`supports` says why a spec is not covered).
 """
 
@@ -67,10 +65,6 @@ RING_STAGES = {("bwd_dkdv", "rect"): 3, ("bwd_dkdv", "diag"): 3}
 # (dK/dV gained 1-7% on rect and diag with two, but its 3-stage ring above gains more and leaves
 # no room for a second K/V buffer.)
 ITEM_BUFFERS = {("bwd_dq", "diag"): 2}
-# The fused-dQ dK/dV kernel (deterministic=False) walks a 2-deep ring on every mask: its dS^T buffers
-# take the shared memory a third stage would need.
-FUSED_STAGES = 2
-FUSED_HEAD_DIMS = (128,)  # one warpgroup per 64 columns of dQ
 HEAD_DIMS = (64, 128)
 # setmaxnreg per warpgroup (producer, each consumer): 128 * p + 256 * c <= 65536 registers per SM.
 # The consumers take 240 where they need it (forward; dK/dV at head dim 128, whose two fp32
@@ -83,17 +77,15 @@ _PARTIAL_ENUM = {"none": "kNone", "rect": "kRect", "diag": "kDiag"}
 _ELEMENT_BYTES = 2
 
 
-def ring_stages(direction: str, partial: str, deterministic: bool = True) -> int:
+def ring_stages(direction: str, partial: str) -> int:
     """Ring depth the default build gives a kernel of `direction` and partial class `partial`."""
-    if not deterministic and direction == "bwd_dkdv":
-        return FUSED_STAGES
     return RING_STAGES.get((direction, partial), NUM_STAGES)
 
 
-def stage_preference(direction: str, partial: str, deterministic: bool = True) -> tuple[int, ...]:
+def stage_preference(direction: str, partial: str) -> tuple[int, ...]:
     """Ring depths in the order the runtime takes a built kernel: the default build's (measured
     fastest), then the others of STAGE_CHOICES (a build made with other depths still runs)."""
-    first = ring_stages(direction, partial, deterministic)
+    first = ring_stages(direction, partial)
     return (first, *(s for s in STAGE_CHOICES if s != first))
 
 
@@ -115,11 +107,6 @@ def store_by_tma(spec: KernelSpec) -> bool:
     return _shared_bytes(spec, item_buffers(spec), True) + STATIC_SHARED <= MAX_SHARED
 
 
-def fused_dq(spec: KernelSpec) -> bool:
-    """Whether `spec`'s kernel is the dK/dV kernel that also adds dQ (``deterministic=False``)."""
-    return spec.direction == "bwd_dkdv" and not spec.deterministic
-
-
 def registers(spec: KernelSpec) -> tuple[int, int]:
     """(producer, consumer) setmaxnreg of `spec`'s kernel."""
     return REGISTERS.get((spec.direction, spec.head_dim), REGISTERS[spec.direction])
@@ -139,12 +126,6 @@ def supports(spec: KernelSpec) -> str | None:
         return "softcap: not in the CUTLASS backend"
     if spec.gqa_group != 1:
         return "gqa_group: a CUTLASS kernel takes the GQA group at run time, its spec has gqa_group=1"
-    if not spec.deterministic and spec.direction != "bwd_dkdv":
-        return (f"deterministic=False on {spec.direction}: only the dK/dV kernel has a non-deterministic form "
-                f"(it adds dQ with atomics)")
-    if fused_dq(spec) and spec.head_dim not in FUSED_HEAD_DIMS:
-        return (f"deterministic=False at head dim {spec.head_dim}: the fused-dQ dK/dV kernel takes head dim "
-                f"{', '.join(map(str, FUSED_HEAD_DIMS))} (the deterministic kernels serve the rest)")
     bq, bk = TILES[spec.direction]
     if (spec.block_q, spec.block_k) != (bq, bk):
         return f"tiles {spec.block_q}x{spec.block_k}: the CUTLASS {spec.direction} kernel runs {bq}x{bk}"
@@ -157,31 +138,26 @@ def supports(spec: KernelSpec) -> str | None:
 def cutlass_spec(spec: KernelSpec) -> KernelSpec:
     """The CUTLASS spec for the same work as `spec` (its tiles, warps and stages are the backend's)."""
     bq, bk = TILES[spec.direction]
-    deterministic = spec.deterministic or spec.direction != "bwd_dkdv"
     return replace(spec, block_q=bq, block_k=bk, num_warps=NUM_WARPS,
-                   num_stages=ring_stages(spec.direction, spec.partial, deterministic), deterministic=deterministic,
-                   gqa_group=1, backend="cutlass")
+                   num_stages=ring_stages(spec.direction, spec.partial), deterministic=True, gqa_group=1,
+                   backend="cutlass")
 
 
-def spec_for_plan(direction: str, plan, head_dim: int, dtype: str, num_stages: int | None = None,
-                  deterministic: bool = True) -> KernelSpec:
+def spec_for_plan(direction: str, plan, head_dim: int, dtype: str, num_stages: int | None = None) -> KernelSpec:
     """The CUTLASS spec of `direction` for a tile plan lowered to that direction's `TILES`: the plan
     decides only the partial class of the lists the kernel walks (the GQA group is a run-time
     argument, so the spec's is 1). `num_stages`: the ring depth (default: the build's,
-    `ring_stages`). ``deterministic=False`` (dK/dV only): the kernel that also adds dQ."""
+    `ring_stages`)."""
     bq, bk = TILES[direction]
     partial = partial_class(plan.list_kinds(LISTS[direction]))
-    stages = ring_stages(direction, partial, deterministic) if num_stages is None else num_stages
     return KernelSpec(direction=direction, head_dim=head_dim, dtype=dtype, block_q=bq, block_k=bk,
-                      num_warps=NUM_WARPS, num_stages=stages, partial=partial, deterministic=deterministic,
-                      backend="cutlass")
+                      num_warps=NUM_WARPS, num_stages=ring_stages(direction, partial) if num_stages is None else num_stages,
+                      partial=partial, backend="cutlass")
 
 
-def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), directions=("fwd",),
-                   fused_dq: bool = False) -> list[KernelSpec]:
+def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), directions=("fwd",)) -> list[KernelSpec]:
     """The CUTLASS specs attention over `mask` (a Mask, or for the forward a 128 x 128 TilePlan) asks
-    for in `directions` (``fwd``, ``bwd_dq``, ``bwd_dkdv``). ``fused_dq``: with ``bwd_dkdv``, also the
-    non-deterministic dK/dV kernels that add dQ (head dims of `FUSED_HEAD_DIMS`)."""
+    for in `directions` (``fwd``, ``bwd_dq``, ``bwd_dkdv``)."""
     from maskc.mask import Mask
     from maskc.tiling import TilePlan, lower
 
@@ -207,9 +183,6 @@ def specs_for_mask(mask, *, head_dims=(128,), dtypes=("bf16",), directions=("fwd
         else:
             raise CutlassBuildError(f"specs_for_mask: expected a Mask or a TilePlan, got {type(mask).__name__}")
         specs |= {spec_for_plan(direction, plan, d, t) for d in head_dims for t in dtypes}
-        if fused_dq and direction == "bwd_dkdv":
-            specs |= {spec_for_plan(direction, plan, d, t, deterministic=False)
-                      for d in head_dims if d in FUSED_HEAD_DIMS for t in dtypes}
     return sorted(specs)
 
 
@@ -232,8 +205,6 @@ def _shared_bytes(spec: KernelSpec, buffers: int, staging: bool) -> int:
         storage += 2 * 2 * 2 * inner_rows * 4
     if staging:  # the output tile staged for its TMA store
         storage += tile_outer
-    if fused_dq(spec):  # dS^T of the query tile, per tile parity
-        storage += 2 * outer_rows * inner_rows * _ELEMENT_BYTES
     storage = (storage + 1023) // 1024 * 1024  # the struct is 1024-aligned, so its size is too
     return storage + 1024
 
@@ -255,7 +226,7 @@ def render(spec: KernelSpec) -> str:
     return _env().get_template(template).render(
         spec=spec, ELEMENT=DTYPES[spec.dtype], STAGES=spec.num_stages, PARTIAL=_PARTIAL_ENUM[spec.partial],
         SHARED=shared_bytes(spec), PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
-        ITEM_BUFFERS=item_buffers(spec), STORE_TMA=store_by_tma(spec), FUSED_DQ=fused_dq(spec))
+        ITEM_BUFFERS=item_buffers(spec), STORE_TMA=store_by_tma(spec))
 
 
 # ---- toolchain ---------------------------------------------------------------------------------
