@@ -349,6 +349,28 @@ def test_dq_walks_full_tiles_with_a_body_without_mask_code():
         assert "kind != 0" not in src.split("ffa_bwd_dq(")[1]
 
 
+def test_backward_kernels_release_an_items_tiles_after_their_last_reads():
+    """dK/dV frees its item's K/V buffer once the last query tile's S^T and dP^T products are done
+    (before that tile's dV and dK products and the epilogue), so the next item's K and V load under
+    them; an item without tiles frees it after the loop. dQ does the same with Q and dO on masks
+    with partial tiles (measured slower on full masks: there it frees them after the loop)."""
+    for m in (maskc.causal(512), maskc.full(512)):
+        [s] = cg.specs_for_mask(m, directions=("bwd_dkdv",))
+        body = cg.render(s).split("ffa_bwd_dkdv(")[1]
+        early = body.index("if (g == group - 1 && tiles.done()) {")
+        assert body.index("warpgroup_wait<0>();  // S^T and dP^T are ready") < early
+        assert early < body.index("release(&smem.kv_empty[b]);") < body.index("wgmma_chain<false>(mma_kv, tKrP")
+        assert "if (!kv_released) release(&smem.kv_empty[b]);" in body
+    for m, partial in ((maskc.causal(512), "kDiag"), (maskc.full(512), "kNone")):
+        [s] = cg.specs_for_mask(m, directions=("bwd_dq",))
+        body = cg.render(s).split("ffa_bwd_dq(")[1]
+        guard = body.index("if constexpr (kPartial != kNone) {\n        if (tiles.done()) {")
+        assert body.index("release(&smem.v_empty[stage]);") < guard < body.index("release(&smem.q_empty[b]);")
+        assert body.index("release(&smem.q_empty[b]);") < body.index("wgmma_chain<false>(mma_dq")
+        assert "if (!q_released) release(&smem.q_empty[b]);" in body
+        assert f"maskc_ffa::{partial}>(" in body  # the instantiation the guard keeps or drops
+
+
 class _FakeDriver:
     """The few cuda-bindings calls the launch path makes, recorded instead of run."""
 
