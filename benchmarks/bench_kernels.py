@@ -152,6 +152,11 @@ def main(argv=None):
         "fwd_bwd_grads": "fresh (.grad = None before each call)",
         "early_dq": not args.no_early_dq,
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        # both maskc backends are maskc: "cutlass" is what attention(..., backend="auto") runs on an H100
+        "impls": {"maskc": "maskc, Triton kernels (backend='triton')",
+                  "cutlass": "maskc, CUTLASS kernels (backend='cutlass'; what 'auto' runs on sm_90)",
+                  "flex": "torch.compile(flex_attention)", "cudnn": "SDPA, cuDNN backend",
+                  "flash": "SDPA, flash backend"},
     }
     if args.no_early_dq:
         from maskc.runtime import cutlass as cb
