@@ -1,7 +1,7 @@
 """Prompt following of the world model under different sampler settings, and the autoencoder's ceiling.
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
-``steps``, ``shift``; ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``) it generates the same held-out direction-change videos as ``magi eval`` and
+``cfg_neg``, ``steps``, ``shift``; ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``) it generates the same held-out direction-change videos as ``magi eval`` and
 scores them with the same tracker: overall, per chunk position, and per video (the measured
 motions, and whether the generated first chunk leaves its subject room to keep moving one more
 chunk, `evaluate.first_chunk_room`). ``--ceiling`` also scores the simulator's clips after an
@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
-        "cfg_lo": float, "cfg_hi": float, "cfg_run": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
+        "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
 
 
 def parse_setting(text: str) -> dict:
@@ -42,9 +42,19 @@ def parse_setting(text: str) -> dict:
     return out
 
 
-def gen_kwargs(setting: dict) -> dict:
-    """A parsed setting as `generate_chunks` keywords (cfg_lo / cfg_hi become ``cfg_interval``)."""
-    kw = {k: v for k, v in setting.items() if k not in ("cfg_lo", "cfg_hi")}
+NEGATIVES = ("near", "bounce")  # the "neg" key: generate's default (vocab.near_miss_captions), or the bounce alone
+
+
+def gen_kwargs(setting: dict, prompts=None) -> dict:
+    """A parsed setting as `generate_chunks` keywords (cfg_lo / cfg_hi become ``cfg_interval``; ``neg``
+    the negative prompts of ``prompts``)."""
+    from maskc.world_model import vocab
+
+    kw = {k: v for k, v in setting.items() if k not in ("cfg_lo", "cfg_hi", "neg")}
+    if setting.get("neg", "near") not in NEGATIVES:
+        raise ValueError(f"neg={setting['neg']!r}: expected one of {', '.join(NEGATIVES)}")
+    if setting.get("neg") == "bounce" and prompts is not None:
+        kw["negative"] = [vocab.near_miss_captions(p)[:1] for p in prompts]
     if "cfg_lo" in setting or "cfg_hi" in setting:
         kw["cfg_interval"] = (setting.get("cfg_lo", 0.0), setting.get("cfg_hi", 1.0))
     return kw
@@ -101,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-setting", default="", metavar="SETTING",
                     help='sampler setting of the run probe, "KEY=VALUE,..." as for --settings (e.g. "cfg_run=4")')
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the model runs (default cpu; the figures in docs/benchmarks.md are CPU runs unless "
+                         "said: GPU arithmetic differs, so compare settings within one device)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     try:
@@ -117,17 +130,23 @@ def main(argv=None) -> int:
     from maskc.world_model.vae import to_uint8
 
     torch.set_num_threads(args.threads)
-    model, meta = load_model(args.weights)
+    model, meta = load_model(args.weights, device=args.device)
     cfg = data.WorldConfig()
     videos = [(s, ev.direction_change_prompts(s, args.chunks, cfg)) for s in args.seeds]
-    res = {"weights": str(args.weights or "shipped small"), "seeds": args.seeds, "chunks": args.chunks, "runs": []}
+    def write(res):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+
+    res = {"weights": str(args.weights or "shipped small"), "seeds": args.seeds, "chunks": args.chunks,
+           "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(), "runs": []}
     if args.ceiling:
         matches = []
         for s, prompts in videos:
             clip = data.generate_from_prompts(prompts, s, cfg, gravity=False)
             with torch.no_grad():
-                z = model.vae.encode(torch.from_numpy(clip.frames)[None])
-                rec = to_uint8(model.vae.decode(z)[0]).numpy()
+                z = model.vae.encode(torch.from_numpy(clip.frames)[None].to(args.device))
+                rec = to_uint8(model.vae.decode(z)[0]).cpu().numpy()
             matches += ev.prompt_following(rec, prompts, cfg)["matches"]
         res["autoencoder_ceiling"] = float(np.mean(matches))
         print(f"autoencoder round trip of the simulator's clips: prompt following {res['autoencoder_ceiling']:.3f}")
@@ -142,7 +161,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         per_video = []
         for s, prompts in videos:
-            frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw))))
+            frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw, prompts))))
             r = ev.prompt_following(frames, prompts, cfg)
             room = ev.first_chunk_room(frames[:cfg.chunk_frames], prompts[0], cfg)
             per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"], "first_chunk_room": room})
@@ -154,6 +173,7 @@ def main(argv=None) -> int:
                                     for k in ("same_velocity", "slowest")} | {"videos": len(rooms)},
                "seconds": time.perf_counter() - t0}
         res["runs"].append(run)
+        write(res)  # after every setting: a run cut short keeps the settings it finished
         print(f"{text or '(defaults)':<28} prompt following {run['prompt_following']:.3f} "
               f"({len(matches)} chunks, {run['seconds']:.0f} s); by chunk "
               + " ".join(f"{x:.2f}" for x in run["by_chunk"]), flush=True)
@@ -161,9 +181,7 @@ def main(argv=None) -> int:
         if fr["videos"]:
             print(f"{'':<28} first chunks leaving room ({fr['videos']} videos): at their velocity "
                   f"{fr['same_velocity']:.2f}, at the slowest moving speed {fr['slowest']:.2f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write(res)
     return 0
 
 

@@ -167,28 +167,29 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
 
     scales = []  # the text guidance of every generation the evaluation runs
     real = generate.generate_chunks
-    monkeypatch.setattr(generate, "generate_chunks", lambda *a, **k: scales.append(k["cfg_text"]) or real(*a, **k))
+    monkeypatch.setattr(generate, "generate_chunks",
+                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"])) or real(*a, **k))
     n = torch.get_num_threads()
     out = tmp_path / "r.json"
     try:
         rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
-                       "--cfg-text", "3.5", "--out", str(out)])
+                       "--cfg-text", "3.5", "--cfg-neg", "2.5", "--out", str(out)])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
     # prompt following, image-to-video, continuation here; the two memory runs in fresh processes
-    assert len(scales) == 3 and set(scales) == {3.5}
+    assert len(scales) == 3 and set(scales) == {(3.5, 2.5)}
     text = capsys.readouterr().out
     assert "prompt following" in text and "throughput" in text
     res = json.loads(out.read_text())
-    assert res["settings"]["cfg_text"] == 3.5
+    assert res["settings"]["cfg_text"] == 3.5 and res["settings"]["cfg_neg"] == 2.5
     assert 0 <= res["prompt_following"]["fraction"] <= 1
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 1.0
     assert res["prompt_following"]["by_chunk"] == [float(m) for m in res["prompt_following"]["runs"][0]["matches"]]
     assert "by chunk" in text
     mem = res["memory"]["runs"]
     assert [m["chunks"] for m in mem] == [1, 2] and res["memory"]["isolated"]
-    assert all(m["cfg_text"] == 3.5 and m["steps"] == 2 for m in mem)
+    assert all(m["cfg_text"] == 3.5 and m["cfg_neg"] == 2.5 and m["steps"] == 2 for m in mem)
     assert len({m["pid"] for m in mem} | {os.getpid()}) == 3  # each length in its own process
     assert res["throughput"]["fps"] > 0
 

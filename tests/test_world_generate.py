@@ -254,7 +254,7 @@ def test_guidance_interval(tiny):
     """Text guidance only acts on latent frames whose flow time lies in ``cfg_interval``: an interval
     no frame reaches is the unguided sampler (and skips the unconditional calls), and a partial one
     differs from both that and guidance everywhere."""
-    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=3.0, seed=2)
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=3.0, cfg_neg=0.0, seed=2)
     run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **{**kw, **k})))  # noqa: E731
     assert np.array_equal(run(), run(cfg_interval=G.DEFAULT_CFG_INTERVAL))
     everywhere = run(cfg_interval=(0.0, 1.0))
@@ -269,6 +269,93 @@ def test_guidance_interval(tiny):
     for bad in ((0.5, 0.5), (-0.1, 1.0), (0.0, 1.5), (0.3,), "ab", None):
         with pytest.raises(ValueError, match="cfg_interval"):
             G.generate_chunks(tiny, [P], cfg_interval=bad)
+
+
+def test_near_miss_captions():
+    from maskc.world_model import vocab
+
+    assert vocab.near_miss_captions("the red circle moves right") == ("the red circle bounces off the right wall",)
+    assert vocab.near_miss_captions("The Blue square moves left.") == ("the blue square bounces off the left wall",)
+    assert vocab.near_miss_captions("the green triangle moves up") == (
+        "the green triangle bounces off the ceiling", "the green triangle rises", "the green triangle rises and falls")
+    assert vocab.near_miss_captions("the white circle moves down") == (
+        "the white circle bounces off the floor", "the white circle falls")
+    for other in ("the red circle falls", "the red circle stays still", "the red circle bounces off the floor"):
+        assert vocab.near_miss_captions(other) == ()
+    for d in vocab.DIRECTIONS:  # never the caption itself, always the same subject, always grammatical
+        text = f"the red circle moves {d}"
+        for q in vocab.near_miss_captions(text):
+            c = vocab.parse_caption(q)
+            assert c.subject == ("red", "circle") and c.motion != f"moves {d}"
+    with pytest.raises(ValueError, match="unknown word 'circel'"):
+        vocab.near_miss_captions("the red circel moves right")
+
+
+def test_negative_prompt_lists():
+    Q, F, D = "the blue square moves up", "the blue square falls", "the blue square moves down"
+    assert G.negative_prompts([P, Q, F, D]) == [
+        ("the red circle bounces off the right wall",),
+        ("the blue square bounces off the ceiling", "the blue square rises", "the blue square rises and falls"),
+        (), ("the blue square bounces off the floor", F)]
+    assert G.negative_prompts([P, P, P], F) == [(F,), (F,), (F,)]
+    assert G.negative_prompts([P, P, P], [None, (F, Q)]) == [(), (F, Q), (F, Q)]  # the last one repeats
+    with pytest.raises(ValueError, match="3 negative prompts for 2 chunks"):
+        G.negative_prompts([P, P], [F, F, F])
+    with pytest.raises(ValueError, match="give at least one"):
+        G.negative_prompts([P], [])
+    with pytest.raises(ValueError, match="closest known words: square"):
+        G.negative_prompts([P], ["the blue sqare falls"])
+    for bad in (3, (F, 3)):
+        with pytest.raises(ValueError, match="caption string, None or a tuple of captions"):
+            G.negative_prompts([P], [bad])
+
+
+def test_negative_guidance(tiny, monkeypatch):
+    """``cfg_neg`` adds cfg_neg * (v - v_neg), v_neg told each chunk's negative prompts (by default its
+    near misses; the mean over several): chunks without a negative are untouched bit for bit, and a
+    video with none takes no extra transformer call; otherwise a different video, one more call per
+    negative, the extra branches told the negatives."""
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=1.0, seed=4)
+    F = "the blue square falls"
+    run = lambda prompts, **k: np.stack(list(G.generate_chunks(tiny, prompts, **{**kw, **k})))  # noqa: E731
+    with CountingDiT(tiny) as c0:
+        plain = run([F], cfg_neg=0.0)
+    with CountingDiT(tiny) as c1:
+        assert np.array_equal(plain, run([F], cfg_neg=8.0))  # "falls" has no contrast caption
+    assert c1.calls == c0.calls
+    assert np.array_equal(run([P], cfg_neg=0.0), run([P], cfg_neg=8.0, negative=[None]))
+    with CountingDiT(tiny) as c2:
+        guided = run([P], cfg_neg=8.0)
+    with CountingDiT(tiny) as c3:
+        run([P], cfg_neg=0.0, cfg_text=0.0)
+    with CountingDiT(tiny) as c4:
+        run([P], cfg_neg=0.0)
+    assert c2.calls - c4.calls == c4.calls - c3.calls > 0  # one more call where text guidance makes one
+    assert not np.array_equal(guided, run([P], cfg_neg=0.0))
+    assert np.array_equal(guided, run([P], cfg_neg=8.0, negative="the red circle bounces off the right wall"))
+    # several negatives: one call each, their mean; the same negative twice is that negative
+    U, R = "the red circle moves up", "the red circle rises"
+    with CountingDiT(tiny) as c5:
+        two = run([U], cfg_neg=8.0, negative=[(R, "the red circle falls")])
+    assert c5.calls - c4.calls == 2 * (c4.calls - c3.calls)
+    assert not np.array_equal(two, run([U], cfg_neg=8.0, negative=R))
+    assert np.array_equal(run([U], cfg_neg=8.0, negative=[(R, R)]), run([U], cfg_neg=8.0, negative=R))
+    # per chunk: a negative on the second chunk only leaves the first as it was (it does not see later chunks)
+    only2 = run([P], cfg_neg=8.0, negative=[None, "the red circle stays still", None])
+    base = run([P], cfg_neg=0.0)
+    assert np.array_equal(only2[0], base[0]) and not np.array_equal(only2[1], base[1])
+    told = []
+    encode = tiny.encode_captions
+    monkeypatch.setattr(tiny, "encode_captions",
+                        lambda caps, runs=None: told.append(list(caps)) or encode(caps, runs))
+    run([P, F], cfg_neg=8.0)
+    assert ["the red circle bounces off the right wall", F] in told  # F keeps its own caption (scale 0)
+    told.clear()
+    run(["the red circle moves down"], cfg_neg=8.0)
+    assert ["the red circle bounces off the floor"] in told and ["the red circle falls"] in told
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="cfg_neg must be a number >= 0"):
+            G.generate_chunks(tiny, [P], cfg_neg=bad)
 
 
 def test_time_grid_shift(tiny):
@@ -388,6 +475,10 @@ def test_cli_smoke(tmp_path, capsys):
     (["--prompt", P, "--cfg-interval", "0.5"], "--cfg-interval: expected 2 arguments"),
     (["--prompt", P, "--cfg-run", "2"], "cfg_run=2.0 needs a model with caption runs"),
     (["--prompt", P, "--cfg-run", "-1"], "--cfg-run"),
+    (["--prompt", P, "--cfg-neg", "-1"], "--cfg-neg: must be a finite number >= 0"),
+    (["--prompt", P, "--negative-prompt", "the red circle bounces of the wall"], "unknown word 'of'"),
+    (["--prompt", P, "--chunks", "1", "--negative-prompt", "none", "--negative-prompt", "none"],
+     "2 negative prompts for 1 chunks"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, msg):
     from PIL import Image

@@ -36,6 +36,12 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_hi=0.3,shift=3")) == \
         {"shift": 3.0, "cfg_interval": (0.0, 0.3)}
     assert world_sampler_sweep.gen_kwargs({"cfg_lo": 0.2}) == {"cfg_interval": (0.2, 1.0)}
+    up = "the red circle moves up"
+    assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_neg=5,neg=bounce"), [up]) == \
+        {"cfg_neg": 5.0, "negative": [("the red circle bounces off the ceiling",)]}
+    assert world_sampler_sweep.gen_kwargs({"neg": "near"}, [up]) == {}  # generate's default negatives
+    with pytest.raises(ValueError, match="neg='all': expected one of near, bounce"):
+        world_sampler_sweep.gen_kwargs({"neg": "all"}, [up])
     for bad, what in (("bogus=1", "KEY one of"), ("window", "KEY=VALUE"), ("window=x", "not a valid int")):
         with pytest.raises(ValueError, match=what):
             world_sampler_sweep.parse_setting(bad)

@@ -240,7 +240,8 @@ def _pos_float(text: str) -> float:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from .generate import (
-        DEFAULT_CFG_INTERVAL, DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_SHIFT, DEFAULT_STEPS, DEFAULT_WINDOW,
+        DEFAULT_CFG_INTERVAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_SHIFT, DEFAULT_STEPS,
+        DEFAULT_WINDOW,
     )
 
     p.add_argument("--prompt", action="append", metavar="TEXT",
@@ -258,6 +259,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="sliding chunk window of attention (default: the checkpoint's training setting)")
     p.add_argument("--cfg-text", type=_nonneg_float, default=DEFAULT_CFG_TEXT, metavar="W",
                    help=f"guidance on the text (0 disables; default: {DEFAULT_CFG_TEXT})")
+    p.add_argument("--cfg-neg", type=_nonneg_float, default=DEFAULT_CFG_NEG, metavar="W",
+                   help="negative guidance, away from each chunk's negative prompt, inside the --cfg-interval "
+                        f"(0 disables; default: {DEFAULT_CFG_NEG:g})")
+    p.add_argument("--negative-prompt", action="append", metavar="TEXT",
+                   help='negative prompt of the next chunk (repeatable; the last one repeats; "none": no negative '
+                        'for that chunk). Default: the caption that excludes the chunk\'s prompt, "the red circle '
+                        'moves right" -> "the red circle bounces off the right wall"; none for other motions')
     p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
                    help=f"guidance on the previous chunks (0 disables; default: {DEFAULT_CFG_PREV})")
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
@@ -296,6 +304,9 @@ def run_generate(args, parser) -> int:
         if n_chunks < 1:
             parser.error("--chunks must be >= 1 (zero chunks is an empty video)")
         prompts = G.expand_prompts(prompts, n_chunks)
+        negative = None
+        if args.negative_prompt:
+            negative = [None if q.strip().lower() == "none" else q for q in args.negative_prompt]
         image = video = None
         if args.image is not None:
             image = G.read_image(args.image)
@@ -310,7 +321,8 @@ def run_generate(args, parser) -> int:
         stream = G.generate_chunks(model, prompts, n_chunks=n_chunks, steps=args.steps, window=args.window,
                                    attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
                                    image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
-                                   cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run)
+                                   cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run,
+                                   negative=negative, cfg_neg=args.cfg_neg)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
@@ -375,6 +387,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_pos_int, metavar="N", help="Euler steps per chunk (default: generate's)")
     p.add_argument("--cfg-text", type=_nonneg_float, metavar="W",
                    help="classifier-free guidance scale on the text (default: generate's)")
+    p.add_argument("--cfg-neg", type=_nonneg_float, metavar="W",
+                   help="negative guidance against each chunk's contrast caption (0 disables; default: generate's)")
     p.add_argument("--shift", type=_pos_float, metavar="S", help="time-grid shift of the sampler (default: generate's)")
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, metavar=("LO", "HI"),
                    help="flow times at which text guidance acts (default: generate's)")
@@ -399,7 +413,8 @@ def run_eval(args, parser) -> int:
     try:
         res = EV.evaluate(args.weights, seeds=args.seeds, chunks=args.chunks, steps=args.steps,
                           memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr),
-                          cfg_text=args.cfg_text, shift=args.shift, cfg_interval=args.cfg_interval)
+                          cfg_text=args.cfg_text, shift=args.shift, cfg_interval=args.cfg_interval,
+                          cfg_neg=args.cfg_neg)
     except ValueError as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(EV.format_table(res))

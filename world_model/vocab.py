@@ -163,3 +163,22 @@ def parse_caption(text: str) -> Caption:
     if len(words) < 4 or words[0] != "the" or words[1] not in COLOURS or words[2] not in SHAPES or motion not in MOTIONS:
         raise ValueError(f"caption {text!r} does not follow the grammar: {GRAMMAR}")
     return Caption(words[1], words[2], motion)
+
+
+#: motions that start the way "moves X" does and then do something else (the caption rule's near misses)
+NEAR_MISSES = {"left": ("bounces off the left wall",), "right": ("bounces off the right wall",),
+               "up": ("bounces off the ceiling", "rises", "rises and falls"),
+               "down": ("bounces off the floor", "falls")}
+
+
+def near_miss_captions(text: str) -> tuple[str, ...]:
+    """The captions that start the way ``text`` does and end otherwise: generation's default negative prompts.
+
+    For "moves X": the bounce off the wall ahead (the caption rule calls a chunk whose subject reaches
+    that wall a bounce, never "moves X"), and vertically the gravity motions that start towards X
+    ("moves up" -> "bounces off the ceiling", "rises", "rises and falls"; "moves down" -> "bounces
+    off the floor", "falls"). Empty for the other motions."""
+    c = parse_caption(text)
+    if not c.motion.startswith("moves "):
+        return ()
+    return tuple(format_caption(c.colour, c.shape, m) for m in NEAR_MISSES[c.motion.split()[1]])
