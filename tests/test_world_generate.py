@@ -464,6 +464,24 @@ def test_cli_smoke(tmp_path, capsys):
     assert "PNG frames" in capsys.readouterr().out
 
 
+def test_cli_negative_guidance(tmp_path, capsys):
+    """--negative-prompt none on every chunk is --cfg-neg 0 (same transformer calls, same frames); the
+    default negatives take more calls; an explicit negative is used."""
+    import re
+
+    def gen(*extra):
+        out = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        assert cli.main(["generate", "--prompt", P, "--chunks", "2", "--steps", "2", "--out", str(out), "--seed", "3",
+                         "--no-progress", *extra]) == 0
+        calls = int(re.search(r"(\d+) transformer calls", capsys.readouterr().out).group(1))
+        return calls, G.read_video(out)
+
+    off, none, default = gen("--cfg-neg", "0"), gen("--negative-prompt", "none"), gen()
+    assert none[0] == off[0] < default[0] and np.array_equal(none[1], off[1])
+    other = gen("--negative-prompt", "the red circle stays still")
+    assert other[0] == default[0] and not np.array_equal(other[1], default[1])
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--prompt", "the red circel moves right"], "unknown word 'circel'"),
     (["--prompt", P, "--chunks", "0"], "--chunks must be >= 1"),

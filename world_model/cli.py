@@ -204,6 +204,12 @@ conditioning:
   --video PREFIX     continue a video (.gif, a folder of .png frames, or .mp4 with imageio-ffmpeg);
                      its last whole chunks are the context and are written before the new ones
 
+guidance (classifier-free, at the flow times of --cfg-interval): --cfg-text pushes each chunk towards
+its prompt and away from no prompt; --cfg-neg away from its negative prompts, by default the
+captions that start as the prompt does and end otherwise ("moves right" -> "bounces off the right
+wall"; "moves up" -> also "rises", "rises and falls"), or --negative-prompt per chunk. Measured
+on held-out direction-change videos: prompt following 0.817 -> 0.875 with --cfg-neg 8 (the default).
+
 output: .mp4 through imageio + imageio-ffmpeg when installed, else a .gif (Pillow) beside it;
 a path without .mp4/.gif is a folder of PNG frames. The format written is printed.
 """
@@ -214,6 +220,8 @@ examples:
   magi generate --prompt "the red circle moves right" --prompt "the red circle moves left" --chunks 4 --out turn.gif
   magi generate --prompts prompts.json --out story.gif --seed 3
   magi generate --image first.png --prompt "the blue square falls" --chunks 2 --out i2v.gif
+  magi generate --prompt "the red circle moves up" --negative-prompt "the red circle moves left" --out up.gif
+  magi generate --prompt "the red circle moves up" --cfg-neg 0 --out up_plain.gif   # no negative guidance
   magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
 
 prompts.json: [{"chunks": 2, "prompt": "the red circle moves right"}, {"chunks": 2, "prompt": "the red circle moves left"}]
@@ -269,8 +277,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
                    help=f"guidance on the previous chunks (0 disables; default: {DEFAULT_CFG_PREV})")
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
-                   help="flow times (0 noise, 1 clean) at which text guidance acts; a frame outside them takes "
-                        "the plain conditional velocity (default: %g %g)" % DEFAULT_CFG_INTERVAL)
+                   help="flow times (0 noise, 1 clean) at which text and negative guidance act; a frame outside "
+                        "them takes the plain conditional velocity (default: %g %g)" % DEFAULT_CFG_INTERVAL)
     p.add_argument("--cfg-run", type=_nonneg_float, default=0.0, metavar="W",
                    help="run guidance, for a model trained with caption runs (magi train --caption-runs): "
                         "amplifies what a prompt that lasts several chunks asks of each chunk, inside the "
