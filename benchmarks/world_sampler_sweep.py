@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     model, meta = load_model(args.weights, device=args.device)
     cfg = data.WorldConfig()
     videos = [(s, ev.direction_change_prompts(s, args.chunks, cfg)) for s in args.seeds]
+
     def write(res):
         if args.json:
             with open(args.json, "w") as f:

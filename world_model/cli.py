@@ -272,8 +272,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         f"(0 disables; default: {DEFAULT_CFG_NEG:g})")
     p.add_argument("--negative-prompt", action="append", metavar="TEXT",
                    help='negative prompt of the next chunk (repeatable; the last one repeats; "none": no negative '
-                        'for that chunk). Default: the caption that excludes the chunk\'s prompt, "the red circle '
-                        'moves right" -> "the red circle bounces off the right wall"; none for other motions')
+                        'for that chunk). Default: the prompt\'s near misses, "the red circle moves right" -> '
+                        '"the red circle bounces off the right wall" ("moves up" also -> "rises", "rises and '
+                        'falls"; "moves down" also -> "falls"); none for other motions')
     p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
                    help=f"guidance on the previous chunks (0 disables; default: {DEFAULT_CFG_PREV})")
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
@@ -396,10 +397,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-text", type=_nonneg_float, metavar="W",
                    help="classifier-free guidance scale on the text (default: generate's)")
     p.add_argument("--cfg-neg", type=_nonneg_float, metavar="W",
-                   help="negative guidance against each chunk's contrast caption (0 disables; default: generate's)")
+                   help="negative guidance away from each chunk's near-miss captions (0 disables; default: generate's)")
     p.add_argument("--shift", type=_pos_float, metavar="S", help="time-grid shift of the sampler (default: generate's)")
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, metavar=("LO", "HI"),
-                   help="flow times at which text guidance acts (default: generate's)")
+                   help="flow times at which text and negative guidance act (default: generate's)")
     p.add_argument("--memory-chunks", type=_pos_int, nargs="+", default=[4, 16], metavar="N",
                    help="video lengths for the memory measurement (default: 4 16)")
     p.add_argument("--out", metavar="FILE.json", help="also write all figures as JSON")

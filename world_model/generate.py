@@ -69,13 +69,14 @@ DEFAULT_WINDOW = 4
 # (0.15, 1), seeds 10-17) drops it to 0.34. The unguided call is skipped on ticks where no chunk in
 # flight is that noisy.
 DEFAULT_CFG_TEXT = 6.0
-DEFAULT_CFG_INTERVAL = (0.0, 0.3)  # flow times (0 noise, 1 clean) at which text guidance acts
+DEFAULT_CFG_INTERVAL = (0.0, 0.3)  # flow times (0 noise, 1 clean) at which text and negative guidance act
 DEFAULT_CFG_PREV = 0.0
 # Negative guidance away from each chunk's near-miss captions (a chunk told "moves right" is pushed
 # away from "bounces off the right wall"), at the flow times of text guidance. Prompt following of the
-# direction-change videos, 264 videos of seeds 18-281 on an H100: 0.816 without it, 0.874 with it
-# (0.860 with the bounce alone as the negative); docs/benchmarks.md. It costs one more transformer
-# call per negative (1-3) on the ticks where text guidance acts.
+# direction-change videos, 528 held-out videos (seeds 18-545) on an H100: 0.817 without it, 0.875 with
+# it (+0.060 on the 264 of them run only after every choice; the bounce alone as the negative: 0.860 on
+# the other 264, against 0.874); docs/benchmarks.md. It costs one more transformer call per negative
+# (1-3) on the ticks where text guidance acts.
 DEFAULT_CFG_NEG = 8.0
 DEFAULT_SHIFT = 1.0  # time_grid's shift
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small.safetensors"
@@ -165,9 +166,10 @@ def negative_prompts(prompts: Sequence[str], negative=None) -> list[tuple[str, .
     """The negative prompts of each chunk of ``prompts``, as a tuple per chunk (empty: no negative guidance).
 
     ``negative`` None: each prompt's `vocab.near_miss_captions` ("moves right" -> "bounces off the
-    right wall"; "moves down" -> "bounces off the floor" and "falls"; none for the other motions). A string or a list: as for prompts, one entry per
-    chunk, the last one repeating; an entry is a caption, None (no negative for that chunk) or a
-    tuple of captions (their velocities are averaged). Validated against the vocabulary."""
+    right wall"; "moves down" -> "bounces off the floor" and "falls"; none for the other motions).
+    A string or a list: as for prompts, one entry per chunk, the last one repeating; an entry is a
+    caption, None (no negative for that chunk) or a tuple of captions (their velocities are
+    averaged). Validated against the vocabulary."""
     if negative is None:
         return [vocab.near_miss_captions(p) for p in prompts]
     if isinstance(negative, str):
@@ -252,7 +254,8 @@ class ChunkStream:
     """Iterator of decoded chunks (uint8 numpy [chunk_frames, H, W, 3]); see `generate_chunks`."""
 
     def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
-                 shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None, cfg_neg=DEFAULT_CFG_NEG):
+                 shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
+                 cfg_neg=DEFAULT_CFG_NEG):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
