@@ -4,7 +4,7 @@ For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text
 ``cfg_neg``, ``steps``, ``shift``; ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``) it generates the same held-out direction-change videos as ``magi eval`` and
 scores them with the same tracker: overall, per chunk position, and per video (the measured
 motions, and whether the generated first chunk leaves its subject room to keep moving one more
-chunk, `evaluate.first_chunk_room`). ``--ceiling`` also scores the simulator's clips after an
+chunk, `evaluate.first_chunk_room`; the seams, `evaluate.seam_score`). ``--ceiling`` also scores the simulator's clips after an
 autoencoder round trip: what the transformer could reach at best with this autoencoder.
 ``--run-probe R ...`` (models with caption runs): each video's first chunk alone, told each run R
 in turn with the same noise, and where it leaves its subject (`evaluate.first_chunk_room`): whether
@@ -165,19 +165,24 @@ def main(argv=None) -> int:
             frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw, prompts))))
             r = ev.prompt_following(frames, prompts, cfg)
             room = ev.first_chunk_room(frames[:cfg.chunk_frames], prompts[0], cfg)
-            per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"], "first_chunk_room": room})
+            per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"], "first_chunk_room": room,
+                              "seams": ev.seam_score(frames, cfg.chunk_frames)})
         matches = [m for v in per_video for m in v["matches"]]
         rooms = [v["first_chunk_room"] for v in per_video if v["first_chunk_room"] is not None]
         run = {"setting": kw, "prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
                "by_chunk": ev.by_chunk([v["matches"] for v in per_video]), "videos": per_video,
                "first_chunk_room": {k: float(np.mean([r[k] for r in rooms])) if rooms else None
                                     for k in ("same_velocity", "slowest")} | {"videos": len(rooms)},
+               "seams": {k: float(np.mean([v["seams"][k] for v in per_video])) for k in ("boundary", "inside", "ratio")},
                "seconds": time.perf_counter() - t0}
         res["runs"].append(run)
         write(res)  # after every setting: a run cut short keeps the settings it finished
         print(f"{text or '(defaults)':<28} prompt following {run['prompt_following']:.3f} "
               f"({len(matches)} chunks, {run['seconds']:.0f} s); by chunk "
               + " ".join(f"{x:.2f}" for x in run["by_chunk"]), flush=True)
+        sm = run["seams"]
+        print(f"{'':<28} seams: boundary / inside frame difference {sm['ratio']:.2f} ({sm['boundary']:.2f} / "
+              f"{sm['inside']:.2f}; per-video mean)", flush=True)
         fr = run["first_chunk_room"]
         if fr["videos"]:
             print(f"{'':<28} first chunks leaving room ({fr['videos']} videos): at their velocity "

@@ -60,6 +60,7 @@ def test_sampler_sweep_scores_the_shipped_model(tmp_path):
         (video,) = r["videos"]
         assert video["seed"] == 10 and r["by_chunk"] == [float(m) for m in video["matches"]]
         assert "first_chunk_room" in video and r["first_chunk_room"]["videos"] == (video["first_chunk_room"] is not None)
+        assert r["seams"] == video["seams"] and video["seams"]["boundary"] > 0 and video["seams"]["inside"] > 0
     from maskc.world_model.evaluate import room_to_continue
 
     assert res["room_to_continue"] == room_to_continue(60)
