@@ -46,7 +46,7 @@ class KernelSpec:
     partial: str = "diag"
     gqa_group: int = 1
     softcap: bool = False
-    deterministic: bool = True  # False: the dK/dV kernel also adds dQ with fp32 atomics (no dQ kernel)
+    deterministic: bool = True  # False (Triton): the dK/dV kernel also adds dQ with fp32 atomics, no dQ kernel
     backend: str = "triton"  # "triton" (maskc.codegen templates) or "cutlass" (maskc.codegen.cutlass)
 
     def __post_init__(self):

@@ -274,12 +274,10 @@ class ChunkStream:
         if attn_window is None:
             attn_window = default_attn_window(meta, self.window)
         self.attn_window = _count(attn_window, "attn_window")
-        for name, s in (("cfg_text", cfg_text), ("cfg_prev", cfg_prev), ("cfg_run", cfg_run)):
+        for name, s in (("cfg_text", cfg_text), ("cfg_prev", cfg_prev), ("cfg_run", cfg_run), ("cfg_neg", cfg_neg)):
             if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
                 raise ValueError(f"{name} must be a number >= 0 (0 disables it), got {s!r}")
         self.cfg_text, self.cfg_prev, self.cfg_run = float(cfg_text), float(cfg_prev), float(cfg_run)
-        if not (isinstance(cfg_neg, (int, float)) and math.isfinite(cfg_neg) and cfg_neg >= 0):
-            raise ValueError(f"cfg_neg must be a number >= 0 (0 disables it), got {cfg_neg!r}")
         self.cfg_neg = float(cfg_neg)
         self.negative = negative_prompts(prompts, negative)
         if self.cfg_run > 0 and not cfg.caption_runs:
@@ -476,7 +474,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     yet: 0 = not told); ``cfg_run``: run guidance for such a model (0 = off; see the module's
     docstring); ``negative``: negative prompts, one entry per chunk as for the prompts (a caption, a
     tuple of captions, or None: none for that chunk; default: each prompt's
-    `vocab.near_miss_captions`); ``cfg_neg``: their guidance scale (0 disables). Nothing is computed until the first chunk is asked for.
+    `vocab.near_miss_captions`); ``cfg_neg``: their guidance scale (0 disables). Nothing is computed
+    until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
