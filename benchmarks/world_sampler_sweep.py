@@ -1,10 +1,13 @@
 """Prompt following of the world model under different sampler settings, and the autoencoder's ceiling.
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
-``cfg_neg``, ``steps``, ``shift``; ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``) it generates the same held-out direction-change videos as ``magi eval`` and
-scores them with the same tracker: overall, per chunk position, and per video (the measured
-motions, and whether the generated first chunk leaves its subject room to keep moving one more
-chunk, `evaluate.first_chunk_room`; the seams, `evaluate.seam_score`). ``--ceiling`` also scores the simulator's clips after an
+``cfg_neg``, ``steps``, ``shift``, ``ctx_t``; ``cfg_lo`` / ``cfg_hi`` are the ends of its
+``cfg_interval``) it generates the same held-out direction-change videos as ``magi eval`` and
+scores them with the same tracker (and with the occlusion rule before session 27,
+``occlusion="video"``): overall, per chunk position, and per video (the measured motions, whether
+the generated first chunk leaves its subject room to keep moving one more chunk,
+`evaluate.first_chunk_room`; the seams, `evaluate.seam_score`; the subject's size and blob count per
+chunk, `subject_stats`). ``--ceiling`` also scores the simulator's clips after an
 autoencoder round trip: what the transformer could reach at best with this autoencoder.
 ``--run-probe R ...`` (models with caption runs): each video's first chunk alone, told each run R
 in turn with the same noise, and where it leaves its subject (`evaluate.first_chunk_room`): whether
@@ -25,7 +28,7 @@ import time
 import numpy as np
 
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
-        "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
+        "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
 
 
 def parse_setting(text: str) -> dict:
@@ -58,6 +61,22 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
     if "cfg_lo" in setting or "cfg_hi" in setting:
         kw["cfg_interval"] = (setting.get("cfg_lo", 0.0), setting.get("cfg_hi", 1.0))
     return kw
+
+
+def subject_stats(frames, prompts, cfg) -> dict:
+    """Per chunk, its subject colour's median pixel count over the frames where it is visible (0 when
+    never) and its median number of blobs (`evaluate.count_blobs`): a subject that grows, shrinks or
+    is drawn twice from chunk to chunk shows here."""
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model import vocab
+
+    px, blobs = [], []
+    for k, p in enumerate(prompts):
+        chunk, colour = frames[k * cfg.chunk_frames:(k + 1) * cfg.chunk_frames], vocab.parse_caption(p).colour
+        tr = ev.track_by_colour(chunk, [colour])[colour]
+        px.append(float(np.median(tr["count"][tr["visible"]])) if tr["visible"].any() else 0.0)
+        blobs.append(float(np.median(ev.count_blobs(chunk, [colour])[colour])))
+    return {"subject_px": px, "subject_blobs": blobs}
 
 
 def run_probe(model, meta, videos, runs, cfg, setting: dict | None = None) -> dict:
@@ -164,12 +183,16 @@ def main(argv=None) -> int:
         for s, prompts in videos:
             frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw, prompts))))
             r = ev.prompt_following(frames, prompts, cfg)
+            r_video = ev.prompt_following(frames, prompts, cfg, occlusion="video")  # the rule before session 27
             room = ev.first_chunk_room(frames[:cfg.chunk_frames], prompts[0], cfg)
-            per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"], "first_chunk_room": room,
-                              "seams": ev.seam_score(frames, cfg.chunk_frames)})
+            per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"],
+                              "matches_video_rule": r_video["matches"], "measured_video_rule": r_video["measured"],
+                              "first_chunk_room": room, "seams": ev.seam_score(frames, cfg.chunk_frames),
+                              **subject_stats(frames, prompts, cfg)})
         matches = [m for v in per_video for m in v["matches"]]
         rooms = [v["first_chunk_room"] for v in per_video if v["first_chunk_room"] is not None]
         run = {"setting": kw, "prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
+               "prompt_following_video_rule": float(np.mean([m for v in per_video for m in v["matches_video_rule"]])),
                "by_chunk": ev.by_chunk([v["matches"] for v in per_video]), "videos": per_video,
                "first_chunk_room": {k: float(np.mean([r[k] for r in rooms])) if rooms else None
                                     for k in ("same_velocity", "slowest")} | {"videos": len(rooms)},
@@ -179,7 +202,8 @@ def main(argv=None) -> int:
         write(res)  # after every setting: a run cut short keeps the settings it finished
         print(f"{text or '(defaults)':<28} prompt following {run['prompt_following']:.3f} "
               f"({len(matches)} chunks, {run['seconds']:.0f} s); by chunk "
-              + " ".join(f"{x:.2f}" for x in run["by_chunk"]), flush=True)
+              + " ".join(f"{x:.2f}" for x in run["by_chunk"])
+              + f"; the whole-video occlusion rule {run['prompt_following_video_rule']:.3f}", flush=True)
         sm = run["seams"]
         print(f"{'':<28} seams: boundary / inside frame difference {sm['ratio']:.2f} ({sm['boundary']:.2f} / "
               f"{sm['inside']:.2f}; per-video mean)", flush=True)

@@ -92,6 +92,49 @@ def test_a_reversal_near_a_wall_is_a_hit_only_where_the_subject_reaches_it(turn,
     assert E.motion_from_track(30 + 0 * t, ys, extent=ext) == expected
 
 
+def test_occlusion_filter_judges_each_chunk_on_its_own_frames():
+    """A red disc moves right through one chunk and is drawn larger (radius 4 -> 6, 2.2x the pixels) as
+    it moves left through the next: what a generated subject that grows looks like. Under the
+    whole-video rule the first chunk's frames all fall under 0.85 of the video's median pixel count
+    and its subject is lost; the per-chunk rule (the default) judges it on its own frames."""
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    xs = np.concatenate([20 + 0.8 * np.arange(F), 38.4 - 0.8 * np.arange(F)])
+    frames = np.full((2 * F, 64, 64, 3), 40, np.uint8)
+    for t, x in enumerate(xs):
+        r = 4.0 if t < F else 6.0
+        frames[t][(xx - x) ** 2 + (yy - 30) ** 2 <= r * r] = data.PALETTE["red"]
+    prompts = ["the red circle moves right", "the red circle moves left"]
+    assert E.prompt_following(frames, prompts)["measured"] == ["moves right", "moves left"]
+    assert E.prompt_following(frames, prompts, occlusion="video")["measured"] == [None, "moves left"]
+    with pytest.raises(ValueError, match="occlusion='frame'"):
+        E.prompt_following(frames, prompts, occlusion="frame")
+
+
+@pytest.mark.parametrize("seed, chunk", [(5022, 1), (5024, 3)])
+def test_per_chunk_occlusion_rule_agrees_with_the_simulator_where_the_whole_video_rule_did_not(seed, chunk):
+    """Two of the simulator's random clips (benchmarks/world_tracker_check.py's set) where the
+    whole-video median lost the subject of one chunk and the per-chunk rule reads its caption."""
+    from maskc.world_model import vocab
+
+    clip = data.generate(seed, 4)
+    truth = vocab.parse_caption(clip.captions[chunk]).motion
+    assert E.prompt_following(clip.frames, clip.captions)["measured"][chunk] == truth
+    assert E.prompt_following(clip.frames, clip.captions, occlusion="video")["measured"][chunk] != truth
+
+
+def test_per_chunk_rule_misreads_a_subject_covered_for_most_of_its_chunk():
+    """The per-chunk rule's known failure: in the simulator's 2-chunk clip of seed 0 a distractor covers
+    the magenta square for most of its second chunk (its pixel count falls from ~200 to 127-179), so
+    the chunk's own median is the covered size, covered frames pass the filter and their off-centre
+    centroids read as a wall bounce; the whole-video median leaves them out. Over whole sets the
+    per-chunk rule still agrees with the simulator more often (`world_tracker_check.py`: 4-chunk
+    random clips 0.9400 against 0.9337; 2-chunk direction-change clips 1.000 against 0.9975)."""
+    prompts = E.direction_change_prompts(0, 2)
+    clip = data.generate_from_prompts(prompts, 0, gravity=False)
+    assert E.prompt_following(clip.frames, prompts)["measured"] == ["moves up", "bounces off the right wall"]
+    assert E.prompt_following(clip.frames, prompts, occlusion="video")["measured"] == ["moves up", "moves down"]
+
+
 def test_simulator_wall_hits_reach_the_wall_within_the_edge_margin():
     """What EDGE_MARGIN relies on: at every wall hit of the simulator the subject's pixels are within
     2 px of the wall (the autoencoder's round trip adds at most 1 more, measured)."""
@@ -184,7 +227,8 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     res = json.loads(out.read_text())
     assert res["settings"]["cfg_text"] == 3.5 and res["settings"]["cfg_neg"] == 2.5
     assert 0 <= res["prompt_following"]["fraction"] <= 1
-    assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 1.0
+    # the simulator's own clip of seed 0 reads 0.5: see test_per_chunk_rule_misreads_a_subject_covered_for_most_of_its_chunk
+    assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 0.5
     assert res["prompt_following"]["by_chunk"] == [float(m) for m in res["prompt_following"]["runs"][0]["matches"]]
     assert "by chunk" in text
     mem = res["memory"]["runs"]

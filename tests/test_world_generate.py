@@ -358,6 +358,53 @@ def test_negative_guidance(tiny, monkeypatch):
             G.generate_chunks(tiny, [P], cfg_neg=bad)
 
 
+def test_context_noise(tiny, monkeypatch):
+    """``ctx_t`` < 1: a finished chunk enters the KV cache noised back to flow time ctx_t (from its own
+    generator): the chunk itself is yielded as it was, the chunks after it see a noisier context;
+    ctx_t = 1 (the default) is the clean context, bit for bit."""
+    kw = dict(n_chunks=3, steps=4, window=2, attn_window=3, cfg_text=1.0, cfg_neg=0.0, seed=4)
+    run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **kw, **k)))  # noqa: E731
+    clean = run()
+    assert np.array_equal(clean, run(ctx_t=1.0))
+    noisy = run(ctx_t=0.8)
+    assert np.array_equal(noisy[0], clean[0]) and not np.array_equal(noisy[1:], clean[1:])
+    assert np.array_equal(noisy, run(ctx_t=0.8))  # seeded
+    seen = []
+    fwd = tiny.dit.forward
+    monkeypatch.setattr(tiny.dit, "forward", lambda lat, t, *a, return_kv=False, **k:
+                        (return_kv and seen.append(t.unique().tolist())) or fwd(lat, t, *a, return_kv=return_kv, **k))
+    run(ctx_t=0.8)
+    assert seen == [[pytest.approx(0.8)]] * 3  # every context pass at flow time 0.8
+    for bad in (0.0, 1.5, float("nan"), "0.9"):
+        with pytest.raises(ValueError, match=r"ctx_t must be a flow time in \(0, 1\]"):
+            G.generate_chunks(tiny, [P], ctx_t=bad)
+
+
+def test_decoder_context_is_the_chunk_before(tiny, monkeypatch):
+    """A model whose decoder reads the chunk before (vae_context 1): each yielded chunk is decoded with
+    the previous chunk's final latents (the first with none; a continuation's with the last prefix
+    chunk's), and the stream equals decoding the whole video's latents at once."""
+    from dataclasses import replace
+
+    cfg = replace(tiny.cfg, vae_context=1)
+    monkeypatch.setattr(tiny, "cfg", cfg)
+    monkeypatch.setattr(tiny.vae, "cfg", cfg)
+    calls = []
+    decode = tiny.vae.decode
+    monkeypatch.setattr(tiny.vae, "decode", lambda z, context=None: calls.append((z, context)) or decode(z, context))
+    chunks = list(G.generate_chunks(tiny, [P], n_chunks=3, steps=3, window=2, cfg_neg=0.0, seed=1))
+    assert calls[0][1] is None and all(torch.equal(c, z) for (z, _), (_, c) in zip(calls, calls[1:]))
+    with torch.no_grad():
+        whole = G.to_uint8(decode(torch.cat([z for z, _ in calls], 1))[0]).numpy()
+    assert np.array_equal(np.concatenate(chunks), whole)
+    calls.clear()
+    prefix = np.concatenate(chunks[:2])
+    list(G.generate_chunks(tiny, [P], n_chunks=1, steps=3, window=2, cfg_neg=0.0, seed=1, video=prefix))
+    with torch.no_grad():
+        last = tiny.vae.encode(torch.from_numpy(prefix[24:])[None])
+    assert len(calls) == 1 and torch.equal(calls[0][1], last)
+
+
 def test_time_grid_shift(tiny):
     g1, g3 = G.time_grid(6), G.time_grid(6, shift=3.0)
     assert g1[0] == g3[0] == 0 and g1[-1] == g3[-1] == 1 and bool((g3[1:] > g3[:-1]).all())

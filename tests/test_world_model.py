@@ -18,7 +18,7 @@ from maskc.world_model.dit import (
     WorldModel, attend, flow_matching_loss, noisy_latents, param_counts, patchify, positions, unpatchify,
 )
 from maskc.world_model.text import TextEncoder, caption_runs, pack_text, tokenize
-from maskc.world_model.vae import VideoVAE, vae_loss
+from maskc.world_model.vae import VideoVAE, decoder_loss, vae_loss
 
 CAPTIONS = [
     "the red circle moves left", "the blue square falls", "the red circle stays still",
@@ -101,6 +101,47 @@ def test_vae_chunks_are_independent():
         assert not torch.allclose(z[:, 6:12], z2[:, 6:12])
         x, x2 = vae.decode(z), vae.decode(z2)
     assert torch.equal(x[:, :24], x2[:, :24]) and torch.equal(x[:, 48:], x2[:, 48:])
+
+
+def test_vae_context_decodes_each_chunk_with_the_chunk_before():
+    """vae_context = 1: chunk k is decoded from the latents of chunks k-1 and k (chunk 0 alone), so its
+    frames depend on its predecessor and on nothing later; streaming (one chunk at a time with the
+    previous one as context) gives the whole video's decode exactly."""
+    torch.manual_seed(0)
+    vae = randomized(VideoVAE(replace(TINY, vae_context=1))).eval()
+    z = torch.randn(2, 18, 8, 8, TINY.latent_channels)
+    z2 = z.clone()
+    z2[:, :6] += 1.0  # change chunk 0 only
+    with torch.no_grad():
+        x, x2 = vae.decode(z), vae.decode(z2)
+        assert x.shape == (2, 72, 64, 64, 3)
+        assert not torch.equal(x[:, 24:48], x2[:, 24:48])  # chunk 1 reads chunk 0
+        assert torch.equal(x[:, 48:], x2[:, 48:])  # chunk 2 does not
+        streamed = torch.cat([vae.decode(z[:, :6])] + [vae.decode(z[:, 6 * k:6 * k + 6], context=z[:, :6 * k])
+                                                     for k in (1, 2)], 1)
+        assert torch.equal(streamed, x)
+        plain = VideoVAE(TINY).eval()
+        plain.load_state_dict(vae.state_dict())  # the same weights, each chunk alone: context is ignored
+        assert torch.equal(plain.decode(z[:, 6:12], context=z[:, :6]), plain.decode(z[:, 6:12]))
+        assert not torch.equal(plain.decode(z)[:, 24:48], x[:, 24:48])
+        with pytest.raises(ValueError, match="context has batch 1"):
+            vae.decode(z[:, 6:12], context=z[:1, :6])
+        with pytest.raises(ValueError, match="latents must be"):
+            vae.decode(z[:, 6:12], context=z[:, :5])
+    with pytest.raises(ValueError, match="vae_context 5 must be an integer in"):
+        replace(TINY, vae_context=5)
+    assert ModelConfig.from_dict(replace(TINY, vae_context=1).to_dict()).vae_context == 1
+
+
+def test_decoder_loss_trains_the_decoder_only():
+    torch.manual_seed(0)
+    vae = VideoVAE(replace(TINY, vae_context=1))
+    frames = torch.from_numpy(D.generate(3, 2).frames)[None]
+    loss = decoder_loss(vae, frames, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert all(p.grad is None for p in vae.encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.decoder.parameters())
 
 
 def test_vae_loss_and_latent_stats():

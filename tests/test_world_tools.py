@@ -114,30 +114,33 @@ def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):
         world_sampler_sweep.main(["--weights", str(told), *args[:-2], "4", "--threads", "1"])
 
 
-def test_world_tracker_check_reports_both_rules(tmp_path, capsys):
+def test_world_tracker_check_reports_every_rule(tmp_path, capsys):
     import numpy as np
 
     from maskc.world_model import data
     from maskc.world_model import evaluate as ev
 
-    # "videos": the simulator's own direction-change clips, which both rules score perfectly
+    # "videos": the simulator's own direction-change clips, which every rule scores perfectly
     videos = {str(s): data.generate_from_prompts(ev.direction_change_prompts(s, 4), s, gravity=False).frames
               for s in (18, 19)}
     np.savez(tmp_path / "v.npz", **videos)
     out = tmp_path / "t.json"
     assert world_tracker_check.main(["--clips", "3", "--hit-clips", "2", "--videos", str(tmp_path / "v.npz"),
-                                     "--json", str(out)]) == 0
+                                     "--json", str(out), "--chunks", "3"]) == 0
     res = json.loads(out.read_text())
-    assert res["edge_margin"] == ev.EDGE_MARGIN
+    assert res["edge_margin"] == ev.EDGE_MARGIN and res["chunks"] == 3
     assert set(res["agreement"]) == {"random", "direction_change_lookahead_True", "direction_change_lookahead_False"}
     for rules in res["agreement"].values():
-        assert rules["extent"]["chunks"] == rules["centroid"]["chunks"] > 0
-        assert 0.0 <= rules["extent"]["fraction"] <= 1.0
+        assert set(rules) == set(world_tracker_check.RULES)
+        assert rules["chunk"]["chunks"] == rules["extent"]["chunks"] == rules["centroid"]["chunks"] == 9
+        assert all(0.0 <= r["fraction"] <= 1.0 for r in rules.values())
     sim = res["hit_gaps"]["simulator"]
     assert sim["hits"] > 0 and sim["max"] <= ev.EDGE_MARGIN - 1
     assert sum(sim["hist"].values()) == sim["hits"]
     scored = res["videos"][str(tmp_path / "v.npz")]
-    assert scored["extent"]["prompt_following"] == scored["centroid"]["prompt_following"] == 1.0
-    assert "prompt following 1.000 (extent rule)" in capsys.readouterr().out
+    assert {r["prompt_following"] for r in scored.values()} == {1.0} and set(scored) == set(world_tracker_check.RULES)
+    assert "prompt following 1.000 (chunk rule), 1.000 (extent rule)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         world_tracker_check.main(["--clips", "0"])
+    with pytest.raises(SystemExit):
+        world_tracker_check.main(["--chunks", "1"])

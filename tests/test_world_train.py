@@ -538,6 +538,30 @@ def test_cli_cuda_without_gpu(tmp_path, capsys):
     assert e.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_finetune_decoder_changes_the_decoder_only(tmp_path, capsys):
+    torch.manual_seed(0)
+    src = save_checkpoint(tmp_path / "w.safetensors", WorldModel(TINY), step=7, meta={"phase": "dit"})
+    r = TR.finetune_decoder(src, tmp_path / "ctx.safetensors", steps=3, batch=2, held_out=2, warmup=1)
+    assert r["steps_done"] == 3 and r["context"] == 1 and len(r["held_out_mse_by_frame_after"]) == TINY.chunk_frames
+    a, cfg_a, meta_a = load_checkpoint(src)
+    b, cfg_b, meta_b = load_checkpoint(tmp_path / "ctx.safetensors")
+    assert cfg_a.vae_context == 0 and cfg_b == replace(cfg_a, vae_context=1)
+    assert meta_b["step"] == 7 and meta_b["phase"] == "dit" and meta_b["decoder_finetune"]["steps"] == 3
+    sa, sb = a.state_dict(), b.state_dict()
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert changed and all(k.startswith("vae.decoder.") for k in changed)  # a float32 source stays float32
+    for bad, msg in (({"context": 0}, "context must be 1..4"), ({"steps": 0}, "steps must be an integer >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            TR.finetune_decoder(src, tmp_path / "x.safetensors", **bad)
+    assert cli.main(["finetune-decoder", "--weights", str(src), "--out", str(tmp_path / "c.safetensors"),
+                     "--steps", "2", "--batch", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuned the decoder: 2 steps" in out and "held-out reconstruction MSE" in out
+    with pytest.raises(SystemExit):
+        cli.main(["finetune-decoder", "--weights", str(tmp_path / "missing.safetensors"), "--out", "x"])
+    assert "do not exist" in capsys.readouterr().err
+
+
 def test_batch_source_workers_give_the_same_batches_through_shared_memory():
     # the worker pool writes frames into shared-memory slots; order and contents equal the
     # in-process source, and a returned frame view stays intact until the next get()

@@ -1,4 +1,5 @@
-"""The ``magi`` command line of the world model: ``magi train``, ``magi generate``, ``magi eval``.
+"""The ``magi`` command line of the world model: ``magi train``, ``magi generate``, ``magi eval``,
+``magi finetune-decoder``.
 
 Subcommands live in `COMMANDS` (name -> `Command`: help, description, argument builder, runner),
 so every subcommand registers the same way. Errors a user can cause (an unknown
@@ -434,6 +435,73 @@ def run_eval(args, parser) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ finetune-decoder
+
+FINETUNE_DECODER_DESCRIPTION = """\
+Teach a checkpoint's autoencoder decoder to read the chunk before each chunk (--context chunks),
+so the frames at a chunk boundary are decoded knowing both sides, and write the model to --out.
+A decoder that reads each chunk alone draws a chunk's first and last frames without knowing its
+neighbour: that is where most of the seams between generated chunks come from (the simulator's
+clips through the autoencoder alone: boundary / inside frame difference 1.77, the simulator's own
+about 1.0).
+
+Only the decoder trains, on simulator clips of --context + 1 chunks (the first chunk decoded alone,
+as a video's first chunk is, the next with context; AdamW, warmup, cosine). The encoder, the caption
+encoder and the transformer are copied unchanged, so generation needs nothing else: `magi generate`
+and the Python API pass each chunk's predecessor to the decoder, keeping one chunk of latents
+(memory stays constant). Prints the held-out reconstruction error per frame of a chunk before and
+after."""
+
+FINETUNE_DECODER_EPILOG = """\
+examples:
+  magi finetune-decoder --out small-ctx.safetensors --device cuda --workers 8 --time-limit 1.5   # 981 steps on an H200
+  magi finetune-decoder --weights run/final.safetensors --out ctx.safetensors --steps 20 --batch 2   # CPU smoke
+"""
+
+
+def add_finetune_decoder_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="PATH", help="checkpoint to start from (default: the shipped small model)")
+    p.add_argument("--out", required=True, metavar="PATH", help="where to write the fine-tuned checkpoint")
+    p.add_argument("--context", type=_pos_int, default=1, metavar="N", help="chunks before each chunk the decoder reads (1-4; default 1)")
+    p.add_argument("--steps", type=_pos_int, default=1500, metavar="N", help="optimizer steps (default 1500)")
+    p.add_argument("--batch", type=_pos_int, default=16, metavar="N", help="clips per step (default 16)")
+    p.add_argument("--lr", type=_pos_float, default=3e-4, metavar="LR", help="peak learning rate (default 3e-4)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="data and noise seed (default 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto = cuda when available, else cpu (default: auto)")
+    p.add_argument("--workers", type=_nonneg_int, default=0, metavar="N",
+                   help="processes generating the clips (default 0: in the training process)")
+    p.add_argument("--time-limit", type=_pos_float, metavar="MIN", help="stop after this many minutes")
+    p.add_argument("--threads", type=_pos_int, metavar="N", help="CPU threads for torch")
+
+
+def run_finetune_decoder(args, parser) -> int:
+    import torch
+
+    from .generate import DEFAULT_WEIGHTS
+    from .train import finetune_decoder, resolve_device
+
+    weights = Path(args.weights) if args.weights is not None else DEFAULT_WEIGHTS
+    if not weights.is_file():
+        parser.error(f"weights {str(weights)!r} do not exist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+        r = finetune_decoder(weights, args.out, context=args.context, steps=args.steps, batch=args.batch, lr=args.lr,
+                             seed=args.seed, device=device, workers=args.workers,
+                             time_limit=None if args.time_limit is None else 60.0 * args.time_limit)
+    except ValueError as e:
+        parser.error(str(e))
+    b, a = r["held_out_mse_by_frame_before"], r["held_out_mse_by_frame_after"]
+    print(f"fine-tuned the decoder: {r['steps_done']} steps, training loss {r['loss_first_50']:.5f} -> "
+          f"{r['loss_last_50']:.5f}")
+    print(f"held-out reconstruction MSE, first / middle / last frame of a chunk: before {b[0]:.5f} / "
+          f"{b[len(b) // 2]:.5f} / {b[-1]:.5f}, after {a[0]:.5f} / {a[len(a) // 2]:.5f} / {a[-1]:.5f}")
+    print(f"weights: {args.out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train the world model (autoencoder, then transformer + caption encoder)",
@@ -445,6 +513,10 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(
         help="evaluate the model on held-out seeds (prompt following, i2v, physics, seams, memory, speed)",
         description=EVAL_DESCRIPTION, add_arguments=add_eval_arguments, run=run_eval, epilog=EVAL_EPILOG),
+    "finetune-decoder": Command(
+        help="teach the autoencoder's decoder to read the chunk before each chunk (fewer visible seams)",
+        description=FINETUNE_DECODER_DESCRIPTION, add_arguments=add_finetune_decoder_arguments,
+        run=run_finetune_decoder, epilog=FINETUNE_DECODER_EPILOG),
 }
 
 

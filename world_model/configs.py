@@ -26,6 +26,9 @@ class ModelConfig:
     space_down: int = 8  # pixels per latent pixel (per side)
     latent_channels: int = 16
     vae_channels: tuple[int, ...] = (16, 32, 48, 48)  # stem, then one entry per 2x spatial downsampling
+    # chunks before a chunk whose latents the decoder also reads when it decodes that chunk (0: each
+    # chunk alone, as encoded; 1: the shipped model since session 27, `train.finetune_decoder`)
+    vae_context: int = 0
     # text encoder
     vocab_size: int = vocab.VOCAB_SIZE
     max_caption_tokens: int = vocab.MAX_CAPTION_TOKENS
@@ -65,6 +68,8 @@ class ModelConfig:
         need(self.heads % self.kv_heads == 0, f"heads {self.heads} % kv_heads {self.kv_heads} != 0 (GQA)")
         need(isinstance(self.caption_runs, int) and not isinstance(self.caption_runs, bool)
              and 0 <= self.caption_runs <= 64, f"caption_runs {self.caption_runs!r} must be an integer in [0, 64]")
+        need(isinstance(self.vae_context, int) and not isinstance(self.vae_context, bool)
+             and 0 <= self.vae_context <= 4, f"vae_context {self.vae_context!r} must be an integer in [0, 4]")
         need(self.text_dim % self.text_heads == 0, f"text_dim {self.text_dim} % text_heads {self.text_heads} != 0")
         need(sum(self.rope_split) == self.head_dim and all(p % 2 == 0 for p in self.rope_split),
              f"rope_split {self.rope_split} must be even parts summing to head_dim {self.head_dim}")

@@ -7,8 +7,10 @@ window)`` ticks after chunk k-1. One *tick* is one transformer call (per guidanc
 chunks in flight, each at its own t (earlier chunks cleaner, as in training). When the oldest chunk
 reaches t = 1 it is final: it is run once more as clean context (t = 1) to get its self-attention
 K/V, which go into a bounded ring buffer (`RingKVCache`, at most ``attn_window - 1`` clean chunks,
-never more than the attention window), and it is decoded by the autoencoder and yielded. Memory
-therefore does not grow with video length.
+never more than the attention window), and it is decoded by the autoencoder and yielded (a decoder
+with ``vae_context`` also reads the chunk decoded before it, whose latents are kept). Memory
+therefore does not grow with video length. ``ctx_t`` < 1 puts finished chunks into the cache noised
+back to that flow time instead of clean (measured: no gain; docs/benchmarks.md).
 
 **Attention.** A sliding chunk window (``attn_window`` chunks, `masks.chunk_window_mask`): chunk c
 sees chunks c - attn_window + 1 .. c (clean ones from the cache, noisier ones in flight). Default:
@@ -79,6 +81,8 @@ DEFAULT_CFG_PREV = 0.0
 # (1-3) on the ticks where text guidance acts.
 DEFAULT_CFG_NEG = 8.0
 DEFAULT_SHIFT = 1.0  # time_grid's shift
+DEFAULT_CTX_T = 1.0  # flow time at which finished chunks enter the KV cache (1: clean)
+CTX_NOISE_SEED = 7_919  # offset of the context-noise generator's seed from the video's
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small.safetensors"
 
 
@@ -255,7 +259,7 @@ class ChunkStream:
 
     def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
                  shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
-                 cfg_neg=DEFAULT_CFG_NEG):
+                 cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -279,6 +283,9 @@ class ChunkStream:
                 raise ValueError(f"{name} must be a number >= 0 (0 disables it), got {s!r}")
         self.cfg_text, self.cfg_prev, self.cfg_run = float(cfg_text), float(cfg_prev), float(cfg_run)
         self.cfg_neg = float(cfg_neg)
+        if not (isinstance(ctx_t, (int, float)) and 0.0 < ctx_t <= 1.0):
+            raise ValueError(f"ctx_t must be a flow time in (0, 1] (1: finished chunks are clean context), got {ctx_t!r}")
+        self.ctx_t = float(ctx_t)
         self.negative = negative_prompts(prompts, negative)
         if self.cfg_run > 0 and not cfg.caption_runs:
             raise ValueError(f"cfg_run={cfg_run!r} needs a model with caption runs (this one has caption_runs 0)")
@@ -338,18 +345,25 @@ class ChunkStream:
             self._text_cache[key] = self.model.encode_captions(list(prompts), list(runs))
         return self._text_cache[key]
 
-    def _add_clean(self, latents_chunk, index, prompt, run):
-        """Run one final chunk as clean context and push its K/V into the ring buffer."""
+    def _add_clean(self, latents_chunk, index, prompt, run, ctx_t=1.0):
+        """Run one final chunk as context (clean, or noised back to flow time ``ctx_t`` < 1) and push its
+        K/V into the ring buffer."""
         if self.cache.capacity == 0:
             self.cache.push([])
             return
         text, lens = self._text([prompt], [run])
-        t = torch.ones(self.cfg.latent_frames)
+        t = torch.full((self.cfg.latent_frames,), ctx_t)
+        if ctx_t < 1.0:  # x_t = t x_1 + (1 - t) x_0, own generator: the chunks' noise is unchanged
+            noise = torch.randn(latents_chunk.shape, generator=self._ctx_gen).to(latents_chunk)
+            latents_chunk = ctx_t * latents_chunk + (1.0 - ctx_t) * noise
         _, kv = self._dit(latents_chunk, t, text, lens, index, self.cache.kv(), return_kv=True)
         self.cache.push(kv)
 
     def _decode(self, latents_chunk) -> np.ndarray:
-        return to_uint8(self.model.vae.decode(latents_chunk[None])[0]).cpu().numpy()
+        """Frames of a final chunk; a decoder with ``vae_context`` also reads the chunk decoded before it."""
+        frames = self.model.vae.decode(latents_chunk[None], context=self._last_latents)[0]
+        self._last_latents = latents_chunk[None]  # one chunk of latents: memory stays constant
+        return to_uint8(frames).cpu().numpy()
 
     # ---- the pipeline
     @torch.no_grad()
@@ -359,7 +373,9 @@ class ChunkStream:
         lf, pt = cfg.latent_frames, cfg.patch_t
         shape = (lf, cfg.latent_size, cfg.latent_size, cfg.latent_channels)
         self._text_cache = {}
+        self._last_latents = None
         gen = torch.Generator().manual_seed(self.seed)
+        self._ctx_gen = torch.Generator().manual_seed(self.seed + CTX_NOISE_SEED)
         grid = time_grid(self.steps, self.shift)
 
         base = 0  # absolute index of the first generated chunk
@@ -372,6 +388,8 @@ class ChunkStream:
                 clip = frames[i * cfg.chunk_frames:(i + 1) * cfg.chunk_frames].to(dev)
                 z = model.vae.encode(clip[None])[0].to(dt)  # uint8 in: the autoencoder scales it to [0, 1]
                 self._add_clean(z, i, self.prompts[0], 0)  # a prefix chunk: its run is not known
+            if cfg.vae_context:  # the decoder's context for the first new chunk
+                self._last_latents = model.vae.encode(frames[(n_pre - 1) * cfg.chunk_frames:][None].to(dev)).to(dt)
             base = n_pre
 
         image_latent = None
@@ -448,7 +466,7 @@ class ChunkStream:
             self.ticks = tick
             if local[0] + 1 == self.steps:  # the oldest chunk is final
                 done = x.pop(first)
-                self._add_clean(done, base + first, self.prompts[first], self.runs[first])
+                self._add_clean(done, base + first, self.prompts[first], self.runs[first], self.ctx_t)
                 next_out += 1
                 yield self._decode(done)
 
@@ -459,7 +477,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     seed: int = 0, shift: float = DEFAULT_SHIFT, meta: dict | None = None,
                     cfg_interval: tuple[float, float] = DEFAULT_CFG_INTERVAL,
                     runs: Sequence[int] | None = None, cfg_run: float = 0.0,
-                    negative=None, cfg_neg: float = DEFAULT_CFG_NEG) -> ChunkStream:
+                    negative=None, cfg_neg: float = DEFAULT_CFG_NEG, ctx_t: float = DEFAULT_CTX_T) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
 
     ``model``: a `WorldModel` (e.g. from `checkpoint.load_checkpoint`, whose ``meta`` gives the
@@ -474,8 +492,9 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     yet: 0 = not told); ``cfg_run``: run guidance for such a model (0 = off; see the module's
     docstring); ``negative``: negative prompts, one entry per chunk as for the prompts (a caption, a
     tuple of captions, or None: none for that chunk; default: each prompt's
-    `vocab.near_miss_captions`); ``cfg_neg``: their guidance scale (0 disables). Nothing is computed
-    until the first chunk is asked for.
+    `vocab.near_miss_captions`); ``cfg_neg``: their guidance scale (0 disables); ``ctx_t``: the flow
+    time at which finished chunks enter the KV cache (1: clean, the default; less: noised back to it
+    from a generator of its own). Nothing is computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -486,7 +505,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
         meta = getattr(model, "meta", None)
     return ChunkStream(model, prompts, steps=steps, window=window, attn_window=attn_window, cfg_text=cfg_text,
                        cfg_prev=cfg_prev, image=image, video=video, seed=seed, shift=shift, meta=meta,
-                       cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run, negative=negative, cfg_neg=cfg_neg)
+                       cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run, negative=negative, cfg_neg=cfg_neg,
+                       ctx_t=ctx_t)
 
 
 def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):

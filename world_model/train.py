@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -63,15 +64,15 @@ import torch
 
 from . import data as D
 from . import vocab
-from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_path, save_checkpoint
+from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_path, read_checkpoint, save_checkpoint
 from .configs import CONFIGS, ModelConfig, get_config
 from .dit import WorldModel, flow_matching_loss, param_counts
 from .text import pack_text, token_runs
-from .vae import vae_loss
+from .vae import decoder_loss, vae_loss
 
 CONFIG_DIR = Path(__file__).resolve().parent / "train_configs"
 NULL_CAPTION = ""  # the caption of dropped-out chunks: BOS EOS (what CFG's unconditional branch uses)
-PHASE_VAE, PHASE_DIT, PHASE_STATS = 1, 2, 3
+PHASE_VAE, PHASE_DIT, PHASE_STATS, PHASE_DECODER = 1, 2, 3, 4
 
 # fields that may change when resuming (they do not change what a step computes, or only extend the run)
 RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints", "log_every",
@@ -650,8 +651,6 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if progress is None:
-        import sys
-
         progress = sys.stderr.isatty()
     if log is None:
         from tqdm.auto import tqdm
@@ -838,6 +837,95 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
         log(f"{why} reached: stopped at step {step} of {tcfg.total_steps}")
     log(f"done: step {step}, {result.seconds:.1f} s; weights in {result.final}")
     return result
+
+
+def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, context: int = 1, steps: int = 1500,
+                     batch: int = 16, lr: float = 3e-4, warmup: int = 50, seed: int = 0,
+                     device: str | torch.device | None = "cpu", workers: int = 0, held_out: int = 64,
+                     time_limit: float | None = None, progress: bool | None = None) -> dict:
+    """Teach the autoencoder's decoder of checkpoint ``weights`` to read ``context`` chunks before each
+    chunk (`ModelConfig.vae_context`), and write the model to ``out`` (floats stored as in ``weights``:
+    bf16 for the shipped file).
+
+    Only the decoder trains (AdamW, linear warmup, cosine to 0.1 ``lr``): the encoder, the latent
+    statistics, the caption encoder and the transformer are copied unchanged, so the latents the
+    transformer generates mean what they meant. Each step decodes ``batch`` simulator clips of
+    ``context + 1`` chunks from posterior samples (`vae.decoder_loss`): the first chunk alone, as a
+    video's first chunk is, the next with the chunk before it. A decoder that reads each chunk on
+    its own draws the chunk's first and last frames without knowing the neighbouring chunk; that
+    is where the seams of its videos come from. ``time_limit`` (seconds): stop early, after the
+    step that crosses it (the record says how many steps ran). Returns the reconstruction MSE of
+    ``held_out`` clips before and after, per frame position in the last chunk."""
+    from dataclasses import replace
+
+    device = resolve_device(device)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    model, _, meta = load_checkpoint(weights, device=device)
+    stored = read_checkpoint(weights)[0]
+    stored_dtype = torch.bfloat16 if any(t.dtype == torch.bfloat16 for t in stored.values()) else None
+    del stored
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 4:
+        raise ValueError(f"context must be 1..4 chunks, got {context!r}")
+    for name, v in (("steps", steps), ("batch", batch), ("held_out", held_out)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    model.requires_grad_(False).eval()
+    dec = model.vae.decoder
+    n_chunks = context + 1
+    check = torch.from_numpy(D.make_batch(derive_seed(seed, PHASE_DECODER, 1), 0, n_chunks, held_out).frames).to(device)
+
+    @torch.no_grad()
+    def held_out_error() -> list[float]:
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, PHASE_DECODER, 2))
+        z = model.vae.encode(check, sample=True, generator=gen)
+        x = model.vae.decode_raw(z)[:, -model.cfg.chunk_frames:]
+        target = check[:, -model.cfg.chunk_frames:].float() / 127.5 - 1
+        return (x - target).square().mean((0, 2, 3, 4)).tolist()
+
+    before = held_out_error()  # the decoder as it was (with its own vae_context)
+    cfg = replace(model.cfg, vae_context=context)
+    for m in (model, model.vae, model.dit, model.text):
+        if hasattr(m, "cfg"):
+            m.cfg = cfg
+    dec.requires_grad_(True).train()
+    opt = torch.optim.AdamW(dec.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    src = BatchSource(derive_seed(seed, PHASE_DECODER, 0), n_chunks, batch, 0, workers)
+    bar = _progress(steps, 0, "decoder", progress)
+    losses = []
+    deadline = math.inf if time_limit is None else time.perf_counter() + time_limit
+    try:
+        for step in range(steps):
+            if time.perf_counter() >= deadline:
+                break
+            frames, _, _ = src.get()
+            x = torch.from_numpy(np.array(frames)).to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, lr, warmup, 0.1)
+            gen = torch.Generator(device=device).manual_seed(derive_seed(seed, PHASE_DECODER, 3, step))
+            loss = decoder_loss(model.vae, x, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _clip(dec.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    finally:
+        bar.close()
+        src.close()
+    dec.eval()
+    after = held_out_error()
+    record = {"source": str(weights), "context": context, "steps": steps, "steps_done": len(losses),
+              "batch": batch, "lr": lr,
+              "warmup": warmup, "seed": seed, "loss_first_50": float(np.mean(losses[:50])),
+              "loss_last_50": float(np.mean(losses[-50:])), "held_out_clips": held_out,
+              "held_out_mse_by_frame_before": before, "held_out_mse_by_frame_after": after}
+    keep = {k: v for k, v in meta.items() if k not in ("format", "step", "train_config", "optimizer", "path")}
+    keep["decoder_finetune"] = record
+    save_checkpoint(out, model, step=meta["step"], train_config=meta["train_config"], meta=keep,
+                    dtype=stored_dtype)
+    return record
 
 
 def _trim_log(path: Path, step: int) -> None:

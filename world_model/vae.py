@@ -150,19 +150,37 @@ class VideoVAE(nn.Module):
             z = mean + noise * torch.exp(0.5 * logvar)
         return (z - self.latent_mean) / self.latent_std
 
-    def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unclamped reconstruction in [-1, 1] space, [B, T, H, W, 3] (what the training loss sees)."""
+    def decode_raw(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Unclamped reconstruction in [-1, 1] space, [B, T, H, W, 3] (what the training loss sees).
+
+        With ``cfg.vae_context`` = n > 0 the decoder reads each chunk together with the n chunks before
+        it (fewer at the start) and keeps the frames of the last: the frames at a chunk boundary are
+        decoded knowing both sides. ``context``: latents [B, j * latent_frames, ...] of the chunks just
+        before ``latents``' first (streaming: the chunk decoded last); None: the first chunk has none."""
         self._check_latents(latents)
         cfg = self.cfg
-        b = latents.shape[0]
-        z = latents * self.latent_std + self.latent_mean
-        z = z.reshape(-1, cfg.latent_frames, *z.shape[2:]).permute(0, 4, 1, 2, 3)
-        x = self.decoder(z).permute(0, 2, 3, 4, 1)  # [B*K, T, H, W, 3]
-        return x.reshape(b, -1, *x.shape[2:])
+        b, lf = latents.shape[0], cfg.latent_frames
+        n = cfg.vae_context
+        first = 0
+        if n and context is not None:
+            self._check_latents(context)
+            if context.shape[0] != b:
+                raise ValueError(f"context has batch {context.shape[0]}, the latents {b}")
+            context = context[:, -n * lf:]
+            first = context.shape[1] // lf
+            latents = torch.cat([context.to(latents), latents], 1)
+        z = (latents * self.latent_std + self.latent_mean).permute(0, 4, 1, 2, 3)  # [B, C, k * lf, h, w]
+        if n == 0:  # chunks folded into the batch
+            z = z.reshape(b, z.shape[1], -1, lf, *z.shape[3:]).transpose(1, 2).flatten(0, 1)
+            x = self.decoder(z).permute(0, 2, 3, 4, 1)  # [B*K, T, H, W, 3]
+            return x.reshape(b, -1, *x.shape[2:])
+        out = [self.decoder(z[:, :, max(0, k - n) * lf:(k + 1) * lf])[:, :, -cfg.chunk_frames:]
+               for k in range(first, z.shape[2] // lf)]
+        return torch.cat(out, 2).permute(0, 2, 3, 4, 1)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Frames float [B, T, H, W, 3] in [0, 1]."""
-        return ((self.decode_raw(latents) + 1) / 2).clamp(0, 1)
+    def decode(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Frames float [B, T, H, W, 3] in [0, 1] (``context``: see `decode_raw`)."""
+        return ((self.decode_raw(latents, context) + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def set_latent_stats(self, frames: torch.Tensor) -> None:
@@ -171,6 +189,18 @@ class VideoVAE(nn.Module):
         flat = mean.reshape(-1, mean.shape[-1])
         self.latent_mean.copy_(flat.mean(0))
         self.latent_std.copy_(flat.std(0).clamp_min(1e-4))
+
+
+def decoder_loss(vae: VideoVAE, frames: torch.Tensor, generator=None) -> torch.Tensor:
+    """Reconstruction (MSE in [-1, 1] space) of clips of several chunks from posterior samples of a
+    frozen encoder: what fine-tuning the decoder alone (`train.finetune_decoder`) minimises. With
+    ``vae_context`` > 0 the first chunk of each clip is decoded alone and the others with context."""
+    with torch.no_grad():
+        mean, logvar = vae.encode_moments(frames)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = (mean + noise * torch.exp(0.5 * logvar) - vae.latent_mean) / vae.latent_std
+    recon = vae.decode_raw(z)
+    return F.mse_loss(recon, _as_unit_float(frames).to(recon.dtype) * 2 - 1)
 
 
 def vae_loss(vae: VideoVAE, frames: torch.Tensor, kl_weight: float = 1e-4, generator=None) -> dict:
