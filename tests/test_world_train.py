@@ -550,9 +550,10 @@ def test_finetune_decoder_changes_the_decoder_only(tmp_path, capsys):
     sa, sb = a.state_dict(), b.state_dict()
     changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
     assert changed and all(k.startswith("vae.decoder.") for k in changed)  # a float32 source stays float32
-    for bad, msg in (({"context": 0}, "context must be 1..4"), ({"steps": 0}, "steps must be an integer >= 1")):
+    for bad, msg in (({"context": 0}, "context must be 1..4"), ({"steps": 0}, "steps must be an integer >= 1"),
+                     ({"time_limit": 0.0}, "ran out before the first step")):
         with pytest.raises(ValueError, match=msg):
-            TR.finetune_decoder(src, tmp_path / "x.safetensors", **bad)
+            TR.finetune_decoder(src, tmp_path / "x.safetensors", held_out=1, **bad)
     assert cli.main(["finetune-decoder", "--weights", str(src), "--out", str(tmp_path / "c.safetensors"),
                      "--steps", "2", "--batch", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

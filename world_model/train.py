@@ -858,18 +858,18 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     ``held_out`` clips before and after, per frame position in the last chunk."""
     from dataclasses import replace
 
-    device = resolve_device(device)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    model, _, meta = load_checkpoint(weights, device=device)
-    stored = read_checkpoint(weights)[0]
-    stored_dtype = torch.bfloat16 if any(t.dtype == torch.bfloat16 for t in stored.values()) else None
-    del stored
     if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 4:
         raise ValueError(f"context must be 1..4 chunks, got {context!r}")
     for name, v in (("steps", steps), ("batch", batch), ("held_out", held_out)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    device = resolve_device(device)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    stored = read_checkpoint(weights)[0]
+    stored_dtype = torch.bfloat16 if any(t.dtype == torch.bfloat16 for t in stored.values()) else None
+    del stored
+    model, _, meta = load_checkpoint(weights, device=device)
     model.requires_grad_(False).eval()
     dec = model.vae.decoder
     n_chunks = context + 1
@@ -916,9 +916,10 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         src.close()
     dec.eval()
     after = held_out_error()
-    record = {"source": str(weights), "context": context, "steps": steps, "steps_done": len(losses),
-              "batch": batch, "lr": lr,
-              "warmup": warmup, "seed": seed, "loss_first_50": float(np.mean(losses[:50])),
+    if not losses:
+        raise ValueError(f"time_limit {time_limit!r} s ran out before the first step; nothing was written")
+    record = {"source": str(weights), "context": context, "steps": steps, "steps_done": len(losses), "batch": batch,
+              "lr": lr, "warmup": warmup, "seed": seed, "loss_first_50": float(np.mean(losses[:50])),
               "loss_last_50": float(np.mean(losses[-50:])), "held_out_clips": held_out,
               "held_out_mse_by_frame_before": before, "held_out_mse_by_frame_after": after}
     keep = {k: v for k, v in meta.items() if k not in ("format", "step", "train_config", "optimizer", "path")}
