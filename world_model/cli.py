@@ -370,7 +370,10 @@ EVAL_DESCRIPTION = """\
 Evaluate the world model on held-out seeds of the synthetic world (small integers; training uses
 large derived seeds) and print a table (also written as JSON with --out):
   prompt following      chunk-wise prompts that change direction mid-video; the subject is tracked
-                        by colour and the caption rule is applied to its measured motion
+                        by colour and the caption rule is applied to its measured motion, chunk
+                        by chunk (frames where it covers under 0.85 of its median pixel count over
+                        the chunk are left out: partly covered); the JSON also holds the fraction
+                        under the earlier whole-video median (fraction_video_rule)
   image-to-video        PSNR of the first frame vs the image; object persistence (blob counts)
   continuation physics  2 simulator chunks in, 2 generated: position error vs the simulator,
                         against a copy-last-frame baseline
