@@ -1,9 +1,11 @@
 """A small video autoencoder: one chunk of 24 x 64x64 RGB frames <-> 6 x 8x8 x C latent frames.
 
-Conv3d ResNet, 4x down in time and 8x down in space. Every chunk is encoded and decoded on its
-own (chunks are folded into the batch, GroupNorm statistics are per chunk), so a chunk's latent
-depends only on that chunk's frames and a chunk's frames only on its latent -- what streaming
-generation needs (decode a chunk as soon as it is final).
+Conv3d ResNet, 4x down in time and 8x down in space. Every chunk is encoded on its own (chunks are
+folded into the batch, GroupNorm statistics are per chunk), so a chunk's latent depends only on that
+chunk's frames. Decoding is per chunk too, unless the config's ``vae_context`` is n > 0: then a
+chunk's frames are decoded from its latent and the n chunks' before it (the shipped model: 1, from
+session 27), never from later ones -- streaming generation still decodes a chunk as soon as it is
+final, keeping the last chunk's latents.
 
 Regulariser: a KL autoencoder (diagonal Gaussian posterior, small KL weight), chosen over a plain
 autoencoder because the KL term keeps the latent scale fixed and its posterior noise makes the
@@ -154,8 +156,8 @@ class VideoVAE(nn.Module):
         """Unclamped reconstruction in [-1, 1] space, [B, T, H, W, 3] (what the training loss sees).
 
         With ``cfg.vae_context`` = n > 0 the decoder reads each chunk together with the n chunks before
-        it (fewer at the start) and keeps the frames of the last: the frames at a chunk boundary are
-        decoded knowing both sides. ``context``: latents [B, j * latent_frames, ...] of the chunks just
+        it (fewer at the start) and keeps the frames of the last: a chunk's first frames are decoded
+        knowing the chunk before (its last frames cannot see the next: the decoder stays causal). ``context``: latents [B, j * latent_frames, ...] of the chunks just
         before ``latents``' first (streaming: the chunk decoded last); None: the first chunk has none."""
         self._check_latents(latents)
         cfg = self.cfg
