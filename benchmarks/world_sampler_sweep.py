@@ -70,12 +70,14 @@ def subject_stats(frames, prompts, cfg) -> dict:
     from maskc.world_model import evaluate as ev
     from maskc.world_model import vocab
 
+    colours = [vocab.parse_caption(p).colour for p in prompts]
+    tracks, counts = ev.track_by_colour(frames, sorted(set(colours))), ev.count_blobs(frames, sorted(set(colours)))
     px, blobs = [], []
-    for k, p in enumerate(prompts):
-        chunk, colour = frames[k * cfg.chunk_frames:(k + 1) * cfg.chunk_frames], vocab.parse_caption(p).colour
-        tr = ev.track_by_colour(chunk, [colour])[colour]
-        px.append(float(np.median(tr["count"][tr["visible"]])) if tr["visible"].any() else 0.0)
-        blobs.append(float(np.median(ev.count_blobs(chunk, [colour])[colour])))
+    for k, colour in enumerate(colours):
+        sl = slice(k * cfg.chunk_frames, (k + 1) * cfg.chunk_frames)
+        n, vis = tracks[colour]["count"][sl], tracks[colour]["visible"][sl]
+        px.append(float(np.median(n[vis])) if vis.any() else 0.0)
+        blobs.append(float(np.median(counts[colour][sl])))
     return {"subject_px": px, "subject_blobs": blobs}
 
 

@@ -441,8 +441,9 @@ def run_eval(args, parser) -> int:
 # ------------------------------------------------------------------------------ finetune-decoder
 
 FINETUNE_DECODER_DESCRIPTION = """\
-Teach a checkpoint's autoencoder decoder to read the chunk before each chunk (--context chunks),
-so the frames at a chunk boundary are decoded knowing both sides, and write the model to --out.
+Teach a checkpoint's autoencoder decoder to read the chunks before each chunk (--context chunks),
+so a chunk's first frames are decoded knowing the chunk before, and write the model to --out (its
+last frames still cannot see the next chunk: the decoder stays causal, streaming needs no look-ahead).
 A decoder that reads each chunk alone draws a chunk's first and last frames without knowing its
 neighbour: that is where most of the seams between generated chunks come from (the simulator's
 clips through the autoencoder alone: boundary / inside frame difference 1.77, the simulator's own

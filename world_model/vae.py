@@ -157,8 +157,9 @@ class VideoVAE(nn.Module):
 
         With ``cfg.vae_context`` = n > 0 the decoder reads each chunk together with the n chunks before
         it (fewer at the start) and keeps the frames of the last: a chunk's first frames are decoded
-        knowing the chunk before (its last frames cannot see the next: the decoder stays causal). ``context``: latents [B, j * latent_frames, ...] of the chunks just
-        before ``latents``' first (streaming: the chunk decoded last); None: the first chunk has none."""
+        knowing the chunk before (its last frames cannot see the next: the decoder stays causal).
+        ``context``: latents [B, j * latent_frames, ...] of the chunks just before ``latents``' first
+        (streaming: the chunk decoded last); None: the first chunk has none."""
         self._check_latents(latents)
         cfg = self.cfg
         b, lf = latents.shape[0], cfg.latent_frames
@@ -171,11 +172,12 @@ class VideoVAE(nn.Module):
             context = context[:, -n * lf:]
             first = context.shape[1] // lf
             latents = torch.cat([context.to(latents), latents], 1)
-        z = (latents * self.latent_std + self.latent_mean).permute(0, 4, 1, 2, 3)  # [B, C, k * lf, h, w]
+        z = latents * self.latent_std + self.latent_mean
         if n == 0:  # chunks folded into the batch
-            z = z.reshape(b, z.shape[1], -1, lf, *z.shape[3:]).transpose(1, 2).flatten(0, 1)
+            z = z.reshape(-1, lf, *z.shape[2:]).permute(0, 4, 1, 2, 3)
             x = self.decoder(z).permute(0, 2, 3, 4, 1)  # [B*K, T, H, W, 3]
             return x.reshape(b, -1, *x.shape[2:])
+        z = z.permute(0, 4, 1, 2, 3)  # [B, C, k * lf, h, w]
         out = [self.decoder(z[:, :, max(0, k - n) * lf:(k + 1) * lf])[:, :, -cfg.chunk_frames:]
                for k in range(first, z.shape[2] // lf)]
         return torch.cat(out, 2).permute(0, 2, 3, 4, 1)
