@@ -12,9 +12,13 @@ autoencoder round trip: what the transformer could reach at best with this autoe
 ``--run-probe R ...`` (models with caption runs): each video's first chunk alone, told each run R
 in turn with the same noise, and where it leaves its subject (`evaluate.first_chunk_room`): whether
 the model plans for what a caption's run asks (a longer run should leave more room); ``--probe-setting``
-gives it sampler keywords (e.g. run guidance, ``cfg_run=4``).
+gives it sampler keywords (e.g. run guidance, ``cfg_run=4``). Each direction-change video also
+records its object persistence against its own first frame. ``--i2v N`` adds, per setting,
+image-to-video runs of N chunks from each seed's first simulator frame (`i2v_videos`: persistence by
+chunk against the image, prompt following of what they were told); ``--no-direction`` runs only those.
 
     python benchmarks/world_sampler_sweep.py --settings "" "cfg_text=4" "window=1" "window=1,cfg_text=4"
+    python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_prev=2"
     python benchmarks/world_sampler_sweep.py --weights W --ceiling --seeds 10 11 12 13 14 15 16 17
 """
 
@@ -81,6 +85,39 @@ def subject_stats(frames, prompts, cfg) -> dict:
     return {"subject_px": px, "subject_blobs": blobs}
 
 
+I2V_PROMPTS = ("clip", "first")  # --i2v-prompts: the simulator clip's own captions, or its first one repeated
+
+
+def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: dict, cfg) -> dict:
+    """Image-to-video from each seed's first simulator frame for ``n_chunks`` chunks, told the clip's own
+    captions (``"clip"``: a schedule the simulator realised from that frame) or its first caption repeated
+    (``"first"``, what `magi eval` told before session 28: a motion that often cannot go on that long).
+    Per video: object persistence by chunk (`evaluate.object_persistence`, against the image), prompt
+    following of the captions told, the first frame's PSNR; the simulator's own persistence beside it."""
+    from maskc.world_model import data
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model.generate import generate_chunks
+
+    per_video = []
+    for s in seeds:
+        clip = data.generate(s, n_chunks, cfg)
+        image = clip.frames[0]
+        prompts = list(clip.captions) if prompts_from == "clip" else list(clip.captions[:1]) * n_chunks
+        frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, image=image,
+                                                     **gen_kwargs(setting, prompts))))
+        p = ev.object_persistence(frames, image, chunk_frames=cfg.chunk_frames)
+        per_video.append({"seed": s, "colours": p["colours"], "persistent": p["persistent"], "by_chunk": p["by_chunk"],
+                          "vanished": p["vanished"], "duplicated": p["duplicated"],
+                          "matches": ev.prompt_following(frames, prompts, cfg)["matches"],
+                          "psnr_first_frame": ev.psnr(frames[0], image),
+                          "simulator_persistent": ev.object_persistence(clip.frames, image)["persistent"]})
+    return {"prompts": prompts_from, "chunks": n_chunks, "videos": per_video,
+            **{k: float(np.mean([v[k] for v in per_video]))
+               for k in ("persistent", "vanished", "duplicated", "psnr_first_frame", "simulator_persistent")},
+            "by_chunk": ev.by_chunk([v["by_chunk"] for v in per_video]),
+            "prompt_following": float(np.mean([m for v in per_video for m in v["matches"]]))}
+
+
 def run_probe(model, meta, videos, runs, cfg, setting: dict | None = None) -> dict:
     """Per video, its first chunk generated alone and told each run in ``runs``: `first_chunk_room` of each
     (``setting``: sampler keywords, as for a sweep setting, e.g. ``{"cfg_run": 4.0}``)."""
@@ -131,6 +168,15 @@ def main(argv=None) -> int:
                          "(same noise) and record its speed and room (paired by seed)")
     ap.add_argument("--probe-setting", default="", metavar="SETTING",
                     help='sampler setting of the run probe, "KEY=VALUE,..." as for --settings (e.g. "cfg_run=4")')
+    ap.add_argument("--i2v", type=int, default=0, metavar="N",
+                    help="per setting, also image-to-video of N chunks from each seed's first simulator frame: "
+                         "object persistence by chunk and prompt following (instead of the direction-change "
+                         "videos with --no-direction)")
+    ap.add_argument("--i2v-prompts", choices=I2V_PROMPTS, default="clip",
+                    help="what the image-to-video runs are told: the clip's own captions (default) or its first "
+                         "caption repeated")
+    ap.add_argument("--no-direction", action="store_true",
+                    help="skip the direction-change videos (with --i2v: the image-to-video runs only)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="where the model runs (default cpu; the figures in docs/benchmarks.md are CPU runs unless "
@@ -142,13 +188,16 @@ def main(argv=None) -> int:
         probe_setting = parse_setting(args.probe_setting)
     except ValueError as e:
         ap.error(str(e))
+    if args.i2v < 0:
+        ap.error(f"--i2v must be >= 0 (0: none), got {args.i2v}")
+    if args.no_direction and not args.i2v:
+        ap.error("--no-direction leaves nothing to run without --i2v N")
 
     import torch
 
     from maskc.world_model import data
     from maskc.world_model import evaluate as ev
     from maskc.world_model.generate import generate_chunks, load_model
-    from maskc.world_model.vae import to_uint8
 
     torch.set_num_threads(args.threads)
     model, meta = load_model(args.weights, device=args.device)
@@ -166,9 +215,7 @@ def main(argv=None) -> int:
         matches = []
         for s, prompts in videos:
             clip = data.generate_from_prompts(prompts, s, cfg, gravity=False)
-            with torch.no_grad():
-                z = model.vae.encode(torch.from_numpy(clip.frames)[None].to(args.device))
-                rec = to_uint8(model.vae.decode(z)[0]).cpu().numpy()
+            rec = model.vae.round_trip(clip.frames).cpu().numpy()
             matches += ev.prompt_following(rec, prompts, cfg)["matches"]
         res["autoencoder_ceiling"] = float(np.mean(matches))
         print(f"autoencoder round trip of the simulator's clips: prompt following {res['autoencoder_ceiling']:.3f}")
@@ -181,6 +228,19 @@ def main(argv=None) -> int:
         res["run_probe"] = run_probe(model, meta, videos, args.run_probe, cfg, probe_setting)
     for text, kw in settings:
         t0 = time.perf_counter()
+        run = {"setting": kw}
+        if args.i2v:
+            run["i2v"] = i2v_videos(model, meta, args.seeds, args.i2v, args.i2v_prompts, kw, cfg)
+            iv = run["i2v"]
+            print(f"{text or '(defaults)':<28} image-to-video ({args.i2v} chunks, {args.i2v_prompts} prompts): "
+                  f"persistence {iv['persistent']:.3f} (simulator {iv['simulator_persistent']:.3f}; vanished "
+                  f"{iv['vanished']:.3f}, duplicated {iv['duplicated']:.3f}), prompt following "
+                  f"{iv['prompt_following']:.3f}, first-frame PSNR {iv['psnr_first_frame']:.1f} dB", flush=True)
+        if args.no_direction:
+            run["seconds"] = time.perf_counter() - t0
+            res["runs"].append(run)
+            write(res)
+            continue
         per_video = []
         for s, prompts in videos:
             frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw, prompts))))
@@ -190,15 +250,18 @@ def main(argv=None) -> int:
             per_video.append({"seed": s, "matches": r["matches"], "measured": r["measured"],
                               "matches_video_rule": r_video["matches"], "measured_video_rule": r_video["measured"],
                               "first_chunk_room": room, "seams": ev.seam_score(frames, cfg.chunk_frames),
+                              # objects against the video's own first frame
+                              "persistent": ev.object_persistence(frames, frames[0])["persistent"],
                               **subject_stats(frames, prompts, cfg)})
         matches = [m for v in per_video for m in v["matches"]]
         rooms = [v["first_chunk_room"] for v in per_video if v["first_chunk_room"] is not None]
-        run = {"setting": kw, "prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
+        run |= {"prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
                "prompt_following_video_rule": float(np.mean([m for v in per_video for m in v["matches_video_rule"]])),
                "by_chunk": ev.by_chunk([v["matches"] for v in per_video]), "videos": per_video,
                "first_chunk_room": {k: float(np.mean([r[k] for r in rooms])) if rooms else None
                                     for k in ("same_velocity", "slowest")} | {"videos": len(rooms)},
                "seams": {k: float(np.mean([v["seams"][k] for v in per_video])) for k in ("boundary", "inside", "ratio")},
+               "persistent": float(np.mean([v["persistent"] for v in per_video])),
                "seconds": time.perf_counter() - t0}
         res["runs"].append(run)
         write(res)  # after every setting: a run cut short keeps the settings it finished
@@ -208,7 +271,8 @@ def main(argv=None) -> int:
               + f"; the whole-video occlusion rule {run['prompt_following_video_rule']:.3f}", flush=True)
         sm = run["seams"]
         print(f"{'':<28} seams: boundary / inside frame difference {sm['ratio']:.2f} ({sm['boundary']:.2f} / "
-              f"{sm['inside']:.2f}; per-video mean)", flush=True)
+              f"{sm['inside']:.2f}; per-video mean); object persistence against the first frame "
+              f"{run['persistent']:.3f}", flush=True)
         fr = run["first_chunk_room"]
         if fr["videos"]:
             print(f"{'':<28} first chunks leaving room ({fr['videos']} videos): at their velocity "

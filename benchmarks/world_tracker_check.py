@@ -69,13 +69,11 @@ def main(argv=None) -> int:
     if args.chunks < 2:
         ap.error("--chunks must be >= 2 (a direction change needs two chunks)")
 
-    import torch
     from tqdm import tqdm
 
     from maskc.world_model import data
     from maskc.world_model import evaluate as ev
     from maskc.world_model.generate import load_model
-    from maskc.world_model.vae import to_uint8
 
     cfg = data.WorldConfig()
     res = {"edge_margin": ev.EDGE_MARGIN, "wall_margin": ev.WALL_MARGIN, "chunks": args.chunks, "agreement": {}}
@@ -102,8 +100,7 @@ def main(argv=None) -> int:
     sim, rec = [], []
     for s in tqdm(range(7000, 7000 + args.hit_clips), desc="wall hits", leave=False):
         clip = data.generate(s, 4, cfg)
-        with torch.no_grad():
-            frames = to_uint8(model.vae.decode(model.vae.encode(torch.from_numpy(clip.frames)[None]))[0]).numpy()
+        frames = model.vae.round_trip(clip.frames).numpy()
         sim += [gap for _, gap in ev.wall_hit_gaps(clip.frames, clip)]
         rec += [gap for _, gap in ev.wall_hit_gaps(frames, clip)]
     res["hit_gaps"] = {"simulator": gap_summary(sim), "autoencoder_round_trip": gap_summary(rec)}

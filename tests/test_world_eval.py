@@ -194,10 +194,16 @@ def test_psnr_and_persistence():
     assert 10 < E.psnr(img, clip.frames[5]) < 60
     assert E.present_colours(img) == ["blue"]
     p = E.object_persistence(clip.frames, img)
-    assert p["persistent"] == 1.0 and p["vanished"] == 0 and p["duplicated"] == 0
+    assert p["persistent"] == 1.0 and p["vanished"] == 0 and p["duplicated"] == 0 and "by_chunk" not in p
     dup = clip.frames.copy()
     dup[:, 2:8, 2:8] = data.PALETTE["blue"]
     assert E.object_persistence(dup, img)["duplicated"] == 1.0
+    late = clip.frames.copy()
+    late[F + 12:, 2:8, 2:8] = data.PALETTE["blue"]  # a second blue blob from the middle of chunk 2 on
+    assert E.object_persistence(late, img, chunk_frames=F)["by_chunk"] == [1.0, 0.5]
+    assert E.object_persistence(late, img, chunk_frames=F + 12)["by_chunk"] == [1.0, 0.0]
+    with pytest.raises(ValueError, match="chunk_frames"):
+        E.object_persistence(late, img, chunk_frames=0)
     gone = np.repeat(np.full_like(img, 30)[None], 4, axis=0)
     assert E.object_persistence(gone, img)["vanished"] == 1.0
 
@@ -216,7 +222,7 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
     try:
         rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
-                       "--cfg-text", "3.5", "--cfg-neg", "2.5", "--out", str(out)])
+                       "--cfg-text", "3.5", "--cfg-neg", "2.5", "--image-chunks", "3", "--out", str(out)])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
@@ -231,6 +237,12 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 0.5
     assert res["prompt_following"]["by_chunk"] == [float(m) for m in res["prompt_following"]["runs"][0]["matches"]]
     assert "by chunk" in text
+    i2v = res["image_to_video"]
+    assert res["settings"]["image_chunks"] == 3 and i2v["runs"][0]["frames"] == 3 * 24 and len(i2v["by_chunk"]) == 3
+    assert i2v["persistent"] == pytest.approx(np.mean(i2v["by_chunk"]))
+    # references on seed 0's own 3-chunk clip: the simulator keeps every object (it has no occlusions there)
+    assert i2v["simulator_persistent"] == 1.0 and 0.5 < i2v["autoencoder_persistent"] <= 1.0
+    assert "simulator 1.000" in text
     mem = res["memory"]["runs"]
     assert [m["chunks"] for m in mem] == [1, 2] and res["memory"]["isolated"]
     assert all(m["cfg_text"] == 3.5 and m["cfg_neg"] == 2.5 and m["steps"] == 2 for m in mem)

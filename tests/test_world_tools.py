@@ -61,9 +61,42 @@ def test_sampler_sweep_scores_the_shipped_model(tmp_path):
         assert video["seed"] == 10 and r["by_chunk"] == [float(m) for m in video["matches"]]
         assert "first_chunk_room" in video and r["first_chunk_room"]["videos"] == (video["first_chunk_room"] is not None)
         assert r["seams"] == video["seams"] and video["seams"]["boundary"] > 0 and video["seams"]["inside"] > 0
+        assert r["persistent"] == video["persistent"] and 0.0 <= video["persistent"] <= 1.0
     from maskc.world_model.evaluate import room_to_continue
 
     assert res["room_to_continue"] == room_to_continue(60)
+
+
+@pytest.mark.parametrize("prompts", ["clip", "first"])
+def test_sampler_sweep_image_to_video_runs(tmp_path, capsys, prompts):
+    from maskc.world_model import data
+
+    out = tmp_path / "i2v.json"
+    assert world_sampler_sweep.main(["--seeds", "11", "--no-direction", "--i2v", "2", "--i2v-prompts", prompts,
+                                     "--threads", "1", "--settings", "steps=2", "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert "prompt_following" not in run  # --no-direction: the image-to-video runs only
+    iv = run["i2v"]
+    (video,) = iv["videos"]
+    assert iv["prompts"] == prompts and iv["chunks"] == 2 and len(video["by_chunk"]) == 2 == len(video["matches"])
+    assert iv["persistent"] == pytest.approx(sum(video["by_chunk"]) / 2)
+    clip = data.generate(11, 2)
+    assert video["colours"] == sorted(set(clip.tracks["colour"]), key=list(data.PALETTE).index)
+    from maskc.world_model.evaluate import object_persistence
+
+    # the simulator's own clip (seed 11's objects overlap for a while) and the image as the first frame
+    assert iv["simulator_persistent"] == object_persistence(clip.frames, clip.frames[0])["persistent"] > 0.8
+    assert video["psnr_first_frame"] > 15
+    assert "image-to-video (2 chunks, " + prompts in capsys.readouterr().out
+
+
+def test_sampler_sweep_rejects_an_empty_plan(capsys):
+    with pytest.raises(SystemExit):
+        world_sampler_sweep.main(["--no-direction"])
+    assert "--no-direction leaves nothing to run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        world_sampler_sweep.main(["--i2v", "-1"])
+    assert "--i2v must be >= 0" in capsys.readouterr().err
 
 
 def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):

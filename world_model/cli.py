@@ -374,7 +374,9 @@ large derived seeds) and print a table (also written as JSON with --out):
                         by chunk (frames where it covers under 0.85 of its median pixel count over
                         the chunk are left out: partly covered); the JSON also holds the fraction
                         under the earlier whole-video median (fraction_video_rule)
-  image-to-video        PSNR of the first frame vs the image; object persistence (blob counts)
+  image-to-video        PSNR of the first frame vs the image; object persistence: the fraction of
+                        frames whose blob count per colour equals the image's, over --image-chunks
+                        chunks (16), beside the simulator's own clip and its autoencoder round trip
   continuation physics  2 simulator chunks in, 2 generated: position error vs the simulator,
                         against a copy-last-frame baseline
   chunk seams           mean frame difference at chunk boundaries vs inside chunks
@@ -396,7 +398,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_nonneg_int, nargs="+", default=[0, 1], metavar="S",
                    help="held-out seeds (default: 0 1)")
     p.add_argument("--chunks", type=_pos_int, default=4, metavar="N",
-                   help="chunks per prompt-following / image-to-video video (default: 4; >= 2)")
+                   help="chunks per prompt-following video (default: 4; >= 2)")
+    p.add_argument("--image-chunks", type=_pos_int, default=None, metavar="N",
+                   help="chunks per image-to-video video, over which object persistence is counted (default: 16)")
     p.add_argument("--steps", type=_pos_int, metavar="N", help="Euler steps per chunk (default: generate's)")
     p.add_argument("--cfg-text", type=_nonneg_float, metavar="W",
                    help="classifier-free guidance scale on the text (default: generate's)")
@@ -427,7 +431,7 @@ def run_eval(args, parser) -> int:
         res = EV.evaluate(args.weights, seeds=args.seeds, chunks=args.chunks, steps=args.steps,
                           memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr),
                           cfg_text=args.cfg_text, shift=args.shift, cfg_interval=args.cfg_interval,
-                          cfg_neg=args.cfg_neg)
+                          cfg_neg=args.cfg_neg, image_chunks=args.image_chunks)
     except ValueError as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(EV.format_table(res))

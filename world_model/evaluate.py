@@ -44,6 +44,7 @@ WALL_MARGIN = 14.0  # a velocity reversal counts as a wall hit only with the cen
 # 2 px, within 3 after the shipped autoencoder's round trip (581 of 581 hits, seeds 7000-7149); a
 # reversal further out is a change of direction near the wall, not a hit (measured in session 23)
 EDGE_MARGIN = 3.0
+DEFAULT_IMAGE_CHUNKS = 16  # image-to-video length for object persistence (the world-model issue's 16 chunks)
 OCCLUDED = 0.85  # a frame where the subject covers less than this of its median pixel count is left out
 DIRECTION_PAIRS = (("right", "left"), ("left", "right"), ("up", "down"), ("down", "up"))
 
@@ -379,11 +380,13 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int = DEFAULT_MIN_PIXELS) -> dict:
+def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int = DEFAULT_MIN_PIXELS,
+                       chunk_frames: int | None = None) -> dict:
     """Objects neither vanish nor duplicate: per frame, blob counts per colour of the image vs the image's.
 
     Returns fractions of frames where every colour's count equals the image's (``persistent``),
-    where some colour has fewer (``vanished``) or more (``duplicated``) blobs."""
+    where some colour has fewer (``vanished``) or more (``duplicated``) blobs; with ``chunk_frames``
+    also ``by_chunk``, the persistent fraction of each chunk's frames (the last chunk may be short)."""
     frames = np.asarray(frames)
     colours = present_colours(image, tol, min_pixels)
     ref = count_blobs(np.asarray(image)[None], colours, tol, min_pixels)
@@ -394,8 +397,14 @@ def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int 
     for c in colours:
         fewer |= got[c] < ref[c][0]
         more |= got[c] > ref[c][0]
-    return {"colours": colours, "persistent": float(np.mean(~fewer & ~more)), "vanished": float(np.mean(fewer)),
-            "duplicated": float(np.mean(more)), "frames": int(T)}
+    ok = ~fewer & ~more
+    out = {"colours": colours, "persistent": float(np.mean(ok)), "vanished": float(np.mean(fewer)),
+           "duplicated": float(np.mean(more)), "frames": int(T)}
+    if chunk_frames is not None:
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        out["by_chunk"] = [float(np.mean(ok[i:i + chunk_frames])) for i in range(0, T, chunk_frames)]
+    return out
 
 
 def position_error(frames, clip: data.Clip, start_frame: int, tol: float = DEFAULT_TOL) -> dict:
@@ -627,7 +636,9 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
         raise ValueError(f"chunks must be >= 2 (a direction change needs two chunks), got {chunks}")
     model, meta = load_model(weights)
     cfg = WorldConfig()
-    image_chunks = chunks if image_chunks is None else int(image_chunks)
+    image_chunks = DEFAULT_IMAGE_CHUNKS if image_chunks is None else int(image_chunks)
+    if image_chunks < 1:
+        raise ValueError(f"image_chunks must be >= 1, got {image_chunks}")
     sampler = {"steps": steps, "cfg_text": cfg_text, "shift": shift, "cfg_interval": cfg_interval, "cfg_neg": cfg_neg}
     res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
                               **sampler, "cfg_interval": list(cfg_interval), "memory_chunks": list(memory_chunks),
@@ -657,20 +668,26 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                     "inside": float(np.mean([s["inside"] for s in seams])),
                     "ratio": float(np.mean([s["ratio"] for s in seams])), "simulator_ratio": sim_seams["ratio"]}
 
-    # image-to-video
+    # image-to-video: the seed's first simulator frame, told its first caption for image_chunks chunks;
+    # persistence also on the simulator's own clip from that frame and on its autoencoder round trip
+    # (what the transformer could reach at best)
     i2v = []
     for s in seeds:
-        clip = data.generate(s, 1, cfg)
+        clip = data.generate(s, image_chunks, cfg)
         image = clip.frames[0]
         frames, dt, _ = _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, sampler=sampler, image=image)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
-        p = object_persistence(frames, image)
-        i2v.append({"seed": s, "psnr_first_frame": psnr(frames[0], image), **p})
+        p = object_persistence(frames, image, chunk_frames=cfg.chunk_frames)
+        rec = model.vae.round_trip(clip.frames).cpu().numpy()
+        i2v.append({"seed": s, "psnr_first_frame": psnr(frames[0], image), **p,
+                    "simulator_persistent": object_persistence(clip.frames, image)["persistent"],
+                    "autoencoder_persistent": object_persistence(rec, image)["persistent"]})
         say(f"image-to-video seed {s}: PSNR {i2v[-1]['psnr_first_frame']:.1f} dB, persistent {p['persistent']:.2f}")
-    res["image_to_video"] = {"psnr_first_frame": float(np.mean([r["psnr_first_frame"] for r in i2v])),
-                             "persistent": float(np.mean([r["persistent"] for r in i2v])),
-                             "vanished": float(np.mean([r["vanished"] for r in i2v])),
-                             "duplicated": float(np.mean([r["duplicated"] for r in i2v])), "runs": i2v}
+    res["image_to_video"] = {key: float(np.mean([r[key] for r in i2v]))
+                             for key in ("psnr_first_frame", "persistent", "vanished", "duplicated",
+                                         "simulator_persistent", "autoencoder_persistent")}
+    res["image_to_video"]["by_chunk"] = by_chunk([r["by_chunk"] for r in i2v])
+    res["image_to_video"]["runs"] = i2v
 
     # continuation physics: 2 simulator chunks in, 2 generated chunks out
     f = cfg.chunk_frames
@@ -745,7 +762,10 @@ def format_table(res: dict) -> str:
     i = res["image_to_video"]
     rows += [("i2v PSNR first frame (dB)", f"{i['psnr_first_frame']:.2f}", ""),
              ("i2v object persistence (frames)", f"{i['persistent']:.3f}",
-              f"vanished {i['vanished']:.3f}, duplicated {i['duplicated']:.3f}")]
+              f"vanished {i['vanished']:.3f}, duplicated {i['duplicated']:.3f}"
+              + (f"; simulator {i['simulator_persistent']:.3f}, autoencoder {i['autoencoder_persistent']:.3f}"
+                 if "simulator_persistent" in i else "")
+              + (f"; by chunk {' '.join(f'{x:.2f}' for x in i['by_chunk'])}" if "by_chunk" in i else ""))]
     c = res["continuation"]
     rows += [("continuation position error (px)", f"{c['model_px']:.2f}", f"copy-last baseline {c['copy_last_px']:.2f}")]
     s = res["seams"]

@@ -187,6 +187,13 @@ class VideoVAE(nn.Module):
         return ((self.decode_raw(latents, context) + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
+    def round_trip(self, frames) -> torch.Tensor:
+        """uint8 frames [T, H, W, 3] (tensor or array) encoded (posterior mean) and decoded: uint8 [T, H, W, 3]
+        on this model's device, what generated frames look like at best with this autoencoder."""
+        x = torch.as_tensor(frames, device=self.latent_mean.device)[None]
+        return to_uint8(self.decode(self.encode(x))[0])
+
+    @torch.no_grad()
     def set_latent_stats(self, frames: torch.Tensor) -> None:
         """Per-channel mean / std of the posterior means of ``frames`` (a few clips suffice)."""
         mean, _ = self.encode_moments(frames)
