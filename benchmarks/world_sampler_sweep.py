@@ -94,7 +94,7 @@ def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: di
     (``"first"``, what `magi eval` told before session 28: a motion that often cannot go on that long).
     Per video: object persistence by chunk (`evaluate.object_persistence`, against the image), prompt
     following of the captions told, the first frame's PSNR; the simulator's own persistence beside it."""
-    from maskc.world_model import data
+    from maskc.world_model import data, vocab
     from maskc.world_model import evaluate as ev
     from maskc.world_model.generate import generate_chunks
 
@@ -106,14 +106,22 @@ def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: di
         frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, image=image,
                                                      **gen_kwargs(setting, prompts))))
         p = ev.object_persistence(frames, image, chunk_frames=cfg.chunk_frames)
-        per_video.append({"seed": s, "colours": p["colours"], "persistent": p["persistent"], "by_chunk": p["by_chunk"],
-                          "vanished": p["vanished"], "duplicated": p["duplicated"],
+        subject = vocab.parse_caption(prompts[0]).colour
+        per_video.append({"seed": s, "colours": p["colours"], "subject": subject, "persistent": p["persistent"],
+                          "by_chunk": p["by_chunk"], "vanished": p["vanished"], "duplicated": p["duplicated"],
+                          "appeared": p["appeared"], "by_colour": p["by_colour"],
                           "matches": ev.prompt_following(frames, prompts, cfg)["matches"],
                           "psnr_first_frame": ev.psnr(frames[0], image),
                           "simulator_persistent": ev.object_persistence(clip.frames, image)["persistent"]})
+    def colour_share(key: str, subject: bool) -> float:  # the subject's colour, or the distractors'
+        return float(np.mean([f[key] for v in per_video for c, f in v["by_colour"].items() if (c == v["subject"]) == subject]
+                             or [np.nan]))
+
     return {"prompts": prompts_from, "chunks": n_chunks, "videos": per_video,
             **{k: float(np.mean([v[k] for v in per_video]))
-               for k in ("persistent", "vanished", "duplicated", "psnr_first_frame", "simulator_persistent")},
+               for k in ("persistent", "vanished", "duplicated", "appeared", "psnr_first_frame", "simulator_persistent")},
+            "subject": {k: colour_share(k, True) for k in ("vanished", "duplicated")},
+            "distractors": {k: colour_share(k, False) for k in ("vanished", "duplicated")},
             "by_chunk": ev.by_chunk([v["by_chunk"] for v in per_video]),
             "prompt_following": float(np.mean([m for v in per_video for m in v["matches"]]))}
 
@@ -234,7 +242,9 @@ def main(argv=None) -> int:
             iv = run["i2v"]
             print(f"{text or '(defaults)':<28} image-to-video ({args.i2v} chunks, {args.i2v_prompts} prompts): "
                   f"persistence {iv['persistent']:.3f} (simulator {iv['simulator_persistent']:.3f}; vanished "
-                  f"{iv['vanished']:.3f}, duplicated {iv['duplicated']:.3f}), prompt following "
+                  f"{iv['vanished']:.3f}, duplicated {iv['duplicated']:.3f}, new colour {iv['appeared']:.3f}; subject "
+                  f"vanished / duplicated {iv['subject']['vanished']:.3f} / {iv['subject']['duplicated']:.3f}, each "
+                  f"distractor {iv['distractors']['vanished']:.3f} / {iv['distractors']['duplicated']:.3f}), prompt following "
                   f"{iv['prompt_following']:.3f}, first-frame PSNR {iv['psnr_first_frame']:.1f} dB", flush=True)
         if args.no_direction:
             run["seconds"] = time.perf_counter() - t0

@@ -198,6 +198,12 @@ def test_psnr_and_persistence():
     dup = clip.frames.copy()
     dup[:, 2:8, 2:8] = data.PALETTE["blue"]
     assert E.object_persistence(dup, img)["duplicated"] == 1.0
+    assert E.object_persistence(dup, img)["by_colour"] == {"blue": {"vanished": 0.0, "duplicated": 1.0}}
+    assert p["appeared"] == 0.0
+    red = clip.frames.copy()
+    red[::2, 2:8, 2:8] = data.PALETTE["red"]  # a colour the image does not show, in every other frame
+    q = E.object_persistence(red, img)
+    assert q["appeared"] == 0.5 and q["persistent"] == 1.0  # reported beside persistence, not counted in it
     late = clip.frames.copy()
     late[F + 12:, 2:8, 2:8] = data.PALETTE["blue"]  # a second blue blob from the middle of chunk 2 on
     assert E.object_persistence(late, img, chunk_frames=F)["by_chunk"] == [1.0, 0.5]

@@ -87,6 +87,10 @@ def test_sampler_sweep_image_to_video_runs(tmp_path, capsys, prompts):
     # the simulator's own clip (seed 11's objects overlap for a while) and the image as the first frame
     assert iv["simulator_persistent"] == object_persistence(clip.frames, clip.frames[0])["persistent"] > 0.8
     assert video["psnr_first_frame"] > 15
+    assert video["subject"] == clip.tracks["colour"][clip.tracks["subject"][0]] and set(video["by_colour"]) == set(video["colours"])
+    assert iv["subject"] == video["by_colour"][video["subject"]] and 0.0 <= iv["appeared"] <= 1.0
+    others = [f for c, f in video["by_colour"].items() if c != video["subject"]]
+    assert iv["distractors"]["duplicated"] == pytest.approx(sum(f["duplicated"] for f in others) / len(others))
     assert "image-to-video (2 chunks, " + prompts in capsys.readouterr().out
 
 

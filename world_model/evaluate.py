@@ -385,21 +385,30 @@ def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int 
     """Objects neither vanish nor duplicate: per frame, blob counts per colour of the image vs the image's.
 
     Returns fractions of frames where every colour's count equals the image's (``persistent``),
-    where some colour has fewer (``vanished``) or more (``duplicated``) blobs; with ``chunk_frames``
-    also ``by_chunk``, the persistent fraction of each chunk's frames (the last chunk may be short)."""
+    where some colour has fewer (``vanished``) or more (``duplicated``) blobs; ``by_colour``: those
+    two per colour of the image; ``appeared``: frames with a blob of a palette colour the image does
+    not show (an object that changed colour, or a new one; not counted against ``persistent``); with
+    ``chunk_frames`` also ``by_chunk``, the persistent fraction of each chunk's frames (the last
+    chunk may be short)."""
     frames = np.asarray(frames)
     colours = present_colours(image, tol, min_pixels)
     ref = count_blobs(np.asarray(image)[None], colours, tol, min_pixels)
-    got = count_blobs(frames, colours, tol, min_pixels)
+    got = count_blobs(frames, list(PALETTE), tol, min_pixels)
     T = frames.shape[0]
     fewer = np.zeros(T, bool)
     more = np.zeros(T, bool)
+    by_colour = {}
     for c in colours:
         fewer |= got[c] < ref[c][0]
         more |= got[c] > ref[c][0]
+        by_colour[c] = {"vanished": float(np.mean(got[c] < ref[c][0])), "duplicated": float(np.mean(got[c] > ref[c][0]))}
+    new = np.zeros(T, bool)
+    for c in set(PALETTE) - set(colours):
+        new |= got[c] > 0
     ok = ~fewer & ~more
     out = {"colours": colours, "persistent": float(np.mean(ok)), "vanished": float(np.mean(fewer)),
-           "duplicated": float(np.mean(more)), "frames": int(T)}
+           "duplicated": float(np.mean(more)), "appeared": float(np.mean(new)), "by_colour": by_colour,
+           "frames": int(T)}
     if chunk_frames is not None:
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
@@ -684,7 +693,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                     "autoencoder_persistent": object_persistence(rec, image)["persistent"]})
         say(f"image-to-video seed {s}: PSNR {i2v[-1]['psnr_first_frame']:.1f} dB, persistent {p['persistent']:.2f}")
     res["image_to_video"] = {key: float(np.mean([r[key] for r in i2v]))
-                             for key in ("psnr_first_frame", "persistent", "vanished", "duplicated",
+                             for key in ("psnr_first_frame", "persistent", "vanished", "duplicated", "appeared",
                                          "simulator_persistent", "autoencoder_persistent")}
     res["image_to_video"]["by_chunk"] = by_chunk([r["by_chunk"] for r in i2v])
     res["image_to_video"]["runs"] = i2v
@@ -763,6 +772,7 @@ def format_table(res: dict) -> str:
     rows += [("i2v PSNR first frame (dB)", f"{i['psnr_first_frame']:.2f}", ""),
              ("i2v object persistence (frames)", f"{i['persistent']:.3f}",
               f"vanished {i['vanished']:.3f}, duplicated {i['duplicated']:.3f}"
+              + (f", new colour {i['appeared']:.3f}" if "appeared" in i else "")
               + (f"; simulator {i['simulator_persistent']:.3f}, autoencoder {i['autoencoder_persistent']:.3f}"
                  if "simulator_persistent" in i else "")
               + (f"; by chunk {' '.join(f'{x:.2f}' for x in i['by_chunk'])}" if "by_chunk" in i else ""))]
