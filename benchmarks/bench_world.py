@@ -3,7 +3,8 @@
     python benchmarks/bench_world.py [--out benchmarks/results] [--weights PATH]
 
 Fixed settings: held-out seeds 0 1, 4-chunk videos (prompt following with a mid-video direction
-change, image-to-video), 2+2-chunk continuation, memory at 4, 16 and 64 chunks, one torch thread,
+change), 16-chunk image-to-video (object persistence), 2+2-chunk continuation, memory at 4, 16 and
+64 chunks, one torch thread,
 the generator's default steps. Writes ``world-<host>-<date>.json`` and prints a table
 (the same as ``magi eval --seeds 0 1 --chunks 4 --memory-chunks 4 16 64``; about 5 minutes on a 2-core CPU).
 Each memory length runs in a fresh process with glibc's mmap threshold held fixed
