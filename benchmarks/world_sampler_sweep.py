@@ -113,6 +113,7 @@ def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: di
                           "matches": ev.prompt_following(frames, prompts, cfg)["matches"],
                           "psnr_first_frame": ev.psnr(frames[0], image),
                           "simulator_persistent": ev.object_persistence(clip.frames, image)["persistent"]})
+
     def colour_share(key: str, subject: bool) -> float:  # the subject's colour, or the distractors'
         return float(np.mean([f[key] for v in per_video for c, f in v["by_colour"].items() if (c == v["subject"]) == subject]
                              or [np.nan]))
