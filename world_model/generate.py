@@ -149,21 +149,24 @@ class RingKVCache:
 # ------------------------------------------------------------------------------- conditioning
 
 
+def _per_chunk(entries: list, n_chunks: int, what: str) -> list:
+    """``entries`` as one per chunk: the last repeats up to ``n_chunks``; at least one, at most one per chunk."""
+    if not entries:
+        raise ValueError(f"give at least one {what}")
+    if len(entries) > n_chunks:
+        raise ValueError(f"{len(entries)} {what}s for {n_chunks} chunks; give at most one {what} per chunk")
+    return entries + [entries[-1]] * (n_chunks - len(entries))
+
+
 def expand_prompts(prompts: Sequence[str] | str, n_chunks: int) -> list[str]:
     """One prompt per chunk: the list as given, the last one repeated up to ``n_chunks``.
 
     Validates every prompt against the vocabulary (unknown words raise ValueError with suggestions)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n_chunks = _count(n_chunks, "the number of chunks")
-    if not prompts:
-        raise ValueError("give at least one prompt")
     for p in prompts:
         vocab.encode(p)  # raises on unknown words
-    if len(prompts) > n_chunks:
-        raise ValueError(f"{len(prompts)} prompts for {n_chunks} chunks; give at most one prompt per chunk")
-    return prompts + [prompts[-1]] * (n_chunks - len(prompts))
+    return _per_chunk(prompts, n_chunks, "prompt")
 
 
 def negative_prompts(prompts: Sequence[str], negative=None) -> list[tuple[str, ...]]:
@@ -176,13 +179,9 @@ def negative_prompts(prompts: Sequence[str], negative=None) -> list[tuple[str, .
     averaged). Validated against the vocabulary."""
     if negative is None:
         return [vocab.near_miss_captions(p) for p in prompts]
-    if isinstance(negative, str):
-        negative = [negative]
-    negative = list(negative)
+    negative = [negative] if isinstance(negative, str) else list(negative)
     if not negative:
         raise ValueError("negative prompts: give at least one (or None for the automatic ones)")
-    if len(negative) > len(prompts):
-        raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} chunks; give at most one per chunk")
     out = []
     for q in negative:
         qs = () if q is None else (q,) if isinstance(q, str) else tuple(q) if isinstance(q, (tuple, list)) else None
@@ -191,7 +190,7 @@ def negative_prompts(prompts: Sequence[str], negative=None) -> list[tuple[str, .
         for x in qs:
             vocab.encode(x)  # raises on unknown words
         out.append(qs)
-    return out + [out[-1]] * (len(prompts) - len(out))
+    return _per_chunk(out, len(prompts), "negative prompt")
 
 
 def load_prompt_file(path: str | os.PathLike) -> list[str]:
