@@ -165,10 +165,12 @@ def parse_caption(text: str) -> Caption:
     return Caption(words[1], words[2], motion)
 
 
-#: motions that start the way "moves X" does and then do something else (the caption rule's near misses)
-NEAR_MISSES = {"left": ("bounces off the left wall",), "right": ("bounces off the right wall",),
-               "up": ("bounces off the ceiling", "rises", "rises and falls"),
-               "down": ("bounces off the floor", "falls")}
+#: the wall a subject moving in each direction runs into (DIRECTIONS[i] -> WALLS[i])
+WALL_AHEAD = dict(zip(DIRECTIONS, WALLS))
+#: motions that start the way "moves X" does and then do something else (the caption rule's near
+#: misses): the bounce off the wall ahead, and vertically the gravity motions that start towards X
+_GRAVITY_NEAR_MISSES = {"up": ("rises", "rises and falls"), "down": ("falls",)}
+NEAR_MISSES = {d: (f"bounces off the {WALL_AHEAD[d]}",) + _GRAVITY_NEAR_MISSES.get(d, ()) for d in DIRECTIONS}
 
 
 def near_miss_captions(text: str) -> tuple[str, ...]:
