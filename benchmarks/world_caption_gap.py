@@ -1,11 +1,16 @@
 """How much the world model's captions lower its flow-matching loss (`evaluate.caption_loss_gap`).
 
     python benchmarks/world_caption_gap.py [--weights PATH ...] [--batches 6] [--clips 8]
+    python benchmarks/world_caption_gap.py --context [--batches 3] [--clips 16]
 
 For each checkpoint (default: the shipped `small` weights): the loss on held-out packed batches with
 each clip's own captions, with another clip's captions and with the null caption, the same noise for
 all three. A gap of a few percent means the model draws what the context implies and has learnt little
 from the text (`docs/benchmarks.md`, "World model evaluation"). CPU, about a minute per checkpoint.
+
+``--context`` instead measures how much the clean chunk before a chunk lowers its loss, by the chunk's
+flow time (`evaluate.context_loss_gap`: held-out 2-chunk clips, the second chunk with the first clean
+before it and alone, the same noise, time position and caption).
 """
 import argparse
 import json
@@ -20,10 +25,27 @@ from maskc.world_model.generate import DEFAULT_WEIGHTS
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", nargs="+", default=[str(DEFAULT_WEIGHTS)], help="checkpoints to compare")
-    ap.add_argument("--batches", type=int, default=6, help="held-out batches (default 6)")
-    ap.add_argument("--clips", type=int, default=8, help="clips of 4 chunks per batch (default 8)")
+    ap.add_argument("--batches", type=int, default=None, help="held-out batches (default 6; 3 with --context)")
+    ap.add_argument("--clips", type=int, default=None, help="clips of 4 chunks per batch (default 8; 16 of 2 chunks with --context)")
+    ap.add_argument("--context", action="store_true",
+                    help="the context gap instead: loss with the clean chunk before vs alone, by flow time "
+                         "(clips of 2 chunks; defaults --batches 3 --clips 16)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
+    if args.context:
+        batches = 3 if args.batches is None else args.batches
+        clips = 16 if args.clips is None else args.clips
+        if batches < 1 or clips < 1:
+            raise SystemExit(f"--batches and --clips must be >= 1, got {batches} and {clips}")
+        torch.set_num_threads(args.threads)
+        for path in args.weights:
+            model, _, _ = load_checkpoint(path)
+            res = evaluate.context_loss_gap(model, batches=batches, clips=clips)
+            print(json.dumps({"weights": path, "batches": batches, "clips": clips,
+                              **{k: [round(x, 4) for x in v] for k, v in res.items()}}))
+        return
+    args.batches = 6 if args.batches is None else args.batches
+    args.clips = 8 if args.clips is None else args.clips
     if args.batches < 1 or args.clips < 2:
         raise SystemExit(f"--batches must be >= 1 and --clips >= 2 (a caption must come from another clip), "
                          f"got {args.batches} and {args.clips}")

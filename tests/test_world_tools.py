@@ -1,6 +1,6 @@
 """The world model's measuring scripts run and report what they claim (CPU, tiny settings):
-`benchmarks/profile_train_step.py`, `benchmarks/world_sampler_sweep.py` and
-`benchmarks/world_tracker_check.py`."""
+`benchmarks/profile_train_step.py`, `benchmarks/world_sampler_sweep.py`,
+`benchmarks/world_tracker_check.py` and `benchmarks/world_caption_gap.py`."""
 
 import json
 import sys
@@ -12,6 +12,7 @@ pytest.importorskip("safetensors")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import profile_train_step  # noqa: E402
+import world_caption_gap  # noqa: E402
 import world_sampler_sweep  # noqa: E402
 import world_tracker_check  # noqa: E402
 
@@ -181,3 +182,19 @@ def test_world_tracker_check_reports_every_rule(tmp_path, capsys):
         world_tracker_check.main(["--clips", "0"])
     with pytest.raises(SystemExit):
         world_tracker_check.main(["--chunks", "1"])
+
+
+def test_caption_gap_script_context_mode(capsys):
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        world_caption_gap.main(["--context", "--batches", "1", "--clips", "2"])
+    finally:
+        torch.set_num_threads(n)
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(line)
+    assert res["batches"] == 1 and res["clips"] == 2 and len(res["t"]) == len(res["ratio"]) == 8
+    assert all(r == pytest.approx(w / a, rel=5e-3) for r, w, a in zip(res["ratio"], res["with_context"], res["alone"]))  # printed to 4 places
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        world_caption_gap.main(["--context", "--clips", "0"])

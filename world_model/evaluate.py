@@ -762,6 +762,45 @@ def caption_loss_gap(model, *, batches: int = 6, clips: int = 8, n_chunks: int =
     return out
 
 
+CONTEXT_GAP_TIMES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
+
+
+def context_loss_gap(model, *, ts: Sequence[float] = CONTEXT_GAP_TIMES, batches: int = 3, clips: int = 16,
+                     seed: int = 424242, attn_window: int | None = None) -> dict:
+    """How much the model uses a clean chunk before the one it denoises, by that chunk's flow time:
+    its loss on the second chunk of held-out 2-chunk clips with the first chunk clean before it
+    (``with_context``) and alone (``alone``: the same chunk, the same time position, caption and
+    noise), for each t in ``ts``. ``ratio`` = with_context / alone: 1 for a model that ignores its
+    context (or with ``attn_window`` = 1, where a chunk sees only itself); the less, the more the
+    chunk before tells it. ``seed`` picks data no training run draws."""
+    import torch
+
+    from . import train as T
+
+    lf = model.cfg.latent_frames
+    model.eval()
+    with_context = {t: [] for t in ts}
+    alone = {t: [] for t in ts}
+    for index in range(batches):
+        batch = data.make_batch(seed, index, 2, clips)
+        with torch.no_grad():
+            latents = model.vae.encode(torch.from_numpy(batch.frames))
+        for t in ts:
+            pair = T.pack_batch(latents, batch.tokens, [T.SampleSpec(c, 0, 2, (1.0, float(t)), False, False)
+                                                        for c in range(clips)], model.cfg,
+                                torch.Generator().manual_seed(index))
+            single = T.pack_batch(latents, batch.tokens, [T.SampleSpec(c, 1, 1, (float(t),), False, False)
+                                                          for c in range(clips)], model.cfg,
+                                  torch.Generator().manual_seed(index))
+            single.noise = pair.noise.reshape(clips, 2 * lf, *pair.noise.shape[1:])[:, lf:].reshape(single.noise.shape)
+            with torch.no_grad():
+                with_context[t].append(float(T.dit_loss(model, pair, attn_window=attn_window)))
+                alone[t].append(float(T.dit_loss(model, single, attn_window=attn_window)))
+    wc = [float(np.mean(with_context[t])) for t in ts]
+    al = [float(np.mean(alone[t])) for t in ts]
+    return {"t": [float(t) for t in ts], "with_context": wc, "alone": al, "ratio": [a / b for a, b in zip(wc, al)]}
+
+
 def format_table(res: dict) -> str:
     """A plain-text table of the headline figures."""
     p = res["prompt_following"]
