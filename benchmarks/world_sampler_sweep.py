@@ -140,7 +140,7 @@ def run_probe(model, meta, videos, runs, cfg, setting: dict | None = None) -> di
         room = {}
         for r in runs:
             chunk = next(iter(generate_chunks(model, prompts[:1], seed=s, meta=meta, runs=[r],
-                                              **gen_kwargs(setting or {}))))
+                                              **gen_kwargs(setting or {}, prompts[:1]))))
             room[r] = ev.first_chunk_room(chunk, prompts[0], cfg)
         per_video.append({"seed": s, "prompt": prompts[0], "room": room})
     ok = [v["room"] for v in per_video if all(v["room"][r] is not None for r in runs)]

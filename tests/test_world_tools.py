@@ -148,6 +148,17 @@ def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):
     g = json.loads((tmp_path / "g.json").read_text())["run_probe"]["videos"][0]
     guided = next(iter(generate_chunks(m, [v["prompt"]], seed=3, meta=meta, runs=[3], cfg_run=5.0)))
     assert g["room"]["3"] == ev.first_chunk_room(guided, v["prompt"]) and not (guided == chunk).all()
+    # ... and its negative prompts: seed 4's "moves down" has two near misses, neg=bounce keeps the first
+    assert world_sampler_sweep.main(["--weights", str(told), *args, "--probe-setting", "cfg_neg=8,neg=bounce",
+                                     "--json", str(tmp_path / "n.json")]) == 0
+    n = json.loads((tmp_path / "n.json").read_text())["run_probe"]["videos"][1]
+    assert n["seed"] == 4 and n["prompt"].endswith("moves down")
+    from maskc.world_model import vocab
+
+    bounce = next(iter(generate_chunks(m, [n["prompt"]], seed=4, meta=meta, runs=[3], cfg_neg=8.0,
+                                       negative=[vocab.near_miss_captions(n["prompt"])[:1]])))
+    near = next(iter(generate_chunks(m, [n["prompt"]], seed=4, meta=meta, runs=[3], cfg_neg=8.0)))
+    assert not (bounce == near).all() and n["room"]["3"] == ev.first_chunk_room(bounce, n["prompt"])
     with pytest.raises(SystemExit, match="run-probe"):
         world_sampler_sweep.main(["--weights", str(told), *args[:-2], "4", "--threads", "1"])
 
