@@ -10,9 +10,12 @@ truth is known; `evaluate` runs the model and applies them:
   *measured* motion (wall hits detected as velocity reversals near a wall that the subject's pixels
   reach, velocities from a quadratic fit of the visible positions of the chunk), compared with each
   chunk's prompt.
-- `psnr`, `count_blobs` / `object_persistence`: image-to-video fidelity.
+- `psnr`, `count_blobs` / `object_persistence`: image-to-video fidelity (`evaluate` counts persistence
+  over `DEFAULT_IMAGE_CHUNKS` = 16 chunks, beside the simulator's own clip and its autoencoder round trip).
 - `position_error`: continuation physics against the simulator, with a copy-last-frame baseline.
 - `seam_score`: mean frame difference at chunk boundaries vs inside chunks.
+- `caption_loss_gap` / `context_loss_gap`: how much the transformer's loss falls with the captions /
+  with the clean chunk before (what it reads).
 - `measure_memory` / `measure_memory_isolated`: peak host memory (the kernel's RSS high-water mark
   over the generation), tracemalloc peak and KV-cache bytes; `evaluate` runs each video length in
   a fresh process with a fixed malloc mmap threshold (see `measure_memory_isolated` for why).
