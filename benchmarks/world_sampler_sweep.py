@@ -107,7 +107,8 @@ def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: di
                                                      **gen_kwargs(setting, prompts))))
         p = ev.object_persistence(frames, image, chunk_frames=cfg.chunk_frames)
         subject = vocab.parse_caption(prompts[0]).colour
-        per_video.append({"seed": s, "colours": p["colours"], "subject": subject, "persistent": p["persistent"],
+        per_video.append({"seed": s, "prompts": prompts, "colours": p["colours"], "subject": subject,
+                          "persistent": p["persistent"],
                           "by_chunk": p["by_chunk"], "vanished": p["vanished"], "duplicated": p["duplicated"],
                           "appeared": p["appeared"], "by_colour": p["by_colour"],
                           "matches": ev.prompt_following(frames, prompts, cfg)["matches"],

@@ -82,6 +82,7 @@ def test_sampler_sweep_image_to_video_runs(tmp_path, capsys, prompts):
     assert iv["prompts"] == prompts and iv["chunks"] == 2 and len(video["by_chunk"]) == 2 == len(video["matches"])
     assert iv["persistent"] == pytest.approx(sum(video["by_chunk"]) / 2)
     clip = data.generate(11, 2)
+    assert video["prompts"] == (list(clip.captions) if prompts == "clip" else [clip.captions[0]] * 2)
     assert video["colours"] == sorted(set(clip.tracks["colour"]), key=list(data.PALETTE).index)
     from maskc.world_model.evaluate import object_persistence
 
