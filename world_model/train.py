@@ -68,7 +68,7 @@ from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_path, r
 from .configs import CONFIGS, ModelConfig, get_config
 from .dit import WorldModel, flow_matching_loss, param_counts
 from .text import pack_text, token_runs
-from .vae import decoder_loss, vae_loss
+from .vae import decoder_loss, to_signed, vae_loss
 
 CONFIG_DIR = Path(__file__).resolve().parent / "train_configs"
 NULL_CAPTION = ""  # the caption of dropped-out chunks: BOS EOS (what CFG's unconditional branch uses)
@@ -880,7 +880,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, PHASE_DECODER, 2))
         z = model.vae.encode(check, sample=True, generator=gen)
         x = model.vae.decode_raw(z)[:, -model.cfg.chunk_frames:]
-        target = check[:, -model.cfg.chunk_frames:].float() / 127.5 - 1
+        target = to_signed(check[:, -model.cfg.chunk_frames:], x.dtype)
         return (x - target).square().mean((0, 2, 3, 4)).tolist()
 
     before = held_out_error()  # the decoder as it was (with its own vae_context)

@@ -100,6 +100,12 @@ def _as_unit_float(frames: torch.Tensor) -> torch.Tensor:
     return frames
 
 
+def to_signed(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] frames -> ``dtype`` in [-1, 1]: what the encoder reads and what
+    the reconstruction losses compare the decoder's output with."""
+    return _as_unit_float(frames).to(dtype) * 2 - 1
+
+
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     """float [0, 1] frames (what `VideoVAE.decode` returns) -> uint8 [0, 255], rounded."""
     return (frames * 255).round().clamp(0, 255).to(torch.uint8)
@@ -137,7 +143,7 @@ class VideoVAE(nn.Module):
     def encode_moments(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance, unnormalised, [B, T/4, h, w, C] each."""
         b = frames.shape[0]
-        x = self._chunks(_as_unit_float(frames).to(self.latent_mean.dtype)) * 2 - 1
+        x = self._chunks(to_signed(frames, self.latent_mean.dtype))
         h = self.encoder(x).permute(0, 2, 3, 4, 1)  # [B*K, t, h, w, 2C]
         h = h.reshape(b, -1, *h.shape[2:])
         mean, logvar = h.chunk(2, dim=-1)
@@ -207,11 +213,9 @@ def decoder_loss(vae: VideoVAE, frames: torch.Tensor, generator=None) -> torch.T
     frozen encoder: what fine-tuning the decoder alone (`train.finetune_decoder`) minimises. With
     ``vae_context`` > 0 the first chunk of each clip is decoded alone and the others with context."""
     with torch.no_grad():
-        mean, logvar = vae.encode_moments(frames)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = (mean + noise * torch.exp(0.5 * logvar) - vae.latent_mean) / vae.latent_std
+        z = vae.encode(frames, sample=True, generator=generator)
     recon = vae.decode_raw(z)
-    return F.mse_loss(recon, _as_unit_float(frames).to(recon.dtype) * 2 - 1)
+    return F.mse_loss(recon, to_signed(frames, recon.dtype))
 
 
 def vae_loss(vae: VideoVAE, frames: torch.Tensor, kl_weight: float = 1e-4, generator=None) -> dict:
@@ -222,7 +226,6 @@ def vae_loss(vae: VideoVAE, frames: torch.Tensor, kl_weight: float = 1e-4, gener
     # decode the raw sample: bypass the normalisation buffers
     z = (z - vae.latent_mean) / vae.latent_std
     recon = vae.decode_raw(z)
-    target = _as_unit_float(frames).to(recon.dtype) * 2 - 1
-    rec = F.mse_loss(recon, target)
+    rec = F.mse_loss(recon, to_signed(frames, recon.dtype))
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
     return {"loss": rec + kl_weight * kl, "recon": rec, "kl": kl}
