@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from maskc.world_model.evaluate import I2V_PROMPTS
+
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
 
@@ -85,35 +87,23 @@ def subject_stats(frames, prompts, cfg) -> dict:
     return {"subject_px": px, "subject_blobs": blobs}
 
 
-I2V_PROMPTS = ("clip", "first")  # --i2v-prompts: the simulator clip's own captions, or its first one repeated
-
-
 def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: dict, cfg) -> dict:
-    """Image-to-video from each seed's first simulator frame for ``n_chunks`` chunks, told the clip's own
-    captions (``"clip"``: a schedule the simulator realised from that frame) or its first caption repeated
-    (``"first"``, what `magi eval` told before session 28: a motion that often cannot go on that long).
-    Per video: object persistence by chunk (`evaluate.object_persistence`, against the image), prompt
-    following of the captions told, the first frame's PSNR; the simulator's own persistence beside it."""
-    from maskc.world_model import data, vocab
+    """Image-to-video from each seed's first simulator frame for ``n_chunks`` chunks
+    (`evaluate.image_to_video_run`), told the clip's own captions (``"clip"``: a schedule the simulator
+    realised from that frame) or its first caption repeated (``"first"``, what `magi eval` tells: a
+    motion that often cannot go on that long). Per video also: the subject's colour and prompt
+    following of the captions told; over the videos, vanished / duplicated of the subject's colour
+    and of each distractor's apart."""
     from maskc.world_model import evaluate as ev
-    from maskc.world_model.generate import generate_chunks
+    from maskc.world_model import vocab
 
     per_video = []
     for s in seeds:
-        clip = data.generate(s, n_chunks, cfg)
-        image = clip.frames[0]
-        prompts = list(clip.captions) if prompts_from == "clip" else list(clip.captions[:1]) * n_chunks
-        frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, image=image,
-                                                     **gen_kwargs(setting, prompts))))
-        p = ev.object_persistence(frames, image, chunk_frames=cfg.chunk_frames)
-        subject = vocab.parse_caption(prompts[0]).colour
-        per_video.append({"seed": s, "prompts": prompts, "colours": p["colours"], "subject": subject,
-                          "persistent": p["persistent"],
-                          "by_chunk": p["by_chunk"], "vanished": p["vanished"], "duplicated": p["duplicated"],
-                          "appeared": p["appeared"], "by_colour": p["by_colour"],
-                          "matches": ev.prompt_following(frames, prompts, cfg)["matches"],
-                          "psnr_first_frame": ev.psnr(frames[0], image),
-                          "simulator_persistent": ev.object_persistence(clip.frames, image)["persistent"]})
+        r, frames, _ = ev.image_to_video_run(model, meta, s, n_chunks, prompts=prompts_from, config=cfg,
+                                             sampler=lambda told: gen_kwargs(setting, told))
+        r["subject"] = vocab.parse_caption(r["prompts"][0]).colour
+        r["matches"] = ev.prompt_following(frames, r["prompts"], cfg)["matches"]
+        per_video.append(r)
 
     def colour_share(key: str, subject: bool) -> float:  # the subject's colour, or the distractors'
         return float(np.mean([f[key] for v in per_video for c, f in v["by_colour"].items() if (c == v["subject"]) == subject]

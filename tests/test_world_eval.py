@@ -210,6 +210,8 @@ def test_psnr_and_persistence():
     assert E.object_persistence(late, img, chunk_frames=F + 12)["by_chunk"] == [1.0, 0.0]
     with pytest.raises(ValueError, match="chunk_frames"):
         E.object_persistence(late, img, chunk_frames=0)
+    with pytest.raises(ValueError, match="prompts='all': expected one of first, clip"):
+        E.image_to_video_run(None, None, 0, 1, sampler={}, prompts="all")
     gone = np.repeat(np.full_like(img, 30)[None], 4, axis=0)
     assert E.object_persistence(gone, img)["vanished"] == 1.0
 

@@ -501,6 +501,36 @@ def _gen(model, meta, prompts, *, seed, sampler: dict, image=None, video=None):
     return np.concatenate(chunks), time.perf_counter() - t0, stream
 
 
+I2V_PROMPTS = ("first", "clip")  # what an image-to-video run is told (see `image_to_video_run`)
+
+
+def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompts: str = "first",
+                       config: WorldConfig = WorldConfig(), round_trip: bool = False):
+    """Image-to-video from the first frame of ``seed``'s simulator clip of ``n_chunks`` chunks, told the
+    clip's first caption repeated (``"first"``, what `evaluate` tells) or its own captions (``"clip"``:
+    a schedule the simulator realised from that frame). ``sampler``: `generate_chunks` keywords, or a
+    function of the prompts told that returns them (e.g. prompt-dependent negative prompts).
+
+    Returns ``(record, frames, seconds)``: the record holds the seed, the prompts told, the first
+    frame's PSNR, `object_persistence` against the image (by chunk) and the simulator clip's own
+    persistence (``simulator_persistent``); with ``round_trip`` also that of its autoencoder round
+    trip (``autoencoder_persistent``: what the transformer could reach at best)."""
+    if prompts not in I2V_PROMPTS:
+        raise ValueError(f"prompts={prompts!r}: expected one of {', '.join(I2V_PROMPTS)}")
+    clip = data.generate(seed, n_chunks, config)
+    image = clip.frames[0]
+    told = list(clip.captions) if prompts == "clip" else [clip.captions[0]] * n_chunks
+    frames, seconds, _ = _gen(model, meta, told, seed=seed, sampler=sampler(told) if callable(sampler) else sampler,
+                              image=image)
+    record = {"seed": seed, "prompts": told, "psnr_first_frame": psnr(frames[0], image),
+              **object_persistence(frames, image, chunk_frames=config.chunk_frames),
+              "simulator_persistent": object_persistence(clip.frames, image)["persistent"]}
+    if round_trip:
+        rec = model.vae.round_trip(clip.frames).cpu().numpy()
+        record["autoencoder_persistent"] = object_persistence(rec, image)["persistent"]
+    return record, frames, seconds
+
+
 MEMORY_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, held fixed in the memory runs
 
 
@@ -681,20 +711,13 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                     "ratio": float(np.mean([s["ratio"] for s in seams])), "simulator_ratio": sim_seams["ratio"]}
 
     # image-to-video: the seed's first simulator frame, told its first caption for image_chunks chunks;
-    # persistence also on the simulator's own clip from that frame and on its autoencoder round trip
-    # (what the transformer could reach at best)
+    # persistence also on the simulator's own clip and on its autoencoder round trip
     i2v = []
     for s in seeds:
-        clip = data.generate(s, image_chunks, cfg)
-        image = clip.frames[0]
-        frames, dt, _ = _gen(model, meta, clip.captions[:1] * image_chunks, seed=s, sampler=sampler, image=image)
+        r, frames, dt = image_to_video_run(model, meta, s, image_chunks, sampler=sampler, config=cfg, round_trip=True)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
-        p = object_persistence(frames, image, chunk_frames=cfg.chunk_frames)
-        rec = model.vae.round_trip(clip.frames).cpu().numpy()
-        i2v.append({"seed": s, "psnr_first_frame": psnr(frames[0], image), **p,
-                    "simulator_persistent": object_persistence(clip.frames, image)["persistent"],
-                    "autoencoder_persistent": object_persistence(rec, image)["persistent"]})
-        say(f"image-to-video seed {s}: PSNR {i2v[-1]['psnr_first_frame']:.1f} dB, persistent {p['persistent']:.2f}")
+        i2v.append(r)
+        say(f"image-to-video seed {s}: PSNR {r['psnr_first_frame']:.1f} dB, persistent {r['persistent']:.2f}")
     res["image_to_video"] = {key: float(np.mean([r[key] for r in i2v]))
                              for key in ("psnr_first_frame", "persistent", "vanished", "duplicated", "appeared",
                                          "simulator_persistent", "autoencoder_persistent")}
