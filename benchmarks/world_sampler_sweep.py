@@ -16,10 +16,14 @@ gives it sampler keywords (e.g. run guidance, ``cfg_run=4``). Each direction-cha
 records its object persistence against its own first frame. ``--i2v N`` adds, per setting,
 image-to-video runs of N chunks from each seed's first simulator frame (`i2v_videos`: persistence by
 chunk against the image, prompt following of what they were told); ``--no-direction`` runs only those.
+``--decoders W ...`` decodes each direction-change video's latents again with the autoencoder decoder
+of each checkpoint W (its encoder must be the same) and scores those frames too: decoders compared
+on the very same generated latents, paired by video (`decoder_runs`).
 
     python benchmarks/world_sampler_sweep.py --settings "" "cfg_text=4" "window=1" "window=1,cfg_text=4"
     python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_prev=2"
     python benchmarks/world_sampler_sweep.py --weights W --ceiling --seeds 10 11 12 13 14 15 16 17
+    python benchmarks/world_sampler_sweep.py --decoders causal.safetensors --seeds 18 19 20 21
 """
 
 from __future__ import annotations
@@ -151,6 +155,57 @@ def run_probe(model, meta, videos, runs, cfg, setting: dict | None = None) -> di
     return out
 
 
+def same_encoder_vae(model, other, name):
+    """``other``'s autoencoder, checked to encode as ``model``'s does (its decoder then reads the
+    latents ``model`` generates); ValueError naming ``name`` otherwise."""
+    import torch
+
+    a, b = model.vae.state_dict(), other.vae.state_dict()
+    for k, v in a.items():
+        if not k.startswith("decoder.") and not torch.equal(v, b[k]):
+            raise ValueError(f"--decoders {name}: its autoencoder encodes differently ({k} differs), so its decoder "
+                             f"does not read this model's latents")
+    return other.vae
+
+
+def decoder_scores(vae, latents, prompts, cfg) -> dict:
+    """Prompt following and seams of a video's latents (`ChunkStream.latents`) decoded by ``vae``
+    chunk by chunk with its own context, as a stream decodes them."""
+    import torch
+
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model.vae import to_uint8
+
+    with torch.no_grad():
+        z = torch.cat(latents)[None].to(vae.latent_mean.device)
+        frames = to_uint8(vae.decode(z.to(vae.latent_mean.dtype))[0]).cpu().numpy()
+    r = ev.prompt_following(frames, prompts, cfg)
+    return {"matches": r["matches"], "seams": ev.seam_score(frames, cfg.chunk_frames)}
+
+
+def _paired(diffs) -> dict:
+    d = np.asarray(diffs, float)
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"),
+            "videos": len(d)}
+
+
+def decoder_runs(weights, per_video) -> list[dict]:
+    """Per decoder: prompt following and seams of its frames, and paired by video against the model's
+    own decoder (its frames minus the model's)."""
+    from maskc.world_model import evaluate as ev
+
+    out = []
+    for i, w in enumerate(weights):
+        dv = [v["decoders"][i] for v in per_video]
+        out.append({"weights": w, "prompt_following": float(np.mean([m for d in dv for m in d["matches"]])),
+                    "by_chunk": ev.by_chunk([d["matches"] for d in dv]),
+                    "seams": {k: float(np.mean([d["seams"][k] for d in dv])) for k in ("boundary", "inside", "ratio")},
+                    "paired_prompt_following": _paired([np.mean(d["matches"]) - np.mean(v["matches"])
+                                                        for d, v in zip(dv, per_video)]),
+                    "paired_seams": _paired([d["seams"]["ratio"] - v["seams"]["ratio"] for d, v in zip(dv, per_video)])})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="checkpoint (default: the shipped small model)")
@@ -177,6 +232,9 @@ def main(argv=None) -> int:
                          "caption repeated")
     ap.add_argument("--no-direction", action="store_true",
                     help="skip the direction-change videos (with --i2v: the image-to-video runs only)")
+    ap.add_argument("--decoders", nargs="+", default=[], metavar="W",
+                    help="also decode every direction-change video's latents with the decoder of each checkpoint W "
+                         "(same encoder) and score those frames, paired by video")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="where the model runs (default cpu; the figures in docs/benchmarks.md are CPU runs unless "
@@ -201,6 +259,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     model, meta = load_model(args.weights, device=args.device)
+    try:
+        decoders = [(w, same_encoder_vae(model, load_model(w, device=args.device)[0], w)) for w in args.decoders]
+    except ValueError as e:
+        ap.error(str(e))
     cfg = data.WorldConfig()
     videos = [(s, ev.direction_change_prompts(s, args.chunks, cfg)) for s in args.seeds]
 
@@ -245,7 +307,10 @@ def main(argv=None) -> int:
             continue
         per_video = []
         for s, prompts in videos:
-            frames = np.concatenate(list(generate_chunks(model, prompts, seed=s, meta=meta, **gen_kwargs(kw, prompts))))
+            stream = generate_chunks(model, prompts, seed=s, meta=meta, keep_latents=bool(decoders),
+                                     **gen_kwargs(kw, prompts))
+            frames = np.concatenate(list(stream))
+            decoded = [decoder_scores(vae, stream.latents, prompts, cfg) for _, vae in decoders]
             r = ev.prompt_following(frames, prompts, cfg)
             r_video = ev.prompt_following(frames, prompts, cfg, occlusion="video")  # the rule before session 27
             room = ev.first_chunk_room(frames[:cfg.chunk_frames], prompts[0], cfg)
@@ -254,7 +319,7 @@ def main(argv=None) -> int:
                               "first_chunk_room": room, "seams": ev.seam_score(frames, cfg.chunk_frames),
                               # objects against the video's own first frame
                               "persistent": ev.object_persistence(frames, frames[0])["persistent"],
-                              **subject_stats(frames, prompts, cfg)})
+                              **subject_stats(frames, prompts, cfg)} | ({"decoders": decoded} if decoded else {}))
         matches = [m for v in per_video for m in v["matches"]]
         rooms = [v["first_chunk_room"] for v in per_video if v["first_chunk_room"] is not None]
         run |= {"prompt_following": float(np.mean(matches)), "chunks_scored": len(matches),
@@ -265,6 +330,8 @@ def main(argv=None) -> int:
                "seams": {k: float(np.mean([v["seams"][k] for v in per_video])) for k in ("boundary", "inside", "ratio")},
                "persistent": float(np.mean([v["persistent"] for v in per_video])),
                "seconds": time.perf_counter() - t0}
+        if decoders:
+            run["decoder_runs"] = decoder_runs([w for w, _ in decoders], per_video)
         res["runs"].append(run)
         write(res)  # after every setting: a run cut short keeps the settings it finished
         print(f"{text or '(defaults)':<28} prompt following {run['prompt_following']:.3f} "
@@ -275,6 +342,11 @@ def main(argv=None) -> int:
         print(f"{'':<28} seams: boundary / inside frame difference {sm['ratio']:.2f} ({sm['boundary']:.2f} / "
               f"{sm['inside']:.2f}; per-video mean); object persistence against the first frame "
               f"{run['persistent']:.3f}", flush=True)
+        for d in run.get("decoder_runs", []):
+            print(f"{'':<28} decoder of {d['weights']}: prompt following {d['prompt_following']:.3f} (paired "
+                  f"{d['paired_prompt_following']['mean']:+.4f} +- {d['paired_prompt_following']['se']:.4f}), seams "
+                  f"{d['seams']['ratio']:.2f} (paired {d['paired_seams']['mean']:+.3f} +- {d['paired_seams']['se']:.3f})",
+                  flush=True)
         fr = run["first_chunk_room"]
         if fr["videos"]:
             print(f"{'':<28} first chunks leaving room ({fr['videos']} videos): at their velocity "

@@ -13,12 +13,15 @@ from maskc.runtime import attention, reference_attention
 from maskc.world_model import data as D
 from maskc.world_model import dit as DIT
 from maskc.world_model import masks as M
+from maskc.world_model import vae as V
 from maskc.world_model.configs import CONFIGS, SMALL, TINY, ModelConfig, get_config
 from maskc.world_model.dit import (
     WorldModel, attend, flow_matching_loss, noisy_latents, param_counts, patchify, positions, unpatchify,
 )
 from maskc.world_model.text import TextEncoder, caption_runs, pack_text, tokenize
-from maskc.world_model.vae import VideoVAE, decoder_loss, vae_loss
+from maskc.world_model.vae import (
+    CausalConv3d, Decoder, FrameGroupNorm, VideoVAE, causal_from, decoder_loss, receptive_latent_frames, vae_loss,
+)
 
 CAPTIONS = [
     "the red circle moves left", "the blue square falls", "the red circle stays still",
@@ -142,6 +145,192 @@ def test_decoder_loss_trains_the_decoder_only():
     assert torch.isfinite(loss) and loss > 0
     assert all(p.grad is None for p in vae.encoder.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.decoder.parameters())
+
+
+# ------------------------------------------------------------------------ causal decoder
+
+# the causal-decoder tests decode 16x16 frames (2x2 latents) in float64: the decoder is convolutional, so
+# the temporal wiring is the same as at 64x64, and float64 keeps the exactness checks meaningful
+CAUSAL = replace(TINY, frame_size=16, vae_causal=True)
+
+
+def test_frame_group_norm_is_per_frame():
+    torch.manual_seed(0)
+    norm = FrameGroupNorm(4, 8).double()
+    plain = torch.nn.GroupNorm(4, 8).double()
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    plain.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 8, 5, 4, 4, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, :, 3] = 3 * x2[:, :, 3] + 1  # frame 3 only
+    with torch.no_grad():
+        y, y2 = norm(x), norm(x2)
+        assert y.shape == x.shape
+        assert torch.equal(y[:, :, :3], y2[:, :, :3]) and torch.equal(y[:, :, 4:], y2[:, :, 4:])
+        assert not torch.allclose(y[:, :, 3], y2[:, :, 3])
+        assert not torch.allclose(plain(x)[:, :, :3], plain(x2)[:, :, :3])  # clip statistics: every frame moves
+        # one frame: the clip's statistics are the frame's
+        assert torch.equal(norm(x[:, :, 1:2]), plain(x[:, :, 1:2]))
+        for t in range(5):  # and each frame is normalised on its own
+            assert torch.allclose(y[:, :, t:t + 1], plain(x[:, :, t:t + 1]), rtol=0, atol=1e-12)
+
+
+def _decoders(seed=0):
+    """A causal decoder (random weights, float64) and a centred one with the same parameters."""
+    torch.manual_seed(seed)
+    causal = randomized(Decoder(CAUSAL)).double().eval()
+    centred = Decoder(replace(CAUSAL, vae_causal=False)).double().eval()
+    centred.load_state_dict(causal.state_dict())
+    return causal, centred
+
+
+def _changed_frames(dec, z, j):
+    """Output frames that change when latent frame j is perturbed."""
+    z2 = z.clone()
+    z2[:, :, j] += 1.0
+    with torch.no_grad():
+        d = (dec(z) - dec(z2)).abs().amax((0, 1, 3, 4))
+    return d.nonzero().flatten().tolist()
+
+
+def test_causal_decoder_reads_no_later_latent_and_its_receptive_field_is_tight():
+    causal, centred = _decoders()
+    assert isinstance(causal.stem, CausalConv3d) and isinstance(causal.norm_out, FrameGroupNorm)
+    assert not isinstance(centred.stem, CausalConv3d) and not isinstance(centred.norm_out, FrameGroupNorm)
+    r, td = receptive_latent_frames(CAUSAL), CAUSAL.time_down
+    assert r == receptive_latent_frames(TINY) == 13
+    z = torch.randn(1, CAUSAL.latent_channels, 20, 2, 2, dtype=torch.float64)
+    for j in (0, 3, 5):
+        changed = _changed_frames(causal, z, j)
+        assert changed and min(changed) >= j * td  # no earlier frame reads latent j
+        assert min(changed) == j * td  # ... and latent j's own first frame does
+        if j + r + 1 <= 20:
+            assert max(changed) < (j + r + 1) * td  # past the receptive field: untouched
+            # the bound is tight: some frame of latent frame j + r still reads latent j
+            assert any((j + r) * td <= f < (j + r + 1) * td for f in changed), (j, changed)
+    # the same parameters, centred: earlier frames read later latents (the check above can fail)
+    changed = _changed_frames(centred, z, 5)
+    assert min(changed) < 5 * td
+
+
+def test_causal_from_moves_the_look_ahead_tap_to_the_present():
+    _, centred = _decoders()
+    torch.manual_seed(1)
+    fresh = Decoder(CAUSAL).double()
+    src, before = centred.state_dict(), fresh.state_dict()
+    assert {k: v.shape for k, v in src.items()} == {k: v.shape for k, v in before.items()}
+    causal_from(centred, fresh)
+    got = fresh.state_dict()
+    kernels = 0
+    for name, w in src.items():
+        if w.dim() == 5 and w.shape[2] == 3:  # a temporal 3-tap kernel: (t-1, t, t+1) -> (0, t-1, t + t+1)
+            kernels += 1
+            assert torch.equal(got[name][:, :, 0], torch.zeros_like(w[:, :, 0])), name
+            assert torch.equal(got[name][:, :, 1], w[:, :, 0]), name
+            assert torch.equal(got[name][:, :, 2], w[:, :, 1] + w[:, :, 2]), name
+        else:  # biases, norms, any 1x1x1 kernel: copied
+            assert torch.equal(got[name], w), name
+    assert kernels == sum(isinstance(m, CausalConv3d) for m in fresh.modules()) == 13
+    assert any(k.endswith("norm_out.weight") for k in src) and any(k.endswith("stem.bias") for k in src)
+    # the decoder has no 1x1x1 convolution; a block that changes width has one (its skip): copied as is
+    block, causal_block = V.ResBlock3d(8, 16).double(), V.ResBlock3d(8, 16, causal=True).double()
+    causal_from(block, causal_block)
+    a, b = block.state_dict(), causal_block.state_dict()
+    assert a["skip.weight"].shape[2:] == (1, 1, 1) and torch.equal(a["skip.weight"], b["skip.weight"])
+    assert torch.equal(a["norm1.weight"], b["norm1.weight"])
+    assert torch.equal(b["conv1.weight"][:, :, 1], a["conv1.weight"][:, :, 0])
+
+
+def test_causal_decoder_streams_exactly_what_it_decodes_whole(monkeypatch):
+    """vae_context 3 chunks (18 latent frames) covers the causal decoder's receptive field (13): a stream of
+    chunks, each decoded with the 3 chunks before as context, is the whole video decoded at once."""
+    torch.manual_seed(0)
+    cfg = replace(CAUSAL, vae_context=3)
+    assert cfg.vae_context * cfg.latent_frames >= receptive_latent_frames(cfg)
+    vae = randomized(VideoVAE(cfg)).double().eval()
+    with torch.no_grad():
+        vae.latent_mean.normal_(), vae.latent_std.uniform_(0.5, 2.0)
+    z = torch.randn(2, 5 * LF, cfg.latent_size, cfg.latent_size, cfg.latent_channels, dtype=torch.float64)
+    with torch.no_grad():
+        whole = vae.decoder((z * vae.latent_std + vae.latent_mean).permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        streamed = torch.cat([vae.decode_raw(z[:, :LF])] + [
+            vae.decode_raw(z[:, k * LF:(k + 1) * LF], context=z[:, max(0, k - 3) * LF:k * LF]) for k in range(1, 5)], 1)
+        assert whole.shape == (2, 5 * cfg.chunk_frames, 16, 16, 3)
+        assert torch.equal(streamed, whole)
+        assert torch.equal(vae.decode_raw(z), whole)
+        # a longer context is cut to vae_context chunks and changes nothing
+        assert torch.equal(vae.decode_raw(z[:, 4 * LF:], context=z[:, :4 * LF]), whole[:, 4 * cfg.chunk_frames:])
+        # the fast path (decode whole) agrees with the chunk-by-chunk windows it stands for
+        monkeypatch.setattr(V, "receptive_latent_frames", lambda cfg: 10 ** 6)
+        assert torch.equal(vae.decode_raw(z), whole)
+        monkeypatch.undo()
+        # one chunk of context (6 latent frames < 13) is not enough: later chunks come out differently
+        short = VideoVAE(replace(cfg, vae_context=1)).double().eval()
+        short.load_state_dict(vae.state_dict())
+        windowed = short.decode_raw(z)
+        assert torch.equal(windowed[:, :2 * cfg.chunk_frames], whole[:, :2 * cfg.chunk_frames])  # all the past
+        assert not torch.allclose(windowed[:, 2 * cfg.chunk_frames:], whole[:, 2 * cfg.chunk_frames:])
+
+
+def test_vae_causal_config_and_checkpoint(tmp_path):
+    pytest.importorskip("safetensors")
+    from maskc.world_model.checkpoint import load_checkpoint, save_checkpoint
+
+    with pytest.raises(ValueError, match="vae_causal 1 must be True or False"):
+        replace(TINY, vae_causal=1)
+    assert TINY.vae_causal is False and SMALL.vae_causal is False
+    cfg = replace(TINY, vae_causal=True, vae_context=2)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert ModelConfig.from_dict(cfg.to_dict()).vae_causal is True
+    assert ModelConfig.from_dict(TINY.to_dict()).vae_causal is False
+    torch.manual_seed(0)
+    model = randomized(WorldModel(cfg))
+    # causal or not, the same parameter names and shapes (a causal decoder loads a centred one's weights)
+    centred = WorldModel(TINY).state_dict()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in centred.items()}
+    path = save_checkpoint(tmp_path / "causal.safetensors", model, step=3)
+    loaded, got, _ = load_checkpoint(path)
+    assert got == cfg and got.vae_causal is True and loaded.cfg.vae_causal is True
+    assert isinstance(loaded.vae.decoder.stem, CausalConv3d)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stream_keeps_latents_and_decoder_context_of_vae_context_chunks(monkeypatch):
+    """keep_latents: the stream collects each final chunk's latents; decoding them all at once gives the
+    streamed frames, so the stream kept the last vae_context (2) chunks as the decoder's context."""
+    from maskc.world_model import generate as G
+
+    torch.manual_seed(0)
+    model = randomized(WorldModel(replace(TINY, vae_context=2, vae_causal=True))).eval()
+    kw = {"n_chunks": 3, "steps": 2, "window": 2, "cfg_neg": 0.0, "seed": 0}
+    p = "the red circle moves right"
+    stream = G.generate_chunks(model, [p], keep_latents=True, **kw)
+    chunks = list(stream)
+    assert len(chunks) == 3 and len(stream.latents) == 3
+    shape = (LF, TINY.latent_size, TINY.latent_size, TINY.latent_channels)
+    assert all(z.shape == shape and z.device.type == "cpu" for z in stream.latents)
+    with torch.no_grad():
+        whole = G.to_uint8(model.vae.decode(torch.cat(stream.latents)[None])[0]).numpy()
+        one_back = VideoVAE(replace(model.cfg, vae_context=1)).eval()
+        one_back.load_state_dict(model.vae.state_dict())
+        other = G.to_uint8(one_back.decode(torch.cat(stream.latents)[None])[0]).numpy()
+    assert np.array_equal(np.concatenate(chunks), whole)
+    assert not np.array_equal(whole[48:], other[48:])  # the third chunk did need both chunks before
+    plain = G.generate_chunks(model, [p], **kw)
+    assert np.array_equal(np.concatenate(list(plain)), whole) and plain.latents is None
+    # a prefix of 3 chunks: the first new chunk's context is the prefix's last 2; of 1 chunk: that one
+    calls = []
+    decode = model.vae.decode
+    monkeypatch.setattr(model.vae, "decode", lambda z, context=None: calls.append(context) or decode(z, context))
+    for n_pre in (3, 1):
+        calls.clear()
+        prefix = np.ascontiguousarray(np.concatenate(chunks)[:n_pre * TINY.chunk_frames])  # as the stream holds it
+        list(G.generate_chunks(model, [p], n_chunks=1, steps=2, window=2, cfg_neg=0.0, seed=0, video=prefix))
+        with torch.no_grad():
+            want = model.vae.encode(torch.from_numpy(prefix[-min(n_pre, 2) * TINY.chunk_frames:])[None])
+        assert len(calls) == 1 and torch.equal(calls[0], want)
 
 
 def test_vae_loss_and_latent_stats():

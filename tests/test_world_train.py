@@ -555,12 +555,58 @@ def test_finetune_decoder_changes_the_decoder_only(tmp_path, capsys):
         with pytest.raises(ValueError, match=msg):
             TR.finetune_decoder(src, tmp_path / "x.safetensors", held_out=1, **bad)
     assert cli.main(["finetune-decoder", "--weights", str(src), "--out", str(tmp_path / "c.safetensors"),
-                     "--steps", "2", "--batch", "1", "--device", "cpu"]) == 0
+                     "--steps", "2", "--batch", "1", "--held-out", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "fine-tuned the decoder: 2 steps" in out and "held-out reconstruction MSE" in out
     with pytest.raises(SystemExit):
         cli.main(["finetune-decoder", "--weights", str(tmp_path / "missing.safetensors"), "--out", "x"])
     assert "do not exist" in capsys.readouterr().err
+
+
+def test_finetune_decoder_causal_keeps_the_record_of_the_fine_tune_before(tmp_path):
+    torch.manual_seed(0)
+    src = save_checkpoint(tmp_path / "w.safetensors", WorldModel(TINY), step=7, meta={"phase": "dit"})
+    kw = {"steps": 2, "batch": 1, "held_out": 1, "warmup": 1}
+    r = TR.finetune_decoder(src, tmp_path / "causal.safetensors", causal=True, context=3, clip_chunks=4, **kw)
+    assert r["causal"] is True and r["clip_chunks"] == 4 and r["context"] == 3 and "previous" not in r
+    assert np.isfinite(r["held_out_seams_before"]) and np.isfinite(r["held_out_seams_after"])
+    assert r["held_out_seams_before"] > 0 and r["held_out_seams_after"] > 0
+    a, cfg_a, _ = load_checkpoint(src)
+    b, cfg_b, meta_b = load_checkpoint(tmp_path / "causal.safetensors")
+    assert cfg_a.vae_causal is False and cfg_b == replace(cfg_a, vae_context=3, vae_causal=True)
+    assert type(b.vae.decoder.stem).__name__ == "CausalConv3d"
+    assert meta_b["step"] == 7 and meta_b["phase"] == "dit" and meta_b["decoder_finetune"] == r
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()  # the same parameters, rewired
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert changed and all(k.startswith("vae.decoder.") for k in changed)
+    # fine-tuning a causal decoder again keeps it causal (causal=False does not undo it) and nests the record
+    r2 = TR.finetune_decoder(tmp_path / "causal.safetensors", tmp_path / "again.safetensors", context=3, **kw)
+    _, cfg_c, meta_c = load_checkpoint(tmp_path / "again.safetensors")
+    assert cfg_c == cfg_b and r2["causal"] is True and r2["clip_chunks"] == 4  # default: context + 1
+    assert r2["previous"] == r and meta_c["decoder_finetune"]["previous"] == meta_b["decoder_finetune"]
+    for bad, msg in (({"clip_chunks": 1}, "clip_chunks must be >= 2"), ({"clip_chunks": 0}, "clip_chunks must be"),
+                     ({"causal": 1}, "causal must be True or False"),
+                     ({"causal": "yes"}, "causal must be True or False")):
+        with pytest.raises(ValueError, match=msg):
+            TR.finetune_decoder(src, tmp_path / "x.safetensors", held_out=1, **bad)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_finetune_decoder_causal(tmp_path, capsys):
+    torch.manual_seed(0)
+    src = save_checkpoint(tmp_path / "w.safetensors", WorldModel(TINY), step=7, meta={"phase": "dit"})
+    out = tmp_path / "c.safetensors"
+    assert cli.main(["finetune-decoder", "--weights", str(src), "--out", str(out), "--causal", "--clip-chunks", "4",
+                     "--context", "2", "--steps", "1", "--batch", "1", "--held-out", "1", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "fine-tuned the decoder: 1 steps" in text and "held-out round-trip seams" in text
+    _, cfg, meta = load_checkpoint(out)
+    assert meta["decoder_finetune"]["held_out_clips"] == 1 and meta["decoder_finetune"]["causal"] is True
+    assert cfg.vae_causal is True and cfg.vae_context == 2 and meta["decoder_finetune"]["clip_chunks"] == 4
+    with pytest.raises(SystemExit):
+        cli.main(["finetune-decoder", "--weights", str(src), "--out", str(out), "--clip-chunks", "1"])
+    assert "clip_chunks must be >= 2" in capsys.readouterr().err
 
 
 def test_batch_source_workers_give_the_same_batches_through_shared_memory():

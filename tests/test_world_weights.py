@@ -7,6 +7,7 @@ import torch
 
 from maskc.world_model import configs, data
 from maskc.world_model.checkpoint import load_checkpoint
+from maskc.world_model.vae import receptive_latent_frames
 
 WEIGHTS = Path(configs.__file__).resolve().parent / "weights" / "small.safetensors"
 
@@ -14,9 +15,14 @@ WEIGHTS = Path(configs.__file__).resolve().parent / "weights" / "small.safetenso
 def test_shipped_small_weights_load_and_reconstruct():
     assert WEIGHTS.exists() and WEIGHTS.stat().st_size <= 16 * 2**20
     model, cfg, meta = load_checkpoint(WEIGHTS)
-    # `magi train --config small`, then `magi finetune-decoder` (session 27): the decoder reads the chunk before
-    assert cfg == replace(configs.get_config("small"), vae_context=1)
-    assert meta["step"] > 0 and meta["decoder_finetune"]["context"] == 1
+    # `magi train --config small`, then `magi finetune-decoder` (session 27: the decoder reads the chunk
+    # before; session 29: a causal decoder reading the 3 chunks before, twice fine-tuned)
+    assert cfg == replace(configs.get_config("small"), vae_context=3, vae_causal=True)
+    ft = meta["decoder_finetune"]
+    assert meta["step"] > 0 and ft["context"] == 3 and ft["causal"] and ft["previous"]["causal"]
+    assert ft["previous"]["previous"]["context"] == 1
+    # the causal decoder's windows cover its receptive field: streaming decodes what decoding whole does
+    assert cfg.vae_context * cfg.latent_frames >= receptive_latent_frames(cfg)
     for name, t in model.state_dict().items():
         assert torch.isfinite(t).all(), name
     clip = data.generate(seed=7, n_chunks=2)  # a small seed: held out from training; the 2nd chunk decodes with context

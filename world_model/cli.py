@@ -471,10 +471,17 @@ def add_finetune_decoder_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="PATH", help="checkpoint to start from (default: the shipped small model)")
     p.add_argument("--out", required=True, metavar="PATH", help="where to write the fine-tuned checkpoint")
     p.add_argument("--context", type=_pos_int, default=1, metavar="N", help="chunks before each chunk the decoder reads (1-4; default 1)")
+    p.add_argument("--causal", action="store_true",
+                   help="make the decoder causal (past-only temporal convolutions, per-frame norms; warm-started "
+                        "from the stored decoder): a chunk then continues the chunk before as frames inside a chunk do")
+    p.add_argument("--clip-chunks", type=_pos_int, metavar="N",
+                   help="chunks per training clip, each decoded with its context as a stream does (default: context + 1)")
     p.add_argument("--steps", type=_pos_int, default=1500, metavar="N", help="optimizer steps (default 1500)")
     p.add_argument("--batch", type=_pos_int, default=16, metavar="N", help="clips per step (default 16)")
     p.add_argument("--lr", type=_pos_float, default=3e-4, metavar="LR", help="peak learning rate (default 3e-4)")
     p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="data and noise seed (default 0)")
+    p.add_argument("--held-out", type=_pos_int, default=64, metavar="N",
+                   help="held-out clips scored before and after (reconstruction error, round-trip seams; default 64)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                    help="auto = cuda when available, else cpu (default: auto)")
     p.add_argument("--workers", type=_nonneg_int, default=0, metavar="N",
@@ -497,7 +504,8 @@ def run_finetune_decoder(args, parser) -> int:
     try:
         device = resolve_device(args.device)
         r = finetune_decoder(weights, args.out, context=args.context, steps=args.steps, batch=args.batch, lr=args.lr,
-                             seed=args.seed, device=device, workers=args.workers,
+                             seed=args.seed, device=device, workers=args.workers, causal=args.causal,
+                             clip_chunks=args.clip_chunks, held_out=args.held_out,
                              time_limit=None if args.time_limit is None else 60.0 * args.time_limit)
     except ValueError as e:
         parser.error(str(e))
@@ -506,6 +514,8 @@ def run_finetune_decoder(args, parser) -> int:
           f"{r['loss_last_50']:.5f}")
     print(f"held-out reconstruction MSE, first / middle / last frame of a chunk: before {b[0]:.5f} / "
           f"{b[len(b) // 2]:.5f} / {b[-1]:.5f}, after {a[0]:.5f} / {a[len(a) // 2]:.5f} / {a[-1]:.5f}")
+    print(f"held-out round-trip seams (boundary / inside frame difference): {r['held_out_seams_before']:.3f} -> "
+          f"{r['held_out_seams_after']:.3f}")
     print(f"weights: {args.out}")
     return 0
 

@@ -29,6 +29,7 @@ class ModelConfig:
     # chunks before a chunk whose latents the decoder also reads when it decodes that chunk (0: each
     # chunk alone, as encoded; 1: the shipped model since session 27, `train.finetune_decoder`)
     vae_context: int = 0
+    vae_causal: bool = False  # decoder: past-only temporal convolutions, per-frame norms
     # text encoder
     vocab_size: int = vocab.VOCAB_SIZE
     max_caption_tokens: int = vocab.MAX_CAPTION_TOKENS
@@ -70,6 +71,7 @@ class ModelConfig:
              and 0 <= self.caption_runs <= 64, f"caption_runs {self.caption_runs!r} must be an integer in [0, 64]")
         need(isinstance(self.vae_context, int) and not isinstance(self.vae_context, bool)
              and 0 <= self.vae_context <= 4, f"vae_context {self.vae_context!r} must be an integer in [0, 4]")
+        need(isinstance(self.vae_causal, bool), f"vae_causal {self.vae_causal!r} must be True or False")
         need(self.text_dim % self.text_heads == 0, f"text_dim {self.text_dim} % text_heads {self.text_heads} != 0")
         need(sum(self.rope_split) == self.head_dim and all(p % 2 == 0 for p in self.rope_split),
              f"rope_split {self.rope_split} must be even parts summing to head_dim {self.head_dim}")

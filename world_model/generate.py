@@ -8,7 +8,7 @@ chunks in flight, each at its own t (earlier chunks cleaner, as in training). Wh
 reaches t = 1 it is final: it is run once more as clean context (t = 1) to get its self-attention
 K/V, which go into a bounded ring buffer (`RingKVCache`, at most ``attn_window - 1`` clean chunks,
 never more than the attention window), and it is decoded by the autoencoder and yielded (a decoder
-with ``vae_context`` also reads the chunk decoded before it, whose latents are kept). Memory
+with ``vae_context`` n also reads the n chunks decoded before it, whose latents are kept). Memory
 therefore does not grow with video length. ``ctx_t`` < 1 puts finished chunks into the cache noised
 back to that flow time instead of clean (measured: no gain; docs/benchmarks.md).
 
@@ -258,7 +258,7 @@ class ChunkStream:
 
     def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
                  shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
-                 cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T):
+                 cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T, keep_latents=False):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -312,6 +312,8 @@ class ChunkStream:
         self.ticks = 0
         self.prefix_frames: np.ndarray | None = None  # the prefix frames continued (whole chunks)
         self.in_flight_peak = 0
+        # every final chunk's latents, if asked for (the video's latents grow with its length)
+        self.latents: list[torch.Tensor] | None = [] if keep_latents else None
         self._it = self._run()
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -359,9 +361,13 @@ class ChunkStream:
         self.cache.push(kv)
 
     def _decode(self, latents_chunk) -> np.ndarray:
-        """Frames of a final chunk; a decoder with ``vae_context`` also reads the chunk decoded before it."""
+        """Frames of a final chunk; a decoder with ``vae_context`` n also reads the n chunks decoded before it."""
+        if self.latents is not None:
+            self.latents.append(latents_chunk.cpu())
         frames = self.model.vae.decode(latents_chunk[None], context=self._last_latents)[0]
-        self._last_latents = latents_chunk[None]  # one chunk of latents: memory stays constant
+        n = self.cfg.vae_context * self.cfg.latent_frames  # latents kept for the next chunk: memory stays constant
+        kept = latents_chunk[None] if self._last_latents is None else torch.cat([self._last_latents, latents_chunk[None]], 1)
+        self._last_latents = kept[:, -n:] if n else None
         return to_uint8(frames).cpu().numpy()
 
     # ---- the pipeline
@@ -387,8 +393,9 @@ class ChunkStream:
                 clip = frames[i * cfg.chunk_frames:(i + 1) * cfg.chunk_frames].to(dev)
                 z = model.vae.encode(clip[None])[0].to(dt)  # uint8 in: the autoencoder scales it to [0, 1]
                 self._add_clean(z, i, self.prompts[0], 0)  # a prefix chunk: its run is not known
-            if cfg.vae_context:  # the decoder's context for the first new chunk
-                self._last_latents = model.vae.encode(frames[(n_pre - 1) * cfg.chunk_frames:][None].to(dev)).to(dt)
+            if cfg.vae_context:  # the decoder's context for the first new chunk: the prefix's last chunks
+                ctx = min(n_pre, cfg.vae_context) * cfg.chunk_frames
+                self._last_latents = model.vae.encode(frames[frames.shape[0] - ctx:][None].to(dev)).to(dt)
             base = n_pre
 
         image_latent = None
@@ -476,7 +483,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     seed: int = 0, shift: float = DEFAULT_SHIFT, meta: dict | None = None,
                     cfg_interval: tuple[float, float] = DEFAULT_CFG_INTERVAL,
                     runs: Sequence[int] | None = None, cfg_run: float = 0.0,
-                    negative=None, cfg_neg: float = DEFAULT_CFG_NEG, ctx_t: float = DEFAULT_CTX_T) -> ChunkStream:
+                    negative=None, cfg_neg: float = DEFAULT_CFG_NEG, ctx_t: float = DEFAULT_CTX_T,
+                    keep_latents: bool = False) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
 
     ``model``: a `WorldModel` (e.g. from `checkpoint.load_checkpoint`, whose ``meta`` gives the
@@ -493,7 +501,9 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     tuple of captions, or None: none for that chunk; default: each prompt's
     `vocab.near_miss_captions`); ``cfg_neg``: their guidance scale (0 disables); ``ctx_t``: the flow
     time at which finished chunks enter the KV cache (1: clean, the default; less: noised back to it
-    from a generator of its own). Nothing is computed until the first chunk is asked for.
+    from a generator of its own). ``keep_latents``: the stream's ``latents`` collects every final
+    chunk's latents (on the CPU; memory then grows with the video), e.g. to decode the same video
+    with another decoder. Nothing is computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -505,7 +515,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     return ChunkStream(model, prompts, steps=steps, window=window, attn_window=attn_window, cfg_text=cfg_text,
                        cfg_prev=cfg_prev, image=image, video=video, seed=seed, shift=shift, meta=meta,
                        cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run, negative=negative, cfg_neg=cfg_neg,
-                       ctx_t=ctx_t)
+                       ctx_t=ctx_t, keep_latents=keep_latents)
 
 
 def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):

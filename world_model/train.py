@@ -839,9 +839,13 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
     return result
 
 
+SEAM_CHUNKS = 4  # chunks of the held-out clips whose round trips `finetune_decoder` scores for seams
+
+
 def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, context: int = 1, steps: int = 1500,
                      batch: int = 16, lr: float = 3e-4, warmup: int = 50, seed: int = 0,
                      device: str | torch.device | None = "cpu", workers: int = 0, held_out: int = 64,
+                     causal: bool = False, clip_chunks: int | None = None,
                      time_limit: float | None = None, progress: bool | None = None) -> dict:
     """Teach the autoencoder's decoder of checkpoint ``weights`` to read ``context`` chunks before each
     chunk (`ModelConfig.vae_context`), and write the model to ``out`` (floats stored as in ``weights``:
@@ -854,15 +858,34 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     video's first chunk is, the next with the chunk before it. A decoder that reads each chunk on
     its own draws the chunk's first and last frames without knowing the neighbouring chunk; that
     is where the seams of its videos come from. ``time_limit`` (seconds): stop early, after the
-    step that crosses it (the record says how many steps ran). Returns the reconstruction MSE of
-    ``held_out`` clips before and after, per frame position in the last chunk."""
+    step that crosses it (the record says how many steps ran).
+
+    ``causal``: make the decoder causal (`ModelConfig.vae_causal`: past-only temporal convolutions,
+    per-frame norms), warm-started from the stored one (`vae.causal_from`); then a chunk's frames
+    continue the chunk before's as frames inside a chunk continue each other, the context window
+    standing in for the rest of the past. ``clip_chunks`` (default ``context + 1``): chunks of each
+    training clip, all decoded as a stream is (the first alone, each later one with its context) and
+    all in the loss; ``context + 2`` also trains the seam between two chunks that both had context.
+
+    Returns the reconstruction MSE of ``held_out`` clips before and after, per frame position in
+    the last chunk, and the seams of their round trips (`evaluate.seam_score` of clips of
+    `SEAM_CHUNKS` chunks, posterior means, uint8 frames) before and after."""
     from dataclasses import replace
+
+    from .evaluate import seam_score
+    from .vae import Decoder, causal_from, to_uint8
 
     if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 4:
         raise ValueError(f"context must be 1..4 chunks, got {context!r}")
-    for name, v in (("steps", steps), ("batch", batch), ("held_out", held_out)):
+    if clip_chunks is None:
+        clip_chunks = context + 1
+    for name, v in (("steps", steps), ("batch", batch), ("held_out", held_out), ("clip_chunks", clip_chunks)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if clip_chunks < 2:
+        raise ValueError(f"clip_chunks must be >= 2 (a chunk and the chunk before it), got {clip_chunks}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
     device = resolve_device(device)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -871,9 +894,9 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     del stored
     model, _, meta = load_checkpoint(weights, device=device)
     model.requires_grad_(False).eval()
-    dec = model.vae.decoder
-    n_chunks = context + 1
-    check = torch.from_numpy(D.make_batch(derive_seed(seed, PHASE_DECODER, 1), 0, n_chunks, held_out).frames).to(device)
+    n_chunks = clip_chunks
+    check = torch.from_numpy(D.make_batch(derive_seed(seed, PHASE_DECODER, 1), 0, context + 1, held_out).frames).to(device)
+    seam_clips = torch.from_numpy(D.make_batch(derive_seed(seed, PHASE_DECODER, 4), 0, SEAM_CHUNKS, held_out).frames)
 
     @torch.no_grad()
     def held_out_error() -> list[float]:
@@ -883,11 +906,25 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         target = to_signed(check[:, -model.cfg.chunk_frames:], x.dtype)
         return (x - target).square().mean((0, 2, 3, 4)).tolist()
 
-    before = held_out_error()  # the decoder as it was (with its own vae_context)
-    cfg = replace(model.cfg, vae_context=context)
+    @torch.no_grad()
+    def held_out_seams() -> float:
+        ratios = []
+        for i in range(0, held_out, 8):  # a few clips at a time: 4 chunks decoded with context
+            x = seam_clips[i:i + 8].to(device)
+            frames = to_uint8(model.vae.decode(model.vae.encode(x))).cpu().numpy()
+            ratios += [seam_score(f, model.cfg.chunk_frames)["ratio"] for f in frames]
+        return float(np.mean(ratios))
+
+    before, seams_before = held_out_error(), held_out_seams()  # the decoder as it was
+    cfg = replace(model.cfg, vae_context=context, vae_causal=causal or model.cfg.vae_causal)
+    if cfg.vae_causal and not model.cfg.vae_causal:  # same parameters, new wiring
+        new = Decoder(cfg).to(device)
+        causal_from(model.vae.decoder, new)
+        model.vae.decoder = new
     for m in (model, model.vae, model.dit, model.text):
         if hasattr(m, "cfg"):
             m.cfg = cfg
+    dec = model.vae.decoder
     dec.requires_grad_(True).train()
     opt = torch.optim.AdamW(dec.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     src = BatchSource(derive_seed(seed, PHASE_DECODER, 0), n_chunks, batch, 0, workers)
@@ -915,14 +952,18 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         bar.close()
         src.close()
     dec.eval()
-    after = held_out_error()
+    after, seams_after = held_out_error(), held_out_seams()
     if not losses:
         raise ValueError(f"time_limit {time_limit!r} s ran out before the first step; nothing was written")
-    record = {"source": str(weights), "context": context, "steps": steps, "steps_done": len(losses), "batch": batch,
+    record = {"source": str(weights), "context": context, "causal": cfg.vae_causal, "clip_chunks": clip_chunks,
+              "steps": steps, "steps_done": len(losses), "batch": batch,
               "lr": lr, "warmup": warmup, "seed": seed, "loss_first_50": float(np.mean(losses[:50])),
               "loss_last_50": float(np.mean(losses[-50:])), "held_out_clips": held_out,
-              "held_out_mse_by_frame_before": before, "held_out_mse_by_frame_after": after}
+              "held_out_mse_by_frame_before": before, "held_out_mse_by_frame_after": after,
+              "held_out_seams_before": seams_before, "held_out_seams_after": seams_after}
     keep = {k: v for k, v in meta.items() if k not in ("format", "step", "train_config", "optimizer", "path")}
+    if "decoder_finetune" in keep:  # a decoder fine-tuned before: its record stays, nested
+        record["previous"] = keep["decoder_finetune"]
     keep["decoder_finetune"] = record
     save_checkpoint(out, model, step=meta["step"], train_config=meta["train_config"], meta=keep,
                     dtype=stored_dtype)

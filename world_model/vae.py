@@ -3,9 +3,11 @@
 Conv3d ResNet, 4x down in time and 8x down in space. Every chunk is encoded on its own (chunks are
 folded into the batch, GroupNorm statistics are per chunk), so a chunk's latent depends only on that
 chunk's frames. Decoding is per chunk too, unless the config's ``vae_context`` is n > 0: then a
-chunk's frames are decoded from its latent and the n chunks' before it (the shipped model: 1, from
-session 27), never from later ones -- streaming generation still decodes a chunk as soon as it is
-final, keeping the last chunk's latents.
+chunk's frames are decoded from its latent and the n chunks' before it (session 27: 1), never from
+later ones -- streaming generation still decodes a chunk as soon as it is final, keeping the last n
+chunks' latents. With ``vae_causal`` the decoder reads only the past inside a clip too (`Decoder`),
+so with enough context (n latent frames >= `receptive_latent_frames`) a stream's frames are
+those of the whole video decoded at once (the same arithmetic, up to float rounding).
 
 Regulariser: a KL autoencoder (diagonal Gaussian posterior, small KL weight), chosen over a plain
 autoencoder because the KL term keeps the latent scale fixed and its posterior noise makes the
@@ -17,6 +19,8 @@ posterior mean normalised by the buffers ``latent_mean`` / ``latent_std`` (set t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,15 +28,39 @@ from torch import nn
 from .configs import ModelConfig
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, c // 2) or 1, c)
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame (over a group's channels and H, W) instead of over the
+    whole clip: a frame's features then do not depend on later frames (the causal decoder)."""
+
+    def forward(self, x):  # [N, C, T, H, W]
+        n, c, t, h, w = x.shape
+        y = F.group_norm(x.transpose(1, 2).reshape(n * t, c, h, w), self.num_groups, self.weight, self.bias, self.eps)
+        return y.reshape(n, t, c, h, w).transpose(1, 2)
+
+
+class CausalConv3d(nn.Conv3d):
+    """3x3x3 convolution that pads time on the past side only: output frame i reads frames i-2..i."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, 3, padding=(0, 1, 1))
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 0, 0, 0, 2, 0)))
+
+
+def _norm(c: int, causal: bool = False) -> nn.GroupNorm:
+    return (FrameGroupNorm if causal else nn.GroupNorm)(min(8, c // 2) or 1, c)
+
+
+def _conv(c_in: int, c_out: int, causal: bool = False) -> nn.Conv3d:
+    return CausalConv3d(c_in, c_out) if causal else nn.Conv3d(c_in, c_out, 3, padding=1)
 
 
 class ResBlock3d(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, causal: bool = False):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in), nn.Conv3d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c_out), nn.Conv3d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = _norm(c_in, causal), _conv(c_in, c_out, causal)
+        self.norm2, self.conv2 = _norm(c_out, causal), _conv(c_out, c_out, causal)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
@@ -69,19 +97,26 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents -> frames. With ``cfg.vae_causal`` every temporal convolution reads only the past and
+    every norm takes per-frame statistics, so frame i depends on latent frames <= i // time_down only
+    and decoding a long video in windows (`VideoVAE.decode_raw`) agrees with decoding it whole once
+    the window covers the receptive field (`receptive_latent_frames`): its chunks join like the
+    frames inside a chunk. The parameters have the same names and shapes either way."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        causal = cfg.vae_causal
         ch = cfg.vae_channels[::-1]
-        self.stem = nn.Conv3d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid = ResBlock3d(ch[0], ch[0])
+        self.stem = _conv(cfg.latent_channels, ch[0], causal)
+        self.mid = ResBlock3d(ch[0], ch[0], causal)
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
         self.strides = _time_strides(cfg)[::-1]
         for c_in, c_out in zip(ch[:-1], ch[1:]):
-            self.ups.append(nn.Conv3d(c_in, c_out, 3, padding=1))
-            self.blocks.append(ResBlock3d(c_out, c_out))
-        self.norm_out = _norm(ch[-1])
-        self.head = nn.Conv3d(ch[-1], 3, 3, padding=1)
+            self.ups.append(_conv(c_in, c_out, causal))
+            self.blocks.append(ResBlock3d(c_out, c_out, causal))
+        self.norm_out = _norm(ch[-1], causal)
+        self.head = _conv(ch[-1], 3, causal)
 
     def forward(self, z):  # [N, C, t, h, w] -> [N, 3, T, H, W] in about [-1, 1]
         x = self.mid(self.stem(z))
@@ -89,6 +124,34 @@ class Decoder(nn.Module):
             x = F.interpolate(x, scale_factor=(st, 2, 2), mode="nearest")
             x = block(up(x))
         return self.head(F.silu(self.norm_out(x)))
+
+
+def receptive_latent_frames(cfg: ModelConfig) -> int:
+    """Latent frames before its own that a frame of the causal decoder can read (rounded up): each
+    3-tap temporal convolution reaches 2 steps back at its stage's frame rate."""
+    convs_at_rate, rate = 3, 1  # stem + mid block at the latent rate
+    back = 2 * convs_at_rate / rate
+    for st in _time_strides(cfg)[::-1]:
+        rate *= st
+        back += 2 * 3 / rate  # up conv + a block's two convs at this stage's rate
+    back += 2 / rate  # the head
+    return math.ceil(back)
+
+
+def causal_from(decoder: Decoder, causal: Decoder) -> None:
+    """Warm-start ``causal`` (a `Decoder` of ``vae_causal``) from a centred ``decoder``: each temporal
+    kernel's taps (t-1, t, t+1) move to (t-2 -> 0, t-1, t), the look-ahead tap folded into the
+    present one; norms and 1x1 convolutions are copied."""
+    src = decoder.state_dict()
+    with torch.no_grad():
+        for name, p in causal.state_dict().items():
+            w = src[name]
+            if w.dim() == 5 and w.shape[2] == 3:
+                shifted = torch.zeros_like(w)
+                shifted[:, :, 1] = w[:, :, 0]
+                shifted[:, :, 2] = w[:, :, 1] + w[:, :, 2]
+                w = shifted
+            p.copy_(w)
 
 
 def _as_unit_float(frames: torch.Tensor) -> torch.Tensor:
@@ -184,6 +247,10 @@ class VideoVAE(nn.Module):
             x = self.decoder(z).permute(0, 2, 3, 4, 1)  # [B*K, T, H, W, 3]
             return x.reshape(b, -1, *x.shape[2:])
         z = z.permute(0, 4, 1, 2, 3)  # [B, C, k * lf, h, w]
+        if cfg.vae_causal and n * lf >= receptive_latent_frames(cfg):
+            # the windows below all reach back past the receptive field: decoding whole is the same
+            x = self.decoder(z)[:, :, first * cfg.chunk_frames:]
+            return x.permute(0, 2, 3, 4, 1)
         out = [self.decoder(z[:, :, max(0, k - n) * lf:(k + 1) * lf])[:, :, -cfg.chunk_frames:]
                for k in range(first, z.shape[2] // lf)]
         return torch.cat(out, 2).permute(0, 2, 3, 4, 1)
