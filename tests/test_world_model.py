@@ -303,7 +303,7 @@ def test_stream_keeps_latents_and_decoder_context_of_vae_context_chunks(monkeypa
     from maskc.world_model import generate as G
 
     torch.manual_seed(0)
-    model = randomized(WorldModel(replace(TINY, vae_context=2, vae_causal=True))).eval()
+    model = randomized(WorldModel(replace(TINY, vae_context=2))).eval()
     kw = {"n_chunks": 3, "steps": 2, "window": 2, "cfg_neg": 0.0, "seed": 0}
     p = "the red circle moves right"
     stream = G.generate_chunks(model, [p], keep_latents=True, **kw)
@@ -331,6 +331,52 @@ def test_stream_keeps_latents_and_decoder_context_of_vae_context_chunks(monkeypa
         with torch.no_grad():
             want = model.vae.encode(torch.from_numpy(prefix[-min(n_pre, 2) * TINY.chunk_frames:])[None])
         assert len(calls) == 1 and torch.equal(calls[0], want)
+
+
+def test_causal_decoder_stream_carries_its_state(monkeypatch):
+    """A causal decoder streams with `decode_next`: chunk by chunk with the state of two frames per
+    temporal convolution it gives the frames of the whole video decoded at once (exactly in float64),
+    does one chunk's work per chunk, and its state does not grow. A continuation warms the state
+    with the prefix's last chunks that the receptive field reaches."""
+    from maskc.world_model import generate as G
+
+    torch.manual_seed(0)
+    cfg = replace(CAUSAL, vae_context=3)
+    vae = randomized(VideoVAE(cfg)).double().eval()
+    z = torch.randn(2, 5 * LF, cfg.latent_size, cfg.latent_size, cfg.latent_channels, dtype=torch.float64)
+    past, sizes = {}, []
+    with torch.no_grad():
+        streamed = []
+        for k in range(5):
+            streamed.append(vae.decode_next(z[:, k * LF:(k + 1) * LF], past))
+            sizes.append(sum(t.numel() for t in past.values()))
+        assert torch.equal(torch.cat(streamed, 1), vae.decode(z))
+    n_convs = sum(isinstance(m, CausalConv3d) for m in vae.decoder.modules())
+    assert len(past) == n_convs and len(set(sizes)) == 1  # two input frames per convolution, every chunk
+    assert all(t.shape[2] == 2 for t in past.values())
+    with pytest.raises(ValueError, match="needs a causal decoder"):
+        VideoVAE(replace(CAUSAL, vae_causal=False)).decode_next(z[:, :LF].float(), {})
+    with pytest.raises(ValueError, match="only a causal decoder"):
+        VideoVAE(replace(CAUSAL, vae_causal=False)).decoder(z[:, :LF].float().permute(0, 4, 1, 2, 3), {})
+
+    # the generator: one decode_next per chunk (no windows), frames as the whole video decoded at once
+    model = randomized(WorldModel(replace(TINY, vae_context=3, vae_causal=True))).eval()
+    calls = []
+    decode_next = model.vae.decode_next
+    monkeypatch.setattr(model.vae, "decode_next", lambda lat, past: calls.append(lat.shape[1]) or decode_next(lat, past))
+    p = "the red circle moves right"
+    stream = G.generate_chunks(model, [p], n_chunks=3, steps=2, window=2, cfg_neg=0.0, seed=0, keep_latents=True)
+    chunks = np.concatenate(list(stream))
+    assert calls == [LF] * 3
+    with torch.no_grad():
+        whole = G.to_uint8(model.vae.decode(torch.cat(stream.latents)[None])[0]).numpy()
+    diff = np.abs(chunks.astype(int) - whole.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # float32 rounding only
+    # a 4-chunk prefix: the receptive field (13 latent frames) reaches 3 chunks back
+    calls.clear()
+    prefix = np.ascontiguousarray(np.concatenate([chunks, chunks[:24]]))
+    list(G.generate_chunks(model, [p], n_chunks=1, steps=2, window=2, cfg_neg=0.0, seed=0, video=prefix))
+    assert calls == [3 * LF, LF]
 
 
 def test_vae_loss_and_latent_stats():

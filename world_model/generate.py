@@ -8,7 +8,8 @@ chunks in flight, each at its own t (earlier chunks cleaner, as in training). Wh
 reaches t = 1 it is final: it is run once more as clean context (t = 1) to get its self-attention
 K/V, which go into a bounded ring buffer (`RingKVCache`, at most ``attn_window - 1`` clean chunks,
 never more than the attention window), and it is decoded by the autoencoder and yielded (a decoder
-with ``vae_context`` n also reads the n chunks decoded before it, whose latents are kept). Memory
+with ``vae_context`` n also reads the n chunks decoded before it, whose latents are kept; a causal
+one carries two frames per convolution from chunk to chunk, `VideoVAE.decode_next`). Memory
 therefore does not grow with video length. ``ctx_t`` < 1 puts finished chunks into the cache noised
 back to that flow time instead of clean (measured: no gain; docs/benchmarks.md).
 
@@ -59,7 +60,7 @@ import torch
 from . import vocab
 from .text import token_runs
 from .train import NULL_CAPTION
-from .vae import to_uint8
+from .vae import receptive_latent_frames, to_uint8
 
 DEFAULT_STEPS = 30
 DEFAULT_WINDOW = 4
@@ -361,9 +362,16 @@ class ChunkStream:
         self.cache.push(kv)
 
     def _decode(self, latents_chunk) -> np.ndarray:
-        """Frames of a final chunk; a decoder with ``vae_context`` n also reads the n chunks decoded before it."""
+        """Frames of a final chunk; a decoder with ``vae_context`` n also reads the n chunks decoded before
+        it, a causal one carries its state from the chunk before (`VideoVAE.decode_next`)."""
         if self.latents is not None:
             self.latents.append(latents_chunk.cpu())
+        if self.cfg.vae_causal:
+            if self._decoder_past is None:  # the first chunk, or the first after a prefix: its past
+                self._decoder_past = {}
+                if self._last_latents is not None:
+                    self.model.vae.decode_next(self._last_latents, self._decoder_past)
+            return to_uint8(self.model.vae.decode_next(latents_chunk[None], self._decoder_past)[0]).cpu().numpy()
         frames = self.model.vae.decode(latents_chunk[None], context=self._last_latents)[0]
         n = self.cfg.vae_context * self.cfg.latent_frames  # latents kept for the next chunk: memory stays constant
         kept = latents_chunk[None] if self._last_latents is None else torch.cat([self._last_latents, latents_chunk[None]], 1)
@@ -379,6 +387,7 @@ class ChunkStream:
         shape = (lf, cfg.latent_size, cfg.latent_size, cfg.latent_channels)
         self._text_cache = {}
         self._last_latents = None
+        self._decoder_past: dict | None = None
         gen = torch.Generator().manual_seed(self.seed)
         self._ctx_gen = torch.Generator().manual_seed(self.seed + CTX_NOISE_SEED)
         grid = time_grid(self.steps, self.shift)
@@ -393,8 +402,9 @@ class ChunkStream:
                 clip = frames[i * cfg.chunk_frames:(i + 1) * cfg.chunk_frames].to(dev)
                 z = model.vae.encode(clip[None])[0].to(dt)  # uint8 in: the autoencoder scales it to [0, 1]
                 self._add_clean(z, i, self.prompts[0], 0)  # a prefix chunk: its run is not known
-            if cfg.vae_context:  # the decoder's context for the first new chunk: the prefix's last chunks
-                ctx = min(n_pre, cfg.vae_context) * cfg.chunk_frames
+            if cfg.vae_context or cfg.vae_causal:  # the decoder's context: the prefix's last chunks
+                reach = math.ceil(receptive_latent_frames(cfg) / lf) if cfg.vae_causal else cfg.vae_context
+                ctx = min(n_pre, reach) * cfg.chunk_frames
                 self._last_latents = model.vae.encode(frames[frames.shape[0] - ctx:][None].to(dev)).to(dt)
             base = n_pre
 

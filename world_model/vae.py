@@ -6,8 +6,10 @@ chunk's frames. Decoding is per chunk too, unless the config's ``vae_context`` i
 chunk's frames are decoded from its latent and the n chunks' before it (session 27: 1), never from
 later ones -- streaming generation still decodes a chunk as soon as it is final, keeping the last n
 chunks' latents. With ``vae_causal`` the decoder reads only the past inside a clip too (`Decoder`),
-so with enough context (n latent frames >= `receptive_latent_frames`) a stream's frames are
-those of the whole video decoded at once (the same arithmetic, up to float rounding).
+so with enough context (n latent frames >= `receptive_latent_frames`) a window's frames are
+those of the whole video decoded at once (the same arithmetic, up to float rounding), and a stream
+carries the decoder's state from chunk to chunk instead (`VideoVAE.decode_next`): one chunk's work
+per chunk, the whole past read.
 
 Regulariser: a KL autoencoder (diagonal Gaussian posterior, small KL weight), chosen over a plain
 autoencoder because the KL term keeps the latent scale fixed and its posterior noise makes the
@@ -39,13 +41,24 @@ class FrameGroupNorm(nn.GroupNorm):
 
 
 class CausalConv3d(nn.Conv3d):
-    """3x3x3 convolution that pads time on the past side only: output frame i reads frames i-2..i."""
+    """3x3x3 convolution that pads time on the past side only: output frame i reads frames i-2..i.
+
+    ``past``: a stream's state (`VideoVAE.decode_next`), a dict: this convolution reads the last two
+    input frames of its previous call from it instead of zeros, and leaves its own there."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__(c_in, c_out, 3, padding=(0, 1, 1))
 
-    def forward(self, x):
-        return super().forward(F.pad(x, (0, 0, 0, 0, 2, 0)))
+    def forward(self, x, past: dict | None = None):
+        before = None if past is None else past.get(self)
+        x = F.pad(x, (0, 0, 0, 0, 2, 0)) if before is None else torch.cat([before, x], 2)
+        if past is not None:
+            past[self] = x[:, :, -2:]
+        return super().forward(x)
+
+
+def _apply(conv: nn.Module, x: torch.Tensor, past: dict | None) -> torch.Tensor:
+    return conv(x) if past is None else conv(x, past)
 
 
 def _norm(c: int, causal: bool = False) -> nn.GroupNorm:
@@ -63,9 +76,9 @@ class ResBlock3d(nn.Module):
         self.norm2, self.conv2 = _norm(c_out, causal), _conv(c_out, c_out, causal)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x, past: dict | None = None):
+        h = _apply(self.conv1, F.silu(self.norm1(x)), past)
+        h = _apply(self.conv2, F.silu(self.norm2(h)), past)
         return self.skip(x) + h
 
 
@@ -105,7 +118,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        causal = cfg.vae_causal
+        self.causal = causal = cfg.vae_causal
         ch = cfg.vae_channels[::-1]
         self.stem = _conv(cfg.latent_channels, ch[0], causal)
         self.mid = ResBlock3d(ch[0], ch[0], causal)
@@ -118,12 +131,15 @@ class Decoder(nn.Module):
         self.norm_out = _norm(ch[-1], causal)
         self.head = _conv(ch[-1], 3, causal)
 
-    def forward(self, z):  # [N, C, t, h, w] -> [N, 3, T, H, W] in about [-1, 1]
-        x = self.mid(self.stem(z))
+    def forward(self, z, past: dict | None = None):  # [N, C, t, h, w] -> [N, 3, T, H, W] in about [-1, 1]
+        """``past`` (causal decoders): carry a stream's state from the call before (`VideoVAE.decode_next`)."""
+        if past is not None and not self.causal:
+            raise ValueError("only a causal decoder (vae_causal) carries a stream's past; this one reads whole windows")
+        x = self.mid(_apply(self.stem, z, past), past)
         for up, block, st in zip(self.ups, self.blocks, self.strides):
             x = F.interpolate(x, scale_factor=(st, 2, 2), mode="nearest")
-            x = block(up(x))
-        return self.head(F.silu(self.norm_out(x)))
+            x = block(_apply(up, x, past), past)
+        return _apply(self.head, F.silu(self.norm_out(x)), past)
 
 
 def receptive_latent_frames(cfg: ModelConfig) -> int:
@@ -254,6 +270,19 @@ class VideoVAE(nn.Module):
         out = [self.decoder(z[:, :, max(0, k - n) * lf:(k + 1) * lf])[:, :, -cfg.chunk_frames:]
                for k in range(first, z.shape[2] // lf)]
         return torch.cat(out, 2).permute(0, 2, 3, 4, 1)
+
+    def decode_next(self, latents: torch.Tensor, past: dict) -> torch.Tensor:
+        """A causal decoder's stream: frames [B, T, H, W, 3] in [0, 1] of the next chunks ``latents``
+        given ``past``, the state the calls before left (start with ``{}``; it is updated in place and
+        holds two frames per temporal convolution, whatever the video's length). A video decoded chunk
+        by chunk this way gives the frames of the whole video decoded at once, with one chunk's work
+        per chunk (windows of ``vae_context`` chunks redo the context's)."""
+        if not self.cfg.vae_causal:
+            raise ValueError("decode_next needs a causal decoder (vae_causal); use decode(latents, context)")
+        self._check_latents(latents)
+        z = (latents * self.latent_std + self.latent_mean).permute(0, 4, 1, 2, 3)
+        x = self.decoder(z, past).permute(0, 2, 3, 4, 1)
+        return ((x + 1) / 2).clamp(0, 1)
 
     def decode(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Frames float [B, T, H, W, 3] in [0, 1] (``context``: see `decode_raw`)."""
