@@ -52,8 +52,8 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x, past: dict | None = None):
         before = None if past is None else past.get(self)
         x = F.pad(x, (0, 0, 0, 0, 2, 0)) if before is None else torch.cat([before, x], 2)
-        if past is not None:
-            past[self] = x[:, :, -2:]
+        if past is not None:  # a copy: a view would keep this call's whole input alive
+            past[self] = x[:, :, -2:].clone()
         return super().forward(x)
 
 
