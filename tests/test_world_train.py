@@ -160,6 +160,28 @@ def test_adding_caption_runs_keeps_the_model_and_resumes(tmp_path):
             train(replace(more, steps_dit=6, model=bad), tmp_path / "b", "cpu", resume=tmp_path / "a", progress=False)
 
 
+def test_resume_keeps_a_fine_tuned_decoder(tmp_path):
+    """`magi train --resume` of a model whose decoder `finetune_decoder` changed (vae_context,
+    vae_causal: not training-config fields) trains the transformer on and keeps that decoder; other
+    model changes are still refused."""
+    tcfg = tiny(steps_vae=1, steps_dit=2, ckpt_every=0)
+    train(tcfg, tmp_path / "a", "cpu", progress=False)
+    src = tmp_path / "a" / "model.safetensors"
+    TR.finetune_decoder(src, tmp_path / "causal.safetensors", causal=True, context=3, clip_chunks=4, steps=1,
+                        batch=1, held_out=1, warmup=1)
+    before, cfg0, _ = load_checkpoint(tmp_path / "causal.safetensors")
+    res = train(replace(tcfg, steps_dit=4), tmp_path / "b", "cpu", resume=tmp_path / "causal.safetensors",
+                progress=False)
+    assert res.step == 5 and res.model.cfg == cfg0 and cfg0.vae_causal and cfg0.vae_context == 3
+    after, cfg1, _ = load_checkpoint(tmp_path / "b" / "model.safetensors")
+    a, b = before.state_dict(), after.state_dict()
+    assert cfg1 == cfg0 and all(torch.equal(a[k], b[k]) for k in a if k.startswith("vae."))  # the decoder kept
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("dit."))  # the transformer trained
+    with pytest.raises(ValueError, match="only caption_runs may change"):
+        train(replace(tcfg, steps_dit=5, model=replace(TINY, depth=3).to_dict()), tmp_path / "c", "cpu",
+              resume=tmp_path / "causal.safetensors", progress=False)
+
+
 def test_caption_run_vectors_get_their_own_learning_rate():
     tcfg = tiny(run_lr_scale=10.0)
     plain = TR.make_optimizer(TR._DiTParams(WorldModel(TINY)), tcfg, 1e-3)

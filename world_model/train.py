@@ -578,6 +578,12 @@ def add_caption_runs(model: WorldModel, runs: int) -> WorldModel:
     return new
 
 
+def _with_decoder_of(asked: ModelConfig, stored: ModelConfig) -> ModelConfig:
+    """``asked`` with the decoder form of ``stored`` (``vae_context``, ``vae_causal``): those come from
+    `finetune_decoder`, not from a training config, and a resumed run keeps the decoder it finds."""
+    return replace(asked, vae_context=stored.vae_context, vae_causal=stored.vae_causal)
+
+
 def _model_change_ok(saved: ModelConfig, asked: ModelConfig) -> bool:
     """Whether a run may resume with ``asked`` instead of ``saved``: equal, or caption runs added."""
     return asked == saved or (saved.caption_runs == 0 and asked.caption_runs > 0
@@ -592,7 +598,7 @@ def check_resume_config(tcfg: TrainConfig, saved: TrainConfig, meta: dict,
     changed since). Besides `RESUMABLE_CHANGES`, the model may gain caption runs (0 -> R)."""
     a, b = tcfg.to_dict(), saved.to_dict()
     stored = saved.model_config() if stored is None else stored
-    asked = tcfg.model_config()
+    asked = _with_decoder_of(tcfg.model_config(), stored)
     if not _model_change_ok(stored, asked):
         raise ValueError(f"resume: the checkpoint's model config {stored.to_dict()} differs from the asked one "
                          f"{asked.to_dict()}; only caption_runs may change, from 0 to R >= 1")
@@ -665,8 +671,9 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             raise ValueError(f"resume: {str(path)!r} holds no training config (a weights-only export?)")
         check_resume_config(tcfg, TrainConfig.from_dict(meta["train_config"]), meta, cfg)
         step, latent_stats, opt_file = meta["step"], bool(meta.get("latent_stats")), meta["optimizer"]
-        if cfg != tcfg.model_config():  # check_resume_config allowed it: caption runs added
-            model, cfg = add_caption_runs(model, tcfg.model_config().caption_runs), tcfg.model_config()
+        asked = _with_decoder_of(tcfg.model_config(), cfg)  # a fine-tuned decoder stays as it is
+        if cfg != asked:  # check_resume_config allowed it: caption runs added
+            model, cfg = add_caption_runs(model, asked.caption_runs), asked
             log(f"caption runs added (up to {cfg.caption_runs} chunks, their vectors start at zero); "
                 "AdamW starts from zero moments")
             opt_file = None  # the optimizer's state has no slot for the new parameter
