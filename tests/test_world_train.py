@@ -620,15 +620,20 @@ def test_cli_finetune_decoder_causal(tmp_path, capsys):
     src = save_checkpoint(tmp_path / "w.safetensors", WorldModel(TINY), step=7, meta={"phase": "dit"})
     out = tmp_path / "c.safetensors"
     assert cli.main(["finetune-decoder", "--weights", str(src), "--out", str(out), "--causal", "--clip-chunks", "4",
-                     "--context", "2", "--steps", "1", "--batch", "1", "--held-out", "1", "--device", "cpu"]) == 0
+                     "--context", "3", "--steps", "1", "--batch", "1", "--held-out", "1", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "fine-tuned the decoder: 1 steps" in text and "held-out round-trip seams" in text
     _, cfg, meta = load_checkpoint(out)
     assert meta["decoder_finetune"]["held_out_clips"] == 1 and meta["decoder_finetune"]["causal"] is True
-    assert cfg.vae_causal is True and cfg.vae_context == 2 and meta["decoder_finetune"]["clip_chunks"] == 4
+    assert cfg.vae_causal is True and cfg.vae_context == 3 and meta["decoder_finetune"]["clip_chunks"] == 4
     with pytest.raises(SystemExit):
         cli.main(["finetune-decoder", "--weights", str(src), "--out", str(out), "--clip-chunks", "1"])
     assert "clip_chunks must be >= 2" in capsys.readouterr().err
+    # a causal decoder trains on what a stream reads: its whole receptive field (13 latent frames, 3 chunks)
+    for args in (["--causal", "--context", "2"], ["--weights", str(out), "--context", "2"]):
+        with pytest.raises(SystemExit):
+            cli.main(["finetune-decoder", "--weights", str(src), "--out", str(tmp_path / "x.safetensors"), *args])
+        assert "a causal decoder needs context >= 3 chunks" in capsys.readouterr().err
 
 
 def test_batch_source_workers_give_the_same_batches_through_shared_memory():

@@ -880,7 +880,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     from dataclasses import replace
 
     from .evaluate import seam_score
-    from .vae import Decoder, causal_from, to_uint8
+    from .vae import Decoder, causal_from, receptive_latent_frames, to_uint8
 
     if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 4:
         raise ValueError(f"context must be 1..4 chunks, got {context!r}")
@@ -901,6 +901,12 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     del stored
     model, _, meta = load_checkpoint(weights, device=device)
     model.requires_grad_(False).eval()
+    cfg = replace(model.cfg, vae_context=context, vae_causal=causal or model.cfg.vae_causal)
+    reach = receptive_latent_frames(cfg)
+    if cfg.vae_causal and context * cfg.latent_frames < reach:
+        raise ValueError(f"a causal decoder needs context >= {math.ceil(reach / cfg.latent_frames)} chunks: its receptive "
+                         f"field is {reach} latent frames, and a stream reads all of them (`VideoVAE.decode_next`), so "
+                         f"training must too; got context {context}")
     n_chunks = clip_chunks
     check = torch.from_numpy(D.make_batch(derive_seed(seed, PHASE_DECODER, 1), 0, context + 1, held_out).frames).to(device)
     seam_clips = torch.from_numpy(D.make_batch(derive_seed(seed, PHASE_DECODER, 4), 0, SEAM_CHUNKS, held_out).frames)
@@ -923,7 +929,6 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         return float(np.mean(ratios))
 
     before, seams_before = held_out_error(), held_out_seams()  # the decoder as it was
-    cfg = replace(model.cfg, vae_context=context, vae_causal=causal or model.cfg.vae_causal)
     if cfg.vae_causal and not model.cfg.vae_causal:  # same parameters, new wiring
         new = Decoder(cfg).to(device)
         causal_from(model.vae.decoder, new)
