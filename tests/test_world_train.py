@@ -620,7 +620,7 @@ def test_cli_finetune_decoder_causal(tmp_path, capsys):
     src = save_checkpoint(tmp_path / "w.safetensors", WorldModel(TINY), step=7, meta={"phase": "dit"})
     out = tmp_path / "c.safetensors"
     assert cli.main(["finetune-decoder", "--weights", str(src), "--out", str(out), "--causal", "--clip-chunks", "4",
-                     "--context", "3", "--steps", "1", "--batch", "1", "--held-out", "1", "--device", "cpu"]) == 0
+                     "--steps", "1", "--batch", "1", "--held-out", "1", "--device", "cpu"]) == 0  # context: 3 for causal
     text = capsys.readouterr().out
     assert "fine-tuned the decoder: 1 steps" in text and "held-out round-trip seams" in text
     _, cfg, meta = load_checkpoint(out)

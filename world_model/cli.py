@@ -481,7 +481,9 @@ examples:
 def add_finetune_decoder_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="PATH", help="checkpoint to start from (default: the shipped small model)")
     p.add_argument("--out", required=True, metavar="PATH", help="where to write the fine-tuned checkpoint")
-    p.add_argument("--context", type=_pos_int, default=1, metavar="N", help="chunks before each chunk the decoder reads (1-4; default 1)")
+    p.add_argument("--context", type=_pos_int, metavar="N",
+                   help="chunks before each chunk the decoder reads (1-4; default 1, or 3 for a causal decoder: the "
+                        "chunks its receptive field spans, which it needs)")
     p.add_argument("--causal", action="store_true",
                    help="make the decoder causal (past-only temporal convolutions, per-frame norms; warm-started "
                         "from the stored decoder): a chunk then continues the chunk before as frames inside a chunk do")

@@ -849,14 +849,15 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
 SEAM_CHUNKS = 4  # chunks of the held-out clips whose round trips `finetune_decoder` scores for seams
 
 
-def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, context: int = 1, steps: int = 1500,
+def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, context: int | None = None, steps: int = 1500,
                      batch: int = 16, lr: float = 3e-4, warmup: int = 50, seed: int = 0,
                      device: str | torch.device | None = "cpu", workers: int = 0, held_out: int = 64,
                      causal: bool = False, clip_chunks: int | None = None,
                      time_limit: float | None = None, progress: bool | None = None) -> dict:
     """Teach the autoencoder's decoder of checkpoint ``weights`` to read ``context`` chunks before each
-    chunk (`ModelConfig.vae_context`), and write the model to ``out`` (floats stored as in ``weights``:
-    bf16 for the shipped file).
+    chunk (`ModelConfig.vae_context`; default 1, or for a causal decoder the chunks its receptive field
+    spans, 3), and write the model to ``out`` (floats stored as in ``weights``: bf16 for the shipped
+    file).
 
     Only the decoder trains (AdamW, linear warmup, cosine to 0.1 ``lr``): the encoder, the latent
     statistics, the caption encoder and the transformer are copied unchanged, so the latents the
@@ -882,14 +883,14 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     from .evaluate import seam_score
     from .vae import Decoder, causal_from, receptive_latent_frames, to_uint8
 
-    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 4:
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 4):
         raise ValueError(f"context must be 1..4 chunks, got {context!r}")
-    if clip_chunks is None:
-        clip_chunks = context + 1
     for name, v in (("steps", steps), ("batch", batch), ("held_out", held_out), ("clip_chunks", clip_chunks)):
+        if v is None and name == "clip_chunks":
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if clip_chunks < 2:
+    if clip_chunks is not None and clip_chunks < 2:
         raise ValueError(f"clip_chunks must be >= 2 (a chunk and the chunk before it), got {clip_chunks}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
@@ -901,8 +902,13 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     del stored
     model, _, meta = load_checkpoint(weights, device=device)
     model.requires_grad_(False).eval()
-    cfg = replace(model.cfg, vae_context=context, vae_causal=causal or model.cfg.vae_causal)
-    reach = receptive_latent_frames(cfg)
+    causal = causal or model.cfg.vae_causal
+    reach = receptive_latent_frames(model.cfg)
+    if context is None:
+        context = math.ceil(reach / model.cfg.latent_frames) if causal else 1
+    if clip_chunks is None:
+        clip_chunks = context + 1
+    cfg = replace(model.cfg, vae_context=context, vae_causal=causal)
     if cfg.vae_causal and context * cfg.latent_frames < reach:
         raise ValueError(f"a causal decoder needs context >= {math.ceil(reach / cfg.latent_frames)} chunks: its receptive "
                          f"field is {reach} latent frames, and a stream reads all of them (`VideoVAE.decode_next`), so "
