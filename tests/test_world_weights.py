@@ -34,3 +34,14 @@ def test_shipped_small_weights_load_and_reconstruct():
     blank = float(((target - target.mean()) ** 2).mean())  # predicting the mean colour
     assert recon.shape == target.shape
     assert mse < 0.25 * blank, (mse, blank)
+
+
+def test_stores_bf16_reads_the_header(tmp_path):
+    """`finetune_decoder` writes its output in the source's float width: the shipped file is bf16."""
+    from maskc.world_model.checkpoint import save_checkpoint, stores_bf16
+    from maskc.world_model.dit import WorldModel
+
+    assert stores_bf16(WEIGHTS)
+    tiny = WorldModel(configs.get_config("tiny"))
+    assert not stores_bf16(save_checkpoint(tmp_path / "f32.safetensors", tiny, step=0))
+    assert stores_bf16(save_checkpoint(tmp_path / "bf16.safetensors", tiny, step=0, dtype=torch.bfloat16))

@@ -204,6 +204,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
     return tensors, cfg, meta
 
 
+def stores_bf16(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint stores any tensor in bfloat16 (the shipped file does); reads the header only."""
+    _safetensors()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32):
     """``(model, cfg, meta)``: a `WorldModel` rebuilt from the stored config with the stored weights.

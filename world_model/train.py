@@ -64,7 +64,7 @@ import torch
 
 from . import data as D
 from . import vocab
-from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_path, read_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_path, save_checkpoint, stores_bf16
 from .configs import CONFIGS, ModelConfig, get_config
 from .dit import WorldModel, flow_matching_loss, param_counts
 from .text import pack_text, token_runs
@@ -897,10 +897,8 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     device = resolve_device(device)
     if progress is None:
         progress = sys.stderr.isatty()
-    stored = read_checkpoint(weights)[0]
-    stored_dtype = torch.bfloat16 if any(t.dtype == torch.bfloat16 for t in stored.values()) else None
-    del stored
     model, _, meta = load_checkpoint(weights, device=device)
+    stored_dtype = torch.bfloat16 if stores_bf16(weights) else None
     model.requires_grad_(False).eval()
     causal = causal or model.cfg.vae_causal
     reach = receptive_latent_frames(model.cfg)
