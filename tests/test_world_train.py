@@ -412,6 +412,13 @@ def test_resume_checks(tmp_path):
     # extending the run is allowed (the cosine schedule then follows the new length)
     more = train(replace(tcfg, steps_dit=2), tmp_path / "c", "cpu", resume=ckpt, progress=False)
     assert more.step == 3 and [s for s, _ in more.losses["dit"]] == [2]
+    # so is fine-tuning on a new data mix: longer clips in a sliding window, more dropout and i2v
+    mix = {"n_chunks": 4, "batch": 1, "attn_window": 2, "caption_dropout": 0.5, "p_i2v": 0.5, "p_cut": 0.0,
+           "p_continuation": 0.5}
+    tuned = train(replace(tcfg, steps_dit=3, **mix), tmp_path / "d", "cpu", resume=ckpt, progress=False)
+    assert tuned.step == 4 and json.loads((tmp_path / "d" / "train_config.json").read_text())["n_chunks"] == 4
+    with pytest.raises(ValueError, match="lr_dit=.*only steps_vae"):  # the optimizer's settings stay
+        train(replace(tcfg, steps_dit=3, lr_dit=1.0), tmp_path / "e", "cpu", resume=ckpt, progress=False)
 
 
 # ------------------------------------------------------------------------------- checkpoints

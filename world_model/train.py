@@ -77,7 +77,10 @@ PHASE_VAE, PHASE_DIT, PHASE_STATS, PHASE_DECODER = 1, 2, 3, 4
 # fields that may change when resuming (they do not change what a step computes, or only extend the run)
 RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints", "log_every",
                      "sample_every", "data_workers", "fg_weight", "compile",
-                     "p_scheduled", "p_lookahead",  # fine-tuning with a new loss weighting / data mix
+                     # fine-tuning with a new loss weighting / data mix: the clips, how they are cut,
+                     # started and captioned, and the attention window (generation's default follows it)
+                     "p_scheduled", "p_lookahead", "n_chunks", "batch", "reuse", "p_cut", "p_continuation",
+                     "p_i2v", "caption_dropout", "attn_window",
                      "run_lr_scale")
 
 
