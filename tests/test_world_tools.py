@@ -210,3 +210,36 @@ def test_caption_gap_script_context_mode(capsys):
     assert all(r == pytest.approx(w / a, rel=5e-3) for r, w, a in zip(res["ratio"], res["with_context"], res["alone"]))  # printed to 4 places
     with pytest.raises(SystemExit, match="must be >= 1"):
         world_caption_gap.main(["--context", "--clips", "0"])
+
+
+def test_sampler_sweep_decoders_score_the_same_latents(tmp_path, capsys):
+    """--decoders W: each video's latents decoded again by W's decoder, scored and paired by video. The
+    model's own decoder reproduces its frames (paired 0); another decoder draws other frames; a
+    checkpoint whose encoder differs is refused (its decoder reads other latents)."""
+    import torch
+
+    from maskc.world_model.checkpoint import save_checkpoint
+    from maskc.world_model.generate import DEFAULT_WEIGHTS, load_model
+
+    model, meta = load_model()
+    same = DEFAULT_WEIGHTS
+    with torch.no_grad():
+        model.vae.decoder.head.bias.add_(0.3)  # a brighter decoder, the same encoder
+    other = save_checkpoint(tmp_path / "bright.safetensors", model, step=meta["step"])
+    with torch.no_grad():
+        model.vae.encoder.head.bias.add_(0.3)
+    foreign = save_checkpoint(tmp_path / "foreign.safetensors", model, step=meta["step"])
+    out = tmp_path / "sweep.json"
+    assert world_sampler_sweep.main(["--seeds", "10", "--chunks", "2", "--threads", "1", "--settings", "steps=2",
+                                     "--decoders", str(same), str(other), "--json", str(out)]) == 0
+    assert "decoder of" in capsys.readouterr().out
+    (run,) = json.loads(out.read_text())["runs"]
+    (video,) = run["videos"]
+    own, bright = run["decoder_runs"]
+    assert own["weights"] == str(same) and bright["weights"] == str(other)
+    assert video["decoders"][0]["matches"] == video["matches"] and video["decoders"][0]["seams"] == video["seams"]
+    assert own["paired_prompt_following"]["mean"] == 0.0 and own["paired_seams"]["mean"] == 0.0
+    assert video["decoders"][1]["seams"] != video["seams"] and bright["paired_seams"]["videos"] == 1
+    with pytest.raises(SystemExit):
+        world_sampler_sweep.main(["--seeds", "10", "--chunks", "2", "--settings", "steps=2", "--decoders", str(foreign)])
+    assert "encodes differently" in capsys.readouterr().err
