@@ -865,16 +865,17 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     Only the decoder trains (AdamW, linear warmup, cosine to 0.1 ``lr``): the encoder, the latent
     statistics, the caption encoder and the transformer are copied unchanged, so the latents the
     transformer generates mean what they meant. Each step decodes ``batch`` simulator clips of
-    ``context + 1`` chunks from posterior samples (`vae.decoder_loss`): the first chunk alone, as a
-    video's first chunk is, the next with the chunk before it. A decoder that reads each chunk on
+    ``clip_chunks`` chunks from posterior samples (`vae.decoder_loss`): the first chunk alone, as a
+    video's first chunk is, each later one with the chunks before it. A decoder that reads each chunk on
     its own draws the chunk's first and last frames without knowing the neighbouring chunk; that
     is where the seams of its videos come from. ``time_limit`` (seconds): stop early, after the
     step that crosses it (the record says how many steps ran).
 
     ``causal``: make the decoder causal (`ModelConfig.vae_causal`: past-only temporal convolutions,
     per-frame norms), warm-started from the stored one (`vae.causal_from`); then a chunk's frames
-    continue the chunk before's as frames inside a chunk continue each other, the context window
-    standing in for the rest of the past. ``clip_chunks`` (default ``context + 1``): chunks of each
+    continue the chunk before's as frames inside a chunk continue each other. A stream reads its whole
+    past (`VideoVAE.decode_next`), so its context must cover the receptive field (ValueError
+    otherwise): then training decodes what a stream does. ``clip_chunks`` (default ``context + 1``): chunks of each
     training clip, all decoded as a stream is (the first alone, each later one with its context) and
     all in the loss; ``context + 2`` also trains the seam between two chunks that both had context.
 
