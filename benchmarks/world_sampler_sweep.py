@@ -199,7 +199,7 @@ def decoder_runs(weights, per_video) -> list[dict]:
         dv = [v["decoders"][i] for v in per_video]
         out.append({"weights": w, "prompt_following": float(np.mean([m for d in dv for m in d["matches"]])),
                     "by_chunk": ev.by_chunk([d["matches"] for d in dv]),
-                    "seams": {k: float(np.mean([d["seams"][k] for d in dv])) for k in ("boundary", "inside", "ratio")},
+                    "seams": {k: float(np.mean([d["seams"][k] for d in dv])) for k in ev.SEAM_KEYS},
                     "paired_prompt_following": _paired([np.mean(d["matches"]) - np.mean(v["matches"])
                                                         for d, v in zip(dv, per_video)]),
                     "paired_seams": _paired([d["seams"]["ratio"] - v["seams"]["ratio"] for d, v in zip(dv, per_video)])})
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                "by_chunk": ev.by_chunk([v["matches"] for v in per_video]), "videos": per_video,
                "first_chunk_room": {k: float(np.mean([r[k] for r in rooms])) if rooms else None
                                     for k in ("same_velocity", "slowest")} | {"videos": len(rooms)},
-               "seams": {k: float(np.mean([v["seams"][k] for v in per_video])) for k in ("boundary", "inside", "ratio")},
+               "seams": {k: float(np.mean([v["seams"][k] for v in per_video])) for k in ev.SEAM_KEYS},
                "persistent": float(np.mean([v["persistent"] for v in per_video])),
                "seconds": time.perf_counter() - t0}
         if decoders:
@@ -340,12 +340,14 @@ def main(argv=None) -> int:
               + f"; the whole-video occlusion rule {run['prompt_following_video_rule']:.3f}", flush=True)
         sm = run["seams"]
         print(f"{'':<28} seams: boundary / inside frame difference {sm['ratio']:.2f} ({sm['boundary']:.2f} / "
-              f"{sm['inside']:.2f}; per-video mean); object persistence against the first frame "
+              f"{sm['inside']:.2f}; per-video mean); latent-frame steps {sm['latent_ratio']:.2f}; object persistence "
+              f"against the first frame "
               f"{run['persistent']:.3f}", flush=True)
         for d in run.get("decoder_runs", []):
             print(f"{'':<28} decoder of {d['weights']}: prompt following {d['prompt_following']:.3f} (paired "
                   f"{d['paired_prompt_following']['mean']:+.4f} +- {d['paired_prompt_following']['se']:.4f}), seams "
-                  f"{d['seams']['ratio']:.2f} (paired {d['paired_seams']['mean']:+.3f} +- {d['paired_seams']['se']:.3f})",
+                  f"{d['seams']['ratio']:.2f} (paired {d['paired_seams']['mean']:+.3f} +- {d['paired_seams']['se']:.3f}), "
+                  f"latent-frame steps {d['seams']['latent_ratio']:.2f}",
                   flush=True)
         fr = run["first_chunk_room"]
         if fr["videos"]:

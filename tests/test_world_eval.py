@@ -185,6 +185,13 @@ def test_seam_metric_detects_a_cut():
     assert cut["boundary"] > 2 * smooth["boundary"]
     assert cut["ratio"] > 2 * smooth["ratio"]
     assert smooth["ratio"] < 1.5
+    # a clip that holds each frame for 4 frames steps at every latent-frame boundary, not at a chunk's
+    held = a.frames[::4].repeat(4, axis=0)
+    steps = E.seam_score(held)
+    assert 0.8 < smooth["latent_ratio"] < 1.25 and steps["other"] == 0.0 and steps["latent_ratio"] == float("inf")
+    jitter = held.astype(np.int16) + np.random.default_rng(0).integers(-3, 4, held.shape)
+    j = E.seam_score(np.clip(jitter, 0, 255).astype(np.uint8))
+    assert j["latent_ratio"] > 1.5 and j["boundary"] > 1.5 * j["other"]  # a chunk boundary is a latent one too
 
 
 def test_psnr_and_persistence():

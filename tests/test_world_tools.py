@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import profile_train_step  # noqa: E402
 import world_caption_gap  # noqa: E402
 import world_sampler_sweep  # noqa: E402
+import world_seam_plot  # noqa: E402
 import world_tracker_check  # noqa: E402
 
 
@@ -243,3 +244,21 @@ def test_sampler_sweep_decoders_score_the_same_latents(tmp_path, capsys):
     with pytest.raises(SystemExit):
         world_sampler_sweep.main(["--seeds", "10", "--chunks", "2", "--settings", "steps=2", "--decoders", str(foreign)])
     assert "encodes differently" in capsys.readouterr().err
+
+
+def test_seam_plot_draws_each_decoder_on_the_same_latents(tmp_path, capsys):
+    import numpy as np
+
+    from maskc.world_model.generate import DEFAULT_WEIGHTS
+
+    out, js = tmp_path / "seams.png", tmp_path / "seams.json"
+    assert world_seam_plot.main(["--seeds", "10", "--chunks", "2", "--steps", "2", "--threads", "1",
+                                 "--decoders", str(DEFAULT_WEIGHTS), "--out", str(out), "--json", str(js)]) == 0
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+    curves = json.loads(js.read_text())["curves"]
+    assert set(curves) == {"simulator", "model", str(DEFAULT_WEIGHTS)} and len(curves["model"]) == 47
+    assert np.array_equal(curves["model"], curves[str(DEFAULT_WEIGHTS)])  # its own decoder: the same frames
+    assert "latent-frame steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        world_seam_plot.main(["--chunks", "1", "--out", str(out)])
+    assert np.array_equal(world_seam_plot.frame_differences(np.zeros((3, 2, 2, 3), np.uint8)), [0.0, 0.0])

@@ -444,15 +444,26 @@ def position_error(frames, clip: data.Clip, start_frame: int, tol: float = DEFAU
             "missing": missing / total if total else 0.0, "n": total}
 
 
-def seam_score(frames, chunk_frames: int = 24) -> dict:
-    """Mean absolute frame difference at chunk boundaries vs inside chunks (and their ratio)."""
+SEAM_KEYS = ("boundary", "inside", "ratio", "latent_boundary", "other", "latent_ratio")  # what `seam_score` gives
+
+
+def seam_score(frames, chunk_frames: int = 24, time_down: int = 4) -> dict:
+    """Mean absolute frame difference at chunk boundaries vs inside chunks (and their ratio), and the
+    same at latent-frame boundaries inside chunks (every ``time_down`` frames: a decoder that draws
+    each latent frame's frames alike steps there) vs the other transitions (``latent_ratio``)."""
     f = np.asarray(frames, np.float32)
     d = np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))  # d[t]: frame t -> t+1
     idx = np.arange(len(d))
     boundary = (idx + 1) % chunk_frames == 0
-    b = float(d[boundary].mean()) if boundary.any() else float("nan")
-    i = float(d[~boundary].mean()) if (~boundary).any() else float("nan")
-    return {"boundary": b, "inside": i, "ratio": b / i if i > 0 else float("inf")}
+    latent = ((idx + 1) % time_down == 0) & ~boundary
+    other = ~boundary & ~latent
+
+    def mean(sel):
+        return float(d[sel].mean()) if sel.any() else float("nan")
+
+    b, i, lb, o = mean(boundary), mean(~boundary), mean(latent), mean(other)
+    return {"boundary": b, "inside": i, "ratio": b / i if i > 0 else float("inf"),
+            "latent_boundary": lb, "other": o, "latent_ratio": lb / o if o > 0 else float("inf")}
 
 
 def _rss_bytes() -> int:
@@ -706,9 +717,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                                "fraction_video_rule": float(np.mean([m for r in pf for m in r["matches_video_rule"]])),
                                "runs": pf}
     sim_seams = seam_score(data.generate(seeds[0], chunks, cfg).frames, cfg.chunk_frames)
-    res["seams"] = {"boundary": float(np.mean([s["boundary"] for s in seams])),
-                    "inside": float(np.mean([s["inside"] for s in seams])),
-                    "ratio": float(np.mean([s["ratio"] for s in seams])), "simulator_ratio": sim_seams["ratio"]}
+    res["seams"] = {k: float(np.mean([s[k] for s in seams])) for k in SEAM_KEYS}
+    res["seams"] |= {"simulator_ratio": sim_seams["ratio"], "simulator_latent_ratio": sim_seams["latent_ratio"]}
 
     # image-to-video: the seed's first simulator frame, told its first caption for image_chunks chunks;
     # persistence also on the simulator's own clip and on its autoencoder round trip
@@ -846,6 +856,9 @@ def format_table(res: dict) -> str:
     s = res["seams"]
     rows += [("seam ratio (boundary / inside diff)", f"{s['ratio']:.2f}",
               f"boundary {s['boundary']:.2f}, inside {s['inside']:.2f}, simulator {s['simulator_ratio']:.2f}")]
+    if "latent_ratio" in s:  # results of session 29 on
+        rows += [("latent-frame steps (their / other diff)", f"{s['latent_ratio']:.2f}",
+                  f"every 4th frame inside chunks, simulator {s['simulator_latent_ratio']:.2f}")]
     for m in res["memory"]["runs"]:
         where = ", fresh process" if "pid" in m else ""
         rows.append((f"memory {m['chunks']} chunks: peak RSS (MB)", f"{m['peak_rss_mb']:.1f}",
