@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     chunk = model.cfg.chunk_frames
     boundary = (np.arange(len(mean["model"])) + 1) % chunk == 0
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    label = {"model": f"{args.weights or 'shipped'} (its own decoder)", "simulator": "simulator"}
+    label = {"model": f"{Path(args.weights).name if args.weights else 'shipped'} (its own decoder)",
+             "simulator": "simulator"} | {w: f"decoder of {Path(w).name}" for w, _ in vaes}
     for k, m in mean.items():
         ratio = m[boundary].mean() / m[~boundary].mean()
         ax.plot(np.arange(1, len(m) + 1), m, lw=1.4 if k != "simulator" else 1.0,
