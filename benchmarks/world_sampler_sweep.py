@@ -174,11 +174,8 @@ def decoder_scores(vae, latents, prompts, cfg) -> dict:
     import torch
 
     from maskc.world_model import evaluate as ev
-    from maskc.world_model.vae import to_uint8
 
-    with torch.no_grad():
-        z = torch.cat(latents)[None].to(vae.latent_mean.device)
-        frames = to_uint8(vae.decode(z.to(vae.latent_mean.dtype))[0]).cpu().numpy()
+    frames = vae.video_of(torch.cat(latents)).cpu().numpy()
     r = ev.prompt_following(frames, prompts, cfg)
     return {"matches": r["matches"], "seams": ev.seam_score(frames, cfg.chunk_frames)}
 

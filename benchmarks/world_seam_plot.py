@@ -52,7 +52,6 @@ def main(argv=None) -> int:
     from maskc.world_model import data
     from maskc.world_model import evaluate as ev
     from maskc.world_model.generate import generate_chunks, load_model
-    from maskc.world_model.vae import to_uint8
     from world_sampler_sweep import same_encoder_vae
 
     torch.set_num_threads(args.threads)
@@ -68,10 +67,9 @@ def main(argv=None) -> int:
         prompts = ev.direction_change_prompts(s, args.chunks, cfg)
         stream = generate_chunks(model, prompts, seed=s, meta=meta, keep_latents=True, **kw)
         curves["model"].append(frame_differences(np.concatenate(list(stream))))
-        z = torch.cat(stream.latents)[None]
-        with torch.no_grad():
-            for w, vae in vaes:
-                curves[w].append(frame_differences(to_uint8(vae.decode(z.to(vae.latent_mean.dtype))[0]).numpy()))
+        z = torch.cat(stream.latents)
+        for w, vae in vaes:
+            curves[w].append(frame_differences(vae.video_of(z).cpu().numpy()))
         curves["simulator"].append(frame_differences(data.generate_from_prompts(prompts, s, cfg, gravity=False).frames))
 
     mean = {k: np.mean(v, 0) for k, v in curves.items()}

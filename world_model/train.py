@@ -889,13 +889,11 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
 
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 4):
         raise ValueError(f"context must be 1..4 chunks, got {context!r}")
-    for name, v in (("steps", steps), ("batch", batch), ("held_out", held_out), ("clip_chunks", clip_chunks)):
-        if v is None and name == "clip_chunks":
-            continue
+    for name, v in (("steps", steps), ("batch", batch), ("held_out", held_out)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if clip_chunks is not None and clip_chunks < 2:
-        raise ValueError(f"clip_chunks must be >= 2 (a chunk and the chunk before it), got {clip_chunks}")
+    if clip_chunks is not None and (isinstance(clip_chunks, bool) or not isinstance(clip_chunks, int) or clip_chunks < 2):
+        raise ValueError(f"clip_chunks must be >= 2 (a chunk and the chunk before it), got {clip_chunks!r}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
     device = resolve_device(device)
@@ -915,7 +913,6 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         raise ValueError(f"a causal decoder needs context >= {math.ceil(reach / cfg.latent_frames)} chunks: its receptive "
                          f"field is {reach} latent frames, and a stream reads all of them (`VideoVAE.decode_next`), so "
                          f"training must too; got context {context}")
-    n_chunks = clip_chunks
     check = torch.from_numpy(D.make_batch(derive_seed(seed, PHASE_DECODER, 1), 0, context + 1, held_out).frames).to(device)
     seam_clips = torch.from_numpy(D.make_batch(derive_seed(seed, PHASE_DECODER, 4), 0, SEAM_CHUNKS, held_out).frames)
 
@@ -947,7 +944,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     dec = model.vae.decoder
     dec.requires_grad_(True).train()
     opt = torch.optim.AdamW(dec.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    src = BatchSource(derive_seed(seed, PHASE_DECODER, 0), n_chunks, batch, 0, workers)
+    src = BatchSource(derive_seed(seed, PHASE_DECODER, 0), clip_chunks, batch, 0, workers)
     bar = _progress(steps, 0, "decoder", progress)
     losses = []
     deadline = math.inf if time_limit is None else time.perf_counter() + time_limit

@@ -293,7 +293,15 @@ class VideoVAE(nn.Module):
         """uint8 frames [T, H, W, 3] (tensor or array) encoded (posterior mean) and decoded: uint8 [T, H, W, 3]
         on this model's device, what generated frames look like at best with this autoencoder."""
         x = torch.as_tensor(frames, device=self.latent_mean.device)[None]
-        return to_uint8(self.decode(self.encode(x))[0])
+        return self.video_of(self.encode(x)[0])
+
+    @torch.no_grad()
+    def video_of(self, latents) -> torch.Tensor:
+        """uint8 frames [T, H, W, 3] of one video's latents [T / time_down, h, w, C] (any device and float
+        type; e.g. `ChunkStream.latents` concatenated), decoded as a stream decodes them, on this model's
+        device."""
+        z = torch.as_tensor(latents).to(self.latent_mean.device, self.latent_mean.dtype)[None]
+        return to_uint8(self.decode(z)[0])
 
     @torch.no_grad()
     def set_latent_stats(self, frames: torch.Tensor) -> None:
