@@ -379,6 +379,21 @@ def test_causal_decoder_stream_carries_its_state(monkeypatch):
     assert calls == [3 * LF, LF]
 
 
+def test_decoder_loss_frame_difference_term():
+    """diff_weight adds the MSE of consecutive frames' differences (decoded against true) to the plain
+    loss, drawn from the same posterior sample."""
+    torch.manual_seed(0)
+    vae = VideoVAE(replace(TINY, vae_context=1))
+    frames = torch.from_numpy(D.generate(3, 2).frames)[None]
+    plain = decoder_loss(vae, frames, generator=torch.Generator().manual_seed(0))
+    both = decoder_loss(vae, frames, generator=torch.Generator().manual_seed(0), diff_weight=2.0)
+    with torch.no_grad():
+        z = vae.encode(frames, sample=True, generator=torch.Generator().manual_seed(0))
+        recon, target = vae.decode_raw(z), frames.double() / 127.5 - 1
+        d = ((recon[:, 1:] - recon[:, :-1]).double() - (target[:, 1:] - target[:, :-1])).square().mean()
+    assert torch.allclose(both.double(), plain.double() + 2.0 * d, rtol=1e-5) and both > plain
+
+
 def test_vae_loss_and_latent_stats():
     torch.manual_seed(0)
     vae = VideoVAE(TINY)

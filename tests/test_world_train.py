@@ -599,6 +599,7 @@ def test_finetune_decoder_causal_keeps_the_record_of_the_fine_tune_before(tmp_pa
     r = TR.finetune_decoder(src, tmp_path / "causal.safetensors", causal=True, context=3, clip_chunks=4, **kw)
     assert r["causal"] is True and r["clip_chunks"] == 4 and r["context"] == 3 and "previous" not in r
     assert np.isfinite(r["held_out_seams_before"]) and np.isfinite(r["held_out_seams_after"])
+    assert r["held_out_latent_steps_before"] > 0 and r["held_out_latent_steps_after"] > 0 and r["diff_weight"] == 0.0
     assert r["held_out_seams_before"] > 0 and r["held_out_seams_after"] > 0
     a, cfg_a, _ = load_checkpoint(src)
     b, cfg_b, meta_b = load_checkpoint(tmp_path / "causal.safetensors")
@@ -616,7 +617,9 @@ def test_finetune_decoder_causal_keeps_the_record_of_the_fine_tune_before(tmp_pa
     assert r2["previous"] == r and meta_c["decoder_finetune"]["previous"] == meta_b["decoder_finetune"]
     for bad, msg in (({"clip_chunks": 1}, "clip_chunks must be >= 2"), ({"clip_chunks": 0}, "clip_chunks must be"),
                      ({"causal": 1}, "causal must be True or False"),
-                     ({"causal": "yes"}, "causal must be True or False")):
+                     ({"causal": "yes"}, "causal must be True or False"),
+                     ({"diff_weight": -1.0}, "diff_weight must be a number >= 0"),
+                     ({"diff_weight": float("nan")}, "diff_weight must be a number >= 0")):
         with pytest.raises(ValueError, match=msg):
             TR.finetune_decoder(src, tmp_path / "x.safetensors", held_out=1, **bad)
     assert not (tmp_path / "x.safetensors").exists()
@@ -630,6 +633,7 @@ def test_cli_finetune_decoder_causal(tmp_path, capsys):
                      "--steps", "1", "--batch", "1", "--held-out", "1", "--device", "cpu"]) == 0  # context: 3 for causal
     text = capsys.readouterr().out
     assert "fine-tuned the decoder: 1 steps" in text and "held-out round-trip seams" in text
+    assert "steps where a latent frame starts" in text
     _, cfg, meta = load_checkpoint(out)
     assert meta["decoder_finetune"]["held_out_clips"] == 1 and meta["decoder_finetune"]["causal"] is True
     assert cfg.vae_causal is True and cfg.vae_context == 3 and meta["decoder_finetune"]["clip_chunks"] == 4

@@ -489,6 +489,9 @@ def add_finetune_decoder_arguments(p: argparse.ArgumentParser) -> None:
                         "from the stored decoder): a chunk then continues the chunk before as frames inside a chunk do")
     p.add_argument("--clip-chunks", type=_pos_int, metavar="N",
                    help="chunks per training clip, each decoded with its context as a stream does (default: context + 1)")
+    p.add_argument("--diff-weight", type=float, default=0.0, metavar="W",
+                   help="also weigh the error of consecutive frames' differences by W (seams and steps between "
+                        "latent frames cost more; default 0: plain MSE)")
     p.add_argument("--steps", type=_pos_int, default=1500, metavar="N", help="optimizer steps (default 1500)")
     p.add_argument("--batch", type=_pos_int, default=16, metavar="N", help="clips per step (default 16)")
     p.add_argument("--lr", type=_pos_float, default=3e-4, metavar="LR", help="peak learning rate (default 3e-4)")
@@ -518,7 +521,7 @@ def run_finetune_decoder(args, parser) -> int:
         device = resolve_device(args.device)
         r = finetune_decoder(weights, args.out, context=args.context, steps=args.steps, batch=args.batch, lr=args.lr,
                              seed=args.seed, device=device, workers=args.workers, causal=args.causal,
-                             clip_chunks=args.clip_chunks, held_out=args.held_out,
+                             clip_chunks=args.clip_chunks, held_out=args.held_out, diff_weight=args.diff_weight,
                              time_limit=None if args.time_limit is None else 60.0 * args.time_limit)
     except ValueError as e:
         parser.error(str(e))
@@ -528,7 +531,8 @@ def run_finetune_decoder(args, parser) -> int:
     print(f"held-out reconstruction MSE, first / middle / last frame of a chunk: before {b[0]:.5f} / "
           f"{b[len(b) // 2]:.5f} / {b[-1]:.5f}, after {a[0]:.5f} / {a[len(a) // 2]:.5f} / {a[-1]:.5f}")
     print(f"held-out round-trip seams (boundary / inside frame difference): {r['held_out_seams_before']:.3f} -> "
-          f"{r['held_out_seams_after']:.3f}")
+          f"{r['held_out_seams_after']:.3f}; steps where a latent frame starts: "
+          f"{r['held_out_latent_steps_before']:.3f} -> {r['held_out_latent_steps_after']:.3f}")
     print(f"weights: {args.out}")
     return 0
 

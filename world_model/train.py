@@ -855,7 +855,7 @@ SEAM_CHUNKS = 4  # chunks of the held-out clips whose round trips `finetune_deco
 def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, context: int | None = None, steps: int = 1500,
                      batch: int = 16, lr: float = 3e-4, warmup: int = 50, seed: int = 0,
                      device: str | torch.device | None = "cpu", workers: int = 0, held_out: int = 64,
-                     causal: bool = False, clip_chunks: int | None = None,
+                     causal: bool = False, clip_chunks: int | None = None, diff_weight: float = 0.0,
                      time_limit: float | None = None, progress: bool | None = None) -> dict:
     """Teach the autoencoder's decoder of checkpoint ``weights`` to read ``context`` chunks before each
     chunk (`ModelConfig.vae_context`; default 1, or for a causal decoder the chunks its receptive field
@@ -878,6 +878,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     otherwise): then training decodes what a stream does. ``clip_chunks`` (default ``context + 1``): chunks of each
     training clip, all decoded as a stream is (the first alone, each later one with its context) and
     all in the loss; ``context + 2`` also trains the seam between two chunks that both had context.
+    ``diff_weight``: weight of the frame-difference term of `vae.decoder_loss` (0: plain MSE).
 
     Returns the reconstruction MSE of ``held_out`` clips before and after, per frame position in
     the last chunk, and the seams of their round trips (`evaluate.seam_score` of clips of
@@ -896,6 +897,8 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         raise ValueError(f"clip_chunks must be >= 2 (a chunk and the chunk before it), got {clip_chunks!r}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
+    if isinstance(diff_weight, bool) or not isinstance(diff_weight, (int, float)) or not 0 <= diff_weight < math.inf:
+        raise ValueError(f"diff_weight must be a number >= 0 (0: plain MSE), got {diff_weight!r}")
     device = resolve_device(device)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -925,15 +928,16 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         return (x - target).square().mean((0, 2, 3, 4)).tolist()
 
     @torch.no_grad()
-    def held_out_seams() -> float:
-        ratios = []
+    def held_out_seams() -> tuple[float, float]:
+        """Mean seam ratio and latent-frame step ratio of the held-out round trips."""
+        scores = []
         for i in range(0, held_out, 8):  # a few clips at a time: 4 chunks decoded with context
             x = seam_clips[i:i + 8].to(device)
             frames = to_uint8(model.vae.decode(model.vae.encode(x))).cpu().numpy()
-            ratios += [seam_score(f, model.cfg.chunk_frames)["ratio"] for f in frames]
-        return float(np.mean(ratios))
+            scores += [seam_score(f, model.cfg.chunk_frames, model.cfg.time_down) for f in frames]
+        return float(np.mean([s["ratio"] for s in scores])), float(np.mean([s["latent_ratio"] for s in scores]))
 
-    before, seams_before = held_out_error(), held_out_seams()  # the decoder as it was
+    before, (seams_before, steps_before) = held_out_error(), held_out_seams()  # the decoder as it was
     if cfg.vae_causal and not model.cfg.vae_causal:  # same parameters, new wiring
         new = Decoder(cfg).to(device)
         causal_from(model.vae.decoder, new)
@@ -957,7 +961,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, lr, warmup, 0.1)
             gen = torch.Generator(device=device).manual_seed(derive_seed(seed, PHASE_DECODER, 3, step))
-            loss = decoder_loss(model.vae, x, generator=gen)
+            loss = decoder_loss(model.vae, x, generator=gen, diff_weight=diff_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             _clip(dec.parameters(), 1.0)
@@ -969,7 +973,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         bar.close()
         src.close()
     dec.eval()
-    after, seams_after = held_out_error(), held_out_seams()
+    after, (seams_after, steps_after) = held_out_error(), held_out_seams()
     if not losses:
         raise ValueError(f"time_limit {time_limit!r} s ran out before the first step; nothing was written")
     record = {"source": str(weights), "context": context, "causal": cfg.vae_causal, "clip_chunks": clip_chunks,
@@ -977,7 +981,9 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
               "lr": lr, "warmup": warmup, "seed": seed, "loss_first_50": float(np.mean(losses[:50])),
               "loss_last_50": float(np.mean(losses[-50:])), "held_out_clips": held_out,
               "held_out_mse_by_frame_before": before, "held_out_mse_by_frame_after": after,
-              "held_out_seams_before": seams_before, "held_out_seams_after": seams_after}
+              "held_out_seams_before": seams_before, "held_out_seams_after": seams_after,
+              "held_out_latent_steps_before": steps_before, "held_out_latent_steps_after": steps_after,
+              "diff_weight": float(diff_weight)}
     keep = {k: v for k, v in meta.items() if k not in ("format", "step", "train_config", "optimizer", "path")}
     if "decoder_finetune" in keep:  # a decoder fine-tuned before: its record stays, nested
         record["previous"] = keep["decoder_finetune"]

@@ -312,14 +312,21 @@ class VideoVAE(nn.Module):
         self.latent_std.copy_(flat.std(0).clamp_min(1e-4))
 
 
-def decoder_loss(vae: VideoVAE, frames: torch.Tensor, generator=None) -> torch.Tensor:
+def decoder_loss(vae: VideoVAE, frames: torch.Tensor, generator=None, diff_weight: float = 0.0) -> torch.Tensor:
     """Reconstruction (MSE in [-1, 1] space) of clips of several chunks from posterior samples of a
     frozen encoder: what fine-tuning the decoder alone (`train.finetune_decoder`) minimises. With
-    ``vae_context`` > 0 the first chunk of each clip is decoded alone and the others with context."""
+    ``vae_context`` > 0 the first chunk of each clip is decoded alone and the others with context.
+    ``diff_weight`` > 0 adds that weight times the MSE of the differences between consecutive frames
+    (decoded against true): errors that change from one frame to the next (a seam, a step where a
+    latent frame starts) cost more than errors that persist."""
     with torch.no_grad():
         z = vae.encode(frames, sample=True, generator=generator)
     recon = vae.decode_raw(z)
-    return F.mse_loss(recon, to_signed(frames, recon.dtype))
+    target = to_signed(frames, recon.dtype)
+    loss = F.mse_loss(recon, target)
+    if diff_weight:
+        loss = loss + diff_weight * F.mse_loss(recon.diff(dim=1), target.diff(dim=1))
+    return loss
 
 
 def vae_loss(vae: VideoVAE, frames: torch.Tensor, kl_weight: float = 1e-4, generator=None) -> dict:
