@@ -21,12 +21,6 @@ from pathlib import Path
 import numpy as np
 
 
-def frame_differences(frames) -> np.ndarray:
-    """Mean absolute difference of consecutive frames, [T - 1] (uint8 frames [T, H, W, 3])."""
-    f = np.asarray(frames, np.float32)
-    return np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="model that generates (default: the shipped small model)")
@@ -66,22 +60,21 @@ def main(argv=None) -> int:
     for s in tqdm(args.seeds, desc="videos"):
         prompts = ev.direction_change_prompts(s, args.chunks, cfg)
         stream = generate_chunks(model, prompts, seed=s, meta=meta, keep_latents=True, **kw)
-        curves["model"].append(frame_differences(np.concatenate(list(stream))))
+        curves["model"].append(ev.frame_differences(np.concatenate(list(stream))))
         z = torch.cat(stream.latents)
         for w, vae in vaes:
-            curves[w].append(frame_differences(vae.video_of(z).cpu().numpy()))
-        curves["simulator"].append(frame_differences(data.generate_from_prompts(prompts, s, cfg, gravity=False).frames))
+            curves[w].append(ev.frame_differences(vae.video_of(z).cpu().numpy()))
+        curves["simulator"].append(ev.frame_differences(data.generate_from_prompts(prompts, s, cfg, gravity=False).frames))
 
     mean = {k: np.mean(v, 0) for k, v in curves.items()}
-    chunk = model.cfg.chunk_frames
-    boundary = (np.arange(len(mean["model"])) + 1) % chunk == 0
+    stats = {k: ev.seam_stats(m, model.cfg.chunk_frames, model.cfg.time_down) for k, m in mean.items()}
+    boundary = (np.arange(len(mean["model"])) + 1) % model.cfg.chunk_frames == 0  # the grey lines
     fig, ax = plt.subplots(figsize=(10, 3.6))
     label = {"model": f"{Path(args.weights).name if args.weights else 'shipped'} (its own decoder)",
              "simulator": "simulator"} | {w: f"decoder of {Path(w).name}" for w, _ in vaes}
     for k, m in mean.items():
-        ratio = m[boundary].mean() / m[~boundary].mean()
         ax.plot(np.arange(1, len(m) + 1), m, lw=1.4 if k != "simulator" else 1.0,
-                ls="--" if k == "simulator" else "-", label=f"{label.get(k, k)}: seams {ratio:.2f}")
+                ls="--" if k == "simulator" else "-", label=f"{label.get(k, k)}: seams {stats[k]['ratio']:.2f}")
     for b in np.flatnonzero(boundary) + 1:
         ax.axvline(b, color="0.8", lw=0.8, zorder=0)
     ax.set_xlabel("frame transition i -> i+1 (grey: chunk boundaries)")
@@ -91,12 +84,9 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
-    latent = ((np.arange(len(boundary)) + 1) % model.cfg.time_down == 0) & ~boundary
-    for k, m in mean.items():
-        other = m[~boundary & ~latent].mean()
-        print(f"{label.get(k, k)}: boundary {m[boundary].mean():.2f}, inside {m[~boundary].mean():.2f}, "
-              f"ratio {m[boundary].mean() / m[~boundary].mean():.2f}; latent-frame steps {m[latent].mean():.2f} "
-              f"against {other:.2f} ({m[latent].mean() / other:.2f})")
+    for k, st in stats.items():
+        print(f"{label.get(k, k)}: boundary {st['boundary']:.2f}, inside {st['inside']:.2f}, ratio {st['ratio']:.2f}; "
+              f"latent-frame steps {st['latent_boundary']:.2f} against {st['other']:.2f} ({st['latent_ratio']:.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seeds": args.seeds, "chunks": args.chunks, "weights": str(args.weights or "shipped small"),

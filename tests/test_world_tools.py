@@ -261,4 +261,6 @@ def test_seam_plot_draws_each_decoder_on_the_same_latents(tmp_path, capsys):
     assert "latent-frame steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         world_seam_plot.main(["--chunks", "1", "--out", str(out)])
-    assert np.array_equal(world_seam_plot.frame_differences(np.zeros((3, 2, 2, 3), np.uint8)), [0.0, 0.0])
+    from maskc.world_model.evaluate import frame_differences
+
+    assert np.array_equal(frame_differences(np.zeros((3, 2, 2, 3), np.uint8)), [0.0, 0.0])

@@ -447,12 +447,14 @@ def position_error(frames, clip: data.Clip, start_frame: int, tol: float = DEFAU
 SEAM_KEYS = ("boundary", "inside", "ratio", "latent_boundary", "other", "latent_ratio")  # what `seam_score` gives
 
 
-def seam_score(frames, chunk_frames: int = 24, time_down: int = 4) -> dict:
-    """Mean absolute frame difference at chunk boundaries vs inside chunks (and their ratio), and the
-    same at latent-frame boundaries inside chunks (every ``time_down`` frames: a decoder that draws
-    each latent frame's frames alike steps there) vs the other transitions (``latent_ratio``)."""
+def frame_differences(frames) -> np.ndarray:
+    """Mean absolute difference of consecutive frames, [T - 1]: entry t is frame t -> t + 1."""
     f = np.asarray(frames, np.float32)
-    d = np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))  # d[t]: frame t -> t+1
+    return np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))
+
+
+def seam_stats(d: np.ndarray, chunk_frames: int = 24, time_down: int = 4) -> dict:
+    """`seam_score` of frame differences ``d`` (`frame_differences`, or a mean of several videos')."""
     idx = np.arange(len(d))
     boundary = (idx + 1) % chunk_frames == 0
     latent = ((idx + 1) % time_down == 0) & ~boundary
@@ -464,6 +466,13 @@ def seam_score(frames, chunk_frames: int = 24, time_down: int = 4) -> dict:
     b, i, lb, o = mean(boundary), mean(~boundary), mean(latent), mean(other)
     return {"boundary": b, "inside": i, "ratio": b / i if i > 0 else float("inf"),
             "latent_boundary": lb, "other": o, "latent_ratio": lb / o if o > 0 else float("inf")}
+
+
+def seam_score(frames, chunk_frames: int = 24, time_down: int = 4) -> dict:
+    """Mean absolute frame difference at chunk boundaries vs inside chunks (and their ratio), and the
+    same at latent-frame boundaries inside chunks (every ``time_down`` frames: a decoder that draws
+    each latent frame's frames alike steps there) vs the other transitions (``latent_ratio``)."""
+    return seam_stats(frame_differences(frames), chunk_frames, time_down)
 
 
 def _rss_bytes() -> int:
