@@ -185,6 +185,11 @@ def to_signed(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _as_unit_float(frames).to(dtype) * 2 - 1
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """The decoder's [-1, 1] output -> frames in [0, 1], clamped (the inverse of `to_signed`)."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     """float [0, 1] frames (what `VideoVAE.decode` returns) -> uint8 [0, 255], rounded."""
     return (frames * 255).round().clamp(0, 255).to(torch.uint8)
@@ -281,12 +286,11 @@ class VideoVAE(nn.Module):
             raise ValueError("decode_next needs a causal decoder (vae_causal); use decode(latents, context)")
         self._check_latents(latents)
         z = (latents * self.latent_std + self.latent_mean).permute(0, 4, 1, 2, 3)
-        x = self.decoder(z, past).permute(0, 2, 3, 4, 1)
-        return ((x + 1) / 2).clamp(0, 1)
+        return to_unit(self.decoder(z, past).permute(0, 2, 3, 4, 1))
 
     def decode(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Frames float [B, T, H, W, 3] in [0, 1] (``context``: see `decode_raw`)."""
-        return ((self.decode_raw(latents, context) + 1) / 2).clamp(0, 1)
+        return to_unit(self.decode_raw(latents, context))
 
     @torch.no_grad()
     def round_trip(self, frames) -> torch.Tensor:
