@@ -38,7 +38,8 @@ import numpy as np
 from maskc.world_model.evaluate import I2V_PROMPTS
 
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
-        "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
+        "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
+        "eta_lo": float, "eta_hi": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
 
 
 def parse_setting(text: str) -> dict:
@@ -63,13 +64,15 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
     the negative prompts of ``prompts``)."""
     from maskc.world_model import vocab
 
-    kw = {k: v for k, v in setting.items() if k not in ("cfg_lo", "cfg_hi", "neg")}
+    kw = {k: v for k, v in setting.items() if k not in ("cfg_lo", "cfg_hi", "eta_lo", "eta_hi", "neg")}
     if setting.get("neg", "near") not in NEGATIVES:
         raise ValueError(f"neg={setting['neg']!r}: expected one of {', '.join(NEGATIVES)}")
     if setting.get("neg") == "bounce" and prompts is not None:
         kw["negative"] = [vocab.near_miss_captions(p)[:1] for p in prompts]
     if "cfg_lo" in setting or "cfg_hi" in setting:
         kw["cfg_interval"] = (setting.get("cfg_lo", 0.0), setting.get("cfg_hi", 1.0))
+    if "eta_lo" in setting or "eta_hi" in setting:
+        kw["eta_interval"] = (setting.get("eta_lo", 0.0), setting.get("eta_hi", 1.0))
     return kw
 
 

@@ -232,21 +232,21 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     scales = []  # the text guidance of every generation the evaluation runs
     real = generate.generate_chunks
     monkeypatch.setattr(generate, "generate_chunks",
-                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"])) or real(*a, **k))
+                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"], k["eta"])) or real(*a, **k))
     n = torch.get_num_threads()
     out = tmp_path / "r.json"
     try:
         rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
-                       "--cfg-text", "3.5", "--cfg-neg", "2.5", "--image-chunks", "3", "--out", str(out)])
+                       "--cfg-text", "3.5", "--cfg-neg", "2.5", "--eta", "0.25", "--image-chunks", "3", "--out", str(out)])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
     # prompt following, image-to-video, continuation here; the two memory runs in fresh processes
-    assert len(scales) == 3 and set(scales) == {(3.5, 2.5)}
+    assert len(scales) == 3 and set(scales) == {(3.5, 2.5, 0.25)}
     text = capsys.readouterr().out
     assert "prompt following" in text and "throughput" in text
     res = json.loads(out.read_text())
-    assert res["settings"]["cfg_text"] == 3.5 and res["settings"]["cfg_neg"] == 2.5
+    assert res["settings"]["cfg_text"] == 3.5 and res["settings"]["cfg_neg"] == 2.5 and res["settings"]["eta"] == 0.25
     assert 0 <= res["prompt_following"]["fraction"] <= 1
     # the simulator's own clip of seed 0 reads 0.5: see test_per_chunk_rule_misreads_a_subject_covered_for_most_of_its_chunk
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 0.5
@@ -260,7 +260,7 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     assert "simulator 1.000" in text
     mem = res["memory"]["runs"]
     assert [m["chunks"] for m in mem] == [1, 2] and res["memory"]["isolated"]
-    assert all(m["cfg_text"] == 3.5 and m["cfg_neg"] == 2.5 and m["steps"] == 2 for m in mem)
+    assert all(m["cfg_text"] == 3.5 and m["cfg_neg"] == 2.5 and m["eta"] == 0.25 and m["steps"] == 2 for m in mem)
     assert len({m["pid"] for m in mem} | {os.getpid()}) == 3  # each length in its own process
     assert res["throughput"]["fps"] > 0
 
@@ -277,6 +277,9 @@ def test_cli_eval_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--cfg-text", "-1"])
     assert e.value.code == 2 and "--cfg-text" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--eta", "2"])
+    assert e.value.code == 2 and "--eta: must be a number in [0, 1]" in capsys.readouterr().err
 
 
 def test_peak_rss_sees_a_transient_allocation():

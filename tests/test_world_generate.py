@@ -1,6 +1,7 @@
 """World-model generation (``magi generate``): streaming pipeline, ring-buffer KV cache, conditioning, CLI (CPU)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -380,6 +381,58 @@ def test_context_noise(tiny, monkeypatch):
             G.generate_chunks(tiny, [P], ctx_t=bad)
 
 
+def test_stochastic_step_math(tiny):
+    """``_step``: eta 0 is the Euler step; otherwise the step lands on t' x1 + (1 - t') x0' with x1, x0
+    the clean latents and noise the velocity points at and eta of x0 drawn afresh (from the stream's
+    own generator), exactly x1 at t' = 1, and Euler for frames outside ``eta_interval``."""
+    g = torch.Generator().manual_seed(0)
+    lat, v = torch.randn(4, 2, 2, 3, generator=g), torch.randn(4, 2, 2, 3, generator=g)
+    t_cur = torch.tensor([0.0, 0.2, 0.5, 0.9]).reshape(-1, 1, 1, 1)
+    t_nxt = torch.tensor([0.1, 0.3, 0.6, 1.0]).reshape(-1, 1, 1, 1)
+
+    def step(eta, interval=(0.0, 1.0)):
+        s = G.generate_chunks(tiny, [P], eta=eta, eta_interval=interval)
+        s._eta_gen = torch.Generator().manual_seed(7)
+        return s._step(lat, v, t_cur, t_nxt)
+
+    euler = lat + (t_nxt - t_cur) * v
+    assert torch.equal(step(0.0), euler)
+    x1, x0 = lat + (1 - t_cur) * v, lat - t_cur * v
+    eps = torch.randn(lat.shape, generator=torch.Generator().manual_seed(7))
+    for eta in (0.3, 1.0):
+        want = t_nxt * x1 + (1 - t_nxt) * (math.sqrt(1 - eta ** 2) * x0 + eta * eps)
+        got = step(eta)
+        assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, euler, atol=1e-3)
+        assert torch.allclose(got[3], x1[3], atol=1e-6)  # t' = 1: the clean prediction, no noise left
+    part = step(0.5, (0.15, 0.55))  # frames at t 0.2 and 0.5 stochastic, 0.0 and 0.9 Euler
+    assert torch.equal(part[[0, 3]], euler[[0, 3]]) and not torch.allclose(part[1:3], euler[1:3], atol=1e-3)
+
+
+def test_stochastic_steps_in_the_stream(tiny, monkeypatch):
+    """The default (eta 0.7) is seeded and differs from eta 0, which is the Euler sampler; an image's
+    clean first latent frame stays exactly the image's latent; bad eta / eta_interval are refused."""
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=1.0, cfg_neg=0.0, seed=5)
+    run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **kw, **k)))  # noqa: E731
+    default = run()
+    assert G.DEFAULT_ETA == 0.7 and np.array_equal(default, run(eta=0.7)) and np.array_equal(default, run())
+    ode = run(eta=0.0)
+    assert not np.array_equal(default, ode)
+    with monkeypatch.context() as m:
+        m.setattr(G.ChunkStream, "_step", lambda self, lat, v, t0, t1: lat + (t1 - t0) * v)
+        assert np.array_equal(run(eta=0.0), ode) and np.array_equal(run(), ode)
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    s = G.generate_chunks(tiny, [P], n_chunks=1, steps=4, eta=1.0, image=img, keep_latents=True, cfg_neg=0.0)
+    list(s)
+    still = torch.from_numpy(img)[None, None].expand(1, tiny.cfg.chunk_frames, 64, 64, 3)
+    assert torch.equal(s.latents[0][:tiny.cfg.patch_t], tiny.vae.encode(still)[0, :tiny.cfg.patch_t])
+    for bad in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):
+            G.generate_chunks(tiny, [P], eta=bad)
+    for bad in ((0.5, 0.5), (0.0, 1.5), "ab"):
+        with pytest.raises(ValueError, match="eta_interval"):
+            G.generate_chunks(tiny, [P], eta_interval=bad)
+
+
 def test_decoder_context_is_the_chunk_before(tiny, monkeypatch):
     """A model whose decoder reads the chunk before (vae_context 1): each yielded chunk is decoded with
     the previous chunk's final latents (the first with none; a continuation's with the last prefix
@@ -527,6 +580,9 @@ def test_cli_negative_guidance(tmp_path, capsys):
     assert none[0] == off[0] < default[0] and np.array_equal(none[1], off[1])
     other = gen("--negative-prompt", "the red circle stays still")
     assert other[0] == default[0] and not np.array_equal(other[1], default[1])
+    # --eta 0: Euler steps (the same calls, other frames)
+    euler = gen("--eta", "0")
+    assert euler[0] == default[0] and not np.array_equal(euler[1], default[1])
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -541,6 +597,8 @@ def test_cli_negative_guidance(tmp_path, capsys):
     (["--prompt", P, "--cfg-run", "2"], "cfg_run=2.0 needs a model with caption runs"),
     (["--prompt", P, "--cfg-run", "-1"], "--cfg-run"),
     (["--prompt", P, "--cfg-neg", "-1"], "--cfg-neg: must be a finite number >= 0"),
+    (["--prompt", P, "--eta", "1.5"], "--eta: must be a number in [0, 1], got 1.5"),
+    (["--prompt", P, "--eta", "-0.2"], "--eta: must be a finite number >= 0"),
     (["--prompt", P, "--negative-prompt", "the red circle bounces of the wall"], "unknown word 'of'"),
     (["--prompt", P, "--chunks", "1", "--negative-prompt", "none", "--negative-prompt", "none"],
      "2 negative prompts for 1 chunks"),

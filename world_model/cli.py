@@ -194,9 +194,9 @@ def run_train(args, parser) -> int:
 GENERATE_DESCRIPTION = """\
 Generate a video chunk by chunk (one chunk = 24 frames of 64x64 = one second) with the trained
 world model, MAGI-1 style: --window chunks are denoised at once with staggered noise levels (each
-takes --steps Euler steps on the flow-matching ODE), a sliding chunk window of attention, and a
-bounded KV cache of finished chunks, so memory does not grow with the video length. Each chunk is
-decoded and appended to --out as soon as it is final.
+takes --steps flow-matching steps, each drawing --eta of its noise afresh), a sliding chunk window
+of attention, and a bounded KV cache of finished chunks, so memory does not grow with the video
+length. Each chunk is decoded and appended to --out as soon as it is final.
 
 conditioning:
   --prompt TEXT      one per chunk, in order (repeat the option); the last prompt repeats
@@ -247,10 +247,17 @@ def _pos_float(text: str) -> float:
     return v
 
 
+def _unit_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return v
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from .generate import (
-        DEFAULT_CFG_INTERVAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_SHIFT, DEFAULT_STEPS,
-        DEFAULT_WINDOW,
+        DEFAULT_CFG_INTERVAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_ETA, DEFAULT_SHIFT,
+        DEFAULT_STEPS, DEFAULT_WINDOW,
     )
 
     p.add_argument("--prompt", action="append", metavar="TEXT",
@@ -261,7 +268,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="PATH", help="output .mp4, .gif, or a folder for PNG frames")
     p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="noise seed (default: 0)")
     p.add_argument("--steps", type=_pos_int, default=DEFAULT_STEPS, metavar="N",
-                   help=f"Euler steps per chunk (default: {DEFAULT_STEPS})")
+                   help=f"sampler steps per chunk (default: {DEFAULT_STEPS})")
+    p.add_argument("--eta", type=_unit_float, default=DEFAULT_ETA, metavar="E",
+                   help="fraction of the noise drawn afresh at each step (0: Euler steps on the ODE; more: "
+                        "each step may revise the layout so far, fewer duplicated or vanishing objects; "
+                        f"default: {DEFAULT_ETA:g})")
     p.add_argument("--window", type=_pos_int, default=DEFAULT_WINDOW, metavar="N",
                    help=f"chunks denoised at once, staggered (default: {DEFAULT_WINDOW}, as MAGI-1)")
     p.add_argument("--attn-window", type=_pos_int, metavar="N",
@@ -332,7 +343,7 @@ def run_generate(args, parser) -> int:
                                    attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
                                    image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
                                    cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run,
-                                   negative=negative, cfg_neg=args.cfg_neg)
+                                   negative=negative, cfg_neg=args.cfg_neg, eta=args.eta)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
@@ -401,7 +412,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="chunks per prompt-following video (default: 4; >= 2)")
     p.add_argument("--image-chunks", type=_pos_int, default=None, metavar="N",
                    help="chunks per image-to-video video, over which object persistence is counted (default: 16)")
-    p.add_argument("--steps", type=_pos_int, metavar="N", help="Euler steps per chunk (default: generate's)")
+    p.add_argument("--steps", type=_pos_int, metavar="N", help="sampler steps per chunk (default: generate's)")
+    p.add_argument("--eta", type=_unit_float, metavar="E",
+                   help="fraction of the noise drawn afresh at each sampler step (0: Euler; default: generate's)")
     p.add_argument("--cfg-text", type=_nonneg_float, metavar="W",
                    help="classifier-free guidance scale on the text (default: generate's)")
     p.add_argument("--cfg-neg", type=_nonneg_float, metavar="W",
@@ -431,7 +444,7 @@ def run_eval(args, parser) -> int:
         res = EV.evaluate(args.weights, seeds=args.seeds, chunks=args.chunks, steps=args.steps,
                           memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr),
                           cfg_text=args.cfg_text, shift=args.shift, cfg_interval=args.cfg_interval,
-                          cfg_neg=args.cfg_neg, image_chunks=args.image_chunks)
+                          cfg_neg=args.cfg_neg, image_chunks=args.image_chunks, eta=args.eta)
     except ValueError as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(EV.format_table(res))
