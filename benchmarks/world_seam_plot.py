@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                     help="checkpoints whose decoders also draw the same latents (same encoder as --weights)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[18, 19, 20, 21], help="held-out seeds (default 18-21)")
     ap.add_argument("--chunks", type=int, default=4, help="chunks per video (default 4)")
-    ap.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (default: the generator's)")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps per chunk (default: the generator's)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--out", required=True, help="the figure (.png)")
     ap.add_argument("--json", default=None, help="also write the curves here")

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import profile_train_step  # noqa: E402
 import world_caption_gap  # noqa: E402
+import world_persistence_plot  # noqa: E402
 import world_sampler_sweep  # noqa: E402
 import world_seam_plot  # noqa: E402
 import world_tracker_check  # noqa: E402
@@ -38,6 +39,9 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_hi=0.3,shift=3")) == \
         {"shift": 3.0, "cfg_interval": (0.0, 0.3)}
     assert world_sampler_sweep.gen_kwargs({"cfg_lo": 0.2}) == {"cfg_interval": (0.2, 1.0)}
+    assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("eta=0.5,eta_lo=0.3")) == \
+        {"eta": 0.5, "eta_interval": (0.3, 1.0)}
+    assert world_sampler_sweep.gen_kwargs({"eta": 0.0, "eta_hi": 0.3}) == {"eta": 0.0, "eta_interval": (0.0, 0.3)}
     up = "the red circle moves up"
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_neg=5,neg=bounce"), [up]) == \
         {"cfg_neg": 5.0, "negative": [("the red circle bounces off the ceiling",)]}
@@ -95,6 +99,36 @@ def test_sampler_sweep_image_to_video_runs(tmp_path, capsys, prompts):
     others = [f for c, f in video["by_colour"].items() if c != video["subject"]]
     assert iv["distractors"]["duplicated"] == pytest.approx(sum(f["duplicated"] for f in others) / len(others))
     assert "image-to-video (2 chunks, " + prompts in capsys.readouterr().out
+
+
+def _i2v_sweep(path, runs):
+    """A sweep file as world_sampler_sweep.py --i2v writes it: runs of (setting, [(seed, by_chunk), ...])."""
+    out = {"runs": [{"setting": setting, "i2v": {"videos": [
+        {"seed": seed, "by_chunk": chunks, "persistent": sum(chunks) / len(chunks), "simulator_persistent": 1.0}
+        for seed, chunks in videos]}} for setting, videos in runs]}
+    path.write_text(json.dumps(out))
+    return str(path)
+
+
+def test_persistence_plot_merges_parts_pairs_by_video_and_draws(tmp_path, capsys):
+    a = _i2v_sweep(tmp_path / "a.json", [({}, [(1, [1.0, 0.5]), (2, [1.0, 0.0])]),
+                                         ({"eta": 0.7}, [(1, [1.0, 1.0]), (2, [1.0, 0.5])])])
+    b = _i2v_sweep(tmp_path / "b.json", [({}, [(3, [0.5, 0.5])]), ({"eta": 0.7}, [(3, [1.0, 0.5])])])
+    runs = world_persistence_plot.by_setting([a, b])
+    assert list(runs) == ["defaults", "eta=0.7"] and sorted(runs["eta=0.7"]) == [1, 2, 3]
+    out = tmp_path / "p.png"
+    assert world_persistence_plot.main([a, b, "--label", "defaults=Euler", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    text = capsys.readouterr().out
+    # per-video differences 0.25, 0.25, 0.25: mean +0.250, standard error 0
+    assert "Euler" in text and "+0.250 +- 0.000" in text and "0.83 0.33" in text and "1.00 0.67" in text
+    with pytest.raises(ValueError, match="seed 3 of setting 'defaults' is also in another file"):
+        world_persistence_plot.by_setting([b, b])
+    for argv, msg in (([b, "--label", "nope=x"], "--label 'nope=x': expected SETTING=TEXT"),
+                      ([_i2v_sweep(tmp_path / "e.json", [])], "no image-to-video runs")):
+        with pytest.raises(SystemExit):
+            world_persistence_plot.main([*argv, "--out", str(out)])
+        assert msg in capsys.readouterr().err
 
 
 def test_sampler_sweep_rejects_an_empty_plan(capsys):
