@@ -223,6 +223,7 @@ examples:
   magi generate --image first.png --prompt "the blue square falls" --chunks 2 --out i2v.gif
   magi generate --prompt "the red circle moves up" --negative-prompt "the red circle moves left" --out up.gif
   magi generate --prompt "the red circle moves up" --cfg-neg 0 --out up_plain.gif   # no negative guidance
+  magi generate --prompt "the red circle moves up" --eta 0 --out up_euler.gif   # Euler steps (the sampler before session 30)
   magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
 
 prompts.json: [{"chunks": 2, "prompt": "the red circle moves right"}, {"chunks": 2, "prompt": "the red circle moves left"}]
@@ -271,7 +272,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"sampler steps per chunk (default: {DEFAULT_STEPS})")
     p.add_argument("--eta", type=_unit_float, default=DEFAULT_ETA, metavar="E",
                    help="fraction of the noise drawn afresh at each step (0: Euler steps on the ODE; more: "
-                        "each step may revise the layout so far, fewer duplicated or vanishing objects; "
+                        "each step may revise the layout so far: fewer duplicated objects and colour changes; "
                         f"default: {DEFAULT_ETA:g})")
     p.add_argument("--window", type=_pos_int, default=DEFAULT_WINDOW, metavar="N",
                    help=f"chunks denoised at once, staggered (default: {DEFAULT_WINDOW}, as MAGI-1)")
