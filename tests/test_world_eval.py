@@ -282,6 +282,14 @@ def test_cli_eval_errors(capsys):
     assert e.value.code == 2 and "--eta: must be a number in [0, 1]" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_bad_sampler_settings_before_any_work():
+    for kw, msg in ((dict(eta=1.5), r"eta must be in \[0, 1\]"), (dict(eta=-0.1), r"eta must be in \[0, 1\]"),
+                    (dict(cfg_text=-1.0), "cfg_text must be >= 0"), (dict(cfg_neg=-2.0), "cfg_neg must be >= 0"),
+                    (dict(chunks=1), "chunks must be >= 2")):
+        with pytest.raises(ValueError, match=msg):
+            E.evaluate(weights="/nonexistent.safetensors", **kw)  # refused before the weights are read
+
+
 def test_peak_rss_sees_a_transient_allocation():
     """The in-process peak is the kernel's high-water mark since the reset, not a sample: a buffer
     allocated and freed between two samples still counts."""
