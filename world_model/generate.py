@@ -4,23 +4,25 @@
 takes ``steps`` flow-matching steps (t = 0 noise -> t = 1 clean, the model predicts the velocity
 ``clean - noise``; stochastic steps by default, Euler steps on the ODE with ``eta`` 0), and chunk k
 enters the pipeline ``stride = ceil(steps / window)`` ticks after chunk k-1. One *tick* is one
-transformer call (per guidance branch) over all chunks in flight, each at its own t (earlier chunks cleaner, as in training). When the oldest chunk
-reaches t = 1 it is final: it is run once more as clean context (t = 1) to get its self-attention
-K/V, which go into a bounded ring buffer (`RingKVCache`, at most ``attn_window - 1`` clean chunks,
-never more than the attention window), and it is decoded by the autoencoder and yielded (a decoder
-with ``vae_context`` n also reads the n chunks decoded before it, whose latents are kept; a causal
-one carries two frames per convolution from chunk to chunk, `VideoVAE.decode_next`). Memory
-therefore does not grow with video length. ``ctx_t`` < 1 puts finished chunks into the cache noised
-back to that flow time instead of clean (measured: no gain; docs/benchmarks.md).
+transformer call (per guidance branch) over all chunks in flight, each at its own t (earlier chunks
+cleaner, as in training). When the oldest chunk reaches t = 1 it is final: it is run once more as
+clean context (t = 1) to get its self-attention K/V, which go into a bounded ring buffer
+(`RingKVCache`, at most ``attn_window - 1`` clean chunks, never more than the attention window),
+and it is decoded by the autoencoder and yielded (a decoder with ``vae_context`` n also reads the
+n chunks decoded before it, whose latents are kept; a causal one carries two frames per convolution
+from chunk to chunk, `VideoVAE.decode_next`). Memory therefore does not grow with video length.
+``ctx_t`` < 1 puts finished chunks into the cache noised back to that flow time instead of clean
+(measured: no gain; docs/benchmarks.md).
 
 **Stochastic steps.** ``eta`` > 0 replaces the Euler step by its stochastic form: from x_t and the
 (guided) velocity v, the step predicts the clean latents x1 = x_t + (1 - t) v and the noise
 x0 = x_t - t v, swaps a fraction of x0 for fresh noise, x0' = sqrt(1 - eta^2) x0 + eta eps, and
 lands on x_t' = t' x1 + (1 - t') x0'. ``eta`` 0 is exactly the Euler step; 1 draws the whole noise
 afresh at every step; the default 0.7 lets each step revise the layout that the noise so far
-committed to, which is where duplicated and vanishing objects came from (measured: fewer of them,
-smaller seams, prompt following unchanged; docs/benchmarks.md). ``eta_interval`` (lo, hi): the flow times of a latent frame at which
-its steps are stochastic (elsewhere Euler).
+committed to (an object drawn at two candidate places is where duplicated objects came from;
+measured: fewer duplicates and colour changes, smaller seams, prompt following unchanged, objects
+vanish as often; docs/benchmarks.md). ``eta_interval`` (lo, hi): the flow times of a latent frame
+at which its steps are stochastic (elsewhere Euler).
 
 **Attention.** A sliding chunk window (``attn_window`` chunks, `masks.chunk_window_mask`): chunk c
 sees chunks c - attn_window + 1 .. c (clean ones from the cache, noisier ones in flight). Default:
