@@ -667,9 +667,12 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
         log = tqdm.write if progress else (lambda msg: None)
 
     step, latent_stats, opt_file = 0, False, None
+    carried: dict = {}  # meta records that stay with the weights they describe (a fine-tuned decoder's)
     if resume is not None:
         path = resolve_resume(resume)
         model, cfg, meta = load_checkpoint(path, device)
+        if "decoder_finetune" in meta:
+            carried["decoder_finetune"] = meta["decoder_finetune"]
         if meta.get("train_config") is None:
             raise ValueError(f"resume: {str(path)!r} holds no training config (a weights-only export?)")
         check_resume_config(tcfg, TrainConfig.from_dict(meta["train_config"]), meta, cfg)
@@ -706,7 +709,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
     def save(phase: str, optimizer):
         p = out / f"ckpt_{step:07d}.safetensors"
         save_checkpoint(p, model, step=step, train_config=tcfg.to_dict(), optimizer=optimizer,
-                        meta={"phase": phase, "latent_stats": latent_stats})
+                        meta={"phase": phase, "latent_stats": latent_stats, **carried})
         result.checkpoints.append(p)
         if p not in saved:
             saved.append(p)
@@ -836,7 +839,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
         result.final = save_checkpoint(out / "model.safetensors", model, step=step, train_config=tcfg.to_dict(),
                                        meta={"phase": "done" if step >= tcfg.total_steps
                                              else "dit" if step >= tcfg.steps_vae else "vae",
-                                             "latent_stats": latent_stats})
+                                             "latent_stats": latent_stats, **carried})
     finally:
         log_file.close()
         torch.backends.cudnn.benchmark = benchmark
