@@ -2,9 +2,9 @@
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
 ``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``; ``cfg_lo`` / ``cfg_hi`` are the ends of its
-``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its ``eta_interval``) it generates the same held-out direction-change videos as ``magi eval`` and
-scores them with the same tracker (and with the occlusion rule before session 27,
-``occlusion="video"``): overall, per chunk position, and per video (the measured motions, whether
+``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its ``eta_interval``) it generates the same held-out
+direction-change videos as ``magi eval`` and scores them with the same tracker (and with the
+occlusion rule before session 27, ``occlusion="video"``): overall, per chunk position, and per video (the measured motions, whether
 the generated first chunk leaves its subject room to keep moving one more chunk,
 `evaluate.first_chunk_room`; the seams, `evaluate.seam_score`; the subject's size and blob count per
 chunk, `subject_stats`). ``--ceiling`` also scores the simulator's clips after an
@@ -40,7 +40,8 @@ from maskc.world_model.evaluate import I2V_PROMPTS
 
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
-        "eta_lo": float, "eta_hi": float}  # cfg_lo / cfg_hi: the ends of generate's cfg_interval
+        "eta_lo": float, "eta_hi": float}
+INTERVALS = {"cfg": "cfg_interval", "eta": "eta_interval"}  # P_lo / P_hi: the ends of generate's P_interval
 
 
 def parse_setting(text: str) -> dict:
@@ -65,15 +66,15 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
     the negative prompts of ``prompts``)."""
     from maskc.world_model import vocab
 
-    kw = {k: v for k, v in setting.items() if k not in ("cfg_lo", "cfg_hi", "eta_lo", "eta_hi", "neg")}
+    ends = {f"{p}_{end}" for p in INTERVALS for end in ("lo", "hi")}
+    kw = {k: v for k, v in setting.items() if k not in ends and k != "neg"}
     if setting.get("neg", "near") not in NEGATIVES:
         raise ValueError(f"neg={setting['neg']!r}: expected one of {', '.join(NEGATIVES)}")
     if setting.get("neg") == "bounce" and prompts is not None:
         kw["negative"] = [vocab.near_miss_captions(p)[:1] for p in prompts]
-    if "cfg_lo" in setting or "cfg_hi" in setting:
-        kw["cfg_interval"] = (setting.get("cfg_lo", 0.0), setting.get("cfg_hi", 1.0))
-    if "eta_lo" in setting or "eta_hi" in setting:
-        kw["eta_interval"] = (setting.get("eta_lo", 0.0), setting.get("eta_hi", 1.0))
+    for p, name in INTERVALS.items():
+        if f"{p}_lo" in setting or f"{p}_hi" in setting:
+            kw[name] = (setting.get(f"{p}_lo", 0.0), setting.get(f"{p}_hi", 1.0))
     return kw
 
 
