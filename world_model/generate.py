@@ -556,7 +556,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     from a generator of its own). ``keep_latents``: the stream's ``latents`` collects every final
     chunk's latents (on the CPU; memory then grows with the video), e.g. to decode the same video
     with another decoder. ``eta``: the fraction of fresh noise per step (0: Euler steps; default
-    0.7; see the module's docstring) at the flow times ``eta_interval``. Nothing is computed until the first chunk is asked for.
+    0.7; see the module's docstring) at the flow times ``eta_interval``. Nothing is computed until
+    the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
