@@ -433,6 +433,63 @@ def test_stochastic_steps_in_the_stream(tiny, monkeypatch):
             G.generate_chunks(tiny, [P], eta_interval=bad)
 
 
+def test_guidance_shaping_math(tiny):
+    """``_shape_guidance``: cfg_local weights each position by (|g| / its frame's largest) ** G (the
+    strongest position untouched); cfg_parallel 0 leaves g orthogonal to the conditional clean
+    prediction x1 of its frame and P mixes the two parts; cfg_rescale 1 gives the guided x1 the
+    conditional one's std per frame; all off returns g as it is."""
+    g0 = torch.Generator().manual_seed(1)
+    lat, v, g = (torch.randn(3, 4, 4, 5, generator=g0) for _ in range(3))
+    t = torch.tensor([0.0, 0.1, 0.3]).reshape(-1, 1, 1, 1)
+
+    def shape(**k):
+        return G.generate_chunks(tiny, [P], **k)._shape_guidance(g, v, lat, t)
+
+    assert torch.equal(shape(), g)
+    n = g.norm(dim=-1, keepdim=True)
+    w = n / n.amax(dim=(1, 2), keepdim=True)
+    for gamma in (1.0, 2.0):
+        got = shape(cfg_local=gamma)
+        assert torch.allclose(got, g * w ** gamma, atol=1e-6)
+        top = (w == 1).expand_as(g)
+        assert torch.equal(got[top], g[top]) and bool((got.norm(dim=-1) <= n[..., 0] + 1e-6).all())
+    x1 = lat + (1 - t) * v
+    orth = shape(cfg_parallel=0.0)
+    assert torch.allclose((orth * x1).sum(dim=(1, 2, 3)), torch.zeros(3), atol=1e-4)
+    half = shape(cfg_parallel=0.5)
+    assert torch.allclose(half, 0.5 * (g + orth), atol=1e-5)  # half of the part along x1 kept
+    res = shape(cfg_rescale=1.0)
+    assert torch.allclose((x1 + (1 - t) * res).std(dim=(1, 2, 3)), x1.std(dim=(1, 2, 3)), rtol=1e-4)
+    assert not torch.allclose(res, g, atol=1e-3)
+
+
+def test_guidance_shaping_in_the_stream(tiny, monkeypatch):
+    """Shaping off (the defaults) leaves the stream bit for bit as without it, even when called; on,
+    it changes the video, acts only on ticks with guidance and only on the guidance (a model call
+    count unchanged); bad values are refused."""
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_neg=0.0, seed=3)
+    run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **(kw | {"cfg_text": 2.0} | k))))  # noqa: E731
+    plain = run()
+    calls = []
+    shape = G.ChunkStream._shape_guidance
+    monkeypatch.setattr(G.ChunkStream, "_shape_guidance", lambda self, *a: calls.append(1) or shape(self, *a))
+    assert np.array_equal(run(), plain) and calls == []  # off: never called
+    assert np.array_equal(run(cfg_local=0.0, cfg_parallel=1.0, cfg_rescale=0.0), plain)
+    local = run(cfg_local=2.0)
+    assert calls and not np.array_equal(local, plain) and np.array_equal(local, run(cfg_local=2.0))
+    calls.clear()
+    assert np.array_equal(run(cfg_local=2.0, cfg_text=0.0), run(cfg_text=0.0)) and calls == []  # no guidance
+    s = G.generate_chunks(tiny, [P], **kw, cfg_text=2.0, cfg_rescale=0.5, cfg_parallel=0.5)
+    list(s)
+    ref = G.generate_chunks(tiny, [P], **kw, cfg_text=2.0)
+    list(ref)
+    assert s.model_calls == ref.model_calls
+    for name, bad in (("cfg_local", -1.0), ("cfg_local", float("inf")), ("cfg_local", "2"), ("cfg_local", True),
+                      ("cfg_parallel", 1.5), ("cfg_parallel", -0.1), ("cfg_rescale", 2.0), ("cfg_rescale", float("nan"))):
+        with pytest.raises(ValueError, match=name):
+            G.generate_chunks(tiny, [P], **{name: bad})
+
+
 def test_decoder_context_is_the_chunk_before(tiny, monkeypatch):
     """A model whose decoder reads the chunk before (vae_context 1): each yielded chunk is decoded with
     the previous chunk's final latents (the first with none; a continuation's with the last prefix
@@ -583,6 +640,10 @@ def test_cli_negative_guidance(tmp_path, capsys):
     # --eta 0: Euler steps (the same calls, other frames)
     euler = gen("--eta", "0")
     assert euler[0] == default[0] and not np.array_equal(euler[1], default[1])
+    # --cfg-local 2: guidance reshaped (the same calls, other frames); 0 is the default
+    local = gen("--cfg-local", "2")
+    assert local[0] == default[0] and not np.array_equal(local[1], default[1])
+    assert np.array_equal(gen("--cfg-local", "0")[1], default[1])
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -599,6 +660,8 @@ def test_cli_negative_guidance(tmp_path, capsys):
     (["--prompt", P, "--cfg-neg", "-1"], "--cfg-neg: must be a finite number >= 0"),
     (["--prompt", P, "--eta", "1.5"], "--eta: must be a number in [0, 1], got 1.5"),
     (["--prompt", P, "--eta", "-0.2"], "--eta: must be a finite number >= 0"),
+    (["--prompt", P, "--cfg-local", "-1"], "--cfg-local: must be a finite number >= 0"),
+    (["--prompt", P, "--cfg-local", "inf"], "--cfg-local: must be a finite number >= 0"),
     (["--prompt", P, "--negative-prompt", "the red circle bounces of the wall"], "unknown word 'of'"),
     (["--prompt", P, "--chunks", "1", "--negative-prompt", "none", "--negative-prompt", "none"],
      "2 negative prompts for 1 chunks"),

@@ -224,6 +224,8 @@ examples:
   magi generate --prompt "the red circle moves up" --negative-prompt "the red circle moves left" --out up.gif
   magi generate --prompt "the red circle moves up" --cfg-neg 0 --out up_plain.gif   # no negative guidance
   magi generate --prompt "the red circle moves up" --eta 0 --out up_euler.gif   # Euler steps (the sampler before session 30)
+  magi generate --image first.png --prompt "the blue square moves left" --chunks 16 --cfg-local 2 --out long.gif
+      # guidance kept where it is strong: objects persist better, prompts are followed a little less
   magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
 
 prompts.json: [{"chunks": 2, "prompt": "the red circle moves right"}, {"chunks": 2, "prompt": "the red circle moves left"}]
@@ -293,6 +295,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
                    help="flow times (0 noise, 1 clean) at which text and negative guidance act; a frame outside "
                         "them takes the plain conditional velocity (default: %g %g)" % DEFAULT_CFG_INTERVAL)
+    p.add_argument("--cfg-local", type=_nonneg_float, default=0.0, metavar="G",
+                   help="keep text and negative guidance where it is strong: each latent position takes the weight "
+                        "(|guidance| / its frame's largest) ** G (0: off, the default). Measured on held-out "
+                        "videos at G 2: objects persist better over 16 image-to-video chunks (0.36 -> 0.43) and "
+                        "seams shrink, but prompt following of direction changes drops by 0.024; at G 1: +0.04, "
+                        "-0.014")
     p.add_argument("--cfg-run", type=_nonneg_float, default=0.0, metavar="W",
                    help="run guidance, for a model trained with caption runs (magi train --caption-runs): "
                         "amplifies what a prompt that lasts several chunks asks of each chunk, inside the "
@@ -344,7 +352,8 @@ def run_generate(args, parser) -> int:
                                    attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
                                    image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
                                    cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run,
-                                   negative=negative, cfg_neg=args.cfg_neg, eta=args.eta)
+                                   negative=negative, cfg_neg=args.cfg_neg, eta=args.eta,
+                                   cfg_local=args.cfg_local)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
