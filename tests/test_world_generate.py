@@ -453,6 +453,10 @@ def test_guidance_shaping_math(tiny):
         assert torch.allclose(got, g * w ** gamma, atol=1e-6)
         top = (w == 1).expand_as(g)
         assert torch.equal(got[top], g[top]) and bool((got.norm(dim=-1) <= n[..., 0] + 1e-6).all())
+    seen = torch.tensor([False, True, True])  # frame 0's chunk has nothing to keep: plain guidance there
+    s = G.generate_chunks(tiny, [P], cfg_local=2.0)
+    got = s._shape_guidance(g, v, lat, t, seen)
+    assert torch.equal(got[0], g[0]) and torch.allclose(got[1:], (g * w ** 2)[1:], atol=1e-6)
     x1 = lat + (1 - t) * v
     orth = shape(cfg_parallel=0.0)
     assert torch.allclose((orth * x1).sum(dim=(1, 2, 3)), torch.zeros(3), atol=1e-4)
@@ -464,9 +468,9 @@ def test_guidance_shaping_math(tiny):
 
 
 def test_guidance_shaping_in_the_stream(tiny, monkeypatch):
-    """Shaping off (the defaults) leaves the stream bit for bit as without it, even when called; on,
-    it changes the video, acts only on ticks with guidance and only on the guidance (a model call
-    count unchanged); bad values are refused."""
+    """Shaping off (the defaults) leaves the stream bit for bit as without it (never called); on, it
+    changes the video (not the first chunk of a video from nothing under cfg_local), acts only on ticks
+    with guidance and only on the guidance (the model calls unchanged); bad values are refused."""
     kw = dict(n_chunks=3, steps=4, window=2, cfg_neg=0.0, seed=3)
     run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **(kw | {"cfg_text": 2.0} | k))))  # noqa: E731
     plain = run()
@@ -477,6 +481,10 @@ def test_guidance_shaping_in_the_stream(tiny, monkeypatch):
     assert np.array_equal(run(cfg_local=0.0, cfg_parallel=1.0, cfg_rescale=0.0), plain)
     local = run(cfg_local=2.0)
     assert calls and not np.array_equal(local, plain) and np.array_equal(local, run(cfg_local=2.0))
+    # the first chunk of a video from nothing keeps plain guidance (nothing to keep yet); from an image not
+    assert np.array_equal(local[0], plain[0]) and not np.array_equal(local[1:], plain[1:])
+    img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert not np.array_equal(run(cfg_local=2.0, image=img)[0], run(image=img)[0])
     calls.clear()
     assert np.array_equal(run(cfg_local=2.0, cfg_text=0.0), run(cfg_text=0.0)) and calls == []  # no guidance
     s = G.generate_chunks(tiny, [P], **kw, cfg_text=2.0, cfg_rescale=0.5, cfg_parallel=0.5)

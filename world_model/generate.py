@@ -47,13 +47,13 @@ run asks of a chunk (measured: slower first chunks, no better prompt following; 
 **Guidance shaping** (all off by default). The sum g of the text, run and negative terms above can be
 reshaped per latent frame before it is added to v_c: ``cfg_local`` G weights each latent position by
 (|g| / the frame's largest |g|) ** G, so guidance stays where it is strong (on the object it moves) and
-fades elsewhere; ``cfg_parallel`` P keeps only the fraction P of g's part along the conditional clean
+fades elsewhere (except in the first chunk of a video from nothing, which has no objects to keep yet); ``cfg_parallel`` P keeps only the fraction P of g's part along the conditional clean
 prediction x1 = x_t + (1 - t) v_c (1: all of it; 0: only the orthogonal part, after adaptive projected
 guidance); ``cfg_rescale`` R brings the guided clean prediction's standard deviation back toward the
 conditional one's (the fraction R of the way). Measured (docs/benchmarks.md, session 31): ``cfg_local``
 2 keeps objects over 16 image-to-video chunks better (0.36 -> 0.43, fewer duplicated objects) and
-shrinks the seams, at a cost of 0.024 in prompt following of direction changes; the other two gave
-no persistence.
+shrinks the seams, at a cost of 0.01-0.02 in prompt following of direction changes; the other two
+gave no persistence.
 
 **Conditioning.** One prompt per chunk (the last repeats); ``image`` (uint8 [64, 64, 3]) becomes
 the clean first latent frame of chunk 0 (image-to-video, per-frame t as in training); ``video``
@@ -425,12 +425,15 @@ class ChunkStream:
         self._last_latents = kept[:, -n:] if n else None
         return to_uint8(frames).cpu().numpy()
 
-    def _shape_guidance(self, g, v, lat, t):
+    def _shape_guidance(self, g, v, lat, t, seen=None):
         """The text / run / negative guidance ``g`` (added to the conditional velocity ``v``) reshaped per
-        latent frame by ``cfg_local``, ``cfg_parallel`` and ``cfg_rescale`` (all off: ``g`` as it is)."""
+        latent frame by ``cfg_local``, ``cfg_parallel`` and ``cfg_rescale`` (all off: ``g`` as it is).
+        ``seen`` (bool per latent frame, default all): the frames whose chunk has something before it to
+        keep (an image, a prefix, earlier chunks); ``cfg_local`` acts on those only."""
         if self.cfg_local > 0:  # keep it where it is strong: weight (|g| / max |g|) ** cfg_local per position
             n = g.norm(dim=-1, keepdim=True)
-            g = g * (n / n.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_local
+            w = (n / n.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_local
+            g = g * (w if seen is None else torch.where(seen.reshape(-1, 1, 1, 1), w, torch.ones_like(w)))
         if self.cfg_parallel != 1.0 or self.cfg_rescale > 0:
             x1 = lat + (1.0 - t) * v  # the clean latents the conditional velocity points at
         if self.cfg_parallel != 1.0:  # the part of g along x1 (it scales the frame up or down) weighted
@@ -551,7 +554,10 @@ class ChunkStream:
                 scale = (self.cfg_neg * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
                 guided = guided + scale * (v - v_neg)
             if guided is not v and (self.cfg_local > 0 or self.cfg_parallel != 1.0 or self.cfg_rescale > 0):
-                guided = v + self._shape_guidance(guided - v, v, lat, t_cur.reshape(-1, 1, 1, 1).to(dev, dt))
+                # the first chunk of a video from nothing (no image, no prefix) has no objects to keep yet
+                seen = torch.tensor([base + k > 0 or image_latent is not None for k in active]).repeat_interleave(lf)
+                guided = v + self._shape_guidance(guided - v, v, lat, t_cur.reshape(-1, 1, 1, 1).to(dev, dt),
+                                                  seen.to(dev))
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
                 guided = guided + self.cfg_prev * (v - v_np)
