@@ -1,8 +1,9 @@
 """Prompt following of the world model under different sampler settings, and the autoencoder's ceiling.
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
-``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``; ``cfg_lo`` / ``cfg_hi`` are the ends of its
-``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its ``eta_interval``) it generates the same held-out
+``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``;
+``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its
+``eta_interval``) it generates the same held-out
 direction-change videos as ``magi eval`` and scores them with the same tracker (and with the
 occlusion rule before session 27, ``occlusion="video"``): overall, per chunk position, and per video (the measured motions, whether
 the generated first chunk leaves its subject room to keep moving one more chunk,
@@ -23,6 +24,7 @@ on the very same generated latents, paired by video (`decoder_runs`).
     python benchmarks/world_sampler_sweep.py --settings "" "cfg_text=4" "window=1" "window=1,cfg_text=4"
     python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_prev=2"
     python benchmarks/world_sampler_sweep.py --i2v 16 --settings "eta=0" "" "eta=0.7,eta_lo=0.3"
+    python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_local=2" "cfg_rescale=0.7"
     python benchmarks/world_sampler_sweep.py --weights W --ceiling --seeds 10 11 12 13 14 15 16 17
     python benchmarks/world_sampler_sweep.py --decoders causal.safetensors --seeds 18 19 20 21
 """
