@@ -232,21 +232,23 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     scales = []  # the text guidance of every generation the evaluation runs
     real = generate.generate_chunks
     monkeypatch.setattr(generate, "generate_chunks",
-                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"], k["eta"])) or real(*a, **k))
+                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"], k["eta"], k["cfg_local"])) or real(*a, **k))
     n = torch.get_num_threads()
     out = tmp_path / "r.json"
     try:
         rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
-                       "--cfg-text", "3.5", "--cfg-neg", "2.5", "--eta", "0.25", "--image-chunks", "3", "--out", str(out)])
+                       "--cfg-text", "3.5", "--cfg-neg", "2.5", "--eta", "0.25", "--cfg-local", "1.5", "--image-chunks", "3",
+                       "--out", str(out)])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
     # prompt following, image-to-video, continuation here; the two memory runs in fresh processes
-    assert len(scales) == 3 and set(scales) == {(3.5, 2.5, 0.25)}
+    assert len(scales) == 3 and set(scales) == {(3.5, 2.5, 0.25, 1.5)}
     text = capsys.readouterr().out
     assert "prompt following" in text and "throughput" in text
     res = json.loads(out.read_text())
     assert res["settings"]["cfg_text"] == 3.5 and res["settings"]["cfg_neg"] == 2.5 and res["settings"]["eta"] == 0.25
+    assert res["settings"]["cfg_local"] == 1.5
     assert 0 <= res["prompt_following"]["fraction"] <= 1
     # the simulator's own clip of seed 0 reads 0.5: see test_per_chunk_rule_misreads_a_subject_covered_for_most_of_its_chunk
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 0.5
@@ -260,7 +262,8 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     assert "simulator 1.000" in text
     mem = res["memory"]["runs"]
     assert [m["chunks"] for m in mem] == [1, 2] and res["memory"]["isolated"]
-    assert all(m["cfg_text"] == 3.5 and m["cfg_neg"] == 2.5 and m["eta"] == 0.25 and m["steps"] == 2 for m in mem)
+    assert all(m["cfg_text"] == 3.5 and m["cfg_neg"] == 2.5 and m["eta"] == 0.25 and m["cfg_local"] == 1.5 and m["steps"] == 2
+               for m in mem)
     assert len({m["pid"] for m in mem} | {os.getpid()}) == 3  # each length in its own process
     assert res["throughput"]["fps"] > 0
 
@@ -280,11 +283,16 @@ def test_cli_eval_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--eta", "2"])
     assert e.value.code == 2 and "--eta: must be a number in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--cfg-local", "-2"])
+    assert e.value.code == 2 and "--cfg-local: must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_bad_sampler_settings_before_any_work():
     for kw, msg in ((dict(eta=1.5), r"eta must be in \[0, 1\]"), (dict(eta=-0.1), r"eta must be in \[0, 1\]"),
                     (dict(cfg_text=-1.0), "cfg_text must be >= 0"), (dict(cfg_neg=-2.0), "cfg_neg must be >= 0"),
+                    (dict(cfg_local=-1.0), "cfg_local must be a finite number >= 0"),
+                    (dict(cfg_local=float("nan")), "cfg_local must be a finite number >= 0"),
                     (dict(chunks=1), "chunks must be >= 2")):
         with pytest.raises(ValueError, match=msg):
             E.evaluate(weights="/nonexistent.safetensors", **kw)  # refused before the weights are read

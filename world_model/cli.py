@@ -411,6 +411,7 @@ examples:
   magi eval --seeds 0 1 2 --chunks 4 --out results.json
   magi eval --memory-chunks 4 16 64 --out mem.json
   magi eval --seeds 10 11 12 13 --cfg-text 4      # the same metrics at another text guidance
+  magi eval --seeds 10 11 12 13 --cfg-local 2     # ... with guidance kept where it is strong
 """
 
 
@@ -427,6 +428,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the noise drawn afresh at each sampler step (0: Euler; default: generate's)")
     p.add_argument("--cfg-text", type=_nonneg_float, metavar="W",
                    help="classifier-free guidance scale on the text (default: generate's)")
+    p.add_argument("--cfg-local", type=_nonneg_float, default=0.0, metavar="G",
+                   help="guidance kept where it is strong, as magi generate --cfg-local (default: 0, off)")
     p.add_argument("--cfg-neg", type=_nonneg_float, metavar="W",
                    help="negative guidance away from each chunk's near-miss captions (0 disables; default: generate's)")
     p.add_argument("--shift", type=_pos_float, metavar="S", help="time-grid shift of the sampler (default: generate's)")
@@ -454,7 +457,8 @@ def run_eval(args, parser) -> int:
         res = EV.evaluate(args.weights, seeds=args.seeds, chunks=args.chunks, steps=args.steps,
                           memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr),
                           cfg_text=args.cfg_text, shift=args.shift, cfg_interval=args.cfg_interval,
-                          cfg_neg=args.cfg_neg, image_chunks=args.image_chunks, eta=args.eta)
+                          cfg_neg=args.cfg_neg, image_chunks=args.image_chunks, eta=args.eta,
+                          cfg_local=args.cfg_local)
     except ValueError as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(EV.format_table(res))

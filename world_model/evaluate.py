@@ -555,7 +555,7 @@ MEMORY_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, held fix
 
 
 def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
-                   cfg_neg: float | None = None, eta: float | None = None) -> dict:
+                   cfg_neg: float | None = None, eta: float | None = None, cfg_local: float = 0.0) -> dict:
     """Peak host memory of one ``n_chunks`` generation in this process, tracemalloc peak, KV-cache bytes.
 
     ``peak_rss_mb``: the kernel's RSS high-water mark over the generation (VmHWM, reset to the
@@ -563,8 +563,8 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
     the transient peak inside a chunk counts; where Linux does not allow the reset, the largest RSS
     sampled after each chunk ("sampled"). ``rss_per_chunk_mb``: RSS after each chunk;
     ``sampled_peak_rss_mb`` their maximum (with the RSS at the start); ``rss_growth_mb``: peak
-    minus the RSS at the start. ``cfg_text`` / ``cfg_neg`` / ``eta``: as for generation (default:
-    generate's); each guidance runs one more model pass.
+    minus the RSS at the start. ``cfg_text`` / ``cfg_neg`` / ``eta`` / ``cfg_local``: as for generation
+    (default: generate's); each guidance runs one more model pass.
 
     In a process that already ran other work, or with glibc's default allocator, RSS says as much
     about the allocator's history as about the generation: see `measure_memory_isolated`, which
@@ -575,7 +575,7 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
     cfg_text = DEFAULT_CFG_TEXT if cfg_text is None else cfg_text
     cfg_neg = DEFAULT_CFG_NEG if cfg_neg is None else cfg_neg
     stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta, cfg_text=cfg_text,
-                             cfg_neg=cfg_neg, eta=DEFAULT_ETA if eta is None else eta)
+                             cfg_neg=cfg_neg, eta=DEFAULT_ETA if eta is None else eta, cfg_local=cfg_local)
     import torch
 
     dev = next(model.parameters()).device
@@ -601,7 +601,7 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
     _, tm_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out = {"chunks": n_chunks, "steps": steps, "cfg_text": float(cfg_text), "cfg_neg": float(cfg_neg), "eta": stream.eta,
-           "peak_rss_mb": peak / 2 ** 20,
+           "cfg_local": stream.cfg_local, "peak_rss_mb": peak / 2 ** 20,
            "peak_rss_source": "VmHWM" if hwm else "sampled", "sampled_peak_rss_mb": sampled / 2 ** 20,
            "rss_start_mb": rss0 / 2 ** 20, "rss_growth_mb": (peak - rss0) / 2 ** 20,
            "rss_per_chunk_mb": [round(r / 2 ** 20, 2) for r in per_chunk],
@@ -619,7 +619,8 @@ _CHILD_MARK = "MEASURE_MEMORY_RESULT "
 
 
 def measure_memory_isolated(weights, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
-                            cfg_neg: float | None = None, eta: float | None = None, threads: int | None = None,
+                            cfg_neg: float | None = None, eta: float | None = None, cfg_local: float = 0.0,
+                            threads: int | None = None,
                             mmap_threshold: int | None = MEMORY_MMAP_THRESHOLD,
                             timeout: float | None = None) -> dict:
     """`measure_memory` (CPU) in a fresh Python process that loads ``weights`` (None: the shipped model).
@@ -641,7 +642,7 @@ def measure_memory_isolated(weights, n_chunks: int, *, steps: int, seed: int = 0
     import torch
 
     spec = {"weights": None if weights is None else str(weights), "n_chunks": int(n_chunks), "steps": int(steps),
-            "seed": int(seed), "cfg_text": cfg_text, "cfg_neg": cfg_neg, "eta": eta,
+            "seed": int(seed), "cfg_text": cfg_text, "cfg_neg": cfg_neg, "eta": eta, "cfg_local": float(cfg_local),
             "threads": int(threads) if threads is not None else torch.get_num_threads()}
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
@@ -667,7 +668,8 @@ def _memory_child(spec_json: str) -> int:
     torch.set_num_threads(spec["threads"])
     model, meta = load_model(spec["weights"])
     out = measure_memory(model, meta, spec["n_chunks"], steps=spec["steps"], seed=spec["seed"],
-                         cfg_text=spec["cfg_text"], cfg_neg=spec.get("cfg_neg"), eta=spec.get("eta"))
+                         cfg_text=spec["cfg_text"], cfg_neg=spec.get("cfg_neg"), eta=spec.get("eta"),
+                         cfg_local=spec.get("cfg_local", 0.0))
     out["pid"] = os.getpid()
     out["malloc_mmap_threshold"] = (int(os.environ["MALLOC_MMAP_THRESHOLD_"])
                                     if os.environ.get("MALLOC_MMAP_THRESHOLD_") else None)
@@ -680,9 +682,10 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
              memory_chunks: Sequence[int] = (4, 16), image_chunks: int | None = None, log=None,
              cfg_text: float | None = None, shift: float | None = None,
              cfg_interval: tuple[float, float] | None = None, cfg_neg: float | None = None,
-             eta: float | None = None) -> dict:
+             eta: float | None = None, cfg_local: float = 0.0) -> dict:
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc). The sampler
-    settings left None take `generate`'s defaults."""
+    settings left None take `generate`'s defaults; ``cfg_local``: guidance kept where it is strong
+    (`generate_chunks`; 0, the default: off)."""
     import torch
 
     from .generate import (
@@ -702,6 +705,9 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     eta = DEFAULT_ETA if eta is None else float(eta)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (the fraction of fresh noise per step; 0: Euler), got {eta}")
+    cfg_local = float(cfg_local)
+    if not (math.isfinite(cfg_local) and cfg_local >= 0):
+        raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local}")
     if chunks < 2:
         raise ValueError(f"chunks must be >= 2 (a direction change needs two chunks), got {chunks}")
     model, meta = load_model(weights)
@@ -710,7 +716,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     if image_chunks < 1:
         raise ValueError(f"image_chunks must be >= 1, got {image_chunks}")
     sampler = {"steps": steps, "cfg_text": cfg_text, "shift": shift, "cfg_interval": cfg_interval, "cfg_neg": cfg_neg,
-               "eta": eta}
+               "eta": eta, "cfg_local": cfg_local}
     res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
                               **sampler, "cfg_interval": list(cfg_interval), "memory_chunks": list(memory_chunks),
                               "image_chunks": image_chunks, "torch_threads": torch.get_num_threads()}}
@@ -770,8 +776,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                            "model_missing": float(np.mean([r["model_missing"] for r in phys])), "runs": phys}
 
     # memory: each length in a fresh process (see measure_memory_isolated); not counted in throughput
-    mem = [measure_memory_isolated(weights, n, steps=steps, cfg_text=cfg_text, cfg_neg=cfg_neg, eta=eta)
-           for n in memory_chunks]
+    mem = [measure_memory_isolated(weights, n, steps=steps, cfg_text=cfg_text, cfg_neg=cfg_neg, eta=eta,
+                                   cfg_local=cfg_local) for n in memory_chunks]
     for m in mem:
         say(f"memory {m['chunks']} chunks: peak RSS {m['peak_rss_mb']:.1f} MB, KV {m['kv_cache_bytes']} B")
     res["memory"] = {"runs": mem, "isolated": True, "malloc_mmap_threshold": MEMORY_MMAP_THRESHOLD}
