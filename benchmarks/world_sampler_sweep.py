@@ -104,7 +104,7 @@ def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: di
     realised from that frame) or its first caption repeated (``"first"``, what `magi eval` tells: a
     motion that often cannot go on that long). Per video also: the subject's colour and prompt
     following of the captions told; over the videos, vanished / duplicated of the subject's colour
-    and of each distractor's apart."""
+    and of each distractor's apart, and their sizes by chunk (pixels over the image's, mean)."""
     from maskc.world_model import evaluate as ev
     from maskc.world_model import vocab
 
@@ -120,11 +120,16 @@ def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: di
         return float(np.mean([f[key] for v in per_video for c, f in v["by_colour"].items() if (c == v["subject"]) == subject]
                              or [np.nan]))
 
+    def size_by_chunk(subject: bool) -> list[float]:  # the subject's, or each distractor's, mean over videos
+        sizes = [sz for v in per_video for c, sz in v["size_by_chunk"].items() if (c == v["subject"]) == subject]
+        return [float(x) for x in np.mean(sizes, axis=0)] if sizes else []
+
     return {"prompts": prompts_from, "chunks": n_chunks, "videos": per_video,
             **{k: float(np.mean([v[k] for v in per_video]))
                for k in ("persistent", "vanished", "duplicated", "appeared", "psnr_first_frame", "simulator_persistent")},
-            "subject": {k: colour_share(k, True) for k in ("vanished", "duplicated")},
-            "distractors": {k: colour_share(k, False) for k in ("vanished", "duplicated")},
+            "subject": {k: colour_share(k, True) for k in ("vanished", "duplicated")} | {"size_by_chunk": size_by_chunk(True)},
+            "distractors": {k: colour_share(k, False) for k in ("vanished", "duplicated")}
+            | {"size_by_chunk": size_by_chunk(False)},
             "by_chunk": ev.by_chunk([v["by_chunk"] for v in per_video]),
             "prompt_following": float(np.mean([m for v in per_video for m in v["matches"]]))}
 
@@ -304,6 +309,9 @@ def main(argv=None) -> int:
                   f"vanished / duplicated {iv['subject']['vanished']:.3f} / {iv['subject']['duplicated']:.3f}, each "
                   f"distractor {iv['distractors']['vanished']:.3f} / {iv['distractors']['duplicated']:.3f}), prompt following "
                   f"{iv['prompt_following']:.3f}, first-frame PSNR {iv['psnr_first_frame']:.1f} dB", flush=True)
+            print(f"{'':<28} size by chunk (pixels / the image's): subject "
+                  + " ".join(f"{x:.2f}" for x in iv["subject"]["size_by_chunk"]) + "; each distractor "
+                  + " ".join(f"{x:.2f}" for x in iv["distractors"]["size_by_chunk"]), flush=True)
         if args.no_direction:
             run["seconds"] = time.perf_counter() - t0
             res["runs"].append(run)

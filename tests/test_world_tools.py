@@ -97,7 +97,10 @@ def test_sampler_sweep_image_to_video_runs(tmp_path, capsys, prompts):
     assert iv["simulator_persistent"] == object_persistence(clip.frames, clip.frames[0])["persistent"] > 0.8
     assert video["psnr_first_frame"] > 15
     assert video["subject"] == clip.tracks["colour"][clip.tracks["subject"][0]] and set(video["by_colour"]) == set(video["colours"])
-    assert iv["subject"] == video["by_colour"][video["subject"]] and 0.0 <= iv["appeared"] <= 1.0
+    assert {k: iv["subject"][k] for k in ("vanished", "duplicated")} == video["by_colour"][video["subject"]]
+    assert 0.0 <= iv["appeared"] <= 1.0
+    assert iv["subject"]["size_by_chunk"] == video["size_by_chunk"][video["subject"]] and len(video["size_by_chunk"]) == \
+        len(video["colours"]) and all(len(sz) == 2 for sz in video["size_by_chunk"].values())
     others = [f for c, f in video["by_colour"].items() if c != video["subject"]]
     assert iv["distractors"]["duplicated"] == pytest.approx(sum(f["duplicated"] for f in others) / len(others))
     assert "image-to-video (2 chunks, " + prompts in capsys.readouterr().out

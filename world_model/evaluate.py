@@ -392,7 +392,8 @@ def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int 
     two per colour of the image; ``appeared``: frames with a blob of a palette colour the image does
     not show (an object that changed colour, or a new one; not counted against ``persistent``); with
     ``chunk_frames`` also ``by_chunk``, the persistent fraction of each chunk's frames (the last
-    chunk may be short)."""
+    chunk may be short), and ``size_by_chunk``: per colour of the image, its pixels in each chunk's
+    frames (mean) over its pixels in the image (objects that grow or shrink from chunk to chunk)."""
     frames = np.asarray(frames)
     colours = present_colours(image, tol, min_pixels)
     ref = count_blobs(np.asarray(image)[None], colours, tol, min_pixels)
@@ -416,6 +417,10 @@ def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int 
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         out["by_chunk"] = [float(np.mean(ok[i:i + chunk_frames])) for i in range(0, T, chunk_frames)]
+        px = {c: m.sum((1, 2)) for c, m in _colour_masks(frames, colours, tol).items()}
+        px0 = {c: m.sum() for c, m in _colour_masks(np.asarray(image)[None], colours, tol).items()}
+        out["size_by_chunk"] = {c: [float(px[c][i:i + chunk_frames].mean() / px0[c]) for i in range(0, T, chunk_frames)]
+                                for c in colours}
     return out
 
 
