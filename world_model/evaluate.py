@@ -124,7 +124,11 @@ def _components(mask: np.ndarray, min_pixels: int) -> int:
 def count_blobs(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
                 min_pixels: int = DEFAULT_MIN_PIXELS) -> dict[str, np.ndarray]:
     """Per colour: int [T] number of connected blobs of that colour (>= min_pixels pixels) per frame."""
-    masks = _colour_masks(frames, colours, tol)
+    return _blob_counts(_colour_masks(frames, colours, tol), min_pixels)
+
+
+def _blob_counts(masks: dict[str, np.ndarray], min_pixels: int) -> dict[str, np.ndarray]:
+    """`count_blobs` of colour masks already computed (bool [T, H, W] per colour)."""
     return {c: np.array([_components(f, min_pixels) for f in m], dtype=np.int64) for c, m in masks.items()}
 
 
@@ -396,8 +400,10 @@ def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int 
     frames (mean) over its pixels in the image (objects that grow or shrink from chunk to chunk)."""
     frames = np.asarray(frames)
     colours = present_colours(image, tol, min_pixels)
-    ref = count_blobs(np.asarray(image)[None], colours, tol, min_pixels)
-    got = count_blobs(frames, list(PALETTE), tol, min_pixels)
+    image_masks = _colour_masks(np.asarray(image)[None], colours, tol)
+    masks = _colour_masks(frames, list(PALETTE), tol)  # blob counts and sizes both read these
+    ref = _blob_counts(image_masks, min_pixels)
+    got = _blob_counts(masks, min_pixels)
     T = frames.shape[0]
     fewer = np.zeros(T, bool)
     more = np.zeros(T, bool)
@@ -417,10 +423,8 @@ def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int 
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         out["by_chunk"] = [float(np.mean(ok[i:i + chunk_frames])) for i in range(0, T, chunk_frames)]
-        px = {c: m.sum((1, 2)) for c, m in _colour_masks(frames, colours, tol).items()}
-        px0 = {c: m.sum() for c, m in _colour_masks(np.asarray(image)[None], colours, tol).items()}
-        out["size_by_chunk"] = {c: [float(px[c][i:i + chunk_frames].mean() / px0[c]) for i in range(0, T, chunk_frames)]
-                                for c in colours}
+        out["size_by_chunk"] = {c: [float(masks[c][i:i + chunk_frames].sum((1, 2)).mean() / image_masks[c].sum())
+                                    for i in range(0, T, chunk_frames)] for c in colours}
     return out
 
 
