@@ -42,8 +42,7 @@ from maskc.world_model.evaluate import I2V_PROMPTS
 
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
-        "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float,
-        "text_contrast": str, "cfg_static": float}
+        "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float}
 INTERVALS = {"cfg": "cfg_interval", "eta": "eta_interval"}  # P_lo / P_hi: the ends of generate's P_interval
 
 

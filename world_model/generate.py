@@ -104,7 +104,6 @@ DEFAULT_CFG_PREV = 0.0
 # (1-3) on the ticks where text guidance acts.
 DEFAULT_CFG_NEG = 8.0
 DEFAULT_SHIFT = 1.0  # time_grid's shift
-DEFAULT_TEXT_CONTRAST = "null"  # text guidance: each caption against no caption (vocab.contrast_caption)
 DEFAULT_CTX_T = 1.0  # flow time at which finished chunks enter the KV cache (1: clean)
 CTX_NOISE_SEED = 7_919  # offset of the context-noise generator's seed from the video's
 # Stochastic steps (``eta``, fraction of fresh noise per step; 0 is the Euler ODE step): chosen on 160
@@ -302,8 +301,7 @@ class ChunkStream:
     def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
                  shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
                  cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T, keep_latents=False, eta=DEFAULT_ETA,
-                 eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=0.0,
-                 text_contrast=DEFAULT_TEXT_CONTRAST, cfg_static=1.0):
+                 eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=0.0):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -334,21 +332,14 @@ class ChunkStream:
             raise ValueError(f"eta must be a number in [0, 1] (the fraction of fresh noise per step; 0: Euler), got {eta!r}")
         self.eta = float(eta)
         self.eta_interval = _interval(eta_interval, "eta_interval")
-        for name, s in (("cfg_rescale", cfg_rescale), ("cfg_parallel", cfg_parallel), ("cfg_static", cfg_static)):
+        for name, s in (("cfg_rescale", cfg_rescale), ("cfg_parallel", cfg_parallel)):
             if isinstance(s, bool) or not (isinstance(s, (int, float)) and 0.0 <= s <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {s!r}")
         if isinstance(cfg_local, bool) or not (isinstance(cfg_local, (int, float)) and math.isfinite(cfg_local)
                                                and cfg_local >= 0):
             raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local!r}")
         self.cfg_rescale, self.cfg_parallel, self.cfg_local = float(cfg_rescale), float(cfg_parallel), float(cfg_local)
-        self.cfg_static = float(cfg_static)
         self.negative = negative_prompts(prompts, negative)
-        if text_contrast not in vocab.CONTRASTS:
-            raise ValueError(f"text_contrast must be one of {', '.join(vocab.CONTRASTS)} (what text guidance contrasts "
-                             f"each caption with), got {text_contrast!r}")
-        self.text_contrast = text_contrast
-        # per chunk: the caption its text guidance contrasts it with (None: the null caption)
-        self.contrast = [vocab.contrast_caption(p, text_contrast) for p in prompts]
         if self.cfg_run > 0 and not cfg.caption_runs:
             raise ValueError(f"cfg_run={cfg_run!r} needs a model with caption runs (this one has caption_runs 0)")
         self.cfg_interval = _interval(cfg_interval, "cfg_interval")
@@ -439,12 +430,6 @@ class ChunkStream:
         latent frame by ``cfg_local``, ``cfg_parallel`` and ``cfg_rescale`` (all off: ``g`` as it is).
         ``seen`` (bool per latent frame, default all): the frames whose chunk has something before it to
         keep (an image, a prefix, earlier chunks); ``cfg_local`` acts on those only."""
-        if self.cfg_static != 1.0:  # per chunk and position: g's mean over the guided latent frames scaled
-            lf = self.cfg.latent_frames
-            gc = g.reshape(-1, lf, *g.shape[1:])
-            guided = (gc.flatten(2).abs().amax(dim=2) > 0).to(g.dtype)[..., None, None, None]  # [A, lf, 1, 1, 1]
-            mean = (gc * guided).sum(dim=1, keepdim=True) / guided.sum(dim=1, keepdim=True).clamp_min(1.0)
-            g = (gc - (1.0 - self.cfg_static) * mean * guided).reshape(g.shape)
         if self.cfg_local > 0:  # keep it where it is strong: weight (|g| / max |g|) ** cfg_local per position
             n = g.norm(dim=-1, keepdim=True)
             w = (n / n.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_local
@@ -543,9 +528,7 @@ class ChunkStream:
             lo, hi = self.cfg_interval
             on = (tf >= lo) & (tf <= hi)  # text guidance only inside its noise interval (host: no device sync)
             if self.cfg_text > 0 and bool(on.any()):
-                # the null caption (run 0), or a contrast caption of the same subject told the chunk's run
-                nt, nl = self._text([null_prompt if c is None else c for c in self.contrast[first:last]],
-                                    [0 if c is None else r for c, r in zip(self.contrast[first:last], self.runs[first:last])])
+                nt, nl = self._text([null_prompt] * len(active), [0] * len(active))
                 v_nt = self._dit(lat, tf, nt, nl, off, past)
                 scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
                 guided = guided + scale * (v - v_nt)
@@ -570,8 +553,7 @@ class ChunkStream:
                 has = torch.tensor([bool(q) for q in neg]).repeat_interleave(lf)
                 scale = (self.cfg_neg * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
                 guided = guided + scale * (v - v_neg)
-            if guided is not v and (self.cfg_local > 0 or self.cfg_parallel != 1.0 or self.cfg_rescale > 0
-                                    or self.cfg_static != 1.0):
+            if guided is not v and (self.cfg_local > 0 or self.cfg_parallel != 1.0 or self.cfg_rescale > 0):
                 # the first chunk of a video from nothing (no image, no prefix) has no objects to keep yet
                 seen = torch.tensor([base + k > 0 or image_latent is not None for k in active]).repeat_interleave(lf)
                 guided = v + self._shape_guidance(guided - v, v, lat, t_cur.reshape(-1, 1, 1, 1).to(dev, dt),
@@ -600,8 +582,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     negative=None, cfg_neg: float = DEFAULT_CFG_NEG, ctx_t: float = DEFAULT_CTX_T,
                     keep_latents: bool = False, eta: float = DEFAULT_ETA,
                     eta_interval: tuple[float, float] = DEFAULT_ETA_INTERVAL, cfg_rescale: float = 0.0,
-                    cfg_parallel: float = 1.0, cfg_local: float = 0.0,
-                    text_contrast: str = DEFAULT_TEXT_CONTRAST, cfg_static: float = 1.0) -> ChunkStream:
+                    cfg_parallel: float = 1.0, cfg_local: float = 0.0) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
 
     ``model``: a `WorldModel` (e.g. from `checkpoint.load_checkpoint`, whose ``meta`` gives the
@@ -623,9 +604,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     with another decoder. ``eta``: the fraction of fresh noise per step (0: Euler steps; default
     0.7; see the module's docstring) at the flow times ``eta_interval``. ``cfg_local`` (>= 0),
     ``cfg_parallel`` and ``cfg_rescale`` (in [0, 1]): guidance shaping (the module's docstring; off
-    at 0, 1 and 0). ``text_contrast``: what text guidance contrasts each caption with, ``"null"`` (no
-    caption, the default), ``"opposite"`` or ``"still"`` (the same subject moving the other way / staying
-    still; `vocab.contrast_caption`). Nothing is computed until the first chunk is asked for.
+    at 0, 1 and 0). Nothing is computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -638,8 +617,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                        cfg_prev=cfg_prev, image=image, video=video, seed=seed, shift=shift, meta=meta,
                        cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run, negative=negative, cfg_neg=cfg_neg,
                        ctx_t=ctx_t, keep_latents=keep_latents, eta=eta, eta_interval=eta_interval,
-                       cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local,
-                       text_contrast=text_contrast, cfg_static=cfg_static)
+                       cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local)
 
 
 def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):

@@ -184,33 +184,3 @@ def near_miss_captions(text: str) -> tuple[str, ...]:
     if not c.motion.startswith("moves "):
         return ()
     return tuple(format_caption(c.colour, c.shape, m) for m in NEAR_MISSES[c.motion.split()[1]])
-
-
-#: each motion's opposite, the same subject doing the reverse (text guidance's ``"opposite"`` contrast);
-#: "rises and falls" and "stays still" have none
-OPPOSITE_MOTIONS = {
-    "moves left": "moves right", "moves right": "moves left", "moves up": "moves down", "moves down": "moves up",
-    "falls": "rises", "rises": "falls",
-    "bounces off the left wall": "bounces off the right wall", "bounces off the right wall": "bounces off the left wall",
-    "bounces off the ceiling": "bounces off the floor", "bounces off the floor": "bounces off the ceiling",
-}
-#: what text guidance can contrast a caption with (`contrast_caption`)
-CONTRASTS = ("null", "opposite", "still")
-
-
-def contrast_caption(text: str, contrast: str) -> str | None:
-    """The caption that text guidance contrasts ``text`` with, or None for the null caption.
-
-    ``"null"``: always None (classic classifier-free guidance: the caption against no caption).
-    ``"opposite"``: the same subject doing the opposite motion ("moves left" -> "moves right", "falls" ->
-    "rises", "bounces off the floor" -> "bounces off the ceiling"; None for "rises and falls" and
-    "stays still"). ``"still"``: the same subject staying still (None for "stays still"). Both keep the
-    subject in the two branches, so the guidance says how it moves, not which objects are there."""
-    if contrast not in CONTRASTS:
-        raise ValueError(f"contrast {contrast!r}: expected one of {', '.join(CONTRASTS)}")
-    if contrast == "null":
-        return None
-    c = parse_caption(text)
-    motion = OPPOSITE_MOTIONS.get(c.motion) if contrast == "opposite" else (
-        None if c.motion == "stays still" else "stays still")
-    return None if motion is None else format_caption(c.colour, c.shape, motion)
