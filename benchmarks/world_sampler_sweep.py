@@ -1,7 +1,8 @@
 """Prompt following of the world model under different sampler settings, and the autoencoder's ceiling.
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
-``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``;
+``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
+``cfg_also``; ``also=1``: image-to-video runs are also told every other object's caption, `data.other_captions`;
 ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its
 ``eta_interval``) it generates the same held-out
 direction-change videos as ``magi eval`` and scores them with the same tracker (and with the
@@ -25,6 +26,7 @@ on the very same generated latents, paired by video (`decoder_runs`).
     python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_prev=2"
     python benchmarks/world_sampler_sweep.py --i2v 16 --settings "eta=0" "" "eta=0.7,eta_lo=0.3"
     python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_local=2" "cfg_rescale=0.7"
+    python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "cfg_local=2" "also=1,cfg_local=2"
     python benchmarks/world_sampler_sweep.py --weights W --ceiling --seeds 10 11 12 13 14 15 16 17
     python benchmarks/world_sampler_sweep.py --decoders causal.safetensors --seeds 18 19 20 21
 """
@@ -42,7 +44,8 @@ from maskc.world_model.evaluate import I2V_PROMPTS
 
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
-        "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float}
+        "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float,
+        "cfg_also": float, "also": int}
 INTERVALS = {"cfg": "cfg_interval", "eta": "eta_interval"}  # P_lo / P_hi: the ends of generate's P_interval
 
 
@@ -69,7 +72,7 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
     from maskc.world_model import vocab
 
     ends = {f"{p}_{end}" for p in INTERVALS for end in ("lo", "hi")}
-    kw = {k: v for k, v in setting.items() if k not in ends and k != "neg"}
+    kw = {k: v for k, v in setting.items() if k not in ends and k not in ("neg", "also")}
     if setting.get("neg", "near") not in NEGATIVES:
         raise ValueError(f"neg={setting['neg']!r}: expected one of {', '.join(NEGATIVES)}")
     if setting.get("neg") == "bounce" and prompts is not None:
@@ -111,6 +114,7 @@ def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: di
     per_video = []
     for s in seeds:
         r, frames, _ = ev.image_to_video_run(model, meta, s, n_chunks, prompts=prompts_from, config=cfg,
+                                             also=bool(setting.get("also", 0)),
                                              sampler=lambda told: gen_kwargs(setting, told))
         r["subject"] = vocab.parse_caption(r["prompts"][0]).colour
         r["matches"] = ev.prompt_following(frames, r["prompts"], cfg)["matches"]
@@ -259,6 +263,9 @@ def main(argv=None) -> int:
         ap.error(f"--i2v must be >= 0 (0: none), got {args.i2v}")
     if args.no_direction and not args.i2v:
         ap.error("--no-direction leaves nothing to run without --i2v N")
+    if not args.no_direction and any(kw.get("also") for _, kw in settings):
+        ap.error("the also=1 setting (also prompts from the simulator clip) is for image-to-video runs only: "
+                 "add --no-direction --i2v N")
 
     import torch
 

@@ -487,3 +487,26 @@ def test_foreground_cells_cover_every_object_pixel_and_little_else(seed):
         cells = pixels.reshape(clip.n_frames // 4, 4, n // 8, 8, n // 8, 8).any(axis=(1, 3, 5))
         assert not (cells & ~fg).any(), (seed, i, shape)
     assert 0 < fg.mean() < 0.5
+
+
+def test_other_captions_name_every_object_but_the_subject():
+    """``other_captions``: per chunk, every non-subject object's caption by the subject's own rule (the same
+    function gives the subject's caption), in object order; a one-object clip has none."""
+    f = D.WorldConfig().chunk_frames
+    seen_multi = False
+    for seed in range(12):
+        clip = D.generate(seed, 3)
+        tr = clip.tracks
+        others = D.other_captions(tr)
+        assert len(others) == 3
+        for k, (subject, caps) in enumerate(zip(tr["subject"], others)):
+            want = [i for i in range(len(tr["colour"])) if i != subject]
+            assert [V.parse_caption(c).subject for c in caps] == [(str(tr["colour"][i]), str(tr["shape"][i])) for i in want]
+            for i, c in zip(want, caps):
+                sl = slice(k * f, (k + 1) * f)
+                assert c == D.caption_for_chunk(str(tr["colour"][i]), str(tr["shape"][i]), tr["vx"][sl, i], tr["vy"][sl, i],
+                                                   tr["bounce"][sl, i])
+            seen_multi |= len(caps) > 0
+        if len(tr["colour"]) == 1:
+            assert others == [()] * 3
+    assert seen_multi

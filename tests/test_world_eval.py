@@ -445,3 +445,21 @@ def test_first_chunk_room_measures_the_room_left_in_the_direction_of_motion():
     assert r["speed"] == pytest.approx(1.5, abs=0.05) and not r["same_velocity"] and r["slowest"]
     assert E.first_chunk_room(far, "the red square stays still") is None  # not a "moves X" caption
     assert E.first_chunk_room(far, "the blue square moves right") is None  # subject not drawn
+
+
+def test_image_to_video_run_tells_the_other_objects_with_also(monkeypatch):
+    """``image_to_video_run(also=True)`` adds the clip's other captions as also prompts to the sampler's
+    keywords (and only then); the prompts told are unchanged."""
+    seen = []
+
+    def fake_gen(model, meta, prompts, *, seed, sampler, image=None, video=None):
+        seen.append((list(prompts), dict(sampler)))
+        return np.repeat(image[None], len(prompts) * 24, axis=0), 0.0, None
+
+    monkeypatch.setattr(E, "_gen", fake_gen)
+    clip = data.generate(12, 2)
+    E.image_to_video_run(None, None, 12, 2, sampler={"cfg_local": 2.0}, prompts="clip")
+    E.image_to_video_run(None, None, 12, 2, sampler=lambda told: {"cfg_local": 2.0}, prompts="clip", also=True)
+    (p0, k0), (p1, k1) = seen
+    assert p0 == p1 == list(clip.captions) and k0 == {"cfg_local": 2.0}
+    assert k1 == {"cfg_local": 2.0, "also": data.other_captions(clip.tracks)} and any(k1["also"])

@@ -359,6 +359,66 @@ def test_negative_guidance(tiny, monkeypatch):
             G.generate_chunks(tiny, [P], cfg_neg=bad)
 
 
+def test_also_prompt_lists():
+    """``also_prompts``: none by default; a caption, a tuple or one entry per chunk (the last repeating, None
+    for none); validated against the vocabulary and the grammar; never the chunk's own subject."""
+    B, Y = "the blue square falls", "the yellow triangle moves left"
+    assert G.also_prompts([P, P]) == [(), ()]
+    assert G.also_prompts([P, P], B) == [(B,), (B,)]
+    assert G.also_prompts([P, P, P], [None, (B, Y)]) == [(), (B, Y), (B, Y)]
+    with pytest.raises(ValueError, match="names that chunk's subject"):
+        G.also_prompts([P, "the blue square moves up"], B)  # chunk 1's subject is the blue square
+    with pytest.raises(ValueError, match="closest known words: square"):
+        G.also_prompts([P], "the blue sqare falls")
+    with pytest.raises(ValueError, match="does not follow the grammar"):
+        G.also_prompts([P], "the blue square")
+    with pytest.raises(ValueError, match="3 also prompts for 2 chunks"):
+        G.also_prompts([P, P], [B, B, B])
+    with pytest.raises(ValueError, match="also prompts: give at least one"):
+        G.also_prompts([P], [])
+    with pytest.raises(ValueError, match="each also prompt must be a caption string, None or a tuple"):
+        G.also_prompts([P], [3])
+
+
+def test_also_guidance(tiny, monkeypatch):
+    """``also``: each also prompt adds cfg_also (v_also - v_null) on the guided ticks: none (or scale 0) is
+    the sampler bit for bit with the same calls; one more call per also prompt on guided ticks, the null
+    branch run even without text guidance; the branch told the also prompts (a chunk with fewer keeps its
+    own caption at scale 0); a chunk without them untouched; bad scales refused."""
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=1.0, cfg_neg=0.0, seed=6)
+    B, Y = "the blue square falls", "the yellow triangle moves left"
+
+    def run(**k):
+        with CountingDiT(tiny) as c:
+            frames = np.stack(list(G.generate_chunks(tiny, [P], **(kw | k))))
+        return frames, c.calls
+
+    plain, n0 = run()
+    none, nn = run(also=None)
+    assert np.array_equal(none, plain) and nn == n0
+    zero, nz = run(also=B, cfg_also=0.0)
+    assert np.array_equal(zero, plain) and nz == n0
+    one, n1 = run(also=B)
+    two, n2 = run(also=[(B, Y)])
+    assert not np.array_equal(one, plain) and not np.array_equal(two, one)
+    assert n1 - n0 == n2 - n1 > 0  # one more call per also prompt
+    notext, nt = run(also=B, cfg_text=0.0)
+    _, nt0 = run(cfg_text=0.0)
+    assert nt - nt0 == 2 * (n1 - n0)  # without text guidance the null branch is run for the also prompts
+    assert not np.array_equal(notext, run(cfg_text=0.0)[0])
+    only2, _ = run(also=[None, B, None])  # the second chunk only: the first is as it was
+    assert np.array_equal(only2[0], plain[0]) and not np.array_equal(only2[1], plain[1])
+    told = []
+    encode = tiny.encode_captions
+    monkeypatch.setattr(tiny, "encode_captions", lambda caps, runs=None: told.append((list(caps), list(runs))) or
+                        encode(caps, runs))
+    run(also=[(B, Y), B])
+    assert ([B, B], [0, 0]) in told and ([Y, P], [0, 0]) in told  # chunk 1 has no second: its own caption
+    for bad in (-1.0, float("nan"), "6"):
+        with pytest.raises(ValueError, match="cfg_also must be a number >= 0"):
+            G.generate_chunks(tiny, [P], also=B, cfg_also=bad)
+
+
 def test_context_noise(tiny, monkeypatch):
     """``ctx_t`` < 1: a finished chunk enters the KV cache noised back to flow time ctx_t (from its own
     generator): the chunk itself is yielded as it was, the chunks after it see a noisier context;
@@ -652,6 +712,10 @@ def test_cli_negative_guidance(tmp_path, capsys):
     local = gen("--cfg-local", "2")
     assert local[0] == default[0] and not np.array_equal(local[1], default[1])
     assert np.array_equal(gen("--cfg-local", "0")[1], default[1])
+    # --also: one more call per also prompt on the guided steps, other frames; --cfg-also 0 is none
+    also = gen("--also", "the blue square falls")
+    assert also[0] > default[0] and not np.array_equal(also[1], default[1])
+    assert np.array_equal(gen("--also", "the blue square falls", "--cfg-also", "0")[1], default[1])
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -670,6 +734,9 @@ def test_cli_negative_guidance(tmp_path, capsys):
     (["--prompt", P, "--eta", "-0.2"], "--eta: must be a finite number >= 0"),
     (["--prompt", P, "--cfg-local", "-1"], "--cfg-local: must be a finite number >= 0"),
     (["--prompt", P, "--cfg-local", "inf"], "--cfg-local: must be a finite number >= 0"),
+    (["--prompt", P, "--also", "the red circle falls"], "names that chunk's subject"),
+    (["--prompt", P, "--also", "the blue sqare falls"], "unknown word 'sqare'"),
+    (["--prompt", P, "--also", "the blue square falls", "--cfg-also", "-2"], "--cfg-also: must be a finite number >= 0"),
     (["--prompt", P, "--negative-prompt", "the red circle bounces of the wall"], "unknown word 'of'"),
     (["--prompt", P, "--chunks", "1", "--negative-prompt", "none", "--negative-prompt", "none"],
      "2 negative prompts for 1 chunks"),

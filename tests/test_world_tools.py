@@ -48,6 +48,9 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_neg=5,neg=bounce"), [up]) == \
         {"cfg_neg": 5.0, "negative": [("the red circle bounces off the ceiling",)]}
     assert world_sampler_sweep.gen_kwargs({"neg": "near"}, [up]) == {}  # generate's default negatives
+    # also=1 tells the image-to-video runs every other object's caption (evaluate's job, not a generate keyword)
+    assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("also=1,cfg_also=3,cfg_local=2")) == \
+        {"cfg_also": 3.0, "cfg_local": 2.0}
     with pytest.raises(ValueError, match="neg='all': expected one of near, bounce"):
         world_sampler_sweep.gen_kwargs({"neg": "all"}, [up])
     for bad, what in (("bogus=1", "KEY one of"), ("window", "KEY=VALUE"), ("window=x", "not a valid int")):
@@ -143,6 +146,10 @@ def test_sampler_sweep_rejects_an_empty_plan(capsys):
     with pytest.raises(SystemExit):
         world_sampler_sweep.main(["--i2v", "-1"])
     assert "--i2v must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        world_sampler_sweep.main(["--i2v", "2", "--settings", "also=1"])
+    err = capsys.readouterr().err
+    assert "also=1 setting" in err and "add --no-direction --i2v N" in err
 
 
 def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):

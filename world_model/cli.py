@@ -226,6 +226,8 @@ examples:
   magi generate --prompt "the red circle moves up" --eta 0 --out up_euler.gif   # Euler steps (the sampler before session 30)
   magi generate --image first.png --prompt "the blue square moves left" --chunks 16 --cfg-local 2 --out long.gif
       # guidance kept where it is strong: objects persist better, prompts are followed a little less
+  magi generate --image first.png --prompt "the blue square moves left" --also "the red circle falls" \
+      --chunks 16 --cfg-local 2 --out kept.gif   # every object named: the red circle is kept too
   magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
 
 prompts.json: [{"chunks": 2, "prompt": "the red circle moves right"}, {"chunks": 2, "prompt": "the red circle moves left"}]
@@ -259,7 +261,7 @@ def _unit_float(text: str) -> float:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from .generate import (
-        DEFAULT_CFG_INTERVAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_ETA, DEFAULT_SHIFT,
+        DEFAULT_CFG_ALSO, DEFAULT_CFG_INTERVAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT, DEFAULT_ETA, DEFAULT_SHIFT,
         DEFAULT_STEPS, DEFAULT_WINDOW,
     )
 
@@ -290,6 +292,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         'for that chunk). Default: the prompt\'s near misses, "the red circle moves right" -> '
                         '"the red circle bounces off the right wall" ("moves up" also -> "rises", "rises and '
                         'falls"; "moves down" also -> "falls"); none for other motions')
+    p.add_argument("--also", action="append", metavar="TEXT",
+                   help='caption of another object in the scene, told to every chunk (repeatable, one per object, '
+                        'e.g. "the blue square falls"): composed guidance keeps every object named in the picture '
+                        '(one more transformer call per --also on the guided steps; best with --cfg-local 2). The '
+                        'prompts name the subject; an --also naming it is an error')
+    p.add_argument("--cfg-also", type=_nonneg_float, default=DEFAULT_CFG_ALSO, metavar="W",
+                   help=f"guidance scale of each --also caption (default: {DEFAULT_CFG_ALSO:g})")
     p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
                    help=f"guidance on the previous chunks (0 disables; default: {DEFAULT_CFG_PREV})")
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
@@ -353,7 +362,8 @@ def run_generate(args, parser) -> int:
                                    image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
                                    cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run,
                                    negative=negative, cfg_neg=args.cfg_neg, eta=args.eta,
-                                   cfg_local=args.cfg_local)
+                                   cfg_local=args.cfg_local, also=tuple(args.also) if args.also else None,
+                                   cfg_also=args.cfg_also)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -269,6 +269,18 @@ def captions_from_tracks(tracks: dict, config: WorldConfig = WorldConfig()) -> l
     return out
 
 
+def other_captions(tracks: dict, config: WorldConfig = WorldConfig()) -> list[tuple[str, ...]]:
+    """Per chunk, the captions of every object but that chunk's subject (what each one does during the
+    chunk, by the same rule as the subject's caption), in object order: what generation's *also
+    prompts* can be told (`generate.also_prompts`)."""
+    f = config.chunk_frames
+    subjects = np.asarray(tracks["subject"])
+    return [tuple(caption_for_chunk(str(tracks["colour"][i]), str(tracks["shape"][i]), tracks["vx"][k * f:(k + 1) * f, i],
+                                    tracks["vy"][k * f:(k + 1) * f, i], tracks["bounce"][k * f:(k + 1) * f, i], config)
+                  for i in range(len(tracks["colour"])) if i != s)
+            for k, s in enumerate(subjects)]
+
+
 # ------------------------------------------------------------------------------------- physics
 
 

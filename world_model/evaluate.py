@@ -534,7 +534,7 @@ I2V_PROMPTS = ("first", "clip")  # what an image-to-video run is told (see `imag
 
 
 def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompts: str = "first",
-                       config: WorldConfig = WorldConfig(), round_trip: bool = False):
+                       config: WorldConfig = WorldConfig(), round_trip: bool = False, also: bool = False):
     """Image-to-video from the first frame of ``seed``'s simulator clip of ``n_chunks`` chunks, told the
     clip's first caption repeated (``"first"``, what `evaluate` tells) or its own captions (``"clip"``:
     a schedule the simulator realised from that frame). ``sampler``: `generate_chunks` keywords, or a
@@ -543,14 +543,17 @@ def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompt
     Returns ``(record, frames, seconds)``: the record holds the seed, the prompts told, the first
     frame's PSNR, `object_persistence` against the image (by chunk) and the simulator clip's own
     persistence (``simulator_persistent``); with ``round_trip`` also that of its autoencoder round
-    trip (``autoencoder_persistent``: what the transformer could reach at best)."""
+    trip (``autoencoder_persistent``: what the transformer could reach at best). ``also``: each chunk is
+    also told the clip's captions of its other objects (`data.other_captions`, generation's also prompts)."""
     if prompts not in I2V_PROMPTS:
         raise ValueError(f"prompts={prompts!r}: expected one of {', '.join(I2V_PROMPTS)}")
     clip = data.generate(seed, n_chunks, config)
     image = clip.frames[0]
     told = list(clip.captions) if prompts == "clip" else [clip.captions[0]] * n_chunks
-    frames, seconds, _ = _gen(model, meta, told, seed=seed, sampler=sampler(told) if callable(sampler) else sampler,
-                              image=image)
+    kw = dict(sampler(told) if callable(sampler) else sampler)
+    if also:
+        kw["also"] = data.other_captions(clip.tracks, config)
+    frames, seconds, _ = _gen(model, meta, told, seed=seed, sampler=kw, image=image)
     record = {"seed": seed, "prompts": told, "psnr_first_frame": psnr(frames[0], image),
               **object_persistence(frames, image, chunk_frames=config.chunk_frames),
               "simulator_persistent": object_persistence(clip.frames, image)["persistent"]}

@@ -44,6 +44,14 @@ runs may also take *run guidance*, ``+ cfg_run * (v_c - v_end)`` inside the text
 ``v_end`` telling every caption that it ends at its chunk (runs cut to 1): it amplifies what a longer
 run asks of a chunk (measured: slower first chunks, no better prompt following; docs/benchmarks.md).
 
+**Also prompts** (none by default). A chunk's caption names one object; ``also`` can name the others,
+one caption each ("the blue square falls"), and each adds ``cfg_also * (v_also - v_null_text)`` inside
+``cfg_interval`` (composed guidance: the sum over the objects named, the null branch shared with text
+guidance). Measured (docs/benchmarks.md, session 32): without them the objects a caption does not name
+shrink chunk by chunk under text guidance even where none is applied; told, they keep their size, and
+with ``cfg_local`` 2 on the whole sum, 16-chunk image-to-video persistence rises well above
+``cfg_local`` alone, at a cost in prompt following of the subject.
+
 **Guidance shaping** (all off by default). The sum g of the text, run and negative terms above can be
 reshaped per latent frame before it is added to v_c: ``cfg_local`` G weights each latent position by
 (|g| / the frame's largest |g|) ** G, so guidance stays where it is strong (on the object it moves) and
@@ -104,6 +112,9 @@ DEFAULT_CFG_PREV = 0.0
 # (1-3) on the ticks where text guidance acts.
 DEFAULT_CFG_NEG = 8.0
 DEFAULT_SHIFT = 1.0  # time_grid's shift
+# Also prompts (captions of the other objects, `also_prompts`): their guidance scale when given. Measured
+# with --cfg-local 2 (docs/benchmarks.md, session 32).
+DEFAULT_CFG_ALSO = 6.0
 DEFAULT_CTX_T = 1.0  # flow time at which finished chunks enter the KV cache (1: clean)
 CTX_NOISE_SEED = 7_919  # offset of the context-noise generator's seed from the video's
 # Stochastic steps (``eta``, fraction of fresh noise per step; 0 is the Euler ODE step): chosen on 160
@@ -210,18 +221,42 @@ def negative_prompts(prompts: Sequence[str], negative=None) -> list[tuple[str, .
     averaged). Validated against the vocabulary."""
     if negative is None:
         return [vocab.near_miss_captions(p) for p in prompts]
-    negative = [negative] if isinstance(negative, str) else list(negative)
-    if not negative:
-        raise ValueError("negative prompts: give at least one (or None for the automatic ones)")
+    return _caption_tuples(negative, len(prompts), "negative prompt", "or None for the automatic ones")
+
+
+def _caption_tuples(entries, n_chunks: int, what: str, hint: str) -> list[tuple[str, ...]]:
+    """``entries`` (a caption, or a list with one entry per chunk, the last repeating; an entry is a caption,
+    None or a tuple of captions) as a tuple of captions per chunk, validated against the vocabulary."""
+    entries = [entries] if isinstance(entries, str) else list(entries)
+    if not entries:
+        raise ValueError(f"{what}s: give at least one ({hint})")
     out = []
-    for q in negative:
+    for q in entries:
         qs = () if q is None else (q,) if isinstance(q, str) else tuple(q) if isinstance(q, (tuple, list)) else None
         if qs is None or not all(isinstance(x, str) for x in qs):
-            raise ValueError(f"a negative prompt must be a caption string, None or a tuple of captions, got {q!r}")
+            raise ValueError(f"each {what} must be a caption string, None or a tuple of captions, got {q!r}")
         for x in qs:
             vocab.encode(x)  # raises on unknown words
         out.append(qs)
-    return _per_chunk(out, len(prompts), "negative prompt")
+    return _per_chunk(out, n_chunks, what)
+
+
+def also_prompts(prompts: Sequence[str], also=None) -> list[tuple[str, ...]]:
+    """The *also prompts* of each chunk: captions of the other objects in the scene (what each does
+    during that chunk), as a tuple per chunk (empty: none). ``also`` None: none anywhere; otherwise as
+    for negative prompts (a caption, or one entry per chunk, the last repeating; an entry is a caption,
+    None or a tuple). Each must follow the caption grammar and name an object other than its chunk's
+    prompt's subject (the subject's own motion is the prompt's)."""
+    if also is None:
+        return [()] * len(prompts)
+    out = _caption_tuples(also, len(prompts), "also prompt", "or None for none")
+    for k, (p, qs) in enumerate(zip(prompts, out)):
+        subject = vocab.parse_caption(p).subject
+        for q in qs:
+            if vocab.parse_caption(q).subject == subject:
+                raise ValueError(f"also prompt {q!r} of chunk {k} names that chunk's subject ({' '.join(subject)}, "
+                                 f"prompt {p!r}); also prompts describe the other objects")
+    return out
 
 
 def load_prompt_file(path: str | os.PathLike) -> list[str]:
@@ -301,7 +336,8 @@ class ChunkStream:
     def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
                  shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
                  cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T, keep_latents=False, eta=DEFAULT_ETA,
-                 eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=0.0):
+                 eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=0.0,
+                 also=None, cfg_also=DEFAULT_CFG_ALSO):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -320,11 +356,12 @@ class ChunkStream:
         if attn_window is None:
             attn_window = default_attn_window(meta, self.window)
         self.attn_window = _count(attn_window, "attn_window")
-        for name, s in (("cfg_text", cfg_text), ("cfg_prev", cfg_prev), ("cfg_run", cfg_run), ("cfg_neg", cfg_neg)):
+        for name, s in (("cfg_text", cfg_text), ("cfg_prev", cfg_prev), ("cfg_run", cfg_run), ("cfg_neg", cfg_neg),
+                        ("cfg_also", cfg_also)):
             if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
                 raise ValueError(f"{name} must be a number >= 0 (0 disables it), got {s!r}")
         self.cfg_text, self.cfg_prev, self.cfg_run = float(cfg_text), float(cfg_prev), float(cfg_run)
-        self.cfg_neg = float(cfg_neg)
+        self.cfg_neg, self.cfg_also = float(cfg_neg), float(cfg_also)
         if not (isinstance(ctx_t, (int, float)) and 0.0 < ctx_t <= 1.0):
             raise ValueError(f"ctx_t must be a flow time in (0, 1] (1: finished chunks are clean context), got {ctx_t!r}")
         self.ctx_t = float(ctx_t)
@@ -340,6 +377,7 @@ class ChunkStream:
             raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local!r}")
         self.cfg_rescale, self.cfg_parallel, self.cfg_local = float(cfg_rescale), float(cfg_parallel), float(cfg_local)
         self.negative = negative_prompts(prompts, negative)
+        self.also = also_prompts(prompts, also)
         if self.cfg_run > 0 and not cfg.caption_runs:
             raise ValueError(f"cfg_run={cfg_run!r} needs a model with caption runs (this one has caption_runs 0)")
         self.cfg_interval = _interval(cfg_interval, "cfg_interval")
@@ -527,11 +565,23 @@ class ChunkStream:
             guided = v
             lo, hi = self.cfg_interval
             on = (tf >= lo) & (tf <= hi)  # text guidance only inside its noise interval (host: no device sync)
-            if self.cfg_text > 0 and bool(on.any()):
+            also = self.also[first:last]
+            also_branches = max(len(q) for q in also) if self.cfg_also > 0 and bool(on.any()) else 0
+            v_nt = None
+            if (self.cfg_text > 0 and bool(on.any())) or also_branches:
                 nt, nl = self._text([null_prompt] * len(active), [0] * len(active))
                 v_nt = self._dit(lat, tf, nt, nl, off, past)
+            if self.cfg_text > 0 and bool(on.any()):
                 scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
                 guided = guided + scale * (v - v_nt)
+            for b in range(also_branches):
+                # branch b tells each chunk its b-th also prompt (not its run): + cfg_also (v_b - v_null) for
+                # every object named, composed as the sum; a chunk with fewer keeps its prompt at scale 0
+                caps = [q[b] if b < len(q) else p for q, p in zip(also, prompts)]
+                at, al = self._text(caps, [0] * len(active))
+                has = torch.tensor([b < len(q) for q in also]).repeat_interleave(lf)
+                scale = (self.cfg_also * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
+                guided = guided + scale * (self._dit(lat, tf, at, al, off, past) - v_nt)
             if self.cfg_run > 0 and bool(on.any()):
                 runs = self.runs[first:last]
                 run_ends = [min(r, 1) for r in runs]  # each caption told it ends at its chunk
@@ -582,7 +632,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     negative=None, cfg_neg: float = DEFAULT_CFG_NEG, ctx_t: float = DEFAULT_CTX_T,
                     keep_latents: bool = False, eta: float = DEFAULT_ETA,
                     eta_interval: tuple[float, float] = DEFAULT_ETA_INTERVAL, cfg_rescale: float = 0.0,
-                    cfg_parallel: float = 1.0, cfg_local: float = 0.0) -> ChunkStream:
+                    cfg_parallel: float = 1.0, cfg_local: float = 0.0, also=None,
+                    cfg_also: float = DEFAULT_CFG_ALSO) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
 
     ``model``: a `WorldModel` (e.g. from `checkpoint.load_checkpoint`, whose ``meta`` gives the
@@ -604,7 +655,11 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     with another decoder. ``eta``: the fraction of fresh noise per step (0: Euler steps; default
     0.7; see the module's docstring) at the flow times ``eta_interval``. ``cfg_local`` (>= 0),
     ``cfg_parallel`` and ``cfg_rescale`` (in [0, 1]): guidance shaping (the module's docstring; off
-    at 0, 1 and 0). Nothing is computed until the first chunk is asked for.
+    at 0, 1 and 0). ``also``: *also prompts*, captions of the other objects in the scene per chunk (as
+    ``negative``: a caption, or one entry per chunk, each a caption, None or a tuple; `also_prompts`), each
+    adding ``cfg_also`` (v_also - v_null) inside ``cfg_interval`` (composed guidance: every object named
+    is kept in the picture; one more transformer call per also prompt on the guided ticks). Nothing is
+    computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -617,7 +672,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                        cfg_prev=cfg_prev, image=image, video=video, seed=seed, shift=shift, meta=meta,
                        cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run, negative=negative, cfg_neg=cfg_neg,
                        ctx_t=ctx_t, keep_latents=keep_latents, eta=eta, eta_interval=eta_interval,
-                       cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local)
+                       cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local, also=also,
+                       cfg_also=cfg_also)
 
 
 def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):
