@@ -240,13 +240,15 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     scales = []  # the text guidance of every generation the evaluation runs
     real = generate.generate_chunks
     monkeypatch.setattr(generate, "generate_chunks",
-                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"], k["eta"], k["cfg_local"])) or real(*a, **k))
+                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"], k["eta"], k["cfg_local"])) or
+                        alsos.append(k.get("also")) or real(*a, **k))
+    alsos = []  # the also prompts of each: only the image-to-video run is told them
     n = torch.get_num_threads()
     out = tmp_path / "r.json"
     try:
         rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
                        "--cfg-text", "3.5", "--cfg-neg", "2.5", "--eta", "0.25", "--cfg-local", "1.5", "--image-chunks", "3",
-                       "--out", str(out)])
+                       "--also", "--out", str(out)])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
@@ -256,7 +258,10 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     assert "prompt following" in text and "throughput" in text
     res = json.loads(out.read_text())
     assert res["settings"]["cfg_text"] == 3.5 and res["settings"]["cfg_neg"] == 2.5 and res["settings"]["eta"] == 0.25
-    assert res["settings"]["cfg_local"] == 1.5
+    assert res["settings"]["cfg_local"] == 1.5 and res["settings"]["also"] is True
+    from maskc.world_model import data
+
+    assert alsos == [None, data.other_captions(data.generate(0, 3).tracks), None]  # direction, i2v, continuation
     assert 0 <= res["prompt_following"]["fraction"] <= 1
     # the simulator's own clip of seed 0 reads 0.5: see test_per_chunk_rule_misreads_a_subject_covered_for_most_of_its_chunk
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 0.5

@@ -694,10 +694,11 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
              memory_chunks: Sequence[int] = (4, 16), image_chunks: int | None = None, log=None,
              cfg_text: float | None = None, shift: float | None = None,
              cfg_interval: tuple[float, float] | None = None, cfg_neg: float | None = None,
-             eta: float | None = None, cfg_local: float = 0.0) -> dict:
+             eta: float | None = None, cfg_local: float = 0.0, also: bool = False) -> dict:
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc). The sampler
     settings left None take `generate`'s defaults; ``cfg_local``: guidance kept where it is strong
-    (`generate_chunks`; 0, the default: off)."""
+    (`generate_chunks`; 0, the default: off); ``also``: the image-to-video runs are also told every other
+    object's caption (the simulator's, `data.other_captions`; generation's also prompts)."""
     import torch
 
     from .generate import (
@@ -731,7 +732,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                "eta": eta, "cfg_local": cfg_local}
     res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
                               **sampler, "cfg_interval": list(cfg_interval), "memory_chunks": list(memory_chunks),
-                              "image_chunks": image_chunks, "torch_threads": torch.get_num_threads()}}
+                              "image_chunks": image_chunks, "also": bool(also),
+                              "torch_threads": torch.get_num_threads()}}
     gen_frames, gen_seconds = 0, 0.0
 
     # prompt following + seams (text-to-video with chunk-wise prompts)
@@ -760,7 +762,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     # persistence also on the simulator's own clip and on its autoencoder round trip
     i2v = []
     for s in seeds:
-        r, frames, dt = image_to_video_run(model, meta, s, image_chunks, sampler=sampler, config=cfg, round_trip=True)
+        r, frames, dt = image_to_video_run(model, meta, s, image_chunks, sampler=sampler, config=cfg, round_trip=True,
+                                           also=also)
         gen_frames, gen_seconds = gen_frames + len(frames), gen_seconds + dt
         i2v.append(r)
         say(f"image-to-video seed {s}: PSNR {r['psnr_first_frame']:.1f} dB, persistent {r['persistent']:.2f}")
