@@ -2,7 +2,8 @@
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
 ``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
-``cfg_also``; ``also=1``: image-to-video runs are also told every other object's caption, `data.other_captions`;
+``cfg_also``; ``also=1``: every video is also told every other object's caption, `data.other_captions` of the
+simulator's clip (image-to-video: the image's; direction changes: the clip realising the prompts);
 ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its
 ``eta_interval``) it generates the same held-out
 direction-change videos as ``magi eval`` and scores them with the same tracker (and with the
@@ -81,6 +82,15 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
         if f"{p}_lo" in setting or f"{p}_hi" in setting:
             kw[name] = (setting.get(f"{p}_lo", 0.0), setting.get(f"{p}_hi", 1.0))
     return kw
+
+
+def direction_also(prompts, seed: int, cfg) -> list[tuple[str, ...]]:
+    """The also prompts of a direction-change video (``also=1``): the captions of the other objects of the
+    simulator clip that realises its prompts (`data.generate_from_prompts`, as `direction_change_prompts`
+    checks it), so the generated scene is told a scene the simulator can play."""
+    from maskc.world_model import data
+
+    return data.other_captions(data.generate_from_prompts(prompts, seed, cfg, gravity=False).tracks, cfg)
 
 
 def subject_stats(frames, prompts, cfg) -> dict:
@@ -263,9 +273,6 @@ def main(argv=None) -> int:
         ap.error(f"--i2v must be >= 0 (0: none), got {args.i2v}")
     if args.no_direction and not args.i2v:
         ap.error("--no-direction leaves nothing to run without --i2v N")
-    if not args.no_direction and any(kw.get("also") for _, kw in settings):
-        ap.error("the also=1 setting (also prompts from the simulator clip) is for image-to-video runs only: "
-                 "add --no-direction --i2v N")
 
     import torch
 
@@ -326,7 +333,8 @@ def main(argv=None) -> int:
             continue
         per_video = []
         for s, prompts in videos:
-            stream = generate_chunks(model, prompts, seed=s, meta=meta, keep_latents=bool(decoders),
+            also = direction_also(prompts, s, cfg) if kw.get("also") else None
+            stream = generate_chunks(model, prompts, seed=s, meta=meta, keep_latents=bool(decoders), also=also,
                                      **gen_kwargs(kw, prompts))
             frames = np.concatenate(list(stream))
             decoded = [decoder_scores(vae, stream.latents, prompts, cfg) for _, vae in decoders]

@@ -78,6 +78,24 @@ def test_sampler_sweep_scores_the_shipped_model(tmp_path):
     assert res["room_to_continue"] == room_to_continue(60)
 
 
+def test_sampler_sweep_direction_videos_told_the_other_objects(tmp_path, monkeypatch):
+    """``also=1`` on direction-change videos: each is told the other objects' captions of the simulator clip
+    that realises its prompts; without it, none."""
+    from maskc.world_model import data
+    from maskc.world_model import evaluate as ev
+    from maskc.world_model import generate as G
+
+    told = []
+    real = G.generate_chunks
+    monkeypatch.setattr(G, "generate_chunks", lambda *a, **k: told.append(k.get("also")) or real(*a, **k))
+    assert world_sampler_sweep.main(["--seeds", "12", "--chunks", "2", "--threads", "1", "--settings", "steps=2",
+                                     "also=1,steps=2", "--json", str(tmp_path / "s.json")]) == 0
+    prompts = ev.direction_change_prompts(12, 2)
+    want = data.other_captions(data.generate_from_prompts(prompts, 12, gravity=False).tracks)
+    assert told == [None, want] and any(want)
+    assert world_sampler_sweep.direction_also(prompts, 12, data.WorldConfig()) == want
+
+
 @pytest.mark.parametrize("prompts", ["clip", "first"])
 def test_sampler_sweep_image_to_video_runs(tmp_path, capsys, prompts):
     from maskc.world_model import data
@@ -146,10 +164,6 @@ def test_sampler_sweep_rejects_an_empty_plan(capsys):
     with pytest.raises(SystemExit):
         world_sampler_sweep.main(["--i2v", "-1"])
     assert "--i2v must be >= 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        world_sampler_sweep.main(["--i2v", "2", "--settings", "also=1"])
-    err = capsys.readouterr().err
-    assert "also=1 setting" in err and "add --no-direction --i2v N" in err
 
 
 def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):
