@@ -52,6 +52,8 @@ shrink chunk by chunk under text guidance, even guidance kept off their own pixe
 their size, and with ``cfg_local`` 2 on the whole sum 16-chunk image-to-video persistence is 0.50
 against 0.43 for ``cfg_local`` 2 alone and 0.36 for the defaults (80 held-out videos), at 2 points of
 prompt following of what was told against ``cfg_local`` 2 alone; without ``cfg_local`` they add copies.
+From text (a video from nothing) they cost prompt following (0.854 against 0.935 on 96 direction-change
+videos) and keep fewer objects: they are for image-to-video and continuation.
 
 **Guidance shaping** (all off by default). The sum g of the text, run and negative terms above can be
 reshaped per latent frame before it is added to v_c: ``cfg_local`` G weights each latent position by
