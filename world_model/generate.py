@@ -32,6 +32,7 @@ context it saw in training (``n_chunks`` of its train config).
 **Guidance** (classifier-free, scales >= 0, 0 disables and skips that branch)::
 
     v = v_c + cfg_text * (v_c - v_null_text) + cfg_neg * (v_c - v_neg) + cfg_prev * (v_c - v_no_prev)
+          + cfg_also * sum over the also prompts a of (v_a - v_null_text)
 
 ``v_null_text``: every chunk's caption replaced by `train.NULL_CAPTION`; ``v_neg``: every chunk's
 caption replaced by its *negative prompts* (the mean over them), by default
