@@ -510,3 +510,28 @@ def test_other_captions_name_every_object_but_the_subject():
         if len(tr["colour"]) == 1:
             assert others == [()] * 3
     assert seen_multi
+
+
+def test_other_captions_leave_out_the_object_each_told_prompt_names():
+    """``other_captions(told=)``: with prompts other than the clip's own (its first caption repeated), each
+    chunk leaves out the object its prompt names, so a clip whose subject switches tells the new subject
+    as an also prompt; with the clip's own captions it is the default; wrong lengths are refused."""
+    for seed in range(40):
+        clip = D.generate(seed, 4)
+        if len(set(clip.tracks["subject"])) > 1:
+            break
+    else:
+        raise AssertionError("no clip of 40 switches subject")
+    tr = clip.tracks
+    every = D.object_captions(tr)
+    first = [clip.captions[0]] * 4
+    told = D.other_captions(tr, told=first)
+    named = V.parse_caption(clip.captions[0]).subject
+    for caps, mine in zip(told, every):
+        assert list(caps) == [c for c in mine if V.parse_caption(c).subject != named]
+    switched = [k for k, s in enumerate(tr["subject"]) if s != tr["subject"][0]]
+    assert any(clip.captions[k] in told[k] for k in switched)  # the clip's own subject there is told as an also
+    assert D.other_captions(tr, told=list(clip.captions)) == D.other_captions(tr)
+    assert all(clip.captions[k] in every[k] for k in range(4))
+    with pytest.raises(ValueError, match="told has 3 prompts for a clip of 4 chunks"):
+        D.other_captions(tr, told=first[:3])

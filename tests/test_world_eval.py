@@ -261,7 +261,8 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     assert res["settings"]["cfg_local"] == 1.5 and res["settings"]["also"] is True
     from maskc.world_model import data
 
-    assert alsos == [None, data.other_captions(data.generate(0, 3).tracks), None]  # direction, i2v, continuation
+    clip = data.generate(0, 3)  # the image-to-video run is told its first caption repeated
+    assert alsos == [None, data.other_captions(clip.tracks, told=[clip.captions[0]] * 3), None]  # direction, i2v, continuation
     assert 0 <= res["prompt_following"]["fraction"] <= 1
     # the simulator's own clip of seed 0 reads 0.5: see test_per_chunk_rule_misreads_a_subject_covered_for_most_of_its_chunk
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 0.5
@@ -468,3 +469,5 @@ def test_image_to_video_run_tells_the_other_objects_with_also(monkeypatch):
     (p0, k0), (p1, k1) = seen
     assert p0 == p1 == list(clip.captions) and k0 == {"cfg_local": 2.0}
     assert k1 == {"cfg_local": 2.0, "also": data.other_captions(clip.tracks)} and any(k1["also"])
+    E.image_to_video_run(None, None, 12, 2, sampler={}, prompts="first", also=True)  # the first caption repeated
+    assert seen[2][1]["also"] == data.other_captions(clip.tracks, told=[clip.captions[0]] * 2)

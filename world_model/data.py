@@ -269,16 +269,29 @@ def captions_from_tracks(tracks: dict, config: WorldConfig = WorldConfig()) -> l
     return out
 
 
-def other_captions(tracks: dict, config: WorldConfig = WorldConfig()) -> list[tuple[str, ...]]:
-    """Per chunk, the captions of every object but that chunk's subject (what each one does during the
-    chunk, by the same rule as the subject's caption), in object order: what generation's *also
-    prompts* can be told (`generate.also_prompts`)."""
+def object_captions(tracks: dict, config: WorldConfig = WorldConfig()) -> list[tuple[str, ...]]:
+    """Per chunk, the caption of every object (what each one does during the chunk, by the rule of the
+    subject's caption), in object order."""
     f = config.chunk_frames
-    subjects = np.asarray(tracks["subject"])
     return [tuple(caption_for_chunk(str(tracks["colour"][i]), str(tracks["shape"][i]), tracks["vx"][k * f:(k + 1) * f, i],
                                     tracks["vy"][k * f:(k + 1) * f, i], tracks["bounce"][k * f:(k + 1) * f, i], config)
-                  for i in range(len(tracks["colour"])) if i != s)
-            for k, s in enumerate(subjects)]
+                  for i in range(len(tracks["colour"])))
+            for k in range(len(tracks["subject"]))]
+
+
+def other_captions(tracks: dict, config: WorldConfig = WorldConfig(), told: Sequence[str] | None = None
+                   ) -> list[tuple[str, ...]]:
+    """Per chunk, the captions of every object but that chunk's subject (`object_captions` less one), in
+    object order: what generation's *also prompts* can be told (`generate.also_prompts`). ``told``: the
+    prompts a generation is given, one per chunk, when they are not the clip's own captions (e.g. its
+    first caption repeated): then the object each prompt names is the one left out."""
+    every = object_captions(tracks, config)
+    if told is None:
+        return [tuple(c for i, c in enumerate(caps) if i != s) for caps, s in zip(every, np.asarray(tracks["subject"]))]
+    if len(told) != len(every):
+        raise ValueError(f"told has {len(told)} prompts for a clip of {len(every)} chunks")
+    return [tuple(c for c in caps if vocab.parse_caption(c).subject != vocab.parse_caption(t).subject)
+            for caps, t in zip(every, told)]
 
 
 # ------------------------------------------------------------------------------------- physics

@@ -544,7 +544,8 @@ def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompt
     frame's PSNR, `object_persistence` against the image (by chunk) and the simulator clip's own
     persistence (``simulator_persistent``); with ``round_trip`` also that of its autoencoder round
     trip (``autoencoder_persistent``: what the transformer could reach at best). ``also``: each chunk is
-    also told the clip's captions of its other objects (`data.other_captions`, generation's also prompts)."""
+    also told the clip's captions of every object its prompt does not name (`data.other_captions`;
+    generation's also prompts)."""
     if prompts not in I2V_PROMPTS:
         raise ValueError(f"prompts={prompts!r}: expected one of {', '.join(I2V_PROMPTS)}")
     clip = data.generate(seed, n_chunks, config)
@@ -552,7 +553,7 @@ def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompt
     told = list(clip.captions) if prompts == "clip" else [clip.captions[0]] * n_chunks
     kw = dict(sampler(told) if callable(sampler) else sampler)
     if also:
-        kw["also"] = data.other_captions(clip.tracks, config)
+        kw["also"] = data.other_captions(clip.tracks, config, told)  # every object but the one each prompt names
     frames, seconds, _ = _gen(model, meta, told, seed=seed, sampler=kw, image=image)
     record = {"seed": seed, "prompts": told, "psnr_first_frame": psnr(frames[0], image),
               **object_persistence(frames, image, chunk_frames=config.chunk_frames),
