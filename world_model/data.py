@@ -258,24 +258,22 @@ def caption_for_chunk(colour: str, shape: str, vx, vy, bounce=None, config: Worl
     return vocab.format_caption(colour, shape, motion_for_chunk(vx, vy, bounce, config))
 
 
+def _object_caption(tracks: dict, i: int, k: int, config: WorldConfig) -> str:
+    """The caption of object ``i`` over chunk ``k`` of a clip's tracks."""
+    sl = slice(k * config.chunk_frames, (k + 1) * config.chunk_frames)
+    return caption_for_chunk(str(tracks["colour"][i]), str(tracks["shape"][i]), tracks["vx"][sl, i], tracks["vy"][sl, i],
+                             tracks["bounce"][sl, i], config)
+
+
 def captions_from_tracks(tracks: dict, config: WorldConfig = WorldConfig()) -> list[str]:
     """Recompute every chunk's caption from a clip's tracks (equals ``clip.captions``)."""
-    f = config.chunk_frames
-    out = []
-    for k, s in enumerate(np.asarray(tracks["subject"])):
-        sl = slice(k * f, (k + 1) * f)
-        out.append(caption_for_chunk(str(tracks["colour"][s]), str(tracks["shape"][s]),
-                                     tracks["vx"][sl, s], tracks["vy"][sl, s], tracks["bounce"][sl, s], config))
-    return out
+    return [_object_caption(tracks, int(s), k, config) for k, s in enumerate(np.asarray(tracks["subject"]))]
 
 
 def object_captions(tracks: dict, config: WorldConfig = WorldConfig()) -> list[tuple[str, ...]]:
     """Per chunk, the caption of every object (what each one does during the chunk, by the rule of the
     subject's caption), in object order."""
-    f = config.chunk_frames
-    return [tuple(caption_for_chunk(str(tracks["colour"][i]), str(tracks["shape"][i]), tracks["vx"][k * f:(k + 1) * f, i],
-                                    tracks["vy"][k * f:(k + 1) * f, i], tracks["bounce"][k * f:(k + 1) * f, i], config)
-                  for i in range(len(tracks["colour"])))
+    return [tuple(_object_caption(tracks, i, k, config) for i in range(len(tracks["colour"])))
             for k in range(len(tracks["subject"]))]
 
 
@@ -284,10 +282,11 @@ def other_captions(tracks: dict, config: WorldConfig = WorldConfig(), told: Sequ
     """Per chunk, the captions of every object but that chunk's subject (`object_captions` less one), in
     object order: what generation's *also prompts* can be told (`generate.also_prompts`). ``told``: the
     prompts a generation is given, one per chunk, when they are not the clip's own captions (e.g. its
-    first caption repeated): then the object each prompt names is the one left out."""
+    first caption repeated; default: the clip's own): the object each prompt names is the one left out
+    (objects of a clip have distinct colours, so a caption names one)."""
     every = object_captions(tracks, config)
     if told is None:
-        return [tuple(c for i, c in enumerate(caps) if i != s) for caps, s in zip(every, np.asarray(tracks["subject"]))]
+        told = [caps[s] for caps, s in zip(every, np.asarray(tracks["subject"]))]
     if len(told) != len(every):
         raise ValueError(f"told has {len(told)} prompts for a clip of {len(every)} chunks")
     return [tuple(c for c in caps if vocab.parse_caption(c).subject != vocab.parse_caption(t).subject)
