@@ -569,13 +569,14 @@ class ChunkStream:
             guided = v
             lo, hi = self.cfg_interval
             on = (tf >= lo) & (tf <= hi)  # text guidance only inside its noise interval (host: no device sync)
+            guiding = bool(on.any())  # some latent frame in flight takes text / also / run / negative guidance
+            text_on = self.cfg_text > 0 and guiding
             also = self.also[first:last]
-            also_branches = max(len(q) for q in also) if self.cfg_also > 0 and bool(on.any()) else 0
-            v_nt = None
-            if (self.cfg_text > 0 and bool(on.any())) or also_branches:
+            also_branches = max(len(q) for q in also) if self.cfg_also > 0 and guiding else 0
+            if text_on or also_branches:  # the null branch, shared by text and also guidance
                 nt, nl = self._text([null_prompt] * len(active), [0] * len(active))
                 v_nt = self._dit(lat, tf, nt, nl, off, past)
-            if self.cfg_text > 0 and bool(on.any()):
+            if text_on:
                 scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
                 guided = guided + scale * (v - v_nt)
             for b in range(also_branches):
@@ -586,7 +587,7 @@ class ChunkStream:
                 has = torch.tensor([b < len(q) for q in also]).repeat_interleave(lf)
                 scale = (self.cfg_also * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
                 guided = guided + scale * (self._dit(lat, tf, at, al, off, past) - v_nt)
-            if self.cfg_run > 0 and bool(on.any()):
+            if self.cfg_run > 0 and guiding:
                 runs = self.runs[first:last]
                 run_ends = [min(r, 1) for r in runs]  # each caption told it ends at its chunk
                 if run_ends != runs:
@@ -596,7 +597,7 @@ class ChunkStream:
                     guided = guided + scale * (v - v_end)
             neg = self.negative[first:last]
             branches = max(len(q) for q in neg)
-            if self.cfg_neg > 0 and bool(on.any()) and branches:
+            if self.cfg_neg > 0 and guiding and branches:
                 # branch b tells each chunk its b-th negative (its last one when it has fewer); a chunk
                 # without any keeps its own prompt and gets scale 0. v_neg: the mean over the branches.
                 v_neg = 0
