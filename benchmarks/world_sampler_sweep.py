@@ -46,7 +46,7 @@ from maskc.world_model.evaluate import I2V_PROMPTS
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
         "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float,
-        "cfg_also": float, "also": int}
+        "cfg_also": float, "also": int, "also_lag": int, "also_motion": str}
 INTERVALS = {"cfg": "cfg_interval", "eta": "eta_interval"}  # P_lo / P_hi: the ends of generate's P_interval
 
 
@@ -73,7 +73,7 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
     from maskc.world_model import vocab
 
     ends = {f"{p}_{end}" for p in INTERVALS for end in ("lo", "hi")}
-    kw = {k: v for k, v in setting.items() if k not in ends and k not in ("neg", "also")}
+    kw = {k: v for k, v in setting.items() if k not in ends and k not in ("neg", "also", "also_lag", "also_motion")}
     if setting.get("neg", "near") not in NEGATIVES:
         raise ValueError(f"neg={setting['neg']!r}: expected one of {', '.join(NEGATIVES)}")
     if setting.get("neg") == "bounce" and prompts is not None:
@@ -84,13 +84,17 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
     return kw
 
 
-def direction_also(prompts, seed: int, cfg) -> list[tuple[str, ...]]:
+# the "also" key: none, every other object's caption, its name alone, the stream's own (`objects`)
+ALSO = {0: False, 1: True, 2: "objects", 3: "auto"}
+
+
+def direction_also(prompts, seed: int, cfg, motion: bool = True) -> list[tuple[str, ...]]:
     """The also prompts of a direction-change video (``also=1``): the captions of the other objects of the
     simulator clip that realises its prompts (`data.generate_from_prompts`, as `direction_change_prompts`
     checks it), so the generated scene is told a scene the simulator can play."""
     from maskc.world_model import data
 
-    return data.other_captions(data.generate_from_prompts(prompts, seed, cfg, gravity=False).tracks, cfg)
+    return data.other_captions(data.generate_from_prompts(prompts, seed, cfg, gravity=False).tracks, cfg, motion=motion)
 
 
 def subject_stats(frames, prompts, cfg) -> dict:
@@ -124,7 +128,8 @@ def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: di
     per_video = []
     for s in seeds:
         r, frames, _ = ev.image_to_video_run(model, meta, s, n_chunks, prompts=prompts_from, config=cfg,
-                                             also=bool(setting.get("also", 0)),
+                                             also=ALSO[setting.get("also", 0)], also_lag=setting.get("also_lag", 0),
+                                             also_motion=setting.get("also_motion"),
                                              sampler=lambda told: gen_kwargs(setting, told))
         r["subject"] = vocab.parse_caption(r["prompts"][0]).colour
         r["matches"] = ev.prompt_following(frames, r["prompts"], cfg)["matches"]
@@ -333,7 +338,7 @@ def main(argv=None) -> int:
             continue
         per_video = []
         for s, prompts in videos:
-            also = direction_also(prompts, s, cfg) if kw.get("also") else None
+            also = direction_also(prompts, s, cfg, motion=kw["also"] == 1) if kw.get("also") else None
             stream = generate_chunks(model, prompts, seed=s, meta=meta, keep_latents=bool(decoders), also=also,
                                      **gen_kwargs(kw, prompts))
             frames = np.concatenate(list(stream))

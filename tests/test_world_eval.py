@@ -217,8 +217,8 @@ def test_psnr_and_persistence():
     assert E.object_persistence(late, img, chunk_frames=F + 12)["by_chunk"] == [1.0, 0.0]
     # sizes by chunk: the square's pixels per chunk over the image's (64-81 as it moves across pixel
     # boundaries: 1.0-1.3); the second blob adds its 36 pixels to half of chunk 2's frames
-    px0 = E._colour_masks(img[None], ["blue"], E.DEFAULT_TOL)["blue"].sum()
-    px = E._colour_masks(clip.frames, ["blue"], E.DEFAULT_TOL)["blue"].sum((1, 2))
+    px0 = E.colour_masks(img[None], ["blue"], E.DEFAULT_TOL)["blue"].sum()
+    px = E.colour_masks(clip.frames, ["blue"], E.DEFAULT_TOL)["blue"].sum((1, 2))
     same = E.object_persistence(clip.frames, img, chunk_frames=F)["size_by_chunk"]["blue"]
     assert same == pytest.approx([px[:F].mean() / px0, px[F:].mean() / px0]) and all(1 <= x < 1.3 for x in same)
     grown = E.object_persistence(late, img, chunk_frames=F)["size_by_chunk"]["blue"]

@@ -370,8 +370,9 @@ def test_also_prompt_lists():
         G.also_prompts([P, "the blue square moves up"], B)  # chunk 1's subject is the blue square
     with pytest.raises(ValueError, match="closest known words: square"):
         G.also_prompts([P], "the blue sqare falls")
-    with pytest.raises(ValueError, match="does not follow the grammar"):
-        G.also_prompts([P], "the blue square")
+    assert G.also_prompts([P], "the blue square") == [("the blue square",)]  # an object named without a motion
+    with pytest.raises(ValueError, match="neither a caption"):
+        G.also_prompts([P], "the blue square bounces")
     with pytest.raises(ValueError, match="3 also prompts for 2 chunks"):
         G.also_prompts([P, P], [B, B, B])
     with pytest.raises(ValueError, match="also prompts: give at least one"):
@@ -417,6 +418,49 @@ def test_also_guidance(tiny, monkeypatch):
     for bad in (-1.0, float("nan"), "6"):
         with pytest.raises(ValueError, match="cfg_also must be a number >= 0"):
             G.generate_chunks(tiny, [P], also=B, cfg_also=bad)
+
+
+def test_auto_also(tiny, monkeypatch):
+    """``also="auto"``: the stream finds the objects of the image (or of the prefix's last frame) and tells every
+    later chunk each object's motion in a chunk's predicted frames when it leaves the guidance interval and in
+    its final frames, leaving out the object each chunk's prompt names; an object not seen keeps its last
+    motion. The first chunk (read before it is told anything) is the plain sampler's; the prefix's last chunk
+    is read before the first tick; a video from text is refused."""
+    from maskc.world_model import data
+    from maskc.world_model import objects as O
+
+    clip = data.generate(1, 2)
+    image = clip.frames[0]
+    found = O.find_objects(image)
+    assert len(found) >= 2
+    subject = f"the {found[0][0]} {found[0][1]} moves right"
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=1.0, cfg_neg=0.0, seed=3, image=image)
+    seen = []
+
+    def motions(frames, objects, config=data.WorldConfig(), tol=None):  # every object moves left in the first
+        seen.append(len(frames))                                          # chunk, then none is seen
+        return {o: "moves left" for o in objects} if len(seen) == 1 else {}
+
+    monkeypatch.setattr(O, "chunk_motions", motions)
+    with CountingDiT(tiny) as c0:
+        plain = np.stack(list(G.generate_chunks(tiny, [subject], **kw)))
+    with CountingDiT(tiny) as c1:
+        s = G.generate_chunks(tiny, [subject], also="auto", **kw)
+        auto = np.stack(list(s))
+    # chunk 0 leaves the interval (tick 1), chunk 1 leaves it and chunk 0 is final (tick 3), chunks 1, 2 final;
+    # the last chunk leaving it has no chunk after it to tell
+    assert s.objects == found and seen == [24] * 5
+    others = [f"the {c} {sh} moves left" for c, sh in found[1:]]
+    assert s.also == [(), tuple(others), tuple(others)]  # the last motion kept; never the subject
+    assert np.array_equal(auto[0], plain[0]) and c1.calls > c0.calls
+    assert not np.array_equal(auto[1], plain[1]) and not np.array_equal(auto[2], plain[2])
+    with pytest.raises(ValueError, match="keeps the objects of the image or of the video prefix"):
+        G.generate_chunks(tiny, [subject], also="auto")
+    seen.clear()  # continuation: the prefix's last chunk is read before the first tick
+    s = G.generate_chunks(tiny, [subject], n_chunks=1, steps=3, window=2, cfg_neg=0.0, also="auto", video=clip.frames)
+    assert s.also == [()] and s.objects == () and seen == []  # nothing computed before the first chunk is asked for
+    list(s)
+    assert s.objects == O.find_objects(clip.frames[-1]) and seen == [24, 24]  # the prefix's chunk, the new one
 
 
 def test_context_noise(tiny, monkeypatch):

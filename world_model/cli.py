@@ -111,6 +111,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-lookahead", type=_nonneg_float, metavar="P",
                    help="fraction of the scheduled clips planned over the whole schedule; the rest are planned "
                         "chunk by chunk, a run's later chunks slowing down near a wall (default: the config's)")
+    p.add_argument("--p-object-captions", type=_nonneg_float, metavar="P",
+                   help='fraction of training samples whose captions are one of their objects named without a motion '
+                        '("the red circle"), so generation can be told to keep an object whatever it does '
+                        "(magi generate --also \"the red circle\"; default: the config's, 0)")
     p.add_argument("--caption-runs", type=_pos_int, metavar="R",
                    help="tell each chunk's caption for how many chunks (up to R, this one included) the video keeps "
                         "it, so a chunk can leave room for what the caption still asks; with --resume of a model "
@@ -154,7 +158,7 @@ def _train_config(args, parser):
             "steps_vae": args.steps_vae, "steps_dit": args.steps_dit, "seed": args.seed, "batch": args.batch,
             "ckpt_every": args.ckpt_every, "data_workers": args.data_workers,
             "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead,
-            "run_lr_scale": args.run_lr_scale}.items() if v is not None}
+            "run_lr_scale": args.run_lr_scale, "p_object_captions": args.p_object_captions}.items() if v is not None}
         tcfg = replace(tcfg, **overrides)
         if args.caption_runs is not None:
             base = stored if stored is not None and args.config is None else tcfg.model_config()
@@ -327,6 +331,19 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _also_arg(also: list[str] | None, parser):
+    """``--also`` as `generate_chunks` takes it: None, "auto" (given alone), or the captions."""
+    from .generate import AUTO_ALSO
+
+    if not also:
+        return None
+    if any(a.strip().lower() == AUTO_ALSO for a in also):
+        if len(also) > 1:
+            parser.error(f"--also {AUTO_ALSO} finds every object itself: give it alone, not with captions")
+        return AUTO_ALSO
+    return tuple(also)
+
+
 def run_generate(args, parser) -> int:
     import torch
 
@@ -364,7 +381,7 @@ def run_generate(args, parser) -> int:
                                    image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
                                    cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run,
                                    negative=negative, cfg_neg=args.cfg_neg, eta=args.eta,
-                                   cfg_local=args.cfg_local, also=tuple(args.also) if args.also else None,
+                                   cfg_local=args.cfg_local, also=_also_arg(args.also, parser),
                                    cfg_also=args.cfg_also)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)

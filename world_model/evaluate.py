@@ -55,7 +55,8 @@ DIRECTION_PAIRS = (("right", "left"), ("left", "right"), ("up", "down"), ("down"
 # ----------------------------------------------------------------------------------- tracking
 
 
-def _colour_masks(frames: np.ndarray, colours: Sequence[str], tol: float) -> dict[str, np.ndarray]:
+def colour_masks(frames: np.ndarray, colours: Sequence[str], tol: float) -> dict[str, np.ndarray]:
+    """Per palette colour: bool [T, H, W], the pixels within ``tol`` (RGB distance) of it."""
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
@@ -77,7 +78,7 @@ def track_by_colour(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
     ``count`` int [T] (matching pixels), ``visible`` bool [T] (count >= min_pixels), and the matching
     pixels' extent ``x0``, ``x1``, ``y0``, ``y1`` float [T] (pixel edges: the first matching column's
     left edge ... the last matching row's bottom edge; NaN when not visible)."""
-    masks = _colour_masks(frames, colours, tol)
+    masks = colour_masks(frames, colours, tol)
     out = {}
     for c, m in masks.items():
         T, H, W = m.shape
@@ -124,7 +125,7 @@ def _components(mask: np.ndarray, min_pixels: int) -> int:
 def count_blobs(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
                 min_pixels: int = DEFAULT_MIN_PIXELS) -> dict[str, np.ndarray]:
     """Per colour: int [T] number of connected blobs of that colour (>= min_pixels pixels) per frame."""
-    return _blob_counts(_colour_masks(frames, colours, tol), min_pixels)
+    return _blob_counts(colour_masks(frames, colours, tol), min_pixels)
 
 
 def _blob_counts(masks: dict[str, np.ndarray], min_pixels: int) -> dict[str, np.ndarray]:
@@ -400,8 +401,8 @@ def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int 
     frames (mean) over its pixels in the image (objects that grow or shrink from chunk to chunk)."""
     frames = np.asarray(frames)
     colours = present_colours(image, tol, min_pixels)
-    image_masks = _colour_masks(np.asarray(image)[None], colours, tol)
-    masks = _colour_masks(frames, list(PALETTE), tol)  # blob counts and sizes both read these
+    image_masks = colour_masks(np.asarray(image)[None], colours, tol)
+    masks = colour_masks(frames, list(PALETTE), tol)  # blob counts and sizes both read these
     ref = _blob_counts(image_masks, min_pixels)
     got = _blob_counts(masks, min_pixels)
     T = frames.shape[0]
@@ -534,7 +535,8 @@ I2V_PROMPTS = ("first", "clip")  # what an image-to-video run is told (see `imag
 
 
 def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompts: str = "first",
-                       config: WorldConfig = WorldConfig(), round_trip: bool = False, also: bool = False):
+                       config: WorldConfig = WorldConfig(), round_trip: bool = False, also: bool | str = False,
+                       also_lag: int = 0, also_motion: str | None = None):
     """Image-to-video from the first frame of ``seed``'s simulator clip of ``n_chunks`` chunks, told the
     clip's first caption repeated (``"first"``, what `evaluate` tells) or its own captions (``"clip"``:
     a schedule the simulator realised from that frame). ``sampler``: `generate_chunks` keywords, or a
@@ -545,15 +547,24 @@ def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompt
     persistence (``simulator_persistent``); with ``round_trip`` also that of its autoencoder round
     trip (``autoencoder_persistent``: what the transformer could reach at best). ``also``: each chunk is
     also told the clip's captions of every object its prompt does not name (`data.other_captions`;
-    generation's also prompts)."""
+    generation's also prompts); ``"objects"``: those objects named without their motion
+    (`vocab.object_phrase`). ``also_lag`` L: chunk k is told the other objects' captions of chunk
+    max(0, k - L) instead (what a generator reading its own finished chunks could know);
+    ``also_motion``: every other object told this motion instead of its own."""
     if prompts not in I2V_PROMPTS:
         raise ValueError(f"prompts={prompts!r}: expected one of {', '.join(I2V_PROMPTS)}")
     clip = data.generate(seed, n_chunks, config)
     image = clip.frames[0]
     told = list(clip.captions) if prompts == "clip" else [clip.captions[0]] * n_chunks
     kw = dict(sampler(told) if callable(sampler) else sampler)
-    if also:
-        kw["also"] = data.other_captions(clip.tracks, config, told)  # every object but the one each prompt names
+    if also not in (False, True, "objects", "auto"):
+        raise ValueError(f"also={also!r}: expected False, True (the clip's captions), 'objects' (no motion) or "
+                         f"'auto' (the stream's own, `objects`)")
+    if also == "auto":
+        kw["also"] = "auto"
+    elif also:
+        motion = (also is True) if also_motion is None else also_motion
+        kw["also"] = data.other_captions(clip.tracks, config, told, motion=motion, lag=also_lag)  # every object but the one each prompt names
     frames, seconds, _ = _gen(model, meta, told, seed=seed, sampler=kw, image=image)
     record = {"seed": seed, "prompts": told, "psnr_first_frame": psnr(frames[0], image),
               **object_persistence(frames, image, chunk_frames=config.chunk_frames),

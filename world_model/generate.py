@@ -91,6 +91,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from . import objects as O
 from . import vocab
 from .text import token_runs
 from .train import NULL_CAPTION
@@ -119,6 +120,7 @@ DEFAULT_SHIFT = 1.0  # time_grid's shift
 # Also prompts (captions of the other objects, `also_prompts`): their guidance scale when given. Measured
 # with --cfg-local 2 (docs/benchmarks.md, session 32).
 DEFAULT_CFG_ALSO = 6.0
+AUTO_ALSO = "auto"  # also="auto": the stream tells each object of the image / prefix what it last did (`objects`)
 DEFAULT_CTX_T = 1.0  # flow time at which finished chunks enter the KV cache (1: clean)
 CTX_NOISE_SEED = 7_919  # offset of the context-noise generator's seed from the video's
 # Stochastic steps (``eta``, fraction of fresh noise per step; 0 is the Euler ODE step): chosen on 160
@@ -257,7 +259,7 @@ def also_prompts(prompts: Sequence[str], also=None) -> list[tuple[str, ...]]:
     for k, (p, qs) in enumerate(zip(prompts, out)):
         subject = vocab.parse_caption(p).subject
         for q in qs:
-            if vocab.parse_caption(q).subject == subject:
+            if vocab.named_object(q) == subject:
                 raise ValueError(f"also prompt {q!r} of chunk {k} names that chunk's subject ({' '.join(subject)}, "
                                  f"prompt {p!r}); also prompts describe the other objects")
     return out
@@ -381,7 +383,14 @@ class ChunkStream:
             raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local!r}")
         self.cfg_rescale, self.cfg_parallel, self.cfg_local = float(cfg_rescale), float(cfg_parallel), float(cfg_local)
         self.negative = negative_prompts(prompts, negative)
-        self.also = also_prompts(prompts, also)
+        self.auto_also = isinstance(also, str) and also == AUTO_ALSO
+        if self.auto_also and image is None and video is None:
+            raise ValueError(f"also={AUTO_ALSO!r} keeps the objects of the image or of the video prefix; a video from "
+                             "text has none given (name them with also prompts instead)")
+        # auto: none until the stream has seen the objects move (`_watch`)
+        self.also = [()] * len(prompts) if self.auto_also else also_prompts(prompts, also)
+        self.objects: tuple = ()  # with also="auto": the (colour, shape) of every object of the image or prefix
+        self.motions: dict = {}  # ... and the motion each one last showed in a finished chunk
         if self.cfg_run > 0 and not cfg.caption_runs:
             raise ValueError(f"cfg_run={cfg_run!r} needs a model with caption runs (this one has caption_runs 0)")
         self.cfg_interval = _interval(cfg_interval, "cfg_interval")
@@ -467,6 +476,15 @@ class ChunkStream:
         self._last_latents = kept[:, -n:] if n else None
         return to_uint8(frames).cpu().numpy()
 
+    def _watch(self, frames: np.ndarray, first: int) -> None:
+        """``also="auto"``: read each object's motion from a chunk's frames (an object not seen keeps its
+        last motion) and tell the chunks from ``first`` on the captions of those their prompt does not
+        name (`objects.keep_captions`). Called with a chunk's predicted frames when it leaves the
+        guidance interval (its layout and motion are decided by then) and with its final frames."""
+        self.motions.update(O.chunk_motions(frames, self.objects))
+        for k in range(first, self.n_chunks):
+            self.also[k] = O.keep_captions(self.motions, self.prompts[k])
+
     def _shape_guidance(self, g, v, lat, t, seen=None):
         """The text / run / negative guidance ``g`` (added to the conditional velocity ``v``) reshaped per
         latent frame by ``cfg_local``, ``cfg_parallel`` and ``cfg_rescale`` (all off: ``g`` as it is).
@@ -531,9 +549,14 @@ class ChunkStream:
                 ctx = min(n_pre, reach) * cfg.chunk_frames
                 self._last_latents = model.vae.encode(frames[frames.shape[0] - ctx:][None].to(dev)).to(dt)
             base = n_pre
+            if self.auto_also:
+                self.objects = O.find_objects(self.prefix_frames[-1])
+                self._watch(self.prefix_frames[-cfg.chunk_frames:], 0)
 
         image_latent = None
         if self.image is not None:
+            if self.auto_also:
+                self.objects = O.find_objects(self.image.numpy())
             still = self.image[None, None].expand(1, cfg.chunk_frames, *self.image.shape).to(dev)
             image_latent = model.vae.encode(still)[0, :pt].to(dt)
 
@@ -616,6 +639,13 @@ class ChunkStream:
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
                 guided = guided + self.cfg_prev * (v - v_np)
+            if self.auto_also:  # a chunk leaving the guidance interval: its motions are decided; read them
+                for j, k in enumerate(active):
+                    if t_cur[j, -1] <= hi < t_nxt[j, -1] and k + 1 < n:  # (the last frame: an image's first is clean)
+                        sl = slice(j * lf, (j + 1) * lf)
+                        span = (1.0 - t_cur[j]).to(dev, dt).reshape(-1, 1, 1, 1)
+                        x1 = lat[sl] + span * guided[sl]  # its predicted clean latents
+                        self._watch(to_uint8(model.vae.decode(x1[None])[0]).cpu().numpy(), k + 1)
             lat = self._step(lat, guided, t_cur.reshape(-1, 1, 1, 1).to(dev, dt), t_nxt.reshape(-1, 1, 1, 1).to(dev, dt))
             for j, k in enumerate(active):
                 x[k] = lat[j * lf:(j + 1) * lf]
@@ -625,7 +655,10 @@ class ChunkStream:
                 done = x.pop(first)
                 self._add_clean(done, base + first, self.prompts[first], self.runs[first], self.ctx_t)
                 next_out += 1
-                yield self._decode(done)
+                frames = self._decode(done)
+                if self.auto_also:
+                    self._watch(frames, next_out)
+                yield frames
 
 
 def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: int | None = None,
