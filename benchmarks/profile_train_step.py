@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     try:
         for s in range(args.steps + 5):
             t = [time.perf_counter()]
-            frames, tokens, fg, _ = pool[s % len(pool)] if pool else src.get()
+            frames, tokens, fg = pool[s % len(pool)] if pool else src.get()
             t.append(time.perf_counter())
             latents = T.encode_batch(model, frames, dev, tcfg)
             sync(); t.append(time.perf_counter())

@@ -84,17 +84,18 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
     return kw
 
 
-# the "also" key: none, every other object's caption, its name alone, the stream's own (`objects`)
-ALSO = {0: False, 1: True, 2: "objects", 3: "auto"}
+# the "also" key: none, every other object's caption (the simulator's), the stream's own (`objects`);
+# 2, each object named without a motion, was measured at commit 8bfdc87 and removed
+ALSO = {0: False, 1: True, 3: "auto"}
 
 
-def direction_also(prompts, seed: int, cfg, motion: bool = True) -> list[tuple[str, ...]]:
+def direction_also(prompts, seed: int, cfg) -> list[tuple[str, ...]]:
     """The also prompts of a direction-change video (``also=1``): the captions of the other objects of the
     simulator clip that realises its prompts (`data.generate_from_prompts`, as `direction_change_prompts`
     checks it), so the generated scene is told a scene the simulator can play."""
     from maskc.world_model import data
 
-    return data.other_captions(data.generate_from_prompts(prompts, seed, cfg, gravity=False).tracks, cfg, motion=motion)
+    return data.other_captions(data.generate_from_prompts(prompts, seed, cfg, gravity=False).tracks, cfg)
 
 
 def subject_stats(frames, prompts, cfg) -> dict:
@@ -338,7 +339,7 @@ def main(argv=None) -> int:
             continue
         per_video = []
         for s, prompts in videos:
-            also = direction_also(prompts, s, cfg, motion=kw["also"] == 1) if kw.get("also") else None
+            also = direction_also(prompts, s, cfg) if kw.get("also") else None
             stream = generate_chunks(model, prompts, seed=s, meta=meta, keep_latents=bool(decoders), also=also,
                                      **gen_kwargs(kw, prompts))
             frames = np.concatenate(list(stream))

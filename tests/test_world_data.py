@@ -535,3 +535,29 @@ def test_other_captions_leave_out_the_object_each_told_prompt_names():
     assert all(clip.captions[k] in every[k] for k in range(4))
     with pytest.raises(ValueError, match="told has 3 prompts for a clip of 4 chunks"):
         D.other_captions(tr, told=first[:3])
+
+
+def test_other_captions_lagged_or_with_one_motion():
+    """``other_captions(lag=L)``: chunk k takes chunk max(0, k - L)'s captions, still leaving out the object
+    chunk k's prompt names; ``motion``: every object told that motion; bad lags refused."""
+    for seed in range(40):
+        clip = D.generate(seed, 5)
+        if len(set(clip.tracks["subject"])) > 1:
+            break
+    tr = clip.tracks
+    every = D.object_captions(tr)
+    for lag in (0, 1, 3, 16):
+        got = D.other_captions(tr, lag=lag)
+        for k, (caps, prompt) in enumerate(zip(got, clip.captions)):
+            named = V.parse_caption(prompt).subject
+            assert list(caps) == [c for c in every[max(0, k - lag)] if V.parse_caption(c).subject != named]
+    assert D.other_captions(tr, lag=0) == D.other_captions(tr)
+    left = D.other_captions(tr, motion="moves left")
+    assert [[V.parse_caption(c).subject for c in caps] for caps in left] == \
+        [[V.parse_caption(c).subject for c in caps] for caps in D.other_captions(tr)]
+    assert all(V.parse_caption(c).motion == "moves left" for caps in left for c in caps)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="lag must be an integer >= 0"):
+            D.other_captions(tr, lag=bad)
+    with pytest.raises(ValueError, match="unknown motion"):
+        D.other_captions(tr, motion="moves sideways")

@@ -300,6 +300,9 @@ def test_cli_eval_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--cfg-local", "-2"])
     assert e.value.code == 2 and "--cfg-local: must be a finite number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--also", "yes"])
+    assert e.value.code == 2 and "--also: expected nothing (the simulator's captions) or auto" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_bad_sampler_settings_before_any_work():
@@ -471,3 +474,9 @@ def test_image_to_video_run_tells_the_other_objects_with_also(monkeypatch):
     assert k1 == {"cfg_local": 2.0, "also": data.other_captions(clip.tracks)} and any(k1["also"])
     E.image_to_video_run(None, None, 12, 2, sampler={}, prompts="first", also=True)  # the first caption repeated
     assert seen[2][1]["also"] == data.other_captions(clip.tracks, told=[clip.captions[0]] * 2)
+    E.image_to_video_run(None, None, 12, 2, sampler={}, prompts="clip", also=True, also_lag=1, also_motion="falls")
+    assert seen[3][1]["also"] == data.other_captions(clip.tracks, motion="falls", lag=1)
+    E.image_to_video_run(None, None, 12, 2, sampler={}, prompts="clip", also="auto")  # the stream finds its own
+    assert seen[4][1]["also"] == "auto"
+    with pytest.raises(ValueError, match="expected False, True"):
+        E.image_to_video_run(None, None, 12, 2, sampler={}, also="objects")

@@ -370,9 +370,8 @@ def test_also_prompt_lists():
         G.also_prompts([P, "the blue square moves up"], B)  # chunk 1's subject is the blue square
     with pytest.raises(ValueError, match="closest known words: square"):
         G.also_prompts([P], "the blue sqare falls")
-    assert G.also_prompts([P], "the blue square") == [("the blue square",)]  # an object named without a motion
-    with pytest.raises(ValueError, match="neither a caption"):
-        G.also_prompts([P], "the blue square bounces")
+    with pytest.raises(ValueError, match="does not follow the grammar"):
+        G.also_prompts([P], "the blue square")
     with pytest.raises(ValueError, match="3 also prompts for 2 chunks"):
         G.also_prompts([P, P], [B, B, B])
     with pytest.raises(ValueError, match="also prompts: give at least one"):
@@ -421,11 +420,10 @@ def test_also_guidance(tiny, monkeypatch):
 
 
 def test_auto_also(tiny, monkeypatch):
-    """``also="auto"``: the stream finds the objects of the image (or of the prefix's last frame) and tells every
-    later chunk each object's motion in a chunk's predicted frames when it leaves the guidance interval and in
-    its final frames, leaving out the object each chunk's prompt names; an object not seen keeps its last
-    motion. The first chunk (read before it is told anything) is the plain sampler's; the prefix's last chunk
-    is read before the first tick; a video from text is refused."""
+    """``also="auto"``: the stream finds the objects of the image (or of the prefix's last frame) and, once a
+    chunk is final, tells every later chunk each object's motion in it, leaving out the object each chunk's
+    prompt names; an object not seen keeps its last motion. Chunks guided before the first one is final are
+    the plain sampler's; the prefix's last chunk is read before the first tick; a video from text is refused."""
     from maskc.world_model import data
     from maskc.world_model import objects as O
 
@@ -447,13 +445,11 @@ def test_auto_also(tiny, monkeypatch):
     with CountingDiT(tiny) as c1:
         s = G.generate_chunks(tiny, [subject], also="auto", **kw)
         auto = np.stack(list(s))
-    # chunk 0 leaves the interval (tick 1), chunk 1 leaves it and chunk 0 is final (tick 3), chunks 1, 2 final;
-    # the last chunk leaving it has no chunk after it to tell
-    assert s.objects == found and seen == [24] * 5
+    assert s.objects == found and seen == [24] * 3  # each final chunk read
     others = [f"the {c} {sh} moves left" for c, sh in found[1:]]
     assert s.also == [(), tuple(others), tuple(others)]  # the last motion kept; never the subject
-    assert np.array_equal(auto[0], plain[0]) and c1.calls > c0.calls
-    assert not np.array_equal(auto[1], plain[1]) and not np.array_equal(auto[2], plain[2])
+    # chunk 1 took its guidance before chunk 0 was final; chunk 2 is told, with one more call per object told
+    assert np.array_equal(auto[:2], plain[:2]) and not np.array_equal(auto[2], plain[2]) and c1.calls > c0.calls
     with pytest.raises(ValueError, match="keeps the objects of the image or of the video prefix"):
         G.generate_chunks(tiny, [subject], also="auto")
     seen.clear()  # continuation: the prefix's last chunk is read before the first tick
@@ -762,6 +758,25 @@ def test_cli_negative_guidance(tmp_path, capsys):
     assert np.array_equal(gen("--also", "the blue square falls", "--cfg-also", "0")[1], default[1])
 
 
+def test_cli_also_auto(tmp_path, capsys):
+    """--also auto with --image: the stream's own also prompts (generate_chunks(also="auto")), frame for frame."""
+    from PIL import Image
+
+    from maskc.world_model import data
+
+    clip = data.generate(1, 1)
+    Image.fromarray(clip.frames[0]).save(tmp_path / "first.png")
+    subject = clip.captions[0]
+    out = tmp_path / "auto"  # PNG frames: lossless
+    assert cli.main(["generate", "--image", str(tmp_path / "first.png"), "--prompt", subject, "--chunks", "2",
+                     "--steps", "2", "--window", "2", "--seed", "2", "--also", "auto", "--out", str(out),
+                     "--no-progress"]) == 0
+    model, meta = G.load_model()
+    want = np.concatenate(list(G.generate_chunks(model, [subject], n_chunks=2, steps=2, window=2, seed=2, meta=meta,
+                                                 image=clip.frames[0], also="auto")))
+    assert np.array_equal(G.read_video(out), want)
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--prompt", "the red circel moves right"], "unknown word 'circel'"),
     (["--prompt", P, "--chunks", "0"], "--chunks must be >= 1"),
@@ -781,6 +796,8 @@ def test_cli_negative_guidance(tmp_path, capsys):
     (["--prompt", P, "--also", "the red circle falls"], "names that chunk's subject"),
     (["--prompt", P, "--also", "the blue sqare falls"], "unknown word 'sqare'"),
     (["--prompt", P, "--also", "the blue square falls", "--cfg-also", "-2"], "--cfg-also: must be a finite number >= 0"),
+    (["--prompt", P, "--also", "auto"], "keeps the objects of the image or of the video prefix"),
+    (["--prompt", P, "--also", "auto", "--also", "the blue square falls"], "give it alone, not with captions"),
     (["--prompt", P, "--negative-prompt", "the red circle bounces of the wall"], "unknown word 'of'"),
     (["--prompt", P, "--chunks", "1", "--negative-prompt", "none", "--negative-prompt", "none"],
      "2 negative prompts for 1 chunks"),

@@ -111,10 +111,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-lookahead", type=_nonneg_float, metavar="P",
                    help="fraction of the scheduled clips planned over the whole schedule; the rest are planned "
                         "chunk by chunk, a run's later chunks slowing down near a wall (default: the config's)")
-    p.add_argument("--p-object-captions", type=_nonneg_float, metavar="P",
-                   help='fraction of training samples whose captions are one of their objects named without a motion '
-                        '("the red circle"), so generation can be told to keep an object whatever it does '
-                        "(magi generate --also \"the red circle\"; default: the config's, 0)")
     p.add_argument("--caption-runs", type=_pos_int, metavar="R",
                    help="tell each chunk's caption for how many chunks (up to R, this one included) the video keeps "
                         "it, so a chunk can leave room for what the caption still asks; with --resume of a model "
@@ -158,7 +154,7 @@ def _train_config(args, parser):
             "steps_vae": args.steps_vae, "steps_dit": args.steps_dit, "seed": args.seed, "batch": args.batch,
             "ckpt_every": args.ckpt_every, "data_workers": args.data_workers,
             "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead,
-            "run_lr_scale": args.run_lr_scale, "p_object_captions": args.p_object_captions}.items() if v is not None}
+            "run_lr_scale": args.run_lr_scale}.items() if v is not None}
         tcfg = replace(tcfg, **overrides)
         if args.caption_runs is not None:
             base = stored if stored is not None and args.config is None else tcfg.model_config()
@@ -232,11 +228,19 @@ examples:
       # guidance kept where it is strong: objects persist better, prompts are followed a little less
   magi generate --image first.png --prompt "the blue square moves left" --also "the red circle falls" \
       --chunks 16 --cfg-local 2 --out kept.gif   # every object named: the red circle is kept too
+  magi generate --image first.png --prompt "the blue square moves left" --also auto \
+      --chunks 16 --cfg-local 2 --out auto.gif   # the stream names them itself, by what it sees them do
   magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
 
 prompts.json: [{"chunks": 2, "prompt": "the red circle moves right"}, {"chunks": 2, "prompt": "the red circle moves left"}]
 captions use the grammar: the COLOUR SHAPE MOTION (e.g. "the yellow square bounces off the floor").
 """
+
+
+def _also_choice(text: str):
+    if text.strip().lower() != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing (the simulator's captions) or auto, got {text!r}")
+    return "auto"
 
 
 def _nonneg_float(text: str) -> float:
@@ -302,7 +306,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         '(one more transformer call per --also on the guided steps). With --cfg-local 2, 16-chunk '
                         'image-to-video persistence 0.43 -> 0.50 on 80 held-out videos, prompts followed 2 points '
                         'less; without --cfg-local it adds copies. For --image / --video: from text it costs 8 '
-                        'points of prompt following. The prompts name the subject; an --also naming it is an error')
+                        'points of prompt following. The prompts name the subject; an --also naming it is an error. '
+                        '--also auto (with --image or --video): the stream finds the objects of the picture itself and '
+                        'tells each the motion it showed in the latest finished chunk (a motion a few chunks old keeps '
+                        'an object as well as the right one)')
     p.add_argument("--cfg-also", type=_nonneg_float, default=DEFAULT_CFG_ALSO, metavar="W",
                    help=f"guidance scale of each --also caption (default: {DEFAULT_CFG_ALSO:g})")
     p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
@@ -460,10 +467,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance scale on the text (default: generate's)")
     p.add_argument("--cfg-local", type=_nonneg_float, default=0.0, metavar="G",
                    help="guidance kept where it is strong, as magi generate --cfg-local (default: 0, off)")
-    p.add_argument("--also", action="store_true",
+    p.add_argument("--also", nargs="?", const=True, default=False, type=_also_choice,
+                   metavar="auto",
                    help="image-to-video runs are also told every other object's caption (what the simulator's clip "
                         "has it do), as magi generate --also: with --cfg-local 2, persistence over 16 chunks 0.36 -> "
-                        "0.50 on 80 held-out videos (docs/benchmarks.md, session 32)")
+                        "0.50 on 80 held-out videos (docs/benchmarks.md, session 32); --also auto: the captions the "
+                        "stream reads from its own finished chunks, as magi generate --also auto")
     p.add_argument("--cfg-neg", type=_nonneg_float, metavar="W",
                    help="negative guidance away from each chunk's near-miss captions (0 disables; default: generate's)")
     p.add_argument("--shift", type=_pos_float, metavar="S", help="time-grid shift of the sampler (default: generate's)")

@@ -278,14 +278,13 @@ def object_captions(tracks: dict, config: WorldConfig = WorldConfig()) -> list[t
 
 
 def other_captions(tracks: dict, config: WorldConfig = WorldConfig(), told: Sequence[str] | None = None,
-                   motion: bool | str = True, lag: int = 0) -> list[tuple[str, ...]]:
+                   motion: str | None = None, lag: int = 0) -> list[tuple[str, ...]]:
     """Per chunk, the captions of every object but that chunk's subject (`object_captions` less one), in
     object order: what generation's *also prompts* can be told (`generate.also_prompts`). ``told``: the
     prompts a generation is given, one per chunk, when they are not the clip's own captions (e.g. its
     first caption repeated; default: the clip's own): the object each prompt names is the one left out
-    (objects of a clip have distinct colours, so a caption names one). ``motion`` False: each object
-    named without its motion (`vocab.object_phrase`, ``"the red circle"``); a motion phrase (e.g.
-    ``"moves left"``): every object told that motion. ``lag`` L: chunk k takes
+    (objects of a clip have distinct colours, so a caption names one). ``motion`` (a motion phrase,
+    e.g. ``"moves left"``): every object told that motion instead of its own. ``lag`` L: chunk k takes
     the captions of chunk max(0, k - L) (what a generator that reads its own finished chunks could
     know), still leaving out the object chunk k's prompt names."""
     if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0:
@@ -297,10 +296,8 @@ def other_captions(tracks: dict, config: WorldConfig = WorldConfig(), told: Sequ
         raise ValueError(f"told has {len(told)} prompts for a clip of {len(every)} chunks")
     out = [tuple(c for c in every[max(0, k - lag)] if vocab.parse_caption(c).subject != vocab.parse_caption(t).subject)
            for k, t in enumerate(told)]
-    if motion is True:
+    if motion is None:
         return out
-    if motion is False:
-        return [tuple(vocab.object_phrase(*vocab.parse_caption(c).subject) for c in caps) for caps in out]
     return [tuple(vocab.format_caption(*vocab.parse_caption(c).subject, motion) for c in caps) for caps in out]
 
 
@@ -921,9 +918,7 @@ def clip_seed(seed: int, index: int) -> int:
 
 @dataclass(frozen=True, eq=False)
 class Batch:
-    """A training batch: frames uint8 [B, T, H, W, 3], captions [B][K], tokens int64 [B, K, L];
-    object_tokens int64 [B, max_objects, L]: each clip's objects named without a motion
-    (`vocab.object_phrase`, in object order; all-PAD rows past a clip's objects)."""
+    """A training batch: frames uint8 [B, T, H, W, 3], captions [B][K], tokens int64 [B, K, L]."""
 
     index: int
     seeds: list[int]
@@ -931,7 +926,6 @@ class Batch:
     captions: list[list[str]]
     tokens: np.ndarray
     clips: list[Clip]
-    object_tokens: np.ndarray
 
 
 def make_batch(seed: int, index: int, n_chunks: int, batch: int, config: WorldConfig = WorldConfig(),
@@ -950,12 +944,8 @@ def make_batch(seed: int, index: int, n_chunks: int, batch: int, config: WorldCo
              else generate(s, n_chunks, config) for s in seeds]
     captions = [c.captions for c in clips]
     tokens = np.stack([vocab.encode_batch(c) for c in captions])
-    objects = np.full((batch, config.max_objects, tokens.shape[-1]), vocab.PAD_ID, dtype=np.int64)
-    for b, c in enumerate(clips):
-        phrases = [vocab.object_phrase(str(col), str(sh)) for col, sh in zip(c.tracks["colour"], c.tracks["shape"])]
-        objects[b, :len(phrases)] = vocab.encode_batch(phrases, tokens.shape[-1])
     return Batch(index=index, seeds=seeds, frames=np.stack([c.frames for c in clips]),
-                 captions=captions, tokens=tokens, clips=clips, object_tokens=objects)
+                 captions=captions, tokens=tokens, clips=clips)
 
 
 def _scheduled(seed: int, p: float) -> bool:

@@ -547,8 +547,8 @@ def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompt
     persistence (``simulator_persistent``); with ``round_trip`` also that of its autoencoder round
     trip (``autoencoder_persistent``: what the transformer could reach at best). ``also``: each chunk is
     also told the clip's captions of every object its prompt does not name (`data.other_captions`;
-    generation's also prompts); ``"objects"``: those objects named without their motion
-    (`vocab.object_phrase`). ``also_lag`` L: chunk k is told the other objects' captions of chunk
+    generation's also prompts); ``"auto"``: the stream finds its own (`generate_chunks(also="auto")`).
+    ``also_lag`` L: chunk k is told the other objects' captions of chunk
     max(0, k - L) instead (what a generator reading its own finished chunks could know);
     ``also_motion``: every other object told this motion instead of its own."""
     if prompts not in I2V_PROMPTS:
@@ -557,14 +557,12 @@ def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompt
     image = clip.frames[0]
     told = list(clip.captions) if prompts == "clip" else [clip.captions[0]] * n_chunks
     kw = dict(sampler(told) if callable(sampler) else sampler)
-    if also not in (False, True, "objects", "auto"):
-        raise ValueError(f"also={also!r}: expected False, True (the clip's captions), 'objects' (no motion) or "
-                         f"'auto' (the stream's own, `objects`)")
+    if also not in (False, True, "auto"):
+        raise ValueError(f"also={also!r}: expected False, True (the clip's captions) or 'auto' (the stream's own)")
     if also == "auto":
         kw["also"] = "auto"
     elif also:
-        motion = (also is True) if also_motion is None else also_motion
-        kw["also"] = data.other_captions(clip.tracks, config, told, motion=motion, lag=also_lag)  # every object but the one each prompt names
+        kw["also"] = data.other_captions(clip.tracks, config, told, motion=also_motion, lag=also_lag)  # every object but the one each prompt names
     frames, seconds, _ = _gen(model, meta, told, seed=seed, sampler=kw, image=image)
     record = {"seed": seed, "prompts": told, "psnr_first_frame": psnr(frames[0], image),
               **object_persistence(frames, image, chunk_frames=config.chunk_frames),
@@ -706,11 +704,12 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
              memory_chunks: Sequence[int] = (4, 16), image_chunks: int | None = None, log=None,
              cfg_text: float | None = None, shift: float | None = None,
              cfg_interval: tuple[float, float] | None = None, cfg_neg: float | None = None,
-             eta: float | None = None, cfg_local: float = 0.0, also: bool = False) -> dict:
+             eta: float | None = None, cfg_local: float = 0.0, also: bool | str = False) -> dict:
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc). The sampler
     settings left None take `generate`'s defaults; ``cfg_local``: guidance kept where it is strong
     (`generate_chunks`; 0, the default: off); ``also``: the image-to-video runs are also told every other
-    object's caption (the simulator's, `data.other_captions`; generation's also prompts)."""
+    object's caption (True: the simulator's, `data.other_captions`; ``"auto"``: what the stream reads from
+    its own chunks, `generate_chunks(also="auto")`; generation's also prompts)."""
     import torch
 
     from .generate import (
@@ -744,7 +743,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                "eta": eta, "cfg_local": cfg_local}
     res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
                               **sampler, "cfg_interval": list(cfg_interval), "memory_chunks": list(memory_chunks),
-                              "image_chunks": image_chunks, "also": bool(also),
+                              "image_chunks": image_chunks, "also": also,
                               "torch_threads": torch.get_num_threads()}}
     gen_frames, gen_seconds = 0, 0.0
 

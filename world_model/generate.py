@@ -54,7 +54,12 @@ their size, and with ``cfg_local`` 2 on the whole sum 16-chunk image-to-video pe
 against 0.43 for ``cfg_local`` 2 alone and 0.36 for the defaults (80 held-out videos), at 2 points of
 prompt following of what was told against ``cfg_local`` 2 alone; without ``cfg_local`` they add copies.
 From text (a video from nothing) they cost prompt following (0.854 against 0.935 on 96 direction-change
-videos) and keep fewer objects: they are for image-to-video and continuation.
+videos) and keep fewer objects: they are for image-to-video and continuation. ``also="auto"`` (with
+an image or a prefix) finds them itself (`objects`): the objects of the picture by colour and shape,
+and, each time a chunk is final, the motion each showed in it, told to the chunks after it (session 33
+measured that a motion three chunks old keeps an object as well as the true one, where one made-up
+motion for all or an object named without a motion does not). The chunks that take their guidance
+before the first chunk is final are told nothing.
 
 **Guidance shaping** (all off by default). The sum g of the text, run and negative terms above can be
 reshaped per latent frame before it is added to v_c: ``cfg_local`` G weights each latent position by
@@ -259,7 +264,7 @@ def also_prompts(prompts: Sequence[str], also=None) -> list[tuple[str, ...]]:
     for k, (p, qs) in enumerate(zip(prompts, out)):
         subject = vocab.parse_caption(p).subject
         for q in qs:
-            if vocab.named_object(q) == subject:
+            if vocab.parse_caption(q).subject == subject:
                 raise ValueError(f"also prompt {q!r} of chunk {k} names that chunk's subject ({' '.join(subject)}, "
                                  f"prompt {p!r}); also prompts describe the other objects")
     return out
@@ -477,10 +482,9 @@ class ChunkStream:
         return to_uint8(frames).cpu().numpy()
 
     def _watch(self, frames: np.ndarray, first: int) -> None:
-        """``also="auto"``: read each object's motion from a chunk's frames (an object not seen keeps its
-        last motion) and tell the chunks from ``first`` on the captions of those their prompt does not
-        name (`objects.keep_captions`). Called with a chunk's predicted frames when it leaves the
-        guidance interval (its layout and motion are decided by then) and with its final frames."""
+        """``also="auto"``: read each object's motion from a final chunk's frames (an object not seen keeps
+        its last motion) and tell the chunks from ``first`` on the captions of those their prompt does not
+        name (`objects.keep_captions`)."""
         self.motions.update(O.chunk_motions(frames, self.objects))
         for k in range(first, self.n_chunks):
             self.also[k] = O.keep_captions(self.motions, self.prompts[k])
@@ -639,13 +643,6 @@ class ChunkStream:
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
                 guided = guided + self.cfg_prev * (v - v_np)
-            if self.auto_also:  # a chunk leaving the guidance interval: its motions are decided; read them
-                for j, k in enumerate(active):
-                    if t_cur[j, -1] <= hi < t_nxt[j, -1] and k + 1 < n:  # (the last frame: an image's first is clean)
-                        sl = slice(j * lf, (j + 1) * lf)
-                        span = (1.0 - t_cur[j]).to(dev, dt).reshape(-1, 1, 1, 1)
-                        x1 = lat[sl] + span * guided[sl]  # its predicted clean latents
-                        self._watch(to_uint8(model.vae.decode(x1[None])[0]).cpu().numpy(), k + 1)
             lat = self._step(lat, guided, t_cur.reshape(-1, 1, 1, 1).to(dev, dt), t_nxt.reshape(-1, 1, 1, 1).to(dev, dt))
             for j, k in enumerate(active):
                 x[k] = lat[j * lf:(j + 1) * lf]
@@ -696,8 +693,10 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     at 0, 1 and 0). ``also``: *also prompts*, captions of the other objects in the scene per chunk (as
     ``negative``: a caption, or one entry per chunk, each a caption, None or a tuple; `also_prompts`), each
     adding ``cfg_also`` (v_also - v_null) inside ``cfg_interval`` (composed guidance: every object named
-    is kept in the picture; one more transformer call per also prompt on the guided ticks). Nothing is
-    computed until the first chunk is asked for.
+    is kept in the picture; one more transformer call per also prompt on the guided ticks); ``"auto"``
+    (with ``image`` or ``video``): the stream tells every object of the picture but the one each prompt
+    names the motion it showed in the latest final chunk (`objects`; the stream's ``objects`` and
+    ``motions`` say what it found). Nothing is computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]

@@ -57,7 +57,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints",
                      # started and captioned, and the attention window (generation's default follows it)
                      "p_scheduled", "p_lookahead", "n_chunks", "batch", "reuse", "p_cut", "p_continuation",
                      "p_i2v", "caption_dropout", "attn_window",
-                     "run_lr_scale", "p_object_captions")
+                     "run_lr_scale")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -118,7 +118,6 @@ class TrainConfig:
     fg_weight: float = 0.0  # extra loss weight on latent cells an object touches (0: plain MSE)
     p_scheduled: float = 0.0  # fraction of the transformer's clips scripted from random prompt schedules (data.generate_scheduled)
     p_lookahead: float = D.SCHEDULE_LOOKAHEAD  # fraction of those planned over the whole schedule (the rest chunk by chunk)
-    p_object_captions: float = 0.0  # fraction of samples captioned by one of their objects named without a motion ("the red circle")
     reuse: int = 1  # transformer steps per generated and encoded batch (each with its own cuts, t and noise)
     run_lr_scale: float = 1.0  # learning rate of the caption-run vectors / the transformer's (new vectors in a trained model: > 1)
     # optimisation (both phases)
@@ -162,8 +161,7 @@ class TrainConfig:
             whole("attn_window", 1)
         if not isinstance(self.compile, bool):
             bad(f"compile={self.compile!r} must be true or false")
-        for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio", "p_scheduled", "p_lookahead",
-                     "p_object_captions"):
+        for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio", "p_scheduled", "p_lookahead"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1]")
         for name in ("lr_vae", "lr_dit", "t_std", "run_lr_scale"):
@@ -254,34 +252,33 @@ def lr_at(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> 
 
 def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int, cells: tuple[int, int] | None = None,
                   p_scheduled: float = 0.0,
-                  p_lookahead: float = D.SCHEDULE_LOOKAHEAD) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-    """Frames, caption tokens, (with ``cells``: the autoencoder's time and space down-sampling) the
-    `data.foreground_cells` of each clip of batch ``index`` (else None), and its objects' phrase
-    tokens (`data.Batch.object_tokens`)."""
+                  p_lookahead: float = D.SCHEDULE_LOOKAHEAD) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Frames, caption tokens and (with ``cells``: the autoencoder's time and space down-sampling)
+    the `data.foreground_cells` of each clip of batch ``index`` (else None)."""
     b = D.make_batch(seed, index, n_chunks, batch, p_scheduled=p_scheduled, p_lookahead=p_lookahead)
     fg = None if cells is None else np.stack([D.foreground_cells(c, *cells) for c in b.clips])
-    return b.frames, b.tokens, fg, b.object_tokens
+    return b.frames, b.tokens, fg
 
 
 def _batch_into_slot(slot: str, seed: int, index: int, n_chunks: int, batch: int,
                      cells: tuple[int, int] | None, p_scheduled: float,
-                     p_lookahead: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+                     p_lookahead: float) -> tuple[np.ndarray, np.ndarray | None]:
     """Worker side of `BatchSource`: write the frames into shared-memory block ``slot`` (they are
     by far the largest part: 75 MB for 64 clips of 4 chunks) and return the small arrays."""
     from multiprocessing import shared_memory
 
-    frames, tokens, fg, objects = _batch_arrays(seed, index, n_chunks, batch, cells, p_scheduled, p_lookahead)
+    frames, tokens, fg = _batch_arrays(seed, index, n_chunks, batch, cells, p_scheduled, p_lookahead)
     shm = shared_memory.SharedMemory(name=slot)
     try:
         np.ndarray(frames.shape, frames.dtype, buffer=shm.buf)[...] = frames
     finally:
         shm.close()
-    return tokens, fg, objects
+    return tokens, fg
 
 
 class BatchSource:
     """Batches ``start, start + 1, ...`` of ``make_batch(seed, ., n_chunks, batch)`` as (frames, tokens,
-    foreground cells or None, object phrase tokens: see `_batch_arrays`).
+    foreground cells or None: see `_batch_arrays`).
 
     With ``workers > 0`` a process pool generates the next batches while the model trains (the
     order, and so every result, is the same as without workers). The workers write the frames into
@@ -325,7 +322,7 @@ class BatchSource:
                                p_sched, p_ahead)
         self.ahead.append((fut, slot))
 
-    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         seed, n, b, cells, p_sched, p_ahead = self.args
         if self.pool is None:
             out = _batch_arrays(seed, self.next, n, b, cells, p_sched, p_ahead)
@@ -336,9 +333,9 @@ class BatchSource:
             while len(self.ahead) < self.depth:
                 self._submit()
             fut, slot = self.ahead.popleft()
-            tokens, fg, objects = fut.result()
+            tokens, fg = fut.result()
             self.held = slot
-            out = np.ndarray(self.shape, np.uint8, buffer=slot.buf), tokens, fg, objects
+            out = np.ndarray(self.shape, np.uint8, buffer=slot.buf), tokens, fg
         self.next += 1
         return out
 
@@ -367,17 +364,10 @@ class SampleSpec:
     t: tuple[float, ...]  # flow time per chunk (1.0 = clean context)
     i2v: bool  # the first latent frame is clean
     drop_caption: bool
-    named: int = -1  # >= 0: every caption replaced by that object of the clip named without a motion
 
 
-def plan_samples(rng: np.random.Generator, n_clips: int, n_chunks: int, tcfg: TrainConfig,
-                 n_objects: Sequence[int] | None = None) -> list[SampleSpec]:
-    """Cut clips into samples and draw their noise levels, clean prefixes, i2v and caption dropout, and
-    (``tcfg.p_object_captions`` > 0; ``n_objects``: each clip's number of objects) which samples are
-    captioned by one of their objects named without a motion (`SampleSpec.named`)."""
-    if tcfg.p_object_captions > 0 and (n_objects is None or len(n_objects) != n_clips):
-        raise ValueError(f"p_object_captions={tcfg.p_object_captions} needs each clip's number of objects "
-                         f"(n_objects, {n_clips} of them)")
+def plan_samples(rng: np.random.Generator, n_clips: int, n_chunks: int, tcfg: TrainConfig) -> list[SampleSpec]:
+    """Cut clips into samples and draw their noise levels, clean prefixes, i2v and caption dropout."""
     pieces = []
     for c in range(n_clips):
         start = 0
@@ -394,10 +384,7 @@ def plan_samples(rng: np.random.Generator, n_clips: int, n_chunks: int, tcfg: Tr
         t = np.clip(np.sort(t)[::-1], 0.0, 0.999)  # earlier chunks cleaner
         i2v = bool(n_clean == 0 and rng.random() < tcfg.p_i2v)
         drop = bool(rng.random() < tcfg.caption_dropout)
-        named = -1
-        if tcfg.p_object_captions > 0 and not drop and rng.random() < tcfg.p_object_captions:  # no draw at 0
-            named = int(rng.integers(n_objects[c]))
-        out.append(SampleSpec(c, off, length, (1.0,) * n_clean + tuple(float(x) for x in t), i2v, drop, named))
+        out.append(SampleSpec(c, off, length, (1.0,) * n_clean + tuple(float(x) for x in t), i2v, drop))
     return out
 
 
@@ -445,11 +432,10 @@ def clip_runs(tokens: np.ndarray, cap: int) -> np.ndarray:
 
 
 def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSpec], cfg: ModelConfig,
-               generator: torch.Generator, fg: np.ndarray | None = None, objects: np.ndarray | None = None) -> Packed:
+               generator: torch.Generator, fg: np.ndarray | None = None) -> Packed:
     """Pack clip latents [B, K * latent_frames, h, w, C], tokens [B, K, L] and (optional) foreground
-    cells [B, K * latent_frames, h, w] by ``samples``; a sample with ``named`` >= 0 takes that row of
-    ``objects`` (`data.Batch.object_tokens`) as every chunk's caption. With ``cfg.caption_runs`` the
-    captions' runs come along (`clip_runs`; 0 where the captions are dropped or an object is named)."""
+    cells [B, K * latent_frames, h, w] by ``samples``. With ``cfg.caption_runs`` the captions' runs
+    come along (`clip_runs`; 0 where the captions are dropped)."""
     lf = cfg.latent_frames
     all_runs = clip_runs(tokens, cfg.caption_runs) if cfg.caption_runs else None
     lat, tf, toks, runs = [], [], [], []
@@ -460,14 +446,9 @@ def pack_batch(latents: torch.Tensor, tokens: np.ndarray, samples: list[SampleSp
             t[:cfg.patch_t] = 1.0
         tf.append(t)
         tk = tokens[s.clip, s.offset:s.offset + s.length]
-        if s.named >= 0:
-            if objects is None or objects[s.clip, s.named, 0] == vocab.PAD_ID:
-                raise ValueError(f"sample {s} names object {s.named} of clip {s.clip}, which the object tokens do not hold")
-            tk = np.broadcast_to(objects[s.clip, s.named], tk.shape)
         toks.append(np.broadcast_to(null_tokens(), tk.shape) if s.drop_caption else tk)
         if all_runs is not None:
-            told = not s.drop_caption and s.named < 0
-            runs.append(all_runs[s.clip, s.offset:s.offset + s.length] if told else np.zeros(s.length, np.int64))
+            runs.append(np.zeros(s.length, np.int64) if s.drop_caption else all_runs[s.clip, s.offset:s.offset + s.length])
     lat = torch.cat(lat)
     # drawn on the generator's device (training passes one on the GPU: a CPU draw of 1.5M numbers
     # per step cost ~10 ms of the training process's time)
@@ -760,7 +741,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
                     t0 = time.perf_counter()
                     if t0 >= deadline or step >= stop:
                         break
-                    frames = src.get()[0]
+                    frames, _, _ = src.get()
                     rng = np.random.default_rng([tcfg.seed, PHASE_VAE, step])
                     pick = rng.integers(0, tcfg.vae_clip_chunks, size=tcfg.vae_batch)
                     f = cfg.chunk_frames
@@ -823,13 +804,12 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
                         break
                     k = step - tcfg.steps_vae
                     if latents is None or k % tcfg.reuse == 0:  # batch k // reuse
-                        frames, tokens, fg, objects = src.get()
+                        frames, tokens, fg = src.get()
                         latents = encode_batch(model, frames, device, tcfg)
-                        n_objects = (objects[:, :, 0] != vocab.PAD_ID).sum(1)
                     rng = np.random.default_rng([tcfg.seed, PHASE_DIT, step])
-                    samples = plan_samples(rng, tcfg.batch, tcfg.n_chunks, tcfg, n_objects)
+                    samples = plan_samples(rng, tcfg.batch, tcfg.n_chunks, tcfg)
                     gen = torch.Generator(device=device).manual_seed(derive_seed(tcfg.seed, PHASE_DIT, step))
-                    packed = pack_batch(latents, tokens, samples, cfg, gen, fg, objects)
+                    packed = pack_batch(latents, tokens, samples, cfg, gen, fg)
                     lr = lr_at(k, tcfg.steps_dit, tcfg.lr_dit, tcfg.warmup_dit, tcfg.min_lr_ratio)
                     set_lr(opt, lr, tcfg)
                     with _autocast(device, tcfg):
@@ -979,7 +959,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         for step in range(steps):
             if time.perf_counter() >= deadline:
                 break
-            frames = src.get()[0]
+            frames, _, _ = src.get()
             x = torch.from_numpy(np.array(frames)).to(device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, lr, warmup, 0.1)

@@ -153,24 +153,6 @@ def format_caption(colour: str, shape: str, motion: str) -> str:
     return f"the {colour} {shape} {motion}"
 
 
-def object_phrase(colour: str, shape: str) -> str:
-    """An object named without a motion, ``"the red circle"`` (generation's also prompts may be these:
-    the object is kept in the picture and its motion left to the model)."""
-    return format_caption(colour, shape, MOTIONS[0])[: -len(MOTIONS[0]) - 1]  # validated as a caption's start
-
-
-def named_object(text: str) -> tuple[str, str]:
-    """The (colour, shape) that ``text`` names: a caption of the grammar, or an object phrase ``"the
-    COLOUR SHAPE"`` (no motion); ValueError otherwise."""
-    words = split_words(text)
-    if len(words) == 3 and words[0] == "the" and words[1] in COLOURS and words[2] in SHAPES:
-        return words[1], words[2]
-    try:
-        return parse_caption(text).subject
-    except ValueError:
-        raise ValueError(f"{text!r} is neither a caption ({GRAMMAR}) nor an object phrase \"the COLOUR SHAPE\"") from None
-
-
 def parse_caption(text: str) -> Caption:
     """Parse a caption of the closed grammar; unknown words or a wrong word order raise ValueError."""
     words = split_words(text)
