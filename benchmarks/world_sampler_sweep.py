@@ -3,7 +3,9 @@
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
 ``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
 ``cfg_also``; ``also=1``: every video is also told every other object's caption, `data.other_captions` of the
-simulator's clip (image-to-video: the image's; direction changes: the clip realising the prompts);
+simulator's clip (image-to-video: the image's; direction changes: the clip realising the prompts), with
+``also_lag=L`` image-to-video chunk k is told chunk max(0, k - L)'s and with ``also_motion=MOTION`` every
+object is told that motion; ``also=3``: image-to-video finds its own (``generate_chunks(also="auto")``);
 ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its
 ``eta_interval``) it generates the same held-out
 direction-change videos as ``magi eval`` and scores them with the same tracker (and with the
@@ -28,6 +30,7 @@ on the very same generated latents, paired by video (`decoder_runs`).
     python benchmarks/world_sampler_sweep.py --i2v 16 --settings "eta=0" "" "eta=0.7,eta_lo=0.3"
     python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_local=2" "cfg_rescale=0.7"
     python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "cfg_local=2" "also=1,cfg_local=2"
+    python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "also=1,also_lag=3,cfg_local=2" "also=3,cfg_local=2"
     python benchmarks/world_sampler_sweep.py --weights W --ceiling --seeds 10 11 12 13 14 15 16 17
     python benchmarks/world_sampler_sweep.py --decoders causal.safetensors --seeds 18 19 20 21
 """
@@ -47,6 +50,9 @@ KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shif
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
         "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float,
         "cfg_also": float, "also": int, "also_lag": int, "also_motion": str}
+# the "also" key: none, every other object's caption (the simulator's), the stream's own (`objects`);
+# 2, each object named without a motion, was measured at commit 8bfdc87 and removed
+ALSO = {0: False, 1: True, 3: "auto"}
 INTERVALS = {"cfg": "cfg_interval", "eta": "eta_interval"}  # P_lo / P_hi: the ends of generate's P_interval
 
 
@@ -61,6 +67,9 @@ def parse_setting(text: str) -> dict:
             out[key] = KEYS[key](value)
         except ValueError:
             raise ValueError(f"setting {part!r}: {value!r} is not a valid {KEYS[key].__name__}") from None
+    if out.get("also", 0) not in ALSO:
+        raise ValueError(f"setting {text!r}: also must be one of {', '.join(map(str, ALSO))} (none, the simulator's "
+                         f"captions, the stream's own)")
     return out
 
 
@@ -82,11 +91,6 @@ def gen_kwargs(setting: dict, prompts=None) -> dict:
         if f"{p}_lo" in setting or f"{p}_hi" in setting:
             kw[name] = (setting.get(f"{p}_lo", 0.0), setting.get(f"{p}_hi", 1.0))
     return kw
-
-
-# the "also" key: none, every other object's caption (the simulator's), the stream's own (`objects`);
-# 2, each object named without a motion, was measured at commit 8bfdc87 and removed
-ALSO = {0: False, 1: True, 3: "auto"}
 
 
 def direction_also(prompts, seed: int, cfg) -> list[tuple[str, ...]]:

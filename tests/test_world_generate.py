@@ -763,6 +763,7 @@ def test_cli_also_auto(tmp_path, capsys):
     from PIL import Image
 
     from maskc.world_model import data
+    from maskc.world_model import objects as O
 
     clip = data.generate(1, 1)
     Image.fromarray(clip.frames[0]).save(tmp_path / "first.png")
@@ -771,6 +772,9 @@ def test_cli_also_auto(tmp_path, capsys):
     assert cli.main(["generate", "--image", str(tmp_path / "first.png"), "--prompt", subject, "--chunks", "2",
                      "--steps", "2", "--window", "2", "--seed", "2", "--also", "auto", "--out", str(out),
                      "--no-progress"]) == 0
+    found = [f"the {c} {s} (" for c, s in O.find_objects(clip.frames[0])]
+    text = capsys.readouterr().out
+    assert "--also auto: objects of the picture" in text and all(f in text for f in found)
     model, meta = G.load_model()
     want = np.concatenate(list(G.generate_chunks(model, [subject], n_chunks=2, steps=2, window=2, seed=2, meta=meta,
                                                  image=clip.frames[0], also="auto")))

@@ -51,6 +51,11 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
     # also=1 tells the image-to-video runs every other object's caption (evaluate's job, not a generate keyword)
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("also=1,cfg_also=3,cfg_local=2")) == \
         {"cfg_also": 3.0, "cfg_local": 2.0}
+    lagged = world_sampler_sweep.parse_setting("also=1,also_lag=3,also_motion=moves left")
+    assert lagged == {"also": 1, "also_lag": 3, "also_motion": "moves left"} and world_sampler_sweep.gen_kwargs(lagged) == {}
+    assert world_sampler_sweep.ALSO[world_sampler_sweep.parse_setting("also=3")["also"]] == "auto"
+    with pytest.raises(ValueError, match="also must be one of 0, 1, 3"):
+        world_sampler_sweep.parse_setting("also=2")
     with pytest.raises(ValueError, match="neg='all': expected one of near, bounce"):
         world_sampler_sweep.gen_kwargs({"neg": "all"}, [up])
     for bad, what in (("bogus=1", "KEY one of"), ("window", "KEY=VALUE"), ("window=x", "not a valid int")):

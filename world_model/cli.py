@@ -417,6 +417,9 @@ def run_generate(args, parser) -> int:
     what = {"mp4": "mp4 video", "gif": "GIF", "png": "PNG frames (a folder)"}[writer.format]
     print(f"generated {n_chunks} chunk(s) ({n_chunks * model.cfg.chunk_frames} frames) in {dt:.1f} s "
           f"({stream.model_calls} transformer calls, KV cache at most {stream.peak_cache_chunks} chunk(s))")
+    if stream.auto_also:
+        seen = ", ".join(f"the {c} {s} ({stream.motions.get((c, s), 'motion not read')})" for c, s in stream.objects)
+        print(f"--also auto: objects of the picture, with the motion each last showed: {seen or 'none found'}")
     print(f"wrote {what}: {writer.path} ({writer.frames_written} frames at {writer.fps} fps)")
     return 0
 

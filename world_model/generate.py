@@ -311,7 +311,7 @@ def _check_frames(a, what: str, cfg, video: bool) -> torch.Tensor:
     if a.dtype != np.uint8 or a.ndim != nd or a.shape[-3:] != (cfg.frame_size, cfg.frame_size, 3):
         raise ValueError(f"{what} must be uint8 {want} (RGB, {cfg.frame_size}x{cfg.frame_size}), "
                          f"got {a.dtype} {list(a.shape)}")
-    return torch.from_numpy(np.ascontiguousarray(a))
+    return torch.from_numpy(np.require(a, requirements=["C", "W"]))  # a copy only if read-only or strided
 
 
 def default_attn_window(meta: dict | None, window: int) -> int:
