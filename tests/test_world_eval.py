@@ -480,3 +480,5 @@ def test_image_to_video_run_tells_the_other_objects_with_also(monkeypatch):
     assert seen[4][1]["also"] == "auto"
     with pytest.raises(ValueError, match="expected False, True"):
         E.image_to_video_run(None, None, 12, 2, sampler={}, also="objects")
+    with pytest.raises(ValueError, match="need also=True"):
+        E.image_to_video_run(None, None, 12, 2, sampler={}, also="auto", also_lag=2)

@@ -559,10 +559,12 @@ def image_to_video_run(model, meta, seed: int, n_chunks: int, *, sampler, prompt
     kw = dict(sampler(told) if callable(sampler) else sampler)
     if also not in (False, True, "auto"):
         raise ValueError(f"also={also!r}: expected False, True (the clip's captions) or 'auto' (the stream's own)")
+    if (also_lag or also_motion is not None) and also is not True:
+        raise ValueError(f"also_lag / also_motion change the clip's captions told: they need also=True, got {also!r}")
     if also == "auto":
         kw["also"] = "auto"
-    elif also:
-        kw["also"] = data.other_captions(clip.tracks, config, told, motion=also_motion, lag=also_lag)  # every object but the one each prompt names
+    elif also:  # every object but the one each prompt names
+        kw["also"] = data.other_captions(clip.tracks, config, told, motion=also_motion, lag=also_lag)
     frames, seconds, _ = _gen(model, meta, told, seed=seed, sampler=kw, image=image)
     record = {"seed": seed, "prompts": told, "psnr_first_frame": psnr(frames[0], image),
               **object_persistence(frames, image, chunk_frames=config.chunk_frames),
