@@ -283,6 +283,9 @@ def main(argv=None) -> int:
         ap.error(f"--i2v must be >= 0 (0: none), got {args.i2v}")
     if args.no_direction and not args.i2v:
         ap.error("--no-direction leaves nothing to run without --i2v N")
+    if not args.no_direction and any(ALSO[kw.get("also", 0)] == "auto" for _, kw in settings):
+        ap.error("also=3 (the stream's own also prompts) needs an image: it is for the --i2v runs; add --no-direction "
+                 "(the direction-change videos start from text)")
 
     import torch
 

@@ -169,6 +169,9 @@ def test_sampler_sweep_rejects_an_empty_plan(capsys):
     with pytest.raises(SystemExit):
         world_sampler_sweep.main(["--i2v", "-1"])
     assert "--i2v must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the direction-change videos start from text: nothing for also=3 to find
+        world_sampler_sweep.main(["--i2v", "2", "--settings", "also=3"])
+    assert "also=3 (the stream's own also prompts) needs an image" in capsys.readouterr().err
 
 
 def test_run_probe_tells_each_first_chunk_its_run(tmp_path, capsys):
