@@ -2,13 +2,16 @@
 
 Reads the JSON files that ``world_sampler_sweep.py --i2v N --json FILE`` writes (several files, e.g.
 the parts of one sweep run in parallel processes, are merged by setting; a seed seen twice for one
-setting is an error) and plots, per setting, the mean fraction of frames whose objects are all there
+setting is an error; files of different ``--weights`` are told apart, each setting then labelled
+``WEIGHTS: SETTING`` with the checkpoint's file stem) and plots, per setting, the mean fraction of frames whose objects are all there
 exactly once (`evaluate.object_persistence`) at each chunk position, with a band of one standard
 error over the videos. Prints the same figures as a table, with the settings paired by video
 against the first one.
 
     python benchmarks/world_sampler_sweep.py --device cuda --no-direction --i2v 16 --settings "eta=0" "" --json p0.json
     python benchmarks/world_persistence_plot.py p0.json --label "eta=0=Euler" --out persistence.png
+    python benchmarks/world_sampler_sweep.py --weights ft.safetensors --no-direction --i2v 16 --settings "" --json p1.json
+    python benchmarks/world_persistence_plot.py p0.json p1.json --out weights.png   # "shipped small: defaults", "ft: defaults", ...
 """
 
 from __future__ import annotations
@@ -16,26 +19,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
 
 def by_setting(paths) -> dict[str, dict[int, dict]]:
-    """{setting label: {seed: video record}} of every image-to-video run in the sweep files ``paths``."""
+    """{setting label: {seed: video record}} of every image-to-video run in the sweep files ``paths``
+    (labels ``WEIGHTS: SETTING`` when the files come from more than one checkpoint)."""
     out: dict[str, dict[int, dict]] = {}
+    files = []
     for path in paths:
         with open(path) as f:
-            res = json.load(f)
+            files.append((path, json.load(f)))
+    names = {_weights_name(res.get("weights")) for _, res in files}
+    for path, res in files:
         for run in res.get("runs", []):
             if "i2v" not in run:
                 continue
             label = ",".join(f"{k}={v}" for k, v in run["setting"].items()) or "defaults"
+            if len(names) > 1:
+                label = f"{_weights_name(res.get('weights'))}: {label}"
             videos = out.setdefault(label, {})
             for v in run["i2v"]["videos"]:
                 if v["seed"] in videos:
                     raise ValueError(f"{path}: seed {v['seed']} of setting {label!r} is also in another file")
                 videos[v["seed"]] = v
     return out
+
+
+def _weights_name(weights) -> str:
+    """How a sweep file names its checkpoint: "shipped small", or a ``--weights`` path's file stem."""
+    if not weights:
+        return "shipped small"
+    return weights if weights.startswith("shipped") else Path(weights).stem
 
 
 def main(argv=None) -> int:
@@ -78,8 +95,9 @@ def main(argv=None) -> int:
         d = np.array([videos[s]["persistent"] - runs[first][s]["persistent"] for s in shared])
         paired = f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f}" if len(d) > 1 else "-"
         print(f"{label:<{width}} {len(curves):>6} {overall:>10.3f} {paired:>20}  {' '.join(f'{m:.2f}' for m in mean)}")
-    sim = np.mean([v["simulator_persistent"] for vs in runs.values() for v in vs.values()])
-    ax.axhline(sim, color="k", ls="--", lw=1, label=f"simulator ({sim:.3f})")
+    sims = [v["simulator_persistent"] for vs in runs.values() for v in vs.values() if "simulator_persistent" in v]
+    if sims:  # records of sweeps before session 28 do not hold it
+        ax.axhline(np.mean(sims), color="k", ls="--", lw=1, label=f"simulator ({np.mean(sims):.3f})")
     ax.set(xlabel="chunk (1 s, 24 frames)", ylabel="frames with every object once", ylim=(0, 1.02), title=args.title)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -132,9 +132,9 @@ def test_sampler_sweep_image_to_video_runs(tmp_path, capsys, prompts):
     assert "image-to-video (2 chunks, " + prompts in capsys.readouterr().out
 
 
-def _i2v_sweep(path, runs):
+def _i2v_sweep(path, runs, weights="shipped small"):
     """A sweep file as world_sampler_sweep.py --i2v writes it: runs of (setting, [(seed, by_chunk), ...])."""
-    out = {"runs": [{"setting": setting, "i2v": {"videos": [
+    out = {"weights": weights, "runs": [{"setting": setting, "i2v": {"videos": [
         {"seed": seed, "by_chunk": chunks, "persistent": sum(chunks) / len(chunks), "simulator_persistent": 1.0}
         for seed, chunks in videos]}} for setting, videos in runs]}
     path.write_text(json.dumps(out))
@@ -160,6 +160,17 @@ def test_persistence_plot_merges_parts_pairs_by_video_and_draws(tmp_path, capsys
         with pytest.raises(SystemExit):
             world_persistence_plot.main([*argv, "--out", str(out)])
         assert msg in capsys.readouterr().err
+
+
+def test_persistence_plot_tells_weights_apart(tmp_path, capsys):
+    a = _i2v_sweep(tmp_path / "a.json", [({}, [(1, [1.0, 0.5]), (2, [1.0, 0.0])])])
+    b = _i2v_sweep(tmp_path / "b.json", [({}, [(1, [1.0, 1.0]), (2, [1.0, 0.5])])], weights="/runs/ft_tw.safetensors")
+    runs = world_persistence_plot.by_setting([a, b])  # the same seeds and setting: two curves, not a clash
+    assert list(runs) == ["shipped small: defaults", "ft_tw: defaults"] and sorted(runs["ft_tw: defaults"]) == [1, 2]
+    out = tmp_path / "w.png"
+    assert world_persistence_plot.main([a, b, "--label", "ft_tw: defaults=fine-tuned", "--out", str(out)]) == 0
+    assert "fine-tuned" in capsys.readouterr().out and out.stat().st_size > 1000
+    assert list(world_persistence_plot.by_setting([b])) == ["defaults"]  # one checkpoint: labels as before
 
 
 def test_sampler_sweep_rejects_an_empty_plan(capsys):

@@ -87,6 +87,22 @@ def test_plan_samples_covers_clips_with_monotone_noise():
     assert all(v > 10 for v in seen.values()), seen
 
 
+def test_plan_samples_draws_noise_levels_from_t_mean_and_t_std():
+    """The noisy chunks' flow times are sigmoid(N(t_mean, t_std)): their logits' mean and spread follow."""
+    def logits(**kw):
+        tcfg = tiny(n_chunks=4, p_continuation=0.0, p_i2v=0.0, p_cut=0.0, **kw)
+        t = np.concatenate([s.t for seed in range(300)
+                            for s in plan_samples(np.random.default_rng(seed), 4, 4, tcfg)])
+        return np.log(t / (1 - t))
+
+    base, shifted = logits(), logits(t_mean=-0.35, t_std=1.4)
+    assert abs(base.mean()) < 0.05 and abs(base.std() - 1.0) < 0.05
+    assert abs(shifted.mean() + 0.35) < 0.07 and abs(shifted.std() - 1.4) < 0.07
+    for bad in ({"t_mean": float("nan")}, {"t_std": float("inf")}, {"t_std": 0.0}):
+        with pytest.raises(ValueError, match="t_mean|t_std"):
+            tiny(**bad)
+
+
 def test_pack_batch_layout():
     cfg = TINY
     g = torch.Generator().manual_seed(0)
@@ -527,6 +543,12 @@ def test_cli_smoke_and_resume(tmp_path, capsys):
     assert "step 6 of 7" in capsys.readouterr().out
     _, cfg, meta = load_checkpoint(tmp_path / "runs" / "model.safetensors")
     assert cfg == replace(TINY, caption_runs=3) and meta["train_config"]["model"]["caption_runs"] == 3
+    # fine-tune with the noise levels drawn elsewhere (the shipped model's last fine-tune)
+    assert cli.main(["train", "--resume", str(out), "--t-mean", "-0.35", "--t-std", "1.4", "--steps-dit", "4",
+                     "--out", str(tmp_path / "noisy"), "--no-progress", "--device", "cpu"]) == 0
+    assert "step 5 of 5" in capsys.readouterr().out
+    tc = load_checkpoint(tmp_path / "noisy" / "model.safetensors")[2]["train_config"]
+    assert (tc["t_mean"], tc["t_std"]) == (-0.35, 1.4)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -542,6 +564,9 @@ def test_cli_smoke_and_resume(tmp_path, capsys):
     (["--config", "tiny", "--caption-runs", "99"], "caption_runs 99 must be an integer in \\[0, 64\\]"),
     (["--config", "tiny", "--stop-at", "0"], "--stop-at: expected a positive integer, got 0"),
     (["--config", "tiny", "--run-lr-scale", "0"], "--run-lr-scale: must be a finite number > 0, got 0"),
+    (["--config", "tiny", "--t-mean", "nan"], "--t-mean: must be a finite number, got nan"),
+    (["--config", "tiny", "--t-mean", "low"], "--t-mean: expected a number, got 'low'"),
+    (["--config", "tiny", "--t-std", "0"], "--t-std: must be a finite number > 0, got 0"),
     (["--resume", "MISSING/ckpt_0000001.safetensors"], "does not exist"),
     (["--resume", "MISSING_DIR"], "does not exist"),
     (["--config", "missing.json"], "does not exist"),

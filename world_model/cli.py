@@ -115,6 +115,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="tell each chunk's caption for how many chunks (up to R, this one included) the video keeps "
                         "it, so a chunk can leave room for what the caption still asks; with --resume of a model "
                         "without runs their vectors start at zero (default: the config's)")
+    p.add_argument("--t-mean", type=_float, metavar="MU",
+                   help="noise levels: each noisy chunk's flow time is sigmoid(N(MU, SIGMA)) (t = 0 noise, 1 clean); "
+                        "a negative MU trains more at the noisy end, where a chunk's layout is decided "
+                        "(default: the config's, 0; the shipped model's last fine-tune: -0.35)")
+    p.add_argument("--t-std", type=_pos_float, metavar="SIGMA",
+                   help="spread of the noise levels' normal (default: the config's, 1; a wider one trains more at "
+                        "both ends; the shipped model's last fine-tune: 1.4)")
     p.add_argument("--run-lr-scale", type=_pos_float, metavar="X",
                    help="learning rate of the caption-run vectors, as a multiple of the transformer's (new vectors "
                         "added to a trained model learn faster with X > 1; default: the config's, 1)")
@@ -154,7 +161,7 @@ def _train_config(args, parser):
             "steps_vae": args.steps_vae, "steps_dit": args.steps_dit, "seed": args.seed, "batch": args.batch,
             "ckpt_every": args.ckpt_every, "data_workers": args.data_workers,
             "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead,
-            "run_lr_scale": args.run_lr_scale}.items() if v is not None}
+            "run_lr_scale": args.run_lr_scale, "t_mean": args.t_mean, "t_std": args.t_std}.items() if v is not None}
         tcfg = replace(tcfg, **overrides)
         if args.caption_runs is not None:
             base = stored if stored is not None and args.config is None else tcfg.model_config()
@@ -241,6 +248,16 @@ def _also_choice(text: str):
     if text.strip().lower() != "auto":
         raise argparse.ArgumentTypeError(f"expected nothing (the simulator's captions) or auto, got {text!r}")
     return "auto"
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
 
 
 def _nonneg_float(text: str) -> float:

@@ -18,7 +18,9 @@ sequence (`plan_samples`, `pack_batch`):
   continuation context); chunks further than ``window`` before the sample's end are always clean
   (at generation time they are finished and sit in the KV cache);
 - the remaining (<= ``window``) chunks get monotone noise levels: ``t`` drawn logit-normal
-  (``t_mean``, ``t_std``) per chunk and sorted so that earlier chunks are cleaner;
+  (``t_mean``, ``t_std``) per chunk and sorted so that earlier chunks are cleaner (the shipped
+  model's last fine-tune drew them with mean -0.35 and spread 1.4, more at both ends than (0, 1):
+  its videos keep their objects better, docs/benchmarks.md session 34);
 - with probability ``p_i2v`` a sample without clean chunks gets a clean first latent frame
   (image-to-video; per-frame t);
 - with probability ``caption_dropout`` all captions of a sample become the empty caption
@@ -81,7 +83,9 @@ RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints",
                      # started and captioned, and the attention window (generation's default follows it)
                      "p_scheduled", "p_lookahead", "n_chunks", "batch", "reuse", "p_cut", "p_continuation",
                      "p_i2v", "caption_dropout", "attn_window",
-                     "run_lr_scale")
+                     "run_lr_scale",
+                     # fine-tuning with the noise levels drawn elsewhere (logit-normal mean and spread)
+                     "t_mean", "t_std")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -167,6 +171,8 @@ class TrainConfig:
         for name in ("lr_vae", "lr_dit", "t_std", "run_lr_scale"):
             if not getattr(self, name) > 0:
                 bad(f"{name}={getattr(self, name)} must be > 0")
+        if not math.isfinite(self.t_mean) or not math.isfinite(self.t_std):
+            bad(f"t_mean={self.t_mean} and t_std={self.t_std} must be finite (noise levels sigmoid(N(t_mean, t_std)))")
         if not self.fg_weight >= 0:
             bad(f"fg_weight={self.fg_weight} must be >= 0 (0: every latent cell weighs the same)")
         if self.weight_decay < 0 or self.kl_weight < 0 or self.grad_clip < 0:
