@@ -73,3 +73,17 @@ def test_keep_captions_leave_out_the_named_object():
     assert O.keep_captions({}, "the red circle moves right") == ()
     with pytest.raises(ValueError, match="does not follow the grammar"):
         O.keep_captions(motions, "the red circle")
+
+
+def test_generation_reads_frames_without_the_evaluation_module():
+    """The stream's own also prompts read frames through `tracking`, not `evaluate` (which runs models,
+    spawns memory probes and imports the sampler): generation does not load the evaluation."""
+    import subprocess
+    import sys
+
+    code = ("import sys, maskc.world_model.generate, maskc.world_model.objects, maskc.world_model.tracking; "
+            "assert 'maskc.world_model.evaluate' not in sys.modules, 'evaluate was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from maskc.world_model import evaluate, tracking
+
+    assert evaluate.track_by_colour is tracking.track_by_colour  # re-exported: evaluate's API is unchanged

@@ -3,13 +3,9 @@
 Metric functions are pure (numpy in, numbers out) and are tested on simulator clips whose ground
 truth is known; `evaluate` runs the model and applies them:
 
-- `track_by_colour`: per-frame centroid / pixel count / visibility of each palette colour (pixels
-  within ``tol`` RGB distance of the colour; palette colours are >= 170 apart and >= 120 from any
-  background pixel, so a tolerance of 75 survives blur).
-- `motion_from_track` + `prompt_following`: the caption rule of `data.motion_for_chunk` applied to
-  *measured* motion (wall hits detected as velocity reversals near a wall that the subject's pixels
-  reach, velocities from a quadratic fit of the visible positions of the chunk), compared with each
-  chunk's prompt.
+- `prompt_following`: the caption rule applied to each chunk's *measured* motion (`tracking`: the
+  colour tracker `track_by_colour` and `motion_from_track`, re-exported here), compared with each
+  chunk's prompt; `wall_hit_gaps` checks what the tracker's wall rule assumes.
 - `psnr`, `count_blobs` / `object_persistence`: image-to-video fidelity (`evaluate` counts persistence
   over `DEFAULT_IMAGE_CHUNKS` = 16 chunks, beside the simulator's own clip and its autoencoder round trip).
 - `position_error`: continuation physics against the simulator, with a copy-last-frame baseline.
@@ -39,144 +35,15 @@ import numpy as np
 
 from . import data, vocab
 from .data import PALETTE, WorldConfig
+from .tracking import (DEFAULT_MIN_PIXELS, DEFAULT_TOL, EDGE_MARGIN, WALL_MARGIN, blob_counts,  # noqa: F401
+                       colour_masks, count_blobs, motion_from_track, present_colours, track_by_colour)
 
-DEFAULT_TOL = 75.0
-DEFAULT_MIN_PIXELS = 6
-WALL_MARGIN = 14.0  # a velocity reversal counts as a wall hit only with the centroid this close (px) to the wall
-# ... and the subject's pixels this close (px) to it: at the simulator's wall hits they reach it within
-# 2 px, within 3 after the shipped autoencoder's round trip (581 of 581 hits, seeds 7000-7149); a
-# reversal further out is a change of direction near the wall, not a hit (measured in session 23)
-EDGE_MARGIN = 3.0
 DEFAULT_IMAGE_CHUNKS = 16  # image-to-video length for object persistence (the world-model issue's 16 chunks)
 OCCLUDED = 0.85  # a frame where the subject covers less than this of its median pixel count is left out
 DIRECTION_PAIRS = (("right", "left"), ("left", "right"), ("up", "down"), ("down", "up"))
 
 
-# ----------------------------------------------------------------------------------- tracking
-
-
-def colour_masks(frames: np.ndarray, colours: Sequence[str], tol: float) -> dict[str, np.ndarray]:
-    """Per palette colour: bool [T, H, W], the pixels within ``tol`` (RGB distance) of it."""
-    frames = np.asarray(frames)
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {list(frames.shape)}")
-    f = frames.astype(np.float32)
-    out = {}
-    for c in colours:
-        if c not in PALETTE:
-            raise ValueError(f"unknown colour {c!r}; palette: {', '.join(PALETTE)}")
-        d2 = ((f - np.asarray(PALETTE[c], np.float32)) ** 2).sum(-1)
-        out[c] = d2 <= tol * tol
-    return out
-
-
-def track_by_colour(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
-                    min_pixels: int = DEFAULT_MIN_PIXELS) -> dict[str, dict[str, np.ndarray]]:
-    """Per colour: ``x``, ``y`` float [T] (centroid of matching pixel centres, NaN when not visible),
-    ``count`` int [T] (matching pixels), ``visible`` bool [T] (count >= min_pixels), and the matching
-    pixels' extent ``x0``, ``x1``, ``y0``, ``y1`` float [T] (pixel edges: the first matching column's
-    left edge ... the last matching row's bottom edge; NaN when not visible)."""
-    masks = colour_masks(frames, colours, tol)
-    out = {}
-    for c, m in masks.items():
-        T, H, W = m.shape
-        cnt = m.sum((1, 2))
-        xs = (np.arange(W) + 0.5)[None, None, :]
-        ys = (np.arange(H) + 0.5)[None, :, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            x = (m * xs).sum((1, 2)) / cnt
-            y = (m * ys).sum((1, 2)) / cnt
-        vis = cnt >= min_pixels
-        cols, rows = m.any(1), m.any(2)  # [T, W], [T, H]
-        nan = np.full(T, np.nan)
-        out[c] = {"x": np.where(vis, x, np.nan).astype(np.float64), "y": np.where(vis, y, np.nan).astype(np.float64),
-                  "count": cnt.astype(np.int64), "visible": vis,
-                  "x0": np.where(vis, cols.argmax(1), nan), "x1": np.where(vis, W - cols[:, ::-1].argmax(1), nan),
-                  "y0": np.where(vis, rows.argmax(1), nan), "y1": np.where(vis, H - rows[:, ::-1].argmax(1), nan)}
-    return out
-
-
-def _components(mask: np.ndarray, min_pixels: int) -> int:
-    """Number of 8-connected components of a 2-D bool mask with at least min_pixels pixels."""
-    H, W = mask.shape
-    seen = np.zeros_like(mask, dtype=bool)
-    n = 0
-    for i0, j0 in zip(*np.nonzero(mask)):
-        if seen[i0, j0]:
-            continue
-        stack, size = [(i0, j0)], 0
-        seen[i0, j0] = True
-        while stack:
-            i, j = stack.pop()
-            size += 1
-            for di in (-1, 0, 1):
-                for dj in (-1, 0, 1):
-                    a, b = i + di, j + dj
-                    if 0 <= a < H and 0 <= b < W and mask[a, b] and not seen[a, b]:
-                        seen[a, b] = True
-                        stack.append((a, b))
-        if size >= min_pixels:
-            n += 1
-    return n
-
-
-def count_blobs(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
-                min_pixels: int = DEFAULT_MIN_PIXELS) -> dict[str, np.ndarray]:
-    """Per colour: int [T] number of connected blobs of that colour (>= min_pixels pixels) per frame."""
-    return _blob_counts(colour_masks(frames, colours, tol), min_pixels)
-
-
-def _blob_counts(masks: dict[str, np.ndarray], min_pixels: int) -> dict[str, np.ndarray]:
-    """`count_blobs` of colour masks already computed (bool [T, H, W] per colour)."""
-    return {c: np.array([_components(f, min_pixels) for f in m], dtype=np.int64) for c, m in masks.items()}
-
-
-def present_colours(image, tol: float = DEFAULT_TOL, min_pixels: int = DEFAULT_MIN_PIXELS) -> list[str]:
-    """Palette colours with at least min_pixels matching pixels in an image [H, W, 3]."""
-    tr = track_by_colour(np.asarray(image)[None], list(PALETTE), tol, min_pixels)
-    return [c for c in PALETTE if tr[c]["visible"][0]]
-
-
 # ------------------------------------------------------------------------------ caption rule
-
-
-def _first_reversal(p: np.ndarray, lo_wall: int, hi_wall: int, config: WorldConfig, k: int = 3,
-                    lo_edge: np.ndarray | None = None, hi_edge: np.ndarray | None = None):
-    """(step, code) of the first velocity reversal of a 1-D position track near a wall, or None.
-
-    ``lo_wall``/``hi_wall``: the codes of hitting the low / high side of this axis. Near a wall: the
-    centroid within `WALL_MARGIN` of it and, when the subject's extent along the axis is given
-    (``lo_edge``/``hi_edge``, pixel edges per frame), its pixels within `EDGE_MARGIN` of it."""
-    d = np.diff(p)
-    jump = 1.2 * config.move_thresh  # below the data's threshold: slow bounces (0.2 px/frame) still count
-    size = config.size
-
-    def reaches(edge, sl, low: bool) -> bool:
-        if edge is None:
-            return True
-        e = edge[sl][np.isfinite(edge[sl])]
-        return len(e) > 0 and (e.min() <= EDGE_MARGIN if low else e.max() >= size - EDGE_MARGIN)
-
-    for t in range(1, len(d)):
-        before = d[max(0, t - k):t]
-        after = d[t + 1:t + 1 + k] if t + 1 < len(d) else d[t:]  # the last step: its partial reflection
-        before, after = before[np.isfinite(before)], after[np.isfinite(after)]
-        if len(before) == 0 or len(after) == 0:
-            continue
-        vb, va = float(np.median(before)), float(np.median(after))
-        if vb * va < 0 and abs(va - vb) > jump and min(abs(va), abs(vb)) > 0.12:
-            sl = slice(max(0, t - 1), t + 3)
-            seg = p[sl]
-            if not np.isfinite(seg).any():
-                continue
-            pos = np.nanmax(seg) if vb > 0 else np.nanmin(seg)
-            if vb < 0 and pos <= WALL_MARGIN and reaches(lo_edge, sl, True):
-                return t, lo_wall
-            if vb > 0 and pos >= size - WALL_MARGIN and reaches(hi_edge, sl, False):
-                return t, hi_wall
-    return None
 
 
 def wall_hit_gaps(frames, clip: data.Clip, tol: float = DEFAULT_TOL) -> list[tuple[int, float]]:
@@ -201,41 +68,6 @@ def wall_hit_gaps(frames, clip: data.Clip, tol: float = DEFAULT_TOL) -> list[tup
                    data.CEILING: np.nanmin(tr[c]["y0"][sl]), data.FLOOR: size - np.nanmax(tr[c]["y1"][sl])}[code]
             hits.append((code, float(gap)))
     return hits
-
-
-def motion_from_track(x, y, config: WorldConfig = WorldConfig(), extent=None) -> str | None:
-    """The caption rule (`data.motion_for_chunk`) applied to one chunk's tracked centroids.
-
-    ``x``, ``y``: float [F] (NaN where not visible); ``extent``: optional ``(x0, x1, y0, y1)``, the
-    subject's pixel extent per frame (`track_by_colour`). Wall hits: a reversal of the median step
-    velocity near a wall (the first in time wins; with ``extent``, only where the subject's pixels
-    reach the wall: `EDGE_MARGIN`); otherwise velocities come from a quadratic least-squares fit of
-    the visible positions (robust to pixel quantisation and blur). None when fewer than a third of
-    the frames are visible."""
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    n = len(x)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < max(4, n // 3):
-        return None
-    x0, x1, y0, y1 = (None,) * 4 if extent is None else (np.asarray(e, np.float64) for e in extent)
-    hx = _first_reversal(x, data.LEFT_WALL, data.RIGHT_WALL, config, lo_edge=x0, hi_edge=x1)
-    hy = _first_reversal(y, data.CEILING, data.FLOOR, config, lo_edge=y0, hi_edge=y1)
-    hits = [h for h in (hx, hy) if h is not None]
-    bounce = np.zeros(n, dtype=np.int8)
-    if hits:
-        t, code = min(hits)
-        bounce[t] = code
-        return data.motion_for_chunk(np.ones(n), np.zeros(n), bounce, config)
-    t = np.arange(n, dtype=np.float64)
-    deg = 2 if ok.sum() >= 0.75 * n else 1  # too few frames: an acceleration estimate is noise
-    cx = np.polyfit(t[ok], x[ok], deg)
-    cy = np.polyfit(t[ok], y[ok], deg)
-    if deg == 1:
-        cx, cy = np.r_[0.0, cx], np.r_[0.0, cy]
-    vx = 2 * cx[0] * t + cx[1]
-    vy = 2 * cy[0] * t + cy[1]
-    return data.motion_for_chunk(vx, vy, bounce, config)
 
 
 OCCLUSION_RULES = ("chunk", "video")
@@ -403,8 +235,8 @@ def object_persistence(frames, image, tol: float = DEFAULT_TOL, min_pixels: int 
     colours = present_colours(image, tol, min_pixels)
     image_masks = colour_masks(np.asarray(image)[None], colours, tol)
     masks = colour_masks(frames, list(PALETTE), tol)  # blob counts and sizes both read these
-    ref = _blob_counts(image_masks, min_pixels)
-    got = _blob_counts(masks, min_pixels)
+    ref = blob_counts(image_masks, min_pixels)
+    got = blob_counts(masks, min_pixels)
     T = frames.shape[0]
     fewer = np.zeros(T, bool)
     more = np.zeros(T, bool)

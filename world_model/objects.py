@@ -10,7 +10,7 @@ not. So a stream can find its own also prompts (``generate_chunks(..., also="aut
   of this world have distinct colours) and by shape (`classify_shape`: a triangle, apex up, has far
   fewer pixels in the top half of its bounding box than in the bottom half; a square fills its box);
 - `chunk_motions`: the motion of each object over one finished chunk's frames, by the caption rule
-  of the evaluation's tracker (`evaluate.motion_from_track`);
+  of the tracker the evaluation uses too (`tracking.motion_from_track`);
 - `keep_captions`: a chunk's also prompts, one caption per object its prompt does not name, with the
   motion that object last showed (an object that has vanished keeps its last motion: it is the one
   to bring back).
@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import evaluate as ev
+from . import tracking
 from . import vocab
 from .data import WorldConfig
 
@@ -50,27 +50,28 @@ def classify_shape(mask: np.ndarray) -> str:
     return "square" if box.mean() >= SQUARE_FILL else "circle"
 
 
-def find_objects(image, tol: float = ev.DEFAULT_TOL, min_pixels: int = ev.DEFAULT_MIN_PIXELS) -> tuple[Object, ...]:
+def find_objects(image, tol: float = tracking.DEFAULT_TOL,
+                 min_pixels: int = tracking.DEFAULT_MIN_PIXELS) -> tuple[Object, ...]:
     """The objects of an image (uint8 [H, W, 3]): ``(colour, shape)`` of every palette colour it shows."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must be uint8 [H, W, 3], got shape {list(image.shape)}")
-    colours = ev.present_colours(image, tol, min_pixels)
-    masks = ev.colour_masks(image[None], colours, tol)
+    colours = tracking.present_colours(image, tol, min_pixels)
+    masks = tracking.colour_masks(image[None], colours, tol)
     return tuple((c, classify_shape(masks[c][0])) for c in colours)
 
 
 def chunk_motions(frames, objects: Sequence[Object], config: WorldConfig = WorldConfig(),
-                  tol: float = ev.DEFAULT_TOL) -> dict[Object, str]:
+                  tol: float = tracking.DEFAULT_TOL) -> dict[Object, str]:
     """The motion phrase (`vocab.MOTIONS`) of each object over one chunk's frames (uint8 [F, H, W, 3]),
     tracked by its colour; objects visible in too few frames to tell are left out."""
     if not objects:
         return {}
-    tracks = ev.track_by_colour(frames, [c for c, _ in objects], tol)
+    tracks = tracking.track_by_colour(frames, [c for c, _ in objects], tol)
     out = {}
     for obj in objects:
         t = tracks[obj[0]]
-        motion = ev.motion_from_track(t["x"], t["y"], config, extent=(t["x0"], t["x1"], t["y0"], t["y1"]))
+        motion = tracking.motion_from_track(t["x"], t["y"], config, extent=(t["x0"], t["x1"], t["y0"], t["y1"]))
         if motion is not None:
             out[obj] = motion
     return out
