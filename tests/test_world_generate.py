@@ -13,7 +13,6 @@ from maskc.world_model import cli
 from maskc.world_model import generate as G
 from maskc.world_model import train as TR
 from maskc.world_model.configs import TINY
-from maskc.world_model.dit import WorldModel
 
 P = "the red circle moves right"
 
