@@ -518,8 +518,13 @@ def test_cli_help(capsys):
         cli.main(["train", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0
-    for words in ("phase 1", "phase 2", "flow matching", "examples:", "--resume", "--steps-vae", "small"):
+    for words in ("phase 1", "phase 2", "flow matching", "examples:", "--resume", "--steps-vae", "small", "--t-mean"):
         assert words in out, words
+    # an example continued over two lines is printed as written: the backslash and the line break stay
+    assert "--caption-runs 4 \\\n      --p-scheduled" in out and "--t-std 1.4 --stop-at 13142" in out
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "--also auto \\\n      --chunks 16" in capsys.readouterr().out
 
 
 def test_cli_smoke_and_resume(tmp_path, capsys):

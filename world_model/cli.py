@@ -68,8 +68,10 @@ examples:
   magi train --resume runs/small --out runs/small               # continue from the latest checkpoint
   magi train --resume runs/small/ckpt_0004000.safetensors --steps-dit 8000 --out runs/small-long
   magi train --resume runs/small --config small --p-scheduled 0.5 --steps-dit 11600 --out runs/small   # scheduled clips
-  magi train --resume world_model/weights/small.safetensors --config small --caption-runs 4 \
+  magi train --resume world_model/weights/small.safetensors --config small --caption-runs 4 \\
       --p-scheduled 0.5 --steps-dit 11600 --stop-at 12152 --out runs/runs4   # tell captions their runs
+  magi train --resume small-12152.safetensors --config small --p-scheduled 0.5 --steps-dit 14000 \\
+      --t-mean -0.35 --t-std 1.4 --stop-at 13142 --out runs/tw --device cuda   # the shipped weights' last fine-tune
 
 resume continues bit-exactly (on the CPU) from the saved step: weights, optimizer moments and the
 data stream position are restored; only the step counts and bookkeeping (--ckpt-every,
@@ -77,7 +79,10 @@ data stream position are restored; only the step counts and bookkeeping (--ckpt-
 Fine-tuning with another loss or data mix: --resume with a larger --steps-dit and a changed
 "fg_weight" (extra loss weight on the latent cells an object touches; 0 = plain MSE) or --p-scheduled
 (the fraction of clips scripted from random chunk-wise prompt schedules, data.generate_scheduled;
---p-lookahead of them planned over the whole schedule, the rest chunk by chunk).
+--p-lookahead of them planned over the whole schedule, the rest chunk by chunk), or other noise
+levels (--t-mean, --t-std: the shipped transformer's last 990 steps drew them from sigmoid(N(-0.35,
+1.4)), more at both ends, and its videos keep their objects better; small-12152.safetensors is the
+weights before, `git show 8210aa5:world_model/weights/small.safetensors`).
 A weights file that holds its training config (the shipped one does) can be resumed: AdamW then
 starts from zero moments. --caption-runs R adds caption runs to a model trained without them (the
 new vectors start at zero, so training starts from the same function); --stop-at STEP remakes a run
@@ -233,9 +238,9 @@ examples:
   magi generate --prompt "the red circle moves up" --eta 0 --out up_euler.gif   # Euler steps (the sampler before session 30)
   magi generate --image first.png --prompt "the blue square moves left" --chunks 16 --cfg-local 2 --out long.gif
       # guidance kept where it is strong: objects persist better, prompts are followed a little less
-  magi generate --image first.png --prompt "the blue square moves left" --also "the red circle falls" \
+  magi generate --image first.png --prompt "the blue square moves left" --also "the red circle falls" \\
       --chunks 16 --cfg-local 2 --out kept.gif   # every object named: the red circle is kept too
-  magi generate --image first.png --prompt "the blue square moves left" --also auto \
+  magi generate --image first.png --prompt "the blue square moves left" --also auto \\
       --chunks 16 --cfg-local 2 --out auto.gif   # the stream names them itself, by what it sees them do
   magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
 
