@@ -80,7 +80,7 @@ def track_by_colour(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
     return out
 
 
-def components(mask: np.ndarray, min_pixels: int) -> int:
+def _components(mask: np.ndarray, min_pixels: int) -> int:
     """Number of 8-connected components of a 2-D bool mask with at least min_pixels pixels."""
     H, W = mask.shape
     seen = np.zeros_like(mask, dtype=bool)
@@ -112,7 +112,7 @@ def count_blobs(frames, colours: Sequence[str], tol: float = DEFAULT_TOL,
 
 def blob_counts(masks: dict[str, np.ndarray], min_pixels: int) -> dict[str, np.ndarray]:
     """`count_blobs` of colour masks already computed (bool [T, H, W] per colour)."""
-    return {c: np.array([components(f, min_pixels) for f in m], dtype=np.int64) for c, m in masks.items()}
+    return {c: np.array([_components(f, min_pixels) for f in m], dtype=np.int64) for c, m in masks.items()}
 
 
 def present_colours(image, tol: float = DEFAULT_TOL, min_pixels: int = DEFAULT_MIN_PIXELS) -> list[str]:
