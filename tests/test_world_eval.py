@@ -282,6 +282,18 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     assert res["throughput"]["fps"] > 0
 
 
+def test_cli_sampler_defaults_are_generate_s():
+    """magi generate's --cfg-local / --eta defaults are generate's (cfg_local 2 since session 35); magi eval
+    leaves them None, which `evaluate` reads as generate's."""
+    from maskc.world_model import cli, generate
+
+    gen = cli.build_parser().parse_args(["generate", "--prompt", "the red circle moves right", "--out", "x.gif"])
+    assert gen.cfg_local == generate.DEFAULT_CFG_LOCAL == 2.0 and gen.eta == generate.DEFAULT_ETA
+    ev = cli.build_parser().parse_args(["eval"])
+    assert ev.cfg_local is None and ev.eta is None
+    assert cli.build_parser().parse_args(["eval", "--cfg-local", "0"]).cfg_local == 0.0
+
+
 def test_cli_eval_errors(capsys):
     from maskc.world_model import cli
 
@@ -362,6 +374,7 @@ def test_memory_without_a_resettable_peak_falls_back_to_sampled_rss(monkeypatch)
     monkeypatch.setattr(E, "_rss_bytes", lambda: next(samples) * 2 ** 20)
     monkeypatch.setattr(E, "_peak_rss_bytes", lambda: pytest.fail("no high-water mark to read"))
     m = E.measure_memory(model, meta, 2, steps=1, cfg_text=0.0)
+    assert m["cfg_local"] == 2.0  # generate's default when not given
     assert m["peak_rss_source"] == "sampled"
     assert m["rss_per_chunk_mb"] == [500, 400] and m["rss_start_mb"] == 300
     assert m["peak_rss_mb"] == m["sampled_peak_rss_mb"] == 500 and m["rss_growth_mb"] == 200

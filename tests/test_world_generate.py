@@ -536,7 +536,7 @@ def test_guidance_shaping_math(tiny):
     """``_shape_guidance``: cfg_local weights each position by (|g| / its frame's largest) ** G (the
     strongest position untouched); cfg_parallel 0 leaves g orthogonal to the conditional clean
     prediction x1 of its frame and P mixes the two parts; cfg_rescale 1 gives the guided x1 the
-    conditional one's std per frame; all off returns g as it is."""
+    conditional one's std per frame; all off returns g as it is; the default is cfg_local 2."""
     g0 = torch.Generator().manual_seed(1)
     lat, v, g = (torch.randn(3, 4, 4, 5, generator=g0) for _ in range(3))
     t = torch.tensor([0.0, 0.1, 0.3]).reshape(-1, 1, 1, 1)
@@ -544,9 +544,10 @@ def test_guidance_shaping_math(tiny):
     def shape(**k):
         return G.generate_chunks(tiny, [P], **k)._shape_guidance(g, v, lat, t)
 
-    assert torch.equal(shape(), g)
+    assert torch.equal(shape(cfg_local=0.0), g)
     n = g.norm(dim=-1, keepdim=True)
     w = n / n.amax(dim=(1, 2), keepdim=True)
+    assert G.DEFAULT_CFG_LOCAL == 2.0 and torch.allclose(shape(), g * w ** 2, atol=1e-6)
     for gamma in (1.0, 2.0):
         got = shape(cfg_local=gamma)
         assert torch.allclose(got, g * w ** gamma, atol=1e-6)
@@ -557,36 +558,38 @@ def test_guidance_shaping_math(tiny):
     got = s._shape_guidance(g, v, lat, t, seen)
     assert torch.equal(got[0], g[0]) and torch.allclose(got[1:], (g * w ** 2)[1:], atol=1e-6)
     x1 = lat + (1 - t) * v
-    orth = shape(cfg_parallel=0.0)
+    orth = shape(cfg_local=0.0, cfg_parallel=0.0)
     assert torch.allclose((orth * x1).sum(dim=(1, 2, 3)), torch.zeros(3), atol=1e-4)
-    half = shape(cfg_parallel=0.5)
+    half = shape(cfg_local=0.0, cfg_parallel=0.5)
     assert torch.allclose(half, 0.5 * (g + orth), atol=1e-5)  # half of the part along x1 kept
-    res = shape(cfg_rescale=1.0)
+    res = shape(cfg_local=0.0, cfg_rescale=1.0)
     assert torch.allclose((x1 + (1 - t) * res).std(dim=(1, 2, 3)), x1.std(dim=(1, 2, 3)), rtol=1e-4)
     assert not torch.allclose(res, g, atol=1e-3)
 
 
 def test_guidance_shaping_in_the_stream(tiny, monkeypatch):
-    """Shaping off (the defaults) leaves the stream bit for bit as without it (never called); on, it
-    changes the video (not the first chunk of a video from nothing under cfg_local), acts only on ticks
-    with guidance and only on the guidance (the model calls unchanged); bad values are refused."""
+    """Shaping off (cfg_local 0, cfg_parallel 1, cfg_rescale 0) leaves the stream bit for bit as without
+    it (never called); on (cfg_local 2 is the default), it changes the video (not the first chunk of a
+    video from nothing under cfg_local), acts only on ticks with guidance and only on the guidance (the
+    model calls unchanged); bad values are refused."""
     kw = dict(n_chunks=3, steps=4, window=2, cfg_neg=0.0, seed=3)
     run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **(kw | {"cfg_text": 2.0} | k))))  # noqa: E731
-    plain = run()
+    plain = run(cfg_local=0.0)
     calls = []
     shape = G.ChunkStream._shape_guidance
     monkeypatch.setattr(G.ChunkStream, "_shape_guidance", lambda self, *a: calls.append(1) or shape(self, *a))
-    assert np.array_equal(run(), plain) and calls == []  # off: never called
+    assert np.array_equal(run(cfg_local=0.0), plain) and calls == []  # off: never called
     assert np.array_equal(run(cfg_local=0.0, cfg_parallel=1.0, cfg_rescale=0.0), plain)
     local = run(cfg_local=2.0)
     assert calls and not np.array_equal(local, plain) and np.array_equal(local, run(cfg_local=2.0))
+    assert np.array_equal(run(), local)  # the default
     # the first chunk of a video from nothing keeps plain guidance (nothing to keep yet); from an image not
     assert np.array_equal(local[0], plain[0]) and not np.array_equal(local[1:], plain[1:])
     img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    assert not np.array_equal(run(cfg_local=2.0, image=img)[0], run(image=img)[0])
+    assert not np.array_equal(run(image=img)[0], run(cfg_local=0.0, image=img)[0])
     calls.clear()
     assert np.array_equal(run(cfg_local=2.0, cfg_text=0.0), run(cfg_text=0.0)) and calls == []  # no guidance
-    s = G.generate_chunks(tiny, [P], **kw, cfg_text=2.0, cfg_rescale=0.5, cfg_parallel=0.5)
+    s = G.generate_chunks(tiny, [P], **kw, cfg_text=2.0, cfg_rescale=0.5, cfg_parallel=0.5, cfg_local=0.0)
     list(s)
     ref = G.generate_chunks(tiny, [P], **kw, cfg_text=2.0)
     list(ref)
@@ -747,10 +750,10 @@ def test_cli_negative_guidance(tmp_path, capsys):
     # --eta 0: Euler steps (the same calls, other frames)
     euler = gen("--eta", "0")
     assert euler[0] == default[0] and not np.array_equal(euler[1], default[1])
-    # --cfg-local 2: guidance reshaped (the same calls, other frames); 0 is the default
-    local = gen("--cfg-local", "2")
-    assert local[0] == default[0] and not np.array_equal(local[1], default[1])
-    assert np.array_equal(gen("--cfg-local", "0")[1], default[1])
+    # --cfg-local 0: plain guidance (the same calls, other frames); 2 is the default
+    plain = gen("--cfg-local", "0")
+    assert plain[0] == default[0] and not np.array_equal(plain[1], default[1])
+    assert np.array_equal(gen("--cfg-local", "2")[1], default[1])
     # --also: one more call per also prompt on the guided steps, other frames; --cfg-also 0 is none
     also = gen("--also", "the blue square falls")
     assert also[0] > default[0] and not np.array_equal(also[1], default[1])

@@ -411,7 +411,7 @@ MEMORY_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, held fix
 
 
 def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
-                   cfg_neg: float | None = None, eta: float | None = None, cfg_local: float = 0.0) -> dict:
+                   cfg_neg: float | None = None, eta: float | None = None, cfg_local: float | None = None) -> dict:
     """Peak host memory of one ``n_chunks`` generation in this process, tracemalloc peak, KV-cache bytes.
 
     ``peak_rss_mb``: the kernel's RSS high-water mark over the generation (VmHWM, reset to the
@@ -425,13 +425,14 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
     In a process that already ran other work, or with glibc's default allocator, RSS says as much
     about the allocator's history as about the generation: see `measure_memory_isolated`, which
     `evaluate` uses."""
-    from .generate import DEFAULT_CFG_NEG, DEFAULT_CFG_TEXT, DEFAULT_ETA, generate_chunks
+    from .generate import DEFAULT_CFG_LOCAL, DEFAULT_CFG_NEG, DEFAULT_CFG_TEXT, DEFAULT_ETA, generate_chunks
 
     prompt = "the red circle moves right"
     cfg_text = DEFAULT_CFG_TEXT if cfg_text is None else cfg_text
     cfg_neg = DEFAULT_CFG_NEG if cfg_neg is None else cfg_neg
     stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta, cfg_text=cfg_text,
-                             cfg_neg=cfg_neg, eta=DEFAULT_ETA if eta is None else eta, cfg_local=cfg_local)
+                             cfg_neg=cfg_neg, eta=DEFAULT_ETA if eta is None else eta,
+                             cfg_local=DEFAULT_CFG_LOCAL if cfg_local is None else cfg_local)
     import torch
 
     dev = next(model.parameters()).device
@@ -475,7 +476,7 @@ _CHILD_MARK = "MEASURE_MEMORY_RESULT "
 
 
 def measure_memory_isolated(weights, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
-                            cfg_neg: float | None = None, eta: float | None = None, cfg_local: float = 0.0,
+                            cfg_neg: float | None = None, eta: float | None = None, cfg_local: float | None = None,
                             threads: int | None = None,
                             mmap_threshold: int | None = MEMORY_MMAP_THRESHOLD,
                             timeout: float | None = None) -> dict:
@@ -498,7 +499,8 @@ def measure_memory_isolated(weights, n_chunks: int, *, steps: int, seed: int = 0
     import torch
 
     spec = {"weights": None if weights is None else str(weights), "n_chunks": int(n_chunks), "steps": int(steps),
-            "seed": int(seed), "cfg_text": cfg_text, "cfg_neg": cfg_neg, "eta": eta, "cfg_local": float(cfg_local),
+            "seed": int(seed), "cfg_text": cfg_text, "cfg_neg": cfg_neg, "eta": eta,
+            "cfg_local": None if cfg_local is None else float(cfg_local),
             "threads": int(threads) if threads is not None else torch.get_num_threads()}
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
@@ -525,7 +527,7 @@ def _memory_child(spec_json: str) -> int:
     model, meta = load_model(spec["weights"])
     out = measure_memory(model, meta, spec["n_chunks"], steps=spec["steps"], seed=spec["seed"],
                          cfg_text=spec["cfg_text"], cfg_neg=spec.get("cfg_neg"), eta=spec.get("eta"),
-                         cfg_local=spec.get("cfg_local", 0.0))
+                         cfg_local=spec.get("cfg_local"))
     out["pid"] = os.getpid()
     out["malloc_mmap_threshold"] = (int(os.environ["MALLOC_MMAP_THRESHOLD_"])
                                     if os.environ.get("MALLOC_MMAP_THRESHOLD_") else None)
@@ -538,16 +540,17 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
              memory_chunks: Sequence[int] = (4, 16), image_chunks: int | None = None, log=None,
              cfg_text: float | None = None, shift: float | None = None,
              cfg_interval: tuple[float, float] | None = None, cfg_neg: float | None = None,
-             eta: float | None = None, cfg_local: float = 0.0, also: bool | str = False) -> dict:
+             eta: float | None = None, cfg_local: float | None = None, also: bool | str = False) -> dict:
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc). The sampler
     settings left None take `generate`'s defaults; ``cfg_local``: guidance kept where it is strong
-    (`generate_chunks`; 0, the default: off); ``also``: the image-to-video runs are also told every other
+    (`generate_chunks`; None: its default, 2; 0: plain guidance); ``also``: the image-to-video runs are also told every other
     object's caption (True: the simulator's, `data.other_captions`; ``"auto"``: what the stream reads from
     its own chunks, `generate_chunks(also="auto")`; generation's also prompts)."""
     import torch
 
     from .generate import (
-        DEFAULT_CFG_INTERVAL, DEFAULT_CFG_NEG, DEFAULT_CFG_TEXT, DEFAULT_ETA, DEFAULT_SHIFT, DEFAULT_STEPS, load_model,
+        DEFAULT_CFG_INTERVAL, DEFAULT_CFG_LOCAL, DEFAULT_CFG_NEG, DEFAULT_CFG_TEXT, DEFAULT_ETA, DEFAULT_SHIFT,
+        DEFAULT_STEPS, load_model,
     )
 
     say = log or (lambda msg: None)
@@ -563,7 +566,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     eta = DEFAULT_ETA if eta is None else float(eta)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (the fraction of fresh noise per step; 0: Euler), got {eta}")
-    cfg_local = float(cfg_local)
+    cfg_local = DEFAULT_CFG_LOCAL if cfg_local is None else float(cfg_local)
     if not (math.isfinite(cfg_local) and cfg_local >= 0):
         raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local}")
     if chunks < 2:

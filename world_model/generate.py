@@ -51,7 +51,7 @@ one caption each ("the blue square falls"), and each adds ``cfg_also * (v_also -
 guidance). Measured (docs/benchmarks.md, session 32): without them the objects a caption does not name
 shrink chunk by chunk under text guidance, even guidance kept off their own pixels; told, they keep
 their size, and with ``cfg_local`` 2 on the whole sum 16-chunk image-to-video persistence is 0.50
-against 0.43 for ``cfg_local`` 2 alone and 0.36 for the defaults (80 held-out videos), at 2 points of
+against 0.43 for ``cfg_local`` 2 alone and 0.36 for plain guidance (80 held-out videos), at 2 points of
 prompt following of what was told against ``cfg_local`` 2 alone; without ``cfg_local`` they add copies.
 From text (a video from nothing) they cost prompt following (0.854 against 0.935 on 96 direction-change
 videos) and keep fewer objects: they are for image-to-video and continuation. ``also="auto"`` (with
@@ -61,16 +61,19 @@ measured that a motion three chunks old keeps an object as well as the true one,
 motion for all or an object named without a motion does not). The chunks that take their guidance
 before the first chunk is final are told nothing.
 
-**Guidance shaping** (all off by default). The sum g of the text, run and negative terms above can be
-reshaped per latent frame before it is added to v_c: ``cfg_local`` G weights each latent position by
+**Guidance shaping** (``cfg_local`` 2 by default since session 35, the others off). The sum g of the
+text, run and negative terms above can be reshaped per latent frame before it is added to v_c: ``cfg_local`` G weights each latent position by
 (|g| / the frame's largest |g|) ** G, so guidance stays where it is strong (on the object it moves) and
 fades elsewhere (except in the first chunk of a video from nothing, which has no objects to keep yet); ``cfg_parallel`` P keeps only the fraction P of g's part along the conditional clean
 prediction x1 = x_t + (1 - t) v_c (1: all of it; 0: only the orthogonal part, after adaptive projected
 guidance); ``cfg_rescale`` R brings the guided clean prediction's standard deviation back toward the
 conditional one's (the fraction R of the way). Measured (docs/benchmarks.md, session 31): ``cfg_local``
 2 keeps objects over 16 image-to-video chunks better (0.36 -> 0.43, fewer duplicated objects) and
-shrinks the seams, at a cost of 0.01-0.02 in prompt following of direction changes; the other two
-gave no persistence.
+shrinks the seams, at a cost of 0.01-0.02 in prompt following of direction changes on the weights of
+then; the other two gave no persistence. On session 34's weights (session 35) it costs no prompt
+following by the per-chunk rule (0.938 against 0.942 on 288 videos; 0.893 against 0.907 by the
+whole-video rule) and keeps more objects (0.449 -> 0.528), so it became the default; ``cfg_local=0``
+is the plain guidance of before.
 
 **Conditioning.** One prompt per chunk (the last repeats); ``image`` (uint8 [64, 64, 3]) becomes
 the clean first latent frame of chunk 0 (image-to-video, per-frame t as in training); ``video``
@@ -134,6 +137,12 @@ CTX_NOISE_SEED = 7_919  # offset of the context-noise generator's seed from the 
 # (1690-1945; 98-161): prompt following 0.918 -> 0.932 (paired +0.014 +- 0.012), seams 1.54 -> 1.39,
 # 16-chunk object persistence 0.271 -> 0.349 (+0.078 +- 0.024); docs/benchmarks.md, session 30.
 DEFAULT_ETA = 0.7
+# Guidance kept where it is strong (``cfg_local``, the module's docstring): off by default until session 35,
+# when on the shipped weights (session 34's) it kept prompt following of direction changes (288 fresh
+# videos, seeds 1946-2233, H200: 0.938 against 0.942, paired -0.003 +- 0.007, within session 27's rule of
+# -0.005 for a default) while 16-chunk image-to-video persistence rose 0.449 -> 0.528 (110 videos, paired
+# +0.078 +- 0.022) and seams fell 1.39 -> 1.35; docs/benchmarks.md, session 35.
+DEFAULT_CFG_LOCAL = 2.0
 DEFAULT_ETA_INTERVAL = (0.0, 1.0)  # flow times at which the steps are stochastic
 ETA_NOISE_SEED = 104_729  # offset of the stochastic steps' generator's seed from the video's
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small.safetensors"
@@ -347,7 +356,7 @@ class ChunkStream:
     def __init__(self, model, prompts, *, steps, window, attn_window, cfg_text, cfg_prev, image, video, seed,
                  shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
                  cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T, keep_latents=False, eta=DEFAULT_ETA,
-                 eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=0.0,
+                 eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=DEFAULT_CFG_LOCAL,
                  also=None, cfg_also=DEFAULT_CFG_ALSO):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
@@ -667,7 +676,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     negative=None, cfg_neg: float = DEFAULT_CFG_NEG, ctx_t: float = DEFAULT_CTX_T,
                     keep_latents: bool = False, eta: float = DEFAULT_ETA,
                     eta_interval: tuple[float, float] = DEFAULT_ETA_INTERVAL, cfg_rescale: float = 0.0,
-                    cfg_parallel: float = 1.0, cfg_local: float = 0.0, also=None,
+                    cfg_parallel: float = 1.0, cfg_local: float = DEFAULT_CFG_LOCAL, also=None,
                     cfg_also: float = DEFAULT_CFG_ALSO) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
 
@@ -688,9 +697,9 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     from a generator of its own). ``keep_latents``: the stream's ``latents`` collects every final
     chunk's latents (on the CPU; memory then grows with the video), e.g. to decode the same video
     with another decoder. ``eta``: the fraction of fresh noise per step (0: Euler steps; default
-    0.7; see the module's docstring) at the flow times ``eta_interval``. ``cfg_local`` (>= 0),
-    ``cfg_parallel`` and ``cfg_rescale`` (in [0, 1]): guidance shaping (the module's docstring; off
-    at 0, 1 and 0). ``also``: *also prompts*, captions of the other objects in the scene per chunk (as
+    0.7; see the module's docstring) at the flow times ``eta_interval``. ``cfg_local`` (>= 0; default
+    2, 0 turns it off), ``cfg_parallel`` and ``cfg_rescale`` (in [0, 1]; off at 1 and 0): guidance
+    shaping (the module's docstring). ``also``: *also prompts*, captions of the other objects in the scene per chunk (as
     ``negative``: a caption, or one entry per chunk, each a caption, None or a tuple; `also_prompts`), each
     adding ``cfg_also`` (v_also - v_null) inside ``cfg_interval`` (composed guidance: every object named
     is kept in the picture; one more transformer call per also prompt on the guided ticks); ``"auto"``
