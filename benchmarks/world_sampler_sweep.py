@@ -293,7 +293,7 @@ def main(argv=None) -> int:
 
     from maskc.world_model import data
     from maskc.world_model import evaluate as ev
-    from maskc.world_model.generate import generate_chunks, load_model
+    from maskc.world_model.generate import generate_chunks, load_model, sampler_defaults
 
     torch.set_num_threads(args.threads)
     model, meta = load_model(args.weights, device=args.device)
@@ -310,7 +310,8 @@ def main(argv=None) -> int:
                 json.dump(res, f, indent=1)
 
     res = {"weights": str(args.weights or "shipped small"), "seeds": args.seeds, "chunks": args.chunks,
-           "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(), "runs": []}
+           "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+           "defaults": sampler_defaults(), "runs": []}  # what a setting leaves out ("" = all of them)
     if args.ceiling:
         matches = []
         for s, prompts in videos:

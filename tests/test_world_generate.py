@@ -532,6 +532,15 @@ def test_stochastic_steps_in_the_stream(tiny, monkeypatch):
             G.generate_chunks(tiny, [P], eta_interval=bad)
 
 
+def test_sampler_defaults_are_generate_chunks_defaults():
+    """`sampler_defaults` reads `generate_chunks`' own signature: each module constant it names, JSON-able."""
+    d = G.sampler_defaults()
+    assert d["cfg_local"] == G.DEFAULT_CFG_LOCAL and d["eta"] == G.DEFAULT_ETA and d["steps"] == G.DEFAULT_STEPS
+    assert d["cfg_interval"] == list(G.DEFAULT_CFG_INTERVAL) and d["window"] == G.DEFAULT_WINDOW
+    assert d["cfg_neg"] == G.DEFAULT_CFG_NEG and d["cfg_text"] == G.DEFAULT_CFG_TEXT and d["cfg_also"] == G.DEFAULT_CFG_ALSO
+    assert json.loads(json.dumps(d)) == d
+
+
 def test_guidance_shaping_math(tiny):
     """``_shape_guidance``: cfg_local weights each position by (|g| / its frame's largest) ** G (the
     strongest position untouched); cfg_parallel 0 leaves g orthogonal to the conditional clean

@@ -71,6 +71,10 @@ def test_sampler_sweep_scores_the_shipped_model(tmp_path):
     res = json.loads(out.read_text())
     assert res["autoencoder_ceiling"] >= 0.5  # the shipped autoencoder keeps the motion (it scores 1.0; a broken one ~0)
     assert [r["setting"] for r in res["runs"]] == [{"steps": 2}, {"window": 1, "steps": 2}]
+    from maskc.world_model import generate as G
+
+    # what the settings left out were: generate's defaults at the time, recorded
+    assert res["defaults"] == G.sampler_defaults() and res["defaults"]["cfg_local"] == G.DEFAULT_CFG_LOCAL
     assert all(r["chunks_scored"] == 2 and 0.0 <= r["prompt_following"] <= 1.0 for r in res["runs"])
     for r in res["runs"]:  # per chunk position, from the per-video matches it records
         (video,) = r["videos"]

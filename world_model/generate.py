@@ -90,6 +90,7 @@ and benchmarks.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -720,6 +721,16 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                        ctx_t=ctx_t, keep_latents=keep_latents, eta=eta, eta_interval=eta_interval,
                        cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local, also=also,
                        cfg_also=cfg_also)
+
+
+def sampler_defaults() -> dict:
+    """`generate_chunks`' default sampler settings by keyword (JSON-able), for records that say "the
+    defaults": what those were when the record was made (they have changed: eta in session 30,
+    cfg_local in session 35)."""
+    sig = inspect.signature(generate_chunks).parameters
+    keep = ("steps", "window", "cfg_text", "cfg_prev", "cfg_interval", "shift", "cfg_run", "cfg_neg", "ctx_t", "eta",
+            "eta_interval", "cfg_rescale", "cfg_parallel", "cfg_local", "cfg_also")
+    return {k: list(v) if isinstance(v := sig[k].default, tuple) else v for k in keep}
 
 
 def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):
