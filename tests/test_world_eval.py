@@ -57,6 +57,27 @@ def test_motion_rule_on_ideal_tracks():
     assert E.motion_from_track(np.full(25, np.nan), t) is None
 
 
+def test_track_motion_leaves_out_covered_frames():
+    """`track_motion`: without an occlusion reference every seen frame counts; with one, frames whose pixel
+    count is under `OCCLUDED` of the reference's median are left out (their centroid is off), and a
+    reference where the colour is never seen leaves nothing (no motion)."""
+    t = np.arange(25, dtype=float)
+    x, y = 20 + 0.8 * t, 30 + 0.0 * t
+    covered = (t >= 8) & (t < 20)
+    track = {"x": np.where(covered, 60 - 3 * t, x), "y": y, "count": np.where(covered, 30.0, 100.0), "visible": np.ones(25, bool),
+             "x0": np.where(covered, 56 - 3 * t, x - 4), "x1": np.where(covered, 64 - 3 * t, x + 4), "y0": y - 4,
+             "y1": y + 4}
+    whole = slice(None)
+    assert E.track_motion(track, whole, occlusion_ref=whole) == "moves right"  # the covered frames left out
+    assert E.track_motion(track, whole) != "moves right"  # every frame: the off centroids pull it elsewhere
+    assert E.track_motion(track, whole, occlusion_ref=whole) == E.motion_from_track(
+        np.where(covered, np.nan, x), y, extent=[np.where(covered, np.nan, e) for e in (x - 4, x + 4, y - 4, y + 4)])
+    assert E.OCCLUDED == 0.85
+    # a reference without the colour in sight: every frame left out
+    unseen = dict(track, visible=np.zeros(25, bool))
+    assert E.track_motion(unseen, whole, occlusion_ref=whole) is None
+
+
 def _disc_video(ys, x=30.0, r=5.0, colour="red"):
     """uint8 frames of one disc at centroid (x, ys[t]) on a plain background."""
     yy, xx = np.mgrid[0:64, 0:64] + 0.5

@@ -35,11 +35,10 @@ import numpy as np
 
 from . import data, vocab
 from .data import PALETTE, WorldConfig
-from .tracking import (DEFAULT_MIN_PIXELS, DEFAULT_TOL, EDGE_MARGIN, WALL_MARGIN, blob_counts,  # noqa: F401
-                       colour_masks, count_blobs, motion_from_track, present_colours, track_by_colour)
+from .tracking import (DEFAULT_MIN_PIXELS, DEFAULT_TOL, EDGE_MARGIN, OCCLUDED, WALL_MARGIN, blob_counts,  # noqa: F401
+                       colour_masks, count_blobs, motion_from_track, present_colours, track_by_colour, track_motion)
 
 DEFAULT_IMAGE_CHUNKS = 16  # image-to-video length for object persistence (the world-model issue's 16 chunks)
-OCCLUDED = 0.85  # a frame where the subject covers less than this of its median pixel count is left out
 DIRECTION_PAIRS = (("right", "left"), ("left", "right"), ("up", "down"), ("down", "up"))
 
 
@@ -97,15 +96,9 @@ def prompt_following(frames, prompts: Sequence[str], config: WorldConfig = World
     tracks = track_by_colour(frames, sorted({p.colour for p in parsed}), tol)
     measured, matches = [], []
     for k, p in enumerate(parsed):
-        tr = tracks[p.colour]
         sl = slice(k * f, min((k + 1) * f + 1, frames.shape[0]))  # + the next chunk's first frame: a hit in the last step
         ref = sl if occlusion == "chunk" else slice(None)  # the frames whose median pixel count is the reference
-        vis = tr["visible"][ref]
-        full = (tr["count"][sl] >= OCCLUDED * np.median(tr["count"][ref][vis]) if vis.any()
-                else np.zeros(sl.stop - sl.start, dtype=bool))
-        x, y = (np.where(full, tr[c][sl], np.nan) for c in ("x", "y"))
-        ext = [np.where(full, tr[e][sl], np.nan) for e in ("x0", "x1", "y0", "y1")] if use_extent else None
-        m = motion_from_track(x, y, config, extent=ext)
+        m = track_motion(tracks[p.colour], sl, config, occlusion_ref=ref, use_extent=use_extent)
         measured.append(m)
         matches.append(m == p.motion)
     return {"fraction": float(np.mean(matches)) if matches else float("nan"), "matches": matches,

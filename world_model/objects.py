@@ -10,7 +10,7 @@ not. So a stream can find its own also prompts (``generate_chunks(..., also="aut
   of this world have distinct colours) and by shape (`classify_shape`: a triangle, apex up, has far
   fewer pixels in the top half of its bounding box than in the bottom half; a square fills its box);
 - `chunk_motions`: the motion of each object over one finished chunk's frames, by the caption rule
-  of the tracker the evaluation uses too (`tracking.motion_from_track`);
+  of the tracker the evaluation uses too (`tracking.track_motion`, here over every frame of the chunk);
 - `keep_captions`: a chunk's also prompts, one caption per object its prompt does not name, with the
   motion that object last showed (an object that has vanished keeps its last motion: it is the one
   to bring back).
@@ -70,8 +70,7 @@ def chunk_motions(frames, objects: Sequence[Object], config: WorldConfig = World
     tracks = tracking.track_by_colour(frames, [c for c, _ in objects], tol)
     out = {}
     for obj in objects:
-        t = tracks[obj[0]]
-        motion = tracking.motion_from_track(t["x"], t["y"], config, extent=(t["x0"], t["x1"], t["y0"], t["y1"]))
+        motion = tracking.track_motion(tracks[obj[0]], slice(None), config)  # every frame, covered or not
         if motion is not None:
             out[obj] = motion
     return out

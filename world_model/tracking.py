@@ -10,7 +10,8 @@ Objects of this world have distinct palette colours, far apart from each other a
 - `present_colours`: the colours an image shows;
 - `motion_from_track`: the caption rule of `data.motion_for_chunk` applied to *measured* motion (wall
   hits detected as velocity reversals near a wall that the object's pixels reach, velocities from a
-  quadratic fit of the visible positions of the chunk).
+  quadratic fit of the visible positions of the chunk); `track_motion`: that rule over some frames of
+  one colour's track, optionally leaving out the frames where the colour is partly covered (`OCCLUDED`).
 
 The evaluation (`evaluate`: prompt following, persistence) and generation (`objects`: the stream's own
 also prompts) both read frames through this module.
@@ -32,6 +33,7 @@ WALL_MARGIN = 14.0  # a velocity reversal counts as a wall hit only with the cen
 # 2 px, within 3 after the shipped autoencoder's round trip (581 of 581 hits, seeds 7000-7149); a
 # reversal further out is a change of direction near the wall, not a hit (measured in session 23)
 EDGE_MARGIN = 3.0
+OCCLUDED = 0.85  # a frame where an object covers less than this of its median pixel count is left out
 
 
 # ----------------------------------------------------------------------------------- tracking
@@ -194,3 +196,21 @@ def motion_from_track(x, y, config: WorldConfig = WorldConfig(), extent=None) ->
     vx = 2 * cx[0] * t + cx[1]
     vy = 2 * cy[0] * t + cy[1]
     return data.motion_for_chunk(vx, vy, bounce, config)
+
+
+def track_motion(track: dict, frames: slice, config: WorldConfig = WorldConfig(), occlusion_ref: slice | None = None,
+                 use_extent: bool = True) -> str | None:
+    """`motion_from_track` over ``frames`` of one colour's ``track`` (`track_by_colour`'s entry).
+
+    ``occlusion_ref``: None keeps every frame where the colour is seen; a slice leaves out the frames
+    where the colour covers less than `OCCLUDED` of its median pixel count over the visible frames of
+    ``occlusion_ref`` (partly covered by an object drawn on top: the centroid is off).
+    ``use_extent=False``: wall hits by the centroid alone."""
+    keep = np.ones(len(track["x"][frames]), dtype=bool)
+    if occlusion_ref is not None:
+        vis = track["visible"][occlusion_ref]
+        keep = (track["count"][frames] >= OCCLUDED * np.median(track["count"][occlusion_ref][vis]) if vis.any()
+                else np.zeros_like(keep))
+    x, y = (np.where(keep, track[c][frames], np.nan) for c in ("x", "y"))
+    ext = [np.where(keep, track[e][frames], np.nan) for e in ("x0", "x1", "y0", "y1")] if use_extent else None
+    return motion_from_track(x, y, config, extent=ext)
