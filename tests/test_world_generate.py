@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -658,6 +659,36 @@ def test_prompt_expansion_and_file(tmp_path):
         G.load_prompt_file(f)
 
 
+def test_prompt_file_in_yaml(tmp_path, monkeypatch):
+    """A .yaml / .yml prompt file holds the same list as the JSON one (block or flow style, strings for
+    one chunk each); bad YAML, a YAML mapping and a missing PyYAML are clear errors."""
+    pytest.importorskip("yaml")
+    want = [P, P, "the red circle moves left", "the blue square falls"]
+    f = tmp_path / "p.yaml"
+    f.write_text(f"- {{chunks: 2, prompt: {P}}}\n- chunks: 1\n  prompt: the red circle moves left\n"
+                 "- the blue square falls\n")
+    assert G.load_prompt_file(f) == want
+    g = tmp_path / "p.YML"
+    g.write_text(f.read_text())
+    assert G.load_prompt_file(g) == want
+    j = tmp_path / "p.json"
+    j.write_text(json.dumps([{"chunks": 2, "prompt": P}, {"prompt": "the red circle moves left"},
+                             "the blue square falls"]))
+    assert G.load_prompt_file(j) == want
+    f.write_text("- {chunks: 2, prompt: [unclosed\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        G.load_prompt_file(f)
+    f.write_text(f"chunks: 2\nprompt: {P}\n")
+    with pytest.raises(ValueError, match="must hold a non-empty YAML list"):
+        G.load_prompt_file(f)
+    j.write_text("- {chunks: 2}")  # YAML in a .json file is read as JSON
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        G.load_prompt_file(j)
+    monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML not installed
+    with pytest.raises(ValueError, match="needs PyYAML: pip install pyyaml"):
+        G.load_prompt_file(g)
+
+
 def test_api_input_errors(tiny):
     with pytest.raises(ValueError, match=r"image must be uint8 \[64, 64, 3\]"):
         G.generate_chunks(tiny, [P], image=np.zeros((32, 32, 3), np.uint8))
@@ -740,6 +771,23 @@ def test_cli_smoke(tmp_path, capsys):
     assert "PNG frames" in capsys.readouterr().out
 
 
+def test_cli_prompts_from_yaml(tmp_path, capsys):
+    """magi generate --prompts FILE.yaml: one chunk per prompt entry's count, the same video as --prompt."""
+    pytest.importorskip("yaml")
+    from PIL import Image
+
+    f = tmp_path / "p.yaml"
+    f.write_text(f"- {{chunks: 2, prompt: {P}}}\n- the red circle moves left\n")
+    out, ref = tmp_path / "y.gif", tmp_path / "r.gif"
+    assert cli.main(["generate", "--prompts", str(f), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["generate", "--prompt", P, "--prompt", P, "--prompt", "the red circle moves left", "--steps", "2",
+                     "--out", str(ref), "--no-progress"]) == 0
+    assert "generated 3 chunk(s)" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.n_frames == 3 * 24
+    assert np.array_equal(G.read_video(out), G.read_video(ref))
+
+
 def test_cli_negative_guidance(tmp_path, capsys):
     """--negative-prompt none on every chunk is --cfg-neg 0 (same transformer calls, same frames); the
     default negatives take more calls; an explicit negative is used."""
@@ -816,12 +864,14 @@ def test_cli_also_auto(tmp_path, capsys):
     (["--prompt", P, "--negative-prompt", "the red circle bounces of the wall"], "unknown word 'of'"),
     (["--prompt", P, "--chunks", "1", "--negative-prompt", "none", "--negative-prompt", "none"],
      "2 negative prompts for 1 chunks"),
+    (["--prompts", "BADYAML"], "is not valid YAML"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, msg):
     from PIL import Image
 
-    argv = [str(tmp_path / "s.png") if a == "SMALLIMG" else a for a in argv]
+    argv = [{"SMALLIMG": str(tmp_path / "s.png"), "BADYAML": str(tmp_path / "p.yaml")}.get(a, a) for a in argv]
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "s.png")
+    (tmp_path / "p.yaml").write_text("- {chunks: 2, prompt: [unclosed\n")
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--out", str(tmp_path / "o.gif"), *argv])
     assert e.value.code == 2

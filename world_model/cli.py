@@ -212,7 +212,8 @@ length. Each chunk is decoded and appended to --out as soon as it is final.
 
 conditioning:
   --prompt TEXT      one per chunk, in order (repeat the option); the last prompt repeats
-  --prompts FILE     JSON list of {"chunks": n, "prompt": "..."}: chunk-wise prompts
+  --prompts FILE     chunk-wise prompts: a JSON list of {"chunks": n, "prompt": "..."}, or the same in
+                     YAML (FILE.yaml / FILE.yml)
   --image IMG        image-to-video: a 64x64 RGB image becomes the clean first latent frame
   --video PREFIX     continue a video (.gif, a folder of .png frames, or .mp4 with imageio-ffmpeg);
                      its last whole chunks are the context and are written before the new ones
@@ -232,6 +233,7 @@ examples:
   magi generate --prompt "the red circle moves right" --chunks 8 --out out.mp4
   magi generate --prompt "the red circle moves right" --prompt "the red circle moves left" --chunks 4 --out turn.gif
   magi generate --prompts prompts.json --out story.gif --seed 3
+  magi generate --prompts prompts.yaml --out story.gif --seed 3
   magi generate --image first.png --prompt "the blue square falls" --chunks 2 --out i2v.gif
   magi generate --prompt "the red circle moves up" --negative-prompt "the red circle moves left" --out up.gif
   magi generate --prompt "the red circle moves up" --cfg-neg 0 --out up_plain.gif   # no negative guidance
@@ -245,6 +247,8 @@ examples:
   magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
 
 prompts.json: [{"chunks": 2, "prompt": "the red circle moves right"}, {"chunks": 2, "prompt": "the red circle moves left"}]
+prompts.yaml: - {chunks: 2, prompt: the red circle moves right}
+              - {chunks: 2, prompt: the red circle moves left}
 captions use the grammar: the COLOUR SHAPE MOTION (e.g. "the yellow square bounces off the floor").
 """
 
@@ -298,7 +302,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="caption of the next chunk (repeatable; the last one repeats)")
-    p.add_argument("--prompts", metavar="FILE.json", help='chunk-wise prompts: [{"chunks": n, "prompt": "..."}, ...]')
+    p.add_argument("--prompts", metavar="FILE", help='chunk-wise prompts from a JSON file, [{"chunks": n, "prompt": '
+                   '"..."}, ...], or the same list in YAML (FILE.yaml / FILE.yml)')
     p.add_argument("--chunks", type=_nonneg_int, metavar="N",
                    help="chunks to generate (default: the number of prompts; 1 second each)")
     p.add_argument("--out", required=True, metavar="PATH", help="output .mp4, .gif, or a folder for PNG frames")

@@ -280,17 +280,39 @@ def also_prompts(prompts: Sequence[str], also=None) -> list[tuple[str, ...]]:
     return out
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
 def load_prompt_file(path: str | os.PathLike) -> list[str]:
-    """Per-chunk prompts from a JSON file: a list of ``{"chunks": n, "prompt": "..."}`` (or of strings)."""
+    """Per-chunk prompts from a JSON or YAML file (by its suffix: ``.yaml`` / ``.yml`` is YAML, anything
+    else JSON): a list of ``{"chunks": n, "prompt": "..."}`` entries (or of strings, one chunk each).
+    In YAML::
+
+        - {chunks: 2, prompt: the red circle moves right}
+        - chunks: 2
+          prompt: the red circle moves left
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"prompt file {str(p)!r} does not exist")
-    try:
-        spec = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"prompt file {str(p)!r} is not valid JSON: {e}") from None
+    kind = "YAML" if p.suffix.lower() in YAML_SUFFIXES else "JSON"
+    if kind == "YAML":
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"prompt file {str(p)!r} is YAML, which needs PyYAML: pip install pyyaml "
+                             "(the world extra installs it), or write the file as JSON") from None
+        try:
+            spec = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"prompt file {str(p)!r} is not valid YAML: {e}") from None
+    else:
+        try:
+            spec = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompt file {str(p)!r} is not valid JSON: {e}") from None
     if not isinstance(spec, list) or not spec:
-        raise ValueError(f"prompt file {str(p)!r} must hold a non-empty JSON list of "
+        raise ValueError(f"prompt file {str(p)!r} must hold a non-empty {kind} list of "
                          '{"chunks": n, "prompt": "..."} entries')
     out = []
     for i, e in enumerate(spec):
