@@ -64,7 +64,8 @@ def test_track_motion_leaves_out_covered_frames():
     t = np.arange(25, dtype=float)
     x, y = 20 + 0.8 * t, 30 + 0.0 * t
     covered = (t >= 8) & (t < 20)
-    track = {"x": np.where(covered, 60 - 3 * t, x), "y": y, "count": np.where(covered, 30.0, 100.0), "visible": np.ones(25, bool),
+    track = {"x": np.where(covered, 60 - 3 * t, x), "y": y, "count": np.where(covered, 30.0, 100.0),
+             "visible": np.ones(25, bool),
              "x0": np.where(covered, 56 - 3 * t, x - 4), "x1": np.where(covered, 64 - 3 * t, x + 4), "y0": y - 4,
              "y1": y + 4}
     whole = slice(None)

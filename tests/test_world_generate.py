@@ -538,7 +538,8 @@ def test_sampler_defaults_are_generate_chunks_defaults():
     d = G.sampler_defaults()
     assert d["cfg_local"] == G.DEFAULT_CFG_LOCAL and d["eta"] == G.DEFAULT_ETA and d["steps"] == G.DEFAULT_STEPS
     assert d["cfg_interval"] == list(G.DEFAULT_CFG_INTERVAL) and d["window"] == G.DEFAULT_WINDOW
-    assert d["cfg_neg"] == G.DEFAULT_CFG_NEG and d["cfg_text"] == G.DEFAULT_CFG_TEXT and d["cfg_also"] == G.DEFAULT_CFG_ALSO
+    assert d["cfg_neg"] == G.DEFAULT_CFG_NEG and d["cfg_text"] == G.DEFAULT_CFG_TEXT
+    assert d["cfg_also"] == G.DEFAULT_CFG_ALSO
     assert json.loads(json.dumps(d)) == d
 
 

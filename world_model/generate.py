@@ -62,18 +62,19 @@ motion for all or an object named without a motion does not). The chunks that ta
 before the first chunk is final are told nothing.
 
 **Guidance shaping** (``cfg_local`` 2 by default since session 35, the others off). The sum g of the
-text, run and negative terms above can be reshaped per latent frame before it is added to v_c: ``cfg_local`` G weights each latent position by
-(|g| / the frame's largest |g|) ** G, so guidance stays where it is strong (on the object it moves) and
-fades elsewhere (except in the first chunk of a video from nothing, which has no objects to keep yet); ``cfg_parallel`` P keeps only the fraction P of g's part along the conditional clean
-prediction x1 = x_t + (1 - t) v_c (1: all of it; 0: only the orthogonal part, after adaptive projected
-guidance); ``cfg_rescale`` R brings the guided clean prediction's standard deviation back toward the
-conditional one's (the fraction R of the way). Measured (docs/benchmarks.md, session 31): ``cfg_local``
-2 keeps objects over 16 image-to-video chunks better (0.36 -> 0.43, fewer duplicated objects) and
-shrinks the seams, at a cost of 0.01-0.02 in prompt following of direction changes on the weights of
-then; the other two gave no persistence. On session 34's weights (session 35) it costs no prompt
-following by the per-chunk rule (0.938 against 0.942 on 288 videos; 0.893 against 0.907 by the
-whole-video rule) and keeps more objects (0.449 -> 0.528), so it became the default; ``cfg_local=0``
-is the plain guidance of before.
+text, run and negative terms above can be reshaped per latent frame before it is added to v_c:
+``cfg_local`` G weights each latent position by (|g| / the frame's largest |g|) ** G, so guidance stays
+where it is strong (on the object it moves) and fades elsewhere (except in the first chunk of a video
+from nothing, which has no objects to keep yet); ``cfg_parallel`` P keeps only the fraction P of g's
+part along the conditional clean prediction x1 = x_t + (1 - t) v_c (1: all of it; 0: only the orthogonal
+part, after adaptive projected guidance); ``cfg_rescale`` R brings the guided clean prediction's
+standard deviation back toward the conditional one's (the fraction R of the way). Measured
+(docs/benchmarks.md, session 31): ``cfg_local`` 2 keeps objects over 16 image-to-video chunks better
+(0.36 -> 0.43, fewer duplicated objects) and shrinks the seams, at a cost of 0.01-0.02 in prompt
+following of direction changes on the weights of then; the other two gave no persistence. On session
+34's weights (session 35) it costs no prompt following by the per-chunk rule (0.938 against 0.942 on 288
+videos; 0.893 against 0.907 by the whole-video rule) and keeps more objects (0.449 -> 0.528), so it
+became the default; ``cfg_local=0`` is the plain guidance of before.
 
 **Conditioning.** One prompt per chunk (the last repeats); ``image`` (uint8 [64, 64, 3]) becomes
 the clean first latent frame of chunk 0 (image-to-video, per-frame t as in training); ``video``
