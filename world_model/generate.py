@@ -746,14 +746,18 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                        cfg_also=cfg_also)
 
 
+# generate_chunks' keyword defaults, read once at import (a wrapper patched over the name later, as tests do,
+# does not change what they were)
+_GENERATE_DEFAULTS = {k: p.default for k, p in inspect.signature(generate_chunks).parameters.items()}
+
+
 def sampler_defaults() -> dict:
     """`generate_chunks`' default sampler settings by keyword (JSON-able), for records that say "the
     defaults": what those were when the record was made (they have changed: eta in session 30,
     cfg_local in session 35)."""
-    sig = inspect.signature(generate_chunks).parameters
     keep = ("steps", "window", "cfg_text", "cfg_prev", "cfg_interval", "shift", "cfg_run", "cfg_neg", "ctx_t", "eta",
             "eta_interval", "cfg_rescale", "cfg_parallel", "cfg_local", "cfg_also")
-    return {k: list(v) if isinstance(v := sig[k].default, tuple) else v for k in keep}
+    return {k: list(v) if isinstance(v := _GENERATE_DEFAULTS[k], tuple) else v for k in keep}
 
 
 def load_model(weights: str | os.PathLike | None = None, device: str = "cpu"):
