@@ -136,11 +136,14 @@ def test_sampler_sweep_image_to_video_runs(tmp_path, capsys, prompts):
     assert "image-to-video (2 chunks, " + prompts in capsys.readouterr().out
 
 
-def _i2v_sweep(path, runs, weights="shipped small"):
-    """A sweep file as world_sampler_sweep.py --i2v writes it: runs of (setting, [(seed, by_chunk), ...])."""
+def _i2v_sweep(path, runs, weights="shipped small", defaults=None):
+    """A sweep file as world_sampler_sweep.py --i2v writes it: runs of (setting, [(seed, by_chunk), ...])
+    (``defaults``: the sampler defaults it records; None: a file from before they were recorded)."""
     out = {"weights": weights, "runs": [{"setting": setting, "i2v": {"videos": [
         {"seed": seed, "by_chunk": chunks, "persistent": sum(chunks) / len(chunks), "simulator_persistent": 1.0}
         for seed, chunks in videos]}} for setting, videos in runs]}
+    if defaults is not None:
+        out["defaults"] = defaults
     path.write_text(json.dumps(out))
     return str(path)
 
@@ -175,6 +178,21 @@ def test_persistence_plot_tells_weights_apart(tmp_path, capsys):
     assert world_persistence_plot.main([a, b, "--label", "ft_tw: defaults=fine-tuned", "--out", str(out)]) == 0
     assert "fine-tuned" in capsys.readouterr().out and out.stat().st_size > 1000
     assert list(world_persistence_plot.by_setting([b])) == ["defaults"]  # one checkpoint: labels as before
+
+
+def test_persistence_plot_tells_sampler_defaults_apart(tmp_path):
+    """Files run under different sampler defaults (cfg_local 0 until session 35, 2 since) are two curves
+    of "defaults", labelled by what differs; files that agree keep the plain labels."""
+    old = _i2v_sweep(tmp_path / "old.json", [({}, [(1, [1.0, 0.5])])])  # before the sweep recorded its defaults
+    new = _i2v_sweep(tmp_path / "new.json", [({}, [(1, [1.0, 1.0])])], defaults={"cfg_local": 2.0, "eta": 0.7})
+    plain = _i2v_sweep(tmp_path / "plain.json", [({}, [(1, [0.5, 0.5])])], defaults={"cfg_local": 0.0, "eta": 0.7})
+    assert list(world_persistence_plot.by_setting([old, new])) == ["defaults [defaults: unrecorded]",
+                                                                   "defaults [defaults: recorded]"]
+    assert list(world_persistence_plot.by_setting([plain, new, old])) == [
+        "defaults [defaults: cfg_local=0.0]", "defaults [defaults: cfg_local=2.0]", "defaults [defaults: unrecorded]"]
+    again = _i2v_sweep(tmp_path / "again.json", [({}, [(2, [1.0, 1.0])])], defaults={"cfg_local": 2.0, "eta": 0.7})
+    runs = world_persistence_plot.by_setting([new, again])  # the same defaults: parts of one sweep, merged
+    assert list(runs) == ["defaults"] and sorted(runs["defaults"]) == [1, 2]
 
 
 def test_sampler_sweep_rejects_an_empty_plan(capsys):
