@@ -1,13 +1,13 @@
 """Object persistence by chunk position: one curve per sampler setting, from image-to-video sweeps.
 
-Reads the JSON files that ``world_sampler_sweep.py --i2v N --json FILE`` writes (several files, e.g.
-the parts of one sweep run in parallel processes, are merged by setting; a seed seen twice for one
-setting is an error; files of different ``--weights`` are told apart, each setting then labelled
-``WEIGHTS: SETTING`` with the checkpoint's file stem; files run under different sampler defaults, which
-the sweep records since session 35, likewise: ``SETTING [defaults: cfg_local=2.0]``) and plots, per setting, the mean fraction of frames whose objects are all there
-exactly once (`evaluate.object_persistence`) at each chunk position, with a band of one standard
-error over the videos. Prints the same figures as a table, with the settings paired by video
-against the first one.
+Reads the JSON files that ``world_sampler_sweep.py --i2v N --json FILE`` writes (several files, e.g. the
+parts of one sweep run in parallel processes, are merged by setting; a seed seen twice for one setting
+is an error; files of different ``--weights`` are told apart, each setting then labelled ``WEIGHTS:
+SETTING`` with the checkpoint's file stem; files run under different sampler defaults, which the sweep
+records since session 35, likewise: ``SETTING [defaults: cfg_local=2.0]``) and plots, per setting, the
+mean fraction of frames whose objects are all there exactly once (`evaluate.object_persistence`) at each
+chunk position, with a band of one standard error over the videos. Prints the same figures as a table,
+with the settings paired by video against the first one.
 
     python benchmarks/world_sampler_sweep.py --device cuda --no-direction --i2v 16 --settings "eta=0" "" --json p0.json
     python benchmarks/world_persistence_plot.py p0.json --label "eta=0=Euler" --out persistence.png

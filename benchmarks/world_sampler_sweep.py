@@ -4,8 +4,8 @@ For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text
 ``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
 ``cfg_also``; ``""`` is `generate_chunks`' defaults, since session 35 with ``cfg_local`` 2, so the settings
 recorded as ``cfg_local=2`` before then are today's defaults and ``cfg_local=0`` is the plain guidance of
-the defaults before; ``also=1``: every video is also told every other object's caption, `data.other_captions` of the
-simulator's clip (image-to-video: the image's; direction changes: the clip realising the prompts), with
+the defaults before; ``also=1``: every video is also told every other object's caption,
+`data.other_captions` of the simulator's clip (image-to-video: the image's; direction changes: the clip realising the prompts), with
 ``also_lag=L`` image-to-video chunk k is told chunk max(0, k - L)'s and with ``also_motion=MOTION`` every
 object is told that motion; ``also=3``: image-to-video finds its own (``generate_chunks(also="auto")``);
 ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its

@@ -505,7 +505,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="image-to-video runs are also told every other object's caption (what the simulator's clip "
                         "has it do), as magi generate --also: with --cfg-local 2 (the default), persistence over 16 "
                         "chunks 0.43 -> 0.50 on 80 held-out videos (the weights before session 34; docs/benchmarks.md, "
-                        "session 32); --also auto: the captions the stream reads from its own finished chunks, as magi generate --also auto")
+                        "session 32); --also auto: the captions the stream reads from its own finished chunks, as "
+                        "magi generate --also auto")
     p.add_argument("--cfg-neg", type=_nonneg_float, metavar="W",
                    help="negative guidance away from each chunk's near-miss captions (0 disables; default: generate's)")
     p.add_argument("--shift", type=_pos_float, metavar="S", help="time-grid shift of the sampler (default: generate's)")

@@ -537,8 +537,9 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc). The sampler
     settings left None take `generate`'s defaults; ``cfg_local``: guidance kept where it is strong
     (`generate_chunks`; None: its default, 2; 0: plain guidance); ``also``: the image-to-video runs are
-    also told every other object's caption (True: the simulator's, `data.other_captions`; ``"auto"``: what the stream reads from
-    its own chunks, `generate_chunks(also="auto")`; generation's also prompts)."""
+    also told every other object's caption (True: the simulator's, `data.other_captions`; ``"auto"``:
+    what the stream reads from its own chunks, `generate_chunks(also="auto")`; generation's also
+    prompts)."""
     import torch
 
     from .generate import (

@@ -723,8 +723,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     with another decoder. ``eta``: the fraction of fresh noise per step (0: Euler steps; default
     0.7; see the module's docstring) at the flow times ``eta_interval``. ``cfg_local`` (>= 0; default
     2, 0 turns it off), ``cfg_parallel`` and ``cfg_rescale`` (in [0, 1]; off at 1 and 0): guidance
-    shaping (the module's docstring). ``also``: *also prompts*, captions of the other objects in the scene per chunk (as
-    ``negative``: a caption, or one entry per chunk, each a caption, None or a tuple; `also_prompts`), each
+    shaping (the module's docstring). ``also``: *also prompts*, captions of the other objects in the
+    scene per chunk (as ``negative``: a caption, or one entry per chunk, each a caption, None or a tuple; `also_prompts`), each
     adding ``cfg_also`` (v_also - v_null) inside ``cfg_interval`` (composed guidance: every object named
     is kept in the picture; one more transformer call per also prompt on the guided ticks); ``"auto"``
     (with ``image`` or ``video``): the stream tells every object of the picture but the one each prompt
