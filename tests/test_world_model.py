@@ -379,6 +379,160 @@ def test_causal_decoder_stream_carries_its_state(monkeypatch):
     assert calls == [3 * LF, LF]
 
 
+def _delayed(delay, seed=0):
+    torch.manual_seed(seed)
+    vae = randomized(VideoVAE(replace(CAUSAL, vae_context=3, vae_delay=delay))).double().eval()
+    with torch.no_grad():
+        vae.latent_mean.normal_(), vae.latent_std.uniform_(0.5, 2.0)
+    return vae
+
+
+@pytest.mark.parametrize("delay", [1, 2, LF])
+def test_delayed_decoder_reads_ahead_and_streams_what_it_decodes_whole(delay):
+    """vae_delay L: frame i depends on latent frames <= i // 4 + L and on no later one; a stream returns
+    nothing for the first chunk, then the chunk before, and `decode_end` the last: together exactly the
+    whole video decoded at once (float64), whose end holds its last latent frame; the state stays bounded."""
+    vae = _delayed(delay)
+    cfg, cf, td = vae.cfg, CAUSAL.chunk_frames, CAUSAL.time_down
+    z = torch.randn(2, 4 * LF, cfg.latent_size, cfg.latent_size, cfg.latent_channels, dtype=torch.float64)
+    with torch.no_grad():
+        whole = vae.decode(z)
+        assert whole.shape == (2, 4 * cf, 16, 16, 3)
+        m = 2 * LF + 1  # a latent frame inside the third chunk
+        moved = z.clone()
+        moved[:, m] += 1.0
+        changed = (vae.decode(moved) - whole).abs().amax((0, 2, 3, 4)) > 0
+        first = (m - delay) * td  # the first frame that reads latent frame m
+        assert not changed[:first].any() and changed[first]
+        # the end: the last latent frame held for the look-ahead the video lacks
+        held = torch.cat([z, z[:, -1:].expand(-1, delay, -1, -1, -1)], 1)
+        raw = vae.decoder((held * vae.latent_std + vae.latent_mean).permute(0, 4, 1, 2, 3))
+        assert torch.equal(V.to_unit(raw[:, :, delay * td:].permute(0, 2, 3, 4, 1)), whole)
+        past, got, sizes = {}, [], []
+        for k in range(4):
+            got.append(vae.decode_next(z[:, k * LF:(k + 1) * LF], past))
+            sizes.append(sum(t.numel() for t in past.values() if torch.is_tensor(t)))
+        got.append(vae.decode_end(past))
+        assert [g.shape[1] for g in got] == [0, cf, cf, cf, cf]
+        assert torch.equal(torch.cat(got, 1), whole)
+        assert len(set(sizes[1:])) == 1  # two frames per convolution, the chunk not complete, the last latent frame
+        assert vae.decode_end(past).shape == (2, 0, 16, 16, 3)  # nothing left
+        # a continuation: the prefix's latents prime the state, the next chunks come out as in the whole video
+        past = {}
+        vae.prime(z[:, :2 * LF], past)
+        cont = [vae.decode_next(z[:, 2 * LF:3 * LF], past), vae.decode_next(z[:, 3 * LF:], past), vae.decode_end(past)]
+        assert [c.shape[1] for c in cont] == [0, cf, cf]
+        assert torch.equal(torch.cat(cont, 1), whole[:, 2 * cf:])
+        # decode_raw with context: the chunks after it, the video ending where the latents end
+        assert torch.equal(vae.decode_raw(z[:, 3 * LF:], context=z[:, :3 * LF]), vae.decode_raw(z)[:, 3 * cf:])
+
+
+def test_decode_end_without_delay_and_delayed_windows(monkeypatch):
+    """A decoder without delay holds nothing at the end; the windowed path of decode_raw (context too
+    short for the receptive field) reads the same look-ahead as decoding whole."""
+    plain = randomized(VideoVAE(replace(CAUSAL, vae_context=3))).double().eval()
+    z = torch.randn(1, 2 * LF, CAUSAL.latent_size, CAUSAL.latent_size, CAUSAL.latent_channels, dtype=torch.float64)
+    past = {}
+    with torch.no_grad():
+        assert plain.decode_next(z[:, :LF], past).shape[1] == CAUSAL.chunk_frames
+        assert plain.decode_end(past).shape == (1, 0, 16, 16, 3) and plain.decode_end({}).shape[0] == 0
+        vae = _delayed(1)
+        whole = vae.decode_raw(z)
+        monkeypatch.setattr(V, "receptive_latent_frames", lambda cfg: 10 ** 6)  # windows of vae_context chunks
+        assert torch.equal(vae.decode_raw(z), whole)
+    with pytest.raises(ValueError, match="decode_end needs a causal decoder"):
+        VideoVAE(TINY).decode_end({})
+
+
+@pytest.mark.parametrize("delay", [1, 2])
+def test_delay_from_starts_the_decoder_drawing_what_it_drew(delay):
+    """`delay_from` moves the stem's taps into the past: with the taps it must fold set to zero, the
+    delayed decoder's output is the undelayed one's given `delay` zero latent frames first, exactly."""
+    torch.manual_seed(0)
+    dec = randomized(Decoder(CAUSAL)).double().eval()
+    with torch.no_grad():
+        dec.stem.weight[:, :, :delay] = 0.0  # taps reaching before the kernel once moved
+    shifted = Decoder(CAUSAL).double().eval()
+    shifted.load_state_dict(dec.state_dict())
+    V.delay_from(shifted, delay)
+    assert torch.equal(shifted.stem.weight[:, :, 3 - delay:], torch.zeros_like(shifted.stem.weight[:, :, 3 - delay:]))
+    z = torch.randn(2, CAUSAL.latent_channels, 2 * LF, CAUSAL.latent_size, CAUSAL.latent_size, dtype=torch.float64)
+    with torch.no_grad():
+        want = dec(torch.cat([torch.zeros_like(z[:, :, :delay]), z], 2))[:, :, :2 * CAUSAL.chunk_frames]
+        assert torch.allclose(shifted(z), want, rtol=0, atol=1e-12)
+    # folding: the taps' sum (what a constant input sees) is kept
+    d2 = randomized(Decoder(CAUSAL)).double()
+    before = d2.stem.weight.sum(2).clone()
+    V.delay_from(d2, delay)
+    assert torch.allclose(d2.stem.weight.sum(2), before)
+    for bad, msg in ((-1, "delay must be an integer >= 0"), (True, "delay must be an integer"),
+                     (1.0, "delay must be an integer")):
+        with pytest.raises(ValueError, match=msg):
+            V.delay_from(Decoder(CAUSAL), bad)
+    with pytest.raises(ValueError, match="needs a causal decoder"):
+        V.delay_from(Decoder(TINY), 1)
+
+
+def test_generator_with_a_delayed_decoder_yields_each_chunk_when_the_next_is_final():
+    """A decoder of vae_delay 1 in the generator: every chunk comes out, one tick (the stride) later than
+    without the delay, the last when the video ends; the frames are the kept latents decoded whole; a
+    continuation primes the decoder with the prefix and yields only the new chunks."""
+    from maskc.world_model import generate as G
+
+    torch.manual_seed(0)
+    model = randomized(WorldModel(replace(TINY, vae_context=3, vae_causal=True, vae_delay=1))).eval()
+    kw = {"n_chunks": 3, "steps": 2, "window": 2, "cfg_neg": 0.0, "seed": 0}
+    p = "the red circle moves right"
+
+    def run(m, **extra):
+        stream = G.generate_chunks(m, [p], keep_latents=True, **kw, **extra)
+        chunks, ticks = [], []
+        for c in stream:
+            chunks.append(c)
+            ticks.append(stream.ticks)
+        return stream, chunks, ticks
+
+    stream, chunks, ticks = run(model)
+    undelayed = WorldModel(replace(model.cfg, vae_delay=0)).eval()
+    undelayed.load_state_dict(model.state_dict())
+    _, plain_chunks, plain_ticks = run(undelayed)
+    assert len(chunks) == 3 and all(c.shape == (24, 64, 64, 3) for c in chunks)
+    assert ticks == plain_ticks[1:] + [plain_ticks[-1]]  # each chunk once the next is final; the last at the end
+    with torch.no_grad():
+        whole = G.to_uint8(model.vae.decode(torch.cat(stream.latents)[None])[0]).numpy()
+    diff = np.abs(np.concatenate(chunks).astype(int) - whole.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # float32 rounding only
+    assert not np.array_equal(np.concatenate(chunks), np.concatenate(plain_chunks))  # it does read ahead
+    # continuation of a 3-chunk prefix: 2 new chunks, as the prefix's latents + theirs decoded whole
+    prefix = np.ascontiguousarray(np.concatenate(chunks))
+    cont = G.generate_chunks(model, [p], n_chunks=2, steps=2, window=2, cfg_neg=0.0, seed=1, video=prefix,
+                             keep_latents=True)
+    new = list(cont)
+    assert len(new) == 2
+    with torch.no_grad():
+        pre = model.vae.encode(torch.from_numpy(prefix)[None])
+        both = G.to_uint8(model.vae.decode(torch.cat([pre[0]] + cont.latents)[None])[0]).numpy()[3 * 24:]
+    diff = np.abs(np.concatenate(new).astype(int) - both.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
+def test_vae_delay_config():
+    assert TINY.vae_delay == 0 and SMALL.vae_delay == 0
+    cfg = replace(TINY, vae_causal=True, vae_context=3, vae_delay=2)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = TINY.to_dict()
+    del old["vae_delay"]  # a checkpoint from before the field: no delay
+    assert ModelConfig.from_dict(old).vae_delay == 0
+    for bad, msg in (({"vae_delay": -1}, r"vae_delay -1 must be an integer in \[0, 6\]"),
+                     ({"vae_delay": 7}, r"vae_delay 7 must be an integer in \[0, 6\]"),
+                     ({"vae_delay": True}, "vae_delay True must be an integer"),
+                     ({"vae_delay": 1.0}, "vae_delay 1.0 must be an integer"),
+                     ({"vae_delay": 1, "vae_causal": False}, "needs a causal decoder that reads the chunks before"),
+                     ({"vae_delay": 1, "vae_context": 0}, "needs a causal decoder that reads the chunks before")):
+        with pytest.raises(ValueError, match=msg):
+            replace(cfg, **bad)
+
+
 def test_decoder_loss_frame_difference_term():
     """diff_weight adds the MSE of consecutive frames' differences (decoded against true) to the plain
     loss, drawn from the same posterior sample."""

@@ -659,6 +659,39 @@ def test_finetune_decoder_causal_keeps_the_record_of_the_fine_tune_before(tmp_pa
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_finetune_decoder_delay_warm_starts_a_decoder_that_reads_ahead(tmp_path, capsys):
+    """delay=1: the causal decoder learns to read one latent frame ahead, warm-started by `vae.delay_from`
+    (its look-ahead tap starts at zero, so after one AdamW step it is at most about lr); the config and
+    the record say so, a later fine-tune keeps the delay, and less delay than stored or a delay without a
+    causal decoder are refused."""
+    torch.manual_seed(0)
+    src = save_checkpoint(tmp_path / "w.safetensors", WorldModel(replace(TINY, vae_causal=True, vae_context=3)), step=7)
+    kw = {"steps": 1, "batch": 1, "held_out": 1, "warmup": 1, "lr": 1e-3}
+    r = TR.finetune_decoder(src, tmp_path / "d.safetensors", delay=1, **kw)
+    assert r["delay"] == 1 and r["causal"] is True and r["steps_done"] == 1
+    a, cfg_a, _ = load_checkpoint(src)
+    b, cfg_b, meta_b = load_checkpoint(tmp_path / "d.safetensors")
+    assert cfg_a.vae_delay == 0 and cfg_b == replace(cfg_a, vae_delay=1) and meta_b["decoder_finetune"]["delay"] == 1
+    look_ahead = b.vae.decoder.stem.weight[:, :, 2]
+    assert look_ahead.abs().max() <= 1.5e-3 < a.vae.decoder.stem.weight[:, :, 2].abs().max()
+    r2 = TR.finetune_decoder(tmp_path / "d.safetensors", tmp_path / "d2.safetensors", **kw)  # keeps the delay
+    assert r2["delay"] == 1 and load_checkpoint(tmp_path / "d2.safetensors")[1].vae_delay == 1
+    plain = save_checkpoint(tmp_path / "p.safetensors", WorldModel(TINY), step=7)
+    for weights, bad, msg in ((tmp_path / "d.safetensors", {"delay": 0}, "less than the stored decoder's"),
+                              (plain, {"delay": 1}, "needs a causal decoder"),
+                              (src, {"delay": -1}, "delay must be an integer >= 0"),
+                              (src, {"delay": True}, "delay must be an integer >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            TR.finetune_decoder(weights, tmp_path / "x.safetensors", **kw, **bad)
+    assert not (tmp_path / "x.safetensors").exists()
+    assert cli.main(["finetune-decoder", "--weights", str(src), "--out", str(tmp_path / "c.safetensors"), "--delay", "2",
+                     "--steps", "1", "--batch", "1", "--held-out", "1", "--device", "cpu"]) == 0
+    assert load_checkpoint(tmp_path / "c.safetensors")[1].vae_delay == 2 and "fine-tuned the decoder" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["finetune-decoder", "--weights", str(plain), "--out", str(tmp_path / "x.safetensors"), "--delay", "1"])
+    assert "needs a causal decoder" in capsys.readouterr().err
+
+
 def test_cli_finetune_decoder_causal(tmp_path, capsys):
     torch.manual_seed(0)
     src = save_checkpoint(tmp_path / "w.safetensors", WorldModel(TINY), step=7, meta={"phase": "dit"})

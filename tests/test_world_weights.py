@@ -16,11 +16,14 @@ def test_shipped_small_weights_load_and_reconstruct():
     assert WEIGHTS.exists() and WEIGHTS.stat().st_size <= 16 * 2**20
     model, cfg, meta = load_checkpoint(WEIGHTS)
     # `magi train --config small`, then `magi finetune-decoder` (session 27: the decoder reads the chunk
-    # before; session 29: a causal decoder reading the 3 chunks before, twice fine-tuned)
-    assert cfg == replace(configs.get_config("small"), vae_context=3, vae_causal=True)
+    # before; session 29: a causal decoder reading the 3 chunks before, twice fine-tuned; session 36: it
+    # reads one latent frame ahead, twice fine-tuned, the second time with the frame-difference term)
+    assert cfg == replace(configs.get_config("small"), vae_context=3, vae_causal=True, vae_delay=1)
     ft = meta["decoder_finetune"]
-    assert meta["step"] > 0 and ft["context"] == 3 and ft["causal"] and ft["previous"]["causal"]
-    assert ft["previous"]["previous"]["context"] == 1
+    assert meta["step"] > 0 and ft["context"] == 3 and ft["causal"] and ft["delay"] == 1 and ft["diff_weight"] == 4
+    assert ft["previous"]["delay"] == 1 and "delay" not in ft["previous"]["previous"]  # before delays were recorded
+    assert ft["previous"]["previous"]["previous"]["causal"]
+    assert ft["previous"]["previous"]["previous"]["previous"]["context"] == 1
     # the causal decoder's windows cover its receptive field: streaming decodes what decoding whole does
     assert cfg.vae_context * cfg.latent_frames >= receptive_latent_frames(cfg)
     for name, t in model.state_dict().items():

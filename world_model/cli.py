@@ -564,6 +564,11 @@ to chunk instead of re-decoding a window. With --context 3 its windows cover its
 (13 latent frames), so training decodes what a stream does. The shipped decoder (session 29): round
 trips 1.64 -> 1.17, generated videos 2.06 -> 1.52.
 
+--delay L (a causal decoder) lets it read L latent frames ahead: frame i is drawn from latent frames
+up to i // 4 + L, so the last frames of a chunk see how the next chunk starts and the decoder can
+ease across the jump the encoder (which encodes each chunk alone) leaves at every chunk boundary.
+The cost is latency: a stream emits a chunk once the next is final, and the last when the video ends.
+
 Only the decoder trains, on simulator clips of --clip-chunks chunks (default --context + 1; each
 decoded as a stream decodes it, the first chunk alone; AdamW, warmup, cosine). The encoder, the
 caption encoder and the transformer are copied unchanged, so generation needs nothing else: `magi
@@ -593,6 +598,10 @@ def add_finetune_decoder_arguments(p: argparse.ArgumentParser) -> None:
                         "from the stored decoder): a chunk then continues the chunk before as frames inside a chunk do")
     p.add_argument("--clip-chunks", type=_pos_int, metavar="N",
                    help="chunks per training clip, each decoded with its context as a stream does (default: context + 1)")
+    p.add_argument("--delay", type=_nonneg_int, metavar="L",
+                   help="latent frames a causal decoder reads ahead (default: the stored decoder's): a chunk's last "
+                        "frames then see the next chunk's first latents, and a stream emits each chunk once the next "
+                        "is final (one chunk later); warm-started from the stored decoder read L latent frames late")
     p.add_argument("--diff-weight", type=float, default=0.0, metavar="W",
                    help="also weigh the error of consecutive frames' differences by W (seams and steps between "
                         "latent frames cost more; default 0: plain MSE)")
@@ -626,6 +635,7 @@ def run_finetune_decoder(args, parser) -> int:
         r = finetune_decoder(weights, args.out, context=args.context, steps=args.steps, batch=args.batch, lr=args.lr,
                              seed=args.seed, device=device, workers=args.workers, causal=args.causal,
                              clip_chunks=args.clip_chunks, held_out=args.held_out, diff_weight=args.diff_weight,
+                             delay=args.delay,
                              time_limit=None if args.time_limit is None else 60.0 * args.time_limit)
     except ValueError as e:
         parser.error(str(e))

@@ -30,6 +30,10 @@ class ModelConfig:
     # chunk alone, as encoded; 1: the shipped model since session 27, `train.finetune_decoder`)
     vae_context: int = 0
     vae_causal: bool = False  # decoder: past-only temporal convolutions, per-frame norms
+    # latent frames a causal decoder reads ahead: frame i is drawn from latent frames <= i // time_down +
+    # vae_delay, so a chunk's last frames see the next chunk's first latents (a stream emits each chunk
+    # once the next is final; the video's end holds its last latent frame). 0: none (before session 36)
+    vae_delay: int = 0
     # text encoder
     vocab_size: int = vocab.VOCAB_SIZE
     max_caption_tokens: int = vocab.MAX_CAPTION_TOKENS
@@ -72,6 +76,12 @@ class ModelConfig:
         need(isinstance(self.vae_context, int) and not isinstance(self.vae_context, bool)
              and 0 <= self.vae_context <= 4, f"vae_context {self.vae_context!r} must be an integer in [0, 4]")
         need(isinstance(self.vae_causal, bool), f"vae_causal {self.vae_causal!r} must be True or False")
+        need(isinstance(self.vae_delay, int) and not isinstance(self.vae_delay, bool)
+             and 0 <= self.vae_delay <= self.latent_frames,
+             f"vae_delay {self.vae_delay!r} must be an integer in [0, {self.latent_frames}] (latent frames per chunk)")
+        need(self.vae_delay == 0 or (self.vae_causal and self.vae_context >= 1),
+             f"vae_delay {self.vae_delay} needs a causal decoder that reads the chunks before (vae_causal and "
+             f"vae_context >= 1); got vae_causal {self.vae_causal}, vae_context {self.vae_context}")
         need(self.text_dim % self.text_heads == 0, f"text_dim {self.text_dim} % text_heads {self.text_heads} != 0")
         need(sum(self.rope_split) == self.head_dim and all(p % 2 == 0 for p in self.rope_split),
              f"rope_split {self.rope_split} must be even parts summing to head_dim {self.head_dim}")

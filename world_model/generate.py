@@ -10,7 +10,9 @@ clean context (t = 1) to get its self-attention K/V, which go into a bounded rin
 (`RingKVCache`, at most ``attn_window - 1`` clean chunks, never more than the attention window),
 and it is decoded by the autoencoder and yielded (a decoder with ``vae_context`` n also reads the
 n chunks decoded before it, whose latents are kept; a causal one carries two frames per convolution
-from chunk to chunk, `VideoVAE.decode_next`). Memory therefore does not grow with video length.
+from chunk to chunk, `VideoVAE.decode_next`; one with ``vae_delay`` reads the next chunk's first
+latent frames too, so it yields each chunk when the next is final and the last when the video
+ends). Memory therefore does not grow with video length.
 ``ctx_t`` < 1 puts finished chunks into the cache noised back to that flow time instead of clean
 (measured: no gain; docs/benchmarks.md).
 
@@ -497,22 +499,36 @@ class ChunkStream:
         _, kv = self._dit(latents_chunk, t, text, lens, index, self.cache.kv(), return_kv=True)
         self.cache.push(kv)
 
-    def _decode(self, latents_chunk) -> np.ndarray:
-        """Frames of a final chunk; a decoder with ``vae_context`` n also reads the n chunks decoded before
-        it, a causal one carries its state from the chunk before (`VideoVAE.decode_next`)."""
+    def _decode(self, latents_chunk) -> list[np.ndarray]:
+        """The chunks of frames a final chunk completes: its own, or with a decoder of ``vae_delay`` the
+        chunk before (none for the first; `_decode_end` gives the last). A decoder with ``vae_context``
+        n also reads the n chunks decoded before it, a causal one carries its state from the chunk
+        before (`VideoVAE.decode_next`)."""
         if self.latents is not None:
             self.latents.append(latents_chunk.cpu())
         if self.cfg.vae_causal:
             if self._decoder_past is None:  # the first chunk, or the first after a prefix: its past
                 self._decoder_past = {}
                 if self._last_latents is not None:
-                    self.model.vae.decode_next(self._last_latents, self._decoder_past)
-            return to_uint8(self.model.vae.decode_next(latents_chunk[None], self._decoder_past)[0]).cpu().numpy()
+                    self.model.vae.prime(self._last_latents, self._decoder_past)
+            return self._split(self.model.vae.decode_next(latents_chunk[None], self._decoder_past)[0])
         frames = self.model.vae.decode(latents_chunk[None], context=self._last_latents)[0]
         n = self.cfg.vae_context * self.cfg.latent_frames  # latents kept for the next chunk: memory stays constant
         kept = latents_chunk[None] if self._last_latents is None else torch.cat([self._last_latents, latents_chunk[None]], 1)
         self._last_latents = kept[:, -n:] if n else None
-        return to_uint8(frames).cpu().numpy()
+        return [to_uint8(frames).cpu().numpy()]
+
+    def _decode_end(self) -> list[np.ndarray]:
+        """The chunk a decoder of ``vae_delay`` still holds when the video ends (none otherwise)."""
+        if not (self.cfg.vae_causal and self.cfg.vae_delay and self._decoder_past is not None):
+            return []
+        return self._split(self.model.vae.decode_end(self._decoder_past)[0])
+
+    def _split(self, frames) -> list[np.ndarray]:
+        """float [k * chunk_frames, H, W, 3] frames in [0, 1] -> k uint8 numpy chunks."""
+        frames = to_uint8(frames).cpu().numpy()
+        cf = self.cfg.chunk_frames
+        return [frames[i:i + cf] for i in range(0, frames.shape[0], cf)]
 
     def _watch(self, frames: np.ndarray, first: int) -> None:
         """``also="auto"``: read each object's motion from a final chunk's frames (an object not seen keeps
@@ -685,10 +701,12 @@ class ChunkStream:
                 done = x.pop(first)
                 self._add_clean(done, base + first, self.prompts[first], self.runs[first], self.ctx_t)
                 next_out += 1
-                frames = self._decode(done)
-                if self.auto_also:
-                    self._watch(frames, next_out)
-                yield frames
+                for frames in self._decode(done):  # with a decoder's delay: the chunk before
+                    if self.auto_also:
+                        self._watch(frames, next_out)
+                    yield frames
+        for frames in self._decode_end():
+            yield frames
 
 
 def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: int | None = None,

@@ -865,7 +865,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
                      batch: int = 16, lr: float = 3e-4, warmup: int = 50, seed: int = 0,
                      device: str | torch.device | None = "cpu", workers: int = 0, held_out: int = 64,
                      causal: bool = False, clip_chunks: int | None = None, diff_weight: float = 0.0,
-                     time_limit: float | None = None, progress: bool | None = None) -> dict:
+                     delay: int | None = None, time_limit: float | None = None, progress: bool | None = None) -> dict:
     """Teach the autoencoder's decoder of checkpoint ``weights`` to read ``context`` chunks before each
     chunk (`ModelConfig.vae_context`; default 1, or for a causal decoder the chunks its receptive field
     spans, 3), and write the model to ``out`` (floats stored as in ``weights``: bf16 for the shipped
@@ -888,6 +888,10 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     training clip, all decoded as a stream is (the first alone, each later one with its context) and
     all in the loss; ``context + 2`` also trains the seam between two chunks that both had context.
     ``diff_weight``: weight of the frame-difference term of `vae.decoder_loss` (0: plain MSE).
+    ``delay``: latent frames a causal decoder reads ahead (`ModelConfig.vae_delay`; default: the
+    stored decoder's); a larger one than stored is warm-started by `vae.delay_from` (the decoder starts
+    out drawing what it drew, read late) and learns to use what it now sees of the next chunk. Each
+    training clip then ends as a video does (its last latent frame held).
 
     Returns the reconstruction MSE of ``held_out`` clips before and after, per frame position in
     the last chunk, and the seams of their round trips (`evaluate.seam_score` of clips of
@@ -895,7 +899,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     from dataclasses import replace
 
     from .evaluate import seam_score
-    from .vae import Decoder, causal_from, receptive_latent_frames, to_uint8
+    from .vae import Decoder, causal_from, delay_from, receptive_latent_frames, to_uint8
 
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 4):
         raise ValueError(f"context must be 1..4 chunks, got {context!r}")
@@ -908,6 +912,8 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         raise ValueError(f"causal must be True or False, got {causal!r}")
     if isinstance(diff_weight, bool) or not isinstance(diff_weight, (int, float)) or not 0 <= diff_weight < math.inf:
         raise ValueError(f"diff_weight must be a number >= 0 (0: plain MSE), got {diff_weight!r}")
+    if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 0):
+        raise ValueError(f"delay must be an integer >= 0 (latent frames read ahead), got {delay!r}")
     device = resolve_device(device)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -920,7 +926,14 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         context = math.ceil(reach / model.cfg.latent_frames) if causal else 1
     if clip_chunks is None:
         clip_chunks = context + 1
-    cfg = replace(model.cfg, vae_context=context, vae_causal=causal)
+    if delay is None:
+        delay = model.cfg.vae_delay
+    if delay < model.cfg.vae_delay:
+        raise ValueError(f"delay {delay} is less than the stored decoder's ({model.cfg.vae_delay}): a decoder "
+                         "is only warm-started towards more look-ahead")
+    if delay and not causal:
+        raise ValueError(f"delay {delay} needs a causal decoder (causal=True, or a causal checkpoint)")
+    cfg = replace(model.cfg, vae_context=context, vae_causal=causal, vae_delay=delay)
     if cfg.vae_causal and context * cfg.latent_frames < reach:
         raise ValueError(f"a causal decoder needs context >= {math.ceil(reach / cfg.latent_frames)} chunks: its receptive "
                          f"field is {reach} latent frames, and a stream reads all of them (`VideoVAE.decode_next`), so "
@@ -951,6 +964,8 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
         new = Decoder(cfg).to(device)
         causal_from(model.vae.decoder, new)
         model.vae.decoder = new
+    if delay > model.cfg.vae_delay:  # same network, read later: the stem's taps move into the past
+        delay_from(model.vae.decoder, delay - model.cfg.vae_delay)
     for m in (model, model.vae, model.dit, model.text):
         if hasattr(m, "cfg"):
             m.cfg = cfg
@@ -986,7 +1001,7 @@ def finetune_decoder(weights: str | os.PathLike, out: str | os.PathLike, *, cont
     if not losses:
         raise ValueError(f"time_limit {time_limit!r} s ran out before the first step; nothing was written")
     record = {"source": str(weights), "context": context, "causal": cfg.vae_causal, "clip_chunks": clip_chunks,
-              "steps": steps, "steps_done": len(losses), "batch": batch,
+              "delay": delay, "steps": steps, "steps_done": len(losses), "batch": batch,
               "lr": lr, "warmup": warmup, "seed": seed, "loss_first_50": float(np.mean(losses[:50])),
               "loss_last_50": float(np.mean(losses[-50:])), "held_out_clips": held_out,
               "held_out_mse_by_frame_before": before, "held_out_mse_by_frame_after": after,

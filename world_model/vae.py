@@ -9,7 +9,12 @@ chunks' latents. With ``vae_causal`` the decoder reads only the past inside a cl
 so with enough context (n latent frames >= `receptive_latent_frames`) a window's frames are
 those of the whole video decoded at once (the same arithmetic, up to float rounding), and a stream
 carries the decoder's state from chunk to chunk instead (`VideoVAE.decode_next`): one chunk's work
-per chunk, the whole past read.
+per chunk, the whole past read. With ``vae_delay`` L > 0 the causal decoder draws frame i from latent
+frames <= i // time_down + L: the same network, its output read L latent frames late, so a chunk's
+last frames see the first latents of the next chunk and the decoder can ease across the jump the
+per-chunk encoder leaves at every chunk boundary. The end of a video holds its last latent frame
+for the L it lacks, and a stream emits a chunk once the next one is final (`decode_next`,
+`decode_end`).
 
 Regulariser: a KL autoencoder (diagonal Gaussian posterior, small KL weight), chosen over a plain
 autoencoder because the KL term keeps the latent scale fixed and its posterior noise makes the
@@ -170,6 +175,23 @@ def causal_from(decoder: Decoder, causal: Decoder) -> None:
             p.copy_(w)
 
 
+def delay_from(decoder: Decoder, delay: int) -> None:
+    """Warm-start a causal ``decoder`` for ``vae_delay`` = ``delay`` from its own weights, in place: the
+    stem's temporal taps move ``delay`` latent frames into the past (taps reaching before the kernel
+    fold into its oldest), so the delayed decoder starts out drawing what the undelayed one drew, and
+    its newest tap (the look-ahead) starts at zero."""
+    if not decoder.causal:
+        raise ValueError("delay_from needs a causal decoder (vae_causal): a centred one already reads ahead")
+    if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+        raise ValueError(f"delay must be an integer >= 0 (latent frames), got {delay!r}")
+    w = decoder.stem.weight
+    with torch.no_grad():
+        shifted = torch.zeros_like(w)
+        for k in range(w.shape[2]):  # tap k reads latent frame t - 2 + k
+            shifted[:, :, max(k - delay, 0)] += w[:, :, k]
+        w.copy_(shifted)
+
+
 def _as_unit_float(frames: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] or float [0, 1] frames -> float [0, 1]."""
     if frames.dtype == torch.uint8:
@@ -249,11 +271,12 @@ class VideoVAE(nn.Module):
         it (fewer at the start) and keeps the frames of the last: a chunk's first frames are decoded
         knowing the chunk before (its last frames cannot see the next: the decoder stays causal).
         ``context``: latents [B, j * latent_frames, ...] of the chunks just before ``latents``' first
-        (streaming: the chunk decoded last); None: the first chunk has none."""
+        (streaming: the chunk decoded last); None: the first chunk has none. With ``vae_delay`` L the
+        video ends where ``latents`` end: its last L latent frames' look-ahead is the last one held."""
         self._check_latents(latents)
         cfg = self.cfg
         b, lf = latents.shape[0], cfg.latent_frames
-        n = cfg.vae_context
+        n, delay = cfg.vae_context, cfg.vae_delay
         first = 0
         if n and context is not None:
             self._check_latents(context)
@@ -268,12 +291,16 @@ class VideoVAE(nn.Module):
             x = self.decoder(z).permute(0, 2, 3, 4, 1)  # [B*K, T, H, W, 3]
             return x.reshape(b, -1, *x.shape[2:])
         z = z.permute(0, 4, 1, 2, 3)  # [B, C, k * lf, h, w]
+        k_chunks = z.shape[2] // lf
+        if delay:  # the end holds the last latent frame; the output is read delay latent frames late
+            z = torch.cat([z, z[:, :, -1:].expand(-1, -1, delay, -1, -1)], 2)
         if cfg.vae_causal and n * lf >= receptive_latent_frames(cfg):
             # the windows below all reach back past the receptive field: decoding whole is the same
-            x = self.decoder(z)[:, :, first * cfg.chunk_frames:]
+            x = self.decoder(z)[:, :, first * cfg.chunk_frames + delay * cfg.time_down:]
             return x.permute(0, 2, 3, 4, 1)
-        out = [self.decoder(z[:, :, max(0, k - n) * lf:(k + 1) * lf])[:, :, -cfg.chunk_frames:]
-               for k in range(first, z.shape[2] // lf)]
+        # chunk k's frames: the last of a window that ends delay latent frames into the next chunk
+        out = [self.decoder(z[:, :, max(0, k - n) * lf:(k + 1) * lf + delay])[:, :, -cfg.chunk_frames:]
+               for k in range(first, k_chunks)]
         return torch.cat(out, 2).permute(0, 2, 3, 4, 1)
 
     def decode_next(self, latents: torch.Tensor, past: dict) -> torch.Tensor:
@@ -281,12 +308,54 @@ class VideoVAE(nn.Module):
         given ``past``, the state the calls before left (start with ``{}``; it is updated in place and
         holds two frames per temporal convolution, whatever the video's length). A video decoded chunk
         by chunk this way gives the frames of the whole video decoded at once, with one chunk's work
-        per chunk (windows of ``vae_context`` chunks redo the context's)."""
+        per chunk (windows of ``vae_context`` chunks redo the context's).
+
+        With ``vae_delay`` the frames lag: a call returns the chunks whose frames are complete (none
+        for the first chunk, then the chunk before), ``past`` also holds the frames of the chunk not
+        complete yet, and `decode_end` returns the last chunk."""
         if not self.cfg.vae_causal:
             raise ValueError("decode_next needs a causal decoder (vae_causal); use decode(latents, context)")
         self._check_latents(latents)
         z = (latents * self.latent_std + self.latent_mean).permute(0, 4, 1, 2, 3)
-        return to_unit(self.decoder(z, past).permute(0, 2, 3, 4, 1))
+        if self.cfg.vae_delay:
+            past["last"] = z[:, :, -1:].clone()  # held at the video's end (`decode_end`)
+        return self._release(to_unit(self.decoder(z, past).permute(0, 2, 3, 4, 1)), past)
+
+    def decode_end(self, past: dict) -> torch.Tensor:
+        """The frames a stream of ``vae_delay`` L still holds when its video ends (the last chunk): the
+        decoder reads the last latent frame held L more times, as `decode_raw` ends a video. Empty
+        [B, 0, H, W, 3] for a decoder without delay, or a stream that decoded nothing."""
+        if not self.cfg.vae_causal:
+            raise ValueError("decode_end needs a causal decoder (vae_causal)")
+        delay = self.cfg.vae_delay
+        if not delay or "last" not in past:
+            batch = next((v.shape[0] for v in past.values() if torch.is_tensor(v)), 0)
+            return self.latent_mean.new_zeros(batch, 0, self.cfg.frame_size, self.cfg.frame_size, 3)
+        z = past.pop("last").expand(-1, -1, delay, -1, -1)
+        out = self._release(to_unit(self.decoder(z, past).permute(0, 2, 3, 4, 1)), past)
+        past.pop("held", None)
+        return out
+
+    def prime(self, latents: torch.Tensor, past: dict) -> None:
+        """Feed a stream ``latents`` whose frames it will not draw (a continued prefix's last chunks): the
+        decoder's state then reads them as its past, and the next `decode_next` continues after them."""
+        self.decode_next(latents, past)
+        past.pop("held", None)
+        past["drop"] = self.cfg.vae_delay * self.cfg.time_down
+
+    def _release(self, frames: torch.Tensor, past: dict) -> torch.Tensor:
+        """The whole chunks of a delayed stream's output so far; the rest waits in ``past``."""
+        delay_frames = self.cfg.vae_delay * self.cfg.time_down
+        if not delay_frames:
+            return frames
+        drop = past.get("drop", delay_frames)  # a stream's first outputs are of latent frames before the video
+        past["drop"] = max(0, drop - frames.shape[1])
+        frames = frames[:, drop:]
+        if "held" in past:
+            frames = torch.cat([past["held"], frames], 1)
+        whole = frames.shape[1] // self.cfg.chunk_frames * self.cfg.chunk_frames
+        past["held"] = frames[:, whole:].clone()
+        return frames[:, :whole]
 
     def decode(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Frames float [B, T, H, W, 3] in [0, 1] (``context``: see `decode_raw`)."""
