@@ -285,6 +285,10 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
 
     clip = data.generate(0, 3)  # the image-to-video run is told its first caption repeated
     assert alsos == [None, data.other_captions(clip.tracks, told=[clip.captions[0]] * 3), None]  # direction, i2v, continuation
+    # the seams' reference: the simulator realising the very prompts the model was given
+    ref = data.generate_from_prompts(E.direction_change_prompts(0, 2), 0, data.WorldConfig(), gravity=False)
+    assert res["seams"]["simulator_ratio"] == pytest.approx(E.seam_score(ref.frames, 24)["ratio"])
+    assert res["seams"]["simulator_latent_ratio"] == pytest.approx(E.seam_score(ref.frames, 24)["latent_ratio"])
     assert 0 <= res["prompt_following"]["fraction"] <= 1
     # the simulator's own clip of seed 0 reads 0.5: see test_per_chunk_rule_misreads_a_subject_covered_for_most_of_its_chunk
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 0.5

@@ -208,7 +208,8 @@ Generate a video chunk by chunk (one chunk = 24 frames of 64x64 = one second) wi
 world model, MAGI-1 style: --window chunks are denoised at once with staggered noise levels (each
 takes --steps flow-matching steps, each drawing --eta of its noise afresh), a sliding chunk window
 of attention, and a bounded KV cache of finished chunks, so memory does not grow with the video
-length. Each chunk is decoded and appended to --out as soon as it is final.
+length. Each chunk is decoded and appended to --out as soon as its frames are final (the shipped
+decoder reads one latent frame ahead: a chunk once the next is final, the last at the end).
 
 conditioning:
   --prompt TEXT      one per chunk, in order (repeat the option); the last prompt repeats
@@ -568,6 +569,7 @@ trips 1.64 -> 1.17, generated videos 2.06 -> 1.52.
 up to i // 4 + L, so the last frames of a chunk see how the next chunk starts and the decoder can
 ease across the jump the encoder (which encodes each chunk alone) leaves at every chunk boundary.
 The cost is latency: a stream emits a chunk once the next is final, and the last when the video ends.
+The shipped decoder reads one latent frame ahead (session 36): generated videos' seams 1.35 -> 1.21.
 
 Only the decoder trains, on simulator clips of --clip-chunks chunks (default --context + 1; each
 decoded as a stream decodes it, the first chunk alone; AdamW, warmup, cosine). The encoder, the
@@ -583,6 +585,10 @@ examples:
       --device cuda --workers 4 --time-limit 7      # the shipped decoder's first stage (session 29)
   magi finetune-decoder --weights causal.safetensors --out causal2.safetensors --context 3 --clip-chunks 4 \\
       --steps 3000 --lr 5e-4 --device cuda --workers 4 --time-limit 7.6   # its second stage
+  magi finetune-decoder --weights causal2.safetensors --out ahead.safetensors --delay 1 --steps 600 --lr 3e-4 \
+      --device cuda --workers 4 --time-limit 6       # the shipped decoder's look-ahead (session 36), then:
+  magi finetune-decoder --weights ahead.safetensors --out ahead2.safetensors --steps 900 --lr 3e-4 --diff-weight 4 \
+      --device cuda --workers 4 --time-limit 5.4
   magi finetune-decoder --weights run/final.safetensors --out ctx.safetensors --steps 20 --batch 2 --held-out 4   # CPU smoke
 """
 

@@ -269,7 +269,7 @@ class VideoVAE(nn.Module):
 
         With ``cfg.vae_context`` = n > 0 the decoder reads each chunk together with the n chunks before
         it (fewer at the start) and keeps the frames of the last: a chunk's first frames are decoded
-        knowing the chunk before (its last frames cannot see the next: the decoder stays causal).
+        knowing the chunk before (its last frames see the next only with ``vae_delay``).
         ``context``: latents [B, j * latent_frames, ...] of the chunks just before ``latents``' first
         (streaming: the chunk decoded last); None: the first chunk has none. With ``vae_delay`` L the
         video ends where ``latents`` end: its last L latent frames' look-ahead is the last one held."""
@@ -340,8 +340,9 @@ class VideoVAE(nn.Module):
         """Feed a stream ``latents`` whose frames it will not draw (a continued prefix's last chunks): the
         decoder's state then reads them as its past, and the next `decode_next` continues after them."""
         self.decode_next(latents, past)
-        past.pop("held", None)
-        past["drop"] = self.cfg.vae_delay * self.cfg.time_down
+        if self.cfg.vae_delay:  # the frames held are the prefix's, and so are the next call's first
+            past.pop("held", None)
+            past["drop"] = self.cfg.vae_delay * self.cfg.time_down
 
     def _release(self, frames: torch.Tensor, past: dict) -> torch.Tensor:
         """The whole chunks of a delayed stream's output so far; the rest waits in ``past``."""
@@ -374,7 +375,13 @@ class VideoVAE(nn.Module):
         type; e.g. `ChunkStream.latents` concatenated), decoded as a stream decodes them, on this model's
         device."""
         z = torch.as_tensor(latents).to(self.latent_mean.device, self.latent_mean.dtype)[None]
-        return to_uint8(self.decode(z)[0])
+        if not self.cfg.vae_causal:
+            return to_uint8(self.decode(z)[0])
+        # chunk by chunk with a stream's state: the stream's very arithmetic (decoding whole agrees up to
+        # float rounding only, since convolutions over other lengths may sum in another order)
+        past, lf = {}, self.cfg.latent_frames
+        frames = [self.decode_next(z[:, k:k + lf], past) for k in range(0, z.shape[1], lf)]
+        return to_uint8(torch.cat(frames + [self.decode_end(past)], 1)[0])
 
     @torch.no_grad()
     def set_latent_stats(self, frames: torch.Tensor) -> None:
