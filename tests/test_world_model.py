@@ -503,6 +503,8 @@ def test_generator_with_a_delayed_decoder_yields_each_chunk_when_the_next_is_fin
     diff = np.abs(np.concatenate(chunks).astype(int) - whole.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # float32 rounding only
     assert not np.array_equal(np.concatenate(chunks), np.concatenate(plain_chunks))  # it does read ahead
+    # video_of decodes kept latents as the stream did: the very same frames, not only up to rounding
+    assert np.array_equal(model.vae.video_of(torch.cat(stream.latents)).numpy(), np.concatenate(chunks))
     # continuation of a 3-chunk prefix: 2 new chunks, as the prefix's latents + theirs decoded whole
     prefix = np.ascontiguousarray(np.concatenate(chunks))
     cont = G.generate_chunks(model, [p], n_chunks=2, steps=2, window=2, cfg_neg=0.0, seed=1, video=prefix,

@@ -720,7 +720,9 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     eta_interval: tuple[float, float] = DEFAULT_ETA_INTERVAL, cfg_rescale: float = 0.0,
                     cfg_parallel: float = 1.0, cfg_local: float = DEFAULT_CFG_LOCAL, also=None,
                     cfg_also: float = DEFAULT_CFG_ALSO) -> ChunkStream:
-    """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks.
+    """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks, each as soon
+    as its frames are final (with a decoder that reads ahead, ``vae_delay`` > 0 as the shipped one,
+    a chunk once the next chunk's latents are final, and the last when the video ends).
 
     ``model``: a `WorldModel` (e.g. from `checkpoint.load_checkpoint`, whose ``meta`` gives the
     default ``attn_window``); ``prompts_per_chunk``: one prompt per chunk (a string, or a list whose
