@@ -178,18 +178,18 @@ def test_adding_caption_runs_keeps_the_model_and_resumes(tmp_path):
 
 def test_resume_keeps_a_fine_tuned_decoder(tmp_path):
     """`magi train --resume` of a model whose decoder `finetune_decoder` changed (vae_context,
-    vae_causal: not training-config fields) trains the transformer on and keeps that decoder, and its
+    vae_causal, vae_delay: not training-config fields) trains the transformer on and keeps that decoder, and its
     record (meta ``decoder_finetune``) in every checkpoint it writes; other model changes are still
     refused."""
     tcfg = tiny(steps_vae=1, steps_dit=2, ckpt_every=0)
     train(tcfg, tmp_path / "a", "cpu", progress=False)
     src = tmp_path / "a" / "model.safetensors"
     TR.finetune_decoder(src, tmp_path / "causal.safetensors", causal=True, context=3, clip_chunks=4, steps=1,
-                        batch=1, held_out=1, warmup=1)
+                        batch=1, held_out=1, warmup=1, delay=1)
     before, cfg0, meta0 = load_checkpoint(tmp_path / "causal.safetensors")
     res = train(replace(tcfg, steps_dit=4, ckpt_every=1), tmp_path / "b", "cpu",
                 resume=tmp_path / "causal.safetensors", progress=False)
-    assert res.step == 5 and res.model.cfg == cfg0 and cfg0.vae_causal and cfg0.vae_context == 3
+    assert res.step == 5 and res.model.cfg == cfg0 and cfg0.vae_causal and cfg0.vae_context == 3 and cfg0.vae_delay == 1
     after, cfg1, meta1 = load_checkpoint(tmp_path / "b" / "model.safetensors")
     assert meta1["decoder_finetune"] == meta0["decoder_finetune"] and meta0["decoder_finetune"]["causal"]
     ckpts = [c for c in sorted((tmp_path / "b").glob("ckpt_*.safetensors")) if ".optim." not in c.name]

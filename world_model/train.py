@@ -588,9 +588,9 @@ def add_caption_runs(model: WorldModel, runs: int) -> WorldModel:
 
 
 def _with_decoder_of(asked: ModelConfig, stored: ModelConfig) -> ModelConfig:
-    """``asked`` with the decoder form of ``stored`` (``vae_context``, ``vae_causal``): those come from
-    `finetune_decoder`, not from a training config, and a resumed run keeps the decoder it finds."""
-    return replace(asked, vae_context=stored.vae_context, vae_causal=stored.vae_causal)
+    """``asked`` with the decoder form of ``stored`` (``vae_context``, ``vae_causal``, ``vae_delay``): those
+    come from `finetune_decoder`, not from a training config, and a resumed run keeps the decoder it finds."""
+    return replace(asked, vae_context=stored.vae_context, vae_causal=stored.vae_causal, vae_delay=stored.vae_delay)
 
 
 def _model_change_ok(saved: ModelConfig, asked: ModelConfig) -> bool:
