@@ -552,7 +552,7 @@ def run_eval(args, parser) -> int:
 FINETUNE_DECODER_DESCRIPTION = """\
 Teach a checkpoint's autoencoder decoder to read the chunks before each chunk (--context chunks),
 so a chunk's first frames are decoded knowing the chunk before, and write the model to --out (its
-last frames still cannot see the next chunk: the decoder stays causal, streaming needs no look-ahead).
+last frames see the next chunk only with --delay, below).
 A decoder that reads each chunk alone draws a chunk's first and last frames without knowing its
 neighbour: that is where most of the seams between generated chunks come from (the simulator's
 clips through the autoencoder alone: boundary / inside frame difference 1.64 with one chunk of
