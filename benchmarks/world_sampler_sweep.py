@@ -1,6 +1,6 @@
 """Prompt following of the world model under different sampler settings, and the autoencoder's ceiling.
 
-For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
+For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``, ``cfg_prev_frames``,
 ``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
 ``cfg_also``; ``""`` is `generate_chunks`' defaults, since session 35 with ``cfg_local`` 2, so the settings
 recorded as ``cfg_local=2`` before then are today's defaults and ``cfg_local=0`` is the plain guidance of
@@ -51,7 +51,7 @@ from maskc.world_model.evaluate import I2V_PROMPTS
 KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shift": float,
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
         "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float,
-        "cfg_also": float, "also": int, "also_lag": int, "also_motion": str}
+        "cfg_also": float, "also": int, "also_lag": int, "also_motion": str, "cfg_prev_frames": int}
 # the "also" key: none, every other object's caption (the simulator's), the stream's own (`objects`);
 # 2, each object named without a motion, was measured at commit 8bfdc87 and removed
 ALSO = {0: False, 1: True, 3: "auto"}

@@ -272,6 +272,38 @@ def test_guidance_interval(tiny):
             G.generate_chunks(tiny, [P], cfg_interval=bad)
 
 
+def test_guidance_on_the_previous_chunks_on_each_chunk_s_first_frames(tiny, monkeypatch):
+    """cfg_prev_frames n: the guidance on the previous chunks changes each chunk's first n latent frames
+    only (at the first tick it acts, the velocities differ from the unguided ones there and nowhere else);
+    n = latent_frames is guidance everywhere (n = 0, the default); bad values are refused."""
+    lf = tiny.cfg.latent_frames
+    kw = dict(n_chunks=3, steps=4, window=2, cfg_text=0.0, cfg_neg=0.0, seed=4)
+    run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **{**kw, **k})))  # noqa: E731
+    assert np.array_equal(run(cfg_prev=2.0, cfg_prev_frames=lf), run(cfg_prev=2.0))
+    first = run(cfg_prev=2.0, cfg_prev_frames=1)
+    assert not np.array_equal(first, run(cfg_prev=2.0)) and not np.array_equal(first, run())
+    steps = {}
+    real = G.ChunkStream._step
+
+    def record(name):
+        def step(self, lat, v, t_cur, t_nxt):
+            steps[name].append(v.clone())
+            return real(self, lat, v, t_cur, t_nxt)
+        return step
+
+    for name, extra in (("plain", {}), ("first", {"cfg_prev": 2.0, "cfg_prev_frames": 2})):
+        steps[name] = []
+        monkeypatch.setattr(G.ChunkStream, "_step", record(name))
+        run(**extra)
+    tick = next(i for i, (a, b) in enumerate(zip(steps["plain"], steps["first"])) if not torch.equal(a, b))
+    changed = (steps["plain"][tick] != steps["first"][tick]).flatten(1).any(1)
+    frame_in_chunk = torch.arange(len(changed)) % lf
+    assert changed[frame_in_chunk < 2].all() and not changed[frame_in_chunk >= 2].any()
+    for bad in (-1, lf + 1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"cfg_prev_frames must be an integer in \[0, {lf}\]"):
+            G.generate_chunks(tiny, [P], cfg_prev=2.0, cfg_prev_frames=bad)
+
+
 def test_near_miss_captions():
     from maskc.world_model import vocab
 
@@ -818,6 +850,15 @@ def test_cli_negative_guidance(tmp_path, capsys):
     also = gen("--also", "the blue square falls")
     assert also[0] > default[0] and not np.array_equal(also[1], default[1])
     assert np.array_equal(gen("--also", "the blue square falls", "--cfg-also", "0")[1], default[1])
+    # --cfg-prev 2: one more call per tick with a chunk cached; --cfg-prev-frames 6 (all) is the same video,
+    # 1 another; a bad value is a usage error
+    prev = gen("--cfg-prev", "2")
+    assert prev[0] > default[0] and np.array_equal(gen("--cfg-prev", "2", "--cfg-prev-frames", "6")[1], prev[1])
+    first = gen("--cfg-prev", "2", "--cfg-prev-frames", "1")
+    assert first[0] == prev[0] and not np.array_equal(first[1], prev[1])
+    with pytest.raises(SystemExit):
+        gen("--cfg-prev", "2", "--cfg-prev-frames", "7")
+    assert "cfg_prev_frames must be an integer in [0, 6]" in capsys.readouterr().err
 
 
 def test_cli_also_auto(tmp_path, capsys):

@@ -44,6 +44,8 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
     assert world_sampler_sweep.gen_kwargs({"eta": 0.0, "eta_hi": 0.3}) == {"eta": 0.0, "eta_interval": (0.0, 0.3)}
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_local=2,cfg_parallel=0,cfg_rescale=0.7")) \
         == {"cfg_local": 2.0, "cfg_parallel": 0.0, "cfg_rescale": 0.7}
+    assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_prev=2,cfg_prev_frames=1")) == \
+        {"cfg_prev": 2.0, "cfg_prev_frames": 1}
     up = "the red circle moves up"
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_neg=5,neg=bounce"), [up]) == \
         {"cfg_neg": 5.0, "negative": [("the red circle bounces off the ceiling",)]}

@@ -343,6 +343,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"guidance scale of each --also caption (default: {DEFAULT_CFG_ALSO:g})")
     p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
                    help=f"guidance on the previous chunks (0 disables; default: {DEFAULT_CFG_PREV})")
+    p.add_argument("--cfg-prev-frames", type=_nonneg_int, default=0, metavar="N",
+                   help="guidance on the previous chunks on each chunk's first N latent frames only, where it meets "
+                        "the chunk before (0: all; default 0)")
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
                    help="flow times (0 noise, 1 clean) at which text and negative guidance act; a frame outside "
                         "them takes the plain conditional velocity (default: %g %g)" % DEFAULT_CFG_INTERVAL)
@@ -415,7 +418,7 @@ def run_generate(args, parser) -> int:
         model, meta = G.load_model(args.weights)
         stream = G.generate_chunks(model, prompts, n_chunks=n_chunks, steps=args.steps, window=args.window,
                                    attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
-                                   image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
+                                   cfg_prev_frames=args.cfg_prev_frames, image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
                                    cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run,
                                    negative=negative, cfg_neg=args.cfg_neg, eta=args.eta,
                                    cfg_local=args.cfg_local, also=_also_arg(args.also, parser),

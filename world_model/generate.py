@@ -383,7 +383,7 @@ class ChunkStream:
                  shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
                  cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T, keep_latents=False, eta=DEFAULT_ETA,
                  eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=DEFAULT_CFG_LOCAL,
-                 also=None, cfg_also=DEFAULT_CFG_ALSO):
+                 also=None, cfg_also=DEFAULT_CFG_ALSO, cfg_prev_frames=0):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -407,6 +407,11 @@ class ChunkStream:
             if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
                 raise ValueError(f"{name} must be a number >= 0 (0 disables it), got {s!r}")
         self.cfg_text, self.cfg_prev, self.cfg_run = float(cfg_text), float(cfg_prev), float(cfg_run)
+        if isinstance(cfg_prev_frames, bool) or not isinstance(cfg_prev_frames, int) \
+                or not 0 <= cfg_prev_frames <= cfg.latent_frames:
+            raise ValueError(f"cfg_prev_frames must be an integer in [0, {cfg.latent_frames}] (each chunk's first latent "
+                             f"frames that take guidance on the previous chunks; 0: all), got {cfg_prev_frames!r}")
+        self.cfg_prev_frames = cfg_prev_frames
         self.cfg_neg, self.cfg_also = float(cfg_neg), float(cfg_also)
         if not (isinstance(ctx_t, (int, float)) and 0.0 < ctx_t <= 1.0):
             raise ValueError(f"ctx_t must be a flow time in (0, 1] (1: finished chunks are clean context), got {ctx_t!r}")
@@ -691,7 +696,11 @@ class ChunkStream:
                                                   seen.to(dev))
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
-                guided = guided + self.cfg_prev * (v - v_np)
+                scale = self.cfg_prev
+                if self.cfg_prev_frames:  # each chunk's first latent frames only, where it meets the chunk before
+                    first_frames = (torch.arange(lf) < self.cfg_prev_frames).repeat(len(active))
+                    scale = (self.cfg_prev * first_frames).to(dev, dt).reshape(-1, 1, 1, 1)
+                guided = guided + scale * (v - v_np)
             lat = self._step(lat, guided, t_cur.reshape(-1, 1, 1, 1).to(dev, dt), t_nxt.reshape(-1, 1, 1, 1).to(dev, dt))
             for j, k in enumerate(active):
                 x[k] = lat[j * lf:(j + 1) * lf]
@@ -719,7 +728,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     keep_latents: bool = False, eta: float = DEFAULT_ETA,
                     eta_interval: tuple[float, float] = DEFAULT_ETA_INTERVAL, cfg_rescale: float = 0.0,
                     cfg_parallel: float = 1.0, cfg_local: float = DEFAULT_CFG_LOCAL, also=None,
-                    cfg_also: float = DEFAULT_CFG_ALSO) -> ChunkStream:
+                    cfg_also: float = DEFAULT_CFG_ALSO, cfg_prev_frames: int = 0) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks, each as soon
     as its frames are final (with a decoder that reads ahead, ``vae_delay`` > 0 as the shipped one,
     a chunk once the next chunk's latents are final, and the last when the video ends).
@@ -749,7 +758,9 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     is kept in the picture; one more transformer call per also prompt on the guided ticks); ``"auto"``
     (with ``image`` or ``video``): the stream tells every object of the picture but the one each prompt
     names the motion it showed in the latest final chunk (`objects`; the stream's ``objects`` and
-    ``motions`` say what it found). Nothing is computed until the first chunk is asked for.
+    ``motions`` say what it found). ``cfg_prev_frames`` n > 0: guidance on the previous chunks acts on
+    each chunk's first n latent frames only, where it meets the chunk before (0: on all). Nothing is
+    computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -763,7 +774,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                        cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run, negative=negative, cfg_neg=cfg_neg,
                        ctx_t=ctx_t, keep_latents=keep_latents, eta=eta, eta_interval=eta_interval,
                        cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local, also=also,
-                       cfg_also=cfg_also)
+                       cfg_also=cfg_also, cfg_prev_frames=cfg_prev_frames)
 
 
 # generate_chunks' keyword defaults, read once at import (a wrapper patched over the name later, as tests do,
