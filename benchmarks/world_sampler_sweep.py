@@ -1,7 +1,7 @@
 """Prompt following of the world model under different sampler settings, and the autoencoder's ceiling.
 
-For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``, ``cfg_prev_frames``,
-``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
+For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
+``cfg_prev_frames``, ``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
 ``cfg_also``; ``""`` is `generate_chunks`' defaults, since session 35 with ``cfg_local`` 2, so the settings
 recorded as ``cfg_local=2`` before then are today's defaults and ``cfg_local=0`` is the plain guidance of
 the defaults before; ``also=1``: every video is also told every other object's caption,
