@@ -418,7 +418,8 @@ def run_generate(args, parser) -> int:
         model, meta = G.load_model(args.weights)
         stream = G.generate_chunks(model, prompts, n_chunks=n_chunks, steps=args.steps, window=args.window,
                                    attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
-                                   cfg_prev_frames=args.cfg_prev_frames, image=image, video=video, seed=args.seed, meta=meta, shift=args.shift,
+                                   cfg_prev_frames=args.cfg_prev_frames, image=image, video=video, seed=args.seed,
+                                   meta=meta, shift=args.shift,
                                    cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run,
                                    negative=negative, cfg_neg=args.cfg_neg, eta=args.eta,
                                    cfg_local=args.cfg_local, also=_also_arg(args.also, parser),

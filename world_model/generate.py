@@ -525,7 +525,7 @@ class ChunkStream:
 
     def _decode_end(self) -> list[np.ndarray]:
         """The chunk a decoder of ``vae_delay`` still holds when the video ends (none otherwise)."""
-        if not (self.cfg.vae_causal and self.cfg.vae_delay and self._decoder_past is not None):
+        if self._decoder_past is None:  # not a causal decoder's stream, or nothing decoded
             return []
         return self._split(self.model.vae.decode_end(self._decoder_past)[0])
 
@@ -591,6 +591,8 @@ class ChunkStream:
         self._ctx_gen = torch.Generator().manual_seed(self.seed + CTX_NOISE_SEED)
         self._eta_gen = torch.Generator().manual_seed(self.seed + ETA_NOISE_SEED)
         grid = time_grid(self.steps, self.shift)
+        # the latent frames of a chunk that take guidance on the previous chunks (made once, on the device)
+        prev_frames = (torch.arange(lf) < self.cfg_prev_frames).to(dev, dt) if self.cfg_prev_frames else None
 
         base = 0  # absolute index of the first generated chunk
         if self.video is not None:
@@ -697,9 +699,8 @@ class ChunkStream:
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
                 scale = self.cfg_prev
-                if self.cfg_prev_frames:  # each chunk's first latent frames only, where it meets the chunk before
-                    first_frames = (torch.arange(lf) < self.cfg_prev_frames).repeat(len(active))
-                    scale = (self.cfg_prev * first_frames).to(dev, dt).reshape(-1, 1, 1, 1)
+                if prev_frames is not None:  # each chunk's first latent frames only, where it meets the chunk before
+                    scale = (self.cfg_prev * prev_frames).repeat(len(active)).reshape(-1, 1, 1, 1)
                 guided = guided + scale * (v - v_np)
             lat = self._step(lat, guided, t_cur.reshape(-1, 1, 1, 1).to(dev, dt), t_nxt.reshape(-1, 1, 1, 1).to(dev, dt))
             for j, k in enumerate(active):
