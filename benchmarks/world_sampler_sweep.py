@@ -4,7 +4,8 @@ For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text
 ``cfg_prev_frames``, ``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
 ``cfg_also``; ``""`` is `generate_chunks`' defaults, since session 35 with ``cfg_local`` 2, so the settings
 recorded as ``cfg_local=2`` before then are today's defaults and ``cfg_local=0`` is the plain guidance of
-the defaults before; ``also=1``: every video is also told every other object's caption,
+the defaults before, and since session 37 with ``cfg_prev`` 4 on each chunk's first latent frame
+(``cfg_prev=0``: the defaults before; the sweep records its ``defaults``); ``also=1``: every video is also told every other object's caption,
 `data.other_captions` of the simulator's clip (image-to-video: the image's; direction changes: the clip realising the prompts), with
 ``also_lag=L`` image-to-video chunk k is told chunk max(0, k - L)'s and with ``also_motion=MOTION`` every
 object is told that motion; ``also=3``: image-to-video finds its own (``generate_chunks(also="auto")``);
@@ -28,7 +29,7 @@ of each checkpoint W (its encoder must be the same) and scores those frames too:
 on the very same generated latents, paired by video (`decoder_runs`).
 
     python benchmarks/world_sampler_sweep.py --settings "" "cfg_text=4" "window=1" "window=1,cfg_text=4"
-    python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_prev=2"
+    python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_prev=0" "cfg_prev_frames=0"
     python benchmarks/world_sampler_sweep.py --i2v 16 --settings "eta=0" "" "eta=0.7,eta_lo=0.3"
     python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "cfg_local=0" "cfg_rescale=0.7"
     python benchmarks/world_sampler_sweep.py --no-direction --i2v 16 --settings "" "also=1"

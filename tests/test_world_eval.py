@@ -262,7 +262,8 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     scales = []  # the text guidance of every generation the evaluation runs
     real = generate.generate_chunks
     monkeypatch.setattr(generate, "generate_chunks",
-                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"], k["eta"], k["cfg_local"])) or
+                        lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"], k["eta"], k["cfg_local"], k["cfg_prev"],
+                                                       k["cfg_prev_frames"])) or
                         alsos.append(k.get("also")) or real(*a, **k))
     alsos = []  # the also prompts of each: only the image-to-video run is told them
     n = torch.get_num_threads()
@@ -270,17 +271,19 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     try:
         rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
                        "--cfg-text", "3.5", "--cfg-neg", "2.5", "--eta", "0.25", "--cfg-local", "1.5", "--image-chunks", "3",
-                       "--also", "--out", str(out)])
+                       "--also", "--cfg-prev", "1.25", "--cfg-prev-frames", "2", "--out", str(out)])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
     # prompt following, image-to-video, continuation here; the two memory runs in fresh processes
-    assert len(scales) == 3 and set(scales) == {(3.5, 2.5, 0.25, 1.5)}
+    assert len(scales) == 3 and set(scales) == {(3.5, 2.5, 0.25, 1.5, 1.25, 2)}
     text = capsys.readouterr().out
     assert "prompt following" in text and "throughput" in text
     res = json.loads(out.read_text())
     assert res["settings"]["cfg_text"] == 3.5 and res["settings"]["cfg_neg"] == 2.5 and res["settings"]["eta"] == 0.25
     assert res["settings"]["cfg_local"] == 1.5 and res["settings"]["also"] is True
+    assert res["settings"]["cfg_prev"] == 1.25 and res["settings"]["cfg_prev_frames"] == 2
+    assert {(m["cfg_prev"], m["cfg_prev_frames"]) for m in res["memory"]["runs"]} == {(1.25, 2)}  # the fresh processes too
     from maskc.world_model import data
 
     clip = data.generate(0, 3)  # the image-to-video run is told its first caption repeated
@@ -341,6 +344,12 @@ def test_cli_eval_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--also", "yes"])
     assert e.value.code == 2 and "--also: expected nothing (the simulator's captions) or auto" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--cfg-prev", "-1"])
+    assert e.value.code == 2 and "--cfg-prev" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # out of the model's latent frames: generate refuses it, a usage error
+        cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "1", "--cfg-prev-frames", "7"])
+    assert e.value.code == 2 and "cfg_prev_frames must be an integer in [0, 6]" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_bad_sampler_settings_before_any_work():
@@ -348,6 +357,8 @@ def test_evaluate_refuses_bad_sampler_settings_before_any_work():
                     (dict(cfg_text=-1.0), "cfg_text must be >= 0"), (dict(cfg_neg=-2.0), "cfg_neg must be >= 0"),
                     (dict(cfg_local=-1.0), "cfg_local must be a finite number >= 0"),
                     (dict(cfg_local=float("nan")), "cfg_local must be a finite number >= 0"),
+                    (dict(cfg_prev=-1.0), "cfg_prev must be a finite number >= 0"),
+                    (dict(cfg_prev=float("inf")), "cfg_prev must be a finite number >= 0"),
                     (dict(chunks=1), "chunks must be >= 2")):
         with pytest.raises(ValueError, match=msg):
             E.evaluate(weights="/nonexistent.safetensors", **kw)  # refused before the weights are read
@@ -400,7 +411,7 @@ def test_memory_without_a_resettable_peak_falls_back_to_sampled_rss(monkeypatch)
     monkeypatch.setattr(E, "_rss_bytes", lambda: next(samples) * 2 ** 20)
     monkeypatch.setattr(E, "_peak_rss_bytes", lambda: pytest.fail("no high-water mark to read"))
     m = E.measure_memory(model, meta, 2, steps=1, cfg_text=0.0)
-    assert m["cfg_local"] == 2.0  # generate's default when not given
+    assert m["cfg_local"] == 2.0 and (m["cfg_prev"], m["cfg_prev_frames"]) == (4.0, 1)  # generate's defaults
     assert m["peak_rss_source"] == "sampled"
     assert m["rss_per_chunk_mb"] == [500, 400] and m["rss_start_mb"] == 300
     assert m["peak_rss_mb"] == m["sampled_peak_rss_mb"] == 500 and m["rss_growth_mb"] == 200

@@ -275,13 +275,17 @@ def test_guidance_interval(tiny):
 def test_guidance_on_the_previous_chunks_on_each_chunk_s_first_frames(tiny, monkeypatch):
     """cfg_prev_frames n: the guidance on the previous chunks changes each chunk's first n latent frames
     only (at the first tick it acts, the velocities differ from the unguided ones there and nowhere else);
-    n = latent_frames is guidance everywhere (n = 0, the default); bad values are refused."""
+    n = latent_frames is guidance everywhere (as n = 0); the default is cfg_prev 2 on the first latent
+    frame at scale 4 (session 37); bad values are refused."""
     lf = tiny.cfg.latent_frames
+    assert (G.DEFAULT_CFG_PREV, G.DEFAULT_CFG_PREV_FRAMES) == (4.0, 1)
     kw = dict(n_chunks=3, steps=4, window=2, cfg_text=0.0, cfg_neg=0.0, seed=4)
     run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **{**kw, **k})))  # noqa: E731
-    assert np.array_equal(run(cfg_prev=2.0, cfg_prev_frames=lf), run(cfg_prev=2.0))
+    assert np.array_equal(run(cfg_prev=2.0, cfg_prev_frames=lf), run(cfg_prev=2.0, cfg_prev_frames=0))
     first = run(cfg_prev=2.0, cfg_prev_frames=1)
-    assert not np.array_equal(first, run(cfg_prev=2.0)) and not np.array_equal(first, run())
+    assert np.array_equal(run(cfg_prev=4.0, cfg_prev_frames=1), run())  # the defaults
+    assert not np.array_equal(first, run())
+    assert not np.array_equal(first, run(cfg_prev_frames=0)) and not np.array_equal(first, run(cfg_prev=0.0))
     steps = {}
     real = G.ChunkStream._step
 
@@ -291,7 +295,7 @@ def test_guidance_on_the_previous_chunks_on_each_chunk_s_first_frames(tiny, monk
             return real(self, lat, v, t_cur, t_nxt)
         return step
 
-    for name, extra in (("plain", {}), ("first", {"cfg_prev": 2.0, "cfg_prev_frames": 2})):
+    for name, extra in (("plain", {"cfg_prev": 0.0}), ("first", {"cfg_prev": 2.0, "cfg_prev_frames": 2})):
         steps[name] = []
         monkeypatch.setattr(G.ChunkStream, "_step", record(name))
         run(**extra)
@@ -850,12 +854,15 @@ def test_cli_negative_guidance(tmp_path, capsys):
     also = gen("--also", "the blue square falls")
     assert also[0] > default[0] and not np.array_equal(also[1], default[1])
     assert np.array_equal(gen("--also", "the blue square falls", "--cfg-also", "0")[1], default[1])
-    # --cfg-prev 2: one more call per tick with a chunk cached; --cfg-prev-frames 6 (all) is the same video,
-    # 1 another; a bad value is a usage error
-    prev = gen("--cfg-prev", "2")
-    assert prev[0] > default[0] and np.array_equal(gen("--cfg-prev", "2", "--cfg-prev-frames", "6")[1], prev[1])
-    first = gen("--cfg-prev", "2", "--cfg-prev-frames", "1")
-    assert first[0] == prev[0] and not np.array_equal(first[1], prev[1])
+    # --cfg-prev 4 on each chunk's first latent frame is the default: one more call per tick with a chunk
+    # cached than --cfg-prev 0; --cfg-prev-frames 0 (all) and 6 are the same video, another; a bad value is a
+    # usage error
+    no_prev = gen("--cfg-prev", "0")
+    assert no_prev[0] < default[0] and not np.array_equal(no_prev[1], default[1])
+    assert np.array_equal(gen("--cfg-prev", "4", "--cfg-prev-frames", "1")[1], default[1])
+    every = gen("--cfg-prev-frames", "0")
+    assert np.array_equal(gen("--cfg-prev-frames", "6")[1], every[1])
+    assert every[0] == default[0] and not np.array_equal(every[1], default[1])
     with pytest.raises(SystemExit):
         gen("--cfg-prev", "2", "--cfg-prev-frames", "7")
     assert "cfg_prev_frames must be an integer in [0, 6]" in capsys.readouterr().err

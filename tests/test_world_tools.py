@@ -367,3 +367,22 @@ def test_seam_plot_draws_each_decoder_on_the_same_latents(tmp_path, capsys):
     from maskc.world_model.evaluate import frame_differences
 
     assert np.array_equal(frame_differences(np.zeros((3, 2, 2, 3), np.uint8)), [0.0, 0.0])
+
+
+def test_seam_plot_draws_each_sampler_setting(tmp_path, capsys):
+    """--settings: the same videos generated again under each setting, one curve each; a setting that
+    restates the defaults is the model's curve; bad settings are usage errors."""
+    import numpy as np
+
+    out, js = tmp_path / "seams.png", tmp_path / "seams.json"
+    base = ["--seeds", "10", "--chunks", "2", "--steps", "2", "--threads", "1", "--out", str(out), "--json", str(js)]
+    assert world_seam_plot.main([*base, "--settings", "cfg_prev=0", "cfg_prev=4,cfg_prev_frames=1"]) == 0
+    curves = json.loads(js.read_text())["curves"]
+    assert set(curves) == {"simulator", "model", "setting cfg_prev=0", "setting cfg_prev=4,cfg_prev_frames=1"}
+    assert np.array_equal(curves["model"], curves["setting cfg_prev=4,cfg_prev_frames=1"])  # today's defaults
+    assert not np.array_equal(curves["model"], curves["setting cfg_prev=0"])
+    assert "setting cfg_prev=0: boundary" in capsys.readouterr().out
+    for bad, why in (("", "give KEY=VALUE pairs"), ("also=1", "give KEY=VALUE pairs"), ("cfg_prev", "expected KEY=VALUE")):
+        with pytest.raises(SystemExit):
+            world_seam_plot.main([*base, "--settings", bad])
+        assert why in capsys.readouterr().err

@@ -297,8 +297,8 @@ def _unit_float(text: str) -> float:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from .generate import (
-        DEFAULT_CFG_ALSO, DEFAULT_CFG_INTERVAL, DEFAULT_CFG_LOCAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_TEXT,
-        DEFAULT_ETA, DEFAULT_SHIFT, DEFAULT_STEPS, DEFAULT_WINDOW,
+        DEFAULT_CFG_ALSO, DEFAULT_CFG_INTERVAL, DEFAULT_CFG_LOCAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_PREV_FRAMES,
+        DEFAULT_CFG_TEXT, DEFAULT_ETA, DEFAULT_SHIFT, DEFAULT_STEPS, DEFAULT_WINDOW,
     )
 
     p.add_argument("--prompt", action="append", metavar="TEXT",
@@ -342,10 +342,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-also", type=_nonneg_float, default=DEFAULT_CFG_ALSO, metavar="W",
                    help=f"guidance scale of each --also caption (default: {DEFAULT_CFG_ALSO:g})")
     p.add_argument("--cfg-prev", type=_nonneg_float, default=DEFAULT_CFG_PREV, metavar="W",
-                   help=f"guidance on the previous chunks (0 disables; default: {DEFAULT_CFG_PREV})")
-    p.add_argument("--cfg-prev-frames", type=_nonneg_int, default=0, metavar="N",
-                   help="guidance on the previous chunks on each chunk's first N latent frames only, where it meets "
-                        "the chunk before (0: all; default 0)")
+                   help=f"guidance on the previous chunks: the new chunk continues what the cache shows (0 disables; "
+                        f"default: {DEFAULT_CFG_PREV:g}, which cuts the seams between chunks; one more transformer call per "
+                        f"step)")
+    p.add_argument("--cfg-prev-frames", type=_nonneg_int, default=DEFAULT_CFG_PREV_FRAMES, metavar="N",
+                   help="--cfg-prev acts on each chunk's first N latent frames only, where it meets the chunk before "
+                        f"(0: all, which costs image-to-video prompt following; default {DEFAULT_CFG_PREV_FRAMES})")
     p.add_argument("--cfg-interval", type=_nonneg_float, nargs=2, default=DEFAULT_CFG_INTERVAL, metavar=("LO", "HI"),
                    help="flow times (0 noise, 1 clean) at which text and negative guidance act; a frame outside "
                         "them takes the plain conditional velocity (default: %g %g)" % DEFAULT_CFG_INTERVAL)
@@ -485,6 +487,7 @@ examples:
   magi eval --memory-chunks 4 16 64 --out mem.json
   magi eval --seeds 10 11 12 13 --cfg-text 4      # the same metrics at another text guidance
   magi eval --seeds 10 11 12 13 --cfg-local 0     # ... with plain guidance (the default before session 35)
+  magi eval --seeds 10 11 12 13 --cfg-prev 0      # ... without guidance on the previous chunks (before session 37)
   magi eval --seeds 10 11 12 13 --also            # ... image-to-video told every object's caption
 """
 
@@ -505,6 +508,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-local", type=_nonneg_float, metavar="G",
                    help="guidance kept where it is strong, as magi generate --cfg-local (default: generate's; "
                         "0: plain guidance)")
+    p.add_argument("--cfg-prev", type=_nonneg_float, metavar="W",
+                   help="guidance on the previous chunks, as magi generate --cfg-prev (default: generate's; 0: none)")
+    p.add_argument("--cfg-prev-frames", type=_nonneg_int, metavar="N",
+                   help="the latent frames of each chunk --cfg-prev acts on, as magi generate --cfg-prev-frames "
+                        "(default: generate's)")
     p.add_argument("--also", nargs="?", const=True, default=False, type=_also_choice,
                    metavar="auto",
                    help="image-to-video runs are also told every other object's caption (what the simulator's clip "
@@ -540,7 +548,7 @@ def run_eval(args, parser) -> int:
                           memory_chunks=args.memory_chunks, log=lambda m: print(m, file=sys.stderr),
                           cfg_text=args.cfg_text, shift=args.shift, cfg_interval=args.cfg_interval,
                           cfg_neg=args.cfg_neg, image_chunks=args.image_chunks, eta=args.eta, also=args.also,
-                          cfg_local=args.cfg_local)
+                          cfg_local=args.cfg_local, cfg_prev=args.cfg_prev, cfg_prev_frames=args.cfg_prev_frames)
     except ValueError as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(EV.format_table(res))
