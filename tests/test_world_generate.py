@@ -275,8 +275,8 @@ def test_guidance_interval(tiny):
 def test_guidance_on_the_previous_chunks_on_each_chunk_s_first_frames(tiny, monkeypatch):
     """cfg_prev_frames n: the guidance on the previous chunks changes each chunk's first n latent frames
     only (at the first tick it acts, the velocities differ from the unguided ones there and nowhere else);
-    n = latent_frames is guidance everywhere (as n = 0); the default is cfg_prev 2 on the first latent
-    frame at scale 4 (session 37); bad values are refused."""
+    n = latent_frames is guidance everywhere (as n = 0); the default is cfg_prev 4 on the first latent
+    frame (session 37); bad values are refused."""
     lf = tiny.cfg.latent_frames
     assert (G.DEFAULT_CFG_PREV, G.DEFAULT_CFG_PREV_FRAMES) == (4.0, 1)
     kw = dict(n_chunks=3, steps=4, window=2, cfg_text=0.0, cfg_neg=0.0, seed=4)
@@ -578,6 +578,7 @@ def test_sampler_defaults_are_generate_chunks_defaults(monkeypatch):
     assert d["cfg_interval"] == list(G.DEFAULT_CFG_INTERVAL) and d["window"] == G.DEFAULT_WINDOW
     assert d["cfg_neg"] == G.DEFAULT_CFG_NEG and d["cfg_text"] == G.DEFAULT_CFG_TEXT
     assert d["cfg_also"] == G.DEFAULT_CFG_ALSO
+    assert d["cfg_prev"] == G.DEFAULT_CFG_PREV and d["cfg_prev_frames"] == G.DEFAULT_CFG_PREV_FRAMES
     assert json.loads(json.dumps(d)) == d
 
 

@@ -599,8 +599,10 @@ class ChunkStream:
         self._ctx_gen = torch.Generator().manual_seed(self.seed + CTX_NOISE_SEED)
         self._eta_gen = torch.Generator().manual_seed(self.seed + ETA_NOISE_SEED)
         grid = time_grid(self.steps, self.shift)
-        # the latent frames of a chunk that take guidance on the previous chunks (made once, on the device)
-        prev_frames = (torch.arange(lf) < self.cfg_prev_frames).to(dev, dt) if self.cfg_prev_frames else None
+        # guidance on the previous chunks per latent frame of a chunk: cfg_prev on the first cfg_prev_frames,
+        # 0 on the others (made once, on the device); None: cfg_prev on all
+        prev_scale = (self.cfg_prev * (torch.arange(lf) < self.cfg_prev_frames)).to(dev, dt) \
+            if self.cfg_prev_frames else None
 
         base = 0  # absolute index of the first generated chunk
         if self.video is not None:
@@ -707,8 +709,8 @@ class ChunkStream:
             if self.cfg_prev > 0 and past is not None:
                 v_np = self._dit(lat, tf, text, lens, off, None)
                 scale = self.cfg_prev
-                if prev_frames is not None:  # each chunk's first latent frames only, where it meets the chunk before
-                    scale = (self.cfg_prev * prev_frames).repeat(len(active)).reshape(-1, 1, 1, 1)
+                if prev_scale is not None:  # each chunk's first latent frames only, where it meets the chunk before
+                    scale = prev_scale.repeat(len(active)).reshape(-1, 1, 1, 1)
                 guided = guided + scale * (v - v_np)
             lat = self._step(lat, guided, t_cur.reshape(-1, 1, 1, 1).to(dev, dt), t_nxt.reshape(-1, 1, 1, 1).to(dev, dt))
             for j, k in enumerate(active):
