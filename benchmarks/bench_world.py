@@ -15,7 +15,9 @@ allocator's history); those runs are slower and are not counted in the throughpu
 
 ``--gpu`` generates 4, 16 and 64 chunks with the model on the GPU (FFA kernels, bf16) and records
 the allocator's peak for each (the constant-memory target: 64 chunks / 4 chunks <= 1.02) and the
-frames per second; writes ``world-gpu-<device>-<date>.json``.
+frames per second; then the frame rate of 16 chunks with each tick's guidance branches packed into
+one transformer call (the default on a GPU) and run one call each, alternating, ``--reps`` timed runs
+of each after a warm-up (medians); writes ``world-gpu-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
     ap.add_argument("--weights", help="checkpoint (default: the shipped small model)")
     ap.add_argument("--gpu", action="store_true", help="GPU memory and throughput of generation only")
+    ap.add_argument("--reps", type=int, default=3, help="--gpu: timed runs of each branch layout (default 3)")
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
     if args.gpu:
         return gpu_memory(args)
 
@@ -90,12 +95,42 @@ def gpu_memory(args) -> int:
            "peak_ratio_64_4": rows[-1]["peak_gpu_mb"] / rows[0]["peak_gpu_mb"],
            "command": "python benchmarks/bench_world.py --gpu"}
     print(f"peak GPU memory ratio {MEMORY_CHUNKS[-1]}/{MEMORY_CHUNKS[0]} chunks: {res['peak_ratio_64_4']:.4f}")
+    res["branches"] = branch_layouts(model, meta, MEMORY_CHUNKS[1], args.reps)
+    res["command"] += f" --reps {args.reps}" if args.reps != 3 else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"world-gpu-{dev.replace(' ', '_')}-{date}.json"
     path.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {path}")
     return 0
+
+
+def branch_layouts(model, meta, n_chunks: int, reps: int) -> dict:
+    """Frames/s of ``n_chunks`` chunks with the guidance branches packed and separate, alternating (a warm-up
+    of each first); per layout every run's frames/s, the median, transformer calls and branch passes."""
+    import numpy as np
+    import torch
+
+    from maskc.world_model.evaluate import measure_memory
+    from maskc.world_model.generate import DEFAULT_STEPS
+
+    out = {}
+    for rep in range(reps + 1):
+        for name, pack in (("packed", True), ("separate", False)):
+            r = measure_memory(model, meta, n_chunks, steps=DEFAULT_STEPS, seed=rep, pack_branches=pack)
+            o = out.setdefault(name, {"fps": [], "peak_gpu_mb": [], "model_calls": r["model_calls"],
+                                      "branch_passes": r["branch_passes"]})
+            if rep:
+                o["fps"].append(r["fps"])
+                o["peak_gpu_mb"].append(r["peak_gpu_mb"])
+    for name, o in out.items():
+        o["median_fps"] = float(np.median(o["fps"]))
+        print(f"{n_chunks} chunks, branches {name}: median {o['median_fps']:.1f} frames/s over {reps} runs, "
+              f"{o['model_calls']} transformer calls for {o['branch_passes']} branch passes, "
+              f"peak GPU {max(o['peak_gpu_mb']):.1f} MB", flush=True)
+    torch.cuda.synchronize()
+    return {"chunks": n_chunks, "reps": reps, **out,
+            "speedup": out["packed"]["median_fps"] / out["separate"]["median_fps"]}
 
 
 if __name__ == "__main__":

@@ -412,6 +412,7 @@ def test_memory_without_a_resettable_peak_falls_back_to_sampled_rss(monkeypatch)
     monkeypatch.setattr(E, "_peak_rss_bytes", lambda: pytest.fail("no high-water mark to read"))
     m = E.measure_memory(model, meta, 2, steps=1, cfg_text=0.0)
     assert m["cfg_local"] == 2.0 and (m["cfg_prev"], m["cfg_prev_frames"]) == (4.0, 1)  # generate's defaults
+    assert m["pack_branches"] is False and m["model_calls"] == m["branch_passes"] > 0  # the CPU's default
     assert m["peak_rss_source"] == "sampled"
     assert m["rss_per_chunk_mb"] == [500, 400] and m["rss_start_mb"] == 300
     assert m["peak_rss_mb"] == m["sampled_peak_rss_mb"] == 500 and m["rss_growth_mb"] == 200

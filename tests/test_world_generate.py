@@ -98,13 +98,13 @@ def _live_tensors():
     return n, sum(storages.values())
 
 
-@pytest.mark.parametrize("cfg_text,cfg_prev", [(0.0, 0.0), (3.0, 0.5)])
-def test_live_memory_bounded_over_a_long_video(tiny, cfg_text, cfg_prev):
+@pytest.mark.parametrize("cfg_text,cfg_prev,pack", [(0.0, 0.0, False), (3.0, 0.5, False), (3.0, 0.5, True)])
+def test_live_memory_bounded_over_a_long_video(tiny, cfg_text, cfg_prev, pack):
     """Once the pipeline is full, the tensors the generator holds between chunks are the same in number
     and size after every chunk (no lists of frames, per-chunk K/V, or guidance batches pile up)."""
     n, window = 12, 2
     s = G.generate_chunks(tiny, [P], n_chunks=n, steps=2, window=window, attn_window=3, cfg_text=cfg_text,
-                          cfg_prev=cfg_prev, seed=0)
+                          cfg_prev=cfg_prev, seed=0, pack_branches=pack)
     base = _live_tensors()
     live = []
     for chunk in s:
@@ -116,6 +116,38 @@ def test_live_memory_bounded_over_a_long_video(tiny, cfg_text, cfg_prev):
     assert all(x == steady for x in live[3:n - window]), live  # until the pipeline drains
     assert max(b for _, b in live) == steady[1]
     assert s.cache.nbytes() > 0
+
+
+def test_packed_branches_make_the_same_video_in_fewer_calls(tiny, monkeypatch):
+    """pack_branches: every guidance branch of a tick (conditional, null text, negatives, also prompts, no
+    cache) in one `DiT.forward_branches` call, which gets each branch's own captions and cache; the frames
+    equal one call per branch up to rounding, with the same branch passes in fewer transformer calls. Off by
+    default on the CPU; a value other than None / True / False is refused."""
+    kw = dict(n_chunks=5, steps=4, window=2, attn_window=3, cfg_text=3.0, cfg_prev=2.0, cfg_prev_frames=0,
+              cfg_interval=(0.0, 1.0), also="the blue square falls", seed=2)
+    prompts = [P, "the red circle moves up"]
+    packed_calls = []
+    fb = tiny.dit.forward_branches
+    monkeypatch.setattr(tiny.dit, "forward_branches", lambda *a: packed_calls.append(a[2]) or fb(*a))
+    with CountingDiT(tiny) as c0:
+        s0 = G.generate_chunks(tiny, prompts, **kw)
+        sep = np.concatenate(list(s0)).astype(int)
+    assert s0.pack_branches is False and packed_calls == [] and s0.model_calls == s0.branch_passes == c0.calls
+    with CountingDiT(tiny) as c1:
+        s1 = G.generate_chunks(tiny, prompts, **kw, pack_branches=True)
+        packed = np.concatenate(list(s1)).astype(int)
+    assert s1.pack_branches is True and s1.branch_passes == s0.branch_passes
+    # one call per tick (the ticks with a cache hold every branch), plus the clean passes, which are not packed
+    assert c1.calls + len(packed_calls) == s1.model_calls == s1.ticks + 5 < s0.model_calls
+    # conditional, null, also, negatives (near misses of "moves right" / "moves up"), no cache: the cache's
+    # branches see it, the last not; each branch's captions are its own
+    widest = max(packed_calls, key=len)
+    assert len(widest) >= 5 and [b[2] for b in widest] == [True] * (len(widest) - 1) + [False]
+    assert torch.equal(widest[0][0], widest[-1][0]) and not torch.equal(widest[0][0], widest[1][0])
+    assert np.abs(packed - sep).mean() < 0.05 and np.abs(packed - sep).max() <= 4  # rounding, not another video
+    for bad in (1, "yes", 0.0):
+        with pytest.raises(ValueError, match="pack_branches"):
+            G.generate_chunks(tiny, [P], pack_branches=bad)
 
 
 def test_ring_buffer_order_and_wrap():
@@ -869,6 +901,30 @@ def test_cli_negative_guidance(tmp_path, capsys):
     assert "cfg_prev_frames must be an integer in [0, 6]" in capsys.readouterr().err
 
 
+def test_cli_pack_branches_and_device(tmp_path, capsys):
+    """--pack-branches on: the guidance branches in one call per tick (printed), the same video up to
+    rounding; --device cpu is the default here; --device cuda without a GPU is a usage error."""
+    import re
+
+    def gen(*extra):
+        out = tmp_path / f"v{len(list(tmp_path.iterdir()))}.gif"
+        assert cli.main(["generate", "--prompt", P, "--chunks", "2", "--steps", "3", "--out", str(out), "--seed", "4",
+                         "--no-progress", *extra]) == 0
+        return capsys.readouterr().out, G.read_video(out).astype(int)
+
+    (text, default), (cpu, same) = gen(), gen("--device", "cpu", "--pack-branches", "off")
+    assert "on the CPU" in text and np.array_equal(default, same)
+    passes = int(re.search(r"\((\d+) transformer calls", text).group(1))
+    packed_text, packed = gen("--pack-branches", "on")
+    found = re.search(r"\((\d+) branch passes packed into (\d+) transformer calls", packed_text)
+    assert found and int(found.group(1)) == passes > int(found.group(2))
+    assert np.abs(packed - default).mean() < 0.05
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gen("--device", "cuda")
+        assert "torch sees no CUDA GPU" in capsys.readouterr().err
+
+
 def test_cli_also_auto(tmp_path, capsys):
     """--also auto with --image: the stream's own also prompts (generate_chunks(also="auto")), frame for frame."""
     from PIL import Image
@@ -917,6 +973,8 @@ def test_cli_also_auto(tmp_path, capsys):
     (["--prompt", P, "--chunks", "1", "--negative-prompt", "none", "--negative-prompt", "none"],
      "2 negative prompts for 1 chunks"),
     (["--prompts", "BADYAML"], "is not valid YAML"),
+    (["--prompt", P, "--pack-branches", "yes"], "--pack-branches: invalid choice: 'yes'"),
+    (["--prompt", P, "--device", "tpu"], "--device: invalid choice: 'tpu'"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, msg):
     from PIL import Image

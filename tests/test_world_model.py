@@ -7,6 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import maskc
 from maskc.runtime import attention, reference_attention
@@ -690,6 +692,53 @@ def test_chunk_window_mask():
         assert np.array_equal(d, M.self_attention_mask([nc + nn_], t, w).to_dense()[nc * t:])
 
 
+def dense_branches(nc, a, t, w, sees_cache):
+    """`branch_window_mask` from its definition, entry by entry: query chunk i of branch b sees key chunk j
+    iff j is a cached chunk (and b sees the cache) or one of b's own new chunks, at most ``w - 1`` chunks
+    before it in the branch's own timeline (cache then its new chunks), and not after it."""
+    d = np.zeros((len(sees_cache) * a * t, (nc + len(sees_cache) * a) * t), dtype=bool)
+    for r in range(d.shape[0]):
+        b, qc = divmod(r // t, a)
+        qc += nc  # the query chunk in branch b's timeline
+        for j in range(d.shape[1]):
+            kc = j // t
+            if kc >= nc:  # a new chunk: whose, and where in that branch's timeline
+                kb, kc = divmod(kc - nc, a)
+                if kb != b:
+                    continue
+                kc += nc
+            elif not sees_cache[b]:
+                continue
+            d[r, j] = kc <= qc and (w is None or qc - kc < w)
+    return d
+
+
+@given(nc=st.integers(0, 4), a=st.integers(1, 4), t=st.integers(1, 3), w=st.one_of(st.none(), st.integers(1, 6)),
+       sees=st.lists(st.booleans(), min_size=1, max_size=4))
+def test_branch_window_mask_equals_its_definition(nc, a, t, w, sees):
+    m = M.branch_window_mask(nc, a, t, w, tuple(sees))
+    assert np.array_equal(m.to_dense(), dense_branches(nc, a, t, w, sees))
+    # each branch's rows over its keys are the one-branch masks the stream used before
+    d, one = m.to_dense(), (M.chunk_window_mask(nc, a, t, w) if nc else M.self_attention_mask([a], t, w)).to_dense()
+    alone = M.self_attention_mask([a], t, w).to_dense()
+    for b, s in enumerate(sees):
+        rows = d[b * a * t:(b + 1) * a * t]
+        own = rows[:, (nc + b * a) * t:(nc + (b + 1) * a) * t]
+        assert np.array_equal(own, alone if not s or not nc else one[:, nc * t:])
+        assert np.array_equal(rows[:, :nc * t], one[:, :nc * t] if s else np.zeros_like(rows[:, :nc * t]))
+
+
+def test_branch_window_mask_bad_input():
+    for args, what in [((1, 2, 3, None, ()), "sees_cache"), ((1, 2, 3, None, (1, 0)), "sees_cache"),
+                       ((1, 2, 3, None, True), "sees_cache"), ((1, 2, 3, None, "ab"), "sees_cache"),
+                       ((-1, 2, 3), "n_cached_chunks"), ((1, 0, 3), "n_new_chunks"), ((1, 2, 0), "chunk_tokens"),
+                       ((1, 2, 3, 0), "window"), ((1.5, 2, 3), "n_cached_chunks")]:
+        with pytest.raises(maskc.MaskError, match=what):
+            M.branch_window_mask(*args)
+    # a list and numpy bools are taken as the tuple of bools they hold (the same cached mask)
+    assert M.branch_window_mask(1, 2, 3, None, [True, np.bool_(False)]) is M.branch_window_mask(1, 2, 3, None, (True, False))
+
+
 # --------------------------------------------------------------------- diffusion transformer
 
 
@@ -779,6 +828,42 @@ def test_streaming_with_kv_cache_equals_full_sequence(tiny, window):
         tiny.dit(*args, past_kv=past)
 
 
+@pytest.mark.parametrize("window", [None, 2, 3])
+def test_forward_branches_equals_one_call_per_branch(tiny, window):
+    """Branches packed into one call (a cached branch, a null-text one, one without the cache) give each
+    branch's velocity of its own call; without a cache every branch is the plain call; bad input is refused."""
+    lat, t, text, lens = inputs(tiny, 5)
+    nt, nl = tiny.encode_captions([""] * 3)
+    with torch.no_grad():
+        _, kv = tiny.dit(lat[:12], t[:2], text[:sum(lens[:2])], lens[:2], window=window, return_kv=True)
+        new_text, new_lens = text[sum(lens[:2]):], lens[2:]
+        branches = [(new_text, new_lens, True), (nt, nl, True), (new_text, new_lens, False), (nt, nl, False)]
+        for past in (kv, None):
+            got = tiny.dit.forward_branches(lat[12:], t[2:], branches, 2, window, past)
+            assert len(got) == 4
+            for (tx, ln, sees), v in zip(branches, got):
+                ref = tiny.dit(lat[12:], t[2:], tx, ln, chunk_offsets=(2,), window=window,
+                               past_kv=past if sees else None)
+                assert v.shape == ref.shape and torch.allclose(v, ref, atol=1e-5)
+        # the branches differ where they should: the cache and the captions both matter
+        got = tiny.dit.forward_branches(lat[12:], t[2:], branches, 2, window, kv)
+        assert not torch.allclose(got[0], got[1], atol=1e-3) and not torch.allclose(got[0], got[2], atol=1e-3)
+        # per-frame times (image-to-video's clean first frame) go with every branch
+        tf = t[2:].repeat_interleave(LF)
+        tf[:2] = 1.0
+        got = tiny.dit.forward_branches(lat[12:], tf, branches[:2], 2, window, kv)
+        assert torch.allclose(got[1], tiny.dit(lat[12:], tf, nt, nl, chunk_offsets=(2,), window=window, past_kv=kv),
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        tiny.dit.forward_branches(lat[12:], t[2:], [], 2, window, kv)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        tiny.dit.forward_branches(lat[12:], t[2:], [(new_text, new_lens, 1)], 2, window, kv)
+    with pytest.raises(ValueError, match="caption_lengths sum"):
+        tiny.dit.forward_branches(lat[12:], t[2:], [(new_text[:-1], new_lens, True)], 2, window, kv)
+    with pytest.raises(ValueError, match="latents must be"):
+        tiny.dit.forward_branches(lat[13:], t[2:], branches, 2, window, kv)
+
+
 def test_attend_cpu_uses_the_reference():
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(8, 4, 16, generator=g), torch.randn(6, 2, 16, generator=g), torch.randn(6, 2, 16, generator=g)
@@ -806,6 +891,30 @@ def test_dit_through_the_ffa_kernels_matches_the_reference(monkeypatch):
         out = model.dit(lat, t, text, lens, video_chunks=(2, 1))
     assert len(calls) == 2  # self- and cross-attention of the one block
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+def test_forward_branches_through_the_ffa_kernels_matches_the_reference(monkeypatch):
+    """The packed branches' masks (cache + own tokens, own tokens only; per-chunk captions) run through
+    `maskc.runtime.attention` as the GPU runs them and give the reference path's velocities."""
+    cfg = replace(TINY, dim=128, heads=2, kv_heads=1, depth=1, rope_split=(32, 16, 16))
+    torch.manual_seed(0)
+    model = randomized(WorldModel(cfg)).eval()
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(4 * LF, 8, 8, cfg.latent_channels, generator=g)
+    t = torch.rand(4, generator=g)
+    with torch.no_grad():
+        text, lens = model.encode_captions(CAPTIONS[:4])
+        _, kv = model.dit(lat[:2 * LF], t[:2], text[:sum(lens[:2])], lens[:2], window=3, return_kv=True)
+        nt, nl = model.encode_captions([""] * 2)
+        br = [(text[sum(lens[:2]):], lens[2:], True), (nt, nl, True), (text[sum(lens[:2]):], lens[2:], False)]
+        ref = model.dit.forward_branches(lat[2 * LF:], t[2:], br, 2, 3, kv)
+        calls = []
+        monkeypatch.setattr(DIT, "attend", lambda q, k, v, mask: calls.append(mask) or attention(q, k, v, mask))
+        out = model.dit.forward_branches(lat[2 * LF:], t[2:], br, 2, 3, kv)
+    assert len(calls) == 2 and calls[0].sq == 3 * 2 * T and calls[0].sk == (2 + 3 * 2) * T
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- flow matching

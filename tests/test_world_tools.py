@@ -46,6 +46,8 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
         == {"cfg_local": 2.0, "cfg_parallel": 0.0, "cfg_rescale": 0.7}
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_prev=2,cfg_prev_frames=1")) == \
         {"cfg_prev": 2.0, "cfg_prev_frames": 1}
+    assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("pack_branches=0")) == {"pack_branches": False}
+    assert world_sampler_sweep.parse_setting("pack_branches=1") == {"pack_branches": True}
     up = "the red circle moves up"
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_neg=5,neg=bounce"), [up]) == \
         {"cfg_neg": 5.0, "negative": [("the red circle bounces off the ceiling",)]}
@@ -60,7 +62,8 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
         world_sampler_sweep.parse_setting("also=2")
     with pytest.raises(ValueError, match="neg='all': expected one of near, bounce"):
         world_sampler_sweep.gen_kwargs({"neg": "all"}, [up])
-    for bad, what in (("bogus=1", "KEY one of"), ("window", "KEY=VALUE"), ("window=x", "not a valid int")):
+    for bad, what in (("bogus=1", "KEY one of"), ("window", "KEY=VALUE"), ("window=x", "not a valid int"),
+                      ("pack_branches=yes", "not a valid flag")):
         with pytest.raises(ValueError, match=what):
             world_sampler_sweep.parse_setting(bad)
 

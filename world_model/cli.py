@@ -225,6 +225,10 @@ captions that start as the prompt does and end otherwise ("moves right" -> "boun
 wall"; "moves up" -> also "rises", "rises and falls"), or --negative-prompt per chunk. Measured
 on held-out direction-change videos: prompt following 0.817 -> 0.875 with --cfg-neg 8 (the default).
 
+device: a CUDA GPU when torch sees one (--device), where each step's guidance branches run as one
+packed transformer call (--pack-branches): 16 chunks at 95 frames/s on an H200 against 30 one call
+per branch; on the CPU one call each, about 6 frames/s with one thread.
+
 output: .mp4 through imageio + imageio-ffmpeg when installed, else a .gif (Pillow) beside it;
 a path without .mp4/.gif is a folder of PNG frames. The format written is printed.
 """
@@ -246,6 +250,7 @@ examples:
   magi generate --image first.png --prompt "the blue square moves left" --also auto \\
       --chunks 16 --out auto.gif   # the stream names them itself, by what it sees them do
   magi generate --video prefix.gif --prompt "the green triangle moves up" --chunks 2 --out more.gif
+  magi generate --prompt "the red circle moves right" --chunks 64 --device cuda --out long.mp4   # on a GPU
 
 prompts.json: [{"chunks": 2, "prompt": "the red circle moves right"}, {"chunks": 2, "prompt": "the red circle moves left"}]
 prompts.yaml: - {chunks: 2, prompt: the red circle moves right}
@@ -370,6 +375,14 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="PATH", help="checkpoint (default: the shipped small model)")
     p.add_argument("--threads", type=_pos_int, default=1, metavar="N",
                    help="CPU threads for torch (default: 1, fastest for these small tensors)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="where the model runs (default auto: a CUDA GPU when torch sees one, else the CPU)")
+    p.add_argument("--pack-branches", default="auto", choices=("auto", "on", "off"),
+                   help="run each step's guidance branches (conditional, null text, negatives, previous chunks) as "
+                        "one packed transformer call, a maskc mask keeping each branch to its own tokens, instead of "
+                        "one call each: the same video up to rounding. auto (default): on a GPU, where it is 3.1x "
+                        "the frames/s of 16 chunks on an H200 (95 against 30); on the CPU the dense reference "
+                        "attention makes it slower")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -416,8 +429,11 @@ def run_generate(args, parser) -> int:
             video = G.read_video(args.video)
         if args.weights is not None and not Path(args.weights).is_file():
             parser.error(f"weights {args.weights!r} do not exist")
+        from .train import resolve_device
+
+        device = resolve_device(args.device)
         torch.set_num_threads(args.threads)
-        model, meta = G.load_model(args.weights)
+        model, meta = G.load_model(args.weights, device=str(device))
         stream = G.generate_chunks(model, prompts, n_chunks=n_chunks, steps=args.steps, window=args.window,
                                    attn_window=args.attn_window, cfg_text=args.cfg_text, cfg_prev=args.cfg_prev,
                                    cfg_prev_frames=args.cfg_prev_frames, image=image, video=video, seed=args.seed,
@@ -425,7 +441,8 @@ def run_generate(args, parser) -> int:
                                    cfg_interval=tuple(args.cfg_interval), cfg_run=args.cfg_run,
                                    negative=negative, cfg_neg=args.cfg_neg, eta=args.eta,
                                    cfg_local=args.cfg_local, also=_also_arg(args.also, parser),
-                                   cfg_also=args.cfg_also)
+                                   cfg_also=args.cfg_also,
+                                   pack_branches={"auto": None, "on": True, "off": False}[args.pack_branches])
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
@@ -451,8 +468,10 @@ def run_generate(args, parser) -> int:
         writer.close()
     dt = time.perf_counter() - t0
     what = {"mp4": "mp4 video", "gif": "GIF", "png": "PNG frames (a folder)"}[writer.format]
-    print(f"generated {n_chunks} chunk(s) ({n_chunks * model.cfg.chunk_frames} frames) in {dt:.1f} s "
-          f"({stream.model_calls} transformer calls, KV cache at most {stream.peak_cache_chunks} chunk(s))")
+    calls = f"{stream.model_calls} transformer calls" if stream.model_calls == stream.branch_passes else \
+        f"{stream.branch_passes} branch passes packed into {stream.model_calls} transformer calls"
+    print(f"generated {n_chunks} chunk(s) ({n_chunks * model.cfg.chunk_frames} frames) on the {device.type.upper()} "
+          f"in {dt:.1f} s ({calls}, KV cache at most {stream.peak_cache_chunks} chunk(s))")
     if stream.auto_also:
         seen = ", ".join(f"the {c} {s} ({stream.motions.get((c, s), 'motion not read')})" for c, s in stream.objects)
         print(f"--also auto: objects of the picture, with the motion each last showed: {seen or 'none found'}")

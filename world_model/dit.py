@@ -298,18 +298,54 @@ class DiT(nn.Module):
             pos = cp.local_positions(video_chunks, chunk_offsets, cfg, x.device)
         else:
             pos = positions(video_chunks, chunk_offsets, cfg).to(x.device)
-        x = self.embed(x)
-        t_emb = self.t_embed(t_tok)
-        rope = rope_angles(pos, cfg)
-        new_kv = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, t_emb, rope, text, self_mask, cross_mask, None if past_kv is None else past_kv[i])
-            new_kv.append(kv)
-        v = self.out(self.norm_out(x))
+        v, new_kv = self._blocks(x, t_tok, pos, text, self_mask, cross_mask, past_kv)
         if cp is not None:
             return v
         v = unpatchify(v, n_frames, cfg)
         return (v, new_kv) if return_kv else v
+
+    def forward_branches(self, latents, t, branches, chunk_offset: int = 0, window=None, past_kv=None):
+        """Velocities [F, h, w, C] of several guidance branches of the same noisy chunks, in one call.
+
+        branches: per branch ``(text, caption_lengths, sees_cache)``: its packed captions (one per
+        chunk, as in `forward`) and whether it attends to ``past_kv`` (False: as if nothing were
+        cached). The branches' tokens are packed one after another and `masks.branch_window_mask`
+        keeps each to its own tokens (and the cache where it sees it), so branch b's velocity is
+        ``forward(latents, t, text_b, lens_b, chunk_offsets=(chunk_offset,), window=window,
+        past_kv=past_kv if sees_cache_b else None)`` up to rounding: one call instead of B, which is
+        what a small model on a GPU is bound by."""
+        cfg = self.cfg
+        branches = list(branches)
+        if not branches or not all(isinstance(b, (tuple, list)) and len(b) == 3 and isinstance(b[2], bool)
+                                   for b in branches):
+            raise ValueError("branches must be a non-empty sequence of (text, caption_lengths, sees_cache: bool), "
+                             f"got {[type(b).__name__ for b in branches]}")
+        video_chunks, offsets = self._layout(latents, None, (chunk_offset,), past_kv)
+        n_b, n_chunks, tpc = len(branches), video_chunks[0], cfg.tokens_per_chunk
+        lens = [int(n) for b in branches for n in b[1]]
+        cross_mask = masks.cross_attention_mask((n_chunks,) * n_b, tpc, lens)
+        text = torch.cat([b[0] for b in branches])
+        if cross_mask.sk != text.shape[0]:
+            raise ValueError(f"the branches' text has {text.shape[0]} tokens but their caption_lengths sum to {cross_mask.sk}")
+        n_cached = 0 if past_kv is None else past_kv[0][0].shape[0] // tpc
+        self_mask = masks.branch_window_mask(n_cached, n_chunks, tpc, window, tuple(b[2] for b in branches))
+        x = patchify(latents, cfg).repeat(n_b, 1)
+        t_tok = token_times(frame_times(t, n_chunks, cfg).to(x.device), cfg).repeat(n_b)
+        pos = positions((n_chunks,) * n_b, offsets * n_b, cfg).to(x.device)
+        v, _ = self._blocks(x, t_tok, pos, text, self_mask, cross_mask, past_kv)
+        return [unpatchify(vb, latents.shape[0], cfg) for vb in v.chunk(n_b)]
+
+    def _blocks(self, x, t_tok, pos, text, self_mask, cross_mask, past_kv):
+        """Patch tokens [S, patch_dim] through the network -> velocity tokens [S, patch_dim] and every
+        layer's (k, v) of these tokens."""
+        x = self.embed(x)
+        t_emb = self.t_embed(t_tok)
+        rope = rope_angles(pos, self.cfg)
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, t_emb, rope, text, self_mask, cross_mask, None if past_kv is None else past_kv[i])
+            new_kv.append(kv)
+        return self.out(self.norm_out(x)), new_kv
 
     def _layout(self, latents, video_chunks, chunk_offsets, past_kv):
         cfg = self.cfg

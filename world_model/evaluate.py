@@ -405,7 +405,8 @@ MEMORY_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, held fix
 
 def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
                    cfg_neg: float | None = None, eta: float | None = None, cfg_local: float | None = None,
-                   cfg_prev: float | None = None, cfg_prev_frames: int | None = None) -> dict:
+                   cfg_prev: float | None = None, cfg_prev_frames: int | None = None,
+                   pack_branches: bool | None = None) -> dict:
     """Peak host memory of one ``n_chunks`` generation in this process, tracemalloc peak, KV-cache bytes.
 
     ``peak_rss_mb``: the kernel's RSS high-water mark over the generation (VmHWM, reset to the
@@ -414,7 +415,8 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
     sampled after each chunk ("sampled"). ``rss_per_chunk_mb``: RSS after each chunk;
     ``sampled_peak_rss_mb`` their maximum (with the RSS at the start); ``rss_growth_mb``: peak
     minus the RSS at the start. ``cfg_text`` / ``cfg_neg`` / ``eta`` / ``cfg_local`` / ``cfg_prev`` /
-    ``cfg_prev_frames``: as for generation (default: generate's); each guidance runs one more model pass.
+    ``cfg_prev_frames`` / ``pack_branches``: as for generation (default: generate's); each guidance runs one
+    more model pass (``branch_passes``; packed into ``model_calls`` transformer calls on a GPU).
 
     In a process that already ran other work, or with glibc's default allocator, RSS says as much
     about the allocator's history as about the generation: see `measure_memory_isolated`, which
@@ -423,7 +425,7 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
 
     prompt = "the red circle moves right"
     given = {"cfg_text": cfg_text, "cfg_neg": cfg_neg, "eta": eta, "cfg_local": cfg_local, "cfg_prev": cfg_prev,
-             "cfg_prev_frames": cfg_prev_frames}
+             "cfg_prev_frames": cfg_prev_frames, "pack_branches": pack_branches}
     stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta,
                              **{k: v for k, v in given.items() if v is not None})  # None: generate's default
     import torch
@@ -457,7 +459,8 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
            "rss_start_mb": rss0 / 2 ** 20, "rss_growth_mb": (peak - rss0) / 2 ** 20,
            "rss_per_chunk_mb": [round(r / 2 ** 20, 2) for r in per_chunk],
            "tracemalloc_peak_mb": tm_peak / 2 ** 20, "kv_cache_bytes": stream.cache.nbytes(),
-           "peak_cache_chunks": stream.peak_cache_chunks, "seconds": dt,
+           "peak_cache_chunks": stream.peak_cache_chunks, "seconds": dt, "pack_branches": stream.pack_branches,
+           "model_calls": stream.model_calls, "branch_passes": stream.branch_passes,
            "fps": n_chunks * model.cfg.chunk_frames / dt}
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20

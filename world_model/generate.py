@@ -87,8 +87,15 @@ also told, per chunk, for how many chunks from it on the prompt list keeps that 
 the prefix chunks and the unconditional branch are not told (run 0).
 
 `generate_chunks` returns a `ChunkStream`: an iterator of decoded chunks (uint8 [24, 64, 64, 3]),
-each computed only when asked for, with counters (``model_calls``, ``peak_cache_chunks``) for tests
-and benchmarks.
+each computed only when asked for, with counters (``model_calls``, ``branch_passes``,
+``peak_cache_chunks``) for tests and benchmarks.
+
+**Packed branches.** A tick's guidance terms need the velocity of the same chunks under several
+conditions (up to one branch per term). On a GPU they run as one transformer call over the branches'
+tokens packed one after another (`DiT.forward_branches`): one maskc mask
+(`masks.branch_window_mask`) keeps each branch to its own tokens and, but for the no-cache branch,
+the KV cache, and one cross-attention mask gives each branch's chunks their own captions. A model this
+small is bound by kernel launches there, so one call costs little more than one branch.
 """
 
 from __future__ import annotations
@@ -391,7 +398,7 @@ class ChunkStream:
                  shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
                  cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T, keep_latents=False, eta=DEFAULT_ETA,
                  eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=DEFAULT_CFG_LOCAL,
-                 also=None, cfg_also=DEFAULT_CFG_ALSO, cfg_prev_frames=DEFAULT_CFG_PREV_FRAMES):
+                 also=None, cfg_also=DEFAULT_CFG_ALSO, cfg_prev_frames=DEFAULT_CFG_PREV_FRAMES, pack_branches=None):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -420,6 +427,9 @@ class ChunkStream:
             raise ValueError(f"cfg_prev_frames must be an integer in [0, {cfg.latent_frames}] (each chunk's first latent "
                              f"frames that take guidance on the previous chunks; 0: all), got {cfg_prev_frames!r}")
         self.cfg_prev_frames = cfg_prev_frames
+        if pack_branches is not None and not isinstance(pack_branches, bool):
+            raise ValueError(f"pack_branches must be True, False or None (None: packed on a GPU), got {pack_branches!r}")
+        self.pack_branches = self._device().type == "cuda" if pack_branches is None else pack_branches
         self.cfg_neg, self.cfg_also = float(cfg_neg), float(cfg_also)
         if not (isinstance(ctx_t, (int, float)) and 0.0 < ctx_t <= 1.0):
             raise ValueError(f"ctx_t must be a flow time in (0, 1] (1: finished chunks are clean context), got {ctx_t!r}")
@@ -460,7 +470,8 @@ class ChunkStream:
         self.shift = float(shift)
         self.stride = max(1, math.ceil(self.steps / self.window))
         self.cache = RingKVCache(cfg.depth, self.attn_window - 1, cfg.tokens_per_chunk)
-        self.model_calls = 0  # transformer calls (all branches, clean passes included)
+        self.model_calls = 0  # transformer calls (a packed call of several branches counts once)
+        self.branch_passes = 0  # passes of the chunks in flight through the transformer (every branch, clean passes)
         self.ticks = 0
         self.prefix_frames: np.ndarray | None = None  # the prefix frames continued (whole chunks)
         self.in_flight_peak = 0
@@ -487,8 +498,18 @@ class ChunkStream:
 
     def _dit(self, latents, t_frames, text, lens, offset, past_kv, return_kv=False):
         self.model_calls += 1
+        self.branch_passes += 1
         return self.model.dit(latents, t_frames, text, lens, chunk_offsets=(offset,), window=self.attn_window,
                               past_kv=past_kv, return_kv=return_kv)
+
+    def _velocities(self, lat, tf, calls, offset, past) -> list[torch.Tensor]:
+        """The velocity of every branch ``(text, lens, sees_cache)`` of the chunks in flight: one packed
+        transformer call (`DiT.forward_branches`) with ``pack_branches``, else one call each."""
+        if self.pack_branches and len(calls) > 1:
+            self.model_calls += 1
+            self.branch_passes += len(calls)
+            return self.model.dit.forward_branches(lat, tf, calls, offset, self.attn_window, past)
+        return [self._dit(lat, tf, t, n, offset, past if sees else None) for t, n, sees in calls]
 
     def _text(self, prompts, runs):
         key = (tuple(prompts), tuple(runs))
@@ -658,46 +679,57 @@ class ChunkStream:
             text, lens = self._text(prompts, self.runs[first:last])
             past = self.cache.kv()
             off = base + first
-            v = self._dit(lat, tf, text, lens, off, past)
-            guided = v
+            # the branches this tick needs, (text, lens, sees the cache) each, decided on the host: 0 is the
+            # conditional; then the guidance terms' (the null text, also prompts, run ends, negatives, no cache)
+            calls = [(text, lens, True)]
+
+            def branch(t, l, sees_cache=True) -> int:
+                calls.append((t, l, sees_cache))
+                return len(calls) - 1
+
             lo, hi = self.cfg_interval
             on = (tf >= lo) & (tf <= hi)  # text guidance only inside its noise interval (host: no device sync)
             guiding = bool(on.any())  # some latent frame in flight takes text / also / run / negative guidance
             text_on = self.cfg_text > 0 and guiding
             also = self.also[first:last]
             also_branches = max(len(q) for q in also) if self.cfg_also > 0 and guiding else 0
+            i_null = None
             if text_on or also_branches:  # the null branch, shared by text and also guidance
-                nt, nl = self._text([null_prompt] * len(active), [0] * len(active))
-                v_nt = self._dit(lat, tf, nt, nl, off, past)
-            if text_on:
-                scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
-                guided = guided + scale * (v - v_nt)
-            for b in range(also_branches):
-                # branch b tells each chunk its b-th also prompt (not its run): + cfg_also (v_b - v_null) for
-                # every object named, composed as the sum; a chunk with fewer keeps its prompt at scale 0
-                caps = [q[b] if b < len(q) else p for q, p in zip(also, prompts)]
-                at, al = self._text(caps, [0] * len(active))
-                has = torch.tensor([b < len(q) for q in also]).repeat_interleave(lf)
-                scale = (self.cfg_also * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
-                guided = guided + scale * (self._dit(lat, tf, at, al, off, past) - v_nt)
+                i_null = branch(*self._text([null_prompt] * len(active), [0] * len(active)))
+            # also branch b tells each chunk its b-th also prompt (not its run); a chunk with fewer keeps its prompt
+            i_also = [branch(*self._text([q[b] if b < len(q) else p for q, p in zip(also, prompts)], [0] * len(active)))
+                      for b in range(also_branches)]
+            i_end = None
             if self.cfg_run > 0 and guiding:
                 runs = self.runs[first:last]
                 run_ends = [min(r, 1) for r in runs]  # each caption told it ends at its chunk
                 if run_ends != runs:
-                    et, el = self._text(prompts, run_ends)
-                    v_end = self._dit(lat, tf, et, el, off, past)
-                    scale = (self.cfg_run * on).to(dev, dt).reshape(-1, 1, 1, 1)
-                    guided = guided + scale * (v - v_end)
+                    i_end = branch(*self._text(prompts, run_ends))
             neg = self.negative[first:last]
-            branches = max(len(q) for q in neg)
-            if self.cfg_neg > 0 and guiding and branches:
-                # branch b tells each chunk its b-th negative (its last one when it has fewer); a chunk
-                # without any keeps its own prompt and gets scale 0. v_neg: the mean over the branches.
+            n_neg = max(len(q) for q in neg) if self.cfg_neg > 0 and guiding else 0
+            # negative branch b tells each chunk its b-th negative (its last one when it has fewer; a chunk
+            # without any keeps its own prompt)
+            i_neg = [branch(*self._text([q[min(b, len(q) - 1)] if q else p for q, p in zip(neg, prompts)],
+                                        self.runs[first:last])) for b in range(n_neg)]
+            i_np = branch(text, lens, False) if self.cfg_prev > 0 and past is not None else None
+            vs = self._velocities(lat, tf, calls, off, past)
+
+            v = vs[0]
+            guided = v
+            if text_on:
+                scale = (self.cfg_text * on).to(dev, dt).reshape(-1, 1, 1, 1)  # per latent frame
+                guided = guided + scale * (v - vs[i_null])
+            for b, i in enumerate(i_also):  # + cfg_also (v_b - v_null) for every object named, composed as the sum
+                has = torch.tensor([b < len(q) for q in also]).repeat_interleave(lf)
+                scale = (self.cfg_also * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
+                guided = guided + scale * (vs[i] - vs[i_null])
+            if i_end is not None:
+                scale = (self.cfg_run * on).to(dev, dt).reshape(-1, 1, 1, 1)
+                guided = guided + scale * (v - vs[i_end])
+            if i_neg:  # v_neg: the mean over the negative branches; a chunk without negatives gets scale 0
                 v_neg = 0
-                for b in range(branches):
-                    caps = [q[min(b, len(q) - 1)] if q else p for q, p in zip(neg, prompts)]
-                    ng, ngl = self._text(caps, self.runs[first:last])
-                    v_neg = v_neg + self._dit(lat, tf, ng, ngl, off, past) / branches
+                for i in i_neg:
+                    v_neg = v_neg + vs[i] / len(i_neg)
                 has = torch.tensor([bool(q) for q in neg]).repeat_interleave(lf)
                 scale = (self.cfg_neg * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
                 guided = guided + scale * (v - v_neg)
@@ -706,12 +738,11 @@ class ChunkStream:
                 seen = torch.tensor([base + k > 0 or image_latent is not None for k in active]).repeat_interleave(lf)
                 guided = v + self._shape_guidance(guided - v, v, lat, t_cur.reshape(-1, 1, 1, 1).to(dev, dt),
                                                   seen.to(dev))
-            if self.cfg_prev > 0 and past is not None:
-                v_np = self._dit(lat, tf, text, lens, off, None)
+            if i_np is not None:
                 scale = self.cfg_prev
                 if prev_scale is not None:  # each chunk's first latent frames only, where it meets the chunk before
                     scale = prev_scale.repeat(len(active)).reshape(-1, 1, 1, 1)
-                guided = guided + scale * (v - v_np)
+                guided = guided + scale * (v - vs[i_np])
             lat = self._step(lat, guided, t_cur.reshape(-1, 1, 1, 1).to(dev, dt), t_nxt.reshape(-1, 1, 1, 1).to(dev, dt))
             for j, k in enumerate(active):
                 x[k] = lat[j * lf:(j + 1) * lf]
@@ -739,7 +770,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     keep_latents: bool = False, eta: float = DEFAULT_ETA,
                     eta_interval: tuple[float, float] = DEFAULT_ETA_INTERVAL, cfg_rescale: float = 0.0,
                     cfg_parallel: float = 1.0, cfg_local: float = DEFAULT_CFG_LOCAL, also=None,
-                    cfg_also: float = DEFAULT_CFG_ALSO, cfg_prev_frames: int = DEFAULT_CFG_PREV_FRAMES) -> ChunkStream:
+                    cfg_also: float = DEFAULT_CFG_ALSO, cfg_prev_frames: int = DEFAULT_CFG_PREV_FRAMES,
+                    pack_branches: bool | None = None) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks, each as soon
     as its frames are final (with a decoder that reads ahead, ``vae_delay`` > 0 as the shipped one,
     a chunk once the next chunk's latents are final, and the last when the video ends).
@@ -770,8 +802,12 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     (with ``image`` or ``video``): the stream tells every object of the picture but the one each prompt
     names the motion it showed in the latest final chunk (`objects`; the stream's ``objects`` and
     ``motions`` say what it found). ``cfg_prev_frames`` n > 0: guidance on the previous chunks acts on
-    each chunk's first n latent frames only, where it meets the chunk before (0: on all; default 1). Nothing is
-    computed until the first chunk is asked for.
+    each chunk's first n latent frames only, where it meets the chunk before (0: on all; default 1).
+    ``pack_branches``: run a tick's guidance branches (conditional, null text, negatives, no cache, ...) as
+    one packed transformer call (`DiT.forward_branches`, one maskc mask keeping each branch to its own
+    tokens) instead of one call each: the same velocities up to rounding, fewer launches (a GPU's win; on
+    the CPU the dense reference attention pays for the packed mask's empty blocks); default None: packed
+    on a GPU. Nothing is computed until the first chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -785,7 +821,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                        cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run, negative=negative, cfg_neg=cfg_neg,
                        ctx_t=ctx_t, keep_latents=keep_latents, eta=eta, eta_interval=eta_interval,
                        cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local, also=also,
-                       cfg_also=cfg_also, cfg_prev_frames=cfg_prev_frames)
+                       cfg_also=cfg_also, cfg_prev_frames=cfg_prev_frames, pack_branches=pack_branches)
 
 
 # generate_chunks' keyword defaults, read once at import (a wrapper patched over the name later, as tests do,

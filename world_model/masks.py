@@ -9,9 +9,14 @@ tokens per chunk. Caption tokens are packed the same way: one caption per chunk,
 - `chunk_window_mask`: generation with a KV cache: queries are the new chunks, keys are the cached
   chunks then the new ones; new chunk i sees every cached chunk and new chunks 0..i (within
   ``window`` chunks if given). It equals the new chunks' rows of ``self_attention_mask``.
+- `branch_window_mask`: several guidance branches of the same new chunks in one call: queries are
+  each branch's new chunks in turn, keys the cached chunks then each branch's new chunks; a branch
+  sees the cache or not, and its own new chunks only (`chunk_window_mask` per branch).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -93,3 +98,41 @@ def chunk_window_mask(n_cached_chunks: int, n_new_chunks: int, chunk_tokens: int
         first = 0 if w is None else max(0, c - w + 1)
         slices.append(((i * t, (i + 1) * t), (first * t, (c + 1) * t), FULL))
     return Mask(slices, sq=nn_ * t, sk=(nc + nn_) * t)
+
+
+def branch_window_mask(n_cached_chunks: int, n_new_chunks: int, chunk_tokens: int, window: int | None = None,
+                       sees_cache=(True,)) -> Mask:
+    """Guidance branches packed into one call over one KV cache:
+    ``[B * n_new * T, (n_cached + B * n_new) * T]`` for ``B = len(sees_cache)`` branches.
+
+    Keys are the cached chunks, then branch 0's new chunks, branch 1's, ...; queries are the branches'
+    new chunks in the same order. Branch b's rows are `chunk_window_mask` (``sees_cache[b]``) or
+    `self_attention_mask` of its new chunks alone (not), with its own new chunks' keys moved to its
+    place: a branch never sees another branch's tokens."""
+    nc = _count(n_cached_chunks, "branch_window_mask: n_cached_chunks", 0)
+    a = _count(n_new_chunks, "branch_window_mask: n_new_chunks", 1)
+    t = _count(chunk_tokens, "branch_window_mask: chunk_tokens", 1)
+    w = None if window is None else _count(window, "branch_window_mask: window", 1)
+    flags = tuple(sees_cache) if isinstance(sees_cache, (tuple, list)) else None
+    if not flags or not all(isinstance(f, (bool, np.bool_)) for f in flags):
+        raise MaskError(f"branch_window_mask: sees_cache must be a non-empty sequence of bools (one per branch), "
+                        f"got {sees_cache!r}")
+    return _branch_window_mask(nc, a, t, w, tuple(bool(f) for f in flags))
+
+
+@functools.lru_cache(maxsize=64)  # a stream asks for the same few layouts every tick
+def _branch_window_mask(nc: int, a: int, t: int, w: int | None, flags: tuple[bool, ...]) -> Mask:
+    i = np.arange(a, dtype=np.int64)
+    back = i + nc if w is None else np.minimum(i + nc, w - 1)  # chunks before each new chunk within the window
+    own_lo = np.maximum(i - back, 0)  # the first new chunk each one sees (its own branch's)
+    cache_lo = nc + i - back  # the first cached chunk it sees (none when >= nc)
+    has = cache_lo < nc
+    rows = []
+    for b, sees in enumerate(flags):
+        q0 = (b * a + i) * t
+        base = nc + b * a  # branch b's first new chunk among the keys
+        rows.append(np.stack([q0, q0 + t, (base + own_lo) * t, (base + i + 1) * t, np.full(a, int(FULL))], 1))
+        if sees and has.any():
+            n = int(has.sum())
+            rows.append(np.stack([q0[has], q0[has] + t, cache_lo[has] * t, np.full(n, nc * t), np.full(n, int(FULL))], 1))
+    return Mask._from_slice_array(np.concatenate(rows), len(flags) * a * t, (nc + len(flags) * a) * t)
