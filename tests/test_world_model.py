@@ -864,13 +864,35 @@ def test_forward_branches_equals_one_call_per_branch(tiny, window):
         tiny.dit.forward_branches(lat[13:], t[2:], branches, 2, window, kv)
 
 
-def test_attend_cpu_uses_the_reference():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(8, 4, 16, generator=g), torch.randn(6, 2, 16, generator=g), torch.randn(6, 2, 16, generator=g)
-    mask = maskc.causal(8, 6)
+@given(sq=st.integers(1, 40), sk=st.integers(1, 40), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_attend_on_the_cpu_equals_the_float64_reference(sq, sk, hkv, group, seed, dtype):
+    """The CPU path (`dense_attention`): random masks of every kind, GQA, rows without keys (0 out, 0
+    gradient, no NaN); out and the gradients of q, k, v equal the float64 reference to float32 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    slices = []
+    for _ in range(int(rng.integers(0, 4))):
+        q0, k0 = int(rng.integers(0, sq)), int(rng.integers(0, sk))
+        q1, k1 = int(rng.integers(q0 + 1, sq + 1)), int(rng.integers(k0 + 1, sk + 1))
+        slices.append(((q0, q1), (k0, k1), [maskc.FULL, maskc.CAUSAL, maskc.INV_CAUSAL, maskc.BI_CAUSAL][int(rng.integers(4))]))
+    mask = maskc.Mask(slices, sq=sq, sk=sk)
+    q = torch.randn(sq, hkv * group, 16, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(sk, hkv, 16, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(sk, hkv, 16, generator=g, dtype=dtype, requires_grad=True)
     out = attend(q, k, v, mask)
-    assert out.dtype == torch.float32 and out.shape == (8, 4, 16)
-    assert torch.allclose(out, reference_attention(q, k, v, mask).float())
+    ref = reference_attention(q, k, v, mask)
+    assert out.dtype == dtype and out.shape == (sq, hkv * group, 16)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(out.double(), ref, atol=tol)
+    keyless = ~torch.as_tensor(mask.to_dense()).any(-1)
+    assert not out[keyless].any()
+    dout = torch.randn(out.shape, generator=g, dtype=dtype)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout.double())
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and torch.allclose(a.double(), b.double(), atol=10 * tol)
+    assert not got[0][keyless].any()
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
