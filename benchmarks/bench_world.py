@@ -16,8 +16,9 @@ allocator's history); those runs are slower and are not counted in the throughpu
 ``--gpu`` generates 4, 16 and 64 chunks with the model on the GPU (FFA kernels, bf16) and records
 the allocator's peak for each (the constant-memory target: 64 chunks / 4 chunks <= 1.02) and the
 frames per second; then the frame rate of 16 chunks with each tick's guidance branches packed into
-one transformer call (the default on a GPU) and run one call each, alternating, ``--reps`` timed runs
-of each after a warm-up (medians); writes ``world-gpu-<device>-<date>.json``.
+one transformer call replayed from a CUDA graph (the default on a GPU), packed and run eagerly, and
+run one call each, in turn, ``--reps`` timed runs of each after a warm-up (medians); writes
+``world-gpu-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ def gpu_memory(args) -> int:
     EV.measure_memory(model, meta, 2, steps=DEFAULT_STEPS)  # compile the kernels first
     rows = []
     for n in MEMORY_CHUNKS:
+        model._graphed_blocks = None  # each length captures its own CUDA graphs, as a fresh process would
         r = EV.measure_memory(model, meta, n, steps=DEFAULT_STEPS)
         rows.append(r)
-        print(f"{n:3d} chunks: peak GPU {r['peak_gpu_mb']:.1f} MB, {r['fps']:.1f} frames/s, "
+        print(f"{n:3d} chunks: peak GPU {r['peak_gpu_mb']:.1f} MB ({r['peak_gpu_reserved_mb']:.0f} MB reserved), "
+              f"{r['fps']:.1f} frames/s, "
               f"KV cache {r['kv_cache_bytes'] / 2**20:.2f} MB", flush=True)
     date = dt.date.today().isoformat()
     dev = torch.cuda.get_device_name(0)
@@ -106,8 +109,9 @@ def gpu_memory(args) -> int:
 
 
 def branch_layouts(model, meta, n_chunks: int, reps: int) -> dict:
-    """Frames/s of ``n_chunks`` chunks with the guidance branches packed and separate, alternating (a warm-up
-    of each first); per layout every run's frames/s, the median, transformer calls and branch passes."""
+    """Frames/s of ``n_chunks`` chunks with the guidance branches packed into CUDA graphs, packed, and separate,
+    in turn (a warm-up of each first: the graphs are captured there); per layout every run's frames/s, the
+    median, transformer calls and branch passes."""
     import numpy as np
     import torch
 
@@ -116,8 +120,9 @@ def branch_layouts(model, meta, n_chunks: int, reps: int) -> dict:
 
     out = {}
     for rep in range(reps + 1):
-        for name, pack in (("packed", True), ("separate", False)):
-            r = measure_memory(model, meta, n_chunks, steps=DEFAULT_STEPS, seed=rep, pack_branches=pack)
+        for name, pack, graphs in (("graphs", True, True), ("packed", True, False), ("separate", False, False)):
+            r = measure_memory(model, meta, n_chunks, steps=DEFAULT_STEPS, seed=rep, pack_branches=pack,
+                               cuda_graphs=graphs)
             o = out.setdefault(name, {"fps": [], "peak_gpu_mb": [], "model_calls": r["model_calls"],
                                       "branch_passes": r["branch_passes"]})
             if rep:
@@ -130,7 +135,8 @@ def branch_layouts(model, meta, n_chunks: int, reps: int) -> dict:
               f"peak GPU {max(o['peak_gpu_mb']):.1f} MB", flush=True)
     torch.cuda.synchronize()
     return {"chunks": n_chunks, "reps": reps, **out,
-            "speedup": out["packed"]["median_fps"] / out["separate"]["median_fps"]}
+            "speedup_packed": out["packed"]["median_fps"] / out["separate"]["median_fps"],
+            "speedup_graphs": out["graphs"]["median_fps"] / out["separate"]["median_fps"]}
 
 
 if __name__ == "__main__":

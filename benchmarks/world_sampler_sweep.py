@@ -11,7 +11,8 @@ the defaults before, and since session 37 with ``cfg_prev`` 4 on each chunk's fi
 object is told that motion; ``also=3``: image-to-video finds its own (``generate_chunks(also="auto")``);
 ``cfg_lo`` / ``cfg_hi`` are the ends of its ``cfg_interval``, ``eta_lo`` / ``eta_hi`` of its
 ``eta_interval``; ``pack_branches=0`` / ``1``: the guidance branches one transformer call each / packed
-into one, the GPU's default since session 38) it generates the same held-out
+into one, the GPU's default since session 38, ``cuda_graphs=0`` / ``1``: the packed calls run eagerly /
+replayed from CUDA graphs, the same) it generates the same held-out
 direction-change videos as ``magi eval`` and scores them with the same tracker (and with the
 occlusion rule before session 27, ``occlusion="video"``): overall, per chunk position, and per video (the measured motions, whether
 the generated first chunk leaves its subject room to keep moving one more chunk,
@@ -61,7 +62,7 @@ KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shif
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
         "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float,
         "cfg_also": float, "also": int, "also_lag": int, "also_motion": str, "cfg_prev_frames": int,
-        "pack_branches": flag}
+        "pack_branches": flag, "cuda_graphs": flag}
 # the "also" key: none, every other object's caption (the simulator's), the stream's own (`objects`);
 # 2, each object named without a motion, was measured at commit 8bfdc87 and removed
 ALSO = {0: False, 1: True, 3: "auto"}

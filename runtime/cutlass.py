@@ -362,10 +362,11 @@ def _counters(index: int, stream: int, n: int) -> int:
         raise ValueError(f"zeroed_counters: n must be in 1..{_RING_SLOTS}, got {n}")
     key = (index, stream)
     if torch.cuda.is_current_stream_capturing():
-        # a CUDA graph replays its memsets: one buffer zeroed before each captured launch
+        # a CUDA graph replays its memsets: one buffer zeroed before each captured launch, of the
+        # largest size at once (graphs captured before hold its address: it is never replaced)
         buf = _CAPTURE_COUNTERS.get(key)
-        if buf is None or buf.numel() < n:
-            buf = _new_counters(index, max(n, 4))
+        if buf is None:
+            buf = _new_counters(index, _RING_SLOTS)
             with _LOCK:
                 _CAPTURE_COUNTERS[key] = buf
         _zero(buf, n, stream)

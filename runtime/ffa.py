@@ -45,16 +45,28 @@ def plan_for(mask: Mask, block_q: int, block_k: int, only: str | None = None) ->
     return plan
 
 
+# work lists read by launches captured into CUDA graphs: a graph replays their addresses, so they live as
+# long as the process (the caches above may drop them); a few hundred bytes per captured launch
+_HELD_BY_GRAPHS: list[tuple] = []
+
+
+def _hold_if_captured(lists: tuple) -> tuple:
+    if lists[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        with _LOCK:
+            _HELD_BY_GRAPHS.append(lists)
+    return lists
+
+
 def _device_lists(plan: TilePlan, which: str, device) -> tuple:
     key = (id(plan), which, device)
     hit = _DEVICE_LISTS.get(key)
     if hit is not None and hit[0] is plan:
-        return hit[1]
+        return _hold_if_captured(hit[1])
     arrays = kernel_lists(plan, which)
     tensors = tuple(torch.tensor(arrays[name], dtype=torch.int32, device=device) for name in KERNEL_LISTS)
     with _LOCK:
         _DEVICE_LISTS[key] = (plan, tensors)
-    return tensors
+    return _hold_if_captured(tensors)
 
 
 def _spec(direction: str, plan: TilePlan, which: str, q, group: int, softcap: float, cfg: KernelConfig,
@@ -96,6 +108,7 @@ def _launch(direction, plan, which, q, group, softcap, cfg, tensors, scalars, gr
                 _LAUNCH.clear()
             _LAUNCH[key] = hit
     _, spec, kernel, lists = hit
+    _hold_if_captured(lists)
     kernel[(grid0, grid1)](
         *tensors, *lists, *scalars,
         HEAD_DIM=spec.head_dim, BLOCK_M=spec.block_q, BLOCK_N=spec.block_k, GROUP=group,

@@ -452,8 +452,29 @@ def test_counters_under_graph_capture_are_zeroed_by_each_call(fake_launch, monke
     cb, fake = fake_launch
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     first = cb._counters(0, 5, 2)
+    buf = cb._CAPTURE_COUNTERS[(0, 5)]
     assert cb._counters(0, 5, 1) == first  # a replay zeroes them again before each launch
-    assert [m[1:] for m in fake.memsets] == [(0, 2, 5), (0, 1, 5)] and not cb._RINGS
+    # a later capture that needs more keeps the same buffer: graphs captured before replay its address
+    assert cb._counters(0, 5, 7) == first and cb._CAPTURE_COUNTERS[(0, 5)] is buf and buf.numel() == cb._RING_SLOTS
+    assert [m[1:] for m in fake.memsets] == [(0, 2, 5), (0, 1, 5), (0, 7, 5)] and not cb._RINGS
+
+
+def test_work_lists_of_captured_launches_are_held_for_good(monkeypatch):
+    """A launch captured into a CUDA graph keeps its work lists alive (the graph replays their addresses;
+    the plan caches may drop them); a launch outside a capture holds nothing."""
+    from maskc.runtime import ffa
+
+    class Lists:
+        is_cuda = True
+
+    monkeypatch.setattr(ffa, "_HELD_BY_GRAPHS", [])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    ffa._hold_if_captured((Lists(),))
+    assert ffa._HELD_BY_GRAPHS == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    lists = (Lists(),)
+    assert ffa._hold_if_captured(lists) is lists and ffa._HELD_BY_GRAPHS == [lists]
+    assert ffa._hold_if_captured((torch.zeros(1),)) and len(ffa._HELD_BY_GRAPHS) == 1  # CPU tensors: no graph
 
 
 def _forward_call(cb, out, scale=0.125):

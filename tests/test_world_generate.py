@@ -12,6 +12,7 @@ pytest.importorskip("safetensors")
 
 from maskc.world_model import cli
 from maskc.world_model import generate as G
+from maskc.world_model import graphs as GR
 from maskc.world_model import train as TR
 from maskc.world_model.configs import TINY
 
@@ -134,7 +135,7 @@ def test_packed_branches_make_the_same_video_in_fewer_calls(tiny, monkeypatch):
     prompts = [P, "the red circle moves up"]
     packed_calls = []
     fb = tiny.dit.forward_branches
-    monkeypatch.setattr(tiny.dit, "forward_branches", lambda *a: packed_calls.append(a[2]) or fb(*a))
+    monkeypatch.setattr(tiny.dit, "forward_branches", lambda *a, **k: packed_calls.append(a[2]) or fb(*a, **k))
     with CountingDiT(tiny) as c0:
         s0 = G.generate_chunks(tiny, prompts, **kw)
         sep = np.concatenate(list(s0)).astype(int)
@@ -154,6 +155,60 @@ def test_packed_branches_make_the_same_video_in_fewer_calls(tiny, monkeypatch):
     for bad in (1, "yes", 0.0):
         with pytest.raises(ValueError, match="pack_branches"):
             G.generate_chunks(tiny, [P], pack_branches=bad)
+
+
+def test_cuda_graphs_need_a_gpu_and_packed_branches(tiny):
+    """cuda_graphs: off by default on the CPU; asked for there, or without packed branches, or not a bool,
+    it is refused before any work; `GraphedBlocks` refuses autograd and CPU inputs."""
+    s = G.generate_chunks(tiny, [P], n_chunks=1, steps=1)
+    assert s.graphs is None and s.pack_branches is False
+    for kw, msg in (({"cuda_graphs": True}, "needs the model on a CUDA device"),
+                    ({"cuda_graphs": True, "pack_branches": True}, "needs the model on a CUDA device"),
+                    ({"cuda_graphs": 1}, "cuda_graphs must be True, False or None")):
+        with pytest.raises(ValueError, match=msg):
+            G.generate_chunks(tiny, [P], **kw)
+    gb = GR.GraphedBlocks(tiny.dit)
+    x = torch.zeros(4, TINY.patch_dim)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        gb(x, x[:, 0], x[:, :3].long(), x, None, None)
+    with torch.no_grad(), pytest.raises(ValueError, match="on a CUDA device, got cpu"):
+        gb(x, x[:, 0], x[:, :3].long(), x, None, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_equal_the_packed_call_and_the_stream(small):
+    """On a GPU: a packed call replayed from its graph gives the eager call's velocities bit for bit, on
+    new inputs too; layouts get a graph each and share the buffers, which grow for a larger call; the
+    stream with graphs yields the frames of the stream without them."""
+    model, meta = G.load_model(device="cuda")
+    cfg, dit = model.cfg, model.dit
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.latent_frames, cfg.latent_size, cfg.latent_size, cfg.latent_channels)
+    gb = GR.GraphedBlocks(dit)
+    with torch.no_grad():
+        z = torch.randn((2 * shape[0],) + shape[1:], generator=g).cuda()
+        t2, l2 = model.encode_captions([P] * 2)
+        _, kv = dit(z, torch.ones(2), t2, l2, chunk_offsets=(0,), window=4, return_kv=True)
+        nt, nl = model.encode_captions([""] * 2)
+        for n_branches in (2, 3):  # a second, larger layout: larger buffers
+            br = [(t2, l2, True), (nt, nl, True), (t2, l2, False)][:n_branches]
+            for _ in range(2):
+                lat = torch.randn((2 * shape[0],) + shape[1:], generator=g).cuda()
+                tf = torch.rand(2, generator=g).repeat_interleave(cfg.latent_frames)
+                want = dit.forward_branches(lat, tf, br, 2, 4, kv)
+                got = dit.forward_branches(lat, tf, br, 2, 4, kv, blocks=gb)
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert (gb.captures, gb.replays, len(gb.graphs)) == (2, 2, 2)
+        assert len({id(e.buffers) for e in gb.graphs.values()}) == 2  # grown for the 3-branch call
+    frames = {}
+    for graphs in (False, True):
+        s = G.generate_chunks(model, [P, "the red circle moves left"], n_chunks=4, steps=6, seed=1, meta=meta,
+                              cuda_graphs=graphs)
+        frames[graphs] = np.concatenate(list(s))
+        assert (s.graphs is not None) == graphs
+    assert np.array_equal(frames[True], frames[False])
+    # every tick is one packed call, captured the first time its layout comes up and replayed after
+    assert s.graphs.captures + s.graphs.replays == s.ticks and s.graphs.replays > 0 and s.graphs.captures > 0
 
 
 def test_ring_buffer_order_and_wrap():
@@ -981,6 +1036,8 @@ def test_cli_also_auto(tmp_path, capsys):
     (["--prompts", "BADYAML"], "is not valid YAML"),
     (["--prompt", P, "--pack-branches", "yes"], "--pack-branches: invalid choice: 'yes'"),
     (["--prompt", P, "--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    (["--prompt", P, "--cuda-graphs", "always"], "--cuda-graphs: invalid choice: 'always'"),
+    (["--prompt", P, "--device", "cpu", "--cuda-graphs", "on"], "needs the model on a CUDA device"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, msg):
     from PIL import Image

@@ -47,7 +47,8 @@ def test_sampler_sweep_settings_parse_and_reject_bad_input():
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_prev=2,cfg_prev_frames=1")) == \
         {"cfg_prev": 2.0, "cfg_prev_frames": 1}
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("pack_branches=0")) == {"pack_branches": False}
-    assert world_sampler_sweep.parse_setting("pack_branches=1") == {"pack_branches": True}
+    assert world_sampler_sweep.parse_setting("pack_branches=1,cuda_graphs=0") == {"pack_branches": True,
+                                                                                  "cuda_graphs": False}
     up = "the red circle moves up"
     assert world_sampler_sweep.gen_kwargs(world_sampler_sweep.parse_setting("cfg_neg=5,neg=bounce"), [up]) == \
         {"cfg_neg": 5.0, "negative": [("the red circle bounces off the ceiling",)]}

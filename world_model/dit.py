@@ -25,6 +25,7 @@ predicts the velocity ``x_clean - noise``; every chunk carries its own t.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -342,7 +343,7 @@ class DiT(nn.Module):
         v = unpatchify(v, n_frames, cfg)
         return (v, new_kv) if return_kv else v
 
-    def forward_branches(self, latents, t, branches, chunk_offset: int = 0, window=None, past_kv=None):
+    def forward_branches(self, latents, t, branches, chunk_offset: int = 0, window=None, past_kv=None, blocks=None):
         """Velocities [F, h, w, C] of several guidance branches of the same noisy chunks, in one call.
 
         branches: per branch ``(text, caption_lengths, sees_cache)``: its packed captions (one per
@@ -351,7 +352,15 @@ class DiT(nn.Module):
         keeps each to its own tokens (and the cache where it sees it), so branch b's velocity is
         ``forward(latents, t, text_b, lens_b, chunk_offsets=(chunk_offset,), window=window,
         past_kv=past_kv if sees_cache_b else None)`` up to rounding: one call instead of B, which is
-        what a small model on a GPU is bound by."""
+        what a small model on a GPU is bound by. ``blocks``: what runs the network on the packed
+        inputs (default `_blocks`; `world_model.graphs.GraphedBlocks` replays CUDA graphs of it)."""
+        inputs = self.branch_inputs(latents, t, branches, chunk_offset, window, past_kv)
+        v, _ = (self._blocks if blocks is None else blocks)(*inputs, past_kv)
+        return [unpatchify(vb, latents.shape[0], self.cfg) for vb in v.chunk(len(branches))]
+
+    def branch_inputs(self, latents, t, branches, chunk_offset: int = 0, window=None, past_kv=None) -> tuple:
+        """`forward_branches`' packed inputs to `_blocks`: patch tokens, flow time per token, positions,
+        the branches' captions, the self- and the cross-attention mask."""
         cfg = self.cfg
         branches = list(branches)
         if not branches or not all(isinstance(b, (tuple, list)) and len(b) == 3 and isinstance(b[2], bool)
@@ -360,8 +369,8 @@ class DiT(nn.Module):
                              f"got {[type(b).__name__ for b in branches]}")
         video_chunks, offsets = self._layout(latents, None, (chunk_offset,), past_kv)
         n_b, n_chunks, tpc = len(branches), video_chunks[0], cfg.tokens_per_chunk
-        lens = [int(n) for b in branches for n in b[1]]
-        cross_mask = masks.cross_attention_mask((n_chunks,) * n_b, tpc, lens)
+        lens = tuple(int(n) for b in branches for n in b[1])
+        cross_mask = _branch_cross_mask(n_b * n_chunks, tpc, lens)
         text = torch.cat([b[0] for b in branches])
         if cross_mask.sk != text.shape[0]:
             raise ValueError(f"the branches' text has {text.shape[0]} tokens but their caption_lengths sum to {cross_mask.sk}")
@@ -370,8 +379,7 @@ class DiT(nn.Module):
         x = patchify(latents, cfg).repeat(n_b, 1)
         t_tok = token_times(frame_times(t, n_chunks, cfg).to(x.device), cfg).repeat(n_b)
         pos = positions((n_chunks,) * n_b, offsets * n_b, cfg).to(x.device)
-        v, _ = self._blocks(x, t_tok, pos, text, self_mask, cross_mask, past_kv)
-        return [unpatchify(vb, latents.shape[0], cfg) for vb in v.chunk(n_b)]
+        return x, t_tok, pos, text, self_mask, cross_mask
 
     def _blocks(self, x, t_tok, pos, text, self_mask, cross_mask, past_kv):
         """Patch tokens [S, patch_dim] through the network -> velocity tokens [S, patch_dim] and every
@@ -404,6 +412,11 @@ class DiT(nn.Module):
         if len(chunk_offsets) != len(video_chunks) or min(chunk_offsets) < 0:
             raise ValueError(f"chunk_offsets {chunk_offsets} must give one offset >= 0 per sample {video_chunks}")
         return video_chunks, chunk_offsets
+
+
+@functools.lru_cache(maxsize=64)  # a stream packs the same few caption layouts every tick
+def _branch_cross_mask(n_chunks: int, chunk_tokens: int, caption_lengths: tuple[int, ...]) -> Mask:
+    return masks.cross_attention_mask((n_chunks,), chunk_tokens, caption_lengths)
 
 
 def _init_linear(m: nn.Module) -> None:

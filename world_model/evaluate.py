@@ -406,7 +406,7 @@ MEMORY_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, held fix
 def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
                    cfg_neg: float | None = None, eta: float | None = None, cfg_local: float | None = None,
                    cfg_prev: float | None = None, cfg_prev_frames: int | None = None,
-                   pack_branches: bool | None = None) -> dict:
+                   pack_branches: bool | None = None, cuda_graphs: bool | None = None) -> dict:
     """Peak host memory of one ``n_chunks`` generation in this process, tracemalloc peak, KV-cache bytes.
 
     ``peak_rss_mb``: the kernel's RSS high-water mark over the generation (VmHWM, reset to the
@@ -415,7 +415,7 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
     sampled after each chunk ("sampled"). ``rss_per_chunk_mb``: RSS after each chunk;
     ``sampled_peak_rss_mb`` their maximum (with the RSS at the start); ``rss_growth_mb``: peak
     minus the RSS at the start. ``cfg_text`` / ``cfg_neg`` / ``eta`` / ``cfg_local`` / ``cfg_prev`` /
-    ``cfg_prev_frames`` / ``pack_branches``: as for generation (default: generate's); each guidance runs one
+    ``cfg_prev_frames`` / ``pack_branches`` / ``cuda_graphs``: as for generation (default: generate's); each guidance runs one
     more model pass (``branch_passes``; packed into ``model_calls`` transformer calls on a GPU).
 
     In a process that already ran other work, or with glibc's default allocator, RSS says as much
@@ -425,7 +425,7 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
 
     prompt = "the red circle moves right"
     given = {"cfg_text": cfg_text, "cfg_neg": cfg_neg, "eta": eta, "cfg_local": cfg_local, "cfg_prev": cfg_prev,
-             "cfg_prev_frames": cfg_prev_frames, "pack_branches": pack_branches}
+             "cfg_prev_frames": cfg_prev_frames, "pack_branches": pack_branches, "cuda_graphs": cuda_graphs}
     stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta,
                              **{k: v for k, v in given.items() if v is not None})  # None: generate's default
     import torch
@@ -460,10 +460,12 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
            "rss_per_chunk_mb": [round(r / 2 ** 20, 2) for r in per_chunk],
            "tracemalloc_peak_mb": tm_peak / 2 ** 20, "kv_cache_bytes": stream.cache.nbytes(),
            "peak_cache_chunks": stream.peak_cache_chunks, "seconds": dt, "pack_branches": stream.pack_branches,
-           "model_calls": stream.model_calls, "branch_passes": stream.branch_passes,
+           "cuda_graphs": stream.graphs is not None, "model_calls": stream.model_calls,
+           "branch_passes": stream.branch_passes,
            "fps": n_chunks * model.cfg.chunk_frames / dt}
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        out["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved(dev) / 2 ** 20  # + the allocator's cache, graph pools
         out["gpu_growth_mb"] = (torch.cuda.max_memory_allocated(dev) - gpu0) / 2 ** 20
         out["device"] = torch.cuda.get_device_name(dev)
     return out

@@ -112,6 +112,7 @@ import torch
 
 from . import objects as O
 from . import vocab
+from .graphs import graphed_blocks
 from .text import token_runs
 from .train import NULL_CAPTION
 from .vae import receptive_latent_frames, to_uint8
@@ -398,7 +399,8 @@ class ChunkStream:
                  shift, meta, cfg_interval=DEFAULT_CFG_INTERVAL, runs=None, cfg_run=0.0, negative=None,
                  cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T, keep_latents=False, eta=DEFAULT_ETA,
                  eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=DEFAULT_CFG_LOCAL,
-                 also=None, cfg_also=DEFAULT_CFG_ALSO, cfg_prev_frames=DEFAULT_CFG_PREV_FRAMES, pack_branches=None):
+                 also=None, cfg_also=DEFAULT_CFG_ALSO, cfg_prev_frames=DEFAULT_CFG_PREV_FRAMES, pack_branches=None,
+                 cuda_graphs=None):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -429,7 +431,16 @@ class ChunkStream:
         self.cfg_prev_frames = cfg_prev_frames
         if pack_branches is not None and not isinstance(pack_branches, bool):
             raise ValueError(f"pack_branches must be True, False or None (None: packed on a GPU), got {pack_branches!r}")
-        self.pack_branches = self._device().type == "cuda" if pack_branches is None else pack_branches
+        cuda = self._device().type == "cuda"
+        self.pack_branches = cuda if pack_branches is None else pack_branches
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True, False or None (None: with packed branches on a GPU), "
+                             f"got {cuda_graphs!r}")
+        if cuda_graphs and not (cuda and self.pack_branches):
+            raise ValueError("cuda_graphs replays the packed transformer call from CUDA graphs: it needs the model on "
+                             f"a CUDA device (it is on {self._device()}) and pack_branches")
+        use_graphs = cuda and self.pack_branches if cuda_graphs is None else cuda_graphs
+        self.graphs = graphed_blocks(model) if use_graphs else None
         self.cfg_neg, self.cfg_also = float(cfg_neg), float(cfg_also)
         if not (isinstance(ctx_t, (int, float)) and 0.0 < ctx_t <= 1.0):
             raise ValueError(f"ctx_t must be a flow time in (0, 1] (1: finished chunks are clean context), got {ctx_t!r}")
@@ -470,6 +481,14 @@ class ChunkStream:
         self.shift = float(shift)
         self.stride = max(1, math.ceil(self.steps / self.window))
         self.cache = RingKVCache(cfg.depth, self.attn_window - 1, cfg.tokens_per_chunk)
+        if self.graphs is not None:  # the graphs' buffers, once, for this stream's largest call
+            most = (1 + 1 + max(map(len, self.also), default=0) + (self.cfg_run > 0)
+                    + max(map(len, self.negative), default=0) + (self.cfg_prev > 0))  # cond, null, ..., no cache
+            if self.auto_also:  # the objects it finds, one colour each at most
+                most += len(vocab.COLOURS)
+            rows = most * self.window * cfg.tokens_per_chunk
+            self.graphs.reserve(rows, most * self.window * cfg.max_caption_tokens,
+                                self.cache.capacity * cfg.tokens_per_chunk, self._device())
         self.model_calls = 0  # transformer calls (a packed call of several branches counts once)
         self.branch_passes = 0  # passes of the chunks in flight through the transformer (every branch, clean passes)
         self.ticks = 0
@@ -504,11 +523,12 @@ class ChunkStream:
 
     def _velocities(self, lat, tf, calls, offset, past) -> list[torch.Tensor]:
         """The velocity of every branch ``(text, lens, sees_cache)`` of the chunks in flight: one packed
-        transformer call (`DiT.forward_branches`) with ``pack_branches``, else one call each."""
-        if self.pack_branches and len(calls) > 1:
+        transformer call (`DiT.forward_branches`) with ``pack_branches`` (replayed from a CUDA graph with
+        ``cuda_graphs``, a single branch too), else one call each."""
+        if self.pack_branches and (len(calls) > 1 or self.graphs is not None):
             self.model_calls += 1
             self.branch_passes += len(calls)
-            return self.model.dit.forward_branches(lat, tf, calls, offset, self.attn_window, past)
+            return self.model.dit.forward_branches(lat, tf, calls, offset, self.attn_window, past, blocks=self.graphs)
         return [self._dit(lat, tf, t, n, offset, past if sees else None) for t, n, sees in calls]
 
     def _text(self, prompts, runs):
@@ -771,7 +791,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     eta_interval: tuple[float, float] = DEFAULT_ETA_INTERVAL, cfg_rescale: float = 0.0,
                     cfg_parallel: float = 1.0, cfg_local: float = DEFAULT_CFG_LOCAL, also=None,
                     cfg_also: float = DEFAULT_CFG_ALSO, cfg_prev_frames: int = DEFAULT_CFG_PREV_FRAMES,
-                    pack_branches: bool | None = None) -> ChunkStream:
+                    pack_branches: bool | None = None, cuda_graphs: bool | None = None) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks, each as soon
     as its frames are final (with a decoder that reads ahead, ``vae_delay`` > 0 as the shipped one,
     a chunk once the next chunk's latents are final, and the last when the video ends).
@@ -806,8 +826,10 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     ``pack_branches``: run a tick's guidance branches (conditional, null text, negatives, no cache, ...) as
     one packed transformer call (`DiT.forward_branches`, one maskc mask keeping each branch to its own
     tokens) instead of one call each: the same velocities up to rounding, fewer launches (a GPU's win; on
-    the CPU the dense reference attention pays for the packed mask's empty blocks); default None: packed
-    on a GPU. Nothing is computed until the first chunk is asked for.
+    the CPU the dense attention pays for the packed mask's empty blocks); default None: packed on a GPU.
+    ``cuda_graphs``: replay each packed call from a CUDA graph of its layout (`graphs.GraphedBlocks`, kept
+    on the model); default None: on a GPU with packed branches. Nothing is computed until the first
+    chunk is asked for.
     """
     if isinstance(prompts_per_chunk, str):
         prompts_per_chunk = [prompts_per_chunk]
@@ -821,7 +843,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                        cfg_interval=cfg_interval, runs=runs, cfg_run=cfg_run, negative=negative, cfg_neg=cfg_neg,
                        ctx_t=ctx_t, keep_latents=keep_latents, eta=eta, eta_interval=eta_interval,
                        cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local, also=also,
-                       cfg_also=cfg_also, cfg_prev_frames=cfg_prev_frames, pack_branches=pack_branches)
+                       cfg_also=cfg_also, cfg_prev_frames=cfg_prev_frames, pack_branches=pack_branches,
+                       cuda_graphs=cuda_graphs)
 
 
 # generate_chunks' keyword defaults, read once at import (a wrapper patched over the name later, as tests do,
