@@ -895,6 +895,21 @@ def test_attend_on_the_cpu_equals_the_float64_reference(sq, sk, hkv, group, seed
     assert not got[0][keyless].any()
 
 
+def test_dense_attention_keeps_a_bounded_cache_of_recent_masks(monkeypatch):
+    """The CPU path caches the dense score bias of the masks it was last asked for (every layer of a call
+    reads the same ones) and drops the least recently used: its memory does not grow with the masks a
+    long video meets."""
+    monkeypatch.setattr(DIT, "_DENSE", DIT.OrderedDict())
+    q = torch.randn(6, 2, 16)
+    masks = [maskc.causal(6, 6 + i) for i in range(DIT._MAX_DENSE + 3)]
+    for m in masks:
+        attend(q, torch.randn(m.sk, 1, 16), torch.randn(m.sk, 1, 16), m)
+        attend(q, torch.randn(6, 1, 16), torch.randn(6, 1, 16), masks[0])  # used all along: kept
+    assert len(DIT._DENSE) == DIT._MAX_DENSE
+    kept = [k[0] for k in DIT._DENSE]
+    assert masks[0] in kept and masks[-1] in kept and masks[1] not in kept
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
 def test_dit_through_the_ffa_kernels_matches_the_reference(monkeypatch):
     """Head dim 64 (the kernels' size): the model's masks and layouts run through

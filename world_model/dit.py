@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -61,23 +62,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     return dense_attention(q, k, v, mask)
 
 
-_DENSE: dict = {}  # (mask, device) -> (score bias [sq, sk]: 0 allowed / -inf not, has_key [sq, 1, 1])
-_MAX_DENSE = 64
+# (mask, device) -> (score bias [sq, sk]: 0 allowed / -inf not, has_key [sq, 1, 1]), the least recently used
+# dropped first: a tick's few masks stay (every layer reads them), and the memory they take does not grow
+# with the number of masks a video meets (a 384 x 672 bias is 1 MB)
+_DENSE: OrderedDict = OrderedDict()
+_MAX_DENSE = 8
 
 
 def _dense_bias(mask: Mask, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mask as an additive float32 score bias on ``device``, cached: a stream asks for the same few
-    masks every step. A row without keys gets bias 0 everywhere (finite values and gradients; its
-    output is then set to 0)."""
+    """The mask as an additive float32 score bias on ``device``, cached (`_DENSE`). A row without keys
+    gets bias 0 everywhere (finite values and gradients; its output is then set to 0)."""
     key = (mask, str(device))
     hit = _DENSE.get(key)
-    if hit is None:
-        allowed = torch.as_tensor(mask.to_dense(), device=device)
-        has_key = allowed.any(-1)
-        bias = torch.zeros(allowed.shape, device=device).masked_fill_(~(allowed | ~has_key[:, None]), float("-inf"))
-        if len(_DENSE) >= _MAX_DENSE:
-            _DENSE.clear()
-        hit = _DENSE[key] = (bias, has_key[:, None, None])
+    if hit is not None:
+        _DENSE.move_to_end(key)
+        return hit
+    allowed = torch.as_tensor(mask.to_dense(), device=device)
+    has_key = allowed.any(-1)
+    bias = torch.zeros(allowed.shape, device=device).masked_fill_(~(allowed | ~has_key[:, None]), float("-inf"))
+    while len(_DENSE) >= _MAX_DENSE:
+        _DENSE.popitem(last=False)
+    hit = _DENSE[key] = (bias, has_key[:, None, None])
     return hit
 
 
