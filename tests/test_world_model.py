@@ -910,13 +910,19 @@ def test_dense_attention_keeps_a_bounded_cache_of_recent_masks(monkeypatch):
     assert masks[0] in kept and masks[-1] in kept and masks[1] not in kept
 
 
+def kernel_sized_model():
+    """A one-block TINY with head dim 64 (the kernels' size), every path carrying signal."""
+    cfg = replace(TINY, dim=128, heads=2, kv_heads=1, depth=1, rope_split=(32, 16, 16))
+    torch.manual_seed(0)
+    return randomized(WorldModel(cfg)).eval()
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
 def test_dit_through_the_ffa_kernels_matches_the_reference(monkeypatch):
     """Head dim 64 (the kernels' size): the model's masks and layouts run through
     `maskc.runtime.attention` (Triton interpreter, fp32) and give the reference path's output."""
-    cfg = replace(TINY, dim=128, heads=2, kv_heads=1, depth=1, rope_split=(32, 16, 16))
-    torch.manual_seed(0)
-    model = randomized(WorldModel(cfg)).eval()
+    model = kernel_sized_model()
+    cfg = model.cfg
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(3 * LF, 8, 8, cfg.latent_channels, generator=g)
     t = torch.rand(3, generator=g)
@@ -934,9 +940,8 @@ def test_dit_through_the_ffa_kernels_matches_the_reference(monkeypatch):
 def test_forward_branches_through_the_ffa_kernels_matches_the_reference(monkeypatch):
     """The packed branches' masks (cache + own tokens, own tokens only; per-chunk captions) run through
     `maskc.runtime.attention` as the GPU runs them and give the reference path's velocities."""
-    cfg = replace(TINY, dim=128, heads=2, kv_heads=1, depth=1, rope_split=(32, 16, 16))
-    torch.manual_seed(0)
-    model = randomized(WorldModel(cfg)).eval()
+    model = kernel_sized_model()
+    cfg = model.cfg
     g = torch.Generator().manual_seed(1)
     lat = torch.randn(4 * LF, 8, 8, cfg.latent_channels, generator=g)
     t = torch.rand(4, generator=g)
