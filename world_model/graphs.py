@@ -128,8 +128,9 @@ class GraphedBlocks:
         return b.out[:rows].clone(), None
 
     def _capture(self, key, b: _Buffers, inputs, self_mask, cross_mask, past) -> None:
-        if len(self.graphs) >= MAX_GRAPHS:
+        if len(self.graphs) >= MAX_GRAPHS:  # start over: the old graphs and their pool go
             self.graphs.clear()
+            self.pool = None
         stream = capture_stream(b.x.device)
         # one eager run on the capture stream first (torch's recipe runs it on a side stream): kernels,
         # tile plans, work lists and cuBLAS's workspace for the stream are made outside the capture
