@@ -226,8 +226,10 @@ wall"; "moves up" -> also "rises", "rises and falls"), or --negative-prompt per 
 on held-out direction-change videos: prompt following 0.817 -> 0.875 with --cfg-neg 8 (the default).
 
 device: a CUDA GPU when torch sees one (--device), where each step's guidance branches run as one
-packed transformer call (--pack-branches): 16 chunks at 95 frames/s on an H200 against 30 one call
-per branch; on the CPU one call each, about 6 frames/s with one thread.
+packed transformer call (--pack-branches) replayed from a CUDA graph of its layout (--cuda-graphs):
+16 chunks at 299 frames/s on an H200 in a warmed process (102 packed but eager, 31 one call per
+branch; a fresh process's first video pays some 8 s of first-use work); on the CPU one call each,
+about 9.5 frames/s with one thread.
 
 output: .mp4 through imageio + imageio-ffmpeg when installed, else a .gif (Pillow) beside it;
 a path without .mp4/.gif is a folder of PNG frames. The format written is printed.
@@ -380,9 +382,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack-branches", default="auto", choices=("auto", "on", "off"),
                    help="run each step's guidance branches (conditional, null text, negatives, previous chunks) as "
                         "one packed transformer call, a maskc mask keeping each branch to its own tokens, instead of "
-                        "one call each: the same video up to rounding. auto (default): on a GPU, where it is 3.1x "
-                        "the frames/s of 16 chunks on an H200 (95 against 30); on the CPU the dense reference "
-                        "attention makes it slower")
+                        "one call each: the same video up to rounding. auto (default): on a GPU, where it is 3.2x "
+                        "the frames/s of 16 chunks on an H200 (102 against 31; 299 with --cuda-graphs); on the CPU "
+                        "the dense attention pays for the packed mask's empty blocks, which makes it slower")
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
                    help="on a GPU, replay each packed transformer call from a CUDA graph of its layout (captured the "
                         "first time a layout comes up): the host then issues one launch where it issued ~350. auto "
