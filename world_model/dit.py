@@ -14,8 +14,7 @@ A block (MAGI-1's choices)::
 ``pre``/``post`` are RMSNorms (sandwich norm) with no timestep-dependent shift or scale: the
 timestep enters only through the tanh-capped output gates. Attention goes through `attend`
 (the maskc FFA kernels on the GPU, float32 attention under the mask's dense form on the CPU) with
-maskc masks from
-`world_model.masks`. With ``cp`` (`world_model.parallel.CPContext`) the forward runs one
+maskc masks from `world_model.masks`. With ``cp`` (`world_model.parallel.CPContext`) the forward runs one
 context-parallel rank's share of the packed sequence: self-attention through maskc's
 `dist_attention`, everything else on the rank's own tokens.
 
