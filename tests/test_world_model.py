@@ -908,6 +908,11 @@ def test_dense_attention_keeps_a_bounded_cache_of_recent_masks(monkeypatch):
     assert len(DIT._DENSE) == DIT._MAX_DENSE
     kept = [k[0] for k in DIT._DENSE]
     assert masks[0] in kept and masks[-1] in kept and masks[1] not in kept
+    monkeypatch.setattr(DIT, "_MAX_DENSE_ENTRIES", 6 * 6)  # a mask larger than that is not kept
+    big, k, v = maskc.causal(6, 7), torch.randn(7, 1, 16), torch.randn(7, 1, 16)
+    out = attend(q, k, v, big)
+    assert torch.allclose(out.double(), reference_attention(q, k, v, big), atol=1e-5)
+    assert big not in [key[0] for key in DIT._DENSE] and len(DIT._DENSE) == DIT._MAX_DENSE
 
 
 def kernel_sized_model():

@@ -66,6 +66,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 # with the number of masks a video meets (a 384 x 672 bias is 1 MB)
 _DENSE: OrderedDict = OrderedDict()
 _MAX_DENSE = 8
+_MAX_DENSE_ENTRIES = 2 ** 20  # a larger mask's bias (over 4 MB: a training batch's) is made per call, not kept
 
 
 def _dense_bias(mask: Mask, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,9 +80,12 @@ def _dense_bias(mask: Mask, device) -> tuple[torch.Tensor, torch.Tensor]:
     allowed = torch.as_tensor(mask.to_dense(), device=device)
     has_key = allowed.any(-1)
     bias = torch.zeros(allowed.shape, device=device).masked_fill_(~(allowed | ~has_key[:, None]), float("-inf"))
+    hit = (bias, has_key[:, None, None])
+    if bias.numel() > _MAX_DENSE_ENTRIES:
+        return hit
     while len(_DENSE) >= _MAX_DENSE:
         _DENSE.popitem(last=False)
-    hit = _DENSE[key] = (bias, has_key[:, None, None])
+    _DENSE[key] = hit
     return hit
 
 
