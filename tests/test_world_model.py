@@ -915,22 +915,21 @@ def test_dense_attention_keeps_a_bounded_cache_of_recent_masks(monkeypatch):
     assert big not in [key[0] for key in DIT._DENSE] and len(DIT._DENSE) == DIT._MAX_DENSE
 
 
-def kernel_sized_model():
-    """A one-block TINY with head dim 64 (the kernels' size), every path carrying signal."""
+def kernel_sized_model(n_chunks: int, seed: int):
+    """A one-block TINY with head dim 64 (the kernels' size), every path carrying signal, and random
+    latents [n_chunks * LF, 8, 8, C] and flow times per chunk."""
     cfg = replace(TINY, dim=128, heads=2, kv_heads=1, depth=1, rope_split=(32, 16, 16))
     torch.manual_seed(0)
-    return randomized(WorldModel(cfg)).eval()
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n_chunks * LF, 8, 8, cfg.latent_channels, generator=g)
+    return randomized(WorldModel(cfg)).eval(), lat, torch.rand(n_chunks, generator=g)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
 def test_dit_through_the_ffa_kernels_matches_the_reference(monkeypatch):
     """Head dim 64 (the kernels' size): the model's masks and layouts run through
     `maskc.runtime.attention` (Triton interpreter, fp32) and give the reference path's output."""
-    model = kernel_sized_model()
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(0)
-    lat = torch.randn(3 * LF, 8, 8, cfg.latent_channels, generator=g)
-    t = torch.rand(3, generator=g)
+    model, lat, t = kernel_sized_model(3, seed=0)
     with torch.no_grad():
         text, lens = model.encode_captions(CAPTIONS[:3])
         ref = model.dit(lat, t, text, lens, video_chunks=(2, 1))
@@ -945,11 +944,7 @@ def test_dit_through_the_ffa_kernels_matches_the_reference(monkeypatch):
 def test_forward_branches_through_the_ffa_kernels_matches_the_reference(monkeypatch):
     """The packed branches' masks (cache + own tokens, own tokens only; per-chunk captions) run through
     `maskc.runtime.attention` as the GPU runs them and give the reference path's velocities."""
-    model = kernel_sized_model()
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(1)
-    lat = torch.randn(4 * LF, 8, 8, cfg.latent_channels, generator=g)
-    t = torch.rand(4, generator=g)
+    model, lat, t = kernel_sized_model(4, seed=1)
     with torch.no_grad():
         text, lens = model.encode_captions(CAPTIONS[:4])
         _, kv = model.dit(lat[:2 * LF], t[:2], text[:sum(lens[:2])], lens[:2], window=3, return_kv=True)
