@@ -1,6 +1,6 @@
 """The world model's measuring scripts run and report what they claim (CPU, tiny settings):
 `benchmarks/profile_train_step.py`, `benchmarks/world_sampler_sweep.py`,
-`benchmarks/world_tracker_check.py` and `benchmarks/world_caption_gap.py`."""
+`benchmarks/world_tracker_check.py`, `benchmarks/world_caption_gap.py` and `benchmarks/world_first_use.py`."""
 
 import json
 import sys
@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import profile_train_step  # noqa: E402
 import world_caption_gap  # noqa: E402
+import world_first_use  # noqa: E402
 import world_persistence_plot  # noqa: E402
 import world_sampler_sweep  # noqa: E402
 import world_seam_plot  # noqa: E402
@@ -390,3 +391,36 @@ def test_seam_plot_draws_each_sampler_setting(tmp_path, capsys):
         with pytest.raises(SystemExit):
             world_seam_plot.main([*base, "--settings", bad])
         assert why in capsys.readouterr().err
+
+
+def test_world_first_use_times_the_runtime_steps_and_both_videos(tmp_path, monkeypatch, capsys):
+    """The timers count the runtime's first-use steps (an FFA call of a new mask through the Triton
+    interpreter: its tile sizes chosen, planned, launched), and the script times two identical videos
+    chunk by chunk (on the CPU no step runs: no kernels there)."""
+    import torch
+
+    import maskc
+    from maskc.runtime import attention, ffa
+    from maskc.world_model import graphs
+
+    for name in ("choose_config", "plan_for", "get_kernel", "_launch", "_cutlass_kernel"):
+        monkeypatch.setattr(ffa, name, getattr(ffa, name))  # restored after the test
+    monkeypatch.setattr(graphs.GraphedBlocks, "_capture", graphs.GraphedBlocks._capture)
+    totals = {}
+    world_first_use.instrument(totals)
+    mask = maskc.Mask([((0, 70), (3, 47), maskc.CAUSAL)], sq=70, sk=50)  # a mask no other test plans
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(70, 2, 64, generator=g), torch.randn(50, 1, 64, generator=g)
+    attention(q, k, k, mask)
+    for step in ("choose_config", "plan_for", "launch"):
+        assert totals[step]["calls"] >= 1 and totals[step]["seconds"] > 0, step
+    out = tmp_path / "fu.json"
+    assert world_first_use.main(["--device", "cpu", "--chunks", "2", "--steps", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for v in (res["first_video"], res["second_video"]):
+        assert len(v["per_chunk_seconds"]) == 2 and v["seconds"] == pytest.approx(sum(v["per_chunk_seconds"]))
+        assert v["model_calls"] > 0 and v["graph_captures"] is None and v["runtime_steps"] == {
+            k: {"calls": 0, "seconds": 0.0} for k in v["runtime_steps"]}
+    assert res["load_seconds"] > 0 and "first video" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        world_first_use.main(["--chunks", "0"])
