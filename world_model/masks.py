@@ -92,12 +92,7 @@ def chunk_window_mask(n_cached_chunks: int, n_new_chunks: int, chunk_tokens: int
     nn_ = _count(n_new_chunks, "chunk_window_mask: n_new_chunks", 1)
     t = _count(chunk_tokens, "chunk_window_mask: chunk_tokens", 1)
     w = None if window is None else _count(window, "chunk_window_mask: window", 1)
-    slices = []
-    for i in range(nn_):
-        c = nc + i  # the chunk's index among all keys
-        first = 0 if w is None else max(0, c - w + 1)
-        slices.append(((i * t, (i + 1) * t), (first * t, (c + 1) * t), FULL))
-    return Mask(slices, sq=nn_ * t, sk=(nc + nn_) * t)
+    return _branch_window_mask(nc, nn_, t, w, (True,))  # one branch that sees the cache
 
 
 def branch_window_mask(n_cached_chunks: int, n_new_chunks: int, chunk_tokens: int, window: int | None = None,
