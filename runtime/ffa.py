@@ -45,15 +45,15 @@ def plan_for(mask: Mask, block_q: int, block_k: int, only: str | None = None) ->
     return plan
 
 
-# work lists read by launches captured into CUDA graphs: a graph replays their addresses, so they live as
-# long as the process (the caches above may drop them); a few hundred bytes per captured launch
-_HELD_BY_GRAPHS: list[tuple] = []
+# work lists read by launches captured into CUDA graphs, by identity: a graph replays their addresses, so
+# they live as long as the process (the caches above may drop them); a few hundred bytes per set of lists
+_HELD_BY_GRAPHS: dict[int, tuple] = {}
 
 
 def _hold_if_captured(lists: tuple) -> tuple:
     if lists[0].is_cuda and torch.cuda.is_current_stream_capturing():
         with _LOCK:
-            _HELD_BY_GRAPHS.append(lists)
+            _HELD_BY_GRAPHS[id(lists)] = lists  # a held tuple is never freed, so its id is never reused
     return lists
 
 
@@ -102,13 +102,14 @@ def _launch(direction, plan, which, q, group, softcap, cfg, tensors, scalars, gr
     hit = _LAUNCH.get(key)
     if hit is None or hit[0] is not plan:
         spec = _spec(direction, plan, which, q, group, softcap, cfg, deterministic)
-        hit = (plan, spec, get_kernel(spec), _device_lists(plan, which, q.device))
+        hit = (plan, spec, get_kernel(spec), _device_lists(plan, which, q.device))  # held there if captured
         with _LOCK:
             if len(_LAUNCH) >= 4 * _MAX_CACHED:
                 _LAUNCH.clear()
             _LAUNCH[key] = hit
+    else:
+        _hold_if_captured(hit[3])
     _, spec, kernel, lists = hit
-    _hold_if_captured(lists)
     kernel[(grid0, grid1)](
         *tensors, *lists, *scalars,
         HEAD_DIM=spec.head_dim, BLOCK_M=spec.block_q, BLOCK_N=spec.block_k, GROUP=group,

@@ -467,13 +467,14 @@ def test_work_lists_of_captured_launches_are_held_for_good(monkeypatch):
     class Lists:
         is_cuda = True
 
-    monkeypatch.setattr(ffa, "_HELD_BY_GRAPHS", [])
+    monkeypatch.setattr(ffa, "_HELD_BY_GRAPHS", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     ffa._hold_if_captured((Lists(),))
-    assert ffa._HELD_BY_GRAPHS == []
+    assert ffa._HELD_BY_GRAPHS == {}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     lists = (Lists(),)
-    assert ffa._hold_if_captured(lists) is lists and ffa._HELD_BY_GRAPHS == [lists]
+    assert ffa._hold_if_captured(lists) is lists and list(ffa._HELD_BY_GRAPHS.values()) == [lists]
+    assert ffa._hold_if_captured(lists) is lists and len(ffa._HELD_BY_GRAPHS) == 1  # captured again: held once
     assert ffa._hold_if_captured((torch.zeros(1),)) and len(ffa._HELD_BY_GRAPHS) == 1  # CPU tensors: no graph
 
 
