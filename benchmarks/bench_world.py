@@ -78,6 +78,7 @@ def gpu_memory(args) -> int:
 
     from maskc.world_model import evaluate as EV
     from maskc.world_model.generate import DEFAULT_STEPS, load_model
+    from maskc.world_model.graphs import drop_graphs
 
     if not torch.cuda.is_available():
         sys.exit("--gpu needs a CUDA device")
@@ -85,7 +86,7 @@ def gpu_memory(args) -> int:
     EV.measure_memory(model, meta, 2, steps=DEFAULT_STEPS)  # compile the kernels first
     rows = []
     for n in MEMORY_CHUNKS:
-        model._graphed_blocks = None  # each length captures its own CUDA graphs, as a fresh process would
+        drop_graphs(model)  # each length captures its own CUDA graphs, as a fresh process would
         r = EV.measure_memory(model, meta, n, steps=DEFAULT_STEPS)
         rows.append(r)
         print(f"{n:3d} chunks: peak GPU {r['peak_gpu_mb']:.1f} MB ({r['peak_gpu_reserved_mb']:.0f} MB reserved), "

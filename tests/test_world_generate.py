@@ -159,7 +159,8 @@ def test_packed_branches_make_the_same_video_in_fewer_calls(tiny, monkeypatch):
 
 def test_cuda_graphs_need_a_gpu_and_packed_branches(tiny):
     """cuda_graphs: off by default on the CPU; asked for there, or without packed branches, or not a bool,
-    it is refused before any work; `GraphedBlocks` refuses autograd and CPU inputs."""
+    it is refused before any work; the model keeps its graphs until `drop_graphs`; `GraphedBlocks` refuses
+    autograd and CPU inputs."""
     s = G.generate_chunks(tiny, [P], n_chunks=1, steps=1)
     assert s.graphs is None and s.pack_branches is False
     for kw, msg in (({"cuda_graphs": True}, "needs the model on a CUDA device"),
@@ -167,6 +168,10 @@ def test_cuda_graphs_need_a_gpu_and_packed_branches(tiny):
                     ({"cuda_graphs": 1}, "cuda_graphs must be True, False or None")):
         with pytest.raises(ValueError, match=msg):
             G.generate_chunks(tiny, [P], **kw)
+    kept = GR.graphed_blocks(tiny)  # kept on the model for the next stream, until dropped
+    assert GR.graphed_blocks(tiny) is kept and kept.dit is tiny.dit
+    GR.drop_graphs(tiny)
+    assert GR.graphed_blocks(tiny) is not kept
     gb = GR.GraphedBlocks(tiny.dit)
     x = torch.zeros(4, TINY.patch_dim)
     with pytest.raises(ValueError, match="torch.no_grad"):

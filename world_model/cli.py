@@ -302,6 +302,9 @@ def _unit_float(text: str) -> float:
     return v
 
 
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # --pack-branches / --cuda-graphs -> generate_chunks
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from .generate import (
         DEFAULT_CFG_ALSO, DEFAULT_CFG_INTERVAL, DEFAULT_CFG_LOCAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_PREV_FRAMES,
@@ -379,13 +382,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: 1, fastest for these small tensors)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                    help="where the model runs (default auto: a CUDA GPU when torch sees one, else the CPU)")
-    p.add_argument("--pack-branches", default="auto", choices=("auto", "on", "off"),
+    p.add_argument("--pack-branches", default="auto", choices=tuple(AUTO_ON_OFF),
                    help="run each step's guidance branches (conditional, null text, negatives, previous chunks) as "
                         "one packed transformer call, a maskc mask keeping each branch to its own tokens, instead of "
                         "one call each: the same video up to rounding. auto (default): on a GPU, where it is 3.2x "
                         "the frames/s of 16 chunks on an H200 (102 against 31; 299 with --cuda-graphs); on the CPU "
                         "the dense attention pays for the packed mask's empty blocks, which makes it slower")
-    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+    p.add_argument("--cuda-graphs", default="auto", choices=tuple(AUTO_ON_OFF),
                    help="on a GPU, replay each packed transformer call from a CUDA graph of its layout (captured the "
                         "first time a layout comes up): the host then issues one launch where it issued ~350. auto "
                         "(default): with packed branches on a GPU")
@@ -448,8 +451,8 @@ def run_generate(args, parser) -> int:
                                    negative=negative, cfg_neg=args.cfg_neg, eta=args.eta,
                                    cfg_local=args.cfg_local, also=_also_arg(args.also, parser),
                                    cfg_also=args.cfg_also,
-                                   pack_branches={"auto": None, "on": True, "off": False}[args.pack_branches],
-                                   cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+                                   pack_branches=AUTO_ON_OFF[args.pack_branches],
+                                   cuda_graphs=AUTO_ON_OFF[args.cuda_graphs])
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -163,3 +163,9 @@ def graphed_blocks(model) -> GraphedBlocks:
         g = GraphedBlocks(model.dit)
         model._graphed_blocks = g
     return g
+
+
+def drop_graphs(model) -> None:
+    """Forget the model's graphs (and their buffers and pool): the next stream captures its own, as in a
+    fresh process."""
+    model._graphed_blocks = None
