@@ -13,6 +13,7 @@ pytest.importorskip("safetensors")
 from maskc.world_model import cli
 from maskc.world_model import generate as G
 from maskc.world_model import graphs as GR
+from maskc.world_model import media
 from maskc.world_model import train as TR
 from maskc.world_model.configs import TINY
 
@@ -885,9 +886,9 @@ def test_cli_smoke(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "generated 2 chunk(s)" in text and "wrote" in text
-    if G._has_imageio_ffmpeg():
+    if media._has_imageio_ffmpeg():
         assert "mp4" in text and out.is_file()
-        frames = G.read_video(out)
+        frames = media.read_video(out)
         assert frames.shape == (48, 64, 64, 3) and frames.dtype == np.uint8
         # continuation of the mp4 just written, into a folder of PNG frames
         folder = tmp_path / "from_mp4"
@@ -923,7 +924,7 @@ def test_cli_prompts_from_yaml(tmp_path, capsys):
     assert "generated 3 chunk(s)" in capsys.readouterr().out
     with Image.open(out) as im:
         assert im.n_frames == 3 * 24
-    assert np.array_equal(G.read_video(out), G.read_video(ref))
+    assert np.array_equal(media.read_video(out), media.read_video(ref))
 
 
 def test_cli_negative_guidance(tmp_path, capsys):
@@ -936,7 +937,7 @@ def test_cli_negative_guidance(tmp_path, capsys):
         assert cli.main(["generate", "--prompt", P, "--chunks", "2", "--steps", "2", "--out", str(out), "--seed", "3",
                          "--no-progress", *extra]) == 0
         calls = int(re.search(r"(\d+) transformer calls", capsys.readouterr().out).group(1))
-        return calls, G.read_video(out)
+        return calls, media.read_video(out)
 
     off, none, default = gen("--cfg-neg", "0"), gen("--negative-prompt", "none"), gen()
     assert none[0] == off[0] < default[0] and np.array_equal(none[1], off[1])
@@ -976,7 +977,7 @@ def test_cli_pack_branches_and_device(tmp_path, capsys):
         out = tmp_path / f"v{len(list(tmp_path.iterdir()))}.gif"
         assert cli.main(["generate", "--prompt", P, "--chunks", "2", "--steps", "3", "--out", str(out), "--seed", "4",
                          "--no-progress", *extra]) == 0
-        return capsys.readouterr().out, G.read_video(out).astype(int)
+        return capsys.readouterr().out, media.read_video(out).astype(int)
 
     (text, default), (cpu, same) = gen(), gen("--device", "cpu", "--pack-branches", "off")
     assert "on the CPU" in text and "on the CPU" in cpu and np.array_equal(default, same)
@@ -1011,7 +1012,7 @@ def test_cli_also_auto(tmp_path, capsys):
     model, meta = G.load_model()
     want = np.concatenate(list(G.generate_chunks(model, [subject], n_chunks=2, steps=2, window=2, seed=2, meta=meta,
                                                  image=clip.frames[0], also="auto")))
-    assert np.array_equal(G.read_video(out), want)
+    assert np.array_equal(media.read_video(out), want)
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -365,15 +365,41 @@ def test_time_limit_stops_with_a_checkpoint_and_resume_finishes_bit_exactly(tmp_
         train(tcfg, tmp_path / "bad", "cpu", progress=False, time_limit=0)
 
 
-def test_compile_for_training_keeps_the_checkpoint_keys():
+def test_compile_for_training_keeps_the_checkpoint_keys(monkeypatch):
     """Compiling in place (blocks and encoder) must not rename the state-dict entries: checkpoints of a
-    compiled run load into a plain model."""
+    compiled run load into a plain model. It also keeps attention out of the compiled graphs, once."""
+    from maskc.world_model import dit
+
+    monkeypatch.setattr(dit, "attend", dit.attend)  # restored after the test
+    assert not getattr(dit.attend, "_torchdynamo_disable", False)
     model = WorldModel(TINY)
     keys = list(model.state_dict())
     TR.compile_for_training(model)
     assert list(model.state_dict()) == keys
     assert model.vae.encoder._compiled_call_impl is not None
     assert all(b._compiled_call_impl is not None for b in model.dit.blocks)
+    wrapped = dit.attend
+    assert getattr(wrapped, "_torchdynamo_disable", False)
+    TR.compile_for_training(WorldModel(TINY))
+    assert dit.attend is wrapped  # not wrapped twice
+
+
+def test_generation_does_not_import_the_compiler():
+    """torch.compiler.disable imports torch._dynamo (about 1 s of a fresh process, 5 s without bytecode
+    caches): importing the model, the sampler and the CLI, and generating, must not load it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, maskc.world_model.generate, maskc.world_model.cli\n"
+            "from maskc.world_model.dit import WorldModel\n"
+            "from maskc.world_model.configs import TINY\n"
+            "from maskc.world_model.generate import generate_chunks\n"
+            "torch.manual_seed(0)\n"
+            "m = WorldModel(TINY).eval()\n"
+            "chunks = list(generate_chunks(m, ['the red circle moves right'], n_chunks=2, steps=2, seed=0))\n"
+            "assert len(chunks) == 2\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_batch_reuse_encodes_every_other_step_and_resumes_bit_exactly(tmp_path, monkeypatch):

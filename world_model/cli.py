@@ -412,6 +412,7 @@ def run_generate(args, parser) -> int:
     import torch
 
     from . import generate as G
+    from . import media
 
     if args.prompt and args.prompts:
         parser.error("give --prompt or --prompts, not both")
@@ -431,11 +432,11 @@ def run_generate(args, parser) -> int:
             negative = [None if q.strip().lower() == "none" else q for q in args.negative_prompt]
         image = video = None
         if args.image is not None:
-            image = G.read_image(args.image)
+            image = media.read_image(args.image)
             if image.shape != (64, 64, 3):
                 parser.error(f"image {args.image!r} is {image.shape[1]}x{image.shape[0]}; it must be 64x64 RGB")
         if args.video is not None:
-            video = G.read_video(args.video)
+            video = media.read_video(args.video)
         if args.weights is not None and not Path(args.weights).is_file():
             parser.error(f"weights {args.weights!r} do not exist")
         from .train import resolve_device
@@ -456,7 +457,7 @@ def run_generate(args, parser) -> int:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
-    writer = G.VideoWriter(args.out)
+    writer = media.VideoWriter(args.out)
     if getattr(writer, "fallback", False):
         print("note: imageio + imageio-ffmpeg are not installed: writing a GIF instead of an mp4", file=sys.stderr)
     import time

@@ -47,7 +47,6 @@ KERNEL_HEAD_DIMS = (64, 128, 256)
 # --------------------------------------------------------------------------------- attention
 
 
-@torch.compiler.disable  # host-side planning and a custom kernel: compiled blocks call it eagerly
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Masked attention in the packed layout (q [sq, hq, d], k/v [sk, hkv, d]) -> [sq, hq, d], q's dtype.
 
@@ -59,6 +58,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         dt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         return attention(q.to(dt), k.to(dt), v.to(dt), mask).to(q.dtype)
     return dense_attention(q, k, v, mask)
+
+
+def keep_attention_eager() -> None:
+    """Have torch.compile'd blocks call `attend` eagerly (it plans on the host and launches a custom kernel):
+    wraps it, once, in `torch.compiler.disable`. `train.compile_for_training` calls this; importing the model
+    does not, because the wrapper imports torch._dynamo, which generation never needs (about 1 s of a fresh
+    process's start, 5 s where Python cannot cache torch's bytecode)."""
+    global attend
+    if not getattr(attend, "_torchdynamo_disable", False):
+        attend = torch.compiler.disable(attend)
 
 
 # (mask, device) -> (score bias [sq, sk]: 0 allowed / -inf not, has_key [sq, 1, 1]), the least recently used
