@@ -117,8 +117,9 @@ def direction_also(prompts, seed: int, cfg) -> list[tuple[str, ...]]:
 
 def subject_stats(frames, prompts, cfg) -> dict:
     """Per chunk, its subject colour's median pixel count over the frames where it is visible (0 when
-    never) and its median number of blobs (`evaluate.count_blobs`): a subject that grows, shrinks or
-    is drawn twice from chunk to chunk shows here."""
+    never), its median number of blobs (`evaluate.count_blobs`), and the fractions of its frames where
+    it is drawn more than once or not at all (`evaluate.subject_copies`): a subject that grows,
+    shrinks, is drawn twice or is lost shows here."""
     from maskc.world_model import evaluate as ev
     from maskc.world_model import vocab
 
@@ -130,7 +131,9 @@ def subject_stats(frames, prompts, cfg) -> dict:
         n, vis = tracks[colour]["count"][sl], tracks[colour]["visible"][sl]
         px.append(float(np.median(n[vis])) if vis.any() else 0.0)
         blobs.append(float(np.median(counts[colour][sl])))
-    return {"subject_px": px, "subject_blobs": blobs}
+    copies = ev.subject_copies(frames, prompts, cfg)
+    return {"subject_px": px, "subject_blobs": blobs, "subject_duplicated": copies["duplicated"],
+            "subject_missing": copies["missing"]}
 
 
 def i2v_videos(model, meta, seeds, n_chunks: int, prompts_from: str, setting: dict, cfg) -> dict:
@@ -383,6 +386,8 @@ def main(argv=None) -> int:
                                     for k in ("same_velocity", "slowest")} | {"videos": len(rooms)},
                "seams": {k: float(np.mean([v["seams"][k] for v in per_video])) for k in ev.SEAM_KEYS},
                "persistent": float(np.mean([v["persistent"] for v in per_video])),
+               "subject_duplicated_by_chunk": np.mean([v["subject_duplicated"] for v in per_video], 0).tolist(),
+               "subject_missing_by_chunk": np.mean([v["subject_missing"] for v in per_video], 0).tolist(),
                "seconds": time.perf_counter() - t0}
         if decoders:
             run["decoder_runs"] = decoder_runs([w for w, _ in decoders], per_video)
@@ -397,6 +402,9 @@ def main(argv=None) -> int:
               f"{sm['inside']:.2f}; per-video mean); latent-frame steps {sm['latent_ratio']:.2f}; object persistence "
               f"against the first frame "
               f"{run['persistent']:.3f}", flush=True)
+        print(f"{'':<28} subject drawn more than once in "
+              + " ".join(f"{x:.2f}" for x in run["subject_duplicated_by_chunk"]) + " of the frames by chunk (missing "
+              + " ".join(f"{x:.2f}" for x in run["subject_missing_by_chunk"]) + ")", flush=True)
         for d in run.get("decoder_runs", []):
             print(f"{'':<28} decoder of {d['weights']}: prompt following {d['prompt_following']:.3f} (paired "
                   f"{d['paired_prompt_following']['mean']:+.4f} +- {d['paired_prompt_following']['se']:.4f}), seams "

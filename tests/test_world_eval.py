@@ -253,6 +253,29 @@ def test_psnr_and_persistence():
     assert E.object_persistence(gone, img)["vanished"] == 1.0
 
 
+def test_subject_copies():
+    """The subject drawn twice (a second blob of its colour) or not at all, per chunk; the simulator's
+    clips of held-out direction-change prompts draw every subject once."""
+    prompts = E.direction_change_prompts(5, 2)
+    clip = data.generate_from_prompts(prompts, 5, gravity=False)
+    colour = data.PALETTE[E.vocab.parse_caption(prompts[0]).colour]
+    assert E.subject_copies(clip.frames, prompts) == {"duplicated": [0.0, 0.0], "missing": [0.0, 0.0]}
+    for seed in range(20, 28):
+        p = E.direction_change_prompts(seed, 4)
+        assert max(E.subject_copies(data.generate_from_prompts(p, seed, gravity=False).frames, p)["duplicated"]) < 0.05
+    twice = clip.frames.copy()
+    twice[F + 6:, 1:7, 1:7] = colour  # a second copy from frame 6 of chunk 2 on (the corner: away from the subject)
+    twice[:6] = 30  # the subject gone in chunk 1's first 6 frames
+    got = E.subject_copies(twice, prompts)
+    assert got == {"duplicated": [0.0, 0.75], "missing": [0.25, 0.0]}
+    # a copy smaller than the tracker's min_pixels is not counted
+    tiny = clip.frames.copy()
+    tiny[:, 1:3, 1:3] = colour
+    assert E.subject_copies(tiny, prompts)["duplicated"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="2 prompts but only 1 whole chunks"):
+        E.subject_copies(clip.frames[:F + 5], prompts)
+
+
 def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     pytest.importorskip("safetensors")
     import torch
@@ -297,6 +320,11 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     assert res["prompt_following"]["runs"][0]["simulator_fraction"] == 0.5
     assert res["prompt_following"]["by_chunk"] == [float(m) for m in res["prompt_following"]["runs"][0]["matches"]]
     assert "by chunk" in text
+    d = res["subject_copies"]  # the subject drawn twice, in the same prompt-following videos
+    run = res["prompt_following"]["runs"][0]
+    assert d["duplicated"] == pytest.approx(np.mean(run["subject"]["duplicated"])) and len(run["subject"]["missing"]) == 2
+    assert d["simulator_duplicated"] == 0.0 and d["duplicated_by_chunk"] == run["subject"]["duplicated"]
+    assert "subject drawn twice or more" in text
     i2v = res["image_to_video"]
     assert res["settings"]["image_chunks"] == 3 and i2v["runs"][0]["frames"] == 3 * 24 and len(i2v["by_chunk"]) == 3
     assert i2v["persistent"] == pytest.approx(np.mean(i2v["by_chunk"]))

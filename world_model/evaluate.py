@@ -8,6 +8,10 @@ truth is known; `evaluate` runs the model and applies them:
   chunk's prompt; `wall_hit_gaps` checks what the tracker's wall rule assumes.
 - `psnr`, `count_blobs` / `object_persistence`: image-to-video fidelity (`evaluate` counts persistence
   over `DEFAULT_IMAGE_CHUNKS` = 16 chunks, beside the simulator's own clip and its autoencoder round trip).
+- `subject_copies`: per chunk, how often the prompt's subject is drawn more than once (its colour in
+  two or more blobs: every object of the simulator's world has a colour of its own) or not at all, in
+  the text-to-video videos whose prompt following is measured (the tracker follows the centroid of
+  the colour, so two copies moving as told still count as following).
 - `position_error`: continuation physics against the simulator, with a copy-last-frame baseline.
 - `seam_score`: mean frame difference at chunk boundaries vs inside chunks.
 - `caption_loss_gap` / `context_loss_gap`: how much the transformer's loss falls with the captions /
@@ -103,6 +107,21 @@ def prompt_following(frames, prompts: Sequence[str], config: WorldConfig = World
         matches.append(m == p.motion)
     return {"fraction": float(np.mean(matches)) if matches else float("nan"), "matches": matches,
             "measured": measured, "prompts": [p.text for p in parsed]}
+
+
+def subject_copies(frames, prompts: Sequence[str], config: WorldConfig = WorldConfig(), tol: float = DEFAULT_TOL,
+                   min_pixels: int = DEFAULT_MIN_PIXELS) -> dict:
+    """Per chunk: the fraction of its frames where the chunk's subject colour shows more than one blob
+    (``"duplicated"``: drawn twice or more) and no blob at all (``"missing"``), by `count_blobs`.
+    The simulator's clips of held-out direction-change prompts read under 0.001 duplicated."""
+    frames = np.asarray(frames)
+    f = config.chunk_frames
+    if frames.shape[0] < f * len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but only {frames.shape[0] // f} whole chunks of frames")
+    colours = [vocab.parse_caption(p).colour for p in prompts]
+    counts = count_blobs(frames, sorted(set(colours)), tol, min_pixels)
+    chunks = [counts[c][k * f:(k + 1) * f] for k, c in enumerate(colours)]
+    return {"duplicated": [float(np.mean(n > 1)) for n in chunks], "missing": [float(np.mean(n == 0)) for n in chunks]}
 
 
 def by_chunk(matches: Sequence[Sequence[bool]]) -> list[float]:
@@ -605,6 +624,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
         r = prompt_following(frames, prompts, cfg)
         r["seed"], r["simulator_fraction"] = s, prompt_following(ref.frames, prompts, cfg)["fraction"]
         r["matches_video_rule"] = prompt_following(frames, prompts, cfg, occlusion="video")["matches"]
+        r["subject"] = subject_copies(frames, prompts, cfg)
+        r["simulator_subject"] = subject_copies(ref.frames, prompts, cfg)
         pf.append(r)
         seams.append(seam_score(frames, cfg.chunk_frames))
         sim_seams.append(seam_score(ref.frames, cfg.chunk_frames))  # the simulator realising the same prompts
@@ -614,6 +635,11 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
                                # the tracker's occlusion rule before session 27, to compare with earlier figures
                                "fraction_video_rule": float(np.mean([m for r in pf for m in r["matches_video_rule"]])),
                                "runs": pf}
+    # the subject drawn twice or more / not at all, in the same videos (mean over their chunks)
+    res["subject_copies"] = {f"{who}{key}": float(np.mean([x for r in pf for x in r[src][key]]))
+                             for who, src in (("", "subject"), ("simulator_", "simulator_subject"))
+                             for key in ("duplicated", "missing")}
+    res["subject_copies"]["duplicated_by_chunk"] = by_chunk([r["subject"]["duplicated"] for r in pf])
     res["seams"] = {k: float(np.mean([s[k] for s in seams])) for k in SEAM_KEYS}
     res["seams"] |= {"simulator_ratio": float(np.mean([s["ratio"] for s in sim_seams])),
                      "simulator_latent_ratio": float(np.mean([s["latent_ratio"] for s in sim_seams]))}
@@ -744,6 +770,11 @@ def format_table(res: dict) -> str:
     rows = [("prompt following (fraction of chunks)", f"{p['fraction']:.3f}",
              "target >= 0.90" + (", by chunk " + " ".join(f"{x:.2f}" for x in p["by_chunk"]) if "by_chunk" in p else "")
              + (f"; whole-video occlusion rule {p['fraction_video_rule']:.3f}" if "fraction_video_rule" in p else ""))]
+    if "subject_copies" in res:  # session 39 on
+        d = res["subject_copies"]
+        rows += [("subject drawn twice or more (frames)", f"{d['duplicated']:.3f}",
+                  f"the same videos; missing {d['missing']:.3f}; simulator {d['simulator_duplicated']:.3f}; by chunk "
+                  + " ".join(f"{x:.2f}" for x in d["duplicated_by_chunk"]))]
     i = res["image_to_video"]
     rows += [("i2v PSNR first frame (dB)", f"{i['psnr_first_frame']:.2f}", ""),
              ("i2v object persistence (frames)", f"{i['persistent']:.3f}",
