@@ -2,10 +2,11 @@
 
 For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text``, ``cfg_prev``,
 ``cfg_prev_frames``, ``cfg_neg``, ``steps``, ``shift``, ``ctx_t``, ``eta``, ``cfg_local``, ``cfg_parallel``, ``cfg_rescale``,
-``cfg_also``; ``""`` is `generate_chunks`' defaults, since session 35 with ``cfg_local`` 2, so the settings
+``cfg_also``, ``cfg_salient``; ``""`` is `generate_chunks`' defaults, since session 35 with ``cfg_local`` 2, so the settings
 recorded as ``cfg_local=2`` before then are today's defaults and ``cfg_local=0`` is the plain guidance of
 the defaults before, and since session 37 with ``cfg_prev`` 4 on each chunk's first latent frame
-(``cfg_prev=0``: the defaults before; the sweep records its ``defaults``); ``also=1``: every video is also told every other object's caption,
+(``cfg_prev=0``: the defaults before; the sweep records its ``defaults``), and since session 39 with ``cfg_salient`` 4 on the first
+chunk of a video from nothing (``cfg_salient=0``: the defaults before); ``also=1``: every video is also told every other object's caption,
 `data.other_captions` of the simulator's clip (image-to-video: the image's; direction changes: the clip realising the prompts), with
 ``also_lag=L`` image-to-video chunk k is told chunk max(0, k - L)'s and with ``also_motion=MOTION`` every
 object is told that motion; ``also=3``: image-to-video finds its own (``generate_chunks(also="auto")``);
@@ -62,7 +63,7 @@ KEYS = {"window": int, "cfg_text": float, "cfg_prev": float, "steps": int, "shif
         "cfg_lo": float, "cfg_hi": float, "cfg_run": float, "cfg_neg": float, "neg": str, "ctx_t": float, "eta": float,
         "eta_lo": float, "eta_hi": float, "cfg_rescale": float, "cfg_parallel": float, "cfg_local": float,
         "cfg_also": float, "also": int, "also_lag": int, "also_motion": str, "cfg_prev_frames": int,
-        "pack_branches": flag, "cuda_graphs": flag}
+        "pack_branches": flag, "cuda_graphs": flag, "cfg_salient": float}
 # the "also" key: none, every other object's caption (the simulator's), the stream's own (`objects`);
 # 2, each object named without a motion, was measured at commit 8bfdc87 and removed
 ALSO = {0: False, 1: True, 3: "auto"}

@@ -286,7 +286,7 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     real = generate.generate_chunks
     monkeypatch.setattr(generate, "generate_chunks",
                         lambda *a, **k: scales.append((k["cfg_text"], k["cfg_neg"], k["eta"], k["cfg_local"], k["cfg_prev"],
-                                                       k["cfg_prev_frames"])) or
+                                                       k["cfg_prev_frames"], k["cfg_salient"])) or
                         alsos.append(k.get("also")) or real(*a, **k))
     alsos = []  # the also prompts of each: only the image-to-video run is told them
     n = torch.get_num_threads()
@@ -294,19 +294,20 @@ def test_cli_eval_smoke(tmp_path, capsys, monkeypatch):
     try:
         rc = cli.main(["eval", "--seeds", "0", "--chunks", "2", "--steps", "2", "--memory-chunks", "1", "2",
                        "--cfg-text", "3.5", "--cfg-neg", "2.5", "--eta", "0.25", "--cfg-local", "1.5", "--image-chunks", "3",
-                       "--also", "--cfg-prev", "1.25", "--cfg-prev-frames", "2", "--out", str(out)])
+                       "--also", "--cfg-prev", "1.25", "--cfg-prev-frames", "2", "--cfg-salient", "3", "--out", str(out)])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
     # prompt following, image-to-video, continuation here; the two memory runs in fresh processes
-    assert len(scales) == 3 and set(scales) == {(3.5, 2.5, 0.25, 1.5, 1.25, 2)}
+    assert len(scales) == 3 and set(scales) == {(3.5, 2.5, 0.25, 1.5, 1.25, 2, 3.0)}
     text = capsys.readouterr().out
     assert "prompt following" in text and "throughput" in text
     res = json.loads(out.read_text())
     assert res["settings"]["cfg_text"] == 3.5 and res["settings"]["cfg_neg"] == 2.5 and res["settings"]["eta"] == 0.25
     assert res["settings"]["cfg_local"] == 1.5 and res["settings"]["also"] is True
     assert res["settings"]["cfg_prev"] == 1.25 and res["settings"]["cfg_prev_frames"] == 2
-    assert {(m["cfg_prev"], m["cfg_prev_frames"]) for m in res["memory"]["runs"]} == {(1.25, 2)}  # the fresh processes too
+    assert res["settings"]["cfg_salient"] == 3.0
+    assert {(m["cfg_prev"], m["cfg_prev_frames"], m["cfg_salient"]) for m in res["memory"]["runs"]} == {(1.25, 2, 3.0)}  # the fresh processes too
     from maskc.world_model import data
 
     clip = data.generate(0, 3)  # the image-to-video run is told its first caption repeated
@@ -346,8 +347,9 @@ def test_cli_sampler_defaults_are_generate_s():
 
     gen = cli.build_parser().parse_args(["generate", "--prompt", "the red circle moves right", "--out", "x.gif"])
     assert gen.cfg_local == generate.DEFAULT_CFG_LOCAL == 2.0 and gen.eta == generate.DEFAULT_ETA
+    assert gen.cfg_salient == generate.DEFAULT_CFG_SALIENT == 4.0
     ev = cli.build_parser().parse_args(["eval"])
-    assert ev.cfg_local is None and ev.eta is None
+    assert ev.cfg_local is None and ev.eta is None and ev.cfg_salient is None
     assert cli.build_parser().parse_args(["eval", "--cfg-local", "0"]).cfg_local == 0.0
 
 
@@ -370,6 +372,9 @@ def test_cli_eval_errors(capsys):
         cli.main(["eval", "--cfg-local", "-2"])
     assert e.value.code == 2 and "--cfg-local: must be a finite number >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--cfg-salient", "-1"])
+    assert e.value.code == 2 and "--cfg-salient: must be a finite number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--also", "yes"])
     assert e.value.code == 2 and "--also: expected nothing (the simulator's captions) or auto" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
@@ -385,6 +390,7 @@ def test_evaluate_refuses_bad_sampler_settings_before_any_work():
                     (dict(cfg_text=-1.0), "cfg_text must be >= 0"), (dict(cfg_neg=-2.0), "cfg_neg must be >= 0"),
                     (dict(cfg_local=-1.0), "cfg_local must be a finite number >= 0"),
                     (dict(cfg_local=float("nan")), "cfg_local must be a finite number >= 0"),
+                    (dict(cfg_salient=-1.0), "cfg_salient must be a finite number >= 0"),
                     (dict(cfg_prev=-1.0), "cfg_prev must be a finite number >= 0"),
                     (dict(cfg_prev=float("inf")), "cfg_prev must be a finite number >= 0"),
                     (dict(chunks=1), "chunks must be >= 2")):

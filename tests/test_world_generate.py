@@ -678,6 +678,7 @@ def test_sampler_defaults_are_generate_chunks_defaults(monkeypatch):
     assert d["cfg_neg"] == G.DEFAULT_CFG_NEG and d["cfg_text"] == G.DEFAULT_CFG_TEXT
     assert d["cfg_also"] == G.DEFAULT_CFG_ALSO
     assert d["cfg_prev"] == G.DEFAULT_CFG_PREV and d["cfg_prev_frames"] == G.DEFAULT_CFG_PREV_FRAMES
+    assert d["cfg_salient"] == G.DEFAULT_CFG_SALIENT == 4.0
     assert json.loads(json.dumps(d)) == d
 
 
@@ -703,10 +704,23 @@ def test_guidance_shaping_math(tiny):
         top = (w == 1).expand_as(g)
         assert torch.equal(got[top], g[top]) and bool((got.norm(dim=-1) <= n[..., 0] + 1e-6).all())
     seen = torch.tensor([False, True, True])  # frame 0's chunk has nothing to keep: plain guidance there
-    s = G.generate_chunks(tiny, [P], cfg_local=2.0)
+    s = G.generate_chunks(tiny, [P], cfg_local=2.0, cfg_salient=0.0)
     got = s._shape_guidance(g, v, lat, t, seen)
     assert torch.equal(got[0], g[0]) and torch.allclose(got[1:], (g * w ** 2)[1:], atol=1e-6)
+    # ... or cfg_salient there: each position weighted by how far the conditional x1 stands out from its
+    # frame's mean, (d / max d) ** S; the frames with something to keep take cfg_local as before
     x1 = lat + (1 - t) * v
+    d = (x1 - x1.mean(dim=(1, 2), keepdim=True)).norm(dim=-1, keepdim=True)
+    ws = d / d.amax(dim=(1, 2), keepdim=True)
+    for sal in (1.0, 4.0):
+        got = G.generate_chunks(tiny, [P], cfg_local=2.0, cfg_salient=sal)._shape_guidance(g, v, lat, t, seen)
+        assert torch.allclose(got[0], (g * ws ** sal)[0], atol=1e-6) and torch.equal(got[1:], s._shape_guidance(g, v, lat, t, seen)[1:])
+        top = (ws[0] == 1).expand_as(g[0])
+        assert torch.equal(got[0][top], g[0][top])  # the most salient position keeps its guidance
+    assert torch.allclose(G.generate_chunks(tiny, [P])._shape_guidance(g, v, lat, t, seen)[0], (g * ws ** 4)[0], atol=1e-6)
+    everywhere = torch.ones(3, dtype=torch.bool)  # all seen (or seen not given): cfg_salient acts nowhere
+    assert torch.equal(G.generate_chunks(tiny, [P], cfg_local=0.0, cfg_salient=4.0)._shape_guidance(g, v, lat, t, everywhere), g)
+    assert torch.equal(shape(cfg_local=0.0, cfg_salient=4.0), g)
     orth = shape(cfg_local=0.0, cfg_parallel=0.0)
     assert torch.allclose((orth * x1).sum(dim=(1, 2, 3)), torch.zeros(3), atol=1e-4)
     half = shape(cfg_local=0.0, cfg_parallel=0.5)
@@ -717,33 +731,44 @@ def test_guidance_shaping_math(tiny):
 
 
 def test_guidance_shaping_in_the_stream(tiny, monkeypatch):
-    """Shaping off (cfg_local 0, cfg_parallel 1, cfg_rescale 0) leaves the stream bit for bit as without
-    it (never called); on (cfg_local 2 is the default), it changes the video (not the first chunk of a
-    video from nothing under cfg_local), acts only on ticks with guidance and only on the guidance (the
-    model calls unchanged); bad values are refused."""
+    """Shaping off (cfg_local 0, cfg_salient 0, cfg_parallel 1, cfg_rescale 0) leaves the stream bit for
+    bit as without it (never called); on (cfg_local 2 and cfg_salient 4 are the defaults), it changes
+    the video: cfg_local not the first chunk of a video from nothing, cfg_salient only that chunk (so
+    never an image-to-video or a continuation); it acts only on ticks with guidance and only on the
+    guidance (the model calls unchanged); bad values are refused."""
     kw = dict(n_chunks=3, steps=4, window=2, cfg_neg=0.0, seed=3)
     run = lambda **k: np.stack(list(G.generate_chunks(tiny, [P], **(kw | {"cfg_text": 2.0} | k))))  # noqa: E731
-    plain = run(cfg_local=0.0)
+    plain = run(cfg_local=0.0, cfg_salient=0.0)
     calls = []
     shape = G.ChunkStream._shape_guidance
     monkeypatch.setattr(G.ChunkStream, "_shape_guidance", lambda self, *a: calls.append(1) or shape(self, *a))
-    assert np.array_equal(run(cfg_local=0.0), plain) and calls == []  # off: never called
-    assert np.array_equal(run(cfg_local=0.0, cfg_parallel=1.0, cfg_rescale=0.0), plain)
-    local = run(cfg_local=2.0)
-    assert calls and not np.array_equal(local, plain) and np.array_equal(local, run(cfg_local=2.0))
-    assert np.array_equal(run(), local)  # the default
-    # the first chunk of a video from nothing keeps plain guidance (nothing to keep yet); from an image not
+    assert np.array_equal(run(cfg_local=0.0, cfg_salient=0.0), plain) and calls == []  # off: never called
+    assert np.array_equal(run(cfg_local=0.0, cfg_salient=0.0, cfg_parallel=1.0, cfg_rescale=0.0), plain)
+    local = run(cfg_local=2.0, cfg_salient=0.0)
+    assert calls and not np.array_equal(local, plain) and np.array_equal(local, run(cfg_local=2.0, cfg_salient=0.0))
+    # the first chunk of a video from nothing keeps plain guidance under cfg_local (nothing to keep yet)
     assert np.array_equal(local[0], plain[0]) and not np.array_equal(local[1:], plain[1:])
+    salient = run(cfg_local=0.0, cfg_salient=4.0)  # ... and takes cfg_salient, which acts there only
+    assert not np.array_equal(salient[0], plain[0])
+    both = run()  # the defaults: cfg_salient on the first chunk, cfg_local on the others
+    assert np.array_equal(both[0], salient[0]) and not np.array_equal(both, local)
+    assert np.array_equal(run(cfg_salient=4.0, cfg_local=2.0), both)
     img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert not np.array_equal(run(image=img)[0], run(cfg_local=0.0, image=img)[0])
+    # from an image (or a prefix) every chunk has something before it: cfg_salient changes nothing
+    assert np.array_equal(run(image=img, cfg_salient=4.0), run(image=img, cfg_salient=0.0))
+    prefix = np.random.default_rng(2).integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
+    assert np.array_equal(run(video=prefix, cfg_local=0.0, cfg_salient=4.0), run(video=prefix, cfg_local=0.0, cfg_salient=0.0))
     calls.clear()
-    assert np.array_equal(run(cfg_local=2.0, cfg_text=0.0), run(cfg_text=0.0)) and calls == []  # no guidance
+    assert np.array_equal(run(cfg_local=2.0, cfg_text=0.0), run(cfg_text=0.0, cfg_local=0.0, cfg_salient=0.0))
+    assert calls == []  # no guidance: nothing to shape
     s = G.generate_chunks(tiny, [P], **kw, cfg_text=2.0, cfg_rescale=0.5, cfg_parallel=0.5, cfg_local=0.0)
     list(s)
     ref = G.generate_chunks(tiny, [P], **kw, cfg_text=2.0)
     list(ref)
     assert s.model_calls == ref.model_calls
     for name, bad in (("cfg_local", -1.0), ("cfg_local", float("inf")), ("cfg_local", "2"), ("cfg_local", True),
+                      ("cfg_salient", -0.5), ("cfg_salient", float("nan")), ("cfg_salient", "4"), ("cfg_salient", False),
                       ("cfg_parallel", 1.5), ("cfg_parallel", -0.1), ("cfg_rescale", 2.0), ("cfg_rescale", float("nan"))):
         with pytest.raises(ValueError, match=name):
             G.generate_chunks(tiny, [P], **{name: bad})

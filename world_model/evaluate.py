@@ -425,7 +425,8 @@ MEMORY_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, held fix
 def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
                    cfg_neg: float | None = None, eta: float | None = None, cfg_local: float | None = None,
                    cfg_prev: float | None = None, cfg_prev_frames: int | None = None,
-                   pack_branches: bool | None = None, cuda_graphs: bool | None = None) -> dict:
+                   pack_branches: bool | None = None, cuda_graphs: bool | None = None,
+                   cfg_salient: float | None = None) -> dict:
     """Peak host memory of one ``n_chunks`` generation in this process, tracemalloc peak, KV-cache bytes.
 
     ``peak_rss_mb``: the kernel's RSS high-water mark over the generation (VmHWM, reset to the
@@ -433,8 +434,8 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
     the transient peak inside a chunk counts; where Linux does not allow the reset, the largest RSS
     sampled after each chunk ("sampled"). ``rss_per_chunk_mb``: RSS after each chunk;
     ``sampled_peak_rss_mb`` their maximum (with the RSS at the start); ``rss_growth_mb``: peak
-    minus the RSS at the start. ``cfg_text`` / ``cfg_neg`` / ``eta`` / ``cfg_local`` / ``cfg_prev`` /
-    ``cfg_prev_frames`` / ``pack_branches`` / ``cuda_graphs``: as for generation (default: generate's); each guidance runs one
+    minus the RSS at the start. ``cfg_text`` / ``cfg_neg`` / ``eta`` / ``cfg_local`` / ``cfg_salient`` /
+    ``cfg_prev`` / ``cfg_prev_frames`` / ``pack_branches`` / ``cuda_graphs``: as for generation (default: generate's); each guidance runs one
     more model pass (``branch_passes``; packed into ``model_calls`` transformer calls on a GPU).
 
     In a process that already ran other work, or with glibc's default allocator, RSS says as much
@@ -444,7 +445,8 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
 
     prompt = "the red circle moves right"
     given = {"cfg_text": cfg_text, "cfg_neg": cfg_neg, "eta": eta, "cfg_local": cfg_local, "cfg_prev": cfg_prev,
-             "cfg_prev_frames": cfg_prev_frames, "pack_branches": pack_branches, "cuda_graphs": cuda_graphs}
+             "cfg_prev_frames": cfg_prev_frames, "pack_branches": pack_branches, "cuda_graphs": cuda_graphs,
+             "cfg_salient": cfg_salient}
     stream = generate_chunks(model, [prompt], n_chunks=n_chunks, steps=steps, seed=seed, meta=meta,
                              **{k: v for k, v in given.items() if v is not None})  # None: generate's default
     import torch
@@ -472,7 +474,8 @@ def measure_memory(model, meta, n_chunks: int, *, steps: int, seed: int = 0, cfg
     _, tm_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out = {"chunks": n_chunks, "steps": steps, "cfg_text": stream.cfg_text, "cfg_neg": stream.cfg_neg, "eta": stream.eta,
-           "cfg_local": stream.cfg_local, "cfg_prev": stream.cfg_prev, "cfg_prev_frames": stream.cfg_prev_frames,
+           "cfg_local": stream.cfg_local, "cfg_salient": stream.cfg_salient, "cfg_prev": stream.cfg_prev,
+           "cfg_prev_frames": stream.cfg_prev_frames,
            "peak_rss_mb": peak / 2 ** 20,
            "peak_rss_source": "VmHWM" if hwm else "sampled", "sampled_peak_rss_mb": sampled / 2 ** 20,
            "rss_start_mb": rss0 / 2 ** 20, "rss_growth_mb": (peak - rss0) / 2 ** 20,
@@ -496,7 +499,7 @@ _CHILD_MARK = "MEASURE_MEMORY_RESULT "
 def measure_memory_isolated(weights, n_chunks: int, *, steps: int, seed: int = 0, cfg_text: float | None = None,
                             cfg_neg: float | None = None, eta: float | None = None, cfg_local: float | None = None,
                             cfg_prev: float | None = None, cfg_prev_frames: int | None = None,
-                            threads: int | None = None,
+                            cfg_salient: float | None = None, threads: int | None = None,
                             mmap_threshold: int | None = MEMORY_MMAP_THRESHOLD,
                             timeout: float | None = None) -> dict:
     """`measure_memory` (CPU) in a fresh Python process that loads ``weights`` (None: the shipped model).
@@ -520,6 +523,7 @@ def measure_memory_isolated(weights, n_chunks: int, *, steps: int, seed: int = 0
     spec = {"weights": None if weights is None else str(weights), "n_chunks": int(n_chunks), "steps": int(steps),
             "seed": int(seed), "cfg_text": cfg_text, "cfg_neg": cfg_neg, "eta": eta,
             "cfg_local": None if cfg_local is None else float(cfg_local),
+            "cfg_salient": None if cfg_salient is None else float(cfg_salient),
             "cfg_prev": None if cfg_prev is None else float(cfg_prev),
             "cfg_prev_frames": None if cfg_prev_frames is None else int(cfg_prev_frames),
             "threads": int(threads) if threads is not None else torch.get_num_threads()}
@@ -549,7 +553,7 @@ def _memory_child(spec_json: str) -> int:
     out = measure_memory(model, meta, spec["n_chunks"], steps=spec["steps"], seed=spec["seed"],
                          cfg_text=spec["cfg_text"], cfg_neg=spec.get("cfg_neg"), eta=spec.get("eta"),
                          cfg_local=spec.get("cfg_local"), cfg_prev=spec.get("cfg_prev"),
-                         cfg_prev_frames=spec.get("cfg_prev_frames"))
+                         cfg_prev_frames=spec.get("cfg_prev_frames"), cfg_salient=spec.get("cfg_salient"))
     out["pid"] = os.getpid()
     out["malloc_mmap_threshold"] = (int(os.environ["MALLOC_MMAP_THRESHOLD_"])
                                     if os.environ.get("MALLOC_MMAP_THRESHOLD_") else None)
@@ -563,10 +567,13 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
              cfg_text: float | None = None, shift: float | None = None,
              cfg_interval: tuple[float, float] | None = None, cfg_neg: float | None = None,
              eta: float | None = None, cfg_local: float | None = None, also: bool | str = False,
-             cfg_prev: float | None = None, cfg_prev_frames: int | None = None) -> dict:
+             cfg_prev: float | None = None, cfg_prev_frames: int | None = None,
+             cfg_salient: float | None = None) -> dict:
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc). The sampler
     settings left None take `generate`'s defaults; ``cfg_local``: guidance kept where it is strong
-    (`generate_chunks`; None: its default, 2; 0: plain guidance); ``cfg_prev`` / ``cfg_prev_frames``:
+    (`generate_chunks`; None: its default, 2; 0: plain guidance); ``cfg_salient``: guidance on what the
+    conditional prediction draws, in the first chunk of a video from nothing (None: its default, 4; 0:
+    off, the default before session 39); ``cfg_prev`` / ``cfg_prev_frames``:
     guidance on the previous chunks and the latent frames of each chunk it acts on (None: 4 on the
     first, the default since session 37; ``cfg_prev=0``: none, the default before); ``also``: the image-to-video runs are
     also told every other object's caption (True: the simulator's, `data.other_captions`; ``"auto"``:
@@ -576,7 +583,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
 
     from .generate import (
         DEFAULT_CFG_INTERVAL, DEFAULT_CFG_LOCAL, DEFAULT_CFG_NEG, DEFAULT_CFG_PREV, DEFAULT_CFG_PREV_FRAMES,
-        DEFAULT_CFG_TEXT, DEFAULT_ETA, DEFAULT_SHIFT, DEFAULT_STEPS, load_model,
+        DEFAULT_CFG_SALIENT, DEFAULT_CFG_TEXT, DEFAULT_ETA, DEFAULT_SHIFT, DEFAULT_STEPS, load_model,
     )
 
     say = log or (lambda msg: None)
@@ -595,6 +602,9 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     cfg_local = DEFAULT_CFG_LOCAL if cfg_local is None else float(cfg_local)
     if not (math.isfinite(cfg_local) and cfg_local >= 0):
         raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local}")
+    cfg_salient = DEFAULT_CFG_SALIENT if cfg_salient is None else float(cfg_salient)
+    if not (math.isfinite(cfg_salient) and cfg_salient >= 0):
+        raise ValueError(f"cfg_salient must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_salient}")
     cfg_prev = DEFAULT_CFG_PREV if cfg_prev is None else float(cfg_prev)
     if not (math.isfinite(cfg_prev) and cfg_prev >= 0):
         raise ValueError(f"cfg_prev must be a finite number >= 0 (0: no guidance on the previous chunks), got {cfg_prev}")
@@ -607,7 +617,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     if image_chunks < 1:
         raise ValueError(f"image_chunks must be >= 1, got {image_chunks}")
     sampler = {"steps": steps, "cfg_text": cfg_text, "shift": shift, "cfg_interval": cfg_interval, "cfg_neg": cfg_neg,
-               "eta": eta, "cfg_local": cfg_local, "cfg_prev": cfg_prev, "cfg_prev_frames": cfg_prev_frames}
+               "eta": eta, "cfg_local": cfg_local, "cfg_prev": cfg_prev, "cfg_prev_frames": cfg_prev_frames,
+               "cfg_salient": cfg_salient}
     res: dict = {"settings": {"weights": str(weights or "shipped small"), "seeds": list(seeds), "chunks": chunks,
                               **sampler, "cfg_interval": list(cfg_interval), "memory_chunks": list(memory_chunks),
                               "image_chunks": image_chunks, "also": also,
@@ -678,7 +689,8 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
 
     # memory: each length in a fresh process (see measure_memory_isolated); not counted in throughput
     mem = [measure_memory_isolated(weights, n, steps=steps, cfg_text=cfg_text, cfg_neg=cfg_neg, eta=eta,
-                                   cfg_local=cfg_local, cfg_prev=cfg_prev, cfg_prev_frames=cfg_prev_frames)
+                                   cfg_local=cfg_local, cfg_prev=cfg_prev, cfg_prev_frames=cfg_prev_frames,
+                                   cfg_salient=cfg_salient)
            for n in memory_chunks]
     for m in mem:
         say(f"memory {m['chunks']} chunks: peak RSS {m['peak_rss_mb']:.1f} MB, KV {m['kv_cache_bytes']} B")

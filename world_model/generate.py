@@ -78,6 +78,17 @@ following of direction changes on the weights of then; the other two gave no per
 videos; 0.893 against 0.907 by the whole-video rule) and keeps more objects (0.449 -> 0.528), so it
 became the default; ``cfg_local=0`` is the plain guidance of before.
 
+**Guidance on what is drawn** (``cfg_salient`` S, 4 by default since session 39). In the first chunk of
+a video from nothing, guidance has no object to act on: at the noisy end the conditional prediction is
+a faint haze over every place the subject could be, and guidance amplified all of them into copies (the
+subject drawn twice or more in 0.69 of the frames, `evaluate.subject_copies`; 0.00 with no guidance, but
+then prompts were followed far less). There, g is weighted per latent position by (d / the frame's
+largest d) ** S, where d is how far the conditional clean prediction x1 stands out from its frame's mean
+at that position: guidance acts where the model itself is drawing an object and fades where it draws
+background, so it sharpens one subject instead of growing new ones. Measured (docs/benchmarks.md,
+session 39): copies 0.69 -> 0.34 of the frames, prompt following -0.02. The chunks with something
+before them take ``cfg_local`` instead; image-to-video and continuation have no such chunk.
+
 **Conditioning.** One prompt per chunk (the last repeats); ``image`` (uint8 [64, 64, 3]) becomes
 the clean first latent frame of chunk 0 (image-to-video, per-frame t as in training); ``video``
 (uint8 [T, 64, 64, 3]) is a prefix to continue: its last whole chunks are encoded and put into the
@@ -166,6 +177,13 @@ DEFAULT_ETA = 0.7
 # -0.005 for a default) while 16-chunk image-to-video persistence rose 0.449 -> 0.528 (110 videos, paired
 # +0.078 +- 0.022) and seams fell 1.39 -> 1.35; docs/benchmarks.md, session 35.
 DEFAULT_CFG_LOCAL = 2.0
+# Guidance on what the conditional prediction draws, in the first chunk of a video from nothing (``cfg_salient``,
+# the module's docstring): 0 until session 39, when `evaluate.subject_copies` showed the subject drawn twice or
+# more in 0.69 of the frames of 192 fresh direction-change videos (H200, seeds 3000-3191; the simulator: under
+# 0.001). At 4: 0.34 (paired -0.350 +- 0.038), prompt following 0.924 -> 0.904 (-0.021 +- 0.016; whole-video
+# rule 0.880 -> 0.874), seams 1.10 -> 1.09; image-to-video and continuation unchanged (no such chunk); 2
+# halved the gain (-0.204) for -0.013, 8 cost more (-0.047) for no more; docs/benchmarks.md, session 39.
+DEFAULT_CFG_SALIENT = 4.0
 DEFAULT_ETA_INTERVAL = (0.0, 1.0)  # flow times at which the steps are stochastic
 ETA_NOISE_SEED = 104_729  # offset of the stochastic steps' generator's seed from the video's
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small.safetensors"
@@ -403,7 +421,7 @@ class ChunkStream:
                  cfg_neg=DEFAULT_CFG_NEG, ctx_t=DEFAULT_CTX_T, keep_latents=False, eta=DEFAULT_ETA,
                  eta_interval=DEFAULT_ETA_INTERVAL, cfg_rescale=0.0, cfg_parallel=1.0, cfg_local=DEFAULT_CFG_LOCAL,
                  also=None, cfg_also=DEFAULT_CFG_ALSO, cfg_prev_frames=DEFAULT_CFG_PREV_FRAMES, pack_branches=None,
-                 cuda_graphs=None):
+                 cuda_graphs=None, cfg_salient=DEFAULT_CFG_SALIENT):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         self.n_chunks = len(prompts)
@@ -459,6 +477,11 @@ class ChunkStream:
                                                and cfg_local >= 0):
             raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local!r}")
         self.cfg_rescale, self.cfg_parallel, self.cfg_local = float(cfg_rescale), float(cfg_parallel), float(cfg_local)
+        if isinstance(cfg_salient, bool) or not (isinstance(cfg_salient, (int, float)) and math.isfinite(cfg_salient)
+                                                 and cfg_salient >= 0):
+            raise ValueError(f"cfg_salient must be a finite number >= 0 (0: guidance everywhere as it is), "
+                             f"got {cfg_salient!r}")
+        self.cfg_salient = float(cfg_salient)
         self.negative = negative_prompts(prompts, negative)
         self.auto_also = isinstance(also, str) and also == AUTO_ALSO
         if self.auto_also and image is None and video is None:
@@ -597,9 +620,15 @@ class ChunkStream:
 
     def _shape_guidance(self, g, v, lat, t, seen=None):
         """The text / run / negative guidance ``g`` (added to the conditional velocity ``v``) reshaped per
-        latent frame by ``cfg_local``, ``cfg_parallel`` and ``cfg_rescale`` (all off: ``g`` as it is).
-        ``seen`` (bool per latent frame, default all): the frames whose chunk has something before it to
-        keep (an image, a prefix, earlier chunks); ``cfg_local`` acts on those only."""
+        latent frame by ``cfg_salient``, ``cfg_local``, ``cfg_parallel`` and ``cfg_rescale`` (all off: ``g``
+        as it is). ``seen`` (bool per latent frame, default all): the frames whose chunk has something
+        before it to keep (an image, a prefix, earlier chunks); ``cfg_local`` acts on those only,
+        ``cfg_salient`` on the others (the first chunk of a video from nothing)."""
+        if self.cfg_salient > 0 and seen is not None:  # on what the conditional prediction draws
+            x1 = lat + (1.0 - t) * v  # the clean latents the conditional velocity points at [F, h, w, C]
+            d = (x1 - x1.mean(dim=(1, 2), keepdim=True)).norm(dim=-1, keepdim=True)  # how far each stands out
+            w = (d / d.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_salient
+            g = g * torch.where(seen.reshape(-1, 1, 1, 1), torch.ones_like(w), w)
         if self.cfg_local > 0:  # keep it where it is strong: weight (|g| / max |g|) ** cfg_local per position
             n = g.norm(dim=-1, keepdim=True)
             w = (n / n.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_local
@@ -756,7 +785,8 @@ class ChunkStream:
                 has = torch.tensor([bool(q) for q in neg]).repeat_interleave(lf)
                 scale = (self.cfg_neg * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
                 guided = guided + scale * (v - v_neg)
-            if guided is not v and (self.cfg_local > 0 or self.cfg_parallel != 1.0 or self.cfg_rescale > 0):
+            if guided is not v and (self.cfg_local > 0 or self.cfg_parallel != 1.0 or self.cfg_rescale > 0
+                                    or self.cfg_salient > 0):
                 # the first chunk of a video from nothing (no image, no prefix) has no objects to keep yet
                 seen = torch.tensor([base + k > 0 or image_latent is not None for k in active]).repeat_interleave(lf)
                 guided = v + self._shape_guidance(guided - v, v, lat, t_cur.reshape(-1, 1, 1, 1).to(dev, dt),
@@ -794,7 +824,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                     eta_interval: tuple[float, float] = DEFAULT_ETA_INTERVAL, cfg_rescale: float = 0.0,
                     cfg_parallel: float = 1.0, cfg_local: float = DEFAULT_CFG_LOCAL, also=None,
                     cfg_also: float = DEFAULT_CFG_ALSO, cfg_prev_frames: int = DEFAULT_CFG_PREV_FRAMES,
-                    pack_branches: bool | None = None, cuda_graphs: bool | None = None) -> ChunkStream:
+                    pack_branches: bool | None = None, cuda_graphs: bool | None = None,
+                    cfg_salient: float = DEFAULT_CFG_SALIENT) -> ChunkStream:
     """Stream a video chunk by chunk: an iterator of uint8 [chunk_frames, H, W, 3] chunks, each as soon
     as its frames are final (with a decoder that reads ahead, ``vae_delay`` > 0 as the shipped one,
     a chunk once the next chunk's latents are final, and the last when the video ends).
@@ -817,7 +848,8 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     chunk's latents (on the CPU; memory then grows with the video), e.g. to decode the same video
     with another decoder. ``eta``: the fraction of fresh noise per step (0: Euler steps; default
     0.7; see the module's docstring) at the flow times ``eta_interval``. ``cfg_local`` (>= 0; default
-    2, 0 turns it off), ``cfg_parallel`` and ``cfg_rescale`` (in [0, 1]; off at 1 and 0): guidance
+    2, 0 turns it off), ``cfg_salient`` (>= 0; default 4, 0 turns it off; the first chunk of a video
+    from nothing), ``cfg_parallel`` and ``cfg_rescale`` (in [0, 1]; off at 1 and 0): guidance
     shaping (the module's docstring). ``also``: *also prompts*, captions of the other objects in the
     scene per chunk (as ``negative``: a caption, or one entry per chunk, each a caption, None or a tuple; `also_prompts`), each
     adding ``cfg_also`` (v_also - v_null) inside ``cfg_interval`` (composed guidance: every object named
@@ -847,7 +879,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
                        ctx_t=ctx_t, keep_latents=keep_latents, eta=eta, eta_interval=eta_interval,
                        cfg_rescale=cfg_rescale, cfg_parallel=cfg_parallel, cfg_local=cfg_local, also=also,
                        cfg_also=cfg_also, cfg_prev_frames=cfg_prev_frames, pack_branches=pack_branches,
-                       cuda_graphs=cuda_graphs)
+                       cuda_graphs=cuda_graphs, cfg_salient=cfg_salient)
 
 
 # generate_chunks' keyword defaults, read once at import (a wrapper patched over the name later, as tests do,
@@ -858,9 +890,9 @@ _GENERATE_DEFAULTS = {k: p.default for k, p in inspect.signature(generate_chunks
 def sampler_defaults() -> dict:
     """`generate_chunks`' default sampler settings by keyword (JSON-able), for records that say "the
     defaults": what those were when the record was made (they have changed: eta in session 30,
-    cfg_local in session 35, cfg_prev and cfg_prev_frames in session 37)."""
+    cfg_local in session 35, cfg_prev and cfg_prev_frames in session 37, cfg_salient in session 39)."""
     keep = ("steps", "window", "cfg_text", "cfg_prev", "cfg_prev_frames", "cfg_interval", "shift", "cfg_run", "cfg_neg", "ctx_t", "eta",
-            "eta_interval", "cfg_rescale", "cfg_parallel", "cfg_local", "cfg_also")
+            "eta_interval", "cfg_rescale", "cfg_parallel", "cfg_local", "cfg_also", "cfg_salient")
     return {k: list(v) if isinstance(v := _GENERATE_DEFAULTS[k], tuple) else v for k in keep}
 
 
