@@ -5,7 +5,7 @@ For each setting (keyword arguments of `generate_chunks`: ``window``, ``cfg_text
 ``cfg_also``, ``cfg_salient``; ``""`` is `generate_chunks`' defaults, since session 35 with ``cfg_local`` 2, so the settings
 recorded as ``cfg_local=2`` before then are today's defaults and ``cfg_local=0`` is the plain guidance of
 the defaults before, and since session 37 with ``cfg_prev`` 4 on each chunk's first latent frame
-(``cfg_prev=0``: the defaults before; the sweep records its ``defaults``), and since session 39 with ``cfg_salient`` 4 on the first
+(``cfg_prev=0``: the defaults before; the sweep records its ``defaults``), and since session 39 with ``cfg_salient`` 2 on the first
 chunk of a video from nothing (``cfg_salient=0``: the defaults before); ``also=1``: every video is also told every other object's caption,
 `data.other_captions` of the simulator's clip (image-to-video: the image's; direction changes: the clip realising the prompts), with
 ``also_lag=L`` image-to-video chunk k is told chunk max(0, k - L)'s and with ``also_motion=MOTION`` every

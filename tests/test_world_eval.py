@@ -347,7 +347,7 @@ def test_cli_sampler_defaults_are_generate_s():
 
     gen = cli.build_parser().parse_args(["generate", "--prompt", "the red circle moves right", "--out", "x.gif"])
     assert gen.cfg_local == generate.DEFAULT_CFG_LOCAL == 2.0 and gen.eta == generate.DEFAULT_ETA
-    assert gen.cfg_salient == generate.DEFAULT_CFG_SALIENT == 4.0
+    assert gen.cfg_salient == generate.DEFAULT_CFG_SALIENT == 2.0
     ev = cli.build_parser().parse_args(["eval"])
     assert ev.cfg_local is None and ev.eta is None and ev.cfg_salient is None
     assert cli.build_parser().parse_args(["eval", "--cfg-local", "0"]).cfg_local == 0.0

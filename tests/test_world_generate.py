@@ -678,7 +678,7 @@ def test_sampler_defaults_are_generate_chunks_defaults(monkeypatch):
     assert d["cfg_neg"] == G.DEFAULT_CFG_NEG and d["cfg_text"] == G.DEFAULT_CFG_TEXT
     assert d["cfg_also"] == G.DEFAULT_CFG_ALSO
     assert d["cfg_prev"] == G.DEFAULT_CFG_PREV and d["cfg_prev_frames"] == G.DEFAULT_CFG_PREV_FRAMES
-    assert d["cfg_salient"] == G.DEFAULT_CFG_SALIENT == 4.0
+    assert d["cfg_salient"] == G.DEFAULT_CFG_SALIENT == 2.0
     assert json.loads(json.dumps(d)) == d
 
 
@@ -717,7 +717,7 @@ def test_guidance_shaping_math(tiny):
         assert torch.allclose(got[0], (g * ws ** sal)[0], atol=1e-6) and torch.equal(got[1:], s._shape_guidance(g, v, lat, t, seen)[1:])
         top = (ws[0] == 1).expand_as(g[0])
         assert torch.equal(got[0][top], g[0][top])  # the most salient position keeps its guidance
-    assert torch.allclose(G.generate_chunks(tiny, [P])._shape_guidance(g, v, lat, t, seen)[0], (g * ws ** 4)[0], atol=1e-6)
+    assert torch.allclose(G.generate_chunks(tiny, [P])._shape_guidance(g, v, lat, t, seen)[0], (g * ws ** 2)[0], atol=1e-6)
     everywhere = torch.ones(3, dtype=torch.bool)  # all seen (or seen not given): cfg_salient acts nowhere
     assert torch.equal(G.generate_chunks(tiny, [P], cfg_local=0.0, cfg_salient=4.0)._shape_guidance(g, v, lat, t, everywhere), g)
     assert torch.equal(shape(cfg_local=0.0, cfg_salient=4.0), g)
@@ -732,7 +732,7 @@ def test_guidance_shaping_math(tiny):
 
 def test_guidance_shaping_in_the_stream(tiny, monkeypatch):
     """Shaping off (cfg_local 0, cfg_salient 0, cfg_parallel 1, cfg_rescale 0) leaves the stream bit for
-    bit as without it (never called); on (cfg_local 2 and cfg_salient 4 are the defaults), it changes
+    bit as without it (never called); on (cfg_local 2 and cfg_salient 2 are the defaults), it changes
     the video: cfg_local not the first chunk of a video from nothing, cfg_salient only that chunk (so
     never an image-to-video or a continuation); it acts only on ticks with guidance and only on the
     guidance (the model calls unchanged); bad values are refused."""
@@ -748,11 +748,12 @@ def test_guidance_shaping_in_the_stream(tiny, monkeypatch):
     assert calls and not np.array_equal(local, plain) and np.array_equal(local, run(cfg_local=2.0, cfg_salient=0.0))
     # the first chunk of a video from nothing keeps plain guidance under cfg_local (nothing to keep yet)
     assert np.array_equal(local[0], plain[0]) and not np.array_equal(local[1:], plain[1:])
-    salient = run(cfg_local=0.0, cfg_salient=4.0)  # ... and takes cfg_salient, which acts there only
+    salient = run(cfg_local=0.0, cfg_salient=2.0)  # ... and takes cfg_salient, which acts there only
     assert not np.array_equal(salient[0], plain[0])
-    both = run()  # the defaults: cfg_salient on the first chunk, cfg_local on the others
+    both = run()  # the defaults: cfg_salient 2 on the first chunk, cfg_local 2 on the others
     assert np.array_equal(both[0], salient[0]) and not np.array_equal(both, local)
-    assert np.array_equal(run(cfg_salient=4.0, cfg_local=2.0), both)
+    assert np.array_equal(run(cfg_salient=2.0, cfg_local=2.0), both)
+    assert not np.array_equal(run(cfg_salient=4.0)[0], both[0])
     img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert not np.array_equal(run(image=img)[0], run(cfg_local=0.0, image=img)[0])
     # from an image (or a prefix) every chunk has something before it: cfg_salient changes nothing

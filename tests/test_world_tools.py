@@ -1,6 +1,7 @@
 """The world model's measuring scripts run and report what they claim (CPU, tiny settings):
 `benchmarks/profile_train_step.py`, `benchmarks/world_sampler_sweep.py`,
-`benchmarks/world_tracker_check.py`, `benchmarks/world_caption_gap.py` and `benchmarks/world_first_use.py`."""
+`benchmarks/world_tracker_check.py`, `benchmarks/world_caption_gap.py`, `benchmarks/world_first_use.py` and the
+plots of sweeps (`world_persistence_plot.py`, `world_seam_plot.py`, `world_copies_plot.py`)."""
 
 import json
 import sys
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import profile_train_step  # noqa: E402
 import world_caption_gap  # noqa: E402
+import world_copies_plot  # noqa: E402
 import world_first_use  # noqa: E402
 import world_persistence_plot  # noqa: E402
 import world_sampler_sweep  # noqa: E402
@@ -153,6 +155,47 @@ def _i2v_sweep(path, runs, weights="shipped small", defaults=None):
         out["defaults"] = defaults
     path.write_text(json.dumps(out))
     return str(path)
+
+
+def _direction_sweep(path, runs):
+    """A direction-change sweep file: runs = [(setting, [(seed, matches, subject_duplicated), ...]), ...]."""
+    path.write_text(json.dumps({"runs": [{"setting": setting, "videos": [
+        {"seed": seed, "matches": m, "subject_duplicated": d, "subject_missing": [0.0] * len(d)}
+        for seed, m, d in videos]} for setting, videos in runs]}))
+    return str(path)
+
+
+def test_copies_plot_merges_parts_pairs_by_video_and_draws(tmp_path, capsys):
+    a = _direction_sweep(tmp_path / "a.json", [({}, [(1, [True, True], [1.0, 1.0]), (2, [True, False], [0.5, 0.5])]),
+                                               ({"cfg_salient": 4.0}, [(1, [True, False], [0.0, 0.5]),
+                                                                       (2, [False, False], [0.0, 0.0])])])
+    b = _direction_sweep(tmp_path / "b.json", [({}, [(3, [True, True], [1.0, 0.0])]),
+                                               ({"cfg_salient": 4.0}, [(3, [True, False], [0.5, 0.0])])])
+    runs = world_copies_plot.by_setting([a, b])
+    assert list(runs) == ["", "cfg_salient=4"] and sorted(runs["cfg_salient=4"]) == [1, 2, 3]
+    f = world_copies_plot.figures(runs["cfg_salient=4"], runs[""])
+    # prompt following per video 0.5, 0, 0.5 against 1, 0.5, 1: -0.5 each; copies 0.25, 0, 0.25 against 1, 0.5, 0.5: -0.75, -0.5, -0.25
+    assert f["prompt_following"] == pytest.approx(1 / 3) and f["paired_prompt_following"] == pytest.approx(-0.5)
+    assert f["paired_prompt_following_se"] == pytest.approx(0.0)
+    assert f["duplicated"] == pytest.approx(0.5 / 3) and f["paired_duplicated"] == pytest.approx(-0.5)
+    out = tmp_path / "c.png"
+    assert world_copies_plot.main([a, b, "--label", ":before", "--label", "cfg_salient=4:salient", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    text = capsys.readouterr().out
+    assert "before" in text and "salient" in text and "-0.500 +- 0.000 / -0.500 +- 0.144" in text
+    assert world_copies_plot.main([a, b, "--base", "cfg_salient=4"]) == 0  # paired against another setting
+    assert "+0.500 +- 0.000" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="seed 3 of setting '\\(defaults\\)' is in two files"):
+        world_copies_plot.by_setting([b, b])
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"runs": [{"setting": {}, "videos": [{"seed": 1, "matches": [True]}]}]}))
+    with pytest.raises(ValueError, match="before session 39"):
+        world_copies_plot.by_setting([str(old)])
+    for argv, msg in (([b, "--label", "nope"], "expected SETTING:NAME"), ([b, "--base", "eta=1"], "no such setting"),
+                      ([_direction_sweep(tmp_path / "e.json", [])], "no direction-change videos")):
+        with pytest.raises(SystemExit):
+            world_copies_plot.main(argv)
+        assert msg in capsys.readouterr().err
 
 
 def test_persistence_plot_merges_parts_pairs_by_video_and_draws(tmp_path, capsys):

@@ -572,7 +572,7 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     """Run every metric on held-out ``seeds``; returns a JSON-able dict (see module doc). The sampler
     settings left None take `generate`'s defaults; ``cfg_local``: guidance kept where it is strong
     (`generate_chunks`; None: its default, 2; 0: plain guidance); ``cfg_salient``: guidance on what the
-    conditional prediction draws, in the first chunk of a video from nothing (None: its default, 4; 0:
+    conditional prediction draws, in the first chunk of a video from nothing (None: its default, 2; 0:
     off, the default before session 39); ``cfg_prev`` / ``cfg_prev_frames``:
     guidance on the previous chunks and the latent frames of each chunk it acts on (None: 4 on the
     first, the default since session 37; ``cfg_prev=0``: none, the default before); ``also``: the image-to-video runs are

@@ -78,16 +78,17 @@ following of direction changes on the weights of then; the other two gave no per
 videos; 0.893 against 0.907 by the whole-video rule) and keeps more objects (0.449 -> 0.528), so it
 became the default; ``cfg_local=0`` is the plain guidance of before.
 
-**Guidance on what is drawn** (``cfg_salient`` S, 4 by default since session 39). In the first chunk of
+**Guidance on what is drawn** (``cfg_salient`` S, 2 by default since session 39). In the first chunk of
 a video from nothing, guidance has no object to act on: at the noisy end the conditional prediction is
 a faint haze over every place the subject could be, and guidance amplified all of them into copies (the
-subject drawn twice or more in 0.69 of the frames, `evaluate.subject_copies`; 0.00 with no guidance, but
-then prompts were followed far less). There, g is weighted per latent position by (d / the frame's
+subject drawn twice or more in 0.69 of the frames, `evaluate.subject_copies`; 0-0.33 in CPU probes with
+no guidance, which then followed prompts far less). There, g is weighted per latent position by (d / the frame's
 largest d) ** S, where d is how far the conditional clean prediction x1 stands out from its frame's mean
 at that position: guidance acts where the model itself is drawing an object and fades where it draws
 background, so it sharpens one subject instead of growing new ones. Measured (docs/benchmarks.md,
-session 39): copies 0.69 -> 0.34 of the frames, prompt following -0.02. The chunks with something
-before them take ``cfg_local`` instead; image-to-video and continuation have no such chunk.
+session 39): copies 0.69 -> 0.48 of the frames at the same prompt following (0.34 at S 4, which cost
+prompt following). The chunks with something before them take ``cfg_local`` instead; image-to-video
+and continuation have no such chunk.
 
 **Conditioning.** One prompt per chunk (the last repeats); ``image`` (uint8 [64, 64, 3]) becomes
 the clean first latent frame of chunk 0 (image-to-video, per-frame t as in training); ``video``
@@ -180,10 +181,12 @@ DEFAULT_CFG_LOCAL = 2.0
 # Guidance on what the conditional prediction draws, in the first chunk of a video from nothing (``cfg_salient``,
 # the module's docstring): 0 until session 39, when `evaluate.subject_copies` showed the subject drawn twice or
 # more in 0.69 of the frames of 192 fresh direction-change videos (H200, seeds 3000-3191; the simulator: under
-# 0.001). At 4: 0.34 (paired -0.350 +- 0.038), prompt following 0.924 -> 0.904 (-0.021 +- 0.016; whole-video
-# rule 0.880 -> 0.874), seams 1.10 -> 1.09; image-to-video and continuation unchanged (no such chunk); 2
-# halved the gain (-0.204) for -0.013, 8 cost more (-0.047) for no more; docs/benchmarks.md, session 39.
-DEFAULT_CFG_SALIENT = 4.0
+# 0.001). At 2: 0.48 (paired -0.215 +- 0.037) at the same prompt following (0.924 -> 0.922, -0.003 +- 0.017;
+# whole-video rule 0.880 -> 0.896), seams 1.10 -> 1.08; on the CPU (32 videos, seeds 10-41) 0.66 -> 0.38, prompt
+# following -0.023 +- 0.023. 4 removes more copies (0.34 on the H200) but cost prompt following on the CPU
+# (-0.078 +- 0.044, the subject lost in 2 of 32 videos); image-to-video and continuation are unchanged (no such
+# chunk); docs/benchmarks.md, session 39.
+DEFAULT_CFG_SALIENT = 2.0
 DEFAULT_ETA_INTERVAL = (0.0, 1.0)  # flow times at which the steps are stochastic
 ETA_NOISE_SEED = 104_729  # offset of the stochastic steps' generator's seed from the video's
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small.safetensors"
@@ -848,7 +851,7 @@ def generate_chunks(model, prompts_per_chunk: Sequence[str] | str, *, n_chunks: 
     chunk's latents (on the CPU; memory then grows with the video), e.g. to decode the same video
     with another decoder. ``eta``: the fraction of fresh noise per step (0: Euler steps; default
     0.7; see the module's docstring) at the flow times ``eta_interval``. ``cfg_local`` (>= 0; default
-    2, 0 turns it off), ``cfg_salient`` (>= 0; default 4, 0 turns it off; the first chunk of a video
+    2, 0 turns it off), ``cfg_salient`` (>= 0; default 2, 0 turns it off; the first chunk of a video
     from nothing), ``cfg_parallel`` and ``cfg_rescale`` (in [0, 1]; off at 1 and 0): guidance
     shaping (the module's docstring). ``also``: *also prompts*, captions of the other objects in the
     scene per chunk (as ``negative``: a caption, or one entry per chunk, each a caption, None or a tuple; `also_prompts`), each
