@@ -71,6 +71,31 @@ def figures(videos: dict[int, dict], base: dict[int, dict] | None = None) -> dic
     return out
 
 
+def draw(rows: dict, names: dict, base_label: str, title: str, out: str) -> None:
+    """The scatter: one numbered point per setting with its standard errors, named in a legend beside it
+    (the base setting red, the named ones green)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    for i, (k, r) in enumerate(rows.items(), 1):  # numbered points, named in the legend (names overlap)
+        colour = "C3" if k == base_label else ("C2" if k in names else "C0")
+        ax.errorbar(r["duplicated"], r["prompt_following"], xerr=r["duplicated_se"], yerr=r["prompt_following_se"],
+                    fmt="o", capsize=3, color=colour, label=f"{i}  {names.get(k, k or '(defaults)')}")
+        ax.annotate(str(i), (r["duplicated"], r["prompt_following"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points", color=colour)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False, handlelength=1)
+    ax.set(xlabel="frames with the subject drawn twice or more (simulator: under 0.001)",
+           ylabel="chunks whose motion follows the prompt")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", help="sweep JSON files (world_sampler_sweep.py --json)")
@@ -102,25 +127,7 @@ def main(argv=None) -> int:
         print(f"{names.get(k, k or '(defaults)'):<{width}}  {r['videos']:>6}  {r['prompt_following']:.3f} +- "
               f"{r['prompt_following_se']:.3f}   {r['duplicated']:.3f} +- {r['duplicated_se']:.3f}   {paired}")
     if args.out:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(11, 5.5))
-        for i, (k, r) in enumerate(rows.items(), 1):  # numbered points, named in the legend (names overlap)
-            colour = "C3" if k == base_label else ("C2" if k in names else "C0")
-            ax.errorbar(r["duplicated"], r["prompt_following"], xerr=r["duplicated_se"], yerr=r["prompt_following_se"],
-                        fmt="o", capsize=3, color=colour, label=f"{i}  {names.get(k, k or '(defaults)')}")
-            ax.annotate(str(i), (r["duplicated"], r["prompt_following"]), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points", color=colour)
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False, handlelength=1)
-        ax.set_xlabel("frames with the subject drawn twice or more (simulator: under 0.001)")
-        ax.set_ylabel("chunks whose motion follows the prompt")
-        ax.set_title(args.title, fontsize=10)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.out, dpi=120)
+        draw(rows, names, base_label, args.title, args.out)
         print(f"wrote {args.out}")
     return 0
 
