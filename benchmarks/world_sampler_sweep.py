@@ -132,7 +132,7 @@ def subject_stats(frames, prompts, cfg) -> dict:
         n, vis = tracks[colour]["count"][sl], tracks[colour]["visible"][sl]
         px.append(float(np.median(n[vis])) if vis.any() else 0.0)
         blobs.append(float(np.median(counts[colour][sl])))
-    copies = ev.subject_copies(frames, prompts, cfg)
+    copies = ev.subject_copies(frames, prompts, cfg, counts=counts)  # the blobs counted once
     return {"subject_px": px, "subject_blobs": blobs, "subject_duplicated": copies["duplicated"],
             "subject_missing": copies["missing"]}
 

@@ -268,6 +268,8 @@ def test_subject_copies():
     twice[:6] = 30  # the subject gone in chunk 1's first 6 frames
     got = E.subject_copies(twice, prompts)
     assert got == {"duplicated": [0.0, 0.75], "missing": [0.25, 0.0]}
+    colour_name = E.vocab.parse_caption(prompts[0]).colour  # blobs counted by the caller: the same figures
+    assert E.subject_copies(twice, prompts, counts=E.count_blobs(twice, [colour_name])) == got
     # a copy smaller than the tracker's min_pixels is not counted
     tiny = clip.frames.copy()
     tiny[:, 1:3, 1:3] = colour

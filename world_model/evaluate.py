@@ -110,16 +110,18 @@ def prompt_following(frames, prompts: Sequence[str], config: WorldConfig = World
 
 
 def subject_copies(frames, prompts: Sequence[str], config: WorldConfig = WorldConfig(), tol: float = DEFAULT_TOL,
-                   min_pixels: int = DEFAULT_MIN_PIXELS) -> dict:
+                   min_pixels: int = DEFAULT_MIN_PIXELS, counts: dict | None = None) -> dict:
     """Per chunk: the fraction of its frames where the chunk's subject colour shows more than one blob
-    (``"duplicated"``: drawn twice or more) and no blob at all (``"missing"``), by `count_blobs`.
+    (``"duplicated"``: drawn twice or more) and no blob at all (``"missing"``), by `count_blobs`
+    (``counts``: its result for these frames and the subjects' colours, when the caller has it already).
     The simulator's clips of held-out direction-change prompts read under 0.001 duplicated."""
     frames = np.asarray(frames)
     f = config.chunk_frames
     if frames.shape[0] < f * len(prompts):
         raise ValueError(f"{len(prompts)} prompts but only {frames.shape[0] // f} whole chunks of frames")
     colours = [vocab.parse_caption(p).colour for p in prompts]
-    counts = count_blobs(frames, sorted(set(colours)), tol, min_pixels)
+    if counts is None:
+        counts = count_blobs(frames, sorted(set(colours)), tol, min_pixels)
     chunks = [counts[c][k * f:(k + 1) * f] for k, c in enumerate(colours)]
     return {"duplicated": [float(np.mean(n > 1)) for n in chunks], "missing": [float(np.mean(n == 0)) for n in chunks]}
 

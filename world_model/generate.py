@@ -476,15 +476,11 @@ class ChunkStream:
         for name, s in (("cfg_rescale", cfg_rescale), ("cfg_parallel", cfg_parallel)):
             if isinstance(s, bool) or not (isinstance(s, (int, float)) and 0.0 <= s <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {s!r}")
-        if isinstance(cfg_local, bool) or not (isinstance(cfg_local, (int, float)) and math.isfinite(cfg_local)
-                                               and cfg_local >= 0):
-            raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local!r}")
-        self.cfg_rescale, self.cfg_parallel, self.cfg_local = float(cfg_rescale), float(cfg_parallel), float(cfg_local)
-        if isinstance(cfg_salient, bool) or not (isinstance(cfg_salient, (int, float)) and math.isfinite(cfg_salient)
-                                                 and cfg_salient >= 0):
-            raise ValueError(f"cfg_salient must be a finite number >= 0 (0: guidance everywhere as it is), "
-                             f"got {cfg_salient!r}")
-        self.cfg_salient = float(cfg_salient)
+        for name, s in (("cfg_local", cfg_local), ("cfg_salient", cfg_salient)):  # weight exponents
+            if isinstance(s, bool) or not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: guidance everywhere as it is), got {s!r}")
+        self.cfg_rescale, self.cfg_parallel = float(cfg_rescale), float(cfg_parallel)
+        self.cfg_local, self.cfg_salient = float(cfg_local), float(cfg_salient)
         self.negative = negative_prompts(prompts, negative)
         self.auto_also = isinstance(also, str) and also == AUTO_ALSO
         if self.auto_also and image is None and video is None:
@@ -625,17 +621,19 @@ class ChunkStream:
         """The text / run / negative guidance ``g`` (added to the conditional velocity ``v``) reshaped per
         latent frame by ``cfg_salient``, ``cfg_local``, ``cfg_parallel`` and ``cfg_rescale`` (all off: ``g``
         as it is). ``seen`` (bool per latent frame, default all): the frames whose chunk has something
-        before it to keep (an image, a prefix, earlier chunks); ``cfg_local`` acts on those only,
-        ``cfg_salient`` on the others (the first chunk of a video from nothing)."""
-        if self.cfg_salient > 0 and seen is not None:  # on what the conditional prediction draws
+        before it to keep (an image, a prefix, earlier chunks), best on the host (seeing whether any is
+        not costs no device sync there); ``cfg_local`` acts on those only, ``cfg_salient`` on the others
+        (the first chunk of a video from nothing)."""
+        on_seen = None if seen is None else seen.to(g.device).reshape(-1, 1, 1, 1)
+        if self.cfg_salient > 0 and seen is not None and not bool(seen.all()):  # on what the conditional draws
             x1 = lat + (1.0 - t) * v  # the clean latents the conditional velocity points at [F, h, w, C]
             d = (x1 - x1.mean(dim=(1, 2), keepdim=True)).norm(dim=-1, keepdim=True)  # how far each stands out
             w = (d / d.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_salient
-            g = g * torch.where(seen.reshape(-1, 1, 1, 1), torch.ones_like(w), w)
+            g = g * torch.where(on_seen, torch.ones_like(w), w)
         if self.cfg_local > 0:  # keep it where it is strong: weight (|g| / max |g|) ** cfg_local per position
             n = g.norm(dim=-1, keepdim=True)
             w = (n / n.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_local
-            g = g * (w if seen is None else torch.where(seen.reshape(-1, 1, 1, 1), w, torch.ones_like(w)))
+            g = g * (w if seen is None else torch.where(on_seen, w, torch.ones_like(w)))
         if self.cfg_parallel != 1.0 or self.cfg_rescale > 0:
             x1 = lat + (1.0 - t) * v  # the clean latents the conditional velocity points at
         if self.cfg_parallel != 1.0:  # the part of g along x1 (it scales the frame up or down) weighted
@@ -788,12 +786,12 @@ class ChunkStream:
                 has = torch.tensor([bool(q) for q in neg]).repeat_interleave(lf)
                 scale = (self.cfg_neg * on * has).to(dev, dt).reshape(-1, 1, 1, 1)
                 guided = guided + scale * (v - v_neg)
+            # the first chunk of a video from nothing (no image, no prefix) has no objects to keep yet
+            seen = [base + k > 0 or image_latent is not None for k in active]
             if guided is not v and (self.cfg_local > 0 or self.cfg_parallel != 1.0 or self.cfg_rescale > 0
-                                    or self.cfg_salient > 0):
-                # the first chunk of a video from nothing (no image, no prefix) has no objects to keep yet
-                seen = torch.tensor([base + k > 0 or image_latent is not None for k in active]).repeat_interleave(lf)
+                                    or (self.cfg_salient > 0 and not all(seen))):
                 guided = v + self._shape_guidance(guided - v, v, lat, t_cur.reshape(-1, 1, 1, 1).to(dev, dt),
-                                                  seen.to(dev))
+                                                  torch.tensor(seen).repeat_interleave(lf))
             if i_np is not None:
                 scale = self.cfg_prev
                 if prev_scale is not None:  # each chunk's first latent frames only, where it meets the chunk before

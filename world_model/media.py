@@ -151,12 +151,9 @@ class GifWriter:
         elif frames.shape[1:3] != self._size:
             raise ValueError(f"GifWriter.append: frames of {frames.shape[1]}x{frames.shape[2]} after "
                              f"{self._size[0]}x{self._size[1]} ones; a GIF's frames share one size")
-        blocks = []
-        for f in frames:
-            # graphic control: keep the frame (disposal 1), its delay, no transparency
-            blocks.append(b"\x21\xf9\x04\x04" + struct.pack("<H", self._delay(self.frames_written + len(blocks)))
-                          + b"\x00\x00")
-            blocks[-1] += _gif_image_block(f)
+        # per frame: a graphic control block (keep the frame, disposal 1; its delay; no transparency), the image
+        blocks = [b"\x21\xf9\x04\x04" + struct.pack("<H", self._delay(self.frames_written + k)) + b"\x00\x00"
+                  + _gif_image_block(f) for k, f in enumerate(frames)]
         self._file.seek(-1, os.SEEK_END)  # over the trailer
         self._file.write(b"".join(blocks) + _TRAILER)
         self._file.flush()
