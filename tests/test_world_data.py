@@ -415,6 +415,51 @@ def test_make_batch_mixes_scheduled_clips():
             D.make_batch(4, 1, 2, 12, p_scheduled=bad)
 
 
+def test_twin_clips_draw_one_object_twice_and_are_uncaptioned():
+    for seed in range(12):
+        c = D.generate(seed, 3, CFG, twin=True)
+        tr = c.tracks
+        assert c.n_objects >= 2 and c.meta["source"] == "twin"
+        assert c.captions == [V.NULL_CAPTION] * 3
+        assert (tr["colour"][-1], tr["shape"][-1]) == (tr["colour"][0], tr["shape"][0])
+        assert np.array_equal(tr["size"][:, -1], tr["size"][:, 0])
+        assert len(set(tr["colour"][:-1])) == c.n_objects - 1  # only the copy repeats a colour
+        assert np.array_equal(tr["control"][:, -1], tr["control"][:, 0])
+        for k in range(3):  # given the same velocity at every chunk start, placed elsewhere
+            t = k * F
+            assert (tr["vx"][t, -1], tr["vy"][t, -1]) == (tr["vx"][t, 0], tr["vy"][t, 0])
+        assert (tr["x"][0, -1], tr["y"][0, -1]) != (tr["x"][0, 0], tr["y"][0, 0])
+        # the copy is drawn: where both show whole, their colour covers twice one object's pixels
+        if tr["visible_frac"][0, 0] == 1.0:  # the first object uncovered (the copy is drawn last)
+            both = sum(D._object_masks(tr["x"][:1, i], tr["y"][:1, i], tr["shape"][i], tr["size"][0, i], CFG.size).sum()
+                       for i in (0, -1))
+            assert (c.frames[0] == D.PALETTE[str(tr["colour"][0])]).all(-1).sum() == both
+        _same_clip(c, D.generate(seed, 3, CFG, twin=True))
+    with pytest.raises(ValueError, match="max_objects >= 2"):
+        D.generate(0, 1, D.WorldConfig(max_objects=1), twin=True)
+
+
+def test_make_batch_mixes_twin_clips_with_null_captions():
+    plain = D.make_batch(4, 1, 2, 16)
+    mixed = D.make_batch(4, 1, 2, 16, p_twin=0.4, p_scheduled=0.5)
+    kinds = [c.meta["source"] for c in mixed.clips]
+    assert 0 < kinds.count("twin") < 16 and "scheduled" in kinds
+    null = V.encode_batch([V.NULL_CAPTION], length=mixed.tokens.shape[-1])[0]
+    for c, p, seed, tok in zip(mixed.clips, plain.clips, mixed.seeds, mixed.tokens):
+        if c.meta["source"] == "twin":
+            _same_clip(c, D.generate(seed, 2, CFG, twin=True))
+            assert (tok == null).all()
+        elif c.meta["source"] == "random":  # p_twin draws its own numbers: the other clips are unchanged
+            _same_clip(c, p)
+    assert np.array_equal(D.make_batch(4, 1, 2, 16, p_twin=0.0).frames, plain.frames)
+    assert all(c.meta["source"] == "twin" for c in D.make_batch(4, 1, 2, 5, p_twin=1.0).clips)
+    again = next(D.stream(4, 2, 16, start=1, p_twin=0.4, p_scheduled=0.5))
+    assert np.array_equal(again.frames, mixed.frames) and again.captions == mixed.captions
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="p_twin"):
+            D.make_batch(4, 1, 2, 12, p_twin=bad)
+
+
 # ---------------------------------------------------------------------------------- vocabulary
 
 

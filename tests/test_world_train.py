@@ -282,21 +282,22 @@ def test_train_with_scheduled_clips_and_resume_changing_the_mix(tmp_path, monkey
     asked = []
     make_batch = TR.D.make_batch
 
-    def spy(seed, index, n_chunks, batch, config=TR.D.WorldConfig(), p_scheduled=0.0, p_lookahead=1.0):
-        asked.append((p_scheduled, p_lookahead))
-        return make_batch(seed, index, n_chunks, batch, config, p_scheduled, p_lookahead)
+    def spy(seed, index, n_chunks, batch, config=TR.D.WorldConfig(), p_scheduled=0.0, p_lookahead=1.0, p_twin=0.0):
+        asked.append((p_scheduled, p_lookahead, p_twin))
+        return make_batch(seed, index, n_chunks, batch, config, p_scheduled, p_lookahead, p_twin)
 
     monkeypatch.setattr(TR.D, "make_batch", spy)
     tcfg = tiny(steps_vae=1, steps_dit=2, ckpt_every=1)
     train(tcfg, tmp_path, "cpu", progress=False)
-    assert {p for p, _ in asked} == {0.0}
+    assert {(p, tw) for p, _, tw in asked} == {(0.0, 0.0)}
     asked.clear()
-    more = replace(tcfg, steps_dit=3, p_scheduled=0.5, p_lookahead=0.25)  # fine-tuning on another data mix resumes
+    # fine-tuning on another data mix (scheduled clips, twin clips) resumes
+    more = replace(tcfg, steps_dit=3, p_scheduled=0.5, p_lookahead=0.25, p_twin=0.2)
     res = train(more, tmp_path, "cpu", resume=tmp_path / "ckpt_0000003.safetensors", progress=False)
-    assert res.step == 4 and asked and set(asked) == {(0.5, 0.25)}  # the transformer's batches
+    assert res.step == 4 and asked and set(asked) == {(0.5, 0.25, 0.2)}  # the transformer's batches
     saved = load_checkpoint(tmp_path / "ckpt_0000004.safetensors")[2]["train_config"]
-    assert (saved["p_scheduled"], saved["p_lookahead"]) == (0.5, 0.25)
-    for name in ("p_scheduled", "p_lookahead"):
+    assert (saved["p_scheduled"], saved["p_lookahead"], saved["p_twin"]) == (0.5, 0.25, 0.2)
+    for name in ("p_scheduled", "p_lookahead", "p_twin"):
         for bad in (-0.5, 1.5):
             with pytest.raises(ValueError, match=name):
                 tiny(**{name: bad})
@@ -589,6 +590,8 @@ def test_cli_smoke_and_resume(tmp_path, capsys):
     (["--config", "tiny", "--batch", "0"], "--batch: expected a positive integer, got 0"),
     (["--config", "tiny", "--p-scheduled", "1.5"], "p_scheduled=1.5 must be in \\[0, 1\\]"),
     (["--config", "tiny", "--p-lookahead", "2"], "p_lookahead=2.0 must be in \\[0, 1\\]"),
+    (["--config", "tiny", "--p-twin", "1.5"], "p_twin=1.5 must be in \\[0, 1\\]"),
+    (["--config", "tiny", "--p-twin", "-0.1"], "--p-twin: "),
     (["--config", "tiny", "--time-limit", "0"], "--time-limit: must be a finite number > 0, got 0"),
     (["--config", "tiny", "--time-limit", "soon"], "--time-limit: expected a number, got 'soon'"),
     (["--config", "tiny", "--caption-runs", "0"], "--caption-runs: expected a positive integer, got 0"),
@@ -743,8 +746,8 @@ def test_cli_finetune_decoder_causal(tmp_path, capsys):
 def test_batch_source_workers_give_the_same_batches_through_shared_memory():
     # the worker pool writes frames into shared-memory slots; order and contents equal the
     # in-process source, and a returned frame view stays intact until the next get()
-    plain = TR.BatchSource(7, 2, 3, start=4, workers=0, cells=(4, 8), p_scheduled=0.5, p_lookahead=0.5)
-    pooled = TR.BatchSource(7, 2, 3, start=4, workers=2, cells=(4, 8), p_scheduled=0.5, p_lookahead=0.5)
+    plain = TR.BatchSource(7, 2, 3, start=4, workers=0, cells=(4, 8), p_scheduled=0.5, p_lookahead=0.5, p_twin=0.3)
+    pooled = TR.BatchSource(7, 2, 3, start=4, workers=2, cells=(4, 8), p_scheduled=0.5, p_lookahead=0.5, p_twin=0.3)
     try:
         for _ in range(5):
             f0, t0, g0 = plain.get()

@@ -116,6 +116,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-lookahead", type=_nonneg_float, metavar="P",
                    help="fraction of the scheduled clips planned over the whole schedule; the rest are planned "
                         "chunk by chunk, a run's later chunks slowing down near a wall (default: the config's)")
+    p.add_argument("--p-twin", type=_nonneg_float, metavar="P",
+                   help="fraction of the transformer's training clips that are twin clips: one object drawn twice "
+                        "(same colour, shape, size and motion), shown uncaptioned, so that guidance away from the "
+                        "unconditional branch steers away from drawing the subject twice (default: the config's, 0)")
     p.add_argument("--caption-runs", type=_pos_int, metavar="R",
                    help="tell each chunk's caption for how many chunks (up to R, this one included) the video keeps "
                         "it, so a chunk can leave room for what the caption still asks; with --resume of a model "
@@ -165,7 +169,7 @@ def _train_config(args, parser):
         overrides = {k: v for k, v in {
             "steps_vae": args.steps_vae, "steps_dit": args.steps_dit, "seed": args.seed, "batch": args.batch,
             "ckpt_every": args.ckpt_every, "data_workers": args.data_workers,
-            "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead,
+            "p_scheduled": args.p_scheduled, "p_lookahead": args.p_lookahead, "p_twin": args.p_twin,
             "run_lr_scale": args.run_lr_scale, "t_mean": args.t_mean, "t_std": args.t_std}.items() if v is not None}
         tcfg = replace(tcfg, **overrides)
         if args.caption_runs is not None:

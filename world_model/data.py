@@ -547,16 +547,27 @@ def _assemble(seed, cfg, gravity, bg, bg_kind, colours, shapes, sizes, bounds, r
                 gravity=bool(gravity), background=bg_kind, meta=meta)
 
 
-def generate(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> Clip:
-    """A random clip of ``n_chunks`` chunks, fully determined by ``seed``."""
+def generate(seed: int, n_chunks: int, config: WorldConfig = WorldConfig(), twin: bool = False) -> Clip:
+    """A random clip of ``n_chunks`` chunks, fully determined by ``seed`` (and ``twin``).
+
+    ``twin=True``: a *twin clip*, the one exception to "every object has its own colour". Its last
+    object is a copy of its first (colour, shape, size and every velocity the first is given; only its
+    place differs), the way a model draws its subject twice, and its captions are all the null caption
+    ``""``: a caption names one object by its colour, and here two share it. Training shows twin clips
+    as uncaptioned (`make_batch`'s ``p_twin``), so that the unconditional distribution has copies and the
+    captioned one has none, and guidance away from the unconditional branch steers away from copies."""
     seed, n_chunks, cfg = _check_seed(seed), _check_chunks(n_chunks), config
+    if twin and cfg.max_objects < 2:
+        raise ValueError(f"a twin clip needs max_objects >= 2 (it copies an object), got {cfg.max_objects}")
     rng = np.random.Generator(np.random.PCG64(seed))
     gravity = bool(rng.random() < cfg.gravity_prob)
     g = cfg.gravity if gravity else 0.0
-    n_obj = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    n_obj = int(rng.integers(max(cfg.min_objects, 2) if twin else cfg.min_objects, cfg.max_objects + 1))
     colours = [cfg.colours[i] for i in rng.choice(len(cfg.colours), size=n_obj, replace=False)]
     shapes = [cfg.shapes[i] for i in rng.integers(len(cfg.shapes), size=n_obj)]
     sizes = [float(s) for s in rng.uniform(*cfg.size_range, size=n_obj)]
+    if twin:  # the last object copies the first
+        colours[-1], shapes[-1], sizes[-1] = colours[0], shapes[0], sizes[0]
     bg, bg_kind = _background(rng, cfg)
     bounds = [_bounds(sh, s, cfg.size) for sh, s in zip(shapes, sizes)]
     taken, states = [], []
@@ -564,6 +575,8 @@ def generate(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> C
         x, y = _place(rng, bounds[i], taken, sizes[i], gravity, cfg)
         taken.append((x, y, sizes[i]))
         states.append((x, y) + _random_velocity(rng, 0.0, gravity, True, cfg))
+    if twin:
+        states[-1] = states[-1][:2] + states[0][2:]
     recs, codes = [[] for _ in range(n_obj)], [[] for _ in range(n_obj)]
     controls, subjects = [], []
     subject = int(rng.integers(n_obj))
@@ -575,6 +588,9 @@ def generate(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> C
                 if ctrl[i]:
                     x, y, _, vy = states[i]
                     states[i] = (x, y) + _random_velocity(rng, vy, gravity, False, cfg)
+            if twin:  # the copy is given what the first object is given
+                ctrl[-1] = ctrl[0]
+                states[-1] = states[-1][:2] + states[0][2:]
             if n_obj > 1 and rng.random() < cfg.subject_switch_prob:
                 subject = int(rng.integers(n_obj))
         for i in range(n_obj):
@@ -583,8 +599,9 @@ def generate(seed: int, n_chunks: int, config: WorldConfig = WorldConfig()) -> C
             codes[i].append(c)
         controls.append(ctrl)
         subjects.append(subject)
-    return _assemble(seed, cfg, gravity, bg, bg_kind, colours, shapes, sizes, bounds, recs, codes,
-                     controls, subjects, {"source": "random"})
+    clip = _assemble(seed, cfg, gravity, bg, bg_kind, colours, shapes, sizes, bounds, recs, codes,
+                     controls, subjects, {"source": "twin" if twin else "random"})
+    return replace(clip, captions=[vocab.NULL_CAPTION] * n_chunks) if twin else clip
 
 
 # ------------------------------------------------------------------------- scripted generation
@@ -929,18 +946,21 @@ class Batch:
 
 
 def make_batch(seed: int, index: int, n_chunks: int, batch: int, config: WorldConfig = WorldConfig(),
-               p_scheduled: float = 0.0, p_lookahead: float = SCHEDULE_LOOKAHEAD) -> Batch:
+               p_scheduled: float = 0.0, p_lookahead: float = SCHEDULE_LOOKAHEAD, p_twin: float = 0.0) -> Batch:
     """Batch number ``index`` of ``stream(seed, ...)``, computed directly (random access).
 
     ``p_scheduled``: the probability that a clip is `generate_scheduled` (with ``p_lookahead``)
-    rather than `generate` (decided from the clip's seed, so a batch is the same whatever else is
-    asked)."""
+    rather than `generate`; ``p_twin``: that it is an uncaptioned twin clip (`generate`'s ``twin``),
+    before either. Both are decided from the clip's seed by draws of their own, so a batch is the same
+    whatever else is asked, and with ``p_twin`` 0 it is the batch of before twin clips."""
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
-    if not 0 <= p_scheduled <= 1:
-        raise ValueError(f"p_scheduled must be in [0, 1], got {p_scheduled!r}")
+    for name, p in (("p_scheduled", p_scheduled), ("p_twin", p_twin)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {p!r}")
     seeds = [clip_seed(seed, index * batch + i) for i in range(batch)]
-    clips = [generate_scheduled(s, n_chunks, config, p_lookahead) if p_scheduled and _scheduled(s, p_scheduled)
+    clips = [generate(s, n_chunks, config, twin=True) if p_twin and _drawn(s, 3, p_twin)
+             else generate_scheduled(s, n_chunks, config, p_lookahead) if p_scheduled and _drawn(s, 2, p_scheduled)
              else generate(s, n_chunks, config) for s in seeds]
     captions = [c.captions for c in clips]
     tokens = np.stack([vocab.encode_batch(c) for c in captions])
@@ -948,21 +968,22 @@ def make_batch(seed: int, index: int, n_chunks: int, batch: int, config: WorldCo
                  captions=captions, tokens=tokens, clips=clips)
 
 
-def _scheduled(seed: int, p: float) -> bool:
-    """Whether the clip of ``seed`` is a scheduled one (a draw independent of the clip's own stream)."""
-    return bool(np.random.Generator(np.random.PCG64([seed, 2])).random() < p)
+def _drawn(seed: int, stream_id: int, p: float) -> bool:
+    """A draw of probability ``p`` for the clip of ``seed``, independent of the clip's own stream:
+    ``stream_id`` 2 whether it is a scheduled clip, 3 whether a twin clip."""
+    return bool(np.random.Generator(np.random.PCG64([seed, stream_id])).random() < p)
 
 
 def stream(seed: int, n_chunks: int, batch: int, config: WorldConfig = WorldConfig(),
            start: int = 0, stop: int | None = None, p_scheduled: float = 0.0,
-           p_lookahead: float = SCHEDULE_LOOKAHEAD) -> Iterator[Batch]:
+           p_lookahead: float = SCHEDULE_LOOKAHEAD, p_twin: float = 0.0) -> Iterator[Batch]:
     """Batches ``start, start + 1, ...`` (forever, or up to ``stop`` exclusive); resumable from any index."""
     _check_seed(seed)
     _check_chunks(n_chunks)
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
         raise ValueError(f"start must be a non-negative int, got {start!r}")
     for b in itertools.count(start) if stop is None else range(start, stop):
-        yield make_batch(seed, b, n_chunks, batch, config, p_scheduled, p_lookahead)
+        yield make_batch(seed, b, n_chunks, batch, config, p_scheduled, p_lookahead, p_twin)
 
 
 # ------------------------------------------------------------------------------------- preview

@@ -73,7 +73,7 @@ from .text import pack_text, token_runs
 from .vae import decoder_loss, to_signed, vae_loss
 
 CONFIG_DIR = Path(__file__).resolve().parent / "train_configs"
-NULL_CAPTION = ""  # the caption of dropped-out chunks: BOS EOS (what CFG's unconditional branch uses)
+NULL_CAPTION = vocab.NULL_CAPTION  # the caption of dropped-out chunks: BOS EOS (what CFG's unconditional branch uses)
 PHASE_VAE, PHASE_DIT, PHASE_STATS, PHASE_DECODER = 1, 2, 3, 4
 
 # fields that may change when resuming (they do not change what a step computes, or only extend the run)
@@ -81,7 +81,7 @@ RESUMABLE_CHANGES = ("steps_vae", "steps_dit", "ckpt_every", "keep_checkpoints",
                      "sample_every", "data_workers", "fg_weight", "compile",
                      # fine-tuning with a new loss weighting / data mix: the clips, how they are cut,
                      # started and captioned, and the attention window (generation's default follows it)
-                     "p_scheduled", "p_lookahead", "n_chunks", "batch", "reuse", "p_cut", "p_continuation",
+                     "p_scheduled", "p_lookahead", "p_twin", "n_chunks", "batch", "reuse", "p_cut", "p_continuation",
                      "p_i2v", "caption_dropout", "attn_window",
                      "run_lr_scale",
                      # fine-tuning with the noise levels drawn elsewhere (logit-normal mean and spread)
@@ -122,6 +122,7 @@ class TrainConfig:
     fg_weight: float = 0.0  # extra loss weight on latent cells an object touches (0: plain MSE)
     p_scheduled: float = 0.0  # fraction of the transformer's clips scripted from random prompt schedules (data.generate_scheduled)
     p_lookahead: float = D.SCHEDULE_LOOKAHEAD  # fraction of those planned over the whole schedule (the rest chunk by chunk)
+    p_twin: float = 0.0  # fraction of the transformer's clips that are uncaptioned twin clips (data.generate(twin=True))
     reuse: int = 1  # transformer steps per generated and encoded batch (each with its own cuts, t and noise)
     run_lr_scale: float = 1.0  # learning rate of the caption-run vectors / the transformer's (new vectors in a trained model: > 1)
     # optimisation (both phases)
@@ -165,7 +166,8 @@ class TrainConfig:
             whole("attn_window", 1)
         if not isinstance(self.compile, bool):
             bad(f"compile={self.compile!r} must be true or false")
-        for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio", "p_scheduled", "p_lookahead"):
+        for name in ("p_cut", "p_continuation", "p_i2v", "caption_dropout", "min_lr_ratio", "p_scheduled", "p_lookahead",
+                     "p_twin"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1]")
         for name in ("lr_vae", "lr_dit", "t_std", "run_lr_scale"):
@@ -257,23 +259,23 @@ def lr_at(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> 
 
 
 def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int, cells: tuple[int, int] | None = None,
-                  p_scheduled: float = 0.0,
-                  p_lookahead: float = D.SCHEDULE_LOOKAHEAD) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                  p_scheduled: float = 0.0, p_lookahead: float = D.SCHEDULE_LOOKAHEAD,
+                  p_twin: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Frames, caption tokens and (with ``cells``: the autoencoder's time and space down-sampling)
     the `data.foreground_cells` of each clip of batch ``index`` (else None)."""
-    b = D.make_batch(seed, index, n_chunks, batch, p_scheduled=p_scheduled, p_lookahead=p_lookahead)
+    b = D.make_batch(seed, index, n_chunks, batch, p_scheduled=p_scheduled, p_lookahead=p_lookahead, p_twin=p_twin)
     fg = None if cells is None else np.stack([D.foreground_cells(c, *cells) for c in b.clips])
     return b.frames, b.tokens, fg
 
 
 def _batch_into_slot(slot: str, seed: int, index: int, n_chunks: int, batch: int,
                      cells: tuple[int, int] | None, p_scheduled: float,
-                     p_lookahead: float) -> tuple[np.ndarray, np.ndarray | None]:
+                     p_lookahead: float, p_twin: float) -> tuple[np.ndarray, np.ndarray | None]:
     """Worker side of `BatchSource`: write the frames into shared-memory block ``slot`` (they are
     by far the largest part: 75 MB for 64 clips of 4 chunks) and return the small arrays."""
     from multiprocessing import shared_memory
 
-    frames, tokens, fg = _batch_arrays(seed, index, n_chunks, batch, cells, p_scheduled, p_lookahead)
+    frames, tokens, fg = _batch_arrays(seed, index, n_chunks, batch, cells, p_scheduled, p_lookahead, p_twin)
     shm = shared_memory.SharedMemory(name=slot)
     try:
         np.ndarray(frames.shape, frames.dtype, buffer=shm.buf)[...] = frames
@@ -295,8 +297,8 @@ class BatchSource:
 
     def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0,
                  cells: tuple[int, int] | None = None, p_scheduled: float = 0.0,
-                 p_lookahead: float = D.SCHEDULE_LOOKAHEAD):
-        self.args = (seed, n_chunks, batch, cells, p_scheduled, p_lookahead)
+                 p_lookahead: float = D.SCHEDULE_LOOKAHEAD, p_twin: float = 0.0):
+        self.args = (seed, n_chunks, batch, cells, p_scheduled, p_lookahead, p_twin)
         self.next = start
         self.pool = None
         self.ahead: deque = deque()  # (future, slot)
@@ -322,16 +324,16 @@ class BatchSource:
             self.free.extend(self.slots)
 
     def _submit(self):
-        seed, n, b, cells, p_sched, p_ahead = self.args
+        seed, n, b, cells, p_sched, p_ahead, p_twin = self.args
         slot = self.free.popleft()
         fut = self.pool.submit(_batch_into_slot, slot.name, seed, self.next + len(self.ahead), n, b, cells,
-                               p_sched, p_ahead)
+                               p_sched, p_ahead, p_twin)
         self.ahead.append((fut, slot))
 
     def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        seed, n, b, cells, p_sched, p_ahead = self.args
+        seed, n, b, cells, p_sched, p_ahead, p_twin = self.args
         if self.pool is None:
-            out = _batch_arrays(seed, self.next, n, b, cells, p_sched, p_ahead)
+            out = _batch_arrays(seed, self.next, n, b, cells, p_sched, p_ahead, p_twin)
         else:
             if self.held is not None:  # the caller is done with the previous batch's frames
                 self.free.append(self.held)
@@ -801,7 +803,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             first = step - tcfg.steps_vae
             cells = (cfg.time_down, cfg.space_down) if tcfg.fg_weight else None  # foreground only where weighted
             src = BatchSource(data_seed(tcfg, PHASE_DIT), tcfg.n_chunks, tcfg.batch, first // tcfg.reuse,
-                              tcfg.data_workers, cells, tcfg.p_scheduled, tcfg.p_lookahead)
+                              tcfg.data_workers, cells, tcfg.p_scheduled, tcfg.p_lookahead, tcfg.p_twin)
             latents = None
             bar = _progress(tcfg.steps_dit, first, "transformer", progress)
             try:

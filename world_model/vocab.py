@@ -37,6 +37,7 @@ GRAVITY_MOTIONS = ("falls", "rises", "rises and falls")
 NO_GRAVITY_MOTIONS = ("moves up", "moves down", "stays still")
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
+NULL_CAPTION = ""  # no caption (BOS EOS): dropped-out chunks, twin clips, guidance's unconditional branch
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
