@@ -364,6 +364,27 @@ def test_caption_gap_script_context_mode(capsys):
         world_caption_gap.main(["--context", "--clips", "0"])
 
 
+def test_caption_gap_script_twins_mode(capsys):
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        world_caption_gap.main(["--twins", "--clips", "2", "--draws", "1"])
+    finally:
+        torch.set_num_threads(n)
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(line)
+    assert res["clips"] == 2 and res["draws"] == 1 and res["t"] == [0.1, 0.2, 0.3]
+    diff = [a - b for a, b in zip(res["gain_twin"], res["gain_normal"])]
+    assert res["preference_by_t"] == pytest.approx(diff, abs=2e-5)  # printed to 5 places
+    with pytest.raises(SystemExit):
+        world_caption_gap.main(["--twins", "--clips", "1"])
+    assert "clips must be an int >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        world_caption_gap.main(["--twins", "--context"])
+    assert "--twins and --context" in capsys.readouterr().err
+
+
 def test_sampler_sweep_decoders_score_the_same_latents(tmp_path, capsys):
     """--decoders W: each video's latents decoded again by W's decoder, scored and paired by video. The
     model's own decoder reproduces its frames (paired 0); another decoder draws other frames; a

@@ -778,6 +778,68 @@ def context_loss_gap(model, *, ts: Sequence[float] = CONTEXT_GAP_TIMES, batches:
     return {"t": [float(t) for t in ts], "with_context": wc, "alone": al, "ratio": [a / b for a, b in zip(wc, al)]}
 
 
+COPY_PREFERENCE_TIMES = (0.1, 0.2, 0.3)  # the default guidance interval's noisy end, where a layout is decided
+
+
+def copy_preference(model, *, ts: Sequence[float] = COPY_PREFERENCE_TIMES, clips: int = 48, draws: int = 3,
+                    seed: int = 9000) -> dict:
+    """Whether text guidance favours drawing the subject twice: how much a caption lowers the model's
+    flow-matching error on the first chunk of twin clips (`data.generate(twin=True)`: one object drawn
+    twice, told by the caption of that object) against normal clips (told their own caption).
+
+    For each clip and flow time t in ``ts`` (``draws`` noise draws each, the same for both captions),
+    the *caption gain* is err(null caption) - err(caption): the log-ratio that classifier-free
+    guidance follows, up to scale (the model's implicit p(caption | x_t)). ``preference`` = gain on
+    twins - gain on normal clips, the mean over the clips with its standard error: > 0 means guidance
+    away from the null caption pulls a chunk toward two copies of what it names. Clips are seeds
+    ``seed`` .. ``seed + clips - 1`` (no training run draws those), the normal and the twin clip of a
+    seed paired."""
+    import torch
+
+    from . import train as T
+    from .dit import frame_times, noisy_latents
+
+    if isinstance(clips, bool) or not isinstance(clips, int) or clips < 2:
+        raise ValueError(f"clips must be an int >= 2 (a standard error needs two), got {clips!r}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
+    if not ts or not all(0.0 <= float(t) < 1.0 for t in ts):
+        raise ValueError(f"ts must be flow times in [0, 1) (noisy), got {ts!r}")
+    cfg, lf = model.cfg, model.cfg.latent_frames
+    model.eval()
+    gains = {}
+    for kind in ("normal", "twin"):
+        made = [data.generate(s, 1, twin=kind == "twin") for s in range(seed, seed + clips)]
+        captions = [data.object_captions(c.tracks, c.config)[0][0] if kind == "twin" else c.captions[0] for c in made]
+        with torch.no_grad():
+            x1 = model.vae.encode(torch.from_numpy(np.stack([c.frames for c in made])))
+            x1 = x1.reshape(clips * lf, *x1.shape[2:])
+            told = model.encode_captions(captions)
+            null = model.encode_captions([T.NULL_CAPTION] * clips)
+        g = torch.Generator().manual_seed(seed)
+        per_t = []
+        for t in ts:
+            t_frames = frame_times(torch.full((clips,), float(t)), clips, cfg)
+            gain = np.zeros(clips)
+            for _ in range(draws):
+                noise = torch.randn(x1.shape, generator=g)
+                x_t = noisy_latents(x1, noise, t_frames)
+                err = {}
+                for name, (text, lens) in (("told", told), ("null", null)):
+                    with torch.no_grad():
+                        v = model.dit(x_t, t_frames, text, lens, (1,) * clips, (0,) * clips)
+                    err[name] = (v.float() - (x1 - noise)).pow(2).mean((1, 2, 3)).reshape(clips, lf).mean(1).numpy()
+                gain += (err["null"] - err["told"]) / draws
+            per_t.append(gain)
+        gains[kind] = np.array(per_t)  # [len(ts), clips]
+    diff = (gains["twin"] - gains["normal"]).mean(0)
+    return {"t": [float(t) for t in ts], "clips": clips, "draws": draws,
+            "gain_normal": [float(x) for x in gains["normal"].mean(1)],
+            "gain_twin": [float(x) for x in gains["twin"].mean(1)],
+            "preference": float(diff.mean()), "preference_se": float(diff.std(ddof=1) / np.sqrt(clips)),
+            "preference_by_t": [float(x) for x in (gains["twin"] - gains["normal"]).mean(1)]}
+
+
 def format_table(res: dict) -> str:
     """A plain-text table of the headline figures."""
     p = res["prompt_following"]
