@@ -72,6 +72,8 @@ examples:
       --p-scheduled 0.5 --steps-dit 11600 --stop-at 12152 --out runs/runs4   # tell captions their runs
   magi train --resume small-12152.safetensors --config small --p-scheduled 0.5 --steps-dit 14000 \\
       --t-mean -0.35 --t-std 1.4 --stop-at 13142 --out runs/tw --device cuda   # the shipped weights' last fine-tune
+  magi train --resume world_model/weights/small.safetensors --p-twin 0.15 --steps-dit 15000 \\
+      --out runs/twin --device cuda   # twin clips: against guidance's preference for drawing the subject twice
 
 resume continues bit-exactly (on the CPU) from the saved step: weights, optimizer moments and the
 data stream position are restored; only the step counts and bookkeeping (--ckpt-every,
