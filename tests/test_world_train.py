@@ -278,6 +278,18 @@ def test_train_with_foreground_weight_and_resume_changing_it(tmp_path):
         tiny(fg_weight=-1.0)
 
 
+def test_small_config_file_names_every_field():
+    """`magi train --help` points at small.json for every TrainConfig field: it must hold them all,
+    and at the values it has always run with (the fields added later at their defaults)."""
+    import json
+    from dataclasses import fields
+
+    raw = json.loads((TR.CONFIG_DIR / "small.json").read_text())
+    assert sorted(raw) == sorted(f.name for f in fields(TR.TrainConfig))
+    small = TR.load_train_config("small")
+    assert (small.p_scheduled, small.p_lookahead, small.p_twin, small.run_lr_scale) == (0.0, 1.0, 0.0, 1.0)
+
+
 def test_train_with_scheduled_clips_and_resume_changing_the_mix(tmp_path, monkeypatch):
     asked = []
     make_batch = TR.D.make_batch
