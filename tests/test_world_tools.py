@@ -348,16 +348,21 @@ def test_world_tracker_check_reports_every_rule(tmp_path, capsys):
         world_tracker_check.main(["--chunks", "1"])
 
 
-def test_caption_gap_script_context_mode(capsys):
+def _caption_gap_line(argv, capsys) -> dict:
+    """The one JSON line `world_caption_gap.py ARGV` prints (torch's thread count put back after)."""
     import torch
 
     n = torch.get_num_threads()
     try:
-        world_caption_gap.main(["--context", "--batches", "1", "--clips", "2"])
+        world_caption_gap.main(argv)
     finally:
         torch.set_num_threads(n)
     (line,) = capsys.readouterr().out.strip().splitlines()
-    res = json.loads(line)
+    return json.loads(line)
+
+
+def test_caption_gap_script_context_mode(capsys):
+    res = _caption_gap_line(["--context", "--batches", "1", "--clips", "2"], capsys)
     assert res["batches"] == 1 and res["clips"] == 2 and len(res["t"]) == len(res["ratio"]) == 8
     assert all(r == pytest.approx(w / a, rel=5e-3) for r, w, a in zip(res["ratio"], res["with_context"], res["alone"]))  # printed to 4 places
     with pytest.raises(SystemExit, match="must be >= 1"):
@@ -365,15 +370,7 @@ def test_caption_gap_script_context_mode(capsys):
 
 
 def test_caption_gap_script_twins_mode(capsys):
-    import torch
-
-    n = torch.get_num_threads()
-    try:
-        world_caption_gap.main(["--twins", "--clips", "2", "--draws", "1"])
-    finally:
-        torch.set_num_threads(n)
-    (line,) = capsys.readouterr().out.strip().splitlines()
-    res = json.loads(line)
+    res = _caption_gap_line(["--twins", "--clips", "2", "--draws", "1"], capsys)
     assert res["clips"] == 2 and res["draws"] == 1 and res["t"] == [0.1, 0.2, 0.3]
     diff = [a - b for a, b in zip(res["gain_twin"], res["gain_normal"])]
     assert res["preference_by_t"] == pytest.approx(diff, abs=2e-5)  # printed to 5 places
