@@ -3,6 +3,7 @@
     python benchmarks/world_caption_gap.py [--weights PATH ...] [--batches 6] [--clips 8]
     python benchmarks/world_caption_gap.py --context [--batches 3] [--clips 16]
     python benchmarks/world_caption_gap.py --twins [--clips 48] [--weights PATH ...]
+    python benchmarks/world_caption_gap.py --twins --baseline near_miss     # the negative branch's preference
 
 For each checkpoint (default: the shipped `small` weights): the loss on held-out packed batches with
 each clip's own captions, with another clip's captions and with the null caption, the same noise for
@@ -18,7 +19,8 @@ before it and alone, the same noise, time position and caption).
 (the named object drawn twice) than on normal clips, at the noisy flow times where guidance acts. A
 positive preference means guidance away from the null caption pulls toward copies; training with
 uncaptioned twin clips (`magi train --p-twin`) should drive it down. About 2 minutes per checkpoint (48 clips,
-3 draws, 2 threads).
+3 draws, 2 threads). ``--baseline near_miss`` measures the gain over the caption's near misses instead
+(what ``cfg_neg`` guides away from; clips told a "moves X" caption only, about 4 minutes).
 """
 import argparse
 import json
@@ -42,6 +44,9 @@ def main(argv=None):
                     help="the copy preference instead: the caption's gain on twin clips minus on normal clips "
                          "(first chunks, flow times 0.1 0.2 0.3; --clips default 48)")
     ap.add_argument("--draws", type=int, default=3, help="with --twins: noise draws per clip and flow time (default 3)")
+    ap.add_argument("--baseline", choices=evaluate.COPY_BASELINES, default="null",
+                    help="with --twins: what the caption's gain is measured against: the null caption (text "
+                         "guidance) or its near-miss captions (negative guidance) (default null)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
     if args.twins and args.context:
@@ -52,7 +57,7 @@ def main(argv=None):
         for path in args.weights:
             model, _, _ = load_checkpoint(path)
             try:
-                res = evaluate.copy_preference(model, clips=clips, draws=args.draws)
+                res = evaluate.copy_preference(model, clips=clips, draws=args.draws, baseline=args.baseline)
             except ValueError as e:
                 ap.error(str(e))
             print(json.dumps({"weights": path, **{k: [round(x, 5) for x in v] if isinstance(v, list) else

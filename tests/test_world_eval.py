@@ -8,6 +8,7 @@ import pytest
 
 from maskc.world_model import data
 from maskc.world_model import evaluate as E
+from maskc.world_model import vocab as V
 
 F = data.WorldConfig().chunk_frames
 
@@ -498,6 +499,23 @@ def test_context_loss_gap_compares_the_same_chunk_with_and_without_the_one_befor
     assert 0.3 < r["ratio"][0] < 0.8  # measured 0.50 over 48 clips (docs/benchmarks.md, session 28)
 
 
+def test_copy_probe_clips_pair_a_seed_s_normal_and_twin_clip():
+    """Each seed gives a normal clip told its own caption and its twin clip told the caption of the object
+    drawn twice; the near-miss baseline keeps only seeds where both captions have near misses."""
+    every = E._copy_probe_clips(100, 6, "null")
+    for i, (normal, twin) in enumerate(zip(every["normal"][0], every["twin"][0])):
+        assert normal.seed == twin.seed == 100 + i and twin.meta["source"] == "twin"
+        assert every["normal"][1][i] == normal.captions[0]
+        colour, shape = twin.tracks["colour"][0], twin.tracks["shape"][0]
+        assert every["twin"][1][i].startswith(f"the {colour} {shape} ")
+    moving = E._copy_probe_clips(100, 6, "near_miss")
+    assert [c.seed for c in moving["normal"][0]] == [c.seed for c in moving["twin"][0]]
+    assert all(V.near_miss_captions(c) for kind in moving for c in moving[kind][1])
+    skipped = {c.seed for c in every["normal"][0]} - {c.seed for c in moving["normal"][0]}
+    assert skipped and all(not V.near_miss_captions(E._copy_probe_clips(s, 1, "null")["normal"][1][0])
+                           or not V.near_miss_captions(E._copy_probe_clips(s, 1, "null")["twin"][1][0]) for s in skipped)
+
+
 def test_copy_preference_is_zero_for_a_model_that_ignores_its_captions_and_positive_for_the_shipped_one():
     """The caption's gain is err(null) - err(caption) under the same noise: exactly 0 for a model
     whose cross-attention writes nothing. The shipped model's guidance favours copies (a twin clip
@@ -517,11 +535,13 @@ def test_copy_preference_is_zero_for_a_model_that_ignores_its_captions_and_posit
         for m in model.modules():
             if isinstance(m, CrossAttention):
                 m.proj.weight.zero_()
-    blind = E.copy_preference(model, ts=(0.1, 0.3), clips=3, draws=2)
-    assert blind["gain_normal"] == blind["gain_twin"] == [0.0, 0.0]
-    assert blind["preference"] == blind["preference_se"] == 0.0 and blind["t"] == [0.1, 0.3]
+    for baseline in E.COPY_BASELINES:
+        blind = E.copy_preference(model, ts=(0.1, 0.3), clips=3, draws=2, baseline=baseline)
+        assert blind["gain_normal"] == blind["gain_twin"] == [0.0, 0.0] and blind["baseline"] == baseline
+        assert blind["preference"] == blind["preference_se"] == 0.0 and blind["t"] == [0.1, 0.3]
     for bad, match in ((dict(clips=1), "clips must be an int >= 2"), (dict(draws=0), "draws must be a positive int"),
-                       (dict(ts=(0.5, 1.0)), "flow times in \\[0, 1\\)"), (dict(ts=()), "flow times")):
+                       (dict(ts=(0.5, 1.0)), "flow times in \\[0, 1\\)"), (dict(ts=()), "flow times"),
+                       (dict(baseline="empty"), "baseline must be one of null, near_miss")):
         with pytest.raises(ValueError, match=match):
             E.copy_preference(model, **bad)
     pytest.importorskip("safetensors")

@@ -779,61 +779,94 @@ def context_loss_gap(model, *, ts: Sequence[float] = CONTEXT_GAP_TIMES, batches:
 
 
 COPY_PREFERENCE_TIMES = (0.1, 0.2, 0.3)  # the default guidance interval's noisy end, where a layout is decided
+COPY_BASELINES = ("null", "near_miss")
 
 
-def copy_preference(model, *, ts: Sequence[float] = COPY_PREFERENCE_TIMES, clips: int = 48, draws: int = 3,
-                    seed: int = 9000) -> dict:
-    """Whether text guidance favours drawing the subject twice: how much a caption lowers the model's
-    flow-matching error on the first chunk of twin clips (`data.generate(twin=True)`: one object drawn
-    twice, told by the caption of that object) against normal clips (told their own caption).
+def _copy_probe_clips(seed: int, clips: int, baseline: str) -> dict[str, tuple[list, list[str]]]:
+    """{"normal" | "twin": (first-chunk clips, the caption each is told)}, paired by seed: seeds from
+    ``seed`` on, keeping a seed when both its clips' captions have near misses (``baseline``
+    "near_miss"; every seed for "null"). A twin clip is told the caption of the object it copies."""
+    kept: dict[str, tuple[list, list[str]]] = {"normal": ([], []), "twin": ([], [])}
+    s = seed
+    while len(kept["normal"][0]) < clips:
+        normal, twin = data.generate(s, 1), data.generate(s, 1, twin=True)
+        told = {"normal": normal.captions[0], "twin": data.object_captions(twin.tracks, twin.config)[0][0]}
+        if baseline == "null" or all(vocab.near_miss_captions(c) for c in told.values()):
+            for kind, clip in (("normal", normal), ("twin", twin)):
+                kept[kind][0].append(clip)
+                kept[kind][1].append(told[kind])
+        s += 1
+        if s - seed > 1000 * clips:  # cannot happen with the simulator's caption mix
+            raise RuntimeError(f"found only {len(kept['normal'][0])} of {clips} clips told a caption with near misses")
+    return kept
 
-    For each clip and flow time t in ``ts`` (``draws`` noise draws each, the same for both captions),
-    the *caption gain* is err(null caption) - err(caption): the log-ratio that classifier-free
-    guidance follows, up to scale (the model's implicit p(caption | x_t)). ``preference`` = gain on
-    twins - gain on normal clips, the mean over the clips with its standard error: > 0 means guidance
-    away from the null caption pulls a chunk toward two copies of what it names. Clips are seeds
-    ``seed`` .. ``seed + clips - 1`` (no training run draws those), the normal and the twin clip of a
-    seed paired."""
+
+def _caption_gains(model, made: list, told: list[str], baseline: str, ts, draws: int, seed: int) -> np.ndarray:
+    """[len(ts), clips]: err(baseline) - err(told caption) per clip, the mean over ``draws`` noise draws
+    (the same noise for every caption); the near-miss baseline is the mean over each clip's own."""
     import torch
 
     from . import train as T
     from .dit import frame_times, noisy_latents
 
+    cfg, lf, n = model.cfg, model.cfg.latent_frames, len(made)
+    if baseline == "null":
+        others = [[T.NULL_CAPTION] * n]
+        weight = np.ones((1, n))
+    else:  # row j: each clip's j-th near miss (its last again where it has fewer), counted where it has one
+        misses = [vocab.near_miss_captions(c) for c in told]
+        width = max(map(len, misses))
+        others = [[m[min(j, len(m) - 1)] for m in misses] for j in range(width)]
+        weight = np.array([[j < len(m) for m in misses] for j in range(width)], dtype=float)
+        weight /= weight.sum(0)
+    with torch.no_grad():
+        x1 = model.vae.encode(torch.from_numpy(np.stack([c.frames for c in made])))
+        x1 = x1.reshape(n * lf, *x1.shape[2:])
+        texts = [model.encode_captions(told)] + [model.encode_captions(o) for o in others]
+    g = torch.Generator().manual_seed(seed)
+    out = np.zeros((len(ts), n))
+    for i, t in enumerate(ts):
+        t_frames = frame_times(torch.full((n,), float(t)), n, cfg)
+        for _ in range(draws):
+            noise = torch.randn(x1.shape, generator=g)
+            x_t = noisy_latents(x1, noise, t_frames)
+            errs = []
+            for text, lens in texts:
+                with torch.no_grad():
+                    v = model.dit(x_t, t_frames, text, lens, (1,) * n, (0,) * n)
+                errs.append((v.float() - (x1 - noise)).pow(2).mean((1, 2, 3)).reshape(n, lf).mean(1).numpy())
+            out[i] += ((weight * np.array(errs[1:])).sum(0) - errs[0]) / draws
+    return out
+
+
+def copy_preference(model, *, ts: Sequence[float] = COPY_PREFERENCE_TIMES, clips: int = 48, draws: int = 3,
+                    seed: int = 9000, baseline: str = "null") -> dict:
+    """Whether guidance favours drawing the subject twice: how much a caption lowers the model's
+    flow-matching error on the first chunk of twin clips (`data.generate(twin=True)`: one object drawn
+    twice, told by the caption of that object) against normal clips (told their own caption).
+
+    For each clip and flow time t in ``ts`` (``draws`` noise draws each, the same for every caption),
+    the *caption gain* is err(baseline) - err(caption): the log-ratio that guidance away from the
+    baseline follows, up to scale (the model's implicit p(caption | x_t)). ``baseline`` "null": the
+    null caption (text guidance, ``cfg_text``); "near_miss": the caption's `vocab.near_miss_captions`,
+    the mean of their errors (negative guidance, ``cfg_neg``; only clips told a "moves X" caption have
+    them). ``preference`` = gain on twins - gain on normal clips, the mean over the clips with its
+    standard error: > 0 means guidance away from that baseline pulls a chunk toward two copies of what
+    it names. The normal and the twin clip of a seed are paired; seeds run from ``seed`` (no training
+    run draws those)."""
     if isinstance(clips, bool) or not isinstance(clips, int) or clips < 2:
         raise ValueError(f"clips must be an int >= 2 (a standard error needs two), got {clips!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive int, got {draws!r}")
     if not ts or not all(0.0 <= float(t) < 1.0 for t in ts):
         raise ValueError(f"ts must be flow times in [0, 1) (noisy), got {ts!r}")
-    cfg, lf = model.cfg, model.cfg.latent_frames
+    if baseline not in COPY_BASELINES:
+        raise ValueError(f"baseline must be one of {', '.join(COPY_BASELINES)}, got {baseline!r}")
     model.eval()
-    gains = {}
-    for kind in ("normal", "twin"):
-        made = [data.generate(s, 1, twin=kind == "twin") for s in range(seed, seed + clips)]
-        captions = [data.object_captions(c.tracks, c.config)[0][0] if kind == "twin" else c.captions[0] for c in made]
-        with torch.no_grad():
-            x1 = model.vae.encode(torch.from_numpy(np.stack([c.frames for c in made])))
-            x1 = x1.reshape(clips * lf, *x1.shape[2:])
-            told = model.encode_captions(captions)
-            null = model.encode_captions([T.NULL_CAPTION] * clips)
-        g = torch.Generator().manual_seed(seed)
-        per_t = []
-        for t in ts:
-            t_frames = frame_times(torch.full((clips,), float(t)), clips, cfg)
-            gain = np.zeros(clips)
-            for _ in range(draws):
-                noise = torch.randn(x1.shape, generator=g)
-                x_t = noisy_latents(x1, noise, t_frames)
-                err = {}
-                for name, (text, lens) in (("told", told), ("null", null)):
-                    with torch.no_grad():
-                        v = model.dit(x_t, t_frames, text, lens, (1,) * clips, (0,) * clips)
-                    err[name] = (v.float() - (x1 - noise)).pow(2).mean((1, 2, 3)).reshape(clips, lf).mean(1).numpy()
-                gain += (err["null"] - err["told"]) / draws
-            per_t.append(gain)
-        gains[kind] = np.array(per_t)  # [len(ts), clips]
+    gains = {kind: _caption_gains(model, made, told, baseline, ts, draws, seed)
+             for kind, (made, told) in _copy_probe_clips(seed, clips, baseline).items()}
     diff = (gains["twin"] - gains["normal"]).mean(0)
-    return {"t": [float(t) for t in ts], "clips": clips, "draws": draws,
+    return {"t": [float(t) for t in ts], "clips": clips, "draws": draws, "baseline": baseline,
             "gain_normal": [float(x) for x in gains["normal"].mean(1)],
             "gain_twin": [float(x) for x in gains["twin"].mean(1)],
             "preference": float(diff.mean()), "preference_se": float(diff.std(ddof=1) / np.sqrt(clips)),
