@@ -1,7 +1,8 @@
 """Prompt following against the subject drawn twice: one point per sampler setting, from direction-change sweeps.
 
-Reads the JSON files that ``world_sampler_sweep.py --json FILE`` writes (the parts of one sweep run in
-parallel processes are merged by setting; a seed seen twice for one setting is an error) and plots, per
+Reads the JSON files that ``world_sampler_sweep.py --json FILE`` writes (`sweep_files`: the parts of one
+sweep run in parallel processes are merged by setting, a seed seen twice for one setting is an error;
+files of several checkpoints are told apart, ``WEIGHTS: SETTING``) and plots, per
 setting, the fraction of frames in which the prompt's subject is drawn twice or more
 (`evaluate.subject_copies`, x) against the fraction of chunks whose motion follows the prompt (y), each
 with one standard error over the videos. Guidance buys prompt following with copies of the subject; a
@@ -10,38 +11,28 @@ video against the first setting (or ``--base``).
 
     python benchmarks/world_sampler_sweep.py --device cuda --settings "" "cfg_salient=0" --seeds $(seq 3000 3095) --json s.json
     python benchmarks/world_copies_plot.py s.json --label ":defaults" --label "cfg_salient=0:before" --out copies.png
+    python benchmarks/world_copies_plot.py ctl.json twin.json --label "twin: :twin clips"   # two checkpoints, paired
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
-
-def setting_label(setting: dict) -> str:
-    """``{"cfg_salient": 4.0}`` -> ``"cfg_salient=4"``; ``{}`` -> ``""`` (the defaults)."""
-    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+import sweep_files  # benchmarks/sweep_files.py, beside this script
 
 
 def by_setting(paths) -> dict[str, dict[int, dict]]:
-    """{setting label: {seed: video record}} of the direction-change videos in the sweep files ``paths``."""
-    out: dict[str, dict[int, dict]] = {}
-    for path in paths:
-        with open(path) as f:
-            res = json.load(f)
-        for run in res.get("runs", []):
-            label = setting_label(run["setting"])
-            for v in run.get("videos", []):
-                if "subject_duplicated" not in v:
-                    raise ValueError(f"{path}: setting {label or '(defaults)'!r} has videos without subject_duplicated "
-                                     "(a sweep from before session 39)")
-                seen = out.setdefault(label, {})
-                if v["seed"] in seen:
-                    raise ValueError(f"{path}: seed {v['seed']} of setting {label or '(defaults)'!r} is in two files")
-                seen[v["seed"]] = v
+    """{setting label: {seed: video record}} of the direction-change videos in the sweep files ``paths``
+    (`sweep_files.videos_by_setting`: ``""`` is the defaults; files of several checkpoints or sampler
+    defaults are told apart in the labels)."""
+    out = sweep_files.videos_by_setting(paths, "direction")
+    for label, videos in out.items():
+        if any("subject_duplicated" not in v for v in videos.values()):
+            raise ValueError(f"setting {label or '(defaults)'!r} has videos without subject_duplicated "
+                             "(a sweep from before session 39)")
     if not out:
         raise ValueError("no direction-change videos in " + ", ".join(map(str, paths)))
     return out
@@ -107,7 +98,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     names = {}
     for item in args.label:
-        key, sep, name = item.partition(":")
+        key, sep, name = item.rpartition(":")  # a checkpoint's label holds ": ", the name may not
         if not sep or not name:
             ap.error(f"--label {item!r}: expected SETTING:NAME")
         names[key] = name

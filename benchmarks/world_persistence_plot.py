@@ -18,57 +18,19 @@ with the settings paired by video against the first one.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
+
+import sweep_files  # benchmarks/sweep_files.py, beside this script
 
 
 def by_setting(paths) -> dict[str, dict[int, dict]]:
     """{setting label: {seed: video record}} of every image-to-video run in the sweep files ``paths``
-    (labels ``WEIGHTS: SETTING`` when the files come from more than one checkpoint, and ``SETTING
-    [defaults: ...]`` when they were run under different sampler defaults: the sweep records its
-    ``defaults`` since session 35, whose ``cfg_local`` default changed; older files say nothing)."""
-    out: dict[str, dict[int, dict]] = {}
-    files = []
-    for path in paths:
-        with open(path) as f:
-            files.append((path, json.load(f)))
-    names = {_weights_name(res.get("weights")) for _, res in files}
-    defaults = _defaults_names([res.get("defaults") for _, res in files])
-    for (path, res), under in zip(files, defaults):
-        for run in res.get("runs", []):
-            if "i2v" not in run:
-                continue
-            label = ",".join(f"{k}={v}" for k, v in run["setting"].items()) or "defaults"
-            if len(names) > 1:
-                label = f"{_weights_name(res.get('weights'))}: {label}"
-            if under:
-                label = f"{label} [defaults: {under}]"
-            videos = out.setdefault(label, {})
-            for v in run["i2v"]["videos"]:
-                if v["seed"] in videos:
-                    raise ValueError(f"{path}: seed {v['seed']} of setting {label!r} is also in another file")
-                videos[v["seed"]] = v
-    return out
-
-
-def _defaults_names(records) -> list[str]:
-    """Per file, how its sampler defaults differ from the other files': "" when all files agree (or
-    none records them), else the keys whose values differ (``cfg_local=2.0``) or "unrecorded"."""
-    if len({json.dumps(r, sort_keys=True) for r in records}) <= 1:
-        return [""] * len(records)
-    known = [r for r in records if r is not None]
-    keys = sorted({k for r in known for k in r if len({json.dumps(o.get(k)) for o in known}) > 1})
-    return ["unrecorded" if r is None else ",".join(f"{k}={r.get(k)}" for k in keys) or "recorded" for r in records]
-
-
-def _weights_name(weights) -> str:
-    """How a sweep file names its checkpoint: "shipped small", or a ``--weights`` path's file stem."""
-    if not weights:
-        return "shipped small"
-    return weights if weights.startswith("shipped") else Path(weights).stem
+    (`sweep_files.videos_by_setting`: "defaults" is the defaults; labels ``WEIGHTS: SETTING`` when the
+    files come from more than one checkpoint, and ``SETTING [defaults: ...]`` when they were run under
+    different sampler defaults)."""
+    return sweep_files.videos_by_setting(paths, "i2v", defaults_label="defaults")
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import profile_train_step  # noqa: E402
 import world_caption_gap  # noqa: E402
+import sweep_files  # noqa: E402
 import world_copies_plot  # noqa: E402
 import world_first_use  # noqa: E402
 import world_persistence_plot  # noqa: E402
@@ -157,11 +158,14 @@ def _i2v_sweep(path, runs, weights="shipped small", defaults=None):
     return str(path)
 
 
-def _direction_sweep(path, runs):
+def _direction_sweep(path, runs, weights=None):
     """A direction-change sweep file: runs = [(setting, [(seed, matches, subject_duplicated), ...]), ...]."""
-    path.write_text(json.dumps({"runs": [{"setting": setting, "videos": [
+    out = {"runs": [{"setting": setting, "videos": [
         {"seed": seed, "matches": m, "subject_duplicated": d, "subject_missing": [0.0] * len(d)}
-        for seed, m, d in videos]} for setting, videos in runs]}))
+        for seed, m, d in videos]} for setting, videos in runs]}
+    if weights is not None:
+        out["weights"] = weights
+    path.write_text(json.dumps(out))
     return str(path)
 
 
@@ -185,7 +189,7 @@ def test_copies_plot_merges_parts_pairs_by_video_and_draws(tmp_path, capsys):
     assert "before" in text and "salient" in text and "-0.500 +- 0.000 / -0.500 +- 0.144" in text
     assert world_copies_plot.main([a, b, "--base", "cfg_salient=4"]) == 0  # paired against another setting
     assert "+0.500 +- 0.000" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="seed 3 of setting '\\(defaults\\)' is in two files"):
+    with pytest.raises(ValueError, match="seed 3 of setting '\\(defaults\\)' is also in another file"):
         world_copies_plot.by_setting([b, b])
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"runs": [{"setting": {}, "videos": [{"seed": 1, "matches": [True]}]}]}))
@@ -196,6 +200,21 @@ def test_copies_plot_merges_parts_pairs_by_video_and_draws(tmp_path, capsys):
         with pytest.raises(SystemExit):
             world_copies_plot.main(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_copies_plot_tells_checkpoints_apart(tmp_path, capsys):
+    """Two checkpoints' sweeps of the same seeds and setting (a fine-tune against its control) are two
+    points paired by video, not a clash; a name for one goes after the last ':'."""
+    ctl = _direction_sweep(tmp_path / "ctl.json", [({}, [(1, [True], [1.0]), (2, [True], [0.5])])], "/r/ctl.safetensors")
+    twin = _direction_sweep(tmp_path / "twin.json", [({}, [(1, [True], [0.0]), (2, [False], [0.5])])], "/r/twin.safetensors")
+    runs = world_copies_plot.by_setting([ctl, twin])
+    assert list(runs) == ["ctl: ", "twin: "] and sorted(runs["twin: "]) == [1, 2]
+    assert world_copies_plot.main([ctl, twin, "--label", "twin: :twin clips"]) == 0
+    text = capsys.readouterr().out
+    assert "twin clips" in text and "-0.500 +- 0.500 / -0.500 +- 0.500" in text
+    assert list(world_copies_plot.by_setting([twin])) == [""]  # one checkpoint: labels as before
+    with pytest.raises(ValueError, match="part must be one of direction, i2v"):
+        sweep_files.videos_by_setting([twin], "seams")
 
 
 def test_persistence_plot_merges_parts_pairs_by_video_and_draws(tmp_path, capsys):
