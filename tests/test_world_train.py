@@ -278,16 +278,18 @@ def test_train_with_foreground_weight_and_resume_changing_it(tmp_path):
         tiny(fg_weight=-1.0)
 
 
-def test_small_config_file_names_every_field():
-    """`magi train --help` points at small.json for every TrainConfig field: it must hold them all,
-    and at the values it has always run with (the fields added later at their defaults)."""
+@pytest.mark.parametrize("name", ["small", "tiny"])
+def test_config_files_name_every_field(name):
+    """`magi train --help` points at small.json for every TrainConfig field: both shipped configs hold
+    them all, at the values they have always run with (the fields added later at their defaults)."""
     import json
     from dataclasses import fields
 
-    raw = json.loads((TR.CONFIG_DIR / "small.json").read_text())
+    raw = json.loads((TR.CONFIG_DIR / f"{name}.json").read_text())
     assert sorted(raw) == sorted(f.name for f in fields(TR.TrainConfig))
-    small = TR.load_train_config("small")
-    assert (small.p_scheduled, small.p_lookahead, small.p_twin, small.run_lr_scale) == (0.0, 1.0, 0.0, 1.0)
+    cfg = TR.load_train_config(name)
+    assert (cfg.p_scheduled, cfg.p_lookahead, cfg.p_twin, cfg.run_lr_scale) == (0.0, 1.0, 0.0, 1.0)
+    assert TR.TrainConfig.from_dict({k: v for k, v in raw.items() if k in ("model", "comment")}).p_twin == 0.0
 
 
 def test_train_with_scheduled_clips_and_resume_changing_the_mix(tmp_path, monkeypatch):
