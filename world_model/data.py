@@ -575,8 +575,6 @@ def generate(seed: int, n_chunks: int, config: WorldConfig = WorldConfig(), twin
         x, y = _place(rng, bounds[i], taken, sizes[i], gravity, cfg)
         taken.append((x, y, sizes[i]))
         states.append((x, y) + _random_velocity(rng, 0.0, gravity, True, cfg))
-    if twin:
-        states[-1] = states[-1][:2] + states[0][2:]
     recs, codes = [[] for _ in range(n_obj)], [[] for _ in range(n_obj)]
     controls, subjects = [], []
     subject = int(rng.integers(n_obj))
@@ -588,11 +586,11 @@ def generate(seed: int, n_chunks: int, config: WorldConfig = WorldConfig(), twin
                 if ctrl[i]:
                     x, y, _, vy = states[i]
                     states[i] = (x, y) + _random_velocity(rng, vy, gravity, False, cfg)
-            if twin:  # the copy is given what the first object is given
-                ctrl[-1] = ctrl[0]
-                states[-1] = states[-1][:2] + states[0][2:]
             if n_obj > 1 and rng.random() < cfg.subject_switch_prob:
                 subject = int(rng.integers(n_obj))
+        if twin:  # the copy is given what the first object is given (chunk 0: its first velocity)
+            ctrl[-1] = ctrl[0]
+            states[-1] = states[-1][:2] + states[0][2:]
         for i in range(n_obj):
             r, c, states[i] = _run_chunk(states[i], cfg.chunk_frames, g, bounds[i])
             recs[i].append(r)
