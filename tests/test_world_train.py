@@ -422,7 +422,7 @@ def test_batch_reuse_encodes_every_other_step_and_resumes_bit_exactly(tmp_path, 
     cuts, t and noise); resuming between the two re-encodes that batch and continues bit-exactly."""
     fetched = []
     real = TR._batch_arrays
-    monkeypatch.setattr(TR, "_batch_arrays", lambda seed, index, *a: fetched.append(index) or real(seed, index, *a))
+    monkeypatch.setattr(TR, "_batch_arrays", lambda seed, index, *a, **kw: fetched.append(index) or real(seed, index, *a, **kw))
     tcfg = tiny(steps_vae=1, steps_dit=5, ckpt_every=1, keep_checkpoints=10, reuse=2)
     full = train(tcfg, tmp_path / "full", "cpu", progress=False)
     assert fetched[-3:] == [0, 1, 2]  # the autoencoder's batch, then transformer batches 0, 1, 2 for 5 steps

@@ -188,6 +188,10 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.steps_vae + self.steps_dit
 
+    def data_mix(self) -> dict[str, float]:
+        """The transformer's data-mix keywords of `data.make_batch` (what `BatchSource` passes on)."""
+        return {"p_scheduled": self.p_scheduled, "p_lookahead": self.p_lookahead, "p_twin": self.p_twin}
+
     def model_config(self) -> ModelConfig:
         return get_config(self.model) if isinstance(self.model, str) else ModelConfig.from_dict(self.model)
 
@@ -259,23 +263,22 @@ def lr_at(step: int, steps: int, base: float, warmup: int, min_ratio: float) -> 
 
 
 def _batch_arrays(seed: int, index: int, n_chunks: int, batch: int, cells: tuple[int, int] | None = None,
-                  p_scheduled: float = 0.0, p_lookahead: float = D.SCHEDULE_LOOKAHEAD,
-                  p_twin: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                  **mix: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Frames, caption tokens and (with ``cells``: the autoencoder's time and space down-sampling)
-    the `data.foreground_cells` of each clip of batch ``index`` (else None)."""
-    b = D.make_batch(seed, index, n_chunks, batch, p_scheduled=p_scheduled, p_lookahead=p_lookahead, p_twin=p_twin)
+    the `data.foreground_cells` of each clip of batch ``index`` (else None). ``mix``: `data.make_batch`'s
+    data-mix keywords (``p_scheduled``, ``p_lookahead``, ``p_twin``; `TrainConfig.data_mix`)."""
+    b = D.make_batch(seed, index, n_chunks, batch, **mix)
     fg = None if cells is None else np.stack([D.foreground_cells(c, *cells) for c in b.clips])
     return b.frames, b.tokens, fg
 
 
 def _batch_into_slot(slot: str, seed: int, index: int, n_chunks: int, batch: int,
-                     cells: tuple[int, int] | None, p_scheduled: float,
-                     p_lookahead: float, p_twin: float) -> tuple[np.ndarray, np.ndarray | None]:
+                     cells: tuple[int, int] | None, mix: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """Worker side of `BatchSource`: write the frames into shared-memory block ``slot`` (they are
     by far the largest part: 75 MB for 64 clips of 4 chunks) and return the small arrays."""
     from multiprocessing import shared_memory
 
-    frames, tokens, fg = _batch_arrays(seed, index, n_chunks, batch, cells, p_scheduled, p_lookahead, p_twin)
+    frames, tokens, fg = _batch_arrays(seed, index, n_chunks, batch, cells, **mix)
     shm = shared_memory.SharedMemory(name=slot)
     try:
         np.ndarray(frames.shape, frames.dtype, buffer=shm.buf)[...] = frames
@@ -285,8 +288,9 @@ def _batch_into_slot(slot: str, seed: int, index: int, n_chunks: int, batch: int
 
 
 class BatchSource:
-    """Batches ``start, start + 1, ...`` of ``make_batch(seed, ., n_chunks, batch)`` as (frames, tokens,
-    foreground cells or None: see `_batch_arrays`).
+    """Batches ``start, start + 1, ...`` of ``make_batch(seed, ., n_chunks, batch, **mix)`` as (frames,
+    tokens, foreground cells or None: see `_batch_arrays`); ``mix``: the data-mix keywords
+    (`TrainConfig.data_mix`).
 
     With ``workers > 0`` a process pool generates the next batches while the model trains (the
     order, and so every result, is the same as without workers). The workers write the frames into
@@ -296,9 +300,8 @@ class BatchSource:
     next `get` (move them to the device, or copy them, before asking for the next batch)."""
 
     def __init__(self, seed: int, n_chunks: int, batch: int, start: int, workers: int = 0,
-                 cells: tuple[int, int] | None = None, p_scheduled: float = 0.0,
-                 p_lookahead: float = D.SCHEDULE_LOOKAHEAD, p_twin: float = 0.0):
-        self.args = (seed, n_chunks, batch, cells, p_scheduled, p_lookahead, p_twin)
+                 cells: tuple[int, int] | None = None, **mix: float):
+        self.args = (seed, n_chunks, batch, cells, mix)
         self.next = start
         self.pool = None
         self.ahead: deque = deque()  # (future, slot)
@@ -324,16 +327,15 @@ class BatchSource:
             self.free.extend(self.slots)
 
     def _submit(self):
-        seed, n, b, cells, p_sched, p_ahead, p_twin = self.args
+        seed, n, b, cells, mix = self.args
         slot = self.free.popleft()
-        fut = self.pool.submit(_batch_into_slot, slot.name, seed, self.next + len(self.ahead), n, b, cells,
-                               p_sched, p_ahead, p_twin)
+        fut = self.pool.submit(_batch_into_slot, slot.name, seed, self.next + len(self.ahead), n, b, cells, mix)
         self.ahead.append((fut, slot))
 
     def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        seed, n, b, cells, p_sched, p_ahead, p_twin = self.args
+        seed, n, b, cells, mix = self.args
         if self.pool is None:
-            out = _batch_arrays(seed, self.next, n, b, cells, p_sched, p_ahead, p_twin)
+            out = _batch_arrays(seed, self.next, n, b, cells, **mix)
         else:
             if self.held is not None:  # the caller is done with the previous batch's frames
                 self.free.append(self.held)
@@ -803,7 +805,7 @@ def train(tcfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.dev
             first = step - tcfg.steps_vae
             cells = (cfg.time_down, cfg.space_down) if tcfg.fg_weight else None  # foreground only where weighted
             src = BatchSource(data_seed(tcfg, PHASE_DIT), tcfg.n_chunks, tcfg.batch, first // tcfg.reuse,
-                              tcfg.data_workers, cells, tcfg.p_scheduled, tcfg.p_lookahead, tcfg.p_twin)
+                              tcfg.data_workers, cells, **tcfg.data_mix())
             latents = None
             bar = _progress(tcfg.steps_dit, first, "transformer", progress)
             try:
