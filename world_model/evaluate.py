@@ -601,15 +601,15 @@ def evaluate(weights=None, seeds: Sequence[int] = (0, 1), chunks: int = 4, steps
     eta = DEFAULT_ETA if eta is None else float(eta)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (the fraction of fresh noise per step; 0: Euler), got {eta}")
-    cfg_local = DEFAULT_CFG_LOCAL if cfg_local is None else float(cfg_local)
-    if not (math.isfinite(cfg_local) and cfg_local >= 0):
-        raise ValueError(f"cfg_local must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_local}")
-    cfg_salient = DEFAULT_CFG_SALIENT if cfg_salient is None else float(cfg_salient)
-    if not (math.isfinite(cfg_salient) and cfg_salient >= 0):
-        raise ValueError(f"cfg_salient must be a finite number >= 0 (0: guidance everywhere as it is), got {cfg_salient}")
-    cfg_prev = DEFAULT_CFG_PREV if cfg_prev is None else float(cfg_prev)
-    if not (math.isfinite(cfg_prev) and cfg_prev >= 0):
-        raise ValueError(f"cfg_prev must be a finite number >= 0 (0: no guidance on the previous chunks), got {cfg_prev}")
+    scales = []  # checked here, before any video: the run takes minutes
+    for name, value, default, zero in (("cfg_local", cfg_local, DEFAULT_CFG_LOCAL, "guidance everywhere as it is"),
+                                       ("cfg_salient", cfg_salient, DEFAULT_CFG_SALIENT, "guidance everywhere as it is"),
+                                       ("cfg_prev", cfg_prev, DEFAULT_CFG_PREV, "no guidance on the previous chunks")):
+        value = default if value is None else float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0 (0: {zero}), got {value}")
+        scales.append(value)
+    cfg_local, cfg_salient, cfg_prev = scales
     cfg_prev_frames = DEFAULT_CFG_PREV_FRAMES if cfg_prev_frames is None else cfg_prev_frames  # generate checks it
     if chunks < 2:
         raise ValueError(f"chunks must be >= 2 (a direction change needs two chunks), got {chunks}")
