@@ -625,8 +625,10 @@ class ChunkStream:
         not costs no device sync there); ``cfg_local`` acts on those only, ``cfg_salient`` on the others
         (the first chunk of a video from nothing)."""
         on_seen = None if seen is None else seen.to(g.device).reshape(-1, 1, 1, 1)
-        if self.cfg_salient > 0 and seen is not None and not bool(seen.all()):  # on what the conditional draws
+        salient = self.cfg_salient > 0 and seen is not None and not bool(seen.all())
+        if salient or self.cfg_parallel != 1.0 or self.cfg_rescale > 0:
             x1 = lat + (1.0 - t) * v  # the clean latents the conditional velocity points at [F, h, w, C]
+        if salient:  # on what the conditional draws
             d = (x1 - x1.mean(dim=(1, 2), keepdim=True)).norm(dim=-1, keepdim=True)  # how far each stands out
             w = (d / d.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_salient
             g = g * torch.where(on_seen, torch.ones_like(w), w)
@@ -634,8 +636,6 @@ class ChunkStream:
             n = g.norm(dim=-1, keepdim=True)
             w = (n / n.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)) ** self.cfg_local
             g = g * (w if seen is None else torch.where(on_seen, w, torch.ones_like(w)))
-        if self.cfg_parallel != 1.0 or self.cfg_rescale > 0:
-            x1 = lat + (1.0 - t) * v  # the clean latents the conditional velocity points at
         if self.cfg_parallel != 1.0:  # the part of g along x1 (it scales the frame up or down) weighted
             par = (g * x1).sum(dim=(1, 2, 3), keepdim=True) / (x1 * x1).sum(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
             g = g - (1.0 - self.cfg_parallel) * par * x1
