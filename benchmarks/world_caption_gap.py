@@ -53,39 +53,45 @@ def main(argv=None):
         ap.error("--twins and --context measure different things: pass one")
     if args.twins:
         clips = 48 if args.clips is None else args.clips
-        torch.set_num_threads(args.threads)
-        for path in args.weights:
-            model, _, _ = load_checkpoint(path)
-            try:
-                res = evaluate.copy_preference(model, clips=clips, draws=args.draws, baseline=args.baseline)
-            except ValueError as e:
-                ap.error(str(e))
-            print(json.dumps({"weights": path, **{k: [round(x, 5) for x in v] if isinstance(v, list) else
-                                                  round(v, 5) if isinstance(v, float) else v for k, v in res.items()}}))
-        return
-    if args.context:
+        head, places = {}, 5
+
+        def measure(model):
+            return evaluate.copy_preference(model, clips=clips, draws=args.draws, baseline=args.baseline)
+    elif args.context:
         batches = 3 if args.batches is None else args.batches
         clips = 16 if args.clips is None else args.clips
         if batches < 1 or clips < 1:
             raise SystemExit(f"--batches and --clips must be >= 1, got {batches} and {clips}")
-        torch.set_num_threads(args.threads)
-        for path in args.weights:
-            model, _, _ = load_checkpoint(path)
-            res = evaluate.context_loss_gap(model, batches=batches, clips=clips)
-            print(json.dumps({"weights": path, "batches": batches, "clips": clips,
-                              **{k: [round(x, 4) for x in v] for k, v in res.items()}}))
-        return
-    args.batches = 6 if args.batches is None else args.batches
-    args.clips = 8 if args.clips is None else args.clips
-    if args.batches < 1 or args.clips < 2:
-        raise SystemExit(f"--batches must be >= 1 and --clips >= 2 (a caption must come from another clip), "
-                         f"got {args.batches} and {args.clips}")
+        head, places = {"batches": batches, "clips": clips}, 4
+
+        def measure(model):
+            return evaluate.context_loss_gap(model, batches=batches, clips=clips)
+    else:
+        batches = 6 if args.batches is None else args.batches
+        clips = 8 if args.clips is None else args.clips
+        if batches < 1 or clips < 2:
+            raise SystemExit(f"--batches must be >= 1 and --clips >= 2 (a caption must come from another clip), "
+                             f"got {batches} and {clips}")
+        head, places = {}, 4
+
+        def measure(model):
+            return evaluate.caption_loss_gap(model, batches=batches, clips=clips)
     torch.set_num_threads(args.threads)
     for path in args.weights:
         model, _, _ = load_checkpoint(path)
-        res = evaluate.caption_loss_gap(model, batches=args.batches, clips=args.clips)
-        print(json.dumps({"weights": path, **{k: round(v, 4) for k, v in res.items()}}))
+        try:
+            res = measure(model)
+        except ValueError as e:
+            ap.error(str(e))
+        print(json.dumps({"weights": path, **head, **_rounded(res, places)}))
 
+
+def _rounded(res: dict, places: int) -> dict:
+    """``res`` with its floats, and the floats of its lists, rounded to ``places`` (one JSON line per checkpoint)."""
+    def r(v):
+        return round(v, places) if isinstance(v, float) else v
+
+    return {k: [r(x) for x in v] if isinstance(v, list) else r(v) for k, v in res.items()}
 
 if __name__ == "__main__":
     main()
